@@ -1,0 +1,120 @@
+//! Identifiers and values the protocol agrees on.
+
+use bytes::Bytes;
+use std::fmt;
+
+/// A replica's identity in the cluster. Never 0 (0 marks "no node" in ballots).
+pub type NodeId = u64;
+
+/// A position in the Paxos log: one consensus instance. Slots start at 1; slot 0 means
+/// "nothing" (for example "no slot committed yet").
+pub type Slot = u64;
+
+/// Monotonic time in nanoseconds, handed in by the driver (virtual in the simulator).
+/// The core never reads a clock.
+pub type Nanos = u64;
+
+/// A client-visible position: the index of a client entry in the committed,
+/// de-duplicated sequence of client entries. Positions start at 1.
+pub type Position = u64;
+
+/// A Paxos ballot (proposal number): a round, then the proposer's id to break ties.
+///
+/// Ordered lexicographically by `(round, node)`. The replica that owns ballot `b` is
+/// `b.node`, and it is the only replica that may write a log under `b`: this is how
+/// write permission follows the promise.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Ballot {
+    /// The round; grows with each election attempt.
+    pub round: u64,
+    /// The proposer that owns this ballot (0 only in [`Ballot::ZERO`]).
+    pub node: NodeId,
+}
+
+impl Ballot {
+    /// The ballot below every real ballot: "promised nothing yet".
+    pub const ZERO: Ballot = Ballot { round: 0, node: 0 };
+
+    /// A ballot of `round` owned by `node`.
+    pub fn new(round: u64, node: NodeId) -> Self {
+        Ballot { round, node }
+    }
+
+    /// Whether this is [`Ballot::ZERO`].
+    pub fn is_zero(&self) -> bool {
+        *self == Ballot::ZERO
+    }
+}
+
+impl fmt::Debug for Ballot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b{}.{}", self.round, self.node)
+    }
+}
+
+impl fmt::Display for Ballot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One client entry: an opaque payload tagged with the client's id and sequence
+/// number, so that a retry (for example across a leader change) is applied once.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Command {
+    /// The client's id (chosen by the client; unique per client session).
+    pub client: u64,
+    /// The client's sequence number for this entry; a retry reuses it.
+    pub seq: u64,
+    /// The entry's bytes, opaque to the protocol.
+    pub payload: Bytes,
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}#{}({}B)", self.client, self.seq, self.payload.len())
+    }
+}
+
+/// The value agreed on in one slot.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Value {
+    /// Fills a slot that a new leader found open and empty (no client entry).
+    Noop,
+    /// A batch of client entries, applied in order.
+    Batch(Vec<Command>),
+}
+
+impl Value {
+    /// Payload bytes carried (for batching limits and statistics).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Value::Noop => 0,
+            Value::Batch(cmds) => cmds.iter().map(|c| c.payload.len()).sum(),
+        }
+    }
+
+    /// Number of client entries carried.
+    pub fn len(&self) -> usize {
+        match self {
+            Value::Noop => 0,
+            Value::Batch(cmds) => cmds.len(),
+        }
+    }
+
+    /// Whether the value carries no client entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An accepted log entry: the value an acceptor accepted at a slot, under a ballot.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Entry {
+    /// The slot.
+    pub slot: Slot,
+    /// The ballot under which the value was accepted.
+    pub ballot: Ballot,
+    /// The value.
+    pub value: Value,
+}

@@ -1,0 +1,1 @@
+//! replog: the replicated log service.
