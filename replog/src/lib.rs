@@ -1,1 +1,3 @@
 //! replog: the replicated log service.
+
+pub mod store;

@@ -1,0 +1,110 @@
+//! The replog store: a segmented, checksummed append log with three durability modes,
+//! and the paxos acceptor state kept in it.
+//!
+//! - [`format`]: the byte layout of segments and records (the "log region").
+//! - [`log`]: the [`Log`]: append with group commit, read, iterate, wait for the tail,
+//!   trim a prefix, truncate a suffix.
+//! - [`recovery`]: what happens at open (torn tail cut, corrupt middle refused).
+//! - [`persist`]: cache-line flushes chosen by CPUID, fences, shared mappings.
+//! - [`codec`]: the encoding of a [`paxos::Value`].
+//! - [`PaxosStore`]: the [`paxos::Storage`] implementation.
+//! - [`conformance`]: the test suite every [`paxos::Storage`] runs.
+//!
+//! # Durability modes
+//!
+//! | [`Mode`] | writes | an acknowledged append survives | reported [`Durability`] |
+//! | --- | --- | --- | --- |
+//! | `Pmem` | memcpy into a `MAP_SYNC` mapping, clwb/clflushopt/clflush, one sfence per batch | power loss | `Pmem` |
+//! | `Fsync` | `pwritev`, then one `fdatasync` shared by all waiting appenders | power loss | `Fsync` |
+//! | `MappedNotDurable` | the `Pmem` code on an ordinary shared mapping (tests) | a process crash only | `Memory` |
+//! | `Memory` | memory | nothing (a minority of replicas failing, at best) | `Memory` |
+//!
+//! `Pmem` is never claimed where the kernel refuses the `MAP_SYNC` mapping: opening
+//! fails with [`StoreError::PmemUnavailable`] instead. A failed `fdatasync` stops the
+//! store for good ([`StoreError::Poisoned`]): retrying could report lost data durable.
+
+pub mod codec;
+pub mod conformance;
+mod error;
+pub mod format;
+pub mod log;
+mod paxos_store;
+pub mod persist;
+pub mod recovery;
+mod segment;
+
+pub use error::{Result, StoreError};
+pub use format::RecordKind;
+pub use log::{Log, LogIter, LogRegion, Record, RecordLocation, RecordMeta};
+pub use paxos_store::PaxosStore;
+pub use recovery::RecoveryReport;
+
+/// The durability a store provides (what [`Log::durability`] reports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// Persistent memory: flushed cache lines under `MAP_SYNC`.
+    Pmem,
+    /// Files made durable with `fdatasync` (group commit).
+    Fsync,
+    /// No persistence.
+    Memory,
+}
+
+/// How to open a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Persistent memory. Fails to open unless the directory is on a DAX filesystem.
+    Pmem,
+    /// The `Pmem` write and flush code on an ordinary shared file mapping: for tests
+    /// and benchmarks. NOT durable across power loss (reported as
+    /// [`Durability::Memory`]).
+    MappedNotDurable,
+    /// Ordinary files with `fdatasync` and group commit.
+    Fsync,
+    /// Memory only; the directory is not used.
+    Memory,
+}
+
+impl Mode {
+    /// The durability this mode gives.
+    pub fn durability(self) -> Durability {
+        match self {
+            Mode::Pmem => Durability::Pmem,
+            Mode::Fsync => Durability::Fsync,
+            Mode::MappedNotDurable | Mode::Memory => Durability::Memory,
+        }
+    }
+
+    /// Whether an acknowledged append survives power loss.
+    pub fn is_durable(self) -> bool {
+        matches!(self, Mode::Pmem | Mode::Fsync)
+    }
+}
+
+/// Store configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The durability mode.
+    pub mode: Mode,
+    /// Bytes per segment file (preallocated), a multiple of 8 from 4 KiB to 4 GiB.
+    pub segment_size: u64,
+}
+
+impl StoreConfig {
+    /// Default segment size: 64 MiB.
+    pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+    /// A configuration with `mode` and the default segment size.
+    pub fn new(mode: Mode) -> Self {
+        StoreConfig {
+            mode,
+            segment_size: Self::DEFAULT_SEGMENT_SIZE,
+        }
+    }
+
+    /// The same with another segment size.
+    pub fn with_segment_size(mut self, segment_size: u64) -> Self {
+        self.segment_size = segment_size;
+        self
+    }
+}

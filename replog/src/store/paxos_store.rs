@@ -1,0 +1,159 @@
+//! The paxos acceptor state ([`paxos::Storage`]) on top of the [`Log`].
+//!
+//! Every `set_promise` appends a promise record and every `accept` appends an entry
+//! record; nothing is ever rewritten in place. The in-memory index maps each slot to
+//! the position of its newest entry record, so `accept` is a per-slot upsert that never
+//! touches other slots; at open the index is rebuilt by replaying the log in position
+//! order (the newest record of a slot wins, the highest promise wins).
+
+use super::codec::{decode_value, encode_value};
+use super::error::{Result, StoreError};
+use super::format::RecordKind;
+use super::log::Log;
+use super::{Durability, StoreConfig};
+use paxos::{Ballot, Entry, Position, Slot, Storage, StorageError};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A paxos acceptor's durable state, kept in a [`Log`].
+#[derive(Debug)]
+pub struct PaxosStore {
+    log: Log,
+    promise: Ballot,
+    /// slot -> (position of its newest entry record, its ballot).
+    index: BTreeMap<Slot, (Position, Ballot)>,
+    /// Reused encoding buffer: no allocation per accept once warm.
+    scratch: Vec<u8>,
+}
+
+impl PaxosStore {
+    /// Opens (recovering) or creates the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>, cfg: StoreConfig) -> Result<PaxosStore> {
+        PaxosStore::from_log(Log::open(dir, cfg)?)
+    }
+
+    /// Rebuilds the acceptor state from an opened log. Data records are ignored.
+    pub fn from_log(log: Log) -> Result<PaxosStore> {
+        let mut promise = Ballot::ZERO;
+        let mut index = BTreeMap::new();
+        let mut buf = Vec::new();
+        let (first, next) = (log.first_pos(), log.next_pos());
+        for pos in first..next {
+            let meta = log.read_into(pos, &mut buf)?;
+            match meta.kind {
+                RecordKind::Promise => promise = promise.max(meta.ballot),
+                RecordKind::Entry => {
+                    decode_value(&buf).map_err(|reason| StoreError::Decode { pos, reason })?;
+                    if meta.slot == 0 {
+                        return Err(StoreError::Decode {
+                            pos,
+                            reason: "entry record at slot 0",
+                        });
+                    }
+                    index.insert(meta.slot, (pos, meta.ballot));
+                }
+                RecordKind::Data | RecordKind::End => {}
+            }
+        }
+        Ok(PaxosStore {
+            log,
+            promise,
+            index,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The underlying log.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The durability in force.
+    pub fn durability(&self) -> Durability {
+        self.log.durability()
+    }
+
+    fn read_entry(&self, slot: Slot, pos: Position) -> Result<Entry> {
+        let rec = self.log.read(pos)?;
+        if rec.meta.kind != RecordKind::Entry || rec.meta.slot != slot {
+            return Err(StoreError::Decode {
+                pos,
+                reason: "index points at a record that is not this slot's entry",
+            });
+        }
+        let value =
+            decode_value(&rec.payload).map_err(|reason| StoreError::Decode { pos, reason })?;
+        Ok(Entry {
+            slot,
+            ballot: rec.meta.ballot,
+            value,
+        })
+    }
+}
+
+impl Storage for PaxosStore {
+    fn promise(&self) -> Ballot {
+        self.promise
+    }
+
+    fn set_promise(&mut self, b: Ballot) -> Result<(), StorageError> {
+        if b < self.promise {
+            return Err(StorageError::msg(format!(
+                "promise lowered {:?} -> {b:?}",
+                self.promise
+            )));
+        }
+        if b == self.promise {
+            return Ok(());
+        }
+        self.log.append_record(RecordKind::Promise, 0, b, &[])?;
+        self.promise = b;
+        Ok(())
+    }
+
+    fn accept(&mut self, entry: Entry) -> Result<(), StorageError> {
+        if entry.slot == 0 {
+            return Err(StorageError::msg("accept at slot 0"));
+        }
+        if let Some(&(_, old)) = self.index.get(&entry.slot) {
+            if old > entry.ballot {
+                return Err(StorageError::msg(format!(
+                    "slot {} overwritten by a lower ballot {:?} < {old:?}",
+                    entry.slot, entry.ballot
+                )));
+            }
+        }
+        self.scratch.clear();
+        encode_value(&entry.value, &mut self.scratch);
+        let pos =
+            self.log
+                .append_record(RecordKind::Entry, entry.slot, entry.ballot, &self.scratch)?;
+        self.index.insert(entry.slot, (pos, entry.ballot));
+        Ok(())
+    }
+
+    fn entry(&self, slot: Slot) -> Result<Option<Entry>, StorageError> {
+        match self.index.get(&slot) {
+            None => Ok(None),
+            Some(&(pos, _)) => Ok(Some(self.read_entry(slot, pos)?)),
+        }
+    }
+
+    fn last_slot(&self) -> Slot {
+        self.index.keys().next_back().copied().unwrap_or(0)
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        Ok(self.log.sync()?)
+    }
+
+    fn entries(&self, from: Slot, to: Slot) -> Result<Vec<Entry>, StorageError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        self.index
+            .range(from.max(1)..=to)
+            .map(|(&slot, &(pos, _))| self.read_entry(slot, pos).map_err(Into::into))
+            .collect()
+    }
+}
