@@ -1,0 +1,253 @@
+//! The general log API in every mode: append, read, iterate, wait, trim, truncate,
+//! reopen; mode reporting; pmem refusal.
+
+use replog::store::{Durability, Log, Mode, RecordKind, StoreConfig, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SEG: u64 = 8192;
+
+fn cfg(mode: Mode) -> StoreConfig {
+    StoreConfig::new(mode).with_segment_size(SEG)
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    let len = (i * 37 % 500) as usize;
+    (0..len).map(|j| (i as usize * 31 + j) as u8).collect()
+}
+
+const FILE_MODES: [Mode; 2] = [Mode::Fsync, Mode::MappedNotDurable];
+
+#[test]
+fn append_read_iterate_reopen() {
+    for mode in FILE_MODES {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path(), cfg(mode)).unwrap();
+            assert_eq!(log.first_pos(), 1);
+            assert_eq!(log.next_pos(), 1);
+            for i in 1..=100u64 {
+                let pos = if i % 3 == 0 {
+                    log.append(&payload(i)).unwrap()
+                } else {
+                    log.append_buffered(&payload(i)).unwrap()
+                };
+                assert_eq!(pos, i);
+            }
+            log.sync().unwrap();
+            assert_eq!(log.durable_pos(), 100);
+            assert!(log.segment_paths().len() > 1, "records span several segments");
+            for (i, r) in log.iter(1, 101).enumerate() {
+                let r = r.unwrap();
+                assert_eq!(r.meta.pos, i as u64 + 1);
+                assert_eq!(r.meta.kind, RecordKind::Data);
+                assert_eq!(r.payload, payload(i as u64 + 1));
+            }
+        }
+        let log = Log::open(dir.path(), cfg(mode)).unwrap();
+        assert_eq!(log.next_pos(), 101, "{mode:?}");
+        assert_eq!(log.recovery_report().records, 100);
+        assert_eq!(log.recovery_report().torn_tail, None);
+        for i in 1..=100u64 {
+            assert_eq!(log.read(i).unwrap().payload, payload(i), "{mode:?} pos {i}");
+        }
+        assert!(matches!(log.read(101), Err(StoreError::OutOfRange { .. })));
+        assert!(matches!(log.read(0), Err(StoreError::OutOfRange { .. })));
+        assert_eq!(log.append(b"more").unwrap(), 101);
+    }
+}
+
+#[test]
+fn memory_mode() {
+    let log = Log::memory(SEG).unwrap();
+    assert_eq!(log.durability(), Durability::Memory);
+    assert!(!log.is_durable());
+    for i in 1..=200u64 {
+        assert_eq!(log.append_buffered(&payload(i)).unwrap(), i);
+    }
+    assert_eq!(log.durable_pos(), 200);
+    for i in 1..=200u64 {
+        assert_eq!(log.read(i).unwrap().payload, payload(i));
+    }
+    log.truncate_suffix(150).unwrap();
+    assert_eq!(log.next_pos(), 150);
+    let first = log.trim_prefix(100).unwrap();
+    assert!(first > 1 && first <= 100);
+    assert!(log.read(first - 1).is_err());
+    assert_eq!(log.read(first).unwrap().payload, payload(first));
+    assert!(log.active_region().is_some());
+}
+
+#[test]
+fn mode_reporting_and_pmem_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    // This machine has no DAX filesystem: pmem must be refused, never faked.
+    match Log::open(dir.path().join("p"), cfg(Mode::Pmem)) {
+        Err(StoreError::PmemUnavailable { reason, .. }) => {
+            assert!(reason.contains("MAP_SYNC"), "{reason}");
+            eprintln!("pmem refused as expected: {reason}");
+        }
+        Ok(log) => {
+            // On a real DAX filesystem this is right; report it.
+            assert_eq!(log.durability(), Durability::Pmem);
+            eprintln!("pmem mapping accepted: this directory is on a DAX filesystem");
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    let log = Log::open(dir.path().join("m"), cfg(Mode::MappedNotDurable)).unwrap();
+    assert_eq!(log.durability(), Durability::Memory);
+    assert!(!log.is_durable());
+    assert!(log.flush_instruction().is_some());
+    let log = Log::open(dir.path().join("f"), cfg(Mode::Fsync)).unwrap();
+    assert_eq!(log.durability(), Durability::Fsync);
+    assert!(log.is_durable());
+    assert!(log.active_region().is_none());
+}
+
+#[test]
+fn region_shows_the_documented_layout() {
+    use replog::store::format::{check_record, SegmentHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), cfg(Mode::MappedNotDurable)).unwrap();
+    let p1 = log.append(b"hello").unwrap();
+    let p2 = log.append(b"world, longer payload").unwrap();
+    let region = log.active_region().unwrap();
+    assert_eq!(region.len as u64, SEG);
+    let loc = log.locate(p2).unwrap();
+    log.with_active_region(|bytes| {
+        let h = SegmentHeader::decode(bytes).unwrap();
+        assert_eq!(h.epoch, region.epoch);
+        assert_eq!(h.base_pos, 1);
+        let (rh, size) = check_record(bytes, 64, h.epoch, Some(p1)).unwrap();
+        assert_eq!(rh.payload_len, 5);
+        assert_eq!(&bytes[64 + 56..64 + 61], b"hello");
+        let (rh2, size2) = check_record(bytes, 64 + size, h.epoch, Some(p2)).unwrap();
+        assert_eq!(rh2.pos, p2);
+        assert_eq!(loc.offset as usize, 64 + size);
+        assert_eq!(loc.size as usize, size2);
+        assert_eq!(region.write_offset as usize, 64 + size + size2);
+    })
+    .unwrap();
+}
+
+#[test]
+fn wait_for_tail() {
+    for mode in [Mode::Fsync, Mode::MappedNotDurable, Mode::Memory] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path(), cfg(mode)).unwrap());
+        assert!(!log.wait_for(1, Duration::from_millis(20)).unwrap(), "times out");
+        let l2 = log.clone();
+        let waiter = std::thread::spawn(move || l2.wait_for(3, Duration::from_secs(10)).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+        for i in 1..=3u64 {
+            log.append(&payload(i)).unwrap();
+        }
+        assert!(waiter.join().unwrap(), "{mode:?}");
+    }
+}
+
+#[test]
+fn trim_prefix_drops_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    for i in 1..=200u64 {
+        log.append_buffered(&payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    let before = log.segment_paths();
+    let first = log.trim_prefix(120).unwrap();
+    assert!(first <= 120 && first > 1, "first {first}");
+    let after = log.segment_paths();
+    assert!(after.len() < before.len());
+    for p in &before[..before.len() - after.len()] {
+        assert!(!p.exists(), "{} removed", p.display());
+    }
+    for i in first..=200 {
+        assert_eq!(log.read(i).unwrap().payload, payload(i));
+    }
+    drop(log);
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    assert_eq!(log.first_pos(), first);
+    assert_eq!(log.next_pos(), 201);
+    // Trimming everything keeps the active segment.
+    log.trim_prefix(10_000).unwrap();
+    assert_eq!(log.segment_paths().len(), 1);
+    assert_eq!(log.next_pos(), 201);
+}
+
+#[test]
+fn truncate_suffix_is_durable_and_appends_resume() {
+    for mode in FILE_MODES {
+        for cut in [1u64, 2, 57, 100, 150, 199, 200] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = Log::open(dir.path(), cfg(mode)).unwrap();
+            for i in 1..=200u64 {
+                log.append_buffered(&payload(i)).unwrap();
+            }
+            log.sync().unwrap();
+            log.truncate_suffix(cut).unwrap();
+            assert_eq!(log.next_pos(), cut);
+            drop(log);
+            // Reopen right after the truncation: the end marker ends the log.
+            let log = Log::open(dir.path(), cfg(mode)).unwrap();
+            assert_eq!(log.next_pos(), cut, "{mode:?} cut {cut}");
+            // Append different data, crossing segment boundaries.
+            for i in cut..cut + 60 {
+                assert_eq!(log.append(&payload(i + 1000)).unwrap(), i);
+            }
+            drop(log);
+            let log = Log::open(dir.path(), cfg(mode)).unwrap();
+            assert_eq!(log.next_pos(), cut + 60, "{mode:?} cut {cut}");
+            for i in 1..cut {
+                assert_eq!(log.read(i).unwrap().payload, payload(i));
+            }
+            for i in cut..cut + 60 {
+                assert_eq!(log.read(i).unwrap().payload, payload(i + 1000));
+            }
+        }
+    }
+}
+
+#[test]
+fn too_large_and_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    let big = vec![0u8; SEG as usize];
+    assert!(matches!(log.append(&big), Err(StoreError::TooLarge { .. })));
+    let max = vec![7u8; log.max_payload() as usize];
+    let p = log.append(&max).unwrap();
+    assert_eq!(log.read(p).unwrap().payload, max);
+    assert!(matches!(
+        Log::open(dir.path().join("x"), cfg(Mode::Fsync).with_segment_size(100)),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(log.append_record(RecordKind::End, 0, Default::default(), b"").is_err());
+}
+
+#[test]
+fn group_commit_many_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), StoreConfig::new(Mode::Fsync)).unwrap());
+    let threads: Vec<_> = (0..16u64)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for i in 0..50u64 {
+                    let p = log.append(&payload(t * 1000 + i)).unwrap();
+                    assert!(log.durable_pos() >= p, "acknowledged only once durable");
+                    got.push((p, t * 1000 + i));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(t.join().unwrap());
+    }
+    assert_eq!(all.len(), 800);
+    for (p, k) in all {
+        assert_eq!(log.read(p).unwrap().payload, payload(k));
+    }
+}
