@@ -113,7 +113,10 @@ pub fn check_storage<S: Storage>(
         s.accept(e.clone()).expect("accept");
         model.insert(slot, e);
         if i % 7 == 0 {
-            let back = 1 + (i * 13) % slot;
+            let back = *model
+                .keys()
+                .nth((i as usize * 13) % model.len())
+                .expect("a slot");
             let old = model[&back].ballot;
             let e = entry(back, old.round + 1, old.node, i + 1000, 1);
             s.accept(e.clone()).expect("re-accept");

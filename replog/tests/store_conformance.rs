@@ -1,0 +1,97 @@
+//! The paxos `Storage` conformance suite, run against the store in every mode and
+//! against `paxos::MemStorage`.
+
+use paxos::{Ballot, MemStorage, Storage};
+use replog::store::conformance::check_storage;
+use replog::store::{Log, Mode, PaxosStore, RecordKind, StoreConfig, StoreError};
+use std::path::PathBuf;
+
+fn run_with_reopen(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().to_path_buf();
+    // Small segments so the suite crosses many of them.
+    let cfg = StoreConfig::new(mode).with_segment_size(16 * 1024);
+    let p2 = path.clone();
+    let mut fresh = move || PaxosStore::open(&path, cfg).unwrap();
+    let mut reopen = move |s: PaxosStore| {
+        drop(s);
+        let s = PaxosStore::open(&p2, cfg).unwrap();
+        assert!(s.log().recovery_report().torn_tail.is_none());
+        s
+    };
+    check_storage(&mut fresh, Some(&mut reopen));
+}
+
+#[test]
+fn conformance_fsync() {
+    run_with_reopen(Mode::Fsync);
+}
+
+#[test]
+fn conformance_mapped_not_durable() {
+    run_with_reopen(Mode::MappedNotDurable);
+}
+
+#[test]
+fn conformance_pmem_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    match PaxosStore::open(dir.path(), StoreConfig::new(Mode::Pmem)) {
+        Err(StoreError::PmemUnavailable { reason, .. }) => {
+            eprintln!("pmem suite not run: {reason}");
+        }
+        Ok(_) => run_with_reopen(Mode::Pmem),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn conformance_memory() {
+    let mut fresh = || {
+        PaxosStore::open(
+            "",
+            StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024),
+        )
+        .unwrap()
+    };
+    check_storage(&mut fresh, None);
+}
+
+#[test]
+fn conformance_mem_storage() {
+    let mut fresh = MemStorage::new;
+    check_storage(&mut fresh, None);
+}
+
+#[test]
+fn corrupt_value_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig::new(Mode::Fsync).with_segment_size(16 * 1024);
+    {
+        let log = Log::open(dir.path(), cfg).unwrap();
+        // A record with a valid checksum whose payload is not a valid value.
+        log.append_record(
+            RecordKind::Entry,
+            1,
+            Ballot::new(1, 1),
+            &[1, 0xff, 0xff, 0xff, 0x7f],
+        )
+        .unwrap();
+        log.sync().unwrap();
+    }
+    match PaxosStore::open(dir.path(), cfg) {
+        Err(StoreError::Decode { pos: 1, .. }) => {}
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+#[test]
+fn promise_never_lowered() {
+    let mut s = PaxosStore::open(
+        "",
+        StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024),
+    )
+    .unwrap();
+    s.set_promise(Ballot::new(5, 1)).unwrap();
+    assert!(s.set_promise(Ballot::new(4, 9)).is_err());
+    assert_eq!(s.promise(), Ballot::new(5, 1));
+}
