@@ -1,0 +1,167 @@
+//! A replica's protocol configuration.
+
+use crate::types::{Nanos, NodeId};
+
+/// Deliberately wrong variants of the core, for proving that the simulator catches
+/// bugs. They can only be switched on through `Config::planted_bug`, which exists only
+/// in builds with the `sim` feature (test support).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PlantedBug {
+    /// Phase 1 ignores the values read from acceptors and fills open slots with no-ops
+    /// or new proposals (breaks the Paxos value-adoption rule).
+    SkipValueAdoption,
+    /// The acceptor takes remote writes from a lower ballot than the one it promised.
+    AcceptLowerBallot,
+    /// Promises and read completions are counted per message, not per replica, so a
+    /// duplicated message counts twice.
+    DoubleCountVote,
+    /// Acknowledgements and messages leave before the storage sync that covers them.
+    AckBeforeSync,
+    /// The leader commits a slot once it is written locally, without a quorum.
+    CommitWithoutQuorum,
+}
+
+/// Configuration of one replica. Every member of a cluster must agree on `voters`
+/// and `learners`; timing may differ per replica.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This replica's id (non-zero).
+    pub id: NodeId,
+    /// The voting members (acceptors), this replica included if it votes.
+    pub voters: Vec<NodeId>,
+    /// Non-voting members that receive the log (never counted in a quorum, never lead).
+    pub learners: Vec<NodeId>,
+    /// How often a leader sends heartbeats (carrying the commit index).
+    pub heartbeat_interval: Nanos,
+    /// The minimum election timeout; each wait is drawn from `[t, 2t)`. Also the
+    /// leader lease a follower honours (it rejects elections while it heard a leader
+    /// more recently than this) and the check-quorum period of a leader.
+    pub election_timeout: Nanos,
+    /// How long a leader waits for progress on a follower's outstanding writes before
+    /// it re-sends from the follower's last contiguous acknowledgement.
+    pub retransmit_timeout: Nanos,
+    /// Maximum slots a leader keeps open (proposed, not yet committed): the pipeline.
+    pub window: u64,
+    /// Maximum client entries batched into one slot.
+    pub max_batch_entries: usize,
+    /// Maximum payload bytes batched into one slot (a single larger entry still goes
+    /// alone).
+    pub max_batch_bytes: usize,
+    /// Maximum slots carried by one remote write.
+    pub max_write_slots: usize,
+    /// Maximum client entries waiting at the leader for a slot; beyond it proposals
+    /// are refused as busy (backpressure).
+    pub max_pending_entries: usize,
+    /// Seed for the election-timeout jitter.
+    pub seed: u64,
+    /// A deliberately wrong variant of the core (simulator tests only).
+    #[cfg(feature = "sim")]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The replica id is 0.
+    #[error("replica id must be non-zero")]
+    ZeroId,
+    /// There are no voters.
+    #[error("the cluster needs at least one voter")]
+    NoVoters,
+    /// A node is listed twice.
+    #[error("node {0} is listed more than once among voters and learners")]
+    Duplicate(NodeId),
+    /// This replica is neither a voter nor a learner.
+    #[error("replica {0} is not a member (neither voter nor learner)")]
+    NotMember(NodeId),
+    /// A timing or size value is out of range.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+impl Config {
+    /// A configuration with defaults for a datacenter network (1 ms heartbeats,
+    /// 10 ms election timeout).
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
+        Config {
+            id,
+            voters,
+            learners: Vec::new(),
+            heartbeat_interval: 1_000_000,
+            election_timeout: 10_000_000,
+            retransmit_timeout: 4_000_000,
+            window: 256,
+            max_batch_entries: 1024,
+            max_batch_bytes: 1 << 20,
+            max_write_slots: 64,
+            max_pending_entries: 1 << 16,
+            seed: id,
+            #[cfg(feature = "sim")]
+            planted_bug: None,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        if self.voters.is_empty() {
+            return Err(ConfigError::NoVoters);
+        }
+        let mut all: Vec<NodeId> = self.voters.iter().chain(&self.learners).copied().collect();
+        all.sort_unstable();
+        for w in all.windows(2) {
+            if w[0] == w[1] {
+                return Err(ConfigError::Duplicate(w[0]));
+            }
+        }
+        if all.first() == Some(&0) {
+            return Err(ConfigError::ZeroId);
+        }
+        if !all.contains(&self.id) {
+            return Err(ConfigError::NotMember(self.id));
+        }
+        if self.heartbeat_interval == 0
+            || self.election_timeout == 0
+            || self.retransmit_timeout == 0
+        {
+            return Err(ConfigError::Invalid("timeouts must be non-zero"));
+        }
+        if self.heartbeat_interval * 2 > self.election_timeout {
+            return Err(ConfigError::Invalid(
+                "election_timeout must be at least twice heartbeat_interval",
+            ));
+        }
+        if self.window == 0 || self.max_batch_entries == 0 || self.max_write_slots == 0 {
+            return Err(ConfigError::Invalid(
+                "window, max_batch_entries and max_write_slots must be non-zero",
+            ));
+        }
+        if self.max_batch_bytes == 0 || self.max_pending_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "max_batch_bytes and max_pending_entries must be non-zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Votes needed for a quorum: a strict majority of the voters.
+    pub fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    /// Whether this replica votes.
+    pub fn is_voter(&self) -> bool {
+        self.voters.contains(&self.id)
+    }
+
+    /// Every member but this replica: voters, then learners.
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters
+            .iter()
+            .chain(&self.learners)
+            .copied()
+            .filter(move |&n| n != self.id)
+    }
+}

@@ -1,0 +1,112 @@
+//! In-order apply, exactly once, with client de-duplication and positions.
+//!
+//! Every replica applies the same chosen slots in the same order, so the positions it
+//! hands out and the duplicates it drops are the same everywhere.
+
+use super::{Action, Error, Replica};
+use crate::contracts::{ensure, invariant, require};
+use crate::storage::Storage;
+use crate::types::{Command, Position, Slot, Value};
+use std::collections::{BTreeMap, HashMap};
+
+/// How many recent sequence numbers per client are remembered for de-duplication.
+/// A retry older than that is still recognised as a duplicate (its sequence number is
+/// below every remembered one) but its original position is no longer known.
+pub const DEDUP_WINDOW: usize = 4096;
+
+/// One client entry as applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedEntry {
+    /// The entry's position in the log of client entries. For a duplicate, the
+    /// position of the original, or 0 if it is too old to be remembered.
+    pub position: Position,
+    /// The entry.
+    pub command: Command,
+    /// Whether this is a retry of an entry applied before (it takes no new position).
+    pub duplicate: bool,
+}
+
+/// A chosen slot as applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The slot.
+    pub slot: Slot,
+    /// Its client entries in order (empty for a no-op).
+    pub entries: Vec<AppliedEntry>,
+}
+
+#[derive(Debug, Default)]
+struct ClientRecord {
+    seqs: BTreeMap<u64, Position>,
+}
+
+/// De-duplication table and position counter.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyState {
+    last_position: Position,
+    clients: HashMap<u64, ClientRecord>,
+}
+
+impl ApplyState {
+    pub(crate) fn last_position(&self) -> Position {
+        self.last_position
+    }
+
+    fn apply(&mut self, slot: Slot, value: Value) -> Applied {
+        let cmds = match value {
+            Value::Noop => Vec::new(),
+            Value::Batch(c) => c,
+        };
+        let mut entries = Vec::with_capacity(cmds.len());
+        for command in cmds {
+            let rec = self.clients.entry(command.client).or_default();
+            let known = rec.seqs.get(&command.seq).copied();
+            let too_old = rec.seqs.len() >= DEDUP_WINDOW
+                && rec.seqs.keys().next().is_some_and(|&lo| command.seq < lo);
+            match known {
+                Some(pos) => entries.push(AppliedEntry {
+                    position: pos,
+                    command,
+                    duplicate: true,
+                }),
+                None if too_old => entries.push(AppliedEntry {
+                    position: 0,
+                    command,
+                    duplicate: true,
+                }),
+                None => {
+                    self.last_position += 1;
+                    rec.seqs.insert(command.seq, self.last_position);
+                    if rec.seqs.len() > DEDUP_WINDOW {
+                        rec.seqs.pop_first();
+                    }
+                    entries.push(AppliedEntry {
+                        position: self.last_position,
+                        command,
+                        duplicate: false,
+                    });
+                }
+            }
+        }
+        Applied { slot, entries }
+    }
+}
+
+impl<S: Storage> Replica<S> {
+    /// Applies every chosen slot not applied yet, in order, once each.
+    pub(super) fn apply_ready(&mut self) -> Result<(), Error> {
+        while self.applied < self.chosen {
+            let slot = self.applied + 1;
+            let entry = self.storage.entry(slot)?;
+            invariant!(entry.is_some(), "chosen slot {slot} missing from storage");
+            let Some(entry) = entry else { break };
+            require!(entry.slot == slot);
+            let before = self.apply_state.last_position();
+            let applied = self.apply_state.apply(slot, entry.value);
+            ensure!(self.apply_state.last_position() >= before);
+            self.applied = slot;
+            self.emit(Action::Apply(applied));
+        }
+        Ok(())
+    }
+}

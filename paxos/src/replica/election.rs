@@ -1,0 +1,426 @@
+//! Leader election: pre-vote, phase 1 (promise and write permission, then a remote
+//! read of each promiser's log tail), the Paxos value-adoption rule, leader stickiness
+//! and check-quorum.
+//!
+//! Safety rests on phase 1: a candidate with ballot `b` adopts, for every slot above
+//! its chosen prefix, the value of the highest ballot found in the logs of a quorum of
+//! acceptors that promised `b`, and rewrites it under `b` before proposing anything
+//! new. Liveness rests on randomized timeouts, pre-vote (a replica that cannot reach a
+//! quorum never raises anybody's promise) and stickiness (a replica that heard a
+//! leader within the election timeout refuses to help depose it).
+
+use super::{Action, CandidateState, Error, LeaderState, PreVoteState, Progress, Replica, Role};
+use crate::config::PlantedBug;
+use crate::contracts::{ensure, invariant, require};
+use crate::message::{Message, ReadRequest, ReadResult};
+use crate::storage::Storage;
+use crate::types::{Ballot, Entry, NodeId, Slot, Value};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+impl<S: Storage> Replica<S> {
+    /// Timers: heartbeats and check-quorum for a leader, the election timeout for the
+    /// others.
+    pub(super) fn on_timeout(&mut self) -> Result<(), Error> {
+        let now = self.now;
+        match self.role {
+            Role::Learner => Ok(()),
+            Role::Leader => {
+                let (hb_due, qc_due) = {
+                    let l = self.lead.as_ref().expect("leader state");
+                    (l.heartbeat_due, l.quorum_check_due)
+                };
+                if now >= qc_due && !self.check_quorum() {
+                    return Ok(()); // stepped down
+                }
+                if now >= hb_due {
+                    self.heartbeat_tick()?;
+                }
+                Ok(())
+            }
+            Role::Follower | Role::PreCandidate | Role::Candidate => {
+                if now >= self.election_deadline {
+                    self.start_pre_vote()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this replica currently refuses to help elect `from`: it leads, or it heard
+    /// from another leader within the election timeout (leader stickiness).
+    fn lease_active(&self, from: NodeId) -> bool {
+        match self.role {
+            Role::Leader => true,
+            _ => {
+                self.leader.is_some()
+                    && self.leader != Some(from)
+                    && self
+                        .leader_contact
+                        .is_some_and(|t| self.now < t + self.cfg.election_timeout)
+            }
+        }
+    }
+
+    fn start_pre_vote(&mut self) -> Result<(), Error> {
+        require!(self.role != Role::Learner && self.role != Role::Leader);
+        let round = self.max_round + 1;
+        self.cand = None;
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.pre = Some(PreVoteState {
+            round,
+            granted: BTreeSet::from([self.cfg.id]),
+            granted_msgs: 1,
+        });
+        let now = self.now;
+        self.reset_election_timer(now);
+        self.note_role();
+        let voters: Vec<NodeId> = self
+            .cfg
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != self.cfg.id)
+            .collect();
+        for v in voters {
+            self.send(v, Message::PreVote { round });
+        }
+        self.maybe_start_election()
+    }
+
+    pub(super) fn on_pre_vote(&mut self, from: NodeId, round: u64) -> Result<(), Error> {
+        if !self.cfg.is_voter() || !self.cfg.voters.contains(&from) {
+            return Ok(());
+        }
+        let granted = Ballot::new(round, from) > self.promised && !self.lease_active(from);
+        self.send(from, Message::PreVoteReply { round, granted });
+        Ok(())
+    }
+
+    pub(super) fn on_pre_vote_reply(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        granted: bool,
+    ) -> Result<(), Error> {
+        if self.role != Role::PreCandidate || !granted || !self.cfg.voters.contains(&from) {
+            return Ok(());
+        }
+        let pre = self.pre.as_mut().expect("pre-vote state");
+        if pre.round != round {
+            return Ok(());
+        }
+        pre.granted.insert(from);
+        pre.granted_msgs += 1;
+        self.maybe_start_election()
+    }
+
+    fn maybe_start_election(&mut self) -> Result<(), Error> {
+        let pre = self.pre.as_ref().expect("pre-vote state");
+        let votes = if self.bug(PlantedBug::DoubleCountVote) {
+            pre.granted_msgs
+        } else {
+            pre.granted.len()
+        };
+        if votes >= self.cfg.quorum() {
+            self.start_election()?;
+        }
+        Ok(())
+    }
+
+    /// Phase 1a: take a new ballot, promise it ourselves, ask the voters.
+    fn start_election(&mut self) -> Result<(), Error> {
+        require!(self.role == Role::PreCandidate);
+        let ballot = Ballot::new(self.max_round + 1, self.cfg.id);
+        self.raise_promise(ballot)?;
+        self.pre = None;
+        self.role = Role::Candidate;
+        self.leader = None;
+        let from = self.chosen + 1;
+        let last = self.storage.last_slot();
+        let own = if last >= from {
+            self.storage.entries(from, last)?
+        } else {
+            Vec::new()
+        };
+        self.cand = Some(CandidateState {
+            ballot,
+            from,
+            promised: BTreeMap::from([(self.cfg.id, (self.chosen, last))]),
+            read: BTreeMap::from([(self.cfg.id, own)]),
+            promise_msgs: 1,
+            read_msgs: 1,
+        });
+        let now = self.now;
+        self.reset_election_timer(now);
+        self.note_role();
+        let voters: Vec<NodeId> = self
+            .cfg
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != self.cfg.id)
+            .collect();
+        for v in voters {
+            self.send(v, Message::Prepare { ballot });
+        }
+        self.maybe_adopt()
+    }
+
+    /// Phase 1b at an acceptor.
+    pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot) -> Result<(), Error> {
+        if !self.cfg.is_voter() || ballot.node != from || !self.cfg.voters.contains(&from) {
+            return Ok(());
+        }
+        self.max_round = self.max_round.max(ballot.round);
+        if ballot > self.promised {
+            if self.lease_active(from) {
+                return Ok(()); // a healthy leader is known: do not help depose it
+            }
+            let before = self.promised;
+            if self.role != Role::Follower {
+                self.become_follower(None);
+            }
+            self.raise_promise(ballot)?;
+            self.leader = None;
+            self.leader_contact = None;
+            let now = self.now;
+            self.reset_election_timer(now);
+            let last = self.storage.last_slot();
+            self.send(
+                from,
+                Message::Promise {
+                    ballot,
+                    chosen: self.chosen,
+                    last,
+                },
+            );
+            ensure!(self.promised == ballot && self.promised > before);
+        } else if ballot == self.promised {
+            // A duplicate Prepare: promise again (idempotent).
+            let last = self.storage.last_slot();
+            self.send(
+                from,
+                Message::Promise {
+                    ballot,
+                    chosen: self.chosen,
+                    last,
+                },
+            );
+        } else {
+            self.send(
+                from,
+                Message::Reject {
+                    ballot,
+                    promised: self.promised,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A promise reached the candidate: read the promiser's log tail.
+    pub(super) fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        chosen: Slot,
+        last: Slot,
+    ) -> Result<(), Error> {
+        if self.role != Role::Candidate || !self.cfg.voters.contains(&from) {
+            return Ok(());
+        }
+        let double = self.bug(PlantedBug::DoubleCountVote);
+        let cand = self.cand.as_mut().expect("candidate state");
+        if cand.ballot != ballot {
+            return Ok(());
+        }
+        cand.promise_msgs += 1;
+        let fresh = cand.promised.insert(from, (chosen, last)).is_none();
+        if !fresh && !double {
+            return Ok(());
+        }
+        let from_slot = cand.from;
+        if last >= from_slot {
+            let req = ReadRequest {
+                ballot,
+                from: from_slot,
+                to: last,
+            };
+            self.emit(Action::RemoteRead { to: from, req });
+            Ok(())
+        } else {
+            cand.read.entry(from).or_default();
+            cand.read_msgs += 1;
+            self.maybe_adopt()
+        }
+    }
+
+    /// A promiser's log tail arrived.
+    pub(super) fn on_read_completion(
+        &mut self,
+        from: NodeId,
+        res: ReadResult,
+    ) -> Result<(), Error> {
+        if self.role != Role::Candidate {
+            return Ok(());
+        }
+        let double = self.bug(PlantedBug::DoubleCountVote);
+        let cand = self.cand.as_mut().expect("candidate state");
+        if cand.ballot != res.ballot || !cand.promised.contains_key(&from) || res.from != cand.from
+        {
+            return Ok(());
+        }
+        if cand.read.contains_key(&from) && !double {
+            return Ok(());
+        }
+        // Keep only entries inside the range asked for. Entries of a ballot above ours
+        // may appear (the acceptor promised a higher ballot after promising ours and
+        // accepted from its owner): adopting them is safe, because a value proposed
+        // under a higher ballot is safe for every lower one; dropping them is not.
+        let entries: Vec<Entry> = res
+            .entries
+            .into_iter()
+            .filter(|e| e.slot >= res.from && e.slot <= res.to)
+            .collect();
+        cand.read.insert(from, entries);
+        cand.read_msgs += 1;
+        self.maybe_adopt()
+    }
+
+    /// With the tails of a quorum read, adopt values and become leader.
+    fn maybe_adopt(&mut self) -> Result<(), Error> {
+        let double = self.bug(PlantedBug::DoubleCountVote);
+        let cand = self.cand.as_ref().expect("candidate state");
+        let reads = if double {
+            cand.read_msgs
+        } else {
+            cand.read.len()
+        };
+        if reads < self.cfg.quorum() {
+            return Ok(());
+        }
+        let ballot = cand.ballot;
+        let from = cand.from;
+        // The Paxos rule: for each open slot, the value accepted under the highest ballot.
+        let mut adopt: BTreeMap<Slot, (Ballot, Value)> = BTreeMap::new();
+        for entries in cand.read.values() {
+            for e in entries {
+                match adopt.get(&e.slot) {
+                    Some((b, v)) if *b > e.ballot || (*b == e.ballot && *v == e.value) => {}
+                    Some((b, v)) if *b == e.ballot => {
+                        // Two different values accepted under one ballot: impossible.
+                        invariant!(
+                            false,
+                            "slot {} has two values under {:?}: {:?} / {:?}",
+                            e.slot,
+                            b,
+                            v,
+                            e.value
+                        );
+                    }
+                    _ => {
+                        adopt.insert(e.slot, (e.ballot, e.value.clone()));
+                    }
+                }
+            }
+        }
+        let max_slot = adopt.keys().next_back().copied().unwrap_or(0).max(from - 1);
+        let promisers: BTreeMap<NodeId, (Slot, Slot)> = cand.promised.clone();
+        let skip_adoption = self.bug(PlantedBug::SkipValueAdoption);
+        for slot in from..=max_slot {
+            let value = match adopt.remove(&slot) {
+                Some((_, v)) if !skip_adoption => v,
+                _ => Value::Noop,
+            };
+            self.accept_local(Entry {
+                slot,
+                ballot,
+                value,
+            })?;
+        }
+        // Become leader.
+        let now = self.now;
+        let mut peers = BTreeMap::new();
+        for id in self.cfg.peers().collect::<Vec<_>>() {
+            let voter = self.cfg.voters.contains(&id);
+            let (base, heard) = match promisers.get(&id) {
+                Some(&(chosen, _)) => (chosen.min(max_slot), Some(now)),
+                None => (0, None),
+            };
+            let next = if heard.is_some() {
+                base + 1
+            } else {
+                self.chosen + 1
+            };
+            let p = Progress {
+                voter,
+                next: next.max(base + 1),
+                base,
+                matched: base,
+                acked: BTreeMap::new(),
+                last_heard: heard,
+                last_progress: now,
+            };
+            peers.insert(id, p);
+        }
+        self.cand = None;
+        self.role = Role::Leader;
+        self.leader = Some(self.cfg.id);
+        self.lead = Some(LeaderState {
+            ballot,
+            next_slot: max_slot + 1,
+            commit: self.chosen,
+            pending: VecDeque::new(),
+            peers,
+            heartbeat_due: now,
+            quorum_check_due: now + self.cfg.election_timeout,
+        });
+        self.note_role();
+        self.heartbeat_tick()?;
+        self.try_advance_commit()?;
+        ensure!(self.role == Role::Leader && self.promised == ballot);
+        Ok(())
+    }
+
+    /// A refusal: someone promised a higher ballot than ours.
+    pub(super) fn on_reject(
+        &mut self,
+        _from: NodeId,
+        ballot: Ballot,
+        promised: Ballot,
+    ) -> Result<(), Error> {
+        self.max_round = self.max_round.max(promised.round);
+        if promised <= ballot || ballot != self.promised {
+            return Ok(());
+        }
+        match self.role {
+            Role::Candidate | Role::Leader if ballot.node == self.cfg.id => {
+                self.become_follower(None);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Check-quorum: a leader that has not heard from a quorum within an election
+    /// timeout steps down. Returns whether it is still leader.
+    fn check_quorum(&mut self) -> bool {
+        let now = self.now;
+        let window = self.cfg.election_timeout;
+        let quorum = self.cfg.quorum();
+        let l = self.lead.as_mut().expect("leader state");
+        let heard = l
+            .peers
+            .values()
+            .filter(|p| p.voter && p.last_heard.is_some_and(|t| t + window >= now))
+            .count()
+            + 1;
+        l.quorum_check_due = now + window;
+        if heard < quorum {
+            self.become_follower(None);
+            return false;
+        }
+        true
+    }
+}

@@ -1,0 +1,769 @@
+//! The replica: one member's protocol state machine.
+//!
+//! Inputs are the `handle_*` methods and [`Replica::propose`]; outputs are drained
+//! with [`Replica::poll_action`] after [`Replica::flush`]; [`Replica::poll_timeout`]
+//! says when the replica next wants [`Replica::handle_timeout`]. Time is always an
+//! argument. See the crate docs for the driver loop.
+//!
+//! The code is split by concern: `election.rs` (pre-vote, phase 1, value adoption,
+//! check-quorum), `replication.rs` (phase 2, acknowledgements, commit, catch-up,
+//! heartbeats), `apply.rs` (in-order apply exactly once with client de-duplication).
+
+mod apply;
+mod election;
+mod replication;
+
+use crate::config::{Config, ConfigError};
+use crate::contracts::{ensure, invariant, require};
+use crate::message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
+use crate::rng::Rng;
+use crate::storage::{Storage, StorageError};
+use crate::types::{Ballot, Command, Entry, Nanos, NodeId, Position, Slot};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub use apply::{Applied, AppliedEntry};
+
+/// A replica's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Accepts writes from the permission holder; waits for heartbeats.
+    Follower,
+    /// Asking voters whether an election could succeed (changes nothing at them).
+    PreCandidate,
+    /// Running phase 1 (promises, then remote reads of the promisers' log tails).
+    Candidate,
+    /// Proposing and replicating.
+    Leader,
+    /// A non-voting member: receives the log, never votes or leads.
+    Learner,
+}
+
+/// An output of the core, to be executed by the driver in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a control-plane message.
+    Send {
+        /// Destination.
+        to: NodeId,
+        /// The message.
+        msg: Message,
+    },
+    /// Write into `to`'s log region (one-sided). Completes with
+    /// [`Replica::handle_write_completion`]; may never complete if the link fails, in
+    /// which case the core re-sends after `retransmit_timeout`.
+    RemoteWrite {
+        /// Target replica.
+        to: NodeId,
+        /// What to write.
+        req: WriteRequest,
+    },
+    /// Read `to`'s log tail (one-sided). Completes with
+    /// [`Replica::handle_read_completion`].
+    RemoteRead {
+        /// Target replica.
+        to: NodeId,
+        /// What to read.
+        req: ReadRequest,
+    },
+    /// Agent side: report to `to` how its remote write into this replica ended.
+    WriteCompletion {
+        /// The writer.
+        to: NodeId,
+        /// The outcome.
+        result: WriteResult,
+    },
+    /// Agent side: return the data of `to`'s remote read of this replica's log.
+    ReadCompletion {
+        /// The reader.
+        to: NodeId,
+        /// The data.
+        result: ReadResult,
+    },
+    /// Let `to` write this replica's log region under `ballot` (RDMA: open the queue
+    /// pair's remote-write access). Exactly one writer holds permission at a time.
+    GrantWrite {
+        /// The new permission holder.
+        to: NodeId,
+        /// Its ballot.
+        ballot: Ballot,
+    },
+    /// Take write permission away from `from` (RDMA: close remote-write access, cycling
+    /// the queue pair through reset if modifying fails). Later writes fail.
+    RevokeWrite {
+        /// The former holder.
+        from: NodeId,
+    },
+    /// A chosen slot, delivered exactly once and in slot order.
+    Apply(Applied),
+    /// Proposals that will not be committed by this replica (it stopped leading before
+    /// they got a slot). Their clients should retry at the new leader.
+    Aborted(Vec<Command>),
+    /// The role, ballot or known leader changed.
+    RoleChanged {
+        /// The new role.
+        role: Role,
+        /// The current promise.
+        ballot: Ballot,
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+}
+
+/// A fatal error: the replica stops (it never acknowledges what may not be durable).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The replica stopped earlier after a fatal error.
+    #[error("replica stopped after an earlier fatal error: {0}")]
+    Stopped(String),
+}
+
+/// Why a proposal was refused (nothing was done with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This replica is not the leader; `leader` is the one it knows of.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The known leader, if any.
+        leader: Option<NodeId>,
+    },
+    /// Too many proposals are waiting; retry later.
+    #[error("busy: too many pending entries")]
+    Busy,
+    /// The replica stopped after a fatal error.
+    #[error("replica stopped")]
+    Stopped,
+}
+
+/// Phase-1 state of a pre-candidate.
+#[derive(Debug)]
+struct PreVoteState {
+    round: u64,
+    granted: BTreeSet<NodeId>,
+    /// Per-message count (only used by the planted `DoubleCountVote` bug).
+    #[allow(dead_code)]
+    granted_msgs: usize,
+}
+
+/// Phase-1 state of a candidate.
+#[derive(Debug)]
+struct CandidateState {
+    ballot: Ballot,
+    /// First slot whose value is to be adopted (our chosen prefix + 1).
+    from: Slot,
+    /// Promisers and the log tails they reported: id -> (chosen, last).
+    promised: BTreeMap<NodeId, (Slot, Slot)>,
+    /// Promisers whose tail has been read (self included), with the entries read.
+    read: BTreeMap<NodeId, Vec<Entry>>,
+    /// Message counters for the planted `DoubleCountVote` bug.
+    #[allow(dead_code)]
+    promise_msgs: usize,
+    #[allow(dead_code)]
+    read_msgs: usize,
+}
+
+/// A leader's view of one follower's log.
+#[derive(Debug, Clone)]
+struct Progress {
+    voter: bool,
+    /// Next slot to write to this follower.
+    next: Slot,
+    /// Every slot up to `base` is chosen at the follower with the right value (as it
+    /// reported), and every slot in `base+1..=matched` acknowledged under our ballot.
+    base: Slot,
+    /// Highest slot acknowledged contiguously (see `base`).
+    matched: Slot,
+    /// Acknowledged slot ranges above `matched` (start -> end), not yet contiguous.
+    acked: BTreeMap<Slot, Slot>,
+    /// When we last heard anything from this follower.
+    last_heard: Option<Nanos>,
+    /// When `matched` last advanced (or writes were last (re)started).
+    last_progress: Nanos,
+}
+
+/// A leader's state.
+#[derive(Debug)]
+struct LeaderState {
+    ballot: Ballot,
+    /// The next free slot.
+    next_slot: Slot,
+    /// Everything up to `commit` is chosen.
+    commit: Slot,
+    pending: VecDeque<Command>,
+    peers: BTreeMap<NodeId, Progress>,
+    heartbeat_due: Nanos,
+    quorum_check_due: Nanos,
+}
+
+/// One member's Multi-Paxos state machine. Generic over its [`Storage`].
+pub struct Replica<S: Storage> {
+    cfg: Config,
+    storage: S,
+    rng: Rng,
+    role: Role,
+    /// Cached `storage.promise()`.
+    promised: Ballot,
+    /// Highest round seen in any ballot (to pick the next one).
+    max_round: u64,
+    /// The leader we follow (the owner of `promised` once it has shown liveness).
+    leader: Option<NodeId>,
+    /// When we last heard from `leader` (leader lease for stickiness).
+    leader_contact: Option<Nanos>,
+    /// When to start (or restart) an election.
+    election_deadline: Nanos,
+    /// Latest commit index heard, and the ballot of the leader that sent it.
+    known_commit: (Ballot, Slot),
+    /// Every slot up to `chosen` is chosen and present in storage with its chosen value.
+    chosen: Slot,
+    /// Every slot up to `applied` has been delivered by [`Action::Apply`].
+    applied: Slot,
+    /// Client de-duplication and positions.
+    apply_state: apply::ApplyState,
+    pre: Option<PreVoteState>,
+    cand: Option<CandidateState>,
+    lead: Option<LeaderState>,
+    /// Actions released to the driver.
+    out: VecDeque<Action>,
+    /// Actions waiting for the next storage sync (everything emitted after a write).
+    staged: Vec<Action>,
+    /// Storage has writes not yet covered by a sync.
+    dirty: bool,
+    stopped: Option<String>,
+    now: Nanos,
+}
+
+impl<S: Storage> Replica<S> {
+    /// Starts (or restarts) a replica on `storage`, as a follower (or learner).
+    pub fn new(cfg: Config, storage: S, now: Nanos) -> Result<Self, Error> {
+        cfg.validate()?;
+        let promised = storage.promise();
+        let role = if cfg.is_voter() {
+            Role::Follower
+        } else {
+            Role::Learner
+        };
+        let mut r = Replica {
+            rng: Rng::new(cfg.seed ^ 0x005e_ed0f_4e91_1ca5),
+            cfg,
+            storage,
+            role,
+            promised,
+            max_round: promised.round,
+            leader: None,
+            leader_contact: None,
+            election_deadline: 0,
+            known_commit: (Ballot::ZERO, 0),
+            chosen: 0,
+            applied: 0,
+            apply_state: apply::ApplyState::default(),
+            pre: None,
+            cand: None,
+            lead: None,
+            out: VecDeque::new(),
+            staged: Vec::new(),
+            dirty: false,
+            stopped: None,
+            now,
+        };
+        // After a restart the permission holder is the owner of the persisted promise.
+        if !promised.is_zero() && promised.node != r.cfg.id {
+            r.emit(Action::GrantWrite {
+                to: promised.node,
+                ballot: promised,
+            });
+        }
+        r.reset_election_timer(now);
+        r.check_invariants();
+        Ok(r)
+    }
+
+    // ---- getters -------------------------------------------------------------------
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The highest ballot promised.
+    pub fn promised(&self) -> Ballot {
+        self.promised
+    }
+
+    /// The leader this replica knows of (itself when leading).
+    pub fn leader(&self) -> Option<NodeId> {
+        if self.role == Role::Leader {
+            Some(self.cfg.id)
+        } else {
+            self.leader
+        }
+    }
+
+    /// Every slot up to this one is known chosen here.
+    pub fn chosen(&self) -> Slot {
+        self.chosen
+    }
+
+    /// Every slot up to this one has been applied (delivered as [`Action::Apply`]).
+    pub fn applied(&self) -> Slot {
+        self.applied
+    }
+
+    /// The number of client entries applied (the last position handed out).
+    pub fn applied_position(&self) -> Position {
+        self.apply_state.last_position()
+    }
+
+    /// Read access to the storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The fatal error that stopped this replica, if any.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    /// Client entries waiting at the leader for a slot.
+    pub fn pending_len(&self) -> usize {
+        self.lead.as_ref().map_or(0, |l| l.pending.len())
+    }
+
+    /// A one-line dump of the protocol state, for debugging and failure reports.
+    pub fn debug_state(&self) -> String {
+        let mut s = format!(
+            "id={} role={:?} promised={:?} leader={:?} chosen={} applied={} last={} known_commit={:?}",
+            self.cfg.id,
+            self.role,
+            self.promised,
+            self.leader,
+            self.chosen,
+            self.applied,
+            self.storage.last_slot(),
+            self.known_commit
+        );
+        if let Some(l) = &self.lead {
+            s += &format!(
+                " commit={} next_slot={} pending={}",
+                l.commit,
+                l.next_slot,
+                l.pending.len()
+            );
+            for (id, p) in &l.peers {
+                s += &format!(
+                    " [{id}: next={} base={} matched={} acked={:?} heard={:?}]",
+                    p.next, p.base, p.matched, p.acked, p.last_heard
+                );
+            }
+        }
+        s
+    }
+
+    // ---- inputs --------------------------------------------------------------------
+
+    /// A control-plane message arrived from `from`.
+    pub fn handle_message(&mut self, now: Nanos, from: NodeId, msg: Message) -> Result<(), Error> {
+        self.enter(now)?;
+        if !self.is_member(from) || from == self.cfg.id {
+            return Ok(()); // unknown peers are ignored (the transport should have refused them)
+        }
+        let r = match msg {
+            Message::PreVote { round } => self.on_pre_vote(from, round),
+            Message::PreVoteReply { round, granted } => {
+                self.on_pre_vote_reply(from, round, granted)
+            }
+            Message::Prepare { ballot } => self.on_prepare(from, ballot),
+            Message::Promise {
+                ballot,
+                chosen,
+                last,
+            } => self.on_promise(from, ballot, chosen, last),
+            Message::Reject { ballot, promised } => self.on_reject(from, ballot, promised),
+            Message::Heartbeat { ballot, commit } => self.on_heartbeat(from, ballot, commit),
+            Message::HeartbeatReply {
+                ballot,
+                chosen,
+                last,
+            } => self.on_heartbeat_reply(from, ballot, chosen, last),
+        };
+        self.leave(r)
+    }
+
+    /// Agent side: `from` wrote into this replica's log (one-sided write). Checks write
+    /// permission, accepts the values, and emits a [`Action::WriteCompletion`] that is
+    /// released only after the storage sync covering the write.
+    pub fn handle_remote_write(
+        &mut self,
+        now: Nanos,
+        from: NodeId,
+        req: WriteRequest,
+    ) -> Result<(), Error> {
+        self.enter(now)?;
+        if !self.is_member(from) || from == self.cfg.id {
+            return Ok(());
+        }
+        let r = self.on_remote_write(from, req);
+        self.leave(r)
+    }
+
+    /// Agent side: `from` reads this replica's log tail (one-sided read).
+    pub fn handle_remote_read(
+        &mut self,
+        now: Nanos,
+        from: NodeId,
+        req: ReadRequest,
+    ) -> Result<(), Error> {
+        self.enter(now)?;
+        if !self.is_member(from) || from == self.cfg.id {
+            return Ok(());
+        }
+        let r = self.on_remote_read(from, req);
+        self.leave(r)
+    }
+
+    /// A remote write this replica issued to `from` completed.
+    pub fn handle_write_completion(
+        &mut self,
+        now: Nanos,
+        from: NodeId,
+        result: WriteResult,
+    ) -> Result<(), Error> {
+        self.enter(now)?;
+        if !self.is_member(from) {
+            return Ok(());
+        }
+        let r = self.on_write_completion(from, result);
+        self.leave(r)
+    }
+
+    /// A remote read this replica issued to `from` completed.
+    pub fn handle_read_completion(
+        &mut self,
+        now: Nanos,
+        from: NodeId,
+        result: ReadResult,
+    ) -> Result<(), Error> {
+        self.enter(now)?;
+        if !self.is_member(from) {
+            return Ok(());
+        }
+        let r = self.on_read_completion(from, result);
+        self.leave(r)
+    }
+
+    /// Time passed: run whatever timers are due (call at [`Replica::poll_timeout`]).
+    pub fn handle_timeout(&mut self, now: Nanos) -> Result<(), Error> {
+        self.enter(now)?;
+        let r = self.on_timeout();
+        self.leave(r)
+    }
+
+    /// Proposes client entries. On a leader they are queued, batched into slots and
+    /// replicated; each is delivered in an [`Action::Apply`] once chosen.
+    pub fn propose(&mut self, now: Nanos, cmds: Vec<Command>) -> Result<(), ProposeError> {
+        if self.stopped.is_some() {
+            return Err(ProposeError::Stopped);
+        }
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        let max = self.cfg.max_pending_entries;
+        let lead = self.lead.as_mut().expect("leader state");
+        if lead.pending.len() + cmds.len() > max && !lead.pending.is_empty() {
+            return Err(ProposeError::Busy);
+        }
+        lead.pending.extend(cmds);
+        if self.enter(now).is_err() {
+            return Err(ProposeError::Stopped);
+        }
+        let r = self.fill_slots().and_then(|_| self.send_writes_all());
+        self.leave(r).map_err(|_| ProposeError::Stopped)
+    }
+
+    // ---- outputs -------------------------------------------------------------------
+
+    /// Makes every storage write so far durable, then releases the actions that waited
+    /// for it. Call after feeding a batch of inputs (one sync covers them all: group
+    /// commit), before draining [`Replica::poll_action`].
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if let Some(why) = &self.stopped {
+            return Err(Error::Stopped(why.clone()));
+        }
+        if self.dirty {
+            if let Err(e) = self.storage.sync() {
+                self.stopped = Some(e.to_string());
+                self.staged.clear();
+                return Err(e.into());
+            }
+            self.dirty = false;
+        }
+        self.out.extend(self.staged.drain(..));
+        Ok(())
+    }
+
+    /// Whether [`Replica::flush`] has work: unsynced writes or actions waiting for them.
+    pub fn needs_flush(&self) -> bool {
+        self.dirty || !self.staged.is_empty()
+    }
+
+    /// The next released action, in order. Actions emitted after a storage write are
+    /// released by [`Replica::flush`].
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When the replica next needs [`Replica::handle_timeout`] (absolute time).
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        if self.stopped.is_some() {
+            return None;
+        }
+        match self.role {
+            Role::Learner => None,
+            Role::Leader => {
+                let l = self.lead.as_ref().expect("leader state");
+                Some(l.heartbeat_due.min(l.quorum_check_due))
+            }
+            _ => Some(self.election_deadline),
+        }
+    }
+
+    // ---- plumbing ------------------------------------------------------------------
+
+    fn enter(&mut self, now: Nanos) -> Result<(), Error> {
+        if let Some(why) = &self.stopped {
+            return Err(Error::Stopped(why.clone()));
+        }
+        // Time is monotonic per replica; tolerate a driver that repeats a timestamp.
+        self.now = self.now.max(now);
+        Ok(())
+    }
+
+    fn leave(&mut self, r: Result<(), Error>) -> Result<(), Error> {
+        match r {
+            Ok(()) => {
+                self.check_invariants();
+                Ok(())
+            }
+            Err(e) => {
+                self.stopped = Some(e.to_string());
+                self.staged.clear();
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn is_member(&self, n: NodeId) -> bool {
+        self.cfg.voters.contains(&n) || self.cfg.learners.contains(&n)
+    }
+
+    /// Queues an action: released at once if nothing is waiting for a sync, else after
+    /// the next sync (order is kept).
+    pub(crate) fn emit(&mut self, a: Action) {
+        #[cfg(feature = "sim")]
+        if self.cfg.planted_bug == Some(crate::config::PlantedBug::AckBeforeSync) {
+            self.out.push_back(a);
+            return;
+        }
+        if self.dirty || !self.staged.is_empty() {
+            self.staged.push(a);
+        } else {
+            self.out.push_back(a);
+        }
+    }
+
+    pub(crate) fn send(&mut self, to: NodeId, msg: Message) {
+        self.emit(Action::Send { to, msg });
+    }
+
+    pub(crate) fn note_role(&mut self) {
+        let a = Action::RoleChanged {
+            role: self.role,
+            ballot: self.promised,
+            leader: self.leader(),
+        };
+        self.emit(a);
+    }
+
+    pub(crate) fn reset_election_timer(&mut self, now: Nanos) {
+        let t = self.cfg.election_timeout;
+        self.election_deadline = now + t + self.rng.below(t);
+    }
+
+    pub(crate) fn bug(&self, _b: crate::config::PlantedBug) -> bool {
+        #[cfg(feature = "sim")]
+        {
+            self.cfg.planted_bug == Some(_b)
+        }
+        #[cfg(not(feature = "sim"))]
+        {
+            false
+        }
+    }
+
+    /// Raises the promise (persisted; the reply waits for the sync).
+    pub(crate) fn raise_promise(&mut self, b: Ballot) -> Result<(), Error> {
+        require!(
+            b > self.promised,
+            "promise must rise: {:?} -> {:?}",
+            self.promised,
+            b
+        );
+        let old = self.promised;
+        self.storage.set_promise(b)?;
+        self.dirty = true;
+        self.promised = b;
+        self.max_round = self.max_round.max(b.round);
+        if !old.is_zero() && old.node != self.cfg.id && old.node != b.node {
+            self.emit(Action::RevokeWrite { from: old.node });
+        }
+        if b.node != self.cfg.id {
+            self.emit(Action::GrantWrite {
+                to: b.node,
+                ballot: b,
+            });
+        }
+        ensure!(self.storage.promise() == b);
+        Ok(())
+    }
+
+    /// Accepts `value` at `slot` under `ballot` in local storage.
+    pub(crate) fn accept_local(&mut self, entry: Entry) -> Result<(), Error> {
+        require!(entry.slot >= 1);
+        require!(
+            entry.ballot <= self.promised || self.bug(crate::config::PlantedBug::AcceptLowerBallot),
+            "accept above promise"
+        );
+        if let Some(old) = self.storage.entry(entry.slot)? {
+            // An accepted value at (slot, ballot) is never replaced by a different one.
+            invariant!(
+                old.ballot != entry.ballot || old.value == entry.value,
+                "slot {} ballot {:?}: accepted value changed",
+                entry.slot,
+                entry.ballot
+            );
+            if old.ballot > entry.ballot {
+                // A stale write (e.g. a duplicate from an older leader): keep the newer.
+                return Ok(());
+            }
+            if old == entry {
+                return Ok(());
+            }
+            // A chosen slot never changes value.
+            invariant!(
+                entry.slot > self.chosen || old.value == entry.value,
+                "chosen slot {} would change value",
+                entry.slot
+            );
+        }
+        self.storage.accept(entry)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Steps down to follower (or stays learner), aborting leader/candidate state.
+    pub(crate) fn become_follower(&mut self, leader: Option<NodeId>) {
+        let was = self.role;
+        self.pre = None;
+        self.cand = None;
+        if let Some(l) = self.lead.take() {
+            if !l.pending.is_empty() {
+                let cmds: Vec<Command> = l.pending.into_iter().collect();
+                self.emit(Action::Aborted(cmds));
+            }
+        }
+        self.role = if self.cfg.is_voter() {
+            Role::Follower
+        } else {
+            Role::Learner
+        };
+        let changed_leader = self.leader != leader;
+        self.leader = leader;
+        let now = self.now;
+        self.reset_election_timer(now);
+        if was != self.role || changed_leader {
+            self.note_role();
+        }
+    }
+
+    /// Checks the invariants that hold between handler calls.
+    pub(crate) fn check_invariants(&self) {
+        if !crate::contracts::ENABLED {
+            return;
+        }
+        invariant!(
+            self.applied <= self.chosen,
+            "applied {} > chosen {}",
+            self.applied,
+            self.chosen
+        );
+        invariant!(
+            self.storage.promise() == self.promised,
+            "cached promise out of date"
+        );
+        invariant!(
+            self.chosen <= self.storage.last_slot(),
+            "chosen {} beyond last slot {}",
+            self.chosen,
+            self.storage.last_slot()
+        );
+        match self.role {
+            Role::Leader => {
+                let l = self.lead.as_ref().expect("leader without state");
+                invariant!(
+                    l.ballot == self.promised,
+                    "leader ballot {:?} != promise {:?}",
+                    l.ballot,
+                    self.promised
+                );
+                invariant!(l.ballot.node == self.cfg.id);
+                invariant!(
+                    l.commit == self.chosen,
+                    "leader commit {} != chosen {}",
+                    l.commit,
+                    self.chosen
+                );
+                invariant!(
+                    l.commit < l.next_slot,
+                    "commit {} >= next slot {}",
+                    l.commit,
+                    l.next_slot
+                );
+                for (id, p) in &l.peers {
+                    invariant!(
+                        p.matched < p.next,
+                        "peer {id}: matched {} >= next {}",
+                        p.matched,
+                        p.next
+                    );
+                    invariant!(p.base <= p.matched, "peer {id}: base > matched");
+                }
+                invariant!(self.cand.is_none() && self.pre.is_none());
+            }
+            Role::Candidate => {
+                let c = self.cand.as_ref().expect("candidate without state");
+                invariant!(c.ballot == self.promised && c.ballot.node == self.cfg.id);
+                invariant!(self.lead.is_none());
+            }
+            Role::PreCandidate => invariant!(self.pre.is_some() && self.lead.is_none()),
+            Role::Follower | Role::Learner => {
+                invariant!(self.lead.is_none() && self.cand.is_none() && self.pre.is_none())
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! A deterministic simulator for the core (test support, feature `sim`).
+//!
+//! N replicas (voters, optionally learners) and M clients run in one thread on a
+//! virtual clock that jumps from event to event. Everything random is drawn from one
+//! seed, so a failing seed replays exactly. During a fault phase the network drops,
+//! duplicates, delays and reorders messages, remote writes, reads and their
+//! completions; partitions (symmetric, isolating, one-way) come and go; replicas crash
+//! (losing everything their storage had not synced) and restart; every replica's
+//! clock runs at its own rate. Then everything heals and the run must settle.
+//!
+//! Checks, on every step and at the end:
+//! - **agreement**: no two replicas apply different values at one slot;
+//! - **state-machine agreement**: every client entry gets the same result everywhere,
+//!   and de-duplication hands out positions consistently;
+//! - **permission**: a replica only accepts remote writes from the holder of the write
+//!   permission it granted (as an RDMA NIC would enforce);
+//! - **no acknowledged append lost**: every append a client saw acknowledged is in the
+//!   final log, at its position, exactly once;
+//! - **linearizability** of the client history (Wing & Gong with Lowe's memoization,
+//!   see [`linearizability`]);
+//! - **liveness**: after healing, a leader is elected, every client operation completes
+//!   and all replicas converge within a bound;
+//! - every code contract of the core (the crate is built with `contracts`); a contract
+//!   panic is reported as a violation of the seed.
+
+pub mod disk;
+pub mod linearizability;
+mod world;
+
+use crate::config::PlantedBug;
+use crate::rng::Rng;
+use crate::types::Nanos;
+use std::fmt;
+
+pub use world::World;
+
+/// Milliseconds in nanoseconds.
+pub const MS: Nanos = 1_000_000;
+
+/// Parameters of one simulated run. [`SimConfig::from_seed`] draws them from the seed.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed of everything random in the run.
+    pub seed: u64,
+    /// Number of voting replicas.
+    pub voters: usize,
+    /// Number of learners.
+    pub learners: usize,
+    /// Number of concurrent clients.
+    pub clients: usize,
+    /// Faults are injected during `0..fault_time`; then everything heals.
+    pub fault_time: Nanos,
+    /// Clients start no new operation after `fault_time + client_time`.
+    pub client_time: Nanos,
+    /// After healing, every operation must complete and replicas converge within this.
+    pub liveness_bound: Nanos,
+    /// Probability that a message (or remote access) is dropped during the fault phase.
+    pub drop: f64,
+    /// Probability that a message is duplicated during the fault phase.
+    pub dup: f64,
+    /// Network delay range.
+    pub delay: (Nanos, Nanos),
+    /// Probability of a long extra delay (reordering) during the fault phase.
+    pub slow: f64,
+    /// Maximum of that extra delay.
+    pub slow_max: Nanos,
+    /// Storage sync latency range: a replica's sync completes this long after the
+    /// writes it covers (inputs arriving meanwhile join the same sync: group commit).
+    /// A crash in between loses the writes.
+    pub disk_latency: (Nanos, Nanos),
+    /// Number of crash-restart events in the fault phase.
+    pub crashes: usize,
+    /// Number of partition events in the fault phase.
+    pub partitions: usize,
+    /// Clock rate spread: each replica's clock runs at a rate in `1/(1+x)..=(1+x)`.
+    pub clock_spread: f64,
+    /// Fraction of client operations that are reads (through the log).
+    pub read_ratio: f64,
+    /// Probability that a client whose request timed out gives up on it (its outcome
+    /// stays unknown in the history).
+    pub give_up: f64,
+    /// A deliberately wrong variant of the core.
+    pub planted_bug: Option<PlantedBug>,
+    /// Upper bound on events processed (a run that needs more is a liveness failure).
+    pub max_events: u64,
+}
+
+impl SimConfig {
+    /// Draws a configuration from `seed`: cluster size, fault rates and schedule sizes.
+    pub fn from_seed(seed: u64) -> Self {
+        let mut r = Rng::new(seed ^ 0xC0FF_EE00_D15E_A5E5);
+        let voters = if r.chance(0.35) { 5 } else { 3 };
+        let learners = if r.chance(0.2) { 1 } else { 0 };
+        SimConfig {
+            seed,
+            voters,
+            learners,
+            clients: r.range(1, 5) as usize,
+            fault_time: r.range(300, 1200) * MS,
+            client_time: 200 * MS,
+            liveness_bound: 3000 * MS,
+            drop: [0.0, 0.01, 0.05, 0.15][r.below(4) as usize],
+            dup: [0.0, 0.02, 0.1][r.below(3) as usize],
+            delay: (50_000, r.range(200, 3000) * 1000),
+            slow: [0.0, 0.02, 0.1][r.below(3) as usize],
+            slow_max: r.range(5, 60) * MS,
+            disk_latency: [(0, 0), (10_000, 200_000), (100_000, 2 * MS)][r.below(3) as usize],
+            crashes: r.range(0, 4) as usize,
+            partitions: r.range(0, 4) as usize,
+            clock_spread: [0.0, 0.1, 0.5][r.below(3) as usize],
+            read_ratio: [0.0, 0.2, 0.4][r.below(3) as usize],
+            give_up: [0.0, 0.2][r.below(2) as usize],
+            planted_bug: None,
+            max_events: 3_000_000,
+        }
+    }
+
+    /// The same configuration with a planted bug.
+    pub fn with_bug(mut self, bug: Option<PlantedBug>) -> Self {
+        self.planted_bug = bug;
+        self
+    }
+}
+
+/// What a passing run checked.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// Events processed (message deliveries, timers, client steps, faults).
+    pub events: u64,
+    /// Distinct slots chosen (and checked for agreement).
+    pub slots_chosen: u64,
+    /// Client entries applied (over all replicas).
+    pub entries_applied: u64,
+    /// Client operations in the history (checked for linearizability).
+    pub client_ops: u64,
+    /// Of which acknowledged appends (checked as present in the final log).
+    pub acked_appends: u64,
+    /// Leader elections seen (role changes to leader).
+    pub elections: u64,
+    /// Crash-restarts injected.
+    pub crashes: u64,
+    /// Virtual time from healing to the first commit after it.
+    pub recovery_after_heal: Option<Nanos>,
+    /// Virtual time simulated.
+    pub sim_time: Nanos,
+}
+
+/// What went wrong in a failing run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// Two different values applied at one slot.
+    Agreement,
+    /// Replicas disagree on a client entry's result or position.
+    StateMachine,
+    /// A remote write was accepted from a replica without write permission.
+    Permission,
+    /// An acknowledged append is missing from the final log (or present twice).
+    LostAck,
+    /// The client history is not linearizable.
+    Linearizability,
+    /// The run did not settle after healing.
+    Liveness,
+    /// A code contract of the core failed (a panic).
+    Contract,
+}
+
+/// A failed check, with the seed that replays it.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    /// The seed.
+    pub seed: u64,
+    /// The planted bug, if any.
+    pub bug: Option<PlantedBug>,
+    /// Which check failed.
+    pub kind: ViolationKind,
+    /// What was seen.
+    pub detail: String,
+    /// Virtual time of detection.
+    pub time: Nanos,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "seed {} violated {:?} at t={:.3}ms: {}",
+            self.seed,
+            self.kind,
+            self.time as f64 / 1e6,
+            self.detail
+        )?;
+        write!(
+            f,
+            "  replay: cargo run --release -p paxos --example sim -- --seed {}",
+            self.seed
+        )?;
+        if let Some(b) = self.bug {
+            write!(f, " --bug {}", bug_name(b))?;
+        }
+        Ok(())
+    }
+}
+
+/// The command-line name of a planted bug.
+pub fn bug_name(b: PlantedBug) -> &'static str {
+    match b {
+        PlantedBug::SkipValueAdoption => "skip-value-adoption",
+        PlantedBug::AcceptLowerBallot => "accept-lower-ballot",
+        PlantedBug::DoubleCountVote => "double-count-vote",
+        PlantedBug::AckBeforeSync => "ack-before-sync",
+        PlantedBug::CommitWithoutQuorum => "commit-without-quorum",
+    }
+}
+
+/// Every planted bug.
+pub const ALL_BUGS: [PlantedBug; 5] = [
+    PlantedBug::SkipValueAdoption,
+    PlantedBug::AcceptLowerBallot,
+    PlantedBug::DoubleCountVote,
+    PlantedBug::AckBeforeSync,
+    PlantedBug::CommitWithoutQuorum,
+];
+
+/// Parses a planted bug's command-line name.
+pub fn parse_bug(s: &str) -> Option<PlantedBug> {
+    ALL_BUGS.into_iter().find(|&b| bug_name(b) == s)
+}
+
+/// Runs one simulation; contract panics become [`ViolationKind::Contract`].
+pub fn run(cfg: SimConfig) -> Result<SimReport, Box<Violation>> {
+    let seed = cfg.seed;
+    let bug = cfg.planted_bug;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| World::new(cfg).run()));
+    match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let detail = if let Some(s) = panic.downcast_ref::<String>() {
+                s.clone()
+            } else if let Some(s) = panic.downcast_ref::<&str>() {
+                s.to_string()
+            } else {
+                "panic".to_string()
+            };
+            Err(Box::new(Violation {
+                seed,
+                bug,
+                kind: ViolationKind::Contract,
+                detail,
+                time: 0,
+            }))
+        }
+    }
+}
+
+/// Runs `run` with the default panic message printing silenced (for planted-bug runs,
+/// where panics are expected and reported as violations).
+pub fn run_quiet(cfg: SimConfig) -> Result<SimReport, Box<Violation>> {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = run(cfg);
+    std::panic::set_hook(prev);
+    r
+}

@@ -1,0 +1,1109 @@
+//! The simulated world: replicas, network, clients, faults and checkers.
+
+use super::disk::{Durable, SimDisk};
+use super::linearizability::{self as lin, LogInput, LogModel, LogOutput, Operation};
+use super::{SimConfig, SimReport, Violation, ViolationKind, MS};
+use crate::config::Config;
+use crate::message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
+use crate::replica::{Action, Applied, ProposeError, Replica, Role};
+use crate::rng::Rng;
+use crate::storage::MemStorage;
+use crate::types::{Ballot, Command, Nanos, NodeId, Slot, Value};
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
+/// What travels between replicas.
+#[derive(Clone, Debug)]
+enum Payload {
+    Msg(Message),
+    Write(WriteRequest),
+    WriteDone(WriteResult),
+    Read(ReadRequest),
+    ReadDone(ReadResult),
+}
+
+/// A client's answer from a replica.
+#[derive(Clone, Debug)]
+enum Reply {
+    Done(LogOutput),
+    Redirect(Option<NodeId>),
+    Retry,
+}
+
+#[derive(Debug)]
+enum Event {
+    Net {
+        from: NodeId,
+        to: NodeId,
+        payload: Payload,
+    },
+    Timer {
+        node: NodeId,
+    },
+    Flush {
+        node: NodeId,
+        incarnation: u64,
+    },
+    ClientStart {
+        client: usize,
+    },
+    ClientArrive {
+        client: usize,
+        node: NodeId,
+        cmd: Command,
+    },
+    ClientReply {
+        client: usize,
+        session: u64,
+        seq: u64,
+        attempt: u32,
+        reply: Reply,
+    },
+    ClientTimeout {
+        client: usize,
+        seq: u64,
+        attempt: u32,
+    },
+    ClientResend {
+        client: usize,
+        seq: u64,
+        attempt: u32,
+    },
+    Crash {
+        node: NodeId,
+    },
+    Restart {
+        node: NodeId,
+    },
+    Cut {
+        id: u64,
+        links: Vec<(NodeId, NodeId)>,
+    },
+    Uncut {
+        id: u64,
+    },
+    Heal,
+    Settle,
+}
+
+/// A replica's application: the sequence of appended values and each entry's result.
+#[derive(Default)]
+struct StateMachine {
+    values: Vec<u64>,
+    digest: u64,
+    results: HashMap<(u64, u64), LogOutput>,
+    positions: u64,
+    last_slot: Slot,
+}
+
+struct Node {
+    id: NodeId,
+    replica: Option<Replica<SimDisk>>,
+    durable: Durable,
+    /// Clock rate in parts per million of the global clock, and offset.
+    rate_ppm: u64,
+    offset: Nanos,
+    timer_at: Option<Nanos>,
+    /// A storage sync is in progress and completes then.
+    flush_at: Option<Nanos>,
+    incarnation: u64,
+    sm: StateMachine,
+    /// Clients waiting for (client id, seq) to be applied here.
+    waiters: BTreeMap<(u64, u64), usize>,
+    /// The write permission this replica's agent granted (as a NIC would hold it).
+    permission: Option<(NodeId, Ballot)>,
+}
+
+struct ClientOp {
+    hist: usize,
+    seq: u64,
+    input: LogInput,
+    attempt: u32,
+}
+
+struct Client {
+    session: u64,
+    seq: u64,
+    op: Option<ClientOp>,
+    leader_hint: Option<NodeId>,
+}
+
+/// The simulated world. Build with [`World::new`], run with [`World::run`].
+pub struct World {
+    cfg: SimConfig,
+    rng: Rng,
+    now: Nanos,
+    seq: u64,
+    queue: BTreeMap<(Nanos, u64), Event>,
+    nodes: BTreeMap<NodeId, Node>,
+    voters: Vec<NodeId>,
+    learners: Vec<NodeId>,
+    clients: Vec<Client>,
+    next_session: u64,
+    next_value: u64,
+    cuts: BTreeMap<u64, Vec<(NodeId, NodeId)>>,
+    healed: bool,
+    settling: bool,
+    history: Vec<Operation<LogInput, LogOutput>>,
+    /// slot -> value applied there (agreement).
+    chosen: HashMap<Slot, Value>,
+    /// (client, seq) -> result (state-machine agreement).
+    results: HashMap<(u64, u64), LogOutput>,
+    report: SimReport,
+    heal_commit_mark: Option<usize>,
+    violation: Option<Box<Violation>>,
+}
+
+const CLIENT_TIMEOUT: Nanos = 60 * MS;
+
+impl World {
+    /// A world for `cfg`, with its fault schedule drawn from the seed.
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = Rng::new(cfg.seed);
+        let voters: Vec<NodeId> = (1..=cfg.voters as u64).collect();
+        let learners: Vec<NodeId> = (0..cfg.learners as u64)
+            .map(|i| cfg.voters as u64 + 1 + i)
+            .collect();
+        let mut nodes = BTreeMap::new();
+        for &id in voters.iter().chain(&learners) {
+            let spread = cfg.clock_spread;
+            let rate = if spread > 0.0 {
+                let lo = 1e6 / (1.0 + spread);
+                let hi = 1e6 * (1.0 + spread);
+                lo + (hi - lo) * (rng.below(1_000_000) as f64 / 1e6)
+            } else {
+                1e6
+            };
+            nodes.insert(
+                id,
+                Node {
+                    id,
+                    replica: None,
+                    durable: Rc::new(RefCell::new(MemStorage::new())),
+                    rate_ppm: rate as u64,
+                    offset: rng.below(1_000 * MS),
+                    timer_at: None,
+                    flush_at: None,
+                    incarnation: 0,
+                    sm: StateMachine {
+                        digest: lin::DIGEST_EMPTY,
+                        ..Default::default()
+                    },
+                    waiters: BTreeMap::new(),
+                    permission: None,
+                },
+            );
+        }
+        let clients = (0..cfg.clients)
+            .map(|i| Client {
+                session: i as u64 + 1,
+                seq: 0,
+                op: None,
+                leader_hint: None,
+            })
+            .collect();
+        let next_session = cfg.clients as u64 + 1;
+        let report = SimReport {
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        let mut w = World {
+            cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes,
+            voters,
+            learners,
+            clients,
+            next_session,
+            next_value: 1,
+            cuts: BTreeMap::new(),
+            healed: false,
+            settling: false,
+            history: Vec::new(),
+            chosen: HashMap::new(),
+            results: HashMap::new(),
+            report,
+            heal_commit_mark: None,
+            violation: None,
+        };
+        w.schedule_faults();
+        w
+    }
+
+    fn schedule(&mut self, at: Nanos, e: Event) {
+        self.seq += 1;
+        self.queue.insert((at.max(self.now), self.seq), e);
+    }
+
+    fn all_nodes(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn schedule_faults(&mut self) {
+        let ft = self.cfg.fault_time;
+        let ids = self.all_nodes();
+        for _ in 0..self.cfg.crashes {
+            let node = ids[self.rng.below(ids.len() as u64) as usize];
+            let at = self.rng.below(ft);
+            let down = self.rng.range(5, 300) * MS;
+            self.schedule(at, Event::Crash { node });
+            if at + down < ft {
+                self.schedule(at + down, Event::Restart { node });
+            }
+        }
+        for id in 0..self.cfg.partitions as u64 {
+            let at = self.rng.below(ft);
+            let len = self.rng.range(20, 400) * MS;
+            let links = self.draw_partition(&ids);
+            self.schedule(at, Event::Cut { id, links });
+            if at + len < ft {
+                self.schedule(at + len, Event::Uncut { id });
+            }
+        }
+        self.schedule(ft, Event::Heal);
+        for c in 0..self.clients.len() {
+            let at = self.rng.range(1, 50) * MS;
+            self.schedule(at, Event::ClientStart { client: c });
+        }
+        for id in ids {
+            self.schedule(0, Event::Restart { node: id });
+        }
+    }
+
+    /// A random set of blocked links: isolate one replica, split in two, or one-way cuts.
+    fn draw_partition(&mut self, ids: &[NodeId]) -> Vec<(NodeId, NodeId)> {
+        let mut links = Vec::new();
+        match self.rng.below(3) {
+            0 => {
+                let x = ids[self.rng.below(ids.len() as u64) as usize];
+                for &y in ids {
+                    if y != x {
+                        links.push((x, y));
+                        links.push((y, x));
+                    }
+                }
+            }
+            1 => {
+                let side: Vec<bool> = ids.iter().map(|_| self.rng.chance(0.5)).collect();
+                for (i, &a) in ids.iter().enumerate() {
+                    for (j, &b) in ids.iter().enumerate() {
+                        if side[i] != side[j] {
+                            links.push((a, b));
+                        }
+                    }
+                }
+            }
+            _ => {
+                let n = self.rng.range(1, ids.len() as u64);
+                for _ in 0..n {
+                    let a = ids[self.rng.below(ids.len() as u64) as usize];
+                    let b = ids[self.rng.below(ids.len() as u64) as usize];
+                    if a != b {
+                        links.push((a, b)); // one way only
+                    }
+                }
+            }
+        }
+        links
+    }
+
+    fn blocked(&self, from: NodeId, to: NodeId) -> bool {
+        self.cuts.values().any(|l| l.contains(&(from, to)))
+    }
+
+    fn violate(&mut self, kind: ViolationKind, detail: String) {
+        if self.violation.is_none() {
+            self.violation = Some(Box::new(Violation {
+                seed: self.cfg.seed,
+                bug: self.cfg.planted_bug,
+                kind,
+                detail,
+                time: self.now,
+            }));
+        }
+    }
+
+    // ---- clocks --------------------------------------------------------------------
+
+    fn local_time(&self, node: NodeId) -> Nanos {
+        let n = &self.nodes[&node];
+        n.offset + ((self.now as u128 * n.rate_ppm as u128) / 1_000_000) as Nanos
+    }
+
+    fn global_time(&self, node: NodeId, local: Nanos) -> Nanos {
+        let n = &self.nodes[&node];
+        let rel = local.saturating_sub(n.offset) as u128;
+        let g = (rel * 1_000_000).div_ceil(n.rate_ppm as u128) as Nanos + 1;
+        g.max(self.now + 1)
+    }
+
+    // ---- the network ---------------------------------------------------------------
+
+    fn net_send(&mut self, from: NodeId, to: NodeId, payload: Payload) {
+        if self.blocked(from, to) {
+            return;
+        }
+        let faulty = !self.healed;
+        if faulty && self.rng.chance(self.cfg.drop) {
+            return;
+        }
+        let copies = if faulty && self.rng.chance(self.cfg.dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut d = self.rng.range(self.cfg.delay.0, self.cfg.delay.1);
+            if faulty && self.rng.chance(self.cfg.slow) {
+                d += self.rng.below(self.cfg.slow_max);
+            }
+            let at = self.now + d;
+            self.schedule(
+                at,
+                Event::Net {
+                    from,
+                    to,
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    fn client_delay(&mut self) -> Nanos {
+        self.rng.range(self.cfg.delay.0, self.cfg.delay.1)
+    }
+
+    // ---- running -------------------------------------------------------------------
+
+    /// Runs to the end and checks everything.
+    pub fn run(mut self) -> Result<SimReport, Box<Violation>> {
+        let deadline = self.cfg.fault_time + self.cfg.liveness_bound;
+        while let Some(((t, _), ev)) = self.queue.pop_first() {
+            if let Some(v) = self.violation.take() {
+                return Err(v);
+            }
+            if t > deadline {
+                let mut why = self.unsettled();
+                for n in self.nodes.values() {
+                    if let Some(r) = &n.replica {
+                        why += &format!("\n    {}", r.debug_state());
+                    }
+                }
+                self.now = deadline;
+                self.violate(
+                    ViolationKind::Liveness,
+                    format!(
+                        "not settled {}ms after healing: {why}",
+                        self.cfg.liveness_bound / MS
+                    ),
+                );
+                break;
+            }
+            self.now = t;
+            self.report.events += 1;
+            if self.report.events > self.cfg.max_events {
+                self.violate(ViolationKind::Liveness, "event budget exhausted".into());
+                break;
+            }
+            self.step(ev);
+            if self.settling && self.unsettled().is_empty() {
+                break;
+            }
+        }
+        if let Some(v) = self.violation.take() {
+            return Err(v);
+        }
+        if !self.settling || !self.unsettled().is_empty() {
+            let why = self.unsettled();
+            self.violate(
+                ViolationKind::Liveness,
+                format!("run ended unsettled: {why}"),
+            );
+            return Err(self.violation.take().expect("violation"));
+        }
+        self.final_checks();
+        if let Some(v) = self.violation.take() {
+            return Err(v);
+        }
+        self.report.sim_time = self.now;
+        self.report.slots_chosen = self.chosen.len() as u64;
+        self.report.client_ops = self.history.len() as u64;
+        Ok(self.report)
+    }
+
+    /// Why the run has not settled yet (empty when it has).
+    fn unsettled(&self) -> String {
+        let busy: Vec<usize> = (0..self.clients.len())
+            .filter(|&c| self.clients[c].op.is_some())
+            .collect();
+        if !busy.is_empty() {
+            return format!("clients {busy:?} have operations in flight");
+        }
+        let leader = self
+            .nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref())
+            .find(|r| r.role() == Role::Leader);
+        let Some(leader) = leader else {
+            return "no leader".into();
+        };
+        let target = leader.chosen();
+        let lagging: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.replica
+                    .as_ref()
+                    .is_none_or(|r| r.applied() != target || r.needs_flush())
+            })
+            .map(|n| n.id)
+            .collect();
+        if !lagging.is_empty() {
+            return format!(
+                "replicas {lagging:?} have not applied up to the leader's commit {target}"
+            );
+        }
+        String::new()
+    }
+
+    fn step(&mut self, ev: Event) {
+        match ev {
+            Event::Net { from, to, payload } => self.deliver(from, to, payload),
+            Event::Timer { node } => {
+                let due = self.nodes[&node].timer_at;
+                if due != Some(self.now) {
+                    return; // superseded
+                }
+                self.nodes.get_mut(&node).expect("node").timer_at = None;
+                let local = self.local_time(node);
+                self.with_replica(node, |r| r.handle_timeout(local).map_err(|e| e.to_string()));
+            }
+            Event::Flush { node, incarnation } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.incarnation != incarnation || n.replica.is_none() {
+                    return;
+                }
+                n.flush_at = None;
+                let r = n.replica.as_mut().expect("replica");
+                if let Err(e) = r.flush() {
+                    let msg = format!("replica {node} flush failed: {e}");
+                    self.violate(ViolationKind::Contract, msg);
+                    return;
+                }
+                self.after(node);
+            }
+            Event::ClientStart { client } => self.client_start(client),
+            Event::ClientArrive { client, node, cmd } => self.client_arrive(client, node, cmd),
+            Event::ClientReply {
+                client,
+                session,
+                seq,
+                attempt,
+                reply,
+            } => self.client_reply(client, session, seq, attempt, reply),
+            Event::ClientTimeout {
+                client,
+                seq,
+                attempt,
+            } => self.client_timeout(client, seq, attempt),
+            Event::ClientResend {
+                client,
+                seq,
+                attempt,
+            } => self.client_resend(client, seq, attempt),
+            Event::Crash { node } => self.crash(node),
+            Event::Restart { node } => self.restart(node),
+            Event::Cut { id, links } => {
+                if !self.healed {
+                    self.cuts.insert(id, links);
+                }
+            }
+            Event::Uncut { id } => {
+                self.cuts.remove(&id);
+            }
+            Event::Heal => {
+                self.healed = true;
+                self.cuts.clear();
+                for id in self.all_nodes() {
+                    if self.nodes[&id].replica.is_none() {
+                        self.restart(id);
+                    }
+                }
+                self.heal_commit_mark = Some(self.chosen.len());
+                let at = self.now + self.cfg.client_time;
+                self.schedule(at, Event::Settle);
+            }
+            Event::Settle => self.settling = true,
+        }
+    }
+
+    fn crash(&mut self, node: NodeId) {
+        if self.healed {
+            return;
+        }
+        let n = self.nodes.get_mut(&node).expect("node");
+        if n.replica.take().is_some() {
+            self.report.crashes += 1;
+        }
+        n.timer_at = None;
+        n.flush_at = None;
+        n.waiters.clear();
+        n.permission = None;
+        n.sm = StateMachine {
+            digest: lin::DIGEST_EMPTY,
+            ..Default::default()
+        };
+    }
+
+    fn restart(&mut self, node: NodeId) {
+        if self.nodes[&node].replica.is_some() {
+            return;
+        }
+        let local = self.local_time(node);
+        let voters = self.voters.clone();
+        let learners = self.learners.clone();
+        let n = self.nodes.get_mut(&node).expect("node");
+        n.incarnation += 1;
+        let mut c = Config::new(node, voters);
+        c.learners = learners;
+        c.heartbeat_interval = 5 * MS;
+        c.election_timeout = 40 * MS;
+        c.retransmit_timeout = 20 * MS;
+        c.window = 16;
+        c.max_batch_entries = 4;
+        c.max_write_slots = 3;
+        c.max_pending_entries = 64;
+        c.seed = self
+            .cfg
+            .seed
+            .wrapping_mul(31)
+            .wrapping_add(node * 1000 + n.incarnation);
+        c.planted_bug = self.cfg.planted_bug;
+        let disk = SimDisk::open(n.durable.clone());
+        match Replica::new(c, disk, local) {
+            Ok(r) => n.replica = Some(r),
+            Err(e) => {
+                let msg = format!("replica {node} failed to start: {e}");
+                self.violate(ViolationKind::Contract, msg);
+                return;
+            }
+        }
+        self.after(node);
+    }
+
+    /// Runs `f` on `node`'s replica (if it is up), then executes its actions.
+    fn with_replica(
+        &mut self,
+        node: NodeId,
+        f: impl FnOnce(&mut Replica<SimDisk>) -> Result<(), String>,
+    ) {
+        let Some(r) = self.nodes.get_mut(&node).and_then(|n| n.replica.as_mut()) else {
+            return;
+        };
+        if let Err(e) = f(r) {
+            self.violate(
+                ViolationKind::Contract,
+                format!("replica {node} stopped: {e}"),
+            );
+            return;
+        }
+        self.after(node);
+    }
+
+    /// Executes the actions `node`'s replica released, starts a storage sync if it has
+    /// unsynced writes (completing after the disk latency, see [`Event::Flush`]), and
+    /// re-arms its timer.
+    fn after(&mut self, node: NodeId) {
+        let mut actions = Vec::new();
+        let (timeout, needs_flush) = {
+            let Some(r) = self.nodes.get_mut(&node).and_then(|n| n.replica.as_mut()) else {
+                return;
+            };
+            while let Some(a) = r.poll_action() {
+                actions.push(a);
+            }
+            (r.poll_timeout(), r.needs_flush())
+        };
+        for a in actions {
+            self.execute(node, a);
+        }
+        if needs_flush && self.nodes[&node].flush_at.is_none() {
+            let (lo, hi) = self.cfg.disk_latency;
+            let at = self.now + self.rng.range(lo, hi);
+            let n = self.nodes.get_mut(&node).expect("node");
+            n.flush_at = Some(at);
+            let incarnation = n.incarnation;
+            self.schedule(at, Event::Flush { node, incarnation });
+        }
+        if let Some(local) = timeout {
+            let g = self.global_time(node, local);
+            let n = self.nodes.get_mut(&node).expect("node");
+            if n.timer_at != Some(g) {
+                n.timer_at = Some(g);
+                self.schedule(g, Event::Timer { node });
+            }
+        }
+    }
+
+    fn execute(&mut self, node: NodeId, a: Action) {
+        match a {
+            Action::Send { to, msg } => self.net_send(node, to, Payload::Msg(msg)),
+            Action::RemoteWrite { to, req } => self.net_send(node, to, Payload::Write(req)),
+            Action::RemoteRead { to, req } => self.net_send(node, to, Payload::Read(req)),
+            Action::WriteCompletion { to, result } => {
+                if let WriteResult::Ok { ballot, .. } = &result {
+                    let perm = self.nodes[&node].permission;
+                    if perm != Some((to, *ballot)) {
+                        self.violate(
+                            ViolationKind::Permission,
+                            format!("replica {node} accepted a write from {to} under {ballot:?}, but granted {perm:?}"),
+                        );
+                    }
+                }
+                self.net_send(node, to, Payload::WriteDone(result))
+            }
+            Action::ReadCompletion { to, result } => {
+                self.net_send(node, to, Payload::ReadDone(result))
+            }
+            Action::GrantWrite { to, ballot } => {
+                self.nodes.get_mut(&node).expect("node").permission = Some((to, ballot));
+            }
+            Action::RevokeWrite { from } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.permission.is_some_and(|(h, _)| h == from) {
+                    n.permission = None;
+                }
+            }
+            Action::Apply(applied) => self.apply(node, applied),
+            Action::Aborted(cmds) => {
+                for c in cmds {
+                    if let Some(client) = self
+                        .nodes
+                        .get_mut(&node)
+                        .expect("node")
+                        .waiters
+                        .remove(&(c.client, c.seq))
+                    {
+                        self.reply_later(client, c.client, c.seq, Reply::Retry);
+                    }
+                }
+            }
+            Action::RoleChanged { role, .. } => {
+                if role == Role::Leader {
+                    self.report.elections += 1;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId, payload: Payload) {
+        let local = {
+            if self.nodes[&to].replica.is_none() {
+                return; // a crashed replica: lost (a one-sided access fails too)
+            }
+            self.local_time(to)
+        };
+        self.with_replica(to, |r| {
+            let res = match payload {
+                Payload::Msg(m) => r.handle_message(local, from, m),
+                Payload::Write(w) => r.handle_remote_write(local, from, w),
+                Payload::WriteDone(d) => r.handle_write_completion(local, from, d),
+                Payload::Read(q) => r.handle_remote_read(local, from, q),
+                Payload::ReadDone(d) => r.handle_read_completion(local, from, d),
+            };
+            res.map_err(|e| e.to_string())
+        });
+    }
+
+    // ---- the application and its checks -------------------------------------------
+
+    fn apply(&mut self, node: NodeId, applied: Applied) {
+        // Agreement.
+        let value = Value::Batch(applied.entries.iter().map(|e| e.command.clone()).collect());
+        let value = if applied.entries.is_empty() {
+            Value::Noop
+        } else {
+            value
+        };
+        let slot = applied.slot;
+        match self.chosen.get(&slot) {
+            Some(v) if *v != value => {
+                let msg =
+                    format!("slot {slot}: replica {node} applied {value:?}, another applied {v:?}");
+                self.violate(ViolationKind::Agreement, msg);
+                return;
+            }
+            Some(_) => {}
+            None => {
+                self.chosen.insert(slot, value);
+            }
+        }
+        let n = self.nodes.get_mut(&node).expect("node");
+        if slot != n.sm.last_slot + 1 {
+            let msg = format!(
+                "replica {node} applied slot {slot} after {}",
+                n.sm.last_slot
+            );
+            self.violate(ViolationKind::StateMachine, msg);
+            return;
+        }
+        n.sm.last_slot = slot;
+        let mut replies = Vec::new();
+        let mut problems = Vec::new();
+        for e in applied.entries {
+            let key = (e.command.client, e.command.seq);
+            let out = if e.duplicate {
+                match n.sm.results.get(&key) {
+                    Some(o) => *o,
+                    None => {
+                        problems.push(format!(
+                            "replica {node}: duplicate {key:?} of an entry never applied"
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                n.sm.positions += 1;
+                if e.position != n.sm.positions {
+                    problems.push(format!(
+                        "replica {node}: position {} for entry #{}",
+                        e.position, n.sm.positions
+                    ));
+                }
+                if n.sm.results.contains_key(&key) {
+                    problems.push(format!("replica {node}: {key:?} applied twice"));
+                }
+                let out = match decode(&e.command.payload) {
+                    Some(Op::Append(v)) => {
+                        n.sm.values.push(v);
+                        n.sm.digest = lin::digest_extend(n.sm.digest, v);
+                        LogOutput::Appended {
+                            position: n.sm.values.len() as u64,
+                        }
+                    }
+                    Some(Op::Read) => LogOutput::Read {
+                        len: n.sm.values.len() as u64,
+                        digest: n.sm.digest,
+                    },
+                    None => {
+                        problems.push(format!("replica {node}: undecodable entry {key:?}"));
+                        continue;
+                    }
+                };
+                n.sm.results.insert(key, out);
+                out
+            };
+            if let Some(client) = n.waiters.remove(&key) {
+                replies.push((client, key, out));
+            }
+            match self.results.get(&key) {
+                Some(o) if *o != out => {
+                    problems.push(format!(
+                        "{key:?}: replica {node} got {out:?}, another {o:?}"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.results.insert(key, out);
+                }
+            }
+            self.report.entries_applied += 1;
+        }
+        if let Some(p) = problems.into_iter().next() {
+            self.violate(ViolationKind::StateMachine, p);
+        }
+        if let (Some(mark), None) = (self.heal_commit_mark, self.report.recovery_after_heal) {
+            if self.chosen.len() > mark {
+                self.report.recovery_after_heal = Some(self.now - self.cfg.fault_time);
+            }
+        }
+        for (client, (session, seq), out) in replies {
+            self.reply_later(client, session, seq, Reply::Done(out));
+        }
+    }
+
+    fn final_checks(&mut self) {
+        // Every replica holds the same log (they all applied up to the leader's commit).
+        let logs: Vec<(NodeId, Vec<u64>)> = self
+            .nodes
+            .values()
+            .map(|n| (n.id, n.sm.values.clone()))
+            .collect();
+        let reference = logs[0].1.clone();
+        for (id, l) in &logs {
+            if *l != reference {
+                let at = l
+                    .iter()
+                    .zip(&reference)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(l.len().min(reference.len()));
+                let msg = format!(
+                    "replica {id}'s final log ({} entries) differs from replica {}'s ({} entries) at index {at}",
+                    l.len(),
+                    logs[0].0,
+                    reference.len()
+                );
+                self.violate(ViolationKind::StateMachine, msg);
+                return;
+            }
+        }
+        // Exactly once.
+        let mut seen = BTreeSet::new();
+        for v in &reference {
+            if !seen.insert(*v) {
+                self.violate(
+                    ViolationKind::LostAck,
+                    format!("value {v} appears twice in the log"),
+                );
+                return;
+            }
+        }
+        // No acknowledged append lost.
+        for op in &self.history {
+            if let (LogInput::Append { value }, Some(LogOutput::Appended { position })) =
+                (op.input, op.output)
+            {
+                self.report.acked_appends += 1;
+                let at = reference.get(position as usize - 1).copied();
+                if at != Some(value) {
+                    let msg = format!("acknowledged append of {value} at position {position}: the log has {at:?} there");
+                    self.violate(ViolationKind::LostAck, msg);
+                    return;
+                }
+            }
+        }
+        // Linearizability.
+        match lin::check::<LogModel>(&self.history, 50_000_000) {
+            lin::CheckResult::Linearizable => {}
+            lin::CheckResult::Unknown => {
+                self.violate(
+                    ViolationKind::Linearizability,
+                    "checker ran out of budget".into(),
+                );
+            }
+            r @ lin::CheckResult::NotLinearizable { .. } => {
+                self.violate(ViolationKind::Linearizability, r.to_string());
+            }
+        }
+    }
+
+    // ---- clients -------------------------------------------------------------------
+
+    fn client_start(&mut self, client: usize) {
+        if self.clients[client].op.is_some() {
+            return;
+        }
+        if self.now >= self.cfg.fault_time + self.cfg.client_time {
+            return; // done
+        }
+        let read = self.rng.chance(self.cfg.read_ratio);
+        let c = &mut self.clients[client];
+        c.seq += 1;
+        let seq = c.seq;
+        let input = if read {
+            LogInput::Read
+        } else {
+            let v = self.next_value;
+            self.next_value += 1;
+            LogInput::Append { value: v }
+        };
+        let session = c.session;
+        self.history.push(Operation {
+            client: session,
+            call: self.now,
+            ret: None,
+            input,
+            output: None,
+        });
+        let hist = self.history.len() - 1;
+        self.clients[client].op = Some(ClientOp {
+            hist,
+            seq,
+            input,
+            attempt: 0,
+        });
+        self.client_send(client);
+    }
+
+    fn pick_target(&mut self, client: usize) -> NodeId {
+        match self.clients[client].leader_hint {
+            Some(l) => l,
+            None => self.voters[self.rng.below(self.voters.len() as u64) as usize],
+        }
+    }
+
+    fn client_send(&mut self, client: usize) {
+        let node = self.pick_target(client);
+        let c = &mut self.clients[client];
+        let op = c.op.as_mut().expect("op");
+        op.attempt += 1;
+        let payload = encode(op.input);
+        let cmd = Command {
+            client: c.session,
+            seq: op.seq,
+            payload,
+        };
+        let (seq, attempt) = (op.seq, op.attempt);
+        let d = self.client_delay();
+        self.schedule(self.now + d, Event::ClientArrive { client, node, cmd });
+        self.schedule(
+            self.now + CLIENT_TIMEOUT,
+            Event::ClientTimeout {
+                client,
+                seq,
+                attempt,
+            },
+        );
+    }
+
+    fn client_arrive(&mut self, client: usize, node: NodeId, cmd: Command) {
+        let attempt = self.clients[client].op.as_ref().map_or(0, |o| o.attempt);
+        let key = (cmd.client, cmd.seq);
+        let local = self.local_time(node);
+        let n = self.nodes.get_mut(&node).expect("node");
+        let Some(r) = n.replica.as_mut() else { return };
+        let reply = if let Some(out) = n.sm.results.get(&key).copied() {
+            Some(Reply::Done(out))
+        } else {
+            match r.propose(local, vec![cmd]) {
+                Ok(()) => {
+                    n.waiters.insert(key, client);
+                    None
+                }
+                Err(ProposeError::NotLeader { leader }) => Some(Reply::Redirect(leader)),
+                Err(ProposeError::Busy) => Some(Reply::Retry),
+                Err(ProposeError::Stopped) => return,
+            }
+        };
+        match reply {
+            Some(reply) => self.reply_at(client, key.0, key.1, attempt, reply),
+            None => self.after(node),
+        }
+    }
+
+    fn reply_later(&mut self, client: usize, session: u64, seq: u64, reply: Reply) {
+        let attempt = self.clients[client].op.as_ref().map_or(0, |o| o.attempt);
+        self.reply_at(client, session, seq, attempt, reply);
+    }
+
+    fn reply_at(&mut self, client: usize, session: u64, seq: u64, attempt: u32, reply: Reply) {
+        let d = self.client_delay();
+        self.schedule(
+            self.now + d,
+            Event::ClientReply {
+                client,
+                session,
+                seq,
+                attempt,
+                reply,
+            },
+        );
+    }
+
+    fn client_reply(&mut self, client: usize, session: u64, seq: u64, attempt: u32, reply: Reply) {
+        let c = &mut self.clients[client];
+        let Some(op) = c.op.as_ref() else { return };
+        if op.seq != seq || c.session != session {
+            return;
+        }
+        match reply {
+            Reply::Done(out) => {
+                let h = &mut self.history[op.hist];
+                h.ret = Some(self.now);
+                h.output = Some(out);
+                c.op = None;
+                let think = self.rng.range(0, 3) * MS;
+                self.schedule(self.now + think, Event::ClientStart { client });
+            }
+            Reply::Redirect(hint) if attempt == op.attempt => {
+                c.leader_hint = hint;
+                let backoff = if hint.is_some() { 0 } else { 5 * MS };
+                let at = self.now + backoff;
+                self.resend_at(client, at);
+            }
+            Reply::Retry if attempt == op.attempt => {
+                c.leader_hint = None;
+                let at = self.now + 5 * MS;
+                self.resend_at(client, at);
+            }
+            _ => {}
+        }
+    }
+
+    fn resend_at(&mut self, client: usize, at: Nanos) {
+        if at == self.now {
+            self.client_send(client);
+        } else {
+            let op = self.clients[client].op.as_mut().expect("op");
+            op.attempt += 1;
+            let (seq, attempt) = (op.seq, op.attempt);
+            self.schedule(
+                at,
+                Event::ClientResend {
+                    client,
+                    seq,
+                    attempt,
+                },
+            );
+        }
+    }
+
+    fn client_resend(&mut self, client: usize, seq: u64, attempt: u32) {
+        let Some(op) = self.clients[client].op.as_ref() else {
+            return;
+        };
+        if op.seq == seq && op.attempt == attempt {
+            self.client_send(client);
+        }
+    }
+
+    fn client_timeout(&mut self, client: usize, seq: u64, attempt: u32) {
+        let give_up = self.cfg.give_up;
+        let roll = self.rng.chance(give_up);
+        let c = &mut self.clients[client];
+        let Some(op) = c.op.as_ref() else { return };
+        if op.seq != seq || op.attempt != attempt {
+            return;
+        }
+        if roll && !self.healed {
+            // The client gives up: the outcome stays unknown; it continues as a new session.
+            c.op = None;
+            c.session = self.next_session;
+            c.seq = 0;
+            self.next_session += 1;
+            self.schedule(self.now + MS, Event::ClientStart { client });
+            return;
+        }
+        c.leader_hint = None;
+        self.client_send(client);
+    }
+}
+
+enum Op {
+    Append(u64),
+    Read,
+}
+
+fn encode(input: LogInput) -> Bytes {
+    match input {
+        LogInput::Append { value } => {
+            let mut b = vec![b'A'];
+            b.extend_from_slice(&value.to_le_bytes());
+            Bytes::from(b)
+        }
+        LogInput::Read => Bytes::from_static(b"R"),
+    }
+}
+
+fn decode(b: &[u8]) -> Option<Op> {
+    match b.first()? {
+        b'A' if b.len() == 9 => Some(Op::Append(u64::from_le_bytes(b[1..9].try_into().ok()?))),
+        b'R' if b.len() == 1 => Some(Op::Read),
+        _ => None,
+    }
+}
