@@ -273,7 +273,7 @@ impl SegmentHeader {
             return Err("bad header length or reserved fields".into());
         }
         if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&h.segment_size)
-            || h.segment_size % 8 != 0
+            || h.segment_size & 7 != 0
         {
             return Err(format!("bad segment size {}", h.segment_size));
         }

@@ -170,7 +170,7 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, cfg: StoreConfig) -> Result<Log> {
         let dir = dir.as_ref();
         let size = cfg.segment_size;
-        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) || size % 8 != 0 {
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) || size & 7 != 0 {
             return Err(StoreError::Invalid(format!(
                 "segment size {size} must be a multiple of 8 in [{MIN_SEGMENT_SIZE}, \
                  {MAX_SEGMENT_SIZE}]"
