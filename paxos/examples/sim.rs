@@ -18,6 +18,8 @@ fn main() -> ExitCode {
     let mut one: Option<u64> = None;
     let mut bug = None;
     let mut verbose = false;
+    let mut hunting = false;
+    let mut check_permission = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| {
@@ -36,8 +38,10 @@ fn main() -> ExitCode {
                 }));
             }
             "-v" | "--verbose" => verbose = true,
+            "--hunting" => hunting = true,
+            "--no-permission-check" => check_permission = false,
             "-h" | "--help" => {
-                println!("usage: sim [--seeds N] [--start S] [--seed S] [--bug NAME] [-v]");
+                println!("usage: sim [--seeds N] [--start S] [--seed S] [--bug NAME] [--hunting] [--no-permission-check] [-v]");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -56,7 +60,13 @@ fn main() -> ExitCode {
     let mut failures = 0u64;
     let mut max_recovery = 0u64;
     for &seed in &list {
-        let cfg = SimConfig::from_seed(seed).with_bug(bug);
+        let mut cfg = if hunting {
+            SimConfig::hunting(seed)
+        } else {
+            SimConfig::from_seed(seed)
+        }
+        .with_bug(bug);
+        cfg.check_permission = check_permission;
         let r = if bug.is_some() {
             sim::run_quiet(cfg)
         } else {

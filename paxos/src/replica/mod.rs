@@ -492,7 +492,10 @@ impl<S: Storage> Replica<S> {
         if self.enter(now).is_err() {
             return Err(ProposeError::Stopped);
         }
-        let r = self.fill_slots().and_then(|_| self.send_writes_all());
+        let r = self
+            .fill_slots()
+            .and_then(|_| self.send_writes_all())
+            .and_then(|_| self.try_advance_commit());
         self.leave(r).map_err(|_| ProposeError::Stopped)
     }
 

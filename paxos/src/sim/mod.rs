@@ -79,6 +79,10 @@ pub struct SimConfig {
     /// Probability that a client whose request timed out gives up on it (its outcome
     /// stays unknown in the history).
     pub give_up: f64,
+    /// Whether to check the one-sided permission model (a replica accepts remote writes
+    /// only from the holder of the permission it granted, as an RDMA NIC enforces).
+    /// Planted-bug tests turn it off to show that the end-to-end checks catch the bug.
+    pub check_permission: bool,
     /// A deliberately wrong variant of the core.
     pub planted_bug: Option<PlantedBug>,
     /// Upper bound on events processed (a run that needs more is a liveness failure).
@@ -110,9 +114,23 @@ impl SimConfig {
             clock_spread: [0.0, 0.1, 0.5][r.below(3) as usize],
             read_ratio: [0.0, 0.2, 0.4][r.below(3) as usize],
             give_up: [0.0, 0.2][r.below(2) as usize],
+            check_permission: true,
             planted_bug: None,
             max_events: 3_000_000,
         }
+    }
+
+    /// A harsher configuration for hunting bugs: more crashes and partitions, slow
+    /// syncs, five voters half of the time.
+    pub fn hunting(seed: u64) -> Self {
+        let mut c = Self::from_seed(seed);
+        let mut r = Rng::new(seed ^ 0x0BAD_5EED);
+        c.voters = if r.chance(0.5) { 5 } else { 3 };
+        c.crashes = c.crashes.max(3);
+        c.partitions = c.partitions.max(2);
+        c.disk_latency = (100_000, 3 * MS);
+        c.dup = c.dup.max(0.05);
+        c
     }
 
     /// The same configuration with a planted bug.

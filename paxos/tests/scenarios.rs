@@ -1,0 +1,530 @@
+//! Scenario tests of the core: elections with partitions, stickiness, check-quorum,
+//! learners, catch-up, de-duplication, permission and storage failure. A tiny
+//! zero-latency network (test support, not a transport) delivers every action in order
+//! and jumps time to the next timer.
+
+use paxos::{
+    Action, Applied, Ballot, Command, Config, Entry, MemStorage, Message, Nanos, NodeId,
+    ProposeError, Replica, Role, Storage, StorageError, Value, WriteRequest, WriteResult,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+const MS: Nanos = 1_000_000;
+
+#[test]
+fn contracts_are_checked_in_tests() {
+    assert!(
+        paxos::contracts::ENABLED,
+        "tests must run with the `contracts` feature"
+    );
+}
+
+enum Payload {
+    Msg(Message),
+    Write(WriteRequest),
+    WriteDone(WriteResult),
+    Read(paxos::ReadRequest),
+    ReadDone(paxos::ReadResult),
+}
+
+struct Net {
+    now: Nanos,
+    nodes: BTreeMap<NodeId, Replica<MemStorage>>,
+    down: BTreeSet<NodeId>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    queue: VecDeque<(NodeId, NodeId, Payload)>,
+    applied: BTreeMap<NodeId, Vec<Applied>>,
+    roles: Vec<(NodeId, Role)>,
+}
+
+impl Net {
+    fn new(voters: &[NodeId], learners: &[NodeId]) -> Net {
+        let mut nodes = BTreeMap::new();
+        for &id in voters.iter().chain(learners) {
+            let mut c = Config::new(id, voters.to_vec());
+            c.learners = learners.to_vec();
+            nodes.insert(id, Replica::new(c, MemStorage::new(), 0).expect("config"));
+        }
+        Net {
+            now: 0,
+            nodes,
+            down: BTreeSet::new(),
+            cut: BTreeSet::new(),
+            queue: VecDeque::new(),
+            applied: BTreeMap::new(),
+            roles: Vec::new(),
+        }
+    }
+
+    fn isolate(&mut self, x: NodeId) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for y in ids {
+            if y != x {
+                self.cut.insert((x, y));
+                self.cut.insert((y, x));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn drain(&mut self, id: NodeId) {
+        let r = self.nodes.get_mut(&id).expect("node");
+        r.flush().expect("flush");
+        while let Some(a) = r.poll_action() {
+            let (to, p) = match a {
+                Action::Send { to, msg } => (to, Payload::Msg(msg)),
+                Action::RemoteWrite { to, req } => (to, Payload::Write(req)),
+                Action::RemoteRead { to, req } => (to, Payload::Read(req)),
+                Action::WriteCompletion { to, result } => (to, Payload::WriteDone(result)),
+                Action::ReadCompletion { to, result } => (to, Payload::ReadDone(result)),
+                Action::Apply(a) => {
+                    self.applied.entry(id).or_default().push(a);
+                    continue;
+                }
+                Action::RoleChanged { role, .. } => {
+                    self.roles.push((id, role));
+                    continue;
+                }
+                Action::GrantWrite { .. } | Action::RevokeWrite { .. } | Action::Aborted(_) => {
+                    continue
+                }
+            };
+            if !self.cut.contains(&(id, to)) {
+                self.queue.push_back((id, to, p));
+            }
+        }
+    }
+
+    /// Delivers messages and fires timers until `until`.
+    fn run_until(&mut self, until: Nanos) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            self.drain(id);
+        }
+        for _ in 0..1_000_000 {
+            while let Some((from, to, p)) = self.queue.pop_front() {
+                if self.down.contains(&to) {
+                    continue;
+                }
+                let now = self.now;
+                let r = self.nodes.get_mut(&to).expect("node");
+                match p {
+                    Payload::Msg(m) => r.handle_message(now, from, m),
+                    Payload::Write(w) => r.handle_remote_write(now, from, w),
+                    Payload::WriteDone(d) => r.handle_write_completion(now, from, d),
+                    Payload::Read(q) => r.handle_remote_read(now, from, q),
+                    Payload::ReadDone(d) => r.handle_read_completion(now, from, d),
+                }
+                .expect("handler");
+                self.drain(to);
+            }
+            let next = self
+                .nodes
+                .iter()
+                .filter(|(id, _)| !self.down.contains(id))
+                .filter_map(|(id, r)| r.poll_timeout().map(|t| (t, *id)))
+                .min();
+            match next {
+                Some((t, id)) if t <= until => {
+                    self.now = self.now.max(t);
+                    let now = self.now;
+                    self.nodes
+                        .get_mut(&id)
+                        .expect("node")
+                        .handle_timeout(now)
+                        .expect("timeout");
+                    self.drain(id);
+                }
+                _ => {
+                    self.now = self.now.max(until);
+                    return;
+                }
+            }
+        }
+        panic!("run_until did not settle");
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(id, r)| !self.down.contains(id) && r.role() == Role::Leader)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn leader(&self) -> NodeId {
+        let l = self.leaders();
+        assert_eq!(l.len(), 1, "expected one leader, got {l:?}");
+        l[0]
+    }
+
+    fn propose(&mut self, client: u64, seq: u64, data: &'static [u8]) -> Result<(), ProposeError> {
+        let l = self.leader();
+        let now = self.now;
+        let cmd = Command {
+            client,
+            seq,
+            payload: bytes::Bytes::from_static(data),
+        };
+        let r = self
+            .nodes
+            .get_mut(&l)
+            .expect("leader")
+            .propose(now, vec![cmd]);
+        self.drain(l);
+        r
+    }
+
+    /// The client entries `id` applied, as (position, client, seq, duplicate).
+    fn log(&self, id: NodeId) -> Vec<(u64, u64, u64, bool)> {
+        self.applied
+            .get(&id)
+            .map(|v| {
+                v.iter()
+                    .flat_map(|a| a.entries.iter())
+                    .map(|e| (e.position, e.command.client, e.command.seq, e.duplicate))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn a_single_voter_elects_itself_and_commits() {
+    let mut net = Net::new(&[1], &[]);
+    net.run_until(100 * MS);
+    assert_eq!(net.leader(), 1);
+    net.propose(9, 1, b"x").unwrap();
+    net.run_until(101 * MS);
+    assert_eq!(net.log(1), vec![(1, 9, 1, false)]);
+}
+
+#[test]
+fn three_replicas_elect_one_leader_and_apply_the_same_log() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    for seq in 1..=100 {
+        net.propose(7, seq, b"entry").unwrap();
+    }
+    net.run_until(150 * MS);
+    let expect: Vec<_> = (1..=100).map(|s| (s, 7, s, false)).collect();
+    for id in [1, 2, 3] {
+        assert_eq!(net.log(id), expect, "replica {id}");
+    }
+    assert_eq!(net.leader(), l, "leadership is stable without faults");
+    assert!(net.nodes[&l].chosen() >= 1);
+}
+
+#[test]
+fn a_retried_entry_is_applied_once_with_its_first_position() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    net.propose(5, 1, b"a").unwrap();
+    net.propose(5, 2, b"b").unwrap();
+    net.propose(5, 1, b"a").unwrap(); // a retry
+    net.run_until(120 * MS);
+    assert_eq!(
+        net.log(2),
+        vec![(1, 5, 1, false), (2, 5, 2, false), (1, 5, 1, true)]
+    );
+}
+
+#[test]
+fn a_partitioned_follower_cannot_depose_a_healthy_leader() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    let x = [1, 2, 3].into_iter().find(|&n| n != l).unwrap();
+    let ballot = net.nodes[&l].promised();
+    net.isolate(x);
+    net.run_until(600 * MS); // many election timeouts
+    assert_eq!(
+        net.nodes[&x].promised(),
+        ballot,
+        "pre-vote: the isolated replica never raised its ballot"
+    );
+    assert!(matches!(
+        net.nodes[&x].role(),
+        Role::PreCandidate | Role::Follower
+    ));
+    net.heal();
+    net.run_until(700 * MS);
+    assert_eq!(
+        net.leader(),
+        l,
+        "the leader stays after the partition heals"
+    );
+    assert_eq!(net.nodes[&l].promised(), ballot, "no new ballot");
+    net.propose(1, 1, b"after").unwrap();
+    net.run_until(710 * MS);
+    assert_eq!(net.log(x).len(), 1, "the rejoined replica follows again");
+}
+
+#[test]
+fn an_isolated_leader_steps_down_and_the_majority_elects_another() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let old = net.leader();
+    net.propose(1, 1, b"one").unwrap();
+    net.run_until(110 * MS);
+    net.isolate(old);
+    net.run_until(200 * MS);
+    assert_ne!(
+        net.nodes[&old].role(),
+        Role::Leader,
+        "check-quorum: the cut-off leader stepped down"
+    );
+    let new = net.leader();
+    assert_ne!(new, old);
+    net.nodes.get_mut(&new).unwrap();
+    let now = net.now;
+    let cmd = Command {
+        client: 1,
+        seq: 2,
+        payload: bytes::Bytes::from_static(b"two"),
+    };
+    net.nodes
+        .get_mut(&new)
+        .unwrap()
+        .propose(now, vec![cmd])
+        .unwrap();
+    net.drain(new);
+    net.run_until(220 * MS);
+    net.heal();
+    net.run_until(300 * MS);
+    assert_eq!(net.leader(), new);
+    for id in [1, 2, 3] {
+        assert_eq!(
+            net.log(id),
+            vec![(1, 1, 1, false), (2, 1, 2, false)],
+            "replica {id}"
+        );
+    }
+}
+
+#[test]
+fn a_lagging_replica_catches_up_from_the_leaders_log() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    let x = [1, 2, 3].into_iter().find(|&n| n != l).unwrap();
+    net.down.insert(x);
+    for seq in 1..=500 {
+        net.propose(3, seq, b"while down").unwrap();
+    }
+    net.run_until(150 * MS);
+    assert!(net.log(x).is_empty());
+    net.down.remove(&x);
+    net.run_until(300 * MS);
+    assert_eq!(net.log(x).len(), 500);
+    assert_eq!(net.log(x), net.log(l));
+}
+
+#[test]
+fn a_learner_receives_the_log_but_never_votes_or_leads() {
+    let mut net = Net::new(&[1, 2, 3], &[4]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    net.propose(1, 1, b"a").unwrap();
+    net.run_until(110 * MS);
+    assert_eq!(net.log(4), vec![(1, 1, 1, false)]);
+    // With the other two voters down, the leader and the learner are no quorum.
+    for id in [1, 2, 3] {
+        if id != l {
+            net.down.insert(id);
+        }
+    }
+    let before = net.nodes[&l].chosen();
+    let _ = net.propose(1, 2, b"b");
+    net.run_until(400 * MS);
+    assert!(
+        net.nodes[&l].chosen() == before,
+        "a learner's acknowledgement is not a vote"
+    );
+    assert_eq!(net.nodes[&4].role(), Role::Learner);
+    assert!(net
+        .roles
+        .iter()
+        .all(|&(id, r)| id != 4 || r == Role::Learner));
+}
+
+#[test]
+fn a_write_without_permission_is_denied() {
+    let c = Config::new(2, vec![1, 2, 3]);
+    let mut s = MemStorage::new();
+    s.set_promise(Ballot::new(4, 1)).unwrap();
+    let mut r = Replica::new(c, s, 0).unwrap();
+    r.flush().unwrap();
+    assert_eq!(
+        r.poll_action(),
+        Some(Action::GrantWrite {
+            to: 1,
+            ballot: Ballot::new(4, 1)
+        }),
+        "restart re-grants"
+    );
+    // Replica 3 writes under its own (unpromised) ballot; replica 1 under an old one.
+    for (from, b) in [
+        (3, Ballot::new(5, 3)),
+        (1, Ballot::new(3, 1)),
+        (3, Ballot::new(4, 1)),
+    ] {
+        let req = WriteRequest {
+            ballot: b,
+            first: 1,
+            values: vec![Value::Noop],
+            commit: 0,
+        };
+        r.handle_remote_write(MS, from, req).unwrap();
+        r.flush().unwrap();
+        let a = r.poll_action().expect("a completion");
+        assert!(
+            matches!(a, Action::WriteCompletion { to, result: WriteResult::Denied { promised: Some(p), .. } } if to == from && p == Ballot::new(4, 1)),
+            "{a:?}"
+        );
+    }
+    assert_eq!(r.storage().last_slot(), 0, "nothing was written");
+    // The permission holder may write.
+    let req = WriteRequest {
+        ballot: Ballot::new(4, 1),
+        first: 1,
+        values: vec![Value::Noop],
+        commit: 0,
+    };
+    r.handle_remote_write(MS, 1, req).unwrap();
+    r.flush().unwrap();
+    let acts: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::WriteCompletion {
+            result: WriteResult::Ok { .. },
+            ..
+        }
+    )));
+    assert_eq!(r.storage().last_slot(), 1);
+}
+
+/// Storage whose sync fails after `ok_syncs` successes.
+struct FailingStorage {
+    inner: MemStorage,
+    ok_syncs: u32,
+}
+
+impl Storage for FailingStorage {
+    fn promise(&self) -> Ballot {
+        self.inner.promise()
+    }
+    fn set_promise(&mut self, b: Ballot) -> Result<(), StorageError> {
+        self.inner.set_promise(b)
+    }
+    fn accept(&mut self, e: Entry) -> Result<(), StorageError> {
+        self.inner.accept(e)
+    }
+    fn entry(&self, s: u64) -> Result<Option<Entry>, StorageError> {
+        self.inner.entry(s)
+    }
+    fn last_slot(&self) -> u64 {
+        self.inner.last_slot()
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        if self.ok_syncs == 0 {
+            return Err(StorageError::msg("fdatasync: EIO"));
+        }
+        self.ok_syncs -= 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_sync_stops_the_replica_and_releases_no_acknowledgement() {
+    let c = Config::new(2, vec![1, 2, 3]);
+    let mut s = FailingStorage {
+        inner: MemStorage::new(),
+        ok_syncs: 0,
+    };
+    s.set_promise(Ballot::new(1, 1)).unwrap();
+    let mut r = Replica::new(c, s, 0).unwrap();
+    r.flush().unwrap(); // nothing dirty yet
+    while r.poll_action().is_some() {}
+    let req = WriteRequest {
+        ballot: Ballot::new(1, 1),
+        first: 1,
+        values: vec![Value::Noop],
+        commit: 0,
+    };
+    r.handle_remote_write(MS, 1, req).unwrap();
+    let released: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(
+        !released
+            .iter()
+            .any(|a| matches!(a, Action::WriteCompletion { .. })),
+        "the acknowledgement waits for the sync: {released:?}"
+    );
+    let err = r.flush().expect_err("sync fails");
+    assert!(err.to_string().contains("EIO"), "{err}");
+    assert!(
+        r.poll_action().is_none(),
+        "no acknowledgement after a failed sync"
+    );
+    assert!(r.stopped().is_some());
+    assert!(
+        r.handle_timeout(100 * MS).is_err(),
+        "a stopped replica refuses inputs"
+    );
+    assert!(matches!(
+        r.propose(
+            100 * MS,
+            vec![Command {
+                client: 1,
+                seq: 1,
+                payload: bytes::Bytes::new()
+            }]
+        ),
+        Err(ProposeError::Stopped)
+    ));
+}
+
+#[test]
+fn configurations_are_validated() {
+    use paxos::ConfigError;
+    assert_eq!(Config::new(0, vec![1]).validate(), Err(ConfigError::ZeroId));
+    assert_eq!(
+        Config::new(1, vec![]).validate(),
+        Err(ConfigError::NoVoters)
+    );
+    assert_eq!(
+        Config::new(4, vec![1, 2, 3]).validate(),
+        Err(ConfigError::NotMember(4))
+    );
+    assert_eq!(
+        Config::new(1, vec![1, 2, 2]).validate(),
+        Err(ConfigError::Duplicate(2))
+    );
+    let mut c = Config::new(1, vec![1, 2, 3]);
+    c.election_timeout = c.heartbeat_interval;
+    assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
+    assert!(Config::new(1, vec![1, 2, 3]).validate().is_ok());
+    assert!(Replica::new(Config::new(0, vec![1]), MemStorage::new(), 0).is_err());
+}
+
+#[test]
+fn a_follower_refuses_proposals_and_names_the_leader() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    let f = [1, 2, 3].into_iter().find(|&n| n != l).unwrap();
+    let cmd = Command {
+        client: 1,
+        seq: 1,
+        payload: bytes::Bytes::new(),
+    };
+    let now = net.now;
+    assert_eq!(
+        net.nodes.get_mut(&f).unwrap().propose(now, vec![cmd]),
+        Err(ProposeError::NotLeader { leader: Some(l) })
+    );
+}
