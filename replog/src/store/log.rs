@@ -13,6 +13,7 @@ use paxos::{Ballot, Position};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A record read back from the log.
@@ -121,7 +122,15 @@ impl Inner {
 /// appenders share fsyncs (group commit).
 pub struct Log {
     inner: Mutex<Inner>,
-    cond: Condvar,
+    /// Mirrors `Inner::durable`, so that woken waiters need not take `inner`.
+    durable_pub: AtomicU64,
+    /// Bumped (under `inner`) whenever durability advances, a sync ends, the store is
+    /// poisoned or truncated: what waiters wait for.
+    events: AtomicU64,
+    /// Waiters sleep here, not on `inner`, so a finished group commit does not wake a
+    /// convoy through the main lock.
+    wait_lock: Mutex<()>,
+    wait_cv: Condvar,
     mode: Mode,
     segment_size: u64,
     dir: Option<PathBuf>,
@@ -234,7 +243,10 @@ impl Log {
         inner.durable = next_pos - 1;
         Ok(Log {
             inner: Mutex::new(inner),
-            cond: Condvar::new(),
+            durable_pub: AtomicU64::new(next_pos - 1),
+            events: AtomicU64::new(0),
+            wait_lock: Mutex::new(()),
+            wait_cv: Condvar::new(),
             mode: cfg.mode,
             segment_size: size,
             dir: (cfg.mode != Mode::Memory).then(|| dir.to_path_buf()),
@@ -348,7 +360,32 @@ impl Log {
         if self.mode != Mode::Memory && g.poison.is_none() {
             g.poison = Some(e.poison_message());
         }
-        self.cond.notify_all();
+        self.publish(g);
+    }
+
+    /// Publishes `g.durable` and wakes every waiter. Called with `inner` held.
+    fn publish(&self, g: &Inner) {
+        self.durable_pub.store(g.durable, Ordering::Release);
+        self.events.fetch_add(1, Ordering::AcqRel);
+        let _w = self.wait_lock.lock();
+        self.wait_cv.notify_all();
+    }
+
+    /// Sleeps until `events` moves past `seen` or `deadline` passes. Returns false on
+    /// timeout.
+    fn wait_event(&self, seen: u64, deadline: Option<Instant>) -> bool {
+        let mut w = self.wait_lock.lock();
+        while self.events.load(Ordering::Acquire) == seen {
+            match deadline {
+                None => self.wait_cv.wait(&mut w),
+                Some(d) => {
+                    if self.wait_cv.wait_until(&mut w, d).timed_out() {
+                        return self.events.load(Ordering::Acquire) != seen;
+                    }
+                }
+            }
+        }
+        true
     }
 
     fn write(
@@ -390,7 +427,7 @@ impl Log {
         g.next_pos += 1;
         if self.mode == Mode::Memory {
             g.durable = pos;
-            self.cond.notify_all();
+            self.publish(g);
         }
         Ok(pos)
     }
@@ -409,7 +446,7 @@ impl Log {
             return Err(e);
         }
         g.durable = g.next_pos - 1;
-        self.cond.notify_all();
+        self.publish(g);
         let epoch = new_epoch(g.last_epoch);
         let index = g.active().header.index + 1;
         let h = SegmentHeader::new(epoch, index, g.next_pos, self.segment_size);
@@ -428,7 +465,7 @@ impl Log {
 
     /// Waits until `pos` is durable. In fsync mode: one waiter runs fdatasync outside
     /// the lock for everything written so far; the others wait for it (group commit).
-    fn make_durable(&self, mut g: MutexGuard<'_, Inner>, pos: Position) -> Result<()> {
+    fn make_durable<'a>(&'a self, mut g: MutexGuard<'a, Inner>, pos: Position) -> Result<()> {
         loop {
             g.check()?;
             if g.durable >= pos {
@@ -443,11 +480,19 @@ impl Log {
                     // thread (a fence orders only its own thread's flushes).
                     g.active().sync().expect("mapped sync cannot fail");
                     g.durable = g.next_pos - 1;
-                    self.cond.notify_all();
+                    self.publish(&g);
                 }
                 Mode::Fsync => {
                     if g.syncing {
-                        self.cond.wait(&mut g);
+                        // Wait for the running sync without holding `inner`; if it
+                        // covered us we return without touching `inner` again.
+                        let seen = self.events.load(Ordering::Acquire);
+                        drop(g);
+                        self.wait_event(seen, None);
+                        if self.durable_pub.load(Ordering::Acquire) >= pos {
+                            return Ok(());
+                        }
+                        g = self.inner.lock();
                         continue;
                     }
                     g.syncing = true;
@@ -463,7 +508,7 @@ impl Log {
                             if g.gen == gen && target > g.durable {
                                 g.durable = target;
                             }
-                            self.cond.notify_all();
+                            self.publish(&g);
                         }
                         Err(e) => {
                             // Never retry: the kernel may have dropped the dirty pages,
@@ -555,13 +600,18 @@ impl Log {
     /// is durable. Wakes on every durability advance.
     pub fn wait_for(&self, pos: Position, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
-        let mut g = self.inner.lock();
         loop {
-            g.check()?;
-            if g.durable >= pos {
-                return Ok(true);
-            }
-            if self.cond.wait_until(&mut g, deadline).timed_out() {
+            let seen = {
+                let g = self.inner.lock();
+                g.check()?;
+                if g.durable >= pos {
+                    return Ok(true);
+                }
+                self.events.load(Ordering::Acquire)
+            };
+            if !self.wait_event(seen, Some(deadline)) {
+                let g = self.inner.lock();
+                g.check()?;
                 return Ok(g.durable >= pos);
             }
         }
@@ -612,7 +662,7 @@ impl Log {
         if let Err(e) = &r {
             self.poison(&mut g, e);
         }
-        self.cond.notify_all();
+        self.publish(&g);
         r
     }
 

@@ -1,0 +1,241 @@
+//! Store benchmark: appends/s and append latency per durability mode, for 64 B and
+//! 4 KiB records, at 1 and 64 concurrent appenders, next to the raw limits measured in
+//! the same run (pwrite+fdatasync loop; memcpy+flush+fence on a mapped file).
+//!
+//! Run: `cargo run --release -p replog --bin store-bench -- [DIR] [SECONDS_PER_RUN]`
+//! (DIR defaults to a fresh directory under /tmp, which is what "disk" means here;
+//! SECONDS_PER_RUN defaults to 2).
+
+use replog::store::persist::{fence, FlushInstr, Mapping};
+use replog::store::{Log, Mode, StoreConfig, StoreError};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Stats {
+    ops: usize,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Stats {
+    fn from(mut lat_ns: Vec<u64>, secs: f64) -> Stats {
+        lat_ns.sort_unstable();
+        let q = |f: f64| {
+            if lat_ns.is_empty() {
+                0.0
+            } else {
+                lat_ns[((lat_ns.len() - 1) as f64 * f) as usize] as f64 / 1000.0
+            }
+        };
+        Stats {
+            ops: lat_ns.len(),
+            secs,
+            p50_us: q(0.50),
+            p99_us: q(0.99),
+        }
+    }
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+fn print_row(what: &str, size: usize, threads: usize, s: &Stats) {
+    println!(
+        "{what:<28} {size:>6} B {threads:>3} thr {:>12.0} appends/s   p50 {:>9.2} us   p99 {:>9.2} us   ({} ops)",
+        s.rate(),
+        s.p50_us,
+        s.p99_us,
+        s.ops
+    );
+}
+
+/// Cap on appends per run, so memory mode (which keeps everything) stays bounded.
+fn cap(size: usize) -> usize {
+    (512 << 20) / (size + 64)
+}
+
+fn bench_store(
+    dir: &Path,
+    mode: Mode,
+    size: usize,
+    threads: usize,
+    dur: Duration,
+) -> Result<Stats, StoreError> {
+    let _ = std::fs::remove_dir_all(dir);
+    let log = Arc::new(Log::open(dir, StoreConfig::new(mode))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_thread = cap(size) / threads;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let log = log.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<(Vec<u64>, Instant), StoreError> {
+                let payload = vec![t as u8; size];
+                let mut lat = Vec::with_capacity(per_thread.min(1 << 20));
+                while !stop.load(Ordering::Relaxed) && lat.len() < per_thread {
+                    let t0 = Instant::now();
+                    log.append(&payload)?;
+                    lat.push(t0.elapsed().as_nanos() as u64);
+                }
+                Ok((lat, Instant::now()))
+            })
+        })
+        .collect();
+    let deadline = start + dur;
+    while Instant::now() < deadline && !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut end = start;
+    for h in handles {
+        let (lat, done) = h.join().expect("bench thread")?;
+        all.extend(lat);
+        end = end.max(done);
+    }
+    let secs = (end - start).as_secs_f64();
+    drop(log);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(Stats::from(all, secs))
+}
+
+fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("raw-fdatasync");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let len = 64u64 << 20;
+    f.set_len(len).unwrap();
+    f.sync_all().unwrap();
+    let buf = vec![7u8; size];
+    let mut lat = Vec::new();
+    let mut off = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        let t0 = Instant::now();
+        f.write_all_at(&buf, off).unwrap();
+        f.sync_data().unwrap();
+        lat.push(t0.elapsed().as_nanos() as u64);
+        off = (off + size as u64) % (len - size as u64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    Stats::from(lat, secs)
+}
+
+fn raw_mapped(dir: &Path, size: usize, dur: Duration, flush: FlushInstr) -> Stats {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("raw-mapped");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let len = 256usize << 20;
+    f.set_len(len as u64).unwrap();
+    let mut map = Mapping::map(&f, len, false).unwrap();
+    let buf = vec![7u8; size];
+    let mut lat = Vec::new();
+    let mut off = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < dur && lat.len() < cap(size) {
+        let t0 = Instant::now();
+        let dst = &mut map.as_mut_slice()[off..off + size];
+        dst.copy_from_slice(&buf);
+        flush.flush(dst);
+        fence();
+        lat.push(t0.elapsed().as_nanos() as u64);
+        off = (off + size.next_multiple_of(64)) % (len - size - 64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(map);
+    let _ = std::fs::remove_file(&path);
+    Stats::from(lat, secs)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let base: PathBuf = args.get(1).map(PathBuf::from).unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("replog-store-bench-{}", std::process::id()))
+    });
+    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let dur = Duration::from_secs_f64(secs);
+    let flush = FlushInstr::detect().expect("a cache-line flush instruction");
+    println!(
+        "store-bench: dir {}, {secs} s per run, flush {flush:?}",
+        base.display()
+    );
+
+    match Log::open(base.join("pmem-probe"), StoreConfig::new(Mode::Pmem)) {
+        Ok(_) => println!("pmem: available (DAX); measured below as mapped"),
+        Err(e) => println!("pmem: not available here: {e}"),
+    }
+    let _ = std::fs::remove_dir_all(base.join("pmem-probe"));
+
+    for size in [64usize, 4096] {
+        println!("\n== {size} B records ==");
+        let raw_sync = raw_fdatasync(&base, size, dur);
+        print_row("raw pwrite+fdatasync", size, 1, &raw_sync);
+        let raw_map = raw_mapped(&base, size, dur, flush);
+        print_row("raw memcpy+flush+fence", size, 1, &raw_map);
+        let mut fsync1 = None;
+        let mut fsync64 = None;
+        let mut mapped1 = None;
+        for (mode, name) in [
+            (Mode::Fsync, "store fsync"),
+            (Mode::MappedNotDurable, "store mapped (NOT durable)"),
+            (Mode::Memory, "store memory"),
+        ] {
+            for threads in [1usize, 64] {
+                match bench_store(&base.join("store"), mode, size, threads, dur) {
+                    Ok(s) => {
+                        print_row(name, size, threads, &s);
+                        match (mode, threads) {
+                            (Mode::Fsync, 1) => fsync1 = Some(s),
+                            (Mode::Fsync, 64) => fsync64 = Some(s),
+                            (Mode::MappedNotDurable, 1) => mapped1 = Some(s),
+                            _ => {}
+                        }
+                    }
+                    Err(e) => println!("{name:<28} {size:>6} B {threads:>3} thr  ERROR {e}"),
+                }
+            }
+        }
+        let verdict = |ok: bool| if ok { "ok" } else { "BELOW TARGET" };
+        if let Some(s) = &fsync64 {
+            let r = s.rate() / raw_sync.rate();
+            println!(
+                "ratio fsync 64 appenders / raw fdatasync rate: {r:.1}x (target >= 20x: {})",
+                verdict(r >= 20.0)
+            );
+        }
+        if let Some(s) = &fsync1 {
+            let r = s.p50_us / raw_sync.p50_us;
+            println!(
+                "ratio fsync 1 appender p50 / raw fdatasync p50: {r:.2}x (target <= 1.3x: {})",
+                verdict(r <= 1.3)
+            );
+        }
+        if let Some(s) = &mapped1 {
+            let r = s.p50_us / raw_map.p50_us;
+            let rr = raw_map.rate() / s.rate();
+            println!(
+                "ratio mapped 1 appender p50 / raw memcpy+flush p50: {r:.2}x, rate {rr:.2}x slower (target <= 2x: {})",
+                verdict(r <= 2.0 && rr <= 2.0)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
