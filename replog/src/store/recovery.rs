@@ -98,6 +98,16 @@ fn scan(img: &[u8], h: &SegmentHeader) -> Scan {
     if !matches!(stop, Stop::EndMarker) {
         let mut o = stop_off + 8;
         while o + 64 <= img.len() {
+            // Skip zeroes fast: a record's first non-zero byte is at most its byte 5
+            // (the kind field), so no record starts more than 5 bytes before the next
+            // non-zero byte.
+            match img[o..].iter().position(|&b| b != 0) {
+                None => break,
+                Some(z) => o = (o + z.saturating_sub(5)) & !7,
+            }
+            if o + 64 > img.len() {
+                break;
+            }
             match check_record(img, o, h.epoch, None) {
                 Ok((rh, size)) => {
                     later.push((o, rh.durable_hint));
