@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 const MS: Nanos = 1_000_000;
 
 #[test]
+#[allow(clippy::assertions_on_constants)]
 fn contracts_are_checked_in_tests() {
     assert!(
         paxos::contracts::ENABLED,
