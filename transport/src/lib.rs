@@ -1,5 +1,227 @@
-//! Transport traits for replog.
+//! # transport: how replog replicas reach each other
 //!
-//! Not built yet: the traits, the wire envelope, the in-memory transport and the
-//! RDMA/DPDK backends arrive with their issues. This crate is empty on purpose and
-//! claims no feature.
+//! One trait, [`Transport`], for every fabric (TCP, DPDK, RDMA, and an in-memory one for
+//! tests). It knows nothing of ballots or slots: it moves bytes. It offers two planes:
+//!
+//! - **messages**: [`Transport::send`] a payload to a peer; received payloads come out
+//!   of [`Transport::poll`] as [`Event::Message`];
+//! - **remote log access** (one-sided): [`Transport::write`] bytes at an offset of a
+//!   peer's log region and [`Transport::read`] a range of it, each completing later with
+//!   [`Event::WriteDone`] / [`Event::ReadDone`] carrying the [`Token`] returned at issue.
+//!   Only the peer holding write permission on a replica's region may write it:
+//!   permission is given and taken with [`Transport::grant`] / [`Transport::revoke`]
+//!   on the *target* replica. A write from any other peer completes with
+//!   [`AccessError::Denied`].
+//!
+//! With RDMA a remote write lands in the target's registered memory without its CPU,
+//! and permission is the queue pair's access flags. TCP and DPDK have no such NIC, so a
+//! **receiver-side agent** stands in: the target's transport hands the write to its
+//! owner as [`Event::WriteArrived`] (only if the writer holds permission; otherwise it
+//! answers `Denied` itself), and the owner answers with [`Transport::complete_write`]
+//! once the write is applied *and persisted per its durability mode*. The same goes for
+//! reads ([`Event::ReadArrived`], [`Transport::complete_read`]). An RDMA transport never
+//! produces `WriteArrived`/`ReadArrived`.
+//!
+//! ## Offsets
+//! An offset names a place in the target's log region as the writer's protocol layer
+//! chose it. Over TCP and DPDK the agent interprets it; over RDMA it is a byte offset in
+//! the registered region. This crate never interprets offsets.
+//!
+//! ## Completions and failures
+//! Every write and read issued completes exactly once: with the target's answer, or with
+//! [`AccessError::LinkFailed`] when the link to the target fails first (connection lost,
+//! queue pair in error). Messages are best effort: a message may be lost when a link
+//! fails, never duplicated or reordered by a transport on one link (the fault-injection
+//! wrapper does both on purpose).
+//!
+//! ## Threads
+//! A transport is driven by one thread (the replica's polling thread). [`Transport::waker`]
+//! gives a handle another thread can use to interrupt a blocked [`Transport::poll`].
+
+#![deny(missing_docs)]
+
+pub mod envelope;
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A replica's id on the wire (the same number as the protocol's node id). Never 0.
+pub type PeerId = u64;
+
+/// Identifies a remote write or read issued by this replica, unique per transport.
+pub type Token = u64;
+
+/// Why a remote access failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// The target refused: the writer does not hold write permission (an RDMA remote
+    /// access error). `detail` is whatever the target's agent attached (TCP and DPDK
+    /// agents attach the protocol's reason, e.g. the ballot it promised; RDMA attaches
+    /// nothing).
+    #[error("remote access denied")]
+    Denied {
+        /// The agent's explanation, opaque to the transport (may be empty).
+        detail: Bytes,
+    },
+    /// The link failed before the target answered; the access may or may not have
+    /// taken effect.
+    #[error("link failed: {0}")]
+    LinkFailed(String),
+}
+
+/// Something that happened, returned by [`Transport::poll`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A control-plane message from `from`.
+    Message {
+        /// The sender.
+        from: PeerId,
+        /// The payload as sent.
+        payload: Bytes,
+    },
+    /// Agent side: `from`, which holds write permission, wrote `data` at `offset` of our
+    /// log region. Answer exactly once with [`Transport::complete_write`] and `token`.
+    WriteArrived {
+        /// The writer.
+        from: PeerId,
+        /// To pass back to `complete_write`.
+        token: Token,
+        /// Where in our region.
+        offset: u64,
+        /// What.
+        data: Bytes,
+    },
+    /// Agent side: `from` reads `len` bytes at `offset` of our log region. Answer
+    /// exactly once with [`Transport::complete_read`] and `token`.
+    ReadArrived {
+        /// The reader.
+        from: PeerId,
+        /// To pass back to `complete_read`.
+        token: Token,
+        /// Where in our region.
+        offset: u64,
+        /// How many bytes (an upper bound the agent may answer short of).
+        len: u32,
+    },
+    /// A remote write we issued to `to` completed. `Ok` carries the agent's
+    /// acknowledgement bytes (empty over RDMA).
+    WriteDone {
+        /// The target.
+        to: PeerId,
+        /// As returned by [`Transport::write`].
+        token: Token,
+        /// The outcome.
+        result: Result<Bytes, AccessError>,
+    },
+    /// A remote read we issued to `from` completed with the bytes read.
+    ReadDone {
+        /// The target.
+        from: PeerId,
+        /// As returned by [`Transport::read`].
+        token: Token,
+        /// The outcome.
+        result: Result<Bytes, AccessError>,
+    },
+    /// A link to `peer` is up (after the handshake).
+    PeerUp {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The link to `peer` went down; the transport reconnects by itself.
+    PeerDown {
+        /// The peer.
+        peer: PeerId,
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Why an operation could not even be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The send queue to that peer is full: slow down and retry after a poll.
+    #[error("send queue to peer {0} is full")]
+    Backpressure(PeerId),
+    /// No such peer in the configuration.
+    #[error("unknown peer {0}")]
+    UnknownPeer(PeerId),
+    /// The payload is larger than the transport's limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The link to that peer is down; the message was not queued.
+    #[error("link to peer {0} is down")]
+    LinkDown(PeerId),
+    /// The transport is shut down.
+    #[error("transport closed")]
+    Closed,
+}
+
+/// Interrupts a [`Transport::poll`] blocked in another thread.
+pub trait Wake: Send + Sync {
+    /// Makes the current or next `poll` return promptly.
+    fn wake(&self);
+}
+
+/// A replica's endpoint on some fabric. See the crate docs for the rules.
+pub trait Transport {
+    /// This replica's id.
+    fn local(&self) -> PeerId;
+
+    /// The peers this transport connects to.
+    fn peers(&self) -> Vec<PeerId>;
+
+    /// The largest payload `send`, `write` or a completion may carry.
+    fn max_payload(&self) -> usize;
+
+    /// Queues a control-plane message to `to`.
+    fn send(&mut self, to: PeerId, payload: &[u8]) -> Result<(), SendError>;
+
+    /// Issues a one-sided write of `data` at `offset` of `to`'s log region.
+    fn write(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError>;
+
+    /// Issues a one-sided read of `len` bytes at `offset` of `from`'s log region.
+    fn read(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError>;
+
+    /// Agent side: answers the [`Event::WriteArrived`] `token` from `from`: `Ok(ack)`
+    /// once the write is applied and persisted, `Err(detail)` to deny it.
+    fn complete_write(
+        &mut self,
+        from: PeerId,
+        token: Token,
+        result: Result<&[u8], &[u8]>,
+    ) -> Result<(), SendError>;
+
+    /// Agent side: answers the [`Event::ReadArrived`] `token` from `from` with the bytes
+    /// read (`Ok`) or a denial (`Err(detail)`).
+    fn complete_read(
+        &mut self,
+        from: PeerId,
+        token: Token,
+        result: Result<&[u8], &[u8]>,
+    ) -> Result<(), SendError>;
+
+    /// Gives `peer` write permission on this replica's log region, taking it from any
+    /// other holder (one holder at a time).
+    fn grant(&mut self, peer: PeerId);
+
+    /// Takes write permission from `peer` (no effect if it does not hold it). Writes from
+    /// it that arrive afterwards are denied.
+    fn revoke(&mut self, peer: PeerId);
+
+    /// The current holder of write permission on this replica's region.
+    fn permission_holder(&self) -> Option<PeerId>;
+
+    /// Does I/O: sends what is queued, receives, and appends what happened to `events`.
+    /// Blocks up to `timeout` (`None`: until something happens or a wake-up) when there
+    /// is nothing to report.
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()>;
+
+    /// A handle to interrupt `poll` from another thread.
+    fn waker(&self) -> Arc<dyn Wake>;
+}
