@@ -1,0 +1,358 @@
+//! The peer-link protocol carried in [`transport::envelope`] frames.
+//!
+//! Two TCP connections join each pair of replicas: each replica dials every peer and
+//! uses that *outgoing* connection for its own messages, writes and reads; it accepts
+//! the peer's connection and uses that *incoming* one to receive the peer's messages
+//! and requests and to send back the completions.
+//!
+//! ```text
+//! kind  name       direction          payload (integers little-endian)
+//!  1    HELLO      dialer -> acceptor cluster_id u64, node_id u64, target u64, version u8
+//!  2    HELLO_OK   acceptor -> dialer cluster_id u64, node_id u64
+//!  3    REJECT     acceptor -> dialer reason (UTF-8, at most 1 KiB); then the acceptor closes
+//! 16    MSG        dialer -> acceptor the message payload
+//! 17    WRITE      dialer -> acceptor token u64, offset u64, data
+//! 18    WRITE_ACK  acceptor -> dialer token u64, status u8 (0 ok, 1 denied), ack or detail bytes
+//! 19    READ       dialer -> acceptor token u64, offset u64, len u32
+//! 20    READ_RESP  acceptor -> dialer token u64, status u8 (0 ok, 1 denied), data or detail bytes
+//! ```
+//!
+//! HELLO is the first frame on a connection and HELLO_OK (or REJECT) the first answer;
+//! no other frame is accepted before them. `target` is the node id the dialer meant to
+//! reach (a misconfigured address is refused by the acceptor); `version` is
+//! [`transport::envelope::VERSION`] (the envelope already refuses frames of another
+//! version; the HELLO repeats it so that the handshake states what it agreed on).
+//! A token is the dialer's: the acceptor echoes it in the answer.
+//!
+//! Every decoder here checks lengths and returns [`ProtocolError`] on garbage; none
+//! panics.
+
+use bytes::Bytes;
+use std::time::Duration;
+use transport::envelope::FrameError;
+
+/// Frame kinds of the peer link.
+pub mod kind {
+    /// Dialer's greeting: cluster id, node id, target node id, version.
+    pub const HELLO: u8 = 1;
+    /// Acceptor's acceptance: cluster id, node id.
+    pub const HELLO_OK: u8 = 2;
+    /// Acceptor's refusal with a reason; the connection closes after it.
+    pub const REJECT: u8 = 3;
+    /// A control-plane message.
+    pub const MSG: u8 = 16;
+    /// A remote write request.
+    pub const WRITE: u8 = 17;
+    /// The answer to a remote write.
+    pub const WRITE_ACK: u8 = 18;
+    /// A remote read request.
+    pub const READ: u8 = 19;
+    /// The answer to a remote read.
+    pub const READ_RESP: u8 = 20;
+}
+
+/// Status byte of WRITE_ACK / READ_RESP: the access succeeded.
+pub const STATUS_OK: u8 = 0;
+/// Status byte of WRITE_ACK / READ_RESP: the access was denied.
+pub const STATUS_DENIED: u8 = 1;
+
+/// Length of the HELLO payload.
+pub const HELLO_LEN: usize = 25;
+/// Length of the HELLO_OK payload.
+pub const HELLO_OK_LEN: usize = 16;
+/// Longest REJECT reason sent (longer reasons are cut).
+pub const MAX_REJECT_LEN: usize = 1024;
+/// Largest frame payload accepted before the handshake completed.
+pub const HANDSHAKE_MAX_FRAME: u32 = 4096;
+/// Most bytes a request or answer adds in front of the user's bytes (READ: 20).
+pub const MAX_META: usize = 20;
+
+/// Why a connection is closed. Its `Display` is the log line's reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The envelope is invalid (bad magic, version, flags, oversized, checksum).
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// A frame's payload is not what its kind requires.
+    #[error("malformed {what} frame ({len} bytes)")]
+    Malformed {
+        /// Which frame.
+        what: &'static str,
+        /// Its payload length.
+        len: usize,
+    },
+    /// A frame of a kind not allowed at this point of the connection.
+    #[error("unexpected frame kind {kind} {when}")]
+    UnexpectedKind {
+        /// The kind received.
+        kind: u8,
+        /// Where in the connection's life.
+        when: &'static str,
+    },
+    /// A status byte other than ok or denied.
+    #[error("bad status byte {0}")]
+    BadStatus(u8),
+    /// The HELLO or HELLO_OK names another cluster.
+    #[error("wrong cluster id {got} (expected {expected})")]
+    WrongCluster {
+        /// Received.
+        got: u64,
+        /// Ours.
+        expected: u64,
+    },
+    /// The HELLO's node id is not a configured peer.
+    #[error("unknown node id {0} (not a configured peer)")]
+    UnknownNode(u64),
+    /// The HELLO's node id is our own.
+    #[error("node id {0} is this node's own id")]
+    SelfId(u64),
+    /// The dialer meant to reach another node.
+    #[error("the dialer meant to reach node {target}, but this is node {local}")]
+    WrongTarget {
+        /// Whom the dialer meant.
+        target: u64,
+        /// Who we are.
+        local: u64,
+    },
+    /// The HELLO's version differs from ours.
+    #[error("protocol version {got} not supported (this build speaks {expected})")]
+    Version {
+        /// Received.
+        got: u8,
+        /// Ours.
+        expected: u8,
+    },
+    /// The acceptor is not the node we dialed.
+    #[error("dialed node {expected} but the acceptor is node {got}")]
+    WrongPeer {
+        /// Whom we dialed.
+        expected: u64,
+        /// Who answered.
+        got: u64,
+    },
+    /// The acceptor refused our HELLO.
+    #[error("rejected by the peer: {0}")]
+    Rejected(String),
+    /// The handshake did not complete in time.
+    #[error("handshake timeout after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The stream ended inside a frame.
+    #[error("connection closed in the middle of a frame ({0} bytes of it received)")]
+    Truncated(usize),
+    /// An answer for a token we have no request for.
+    #[error("answer for unknown token {0}")]
+    UnknownToken(u64),
+    /// The peer does not read the answers we owe it.
+    #[error("peer does not read its answers ({0} bytes queued)")]
+    NotReading(usize),
+    /// A newer connection from the same peer took this one's place.
+    #[error("replaced by a newer connection from the same peer")]
+    Replaced,
+    /// The peer left the configuration.
+    #[error("peer removed from the configuration")]
+    Removed,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// The dialer's greeting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The dialer's cluster.
+    pub cluster_id: u64,
+    /// The dialer's node id.
+    pub node_id: u64,
+    /// The node the dialer meant to reach.
+    pub target: u64,
+    /// The dialer's protocol version.
+    pub version: u8,
+}
+
+impl Hello {
+    /// The payload bytes.
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..8].copy_from_slice(&self.cluster_id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.node_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.target.to_le_bytes());
+        b[24] = self.version;
+        b
+    }
+
+    /// Parses a payload.
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        if b.len() != HELLO_LEN {
+            return Err(ProtocolError::Malformed {
+                what: "HELLO",
+                len: b.len(),
+            });
+        }
+        Ok(Hello {
+            cluster_id: u64_at(b, 0),
+            node_id: u64_at(b, 8),
+            target: u64_at(b, 16),
+            version: b[24],
+        })
+    }
+}
+
+/// The acceptor's acceptance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloOk {
+    /// The acceptor's cluster.
+    pub cluster_id: u64,
+    /// The acceptor's node id.
+    pub node_id: u64,
+}
+
+impl HelloOk {
+    /// The payload bytes.
+    pub fn encode(&self) -> [u8; HELLO_OK_LEN] {
+        let mut b = [0u8; HELLO_OK_LEN];
+        b[0..8].copy_from_slice(&self.cluster_id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.node_id.to_le_bytes());
+        b
+    }
+
+    /// Parses a payload.
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        if b.len() != HELLO_OK_LEN {
+            return Err(ProtocolError::Malformed {
+                what: "HELLO_OK",
+                len: b.len(),
+            });
+        }
+        Ok(HelloOk {
+            cluster_id: u64_at(b, 0),
+            node_id: u64_at(b, 8),
+        })
+    }
+}
+
+/// The fixed part of a WRITE: token, offset.
+pub fn write_meta(token: u64, offset: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&token.to_le_bytes());
+    b[8..16].copy_from_slice(&offset.to_le_bytes());
+    b
+}
+
+/// Parses a WRITE payload into (token, offset, data) without copying the data.
+pub fn decode_write(p: &Bytes) -> Result<(u64, u64, Bytes), ProtocolError> {
+    if p.len() < 16 {
+        return Err(ProtocolError::Malformed {
+            what: "WRITE",
+            len: p.len(),
+        });
+    }
+    Ok((u64_at(p, 0), u64_at(p, 8), p.slice(16..)))
+}
+
+/// A READ payload: token, offset, len.
+pub fn read_meta(token: u64, offset: u64, len: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..8].copy_from_slice(&token.to_le_bytes());
+    b[8..16].copy_from_slice(&offset.to_le_bytes());
+    b[16..20].copy_from_slice(&len.to_le_bytes());
+    b
+}
+
+/// Parses a READ payload into (token, offset, len).
+pub fn decode_read(p: &[u8]) -> Result<(u64, u64, u32), ProtocolError> {
+    if p.len() != 20 {
+        return Err(ProtocolError::Malformed {
+            what: "READ",
+            len: p.len(),
+        });
+    }
+    let len = u32::from_le_bytes([p[16], p[17], p[18], p[19]]);
+    Ok((u64_at(p, 0), u64_at(p, 8), len))
+}
+
+/// The fixed part of a WRITE_ACK or READ_RESP: token, status.
+pub fn answer_meta(token: u64, ok: bool) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0..8].copy_from_slice(&token.to_le_bytes());
+    b[8] = if ok { STATUS_OK } else { STATUS_DENIED };
+    b
+}
+
+/// Parses a WRITE_ACK or READ_RESP payload into (token, ok, bytes) without copying.
+pub fn decode_answer(p: &Bytes, what: &'static str) -> Result<(u64, bool, Bytes), ProtocolError> {
+    if p.len() < 9 {
+        return Err(ProtocolError::Malformed { what, len: p.len() });
+    }
+    let ok = match p[8] {
+        STATUS_OK => true,
+        STATUS_DENIED => false,
+        s => return Err(ProtocolError::BadStatus(s)),
+    };
+    Ok((u64_at(p, 0), ok, p.slice(9..)))
+}
+
+/// A REJECT payload (the reason, cut to [`MAX_REJECT_LEN`] bytes on a char boundary).
+pub fn reject_payload(reason: &str) -> &[u8] {
+    let mut end = reason.len().min(MAX_REJECT_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason.as_bytes()[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let h = Hello {
+            cluster_id: 7,
+            node_id: 2,
+            target: 3,
+            version: 1,
+        };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        let o = HelloOk {
+            cluster_id: 7,
+            node_id: 3,
+        };
+        assert_eq!(HelloOk::decode(&o.encode()), Ok(o));
+        let mut w = write_meta(5, 9).to_vec();
+        w.extend_from_slice(b"abc");
+        let (t, off, d) = decode_write(&Bytes::from(w)).unwrap();
+        assert_eq!((t, off, &d[..]), (5, 9, &b"abc"[..]));
+        assert_eq!(decode_read(&read_meta(1, 2, 3)), Ok((1, 2, 3)));
+        let mut a = answer_meta(4, false).to_vec();
+        a.extend_from_slice(b"why");
+        let (t, ok, d) = decode_answer(&Bytes::from(a), "WRITE_ACK").unwrap();
+        assert_eq!((t, ok, &d[..]), (4, false, &b"why"[..]));
+        assert_eq!(reject_payload(&"é".repeat(1000)).len(), 1024);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x: u64 = 0x1234_5678;
+        for len in 0..64 {
+            for _ in 0..50 {
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let bb = Bytes::from(b.clone());
+                let _ = Hello::decode(&b);
+                let _ = HelloOk::decode(&b);
+                let _ = decode_write(&bb);
+                let _ = decode_read(&b);
+                let _ = decode_answer(&bb, "x");
+            }
+        }
+    }
+}
