@@ -1,3 +1,4 @@
 //! replog: the replicated log service.
 
+pub mod client;
 pub mod store;

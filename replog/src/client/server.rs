@@ -1,0 +1,642 @@
+//! The client-port server: one background thread (`mio`, non-blocking, TCP_NODELAY)
+//! that accepts client connections, checks their `Hello`, decodes their frames and hands
+//! requests to the node thread; the node answers through a [`Responder`].
+//!
+//! # Contract with the node
+//! - Every decoded request except `Hello` goes to the node as an [`Inbound`] on the
+//!   channel given to [`ClientServer::start`], after which `wake_node` is called (once
+//!   per batch).
+//! - For every connection that completed `Hello`, exactly one
+//!   [`Request::Disconnected`] (with `req_id` 0) follows its last request, whatever
+//!   closed it (the client, a bad frame, the node's [`Outbound::Close`], a slow reader,
+//!   shutdown). The node drops the connection's tail subscriptions then.
+//! - The node answers with [`Responder::send`]; replies to a connection that is gone are
+//!   dropped silently. A reply larger than `max_frame` is replaced by
+//!   `Error { TooLarge }` (and logged).
+//!
+//! # Refusals (each logged with `tracing::warn!` naming the peer and the reason)
+//! A bad envelope (bad magic, another protocol version, reserved flags, a length above
+//! `max_frame`, a checksum mismatch), an undecodable request, a request before `Hello`, a
+//! second `Hello`, or a wrong cluster id get an `Error` frame with request id 0 (or the
+//! Hello's id) and the connection is closed: the error is flushed, the write side shut
+//! down, and what the client still sends is drained for at most [`LINGER`] so that the
+//! error is not lost to a reset. A connection that ends inside a frame is closed (there
+//! is no one left to tell). A connection beyond `max_connections` gets
+//! `Error { Busy }` and is closed. A client whose unsent responses exceed
+//! `max_queued_bytes_per_conn` is closed at once. Everyone else keeps being served.
+
+use super::proto::{self, ConnId, ErrorCode, Request, Response, MAX_FRAME};
+use bytes::BytesMut;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+use transport::envelope::{Decoder, HEADER_LEN};
+
+/// How long a connection being closed with an error keeps draining input.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: ConnId = 2;
+/// Reads per readiness event before other connections get a turn.
+const READ_BUDGET: usize = 16;
+const SCRATCH: usize = 64 * 1024;
+
+/// A request for the node (never `Hello`: the server handles it).
+#[derive(Debug)]
+pub struct Inbound {
+    /// The connection it came on (answer to it).
+    pub conn: ConnId,
+    /// The client's request id (echo it).
+    pub req_id: u64,
+    /// The request (`Disconnected`: the connection is gone).
+    pub request: Request,
+}
+
+/// What the node tells the server.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send `response` for request `req_id` on `conn`.
+    Reply {
+        /// The connection.
+        conn: ConnId,
+        /// The request id answered.
+        req_id: u64,
+        /// The response.
+        response: Response,
+    },
+    /// Close `conn` once what is queued for it is sent.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+}
+
+/// Configuration of the client port.
+#[derive(Clone, Debug)]
+pub struct ClientServerConfig {
+    /// The cluster's id: a `Hello` naming another is refused.
+    pub cluster_id: u64,
+    /// This replica's id (sent in `HelloOk`).
+    pub node: u64,
+    /// Largest frame payload accepted or sent (see [`MAX_FRAME`]).
+    pub max_frame: u32,
+    /// Most open connections; more are refused with `Error { Busy }`.
+    pub max_connections: usize,
+    /// A client whose unsent responses exceed this many bytes is disconnected.
+    pub max_queued_bytes_per_conn: usize,
+}
+
+impl ClientServerConfig {
+    /// The defaults: [`MAX_FRAME`], 1024 connections, 64 MiB queued per connection.
+    pub fn new(cluster_id: u64, node: u64) -> Self {
+        ClientServerConfig {
+            cluster_id,
+            node,
+            max_frame: MAX_FRAME,
+            max_connections: 1024,
+            max_queued_bytes_per_conn: 64 << 20,
+        }
+    }
+}
+
+enum Ctl {
+    Out(Outbound),
+    Shutdown,
+}
+
+/// A cloneable, thread-safe handle the node answers through.
+#[derive(Clone)]
+pub struct Responder {
+    tx: mpsc::Sender<Ctl>,
+    waker: Arc<Waker>,
+}
+
+impl Responder {
+    /// Queues `out` for the server thread and wakes it. Does nothing once the server
+    /// has shut down.
+    pub fn send(&self, out: Outbound) {
+        if self.tx.send(Ctl::Out(out)).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// The running client-port server (see the module docs). Dropping it shuts it down.
+pub struct ClientServer {
+    addr: SocketAddr,
+    responder: Responder,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ClientServer {
+    /// Starts the thread. `inbound` is where requests go; `wake_node` is called after
+    /// pushing (it wakes the node's poll).
+    pub fn start(
+        listener: std::net::TcpListener,
+        cfg: ClientServerConfig,
+        inbound: mpsc::Sender<Inbound>,
+        wake_node: Arc<dyn Fn() + Send + Sync>,
+    ) -> io::Result<ClientServer> {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let mut listener = TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            decoder: Decoder::new(cfg.max_frame),
+            cfg,
+            poll,
+            listener,
+            conns: HashMap::new(),
+            next_id: FIRST_CONN,
+            inbound,
+            wake_node,
+            pushed: false,
+            node_gone: false,
+            rx,
+            scratch: vec![0; SCRATCH],
+            again: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("client-port-{}", addr.port()))
+            .spawn(move || worker.run())?;
+        Ok(ClientServer {
+            addr,
+            responder: Responder { tx, waker },
+            thread: Some(thread),
+        })
+    }
+
+    /// The address the client port listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A cloneable, thread-safe handle the node uses to answer (pushes to a queue and
+    /// wakes the server thread via `mio::Waker`).
+    pub fn responder(&self) -> Responder {
+        self.responder.clone()
+    }
+
+    /// Stops the thread, closes every connection and the listener, joins.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.responder.tx.send(Ctl::Shutdown);
+            let _ = self.responder.waker.wake();
+            if t.join().is_err() {
+                warn!("client-port thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ClientServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    rbuf: BytesMut,
+    out: Vec<u8>,
+    written: usize,
+    /// Completed `Hello`: the node may know this connection.
+    hello: bool,
+    /// Being closed: flush, shut down writing, drain input until EOF or this deadline.
+    closing: Option<Instant>,
+    write_shut: bool,
+}
+
+impl Conn {
+    fn queued(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Writes what it can. `Err`: the connection is broken.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            if self.closing.is_some() && !self.write_shut {
+                self.write_shut = true;
+                let _ = self.stream.shutdown(Shutdown::Write);
+            }
+        } else if self.written > (1 << 20) && self.written * 2 > self.out.len() {
+            self.out.drain(..self.written);
+            self.written = 0;
+        }
+        Ok(())
+    }
+}
+
+enum Fate {
+    Keep,
+    Close,
+}
+
+struct Worker {
+    cfg: ClientServerConfig,
+    decoder: Decoder,
+    poll: Poll,
+    listener: TcpListener,
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
+    inbound: mpsc::Sender<Inbound>,
+    wake_node: Arc<dyn Fn() + Send + Sync>,
+    pushed: bool,
+    node_gone: bool,
+    rx: mpsc::Receiver<Ctl>,
+    scratch: Vec<u8>,
+    /// Connections that used their read budget and may have more to read.
+    again: Vec<ConnId>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        'outer: loop {
+            let timeout = if self.again.is_empty() {
+                self.conns
+                    .values()
+                    .filter_map(|c| c.closing)
+                    .min()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("client port: poll failed: {e}; stopping");
+                    break;
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => {
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        self.on_conn(t as ConnId, readable, ev.is_writable());
+                    }
+                }
+            }
+            for id in std::mem::take(&mut self.again) {
+                self.on_conn(id, true, false);
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Ctl::Out(out)) => self.on_out(out),
+                    Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => break 'outer,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            let now = Instant::now();
+            let expired: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.closing.is_some_and(|d| d <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Some(c) = self.conns.remove(&id) {
+                    debug!("client {}: linger time over, closing", c.peer);
+                    self.finish(id, c);
+                }
+            }
+            self.wake();
+        }
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.remove(&id) {
+                self.finish(id, c);
+            }
+        }
+        self.wake();
+        debug!("client port {:?} stopped", self.listener.local_addr());
+    }
+
+    fn wake(&mut self) {
+        if self.pushed {
+            self.pushed = false;
+            (self.wake_node)();
+        }
+    }
+
+    fn push(&mut self, conn: ConnId, req_id: u64, request: Request) {
+        let msg = Inbound {
+            conn,
+            req_id,
+            request,
+        };
+        if self.inbound.send(msg).is_err() {
+            if !self.node_gone {
+                self.node_gone = true;
+                warn!("client port: the node's request queue is closed; requests are dropped");
+            }
+        } else {
+            self.pushed = true;
+        }
+    }
+
+    fn open_conns(&self) -> usize {
+        self.conns.values().filter(|c| c.closing.is_none()).count()
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("client port: accept failed: {e}");
+                    return;
+                }
+            };
+            let open = self.open_conns();
+            if self.conns.len() >= 2 * self.cfg.max_connections + 16 {
+                warn!(
+                    "client {peer}: refused, {} connections open or closing (limit {})",
+                    self.conns.len(),
+                    self.cfg.max_connections
+                );
+                drop(stream);
+                continue;
+            }
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!("client {peer}: TCP_NODELAY: {e}");
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(id as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                warn!("client {peer}: cannot register: {e}");
+                continue;
+            }
+            let mut c = Conn {
+                stream,
+                peer,
+                rbuf: BytesMut::new(),
+                out: Vec::new(),
+                written: 0,
+                hello: false,
+                closing: None,
+                write_shut: false,
+            };
+            if open >= self.cfg.max_connections {
+                let msg = format!(
+                    "too many connections ({open} open, limit {})",
+                    self.cfg.max_connections
+                );
+                self.fail(&mut c, 0, ErrorCode::Busy, msg);
+                match c.flush() {
+                    Ok(()) => {
+                        self.conns.insert(id, c);
+                    }
+                    Err(_) => self.finish(id, c),
+                }
+                continue;
+            }
+            debug!("client {peer}: connected as conn {id}");
+            self.conns.insert(id, c);
+        }
+    }
+
+    /// Sends an error frame, logs, and starts closing `c`.
+    fn fail(&mut self, c: &mut Conn, req_id: u64, code: ErrorCode, reason: String) {
+        warn!(
+            peer = %c.peer,
+            "client {}: {reason}; closing the connection",
+            c.peer
+        );
+        let resp = Response::Error {
+            code,
+            message: reason,
+        };
+        if proto::encode_response(req_id, &resp, &mut c.out).is_err() {
+            debug!("client {}: cannot encode the error frame", c.peer);
+        }
+        c.rbuf.clear();
+        c.closing = Some(Instant::now() + LINGER);
+    }
+
+    fn on_conn(&mut self, id: ConnId, readable: bool, writable: bool) {
+        let Some(mut c) = self.conns.remove(&id) else {
+            return;
+        };
+        let fate = self.drive(id, &mut c, readable, writable);
+        match fate {
+            Fate::Keep => {
+                self.conns.insert(id, c);
+            }
+            Fate::Close => self.finish(id, c),
+        }
+    }
+
+    fn drive(&mut self, id: ConnId, c: &mut Conn, readable: bool, writable: bool) -> Fate {
+        if readable {
+            let mut reads = 0;
+            loop {
+                if reads == READ_BUDGET {
+                    self.again.push(id);
+                    break;
+                }
+                reads += 1;
+                match c.stream.read(&mut self.scratch) {
+                    Ok(0) => {
+                        if c.closing.is_none() && !c.rbuf.is_empty() {
+                            warn!(
+                                peer = %c.peer,
+                                "client {}: connection ended inside a frame ({} bytes of it received); closing",
+                                c.peer,
+                                c.rbuf.len()
+                            );
+                        } else {
+                            debug!("client {}: closed by the client", c.peer);
+                        }
+                        return Fate::Close;
+                    }
+                    Ok(n) => {
+                        if c.closing.is_some() {
+                            continue; // draining
+                        }
+                        c.rbuf.extend_from_slice(&self.scratch[..n]);
+                        self.frames(id, c);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        if c.closing.is_none() {
+                            warn!(peer = %c.peer, "client {}: read error: {e}; closing", c.peer);
+                        }
+                        return Fate::Close;
+                    }
+                }
+            }
+        }
+        if writable || c.queued() > 0 {
+            if let Err(e) = c.flush() {
+                debug!("client {}: write error: {e}; closing", c.peer);
+                return Fate::Close;
+            }
+        }
+        Fate::Keep
+    }
+
+    /// Decodes and dispatches every whole frame in `c.rbuf`.
+    fn frames(&mut self, id: ConnId, c: &mut Conn) {
+        while c.closing.is_none() {
+            let frame = match self.decoder.decode(&mut c.rbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    let code = match e {
+                        transport::envelope::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    self.fail(c, 0, code, format!("bad frame: {e}"));
+                    return;
+                }
+            };
+            let (req_id, req) = match proto::decode_request(&frame) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fail(c, 0, ErrorCode::BadRequest, format!("bad request: {e}"));
+                    return;
+                }
+            };
+            match req {
+                Request::Hello { cluster_id } => {
+                    if c.hello {
+                        self.fail(c, req_id, ErrorCode::BadRequest, "second Hello".into());
+                    } else if cluster_id != self.cfg.cluster_id {
+                        let msg = format!(
+                            "cluster id {cluster_id}, this cluster is {}",
+                            self.cfg.cluster_id
+                        );
+                        self.fail(c, req_id, ErrorCode::WrongCluster, msg);
+                    } else {
+                        c.hello = true;
+                        let ok = Response::HelloOk {
+                            node: self.cfg.node,
+                        };
+                        let _ = proto::encode_response(req_id, &ok, &mut c.out);
+                    }
+                }
+                other if !c.hello => {
+                    let msg = format!("{other:?} before Hello");
+                    self.fail(c, req_id, ErrorCode::BadRequest, msg);
+                }
+                other => self.push(id, req_id, other),
+            }
+        }
+    }
+
+    fn on_out(&mut self, out: Outbound) {
+        match out {
+            Outbound::Reply {
+                conn,
+                req_id,
+                response,
+            } => {
+                let Some(mut c) = self.conns.remove(&conn) else {
+                    return;
+                };
+                if c.closing.is_some() {
+                    self.conns.insert(conn, c);
+                    return;
+                }
+                let start = c.out.len();
+                let too_large = match proto::encode_response(req_id, &response, &mut c.out) {
+                    Ok(()) => c.out.len() - start - HEADER_LEN > self.cfg.max_frame as usize,
+                    Err(_) => true,
+                };
+                if too_large {
+                    let len = c.out.len() - start;
+                    c.out.truncate(start);
+                    warn!(
+                        "client {}: response {response:?} of {len} bytes exceeds the frame limit {}; sending an error instead",
+                        c.peer, self.cfg.max_frame
+                    );
+                    let err = Response::Error {
+                        code: ErrorCode::TooLarge,
+                        message: format!(
+                            "response of {len} bytes exceeds the frame limit of {}",
+                            self.cfg.max_frame
+                        ),
+                    };
+                    let _ = proto::encode_response(req_id, &err, &mut c.out);
+                }
+                if let Err(e) = c.flush() {
+                    debug!("client {}: write error: {e}; closing", c.peer);
+                    self.finish(conn, c);
+                    return;
+                }
+                if c.queued() > self.cfg.max_queued_bytes_per_conn {
+                    warn!(
+                        peer = %c.peer,
+                        "client {}: slow reader, {} response bytes queued (limit {}); closing",
+                        c.peer,
+                        c.queued(),
+                        self.cfg.max_queued_bytes_per_conn
+                    );
+                    self.finish(conn, c);
+                    return;
+                }
+                self.conns.insert(conn, c);
+            }
+            Outbound::Close { conn } => {
+                let Some(mut c) = self.conns.remove(&conn) else {
+                    return;
+                };
+                if c.closing.is_none() {
+                    debug!("client {}: closed by the node", c.peer);
+                    c.closing = Some(Instant::now() + LINGER);
+                }
+                match c.flush() {
+                    Ok(()) => {
+                        self.conns.insert(conn, c);
+                    }
+                    Err(_) => self.finish(conn, c),
+                }
+            }
+        }
+    }
+
+    /// Drops a connection that is out of the map; tells the node if it knew it.
+    fn finish(&mut self, id: ConnId, mut c: Conn) {
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        if c.hello {
+            self.push(id, 0, Request::Disconnected);
+        }
+    }
+}
