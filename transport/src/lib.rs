@@ -40,7 +40,9 @@
 
 #![deny(missing_docs)]
 
+pub mod conformance;
 pub mod envelope;
+pub mod mem;
 
 use bytes::Bytes;
 use std::sync::Arc;
