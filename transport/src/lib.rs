@@ -42,6 +42,7 @@
 
 pub mod conformance;
 pub mod envelope;
+pub mod faults;
 pub mod mem;
 
 use bytes::Bytes;
