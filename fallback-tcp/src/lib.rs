@@ -103,11 +103,11 @@ struct Peer {
     inflight: HashMap<Token, Pending>,
 }
 
-/// A write or read that arrived from a peer and awaits the owner's completion.
+/// A write or read that arrived from a peer and awaits the owner's completion. Keyed by
+/// (peer, the peer's token): the token in `WriteArrived`/`ReadArrived` is the writer's
+/// own, as [`transport::conformance`] expects.
 struct Arrived {
     conn: usize,
-    peer: PeerId,
-    remote_token: u64,
     /// `Some(len)` for a read: the most bytes the answer may carry.
     read_len: Option<u32>,
 }
@@ -140,9 +140,19 @@ pub struct TcpTransport {
     decoder: Decoder,
     scratch: Vec<u8>,
     next_token: Token,
-    arrived: HashMap<Token, Arrived>,
+    arrived: HashMap<(PeerId, Token), Arrived>,
     holder: Option<PeerId>,
     rng: Rng,
+}
+
+/// Tokens start from the wall clock (in nanoseconds) so that a restarted replica does not
+/// reuse the tokens of its previous life: an agent that answers an access of the old
+/// life late keys it by (peer, token) and must not hit a new access.
+fn first_token() -> Token {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos.max(1)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -203,7 +213,7 @@ impl TcpTransport {
             handshake_decoder: Decoder::new(wire::HANDSHAKE_MAX_FRAME),
             decoder: Decoder::new(max),
             scratch: vec![0; SCRATCH],
-            next_token: 1,
+            next_token: first_token(),
             arrived: HashMap::new(),
             holder: None,
             rng: Rng::new(cfg.seed),
@@ -755,19 +765,10 @@ impl TcpTransport {
                     self.mark_dirty(id);
                     return Ok(());
                 }
-                let token = self.new_token();
-                self.arrived.insert(
-                    token,
-                    Arrived {
-                        conn: id,
-                        peer,
-                        remote_token,
-                        read_len: None,
-                    },
-                );
+                self.arrive(id, peer, remote_token, None)?;
                 events.push(Event::WriteArrived {
                     from: peer,
-                    token,
+                    token: remote_token,
                     offset,
                     data,
                 });
@@ -775,19 +776,10 @@ impl TcpTransport {
             }
             kind::READ => {
                 let (remote_token, offset, len) = wire::decode_read(&frame.payload)?;
-                let token = self.new_token();
-                self.arrived.insert(
-                    token,
-                    Arrived {
-                        conn: id,
-                        peer,
-                        remote_token,
-                        read_len: Some(len),
-                    },
-                );
+                self.arrive(id, peer, remote_token, Some(len))?;
                 events.push(Event::ReadArrived {
                     from: peer,
-                    token,
+                    token: remote_token,
                     offset,
                     len,
                 });
@@ -843,10 +835,22 @@ impl TcpTransport {
         Ok(())
     }
 
-    fn new_token(&mut self) -> Token {
-        let t = self.next_token;
-        self.next_token += 1;
-        t
+    fn arrive(
+        &mut self,
+        conn: usize,
+        peer: PeerId,
+        token: Token,
+        read_len: Option<u32>,
+    ) -> Result<(), ProtocolError> {
+        match self.arrived.entry((peer, token)) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                Err(ProtocolError::DuplicateToken(token))
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Arrived { conn, read_len });
+                Ok(())
+            }
+        }
     }
 
     /// Queues a request frame on our link to `to`.
@@ -892,12 +896,12 @@ impl TcpTransport {
         let bytes = match result {
             Ok(b) | Err(b) => b,
         };
-        let Some(a) = self.arrived.get(&token) else {
+        let Some(a) = self.arrived.get(&(from, token)) else {
             // Its connection is gone (the requester saw LinkFailed) or it was answered.
             debug!(local = self.cfg.local, from, token, "completion for no pending access");
             return Err(SendError::LinkDown(from));
         };
-        if a.peer != from || a.read_len.is_some() != read {
+        if a.read_len.is_some() != read {
             debug!(local = self.cfg.local, from, token, "completion does not match the access");
             return Err(SendError::LinkDown(from));
         }
@@ -911,7 +915,7 @@ impl TcpTransport {
                 limit,
             });
         }
-        let (id, remote) = (a.conn, a.remote_token);
+        let id = a.conn;
         let conn = self.conns.get_mut(&id).expect("arrived entries die with their conn");
         let q = conn.out.queued();
         let frame = transport::envelope::HEADER_LEN + 9 + bytes.len();
@@ -924,8 +928,8 @@ impl TcpTransport {
             kind::WRITE_ACK
         };
         conn.out
-            .push_frame(k, &wire::answer_meta(remote, result.is_ok()), bytes);
-        self.arrived.remove(&token);
+            .push_frame(k, &wire::answer_meta(token, result.is_ok()), bytes);
+        self.arrived.remove(&(from, token));
         self.mark_dirty(id);
         Ok(())
     }

@@ -142,6 +142,9 @@ pub enum ProtocolError {
     /// An answer for a token we have no request for.
     #[error("answer for unknown token {0}")]
     UnknownToken(u64),
+    /// A request reused the token of one still unanswered.
+    #[error("request with token {0} while one with that token is pending")]
+    DuplicateToken(u64),
     /// The peer does not read the answers we owe it.
     #[error("peer does not read its answers ({0} bytes queued)")]
     NotReading(usize),
