@@ -483,6 +483,9 @@ impl Worker {
                         } else {
                             debug!("client {}: closed by the client", c.peer);
                         }
+                        // Best effort: what is already queued (a client may half-close
+                        // and still read; answers the node has yet to give are lost).
+                        let _ = c.flush();
                         return Fate::Close;
                     }
                     Ok(n) => {

@@ -1,0 +1,303 @@
+//! Bad input on the client port: each bad connection gets a clear error frame where the
+//! protocol allows and is closed within a bounded time, the refusal is logged naming the
+//! peer and the reason, and the server keeps serving a good client afterwards.
+
+mod client_support;
+
+use client_support::{
+    capture_logs, frame, raw, read_one, read_until_closed, wait_for_log, FakeCluster, CLUSTER,
+};
+use replog::client::proto::kind;
+use replog::client::{Client, ClientConfig, ErrorCode, Request, Response};
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+use transport::envelope;
+
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+fn good_client_works(fake: &FakeCluster) {
+    let mut c = Client::connect(ClientConfig {
+        cluster_id: CLUSTER,
+        servers: fake.addrs(),
+        timeout: Duration::from_secs(5),
+        retries: 2,
+    })
+    .unwrap();
+    let p = c.append("still serving").unwrap();
+    assert_eq!(c.read(p, 1).unwrap()[0].0, p);
+}
+
+/// Sends `bytes` on a fresh connection; expects the connection closed within the bound,
+/// a log line naming this peer and `reason`, and returns the error frames received.
+fn refused(
+    fake: &FakeCluster,
+    bytes: &[u8],
+    half_close: bool,
+    reason: &str,
+) -> Vec<(u64, Response)> {
+    let mut s = raw(fake.addr(0));
+    let me = s.local_addr().unwrap().to_string();
+    s.write_all(bytes).unwrap();
+    if half_close {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let t0 = Instant::now();
+    let (got, closed) = read_until_closed(&mut s, CLOSE_WITHIN);
+    assert!(closed, "not closed within {CLOSE_WITHIN:?} ({reason})");
+    assert!(t0.elapsed() < CLOSE_WITHIN);
+    let line = wait_for_log(&[&me, reason], Duration::from_secs(5));
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("WARN")),
+        "no warning naming {me} and {reason:?}; logs:\n{}",
+        client_support::logs()
+    );
+    good_client_works(fake);
+    got
+}
+
+fn hello() -> Vec<u8> {
+    frame(
+        1,
+        &Request::Hello {
+            cluster_id: CLUSTER,
+        },
+    )
+}
+
+fn only_error(got: &[(u64, Response)], code: ErrorCode) -> String {
+    match got {
+        [(_, Response::Error { code: c, message })] if *c == code => message.clone(),
+        other => panic!("expected one {code} error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn garbage_bytes() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let got = refused(
+        &fake,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        false,
+        "bad magic",
+    );
+    assert!(only_error(&got, ErrorCode::BadRequest).contains("bad magic"));
+    // Garbage after a good Hello, too.
+    let mut g = hello();
+    g.extend_from_slice(&[0xAB; 100]);
+    let got = refused(&fake, &g, false, "bad magic");
+    assert!(matches!(got[0].1, Response::HelloOk { node: 1 }));
+    fake.shutdown();
+}
+
+#[test]
+fn truncated_frame_then_eof() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let mut b = hello();
+    let st = frame(2, &Request::Status);
+    b.extend_from_slice(&st[..st.len() - 3]);
+    let got = refused(&fake, &b, true, "ended inside a frame");
+    assert_eq!(got.len(), 1, "only the HelloOk: {got:?}");
+    // A header cut short, before Hello.
+    let got = refused(&fake, &hello()[..10], true, "ended inside a frame");
+    assert!(got.is_empty());
+    fake.shutdown();
+}
+
+#[test]
+fn oversized_length() {
+    capture_logs();
+    let fake = FakeCluster::start_with(1, |c| c.max_frame = 1 << 20);
+    // A header announcing 1 GiB: refused from the header alone.
+    let mut h = envelope::header(kind::APPEND, &[]);
+    h[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    let got = refused(&fake, &h, false, "exceeds the limit");
+    let msg = only_error(&got, ErrorCode::TooLarge);
+    assert!(
+        msg.contains("1073741824") && msg.contains("1048576"),
+        "{msg}"
+    );
+    // A real append just above the limit, after Hello.
+    let mut b = hello();
+    b.extend(frame(
+        2,
+        &Request::Append {
+            client: 1,
+            seq: 1,
+            entries: vec![vec![0u8; 1 << 20].into()],
+        },
+    ));
+    let got = refused(&fake, &b, false, "exceeds the limit");
+    assert!(matches!(
+        got[1].1,
+        Response::Error {
+            code: ErrorCode::TooLarge,
+            ..
+        }
+    ));
+    assert!(fake.log().iter().all(|e| e.len() < 1 << 20));
+    fake.shutdown();
+}
+
+#[test]
+fn wrong_cluster_id() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let b = frame(9, &Request::Hello { cluster_id: 77 });
+    let got = refused(&fake, &b, false, "cluster id 77, this cluster is 193");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, 9, "the error answers the Hello");
+    assert_eq!(
+        only_error(&got, ErrorCode::WrongCluster),
+        format!("cluster id 77, this cluster is {CLUSTER}")
+    );
+    fake.shutdown();
+}
+
+#[test]
+fn wrong_protocol_version() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let mut b = hello();
+    b[4] = envelope::VERSION + 1; // patched, checksum not recomputed
+    let got = refused(&fake, &b, false, "protocol version 2 not supported");
+    assert!(only_error(&got, ErrorCode::BadRequest).contains("version"));
+    // With the checksum recomputed, too.
+    let mut b = hello();
+    b[4] = 0;
+    let c = crc32c::crc32c_append(crc32c::crc32c(&b[0..12]), &b[16..]);
+    b[12..16].copy_from_slice(&c.to_le_bytes());
+    refused(&fake, &b, false, "protocol version 0 not supported");
+    fake.shutdown();
+}
+
+#[test]
+fn bad_checksum_unknown_kind_and_bad_payload() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let mut b = hello();
+    let n = b.len();
+    b[n - 1] ^= 0x40;
+    refused(&fake, &b, false, "checksum mismatch");
+    let mut b = hello();
+    let mut f = Vec::new();
+    envelope::encode(0x7f, &[0u8; 8], &mut f);
+    b.extend(f);
+    refused(&fake, &b, false, "unknown frame kind 0x7f");
+    // A response kind sent as a request.
+    let mut b = hello();
+    let mut f = Vec::new();
+    envelope::encode(kind::HELLO_OK, &[0u8; 16], &mut f);
+    b.extend(f);
+    refused(&fake, &b, false, "unknown frame kind 0x41");
+    // A Read with a field missing.
+    let mut b = hello();
+    let mut f = Vec::new();
+    envelope::encode(kind::READ, &[0u8; 12], &mut f);
+    b.extend(f);
+    refused(&fake, &b, false, "truncated payload");
+    fake.shutdown();
+}
+
+#[test]
+fn request_before_hello_and_second_hello() {
+    capture_logs();
+    let fake = FakeCluster::start(1);
+    let got = refused(&fake, &frame(5, &Request::Status), false, "before Hello");
+    assert_eq!(got[0].0, 5);
+    only_error(&got, ErrorCode::BadRequest);
+    let mut b = hello();
+    b.extend(hello());
+    let got = refused(&fake, &b, false, "second Hello");
+    assert_eq!(got.len(), 2);
+    // The node never saw a request from these connections.
+    assert_eq!(fake.state.lock().unwrap().appends_received, 2);
+    fake.shutdown();
+}
+
+#[test]
+fn max_connections_enforced() {
+    capture_logs();
+    let fake = FakeCluster::start_with(1, |c| c.max_connections = 2);
+    let mut a = raw(fake.addr(0));
+    let mut b = raw(fake.addr(0));
+    for s in [&mut a, &mut b] {
+        s.write_all(&hello()).unwrap();
+        assert!(matches!(read_one(s).1, Response::HelloOk { .. }));
+    }
+    let mut third = raw(fake.addr(0));
+    let me = third.local_addr().unwrap().to_string();
+    let _ = third.write_all(&hello());
+    let (got, closed) = read_until_closed(&mut third, CLOSE_WITHIN);
+    assert!(closed);
+    assert!(only_error(&got, ErrorCode::Busy).contains("limit 2"));
+    assert!(wait_for_log(&[&me, "too many connections"], Duration::from_secs(5)).is_some());
+    // The first two still work; after one leaves, a new one is accepted.
+    a.write_all(&frame(2, &Request::Status)).unwrap();
+    assert!(matches!(read_one(&mut a), (2, Response::Status(_))));
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = raw(fake.addr(0));
+        s.write_all(&hello()).unwrap();
+        match read_one(&mut s).1 {
+            Response::HelloOk { .. } => break,
+            Response::Error {
+                code: ErrorCode::Busy,
+                ..
+            } => {
+                assert!(Instant::now() < deadline, "slot never freed");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    fake.shutdown();
+}
+
+#[test]
+fn slow_reader_is_disconnected() {
+    capture_logs();
+    let fake = FakeCluster::start_with(1, |c| c.max_queued_bytes_per_conn = 256 << 10);
+    fake.state
+        .lock()
+        .unwrap()
+        .log
+        .push(vec![1u8; 1 << 20].into());
+    let mut s = TcpStream::connect(fake.addr(0)).unwrap();
+    let me = s.local_addr().unwrap().to_string();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&hello()).unwrap();
+    // Ask for a 1 MiB entry many times and never read: socket buffers fill, then the
+    // server's queue passes the limit and it closes the connection.
+    let read = frame(
+        3,
+        &Request::Read {
+            from: 1,
+            max_entries: 1,
+            max_bytes: 2 << 20,
+        },
+    );
+    for _ in 0..200 {
+        if s.write_all(&read).is_err() {
+            break;
+        }
+        if client_support::logs()
+            .lines()
+            .any(|l| l.contains(&me) && l.contains("slow reader"))
+        {
+            break;
+        }
+    }
+    let line = wait_for_log(&[&me, "slow reader"], Duration::from_secs(10));
+    assert!(line.is_some(), "no slow-reader warning");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.state.lock().unwrap().disconnected.is_empty() {
+        assert!(Instant::now() < deadline, "node not told of the disconnect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    good_client_works(&fake);
+    fake.shutdown();
+}
