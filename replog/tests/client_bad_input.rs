@@ -52,6 +52,7 @@ fn refused(
         "no warning naming {me} and {reason:?}; logs:\n{}",
         client_support::logs()
     );
+    eprintln!("{}", line.unwrap_or_default());
     good_client_works(fake);
     got
 }

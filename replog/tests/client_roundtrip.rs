@@ -213,3 +213,39 @@ fn connect_errors_are_typed() {
     drop(c);
     fake.shutdown();
 }
+
+#[test]
+fn concurrent_clients_each_entry_once_in_order() {
+    let fake = FakeCluster::start(1);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let cfg = cfg(fake.addrs());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(cfg).unwrap();
+                let mut last = 0;
+                for i in 0..200 {
+                    let p = if i % 10 == 0 {
+                        let b = (0..5)
+                            .map(|j| Bytes::from(format!("{t}/{i}/{j}")))
+                            .collect();
+                        let ps = c.append_batch(b).unwrap();
+                        assert!(ps.windows(2).all(|w| w[1] == w[0] + 1));
+                        ps[0]
+                    } else {
+                        c.append(format!("{t}/{i}")).unwrap()
+                    };
+                    assert!(p > last, "positions of one client increase");
+                    last = p;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let log = fake.log();
+    assert_eq!(log.len(), 8 * (180 + 20 * 5));
+    let unique: std::collections::HashSet<_> = log.iter().collect();
+    assert_eq!(unique.len(), log.len(), "no entry twice");
+    fake.shutdown();
+}

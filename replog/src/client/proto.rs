@@ -103,11 +103,16 @@ pub enum Request {
         from: u64,
         /// At most this many entries.
         max_entries: u32,
-        /// At most about this many payload bytes (at least one entry is returned if any).
+        /// At most this many bytes of entries, each counted as its length plus
+        /// [`ENTRY_OVERHEAD`] (but at least one entry is returned if there is one, and
+        /// the answer must fit the frame limit: see [`ENTRIES_FRAME_OVERHEAD`]).
         max_bytes: u32,
     },
     /// Subscribe: the server streams `Entries` from position `from` (0 = from the
-    /// first) with this request's id until the connection closes.
+    /// first) with this request's id until the connection closes. Each `Entries` frame
+    /// must fit the frame limit (the node splits a backlog into several frames); a
+    /// position already sent is never required to be sent again, and the client skips
+    /// repeats.
     Tail {
         /// The first position wanted (0 = from the first).
         from: u64,

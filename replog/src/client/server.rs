@@ -90,7 +90,8 @@ pub struct ClientServerConfig {
     pub max_frame: u32,
     /// Most open connections; more are refused with `Error { Busy }`.
     pub max_connections: usize,
-    /// A client whose unsent responses exceed this many bytes is disconnected.
+    /// A client whose unsent responses exceed this many bytes is disconnected (keep it
+    /// a few times `max_frame`: one large answer to a slow socket must fit).
     pub max_queued_bytes_per_conn: usize,
 }
 
