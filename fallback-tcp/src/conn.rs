@@ -67,7 +67,10 @@ impl OutQueue {
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         while n > 0 {
-            let front = self.chunks.front_mut().expect("advance within queued bytes");
+            let front = self
+                .chunks
+                .front_mut()
+                .expect("advance within queued bytes");
             if front.len() <= n {
                 n -= front.len();
                 self.chunks.pop_front();

@@ -563,10 +563,7 @@ impl TcpTransport {
     fn read_conn(&mut self, id: usize, closed: bool, events: &mut Vec<Event>) {
         let mut budget = READ_BUDGET;
         let mut scratch = std::mem::take(&mut self.scratch);
-        loop {
-            let Some(conn) = self.conns.get_mut(&id) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get_mut(&id) {
             let res = conn.read_once(&mut scratch);
             match res {
                 Ok(ReadOutcome::Data { n, more }) => {
@@ -751,7 +748,10 @@ impl TcpTransport {
             kind::WRITE => {
                 let (remote_token, offset, data) = wire::decode_write(&frame.payload)?;
                 if self.holder != Some(peer) {
-                    debug!(local = self.cfg.local, peer, offset, "write denied: no permission");
+                    debug!(
+                        local = self.cfg.local,
+                        peer, offset, "write denied: no permission"
+                    );
                     let conn = self.conns.get_mut(&id).expect("live");
                     conn.out.push_frame(
                         kind::WRITE_ACK,
@@ -898,11 +898,17 @@ impl TcpTransport {
         };
         let Some(a) = self.arrived.get(&(from, token)) else {
             // Its connection is gone (the requester saw LinkFailed) or it was answered.
-            debug!(local = self.cfg.local, from, token, "completion for no pending access");
+            debug!(
+                local = self.cfg.local,
+                from, token, "completion for no pending access"
+            );
             return Err(SendError::LinkDown(from));
         };
         if a.read_len.is_some() != read {
-            debug!(local = self.cfg.local, from, token, "completion does not match the access");
+            debug!(
+                local = self.cfg.local,
+                from, token, "completion does not match the access"
+            );
             return Err(SendError::LinkDown(from));
         }
         let limit = match (a.read_len, result) {
@@ -916,7 +922,10 @@ impl TcpTransport {
             });
         }
         let id = a.conn;
-        let conn = self.conns.get_mut(&id).expect("arrived entries die with their conn");
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("arrived entries die with their conn");
         let q = conn.out.queued();
         let frame = transport::envelope::HEADER_LEN + 9 + bytes.len();
         if q > 0 && q + frame > self.cfg.max_queued_completion_bytes_per_peer {

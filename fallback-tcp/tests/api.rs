@@ -24,7 +24,11 @@ fn messages_arrive_in_order_including_large_ones() {
     let n = 600u32;
     let mut sent = 0u32;
     let end = Instant::now() + Duration::from_secs(30);
-    let count = |e: &Vec<Event>| e.iter().filter(|e| matches!(e, Event::Message { .. })).count();
+    let count = |e: &Vec<Event>| {
+        e.iter()
+            .filter(|e| matches!(e, Event::Message { .. }))
+            .count()
+    };
     while count(&evs[1]) < n as usize || count(&evs[2]) < n as usize {
         assert!(Instant::now() < end, "messages not delivered in time");
         while sent < n {
@@ -68,7 +72,9 @@ fn write_and_read_round_trip() {
     ts[1].grant(1);
     assert_eq!(ts[1].permission_holder(), Some(1));
     let w = ts[0].write(2, 4096, b"entry bytes").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[1].is_empty()
+    });
     let Event::WriteArrived {
         from,
         token,
@@ -82,7 +88,9 @@ fn write_and_read_round_trip() {
     ts[1].complete_write(1, token, Ok(b"ack")).unwrap();
     // A second completion for the same token is refused, not sent.
     assert!(ts[1].complete_write(1, token, Ok(b"again")).is_err());
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[0].is_empty());
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[0].is_empty()
+    });
     assert_eq!(
         evs[0].remove(0),
         Event::WriteDone {
@@ -96,7 +104,9 @@ fn write_and_read_round_trip() {
     ts[1].revoke(1);
     let r = ts[0].read(2, 7, 10).unwrap();
     let r2 = ts[0].read(2, 8, 4).unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[1].len() >= 2);
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        e[1].len() >= 2
+    });
     let tokens: Vec<(u64, u64, u32)> = evs[1]
         .drain(..)
         .map(|e| match e {
@@ -113,12 +123,21 @@ fn write_and_read_round_trip() {
     // An answer longer than asked is refused.
     assert!(matches!(
         ts[1].complete_read(1, tokens[0].0, Ok(&[0u8; 11])),
-        Err(SendError::TooLarge { size: 11, limit: 10 })
+        Err(SendError::TooLarge {
+            size: 11,
+            limit: 10
+        })
     ));
     // Answer out of order: the second first, as a denial.
-    ts[1].complete_read(1, tokens[1].0, Err(b"trimmed")).unwrap();
-    ts[1].complete_read(1, tokens[0].0, Ok(b"0123456789")).unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[0].len() >= 2);
+    ts[1]
+        .complete_read(1, tokens[1].0, Err(b"trimmed"))
+        .unwrap();
+    ts[1]
+        .complete_read(1, tokens[0].0, Ok(b"0123456789"))
+        .unwrap();
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        e[0].len() >= 2
+    });
     assert_eq!(
         evs[0],
         vec![
@@ -144,7 +163,9 @@ fn writes_from_non_holders_are_denied_by_the_transport() {
     let mut evs = vec![Vec::new(); 3];
     ts[1].grant(3);
     let w1 = ts[0].write(2, 0, b"from 1").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[0].is_empty());
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[0].is_empty()
+    });
     assert_eq!(
         evs[0].remove(0),
         Event::WriteDone {
@@ -155,16 +176,27 @@ fn writes_from_non_holders_are_denied_by_the_transport() {
             })
         }
     );
-    assert!(evs[1].is_empty(), "no WriteArrived for a non-holder: {:?}", evs[1]);
+    assert!(
+        evs[1].is_empty(),
+        "no WriteArrived for a non-holder: {:?}",
+        evs[1]
+    );
 
     // The holder's write arrives; after revoke, its next one is denied.
     ts[2].write(2, 1, b"from 3").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
-    assert!(matches!(evs[1].remove(0), Event::WriteArrived { from: 3, .. }));
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[1].is_empty()
+    });
+    assert!(matches!(
+        evs[1].remove(0),
+        Event::WriteArrived { from: 3, .. }
+    ));
     ts[1].revoke(3);
     assert_eq!(ts[1].permission_holder(), None);
     let w3 = ts[2].write(2, 2, b"from 3 again").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[2].is_empty());
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[2].is_empty()
+    });
     assert_eq!(
         evs[2].remove(0),
         Event::WriteDone {
@@ -191,7 +223,9 @@ fn writes_from_non_holders_are_denied_by_the_transport() {
             ..
         }
     ));
-    assert!(matches!(&evs[1][0], Event::WriteArrived { from: 1, data, .. } if &data[..] == b"1 after grant(1)"));
+    assert!(
+        matches!(&evs[1][0], Event::WriteArrived { from: 1, data, .. } if &data[..] == b"1 after grant(1)")
+    );
 }
 
 #[test]
@@ -226,7 +260,9 @@ fn ten_thousand_writes_each_complete_once() {
                     data,
                 } => {
                     assert_eq!(&data[..], &offset.to_le_bytes());
-                    ts[1].complete_write(1, token, Ok(&offset.to_le_bytes())).unwrap();
+                    ts[1]
+                        .complete_write(1, token, Ok(&offset.to_le_bytes()))
+                        .unwrap();
                 }
                 e => panic!("unexpected {e:?}"),
             }
@@ -269,7 +305,9 @@ fn waker_interrupts_a_blocked_poll() {
     assert!(took < Duration::from_secs(5), "poll took {took:?}");
     // A poll with a timeout and nothing to do returns after about that long.
     let start = Instant::now();
-    ts[0].poll(&mut evs, Some(Duration::from_millis(30))).unwrap();
+    ts[0]
+        .poll(&mut evs, Some(Duration::from_millis(30)))
+        .unwrap();
     assert!(start.elapsed() >= Duration::from_millis(25));
 }
 
@@ -288,7 +326,10 @@ fn argument_errors() {
             limit: max
         })
     );
-    assert!(matches!(ts[0].read(2, 0, u32::MAX), Err(SendError::TooLarge { .. })));
+    assert!(matches!(
+        ts[0].read(2, 0, u32::MAX),
+        Err(SendError::TooLarge { .. })
+    ));
     assert_eq!(ts[0].write(9, 0, b"x"), Err(SendError::UnknownPeer(9)));
     assert!(ts[1].complete_write(1, 12345, Ok(b"")).is_err());
     assert_eq!(
@@ -306,7 +347,9 @@ fn argument_errors() {
         .set_peers(BTreeMap::from([(2, "127.0.0.1:9".parse().unwrap())]))
         .unwrap();
     let mut evs = Vec::new();
-    lonely.poll(&mut evs, Some(Duration::from_millis(20))).unwrap();
+    lonely
+        .poll(&mut evs, Some(Duration::from_millis(20)))
+        .unwrap();
     assert_eq!(lonely.send(2, b"x"), Err(SendError::LinkDown(2)));
     assert_eq!(lonely.write(2, 0, b"x"), Err(SendError::LinkDown(2)));
     assert!(!lonely.is_up(2));

@@ -78,7 +78,10 @@ pub fn pump_until(
 ) {
     let end = Instant::now() + limit;
     while !done(evs) {
-        assert!(Instant::now() < end, "condition not reached within {limit:?}");
+        assert!(
+            Instant::now() < end,
+            "condition not reached within {limit:?}"
+        );
         pump(ts, evs);
     }
 }
