@@ -49,6 +49,9 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// Maximum slots carried by one remote write.
     pub max_write_slots: usize,
+    /// Maximum slots one remote read answers (a candidate reading a longer tail reads
+    /// it in parts).
+    pub max_read_slots: u64,
     /// Maximum client entries waiting at the leader for a slot; beyond it proposals
     /// are refused as busy (backpressure).
     pub max_pending_entries: usize,
@@ -94,6 +97,7 @@ impl Config {
             max_batch_entries: 1024,
             max_batch_bytes: 1 << 20,
             max_write_slots: 64,
+            max_read_slots: 1024,
             max_pending_entries: 1 << 16,
             seed: id,
             #[cfg(feature = "sim")]
@@ -133,7 +137,11 @@ impl Config {
                 "election_timeout must be at least twice heartbeat_interval",
             ));
         }
-        if self.window == 0 || self.max_batch_entries == 0 || self.max_write_slots == 0 {
+        if self.window == 0
+            || self.max_batch_entries == 0
+            || self.max_write_slots == 0
+            || self.max_read_slots == 0
+        {
             return Err(ConfigError::Invalid(
                 "window, max_batch_entries and max_write_slots must be non-zero",
             ));

@@ -14,7 +14,7 @@ use crate::config::PlantedBug;
 use crate::contracts::{ensure, invariant, require};
 use crate::message::{Message, ReadRequest, ReadResult};
 use crate::storage::Storage;
-use crate::types::{Ballot, Entry, NodeId, Slot, Value};
+use crate::types::{Ballot, Entry, Nanos, NodeId, Slot, Value};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 impl<S: Storage> Replica<S> {
@@ -51,12 +51,23 @@ impl<S: Storage> Replica<S> {
     fn lease_active(&self, from: NodeId) -> bool {
         match self.role {
             Role::Leader => true,
+            // A candidate whose phase 1 is progressing (tails being read) does not help
+            // another election start; if it stalls, its lease lapses.
+            Role::Candidate => self
+                .candidate_contact
+                .is_some_and(|t| self.now < t + self.cfg.election_timeout),
             _ => {
-                self.leader.is_some()
+                let recent =
+                    |t: Option<Nanos>| t.is_some_and(|t| self.now < t + self.cfg.election_timeout);
+                let leader_alive = self.leader.is_some()
                     && self.leader != Some(from)
-                    && self
-                        .leader_contact
-                        .is_some_and(|t| self.now < t + self.cfg.election_timeout)
+                    && recent(self.leader_contact);
+                // A candidate we promised that is still reading tails in parts.
+                let candidate_busy = self.promised.node != from
+                    && self.promised.node != self.cfg.id
+                    && self.leader.is_none()
+                    && recent(self.candidate_contact);
+                leader_alive || candidate_busy
             }
         }
     }
@@ -148,9 +159,12 @@ impl<S: Storage> Replica<S> {
             from,
             promised: BTreeMap::from([(self.cfg.id, (self.chosen, last))]),
             read: BTreeMap::from([(self.cfg.id, own)]),
+            partial: BTreeMap::new(),
             promise_msgs: 1,
             read_msgs: 1,
         });
+        // Until promisers' tails are being read, other elections may preempt this one.
+        self.candidate_contact = None;
         let now = self.now;
         self.reset_election_timer(now);
         self.note_role();
@@ -185,6 +199,7 @@ impl<S: Storage> Replica<S> {
             self.leader = None;
             self.leader_contact = None;
             let now = self.now;
+            self.candidate_contact = Some(now);
             self.reset_election_timer(now);
             let last = self.storage.last_slot();
             self.send(
@@ -256,7 +271,8 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    /// A promiser's log tail arrived.
+    /// (A part of) a promiser's log tail arrived. The agent may answer a shorter range
+    /// than asked (`to` below the promiser's last slot): read the rest, then count it.
     pub(super) fn on_read_completion(
         &mut self,
         from: NodeId,
@@ -267,22 +283,54 @@ impl<S: Storage> Replica<S> {
         }
         let double = self.bug(PlantedBug::DoubleCountVote);
         let cand = self.cand.as_mut().expect("candidate state");
-        if cand.ballot != res.ballot || !cand.promised.contains_key(&from) || res.from != cand.from
-        {
+        let Some(&(_, last)) = cand.promised.get(&from) else {
+            return Ok(());
+        };
+        if cand.ballot != res.ballot || res.to < res.from || res.to > last {
             return Ok(());
         }
         if cand.read.contains_key(&from) && !double {
             return Ok(());
         }
-        // Keep only entries inside the range asked for. Entries of a ballot above ours
+        // Parts arrive in order (one outstanding read per promiser); anything else is a
+        // stale duplicate.
+        let start = cand.from;
+        let (next, part) = cand
+            .partial
+            .entry(from)
+            .or_insert_with(|| (start, Vec::new()));
+        if res.from != *next && !double {
+            return Ok(());
+        }
+        // Keep only entries inside the range answered. Entries of a ballot above ours
         // may appear (the acceptor promised a higher ballot after promising ours and
         // accepted from its owner): adopting them is safe, because a value proposed
         // under a higher ballot is safe for every lower one; dropping them is not.
-        let entries: Vec<Entry> = res
-            .entries
-            .into_iter()
-            .filter(|e| e.slot >= res.from && e.slot <= res.to)
-            .collect();
+        part.extend(
+            res.entries
+                .into_iter()
+                .filter(|e| e.slot >= res.from && e.slot <= res.to),
+        );
+        *next = res.to + 1;
+        // Reading a long tail in parts is progress: do not give up on the election.
+        let now = self.now;
+        self.candidate_contact = Some(now);
+        self.reset_election_timer(now);
+        let cand = self.cand.as_mut().expect("candidate state");
+        if res.to < last {
+            let req = ReadRequest {
+                ballot: res.ballot,
+                from: res.to + 1,
+                to: last,
+            };
+            self.emit(Action::RemoteRead { to: from, req });
+            return Ok(());
+        }
+        let entries = cand
+            .partial
+            .remove(&from)
+            .map(|(_, e)| e)
+            .unwrap_or_default();
         cand.read.insert(from, entries);
         cand.read_msgs += 1;
         self.maybe_adopt()

@@ -160,6 +160,9 @@ struct CandidateState {
     promised: BTreeMap<NodeId, (Slot, Slot)>,
     /// Promisers whose tail has been read (self included), with the entries read.
     read: BTreeMap<NodeId, Vec<Entry>>,
+    /// Promisers whose tail is being read in parts: the next slot to read, and the
+    /// entries so far.
+    partial: BTreeMap<NodeId, (Slot, Vec<Entry>)>,
     /// Message counters for the planted `DoubleCountVote` bug.
     #[allow(dead_code)]
     promise_msgs: usize,
@@ -214,6 +217,9 @@ pub struct Replica<S: Storage> {
     leader: Option<NodeId>,
     /// When we last heard from `leader` (leader lease for stickiness).
     leader_contact: Option<Nanos>,
+    /// When the candidate we promised last showed progress (it prepared or read our
+    /// tail): while recent, we do not help start another election.
+    candidate_contact: Option<Nanos>,
     /// When to start (or restart) an election.
     election_deadline: Nanos,
     /// Latest commit index heard, and the ballot of the leader that sent it.
@@ -256,6 +262,7 @@ impl<S: Storage> Replica<S> {
             max_round: promised.round,
             leader: None,
             leader_contact: None,
+            candidate_contact: None,
             election_deadline: 0,
             known_commit: (Ballot::ZERO, 0),
             chosen: 0,

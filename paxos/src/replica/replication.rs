@@ -313,15 +313,26 @@ impl<S: Storage> Replica<S> {
 
     /// A remote read of our log (phase 1 of a candidate).
     pub(super) fn on_remote_read(&mut self, from: NodeId, req: ReadRequest) -> Result<(), Error> {
-        let entries = if req.from <= req.to {
-            self.storage.entries(req.from, req.to)?
+        if req.ballot == self.promised && from == self.promised.node {
+            // The candidate we promised is reading our tail: it is making progress, so
+            // give it time before starting an election of our own.
+            let now = self.now;
+            self.candidate_contact = Some(now);
+            self.reset_election_timer(now);
+        }
+        // Answer at most `max_read_slots` slots; the reader asks for the rest.
+        let to = req
+            .to
+            .min(req.from.saturating_add(self.cfg.max_read_slots - 1));
+        let entries = if req.from <= to {
+            self.storage.entries(req.from, to)?
         } else {
             Vec::new()
         };
         let result = ReadResult {
             ballot: req.ballot,
             from: req.from,
-            to: req.to,
+            to,
             entries,
         };
         self.emit(Action::ReadCompletion { to: from, result });

@@ -68,6 +68,9 @@ pub struct SimConfig {
     /// writes it covers (inputs arriving meanwhile join the same sync: group commit).
     /// A crash in between loses the writes.
     pub disk_latency: (Nanos, Nanos),
+    /// Slots a replica answers per remote read (small values make candidates read
+    /// tails in many parts).
+    pub read_slots: u64,
     /// Number of crash-restart events in the fault phase.
     pub crashes: usize,
     /// Number of partition events in the fault phase.
@@ -109,6 +112,7 @@ impl SimConfig {
             slow: [0.0, 0.02, 0.1][r.below(3) as usize],
             slow_max: r.range(5, 60) * MS,
             disk_latency: [(0, 0), (10_000, 200_000), (100_000, 2 * MS)][r.below(3) as usize],
+            read_slots: [2, 7, 1024][r.below(3) as usize],
             crashes: r.range(0, 4) as usize,
             partitions: r.range(0, 4) as usize,
             clock_spread: [0.0, 0.1, 0.5][r.below(3) as usize],

@@ -578,6 +578,7 @@ impl World {
         c.max_batch_entries = 4;
         c.max_write_slots = 3;
         c.max_pending_entries = 64;
+        c.max_read_slots = self.cfg.read_slots;
         c.seed = self
             .cfg
             .seed
