@@ -143,6 +143,8 @@ pub struct TcpTransport {
     arrived: HashMap<(PeerId, Token), Arrived>,
     holder: Option<PeerId>,
     rng: Rng,
+    /// Events produced outside `poll` (by `set_peers`), reported by the next `poll`.
+    pending_events: Vec<Event>,
 }
 
 /// Tokens start from the wall clock (in nanoseconds) so that a restarted replica does not
@@ -217,6 +219,7 @@ impl TcpTransport {
             arrived: HashMap::new(),
             holder: None,
             rng: Rng::new(cfg.seed),
+            pending_events: Vec::new(),
             cfg,
         };
         let peers = std::mem::take(&mut t.cfg.peers);
@@ -255,8 +258,8 @@ impl TcpTransport {
             }
             self.peers.remove(&id);
         }
-        // Failures of in-flight accesses to removed peers are lost with them: the
-        // caller removed the peer.
+        // In-flight accesses to removed peers fail (LinkFailed) at the next poll.
+        self.pending_events.append(&mut events);
         for (&id, &addr) in &peers {
             self.peers.entry(id).or_insert_with(|| Peer {
                 addr,
@@ -1019,6 +1022,7 @@ impl Transport for TcpTransport {
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let start = events.len();
+        events.append(&mut self.pending_events);
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut mio_events = self.mio_events.take().expect("events buffer");
         let res = loop {

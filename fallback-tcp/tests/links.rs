@@ -191,3 +191,29 @@ fn a_peer_that_does_not_read_gets_backpressure_not_memory() {
     let total = reader.join().unwrap();
     assert_eq!(total, (accepted + 1) * (HEADER_LEN + msg.len()));
 }
+
+#[test]
+fn removing_a_peer_fails_its_accesses_once() {
+    let mut ts = cluster(2);
+    ts[1].grant(1);
+    let w = ts[0].write(2, 0, b"x").unwrap();
+    let mut evs = vec![Vec::new(); 2];
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        !e[1].is_empty()
+    });
+    ts[0].set_peers(BTreeMap::new()).unwrap();
+    assert_eq!(ts[0].peers(), Vec::<u64>::new());
+    let mut a = Vec::new();
+    ts[0].poll(&mut a, Some(Duration::from_millis(5))).unwrap();
+    assert!(a.iter().any(|e| matches!(e, Event::WriteDone { to: 2, token, result: Err(AccessError::LinkFailed(_)) } if *token == w)), "{a:?}");
+    assert_eq!(ts[0].send(2, b"x"), Err(SendError::UnknownPeer(2)));
+    for _ in 0..20 {
+        ts[0].poll(&mut a, Some(Duration::from_millis(1))).unwrap();
+    }
+    assert_eq!(
+        a.iter()
+            .filter(|e| matches!(e, Event::WriteDone { .. }))
+            .count(),
+        1
+    );
+}
