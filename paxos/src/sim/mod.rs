@@ -134,6 +134,8 @@ impl SimConfig {
         c.partitions = c.partitions.max(2);
         c.disk_latency = (100_000, 3 * MS);
         c.dup = c.dup.max(0.05);
+        c.slow = c.slow.max(0.05);
+        c.slow_max = c.slow_max.max(30 * MS);
         c
     }
 
