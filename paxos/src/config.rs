@@ -10,7 +10,8 @@ pub enum PlantedBug {
     /// Phase 1 ignores the values read from acceptors and fills open slots with no-ops
     /// or new proposals (breaks the Paxos value-adoption rule).
     SkipValueAdoption,
-    /// The acceptor takes remote writes from a lower ballot than the one it promised.
+    /// The acceptor honours a lower ballot than the one it promised: it answers its
+    /// Prepare with a promise, its heartbeats, and takes its remote writes.
     AcceptLowerBallot,
     /// Promises and read completions are counted per message, not per replica, so a
     /// duplicated message counts twice.

@@ -222,6 +222,17 @@ impl<S: Storage> Replica<S> {
                     last,
                 },
             );
+        } else if self.bug(PlantedBug::AcceptLowerBallot) {
+            // Planted bug: answer a lower ballot's Prepare as if it were current.
+            let last = self.storage.last_slot();
+            self.send(
+                from,
+                Message::Promise {
+                    ballot,
+                    chosen: self.chosen,
+                    last,
+                },
+            );
         } else {
             self.send(
                 from,

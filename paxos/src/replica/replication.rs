@@ -351,6 +351,20 @@ impl<S: Storage> Replica<S> {
         }
         self.max_round = self.max_round.max(ballot.round);
         if ballot < self.promised {
+            if self.bug(PlantedBug::AcceptLowerBallot) {
+                // Planted bug: keep serving a lower ballot's leader.
+                let last = self.storage.last_slot();
+                let chosen = self.chosen;
+                self.send(
+                    from,
+                    Message::HeartbeatReply {
+                        ballot,
+                        chosen,
+                        last,
+                    },
+                );
+                return Ok(());
+            }
             self.send(
                 from,
                 Message::Reject {

@@ -135,7 +135,7 @@ impl SimConfig {
         c.disk_latency = (100_000, 3 * MS);
         c.dup = c.dup.max(0.05);
         c.slow = c.slow.max(0.05);
-        c.slow_max = c.slow_max.max(30 * MS);
+        c.slow_max = c.slow_max.max(150 * MS);
         c
     }
 
