@@ -109,6 +109,21 @@ pub enum Action {
     },
 }
 
+/// A leader's view of one follower, for status and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// The follower.
+    pub id: NodeId,
+    /// Whether it votes.
+    pub voter: bool,
+    /// Highest slot it acknowledged contiguously.
+    pub matched: Slot,
+    /// Next slot to send it.
+    pub next: Slot,
+    /// When it was last heard from (the replica's clock).
+    pub last_heard: Option<Nanos>,
+}
+
 /// A fatal error: the replica stops (it never acknowledges what may not be durable).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -350,6 +365,28 @@ impl<S: Storage> Replica<S> {
         self.lead.as_ref().map_or(0, |l| l.pending.len())
     }
 
+    /// On a leader, each follower's replication progress (empty otherwise).
+    pub fn peer_progress(&self) -> Vec<PeerProgress> {
+        let Some(l) = &self.lead else {
+            return Vec::new();
+        };
+        l.peers
+            .iter()
+            .map(|(&id, p)| PeerProgress {
+                id,
+                voter: p.voter,
+                matched: p.matched,
+                next: p.next,
+                last_heard: p.last_heard,
+            })
+            .collect()
+    }
+
+    /// The leader's commit index, or this replica's chosen prefix when not leading.
+    pub fn commit_index(&self) -> Slot {
+        self.lead.as_ref().map_or(self.chosen, |l| l.commit)
+    }
+
     /// A one-line dump of the protocol state, for debugging and failure reports.
     pub fn debug_state(&self) -> String {
         let mut s = format!(
@@ -421,6 +458,12 @@ impl<S: Storage> Replica<S> {
     ) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) || from == self.cfg.id {
+            // Still answer (every access completes), but never accept.
+            let result = WriteResult::Denied {
+                ballot: req.ballot,
+                promised: Some(self.promised),
+            };
+            self.emit(Action::WriteCompletion { to: from, result });
             return Ok(());
         }
         let r = self.on_remote_write(from, req);
@@ -436,6 +479,14 @@ impl<S: Storage> Replica<S> {
     ) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) || from == self.cfg.id {
+            // Still answer (every access completes), with nothing.
+            let result = ReadResult {
+                ballot: req.ballot,
+                from: req.from,
+                to: req.from.saturating_sub(1),
+                entries: Vec::new(),
+            };
+            self.emit(Action::ReadCompletion { to: from, result });
             return Ok(());
         }
         let r = self.on_remote_read(from, req);

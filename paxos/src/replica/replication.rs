@@ -313,7 +313,7 @@ impl<S: Storage> Replica<S> {
 
     /// A remote read of our log (phase 1 of a candidate).
     pub(super) fn on_remote_read(&mut self, from: NodeId, req: ReadRequest) -> Result<(), Error> {
-        if req.ballot == self.promised && from == self.promised.node {
+        if from == self.promised.node && self.leader.is_none() {
             // The candidate we promised is reading our tail: it is making progress, so
             // give it time before starting an election of our own.
             let now = self.now;
