@@ -1,4 +1,7 @@
 //! replog: the replicated log service.
 
 pub mod client;
+pub mod config;
+pub mod metrics;
 pub mod store;
+pub mod wire;
