@@ -480,7 +480,7 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => return Ok(()),
-                    LISTENER => self.accept()?,
+                    LISTENER => self.accept(),
                     Token(t) => {
                         let done = match self.conns.get_mut(&t) {
                             Some(c) => serve(c, &self.metrics),
@@ -495,27 +495,35 @@ impl Server {
                 }
             }
             if self.saturated && self.conns.len() < MAX_CONNECTIONS {
-                self.accept()?;
+                self.accept();
             }
         }
     }
 
-    fn accept(&mut self) -> io::Result<()> {
+    fn accept(&mut self) {
         self.saturated = false;
         while self.conns.len() < MAX_CONNECTIONS {
             let (mut stream, _) = match self.listener.accept() {
                 Ok(s) => s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if is_transient_accept_error(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Out of descriptors or memory: keep serving the connections we
+                    // have; the next connection attempt retries.
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    return;
+                }
             };
             let t = self.next_token;
             self.next_token += 1;
-            self.poll.registry().register(
+            if let Err(e) = self.poll.registry().register(
                 &mut stream,
                 Token(t),
                 Interest::READABLE | Interest::WRITABLE,
-            )?;
+            ) {
+                tracing::warn!(error = %e, "metrics endpoint: cannot watch a connection");
+                continue;
+            }
             self.conns.insert(
                 t,
                 Conn {
@@ -531,7 +539,6 @@ impl Server {
         // At the limit: the rest wait in the backlog. The listener is edge
         // triggered, so `run` looks again when a connection ends.
         self.saturated = true;
-        Ok(())
     }
 }
 
