@@ -32,6 +32,7 @@ impl<S: Storage> Replica<S> {
                 if now >= qc_due && !self.check_quorum() {
                     return Ok(()); // stepped down
                 }
+                self.notify_commit();
                 if now >= hb_due {
                     self.heartbeat_tick()?;
                 }
@@ -420,6 +421,7 @@ impl<S: Storage> Replica<S> {
                 acked: BTreeMap::new(),
                 last_heard: heard,
                 last_progress: now,
+                commit_sent: 0,
             };
             peers.insert(id, p);
         }
@@ -434,6 +436,7 @@ impl<S: Storage> Replica<S> {
             peers,
             heartbeat_due: now,
             quorum_check_due: now + self.cfg.election_timeout,
+            commit_notify: false,
         });
         self.note_role();
         self.heartbeat_tick()?;

@@ -202,6 +202,8 @@ struct Progress {
     last_heard: Option<Nanos>,
     /// When `matched` last advanced (or writes were last (re)started).
     last_progress: Nanos,
+    /// The highest commit index sent to this follower (on a write or heartbeat).
+    commit_sent: Slot,
 }
 
 /// A leader's state.
@@ -216,6 +218,9 @@ struct LeaderState {
     peers: BTreeMap<NodeId, Progress>,
     heartbeat_due: Nanos,
     quorum_check_due: Nanos,
+    /// The commit index advanced since followers were last told: tell those that no
+    /// write carried it at the end of this round of inputs.
+    commit_notify: bool,
 }
 
 /// One member's Multi-Paxos state machine. Generic over its [`Storage`].
@@ -598,6 +603,9 @@ impl<S: Storage> Replica<S> {
             Role::Learner => None,
             Role::Leader => {
                 let l = self.lead.as_ref().expect("leader state");
+                if l.commit_notify {
+                    return Some(self.now);
+                }
                 Some(l.heartbeat_due.min(l.quorum_check_due))
             }
             _ => Some(self.election_deadline),

@@ -82,6 +82,7 @@ impl<S: Storage> Replica<S> {
             let first = p.next;
             let count = (limit - first).min(max_slots);
             p.next += count;
+            p.commit_sent = p.commit_sent.max(commit);
             let entries = self.storage.entries(first, first + count - 1)?;
             invariant!(
                 entries.len() as u64 == count
@@ -120,6 +121,7 @@ impl<S: Storage> Replica<S> {
                 p.acked.clear();
                 p.last_progress = now;
             }
+            p.commit_sent = p.commit_sent.max(commit);
             ids.push(id);
         }
         for id in ids {
@@ -127,6 +129,28 @@ impl<S: Storage> Replica<S> {
             self.send_writes(id)?;
         }
         Ok(())
+    }
+
+    /// Tells followers that no write has carried the latest commit index since it
+    /// advanced (so an idle cluster's followers learn it within a round trip, not a
+    /// heartbeat interval).
+    pub(super) fn notify_commit(&mut self) {
+        let Some(l) = self.lead.as_mut() else { return };
+        if !l.commit_notify {
+            return;
+        }
+        l.commit_notify = false;
+        let (ballot, commit) = (l.ballot, l.commit);
+        let mut to = Vec::new();
+        for (&id, p) in l.peers.iter_mut() {
+            if p.commit_sent < commit {
+                p.commit_sent = commit;
+                to.push(id);
+            }
+        }
+        for id in to {
+            self.send(id, Message::Heartbeat { ballot, commit });
+        }
     }
 
     /// A remote write we issued completed.
@@ -252,6 +276,9 @@ impl<S: Storage> Replica<S> {
             l.commit = s;
         }
         let commit = l.commit;
+        if commit > before {
+            l.commit_notify = true;
+        }
         ensure!(commit >= before, "commit moved back");
         if commit > self.chosen {
             self.chosen = commit;
