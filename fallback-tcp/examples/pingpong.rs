@@ -18,10 +18,7 @@ use transport::{Event, Transport};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("a number"))
 }
 
 fn percentiles(name: &str, mut rtts: Vec<Duration>) -> Duration {
@@ -128,9 +125,7 @@ fn main() {
     let size = arg("--size", 64);
     let iters = arg("--iters", 20_000);
     let warmup = iters / 10;
-    println!(
-        "round trip of a {size}-byte message on 127.0.0.1, {iters} samples after {warmup} warm-up"
-    );
+    println!("round trip of a {size}-byte message on 127.0.0.1, {iters} samples after {warmup} warm-up");
     // Alternate to spread machine noise over both.
     let raw1 = raw_rtts(size, iters / 2, warmup);
     let tcp1 = transport_rtts(size, iters / 2, warmup);
@@ -138,8 +133,5 @@ fn main() {
     let tcp2 = transport_rtts(size, iters - iters / 2, warmup);
     let raw = percentiles("raw TcpStream", [raw1, raw2].concat());
     let tcp = percentiles("TcpTransport", [tcp1, tcp2].concat());
-    println!(
-        "ratio (TcpTransport / raw) at p50: {:.2}",
-        tcp.as_secs_f64() / raw.as_secs_f64()
-    );
+    println!("ratio (TcpTransport / raw) at p50: {:.2}", tcp.as_secs_f64() / raw.as_secs_f64());
 }

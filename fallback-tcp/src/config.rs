@@ -48,12 +48,7 @@ pub struct TcpConfig {
 
 impl TcpConfig {
     /// A configuration with the defaults documented on each field.
-    pub fn new(
-        cluster_id: u64,
-        local: PeerId,
-        listen: SocketAddr,
-        peers: BTreeMap<PeerId, SocketAddr>,
-    ) -> Self {
+    pub fn new(cluster_id: u64, local: PeerId, listen: SocketAddr, peers: BTreeMap<PeerId, SocketAddr>) -> Self {
         TcpConfig {
             cluster_id,
             local,
@@ -92,11 +87,7 @@ impl Rng {
     pub(crate) fn jitter(&mut self, d: Duration) -> Duration {
         let nanos = d.as_nanos().min(u64::MAX as u128) as u64;
         let half = nanos / 2;
-        let extra = if half == 0 {
-            0
-        } else {
-            self.next_u64() % (half + 1)
-        };
+        let extra = if half == 0 { 0 } else { self.next_u64() % (half + 1) };
         Duration::from_nanos(nanos - half + extra)
     }
 }

@@ -67,10 +67,7 @@ impl OutQueue {
     fn advance(&mut self, mut n: usize) {
         self.queued -= n;
         while n > 0 {
-            let front = self
-                .chunks
-                .front_mut()
-                .expect("advance within queued bytes");
+            let front = self.chunks.front_mut().expect("advance within queued bytes");
             if front.len() <= n {
                 n -= front.len();
                 self.chunks.pop_front();
@@ -145,13 +142,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(
-        stream: TcpStream,
-        addr: SocketAddr,
-        role: Role,
-        connected: bool,
-        deadline: Instant,
-    ) -> Self {
+    pub(crate) fn new(stream: TcpStream, addr: SocketAddr, role: Role, connected: bool, deadline: Instant) -> Self {
         Conn {
             stream,
             addr,
@@ -172,14 +163,9 @@ impl Conn {
                 Ok(0) => return Ok(ReadOutcome::Eof),
                 Ok(n) => {
                     self.rbuf.extend_from_slice(&scratch[..n]);
-                    return Ok(ReadOutcome::Data {
-                        n,
-                        more: n == scratch.len(),
-                    });
+                    return Ok(ReadOutcome::Data { n, more: n == scratch.len() });
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(ReadOutcome::WouldBlock)
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -224,11 +210,7 @@ mod tests {
             envelope::encode(16, &[&[i, i][..], body].concat(), &mut expected);
         }
         assert_eq!(q.queued(), expected.len());
-        let mut w = Slow {
-            out: Vec::new(),
-            cap: 333,
-            block: false,
-        };
+        let mut w = Slow { out: Vec::new(), cap: 333, block: false };
         let mut rounds = 0;
         while !q.flush(&mut w).unwrap() {
             rounds += 1;

@@ -151,9 +151,7 @@ pub struct TcpTransport {
 /// reuse the tokens of its previous life: an agent that answers an access of the old
 /// life late keys it by (peer, token) and must not hit a new access.
 fn first_token() -> Token {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos.max(1)
 }
 
@@ -169,9 +167,7 @@ fn check_peers(local: PeerId, peers: &BTreeMap<PeerId, SocketAddr>) -> io::Resul
         return Err(invalid("peer id 0 is not allowed".into()));
     }
     if peers.contains_key(&local) {
-        return Err(invalid(format!(
-            "the peer list contains the local node id {local}"
-        )));
+        return Err(invalid(format!("the peer list contains the local node id {local}")));
     }
     Ok(())
 }
@@ -195,8 +191,7 @@ impl TcpTransport {
 
     fn with_listener(cfg: TcpConfig, mut listener: TcpListener) -> io::Result<Self> {
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(MioWake(mio::Waker::new(poll.registry(), WAKER)?));
         let local_addr = listener.local_addr()?;
         let max = u32::try_from(cfg.max_payload + wire::MAX_META)
@@ -243,12 +238,8 @@ impl TcpTransport {
     pub fn set_peers(&mut self, peers: BTreeMap<PeerId, SocketAddr>) -> io::Result<()> {
         check_peers(self.cfg.local, &peers)?;
         let now = Instant::now();
-        let gone: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(id, p)| peers.get(id) != Some(&p.addr))
-            .map(|(id, _)| *id)
-            .collect();
+        let gone: Vec<PeerId> =
+            self.peers.iter().filter(|(id, p)| peers.get(id) != Some(&p.addr)).map(|(id, _)| *id).collect();
         let mut events = Vec::new();
         for id in gone {
             let p = &self.peers[&id];
@@ -282,11 +273,7 @@ impl TcpTransport {
 
     /// Bytes queued to `peer` on our outgoing connection and not yet written.
     pub fn queued_bytes(&self, peer: PeerId) -> usize {
-        self.peers
-            .get(&peer)
-            .and_then(|p| p.out)
-            .and_then(|c| self.conns.get(&c))
-            .map_or(0, |c| c.out.queued())
+        self.peers.get(&peer).and_then(|p| p.out).and_then(|c| self.conns.get(&c)).map_or(0, |c| c.out.queued())
     }
 
     // ----- connections -----
@@ -294,11 +281,7 @@ impl TcpTransport {
     fn add_conn(&mut self, mut conn: Conn) -> io::Result<usize> {
         let id = self.next_conn;
         self.next_conn += 1;
-        self.poll.registry().register(
-            &mut conn.stream,
-            MioToken(id),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        self.poll.registry().register(&mut conn.stream, MioToken(id), Interest::READABLE | Interest::WRITABLE)?;
         self.conns.insert(id, conn);
         Ok(id)
     }
@@ -338,19 +321,8 @@ impl TcpTransport {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(peer, remote = %addr, "TCP_NODELAY: {e}");
         }
-        let mut conn = Conn::new(
-            stream,
-            addr,
-            Role::Outgoing(peer),
-            false,
-            now + self.cfg.handshake_timeout,
-        );
-        let hello = Hello {
-            cluster_id: self.cfg.cluster_id,
-            node_id: self.cfg.local,
-            target: peer,
-            version: VERSION,
-        };
+        let mut conn = Conn::new(stream, addr, Role::Outgoing(peer), false, now + self.cfg.handshake_timeout);
+        let hello = Hello { cluster_id: self.cfg.cluster_id, node_id: self.cfg.local, target: peer, version: VERSION };
         conn.out.push_frame(kind::HELLO, &hello.encode(), &[]);
         match self.add_conn(conn) {
             Ok(id) => {
@@ -416,23 +388,12 @@ impl TcpTransport {
                 for (token, what) in failed {
                     let result = Err(AccessError::LinkFailed(reason.to_string()));
                     events.push(match what {
-                        Pending::Write => Event::WriteDone {
-                            to: peer,
-                            token,
-                            result,
-                        },
-                        Pending::Read => Event::ReadDone {
-                            from: peer,
-                            token,
-                            result,
-                        },
+                        Pending::Write => Event::WriteDone { to: peer, token, result },
+                        Pending::Read => Event::ReadDone { from: peer, token, result },
                     });
                 }
                 if was_up {
-                    events.push(Event::PeerDown {
-                        peer,
-                        reason: reason.to_string(),
-                    });
+                    events.push(Event::PeerDown { peer, reason: reason.to_string() });
                 }
                 self.schedule_redial(peer, now);
             }
@@ -459,8 +420,7 @@ impl TcpTransport {
         match role {
             Role::Incoming(peer) => {
                 if !matches!(err, ProtocolError::Truncated(_) | ProtocolError::Replaced) {
-                    conn.out
-                        .push_frame(kind::REJECT, &[], wire::reject_payload(&reason));
+                    conn.out.push_frame(kind::REJECT, &[], wire::reject_payload(&reason));
                 }
                 warn!(local = self.cfg.local, remote = %addr, peer = ?peer,
                     "closing incoming peer connection: {reason}");
@@ -499,12 +459,8 @@ impl TcpTransport {
 
     /// Handshake deadlines and redials. Returns the next time something is due.
     fn run_timers(&mut self, now: Instant, events: &mut Vec<Event>) -> Option<Instant> {
-        let expired: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
+        let expired: Vec<usize> =
+            self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
         for id in expired {
             let t = self.cfg.handshake_timeout;
             self.fail(id, ProtocolError::HandshakeTimeout(t), events);
@@ -519,12 +475,7 @@ impl TcpTransport {
             self.dial(peer, now);
         }
         let conn_next = self.conns.values().filter_map(|c| c.deadline).min();
-        let dial_next = self
-            .peers
-            .values()
-            .filter(|p| p.out.is_none())
-            .filter_map(|p| p.next_dial)
-            .min();
+        let dial_next = self.peers.values().filter(|p| p.out.is_none()).filter_map(|p| p.next_dial).min();
         match (conn_next, dial_next) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -614,11 +565,7 @@ impl TcpTransport {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return false;
             };
-            let decoder = if conn.established {
-                &self.decoder
-            } else {
-                &self.handshake_decoder
-            };
+            let decoder = if conn.established { &self.decoder } else { &self.handshake_decoder };
             match decoder.decode(&mut conn.rbuf) {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.handle_frame(id, frame, events) {
@@ -635,35 +582,21 @@ impl TcpTransport {
         }
     }
 
-    fn handle_frame(
-        &mut self,
-        id: usize,
-        frame: Frame,
-        events: &mut Vec<Event>,
-    ) -> Result<(), ProtocolError> {
+    fn handle_frame(&mut self, id: usize, frame: Frame, events: &mut Vec<Event>) -> Result<(), ProtocolError> {
         let conn = self.conns.get_mut(&id).expect("live connection");
         let (role, established, addr) = (conn.role, conn.established, conn.addr);
         match (role, established) {
             (Role::Incoming(_), false) => {
                 if frame.kind != kind::HELLO {
-                    return Err(ProtocolError::UnexpectedKind {
-                        kind: frame.kind,
-                        when: "before HELLO",
-                    });
+                    return Err(ProtocolError::UnexpectedKind { kind: frame.kind, when: "before HELLO" });
                 }
                 let hello = Hello::decode(&frame.payload)?;
                 let me = self.cfg.local;
                 if hello.version != VERSION {
-                    return Err(ProtocolError::Version {
-                        got: hello.version,
-                        expected: VERSION,
-                    });
+                    return Err(ProtocolError::Version { got: hello.version, expected: VERSION });
                 }
                 if hello.cluster_id != self.cfg.cluster_id {
-                    return Err(ProtocolError::WrongCluster {
-                        got: hello.cluster_id,
-                        expected: self.cfg.cluster_id,
-                    });
+                    return Err(ProtocolError::WrongCluster { got: hello.cluster_id, expected: self.cfg.cluster_id });
                 }
                 if hello.node_id == me {
                     return Err(ProtocolError::SelfId(me));
@@ -672,19 +605,13 @@ impl TcpTransport {
                     return Err(ProtocolError::UnknownNode(hello.node_id));
                 }
                 if hello.target != me {
-                    return Err(ProtocolError::WrongTarget {
-                        target: hello.target,
-                        local: me,
-                    });
+                    return Err(ProtocolError::WrongTarget { target: hello.target, local: me });
                 }
                 let peer = hello.node_id;
                 conn.role = Role::Incoming(Some(peer));
                 conn.established = true;
                 conn.deadline = None;
-                let ok = HelloOk {
-                    cluster_id: self.cfg.cluster_id,
-                    node_id: me,
-                };
+                let ok = HelloOk { cluster_id: self.cfg.cluster_id, node_id: me };
                 conn.out.push_frame(kind::HELLO_OK, &ok.encode(), &[]);
                 self.mark_dirty(id);
                 let p = self.peers.get_mut(&peer).expect("checked");
@@ -695,22 +622,14 @@ impl TcpTransport {
                 Ok(())
             }
             (Role::Outgoing(peer), false) => match frame.kind {
-                kind::REJECT => Err(ProtocolError::Rejected(
-                    String::from_utf8_lossy(&frame.payload).into_owned(),
-                )),
+                kind::REJECT => Err(ProtocolError::Rejected(String::from_utf8_lossy(&frame.payload).into_owned())),
                 kind::HELLO_OK => {
                     let ok = HelloOk::decode(&frame.payload)?;
                     if ok.cluster_id != self.cfg.cluster_id {
-                        return Err(ProtocolError::WrongCluster {
-                            got: ok.cluster_id,
-                            expected: self.cfg.cluster_id,
-                        });
+                        return Err(ProtocolError::WrongCluster { got: ok.cluster_id, expected: self.cfg.cluster_id });
                     }
                     if ok.node_id != peer {
-                        return Err(ProtocolError::WrongPeer {
-                            expected: peer,
-                            got: ok.node_id,
-                        });
+                        return Err(ProtocolError::WrongPeer { expected: peer, got: ok.node_id });
                     }
                     conn.established = true;
                     conn.deadline = None;
@@ -721,10 +640,7 @@ impl TcpTransport {
                     events.push(Event::PeerUp { peer });
                     Ok(())
                 }
-                k => Err(ProtocolError::UnexpectedKind {
-                    kind: k,
-                    when: "before HELLO_OK",
-                }),
+                k => Err(ProtocolError::UnexpectedKind { kind: k, when: "before HELLO_OK" }),
             },
             (Role::Incoming(Some(peer)), true) => self.handle_request(id, peer, frame, events),
             (Role::Incoming(None), true) => unreachable!("established implies a peer"),
@@ -742,25 +658,15 @@ impl TcpTransport {
     ) -> Result<(), ProtocolError> {
         match frame.kind {
             kind::MSG => {
-                events.push(Event::Message {
-                    from: peer,
-                    payload: frame.payload,
-                });
+                events.push(Event::Message { from: peer, payload: frame.payload });
                 Ok(())
             }
             kind::WRITE => {
                 let (remote_token, offset, data) = wire::decode_write(&frame.payload)?;
                 if self.holder != Some(peer) {
-                    debug!(
-                        local = self.cfg.local,
-                        peer, offset, "write denied: no permission"
-                    );
+                    debug!(local = self.cfg.local, peer, offset, "write denied: no permission");
                     let conn = self.conns.get_mut(&id).expect("live");
-                    conn.out.push_frame(
-                        kind::WRITE_ACK,
-                        &wire::answer_meta(remote_token, false),
-                        &[],
-                    );
+                    conn.out.push_frame(kind::WRITE_ACK, &wire::answer_meta(remote_token, false), &[]);
                     let q = conn.out.queued();
                     if q > self.cfg.max_queued_completion_bytes_per_peer {
                         return Err(ProtocolError::NotReading(q));
@@ -769,48 +675,25 @@ impl TcpTransport {
                     return Ok(());
                 }
                 self.arrive(id, peer, remote_token, None)?;
-                events.push(Event::WriteArrived {
-                    from: peer,
-                    token: remote_token,
-                    offset,
-                    data,
-                });
+                events.push(Event::WriteArrived { from: peer, token: remote_token, offset, data });
                 Ok(())
             }
             kind::READ => {
                 let (remote_token, offset, len) = wire::decode_read(&frame.payload)?;
                 self.arrive(id, peer, remote_token, Some(len))?;
-                events.push(Event::ReadArrived {
-                    from: peer,
-                    token: remote_token,
-                    offset,
-                    len,
-                });
+                events.push(Event::ReadArrived { from: peer, token: remote_token, offset, len });
                 Ok(())
             }
-            k => Err(ProtocolError::UnexpectedKind {
-                kind: k,
-                when: "on an incoming connection",
-            }),
+            k => Err(ProtocolError::UnexpectedKind { kind: k, when: "on an incoming connection" }),
         }
     }
 
     /// A frame on our established connection to `peer`.
-    fn handle_answer(
-        &mut self,
-        peer: PeerId,
-        frame: Frame,
-        events: &mut Vec<Event>,
-    ) -> Result<(), ProtocolError> {
+    fn handle_answer(&mut self, peer: PeerId, frame: Frame, events: &mut Vec<Event>) -> Result<(), ProtocolError> {
         let (what, expect) = match frame.kind {
             kind::WRITE_ACK => ("WRITE_ACK", Pending::Write),
             kind::READ_RESP => ("READ_RESP", Pending::Read),
-            k => {
-                return Err(ProtocolError::UnexpectedKind {
-                    kind: k,
-                    when: "on an outgoing connection",
-                })
-            }
+            k => return Err(ProtocolError::UnexpectedKind { kind: k, when: "on an outgoing connection" }),
         };
         let (token, ok, bytes) = wire::decode_answer(&frame.payload, what)?;
         let p = self.peers.get_mut(&peer).expect("outgoing to a peer");
@@ -818,37 +701,17 @@ impl TcpTransport {
             return Err(ProtocolError::UnknownToken(token));
         }
         p.inflight.remove(&token);
-        let result = if ok {
-            Ok(bytes)
-        } else {
-            Err(AccessError::Denied { detail: bytes })
-        };
+        let result = if ok { Ok(bytes) } else { Err(AccessError::Denied { detail: bytes }) };
         events.push(match expect {
-            Pending::Write => Event::WriteDone {
-                to: peer,
-                token,
-                result,
-            },
-            Pending::Read => Event::ReadDone {
-                from: peer,
-                token,
-                result,
-            },
+            Pending::Write => Event::WriteDone { to: peer, token, result },
+            Pending::Read => Event::ReadDone { from: peer, token, result },
         });
         Ok(())
     }
 
-    fn arrive(
-        &mut self,
-        conn: usize,
-        peer: PeerId,
-        token: Token,
-        read_len: Option<u32>,
-    ) -> Result<(), ProtocolError> {
+    fn arrive(&mut self, conn: usize, peer: PeerId, token: Token, read_len: Option<u32>) -> Result<(), ProtocolError> {
         match self.arrived.entry((peer, token)) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                Err(ProtocolError::DuplicateToken(token))
-            }
+            std::collections::hash_map::Entry::Occupied(_) => Err(ProtocolError::DuplicateToken(token)),
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(Arrived { conn, read_len });
                 Ok(())
@@ -857,19 +720,10 @@ impl TcpTransport {
     }
 
     /// Queues a request frame on our link to `to`.
-    fn queue_request(
-        &mut self,
-        to: PeerId,
-        kind: u8,
-        meta: &[u8],
-        body: &[u8],
-    ) -> Result<(), SendError> {
+    fn queue_request(&mut self, to: PeerId, kind: u8, meta: &[u8], body: &[u8]) -> Result<(), SendError> {
         let p = self.peers.get(&to).ok_or(SendError::UnknownPeer(to))?;
         if body.len() > self.cfg.max_payload {
-            return Err(SendError::TooLarge {
-                size: body.len(),
-                limit: self.cfg.max_payload,
-            });
+            return Err(SendError::TooLarge { size: body.len(), limit: self.cfg.max_payload });
         }
         if !p.up {
             return Err(SendError::LinkDown(to));
@@ -901,17 +755,11 @@ impl TcpTransport {
         };
         let Some(a) = self.arrived.get(&(from, token)) else {
             // Its connection is gone (the requester saw LinkFailed) or it was answered.
-            debug!(
-                local = self.cfg.local,
-                from, token, "completion for no pending access"
-            );
+            debug!(local = self.cfg.local, from, token, "completion for no pending access");
             return Err(SendError::LinkDown(from));
         };
         if a.read_len.is_some() != read {
-            debug!(
-                local = self.cfg.local,
-                from, token, "completion does not match the access"
-            );
+            debug!(local = self.cfg.local, from, token, "completion does not match the access");
             return Err(SendError::LinkDown(from));
         }
         let limit = match (a.read_len, result) {
@@ -919,28 +767,17 @@ impl TcpTransport {
             _ => self.cfg.max_payload,
         };
         if bytes.len() > limit {
-            return Err(SendError::TooLarge {
-                size: bytes.len(),
-                limit,
-            });
+            return Err(SendError::TooLarge { size: bytes.len(), limit });
         }
         let id = a.conn;
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .expect("arrived entries die with their conn");
+        let conn = self.conns.get_mut(&id).expect("arrived entries die with their conn");
         let q = conn.out.queued();
         let frame = transport::envelope::HEADER_LEN + 9 + bytes.len();
         if q > 0 && q + frame > self.cfg.max_queued_completion_bytes_per_peer {
             return Err(SendError::Backpressure(from));
         }
-        let k = if read {
-            kind::READ_RESP
-        } else {
-            kind::WRITE_ACK
-        };
-        conn.out
-            .push_frame(k, &wire::answer_meta(token, result.is_ok()), bytes);
+        let k = if read { kind::READ_RESP } else { kind::WRITE_ACK };
+        conn.out.push_frame(k, &wire::answer_meta(token, result.is_ok()), bytes);
         self.arrived.remove(&(from, token));
         self.mark_dirty(id);
         Ok(())
@@ -975,10 +812,7 @@ impl Transport for TcpTransport {
 
     fn read(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
         if len as usize > self.cfg.max_payload && self.peers.contains_key(&from) {
-            return Err(SendError::TooLarge {
-                size: len as usize,
-                limit: self.cfg.max_payload,
-            });
+            return Err(SendError::TooLarge { size: len as usize, limit: self.cfg.max_payload });
         }
         let token = self.next_token;
         self.queue_request(from, kind::READ, &wire::read_meta(token, offset, len), &[])?;
@@ -988,21 +822,11 @@ impl Transport for TcpTransport {
         Ok(token)
     }
 
-    fn complete_write(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.complete(from, token, result, false)
     }
 
-    fn complete_read(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.complete(from, token, result, true)
     }
 

@@ -189,17 +189,9 @@ impl Hello {
     /// Parses a payload.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
         if b.len() != HELLO_LEN {
-            return Err(ProtocolError::Malformed {
-                what: "HELLO",
-                len: b.len(),
-            });
+            return Err(ProtocolError::Malformed { what: "HELLO", len: b.len() });
         }
-        Ok(Hello {
-            cluster_id: u64_at(b, 0),
-            node_id: u64_at(b, 8),
-            target: u64_at(b, 16),
-            version: b[24],
-        })
+        Ok(Hello { cluster_id: u64_at(b, 0), node_id: u64_at(b, 8), target: u64_at(b, 16), version: b[24] })
     }
 }
 
@@ -224,15 +216,9 @@ impl HelloOk {
     /// Parses a payload.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
         if b.len() != HELLO_OK_LEN {
-            return Err(ProtocolError::Malformed {
-                what: "HELLO_OK",
-                len: b.len(),
-            });
+            return Err(ProtocolError::Malformed { what: "HELLO_OK", len: b.len() });
         }
-        Ok(HelloOk {
-            cluster_id: u64_at(b, 0),
-            node_id: u64_at(b, 8),
-        })
+        Ok(HelloOk { cluster_id: u64_at(b, 0), node_id: u64_at(b, 8) })
     }
 }
 
@@ -247,10 +233,7 @@ pub fn write_meta(token: u64, offset: u64) -> [u8; 16] {
 /// Parses a WRITE payload into (token, offset, data) without copying the data.
 pub fn decode_write(p: &Bytes) -> Result<(u64, u64, Bytes), ProtocolError> {
     if p.len() < 16 {
-        return Err(ProtocolError::Malformed {
-            what: "WRITE",
-            len: p.len(),
-        });
+        return Err(ProtocolError::Malformed { what: "WRITE", len: p.len() });
     }
     Ok((u64_at(p, 0), u64_at(p, 8), p.slice(16..)))
 }
@@ -267,10 +250,7 @@ pub fn read_meta(token: u64, offset: u64, len: u32) -> [u8; 20] {
 /// Parses a READ payload into (token, offset, len).
 pub fn decode_read(p: &[u8]) -> Result<(u64, u64, u32), ProtocolError> {
     if p.len() != 20 {
-        return Err(ProtocolError::Malformed {
-            what: "READ",
-            len: p.len(),
-        });
+        return Err(ProtocolError::Malformed { what: "READ", len: p.len() });
     }
     let len = u32::from_le_bytes([p[16], p[17], p[18], p[19]]);
     Ok((u64_at(p, 0), u64_at(p, 8), len))
@@ -312,17 +292,9 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let h = Hello {
-            cluster_id: 7,
-            node_id: 2,
-            target: 3,
-            version: 1,
-        };
+        let h = Hello { cluster_id: 7, node_id: 2, target: 3, version: 1 };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
-        let o = HelloOk {
-            cluster_id: 7,
-            node_id: 3,
-        };
+        let o = HelloOk { cluster_id: 7, node_id: 3 };
         assert_eq!(HelloOk::decode(&o.encode()), Ok(o));
         let mut w = write_meta(5, 9).to_vec();
         w.extend_from_slice(b"abc");

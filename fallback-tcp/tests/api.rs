@@ -24,11 +24,7 @@ fn messages_arrive_in_order_including_large_ones() {
     let n = 600u32;
     let mut sent = 0u32;
     let end = Instant::now() + Duration::from_secs(30);
-    let count = |e: &Vec<Event>| {
-        e.iter()
-            .filter(|e| matches!(e, Event::Message { .. }))
-            .count()
-    };
+    let count = |e: &Vec<Event>| e.iter().filter(|e| matches!(e, Event::Message { .. })).count();
     while count(&evs[1]) < n as usize || count(&evs[2]) < n as usize {
         assert!(Instant::now() < end, "messages not delivered in time");
         while sent < n {
@@ -72,50 +68,26 @@ fn write_and_read_round_trip() {
     ts[1].grant(1);
     assert_eq!(ts[1].permission_holder(), Some(1));
     let w = ts[0].write(2, 4096, b"entry bytes").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[1].is_empty()
-    });
-    let Event::WriteArrived {
-        from,
-        token,
-        offset,
-        data,
-    } = evs[1].remove(0)
-    else {
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
+    let Event::WriteArrived { from, token, offset, data } = evs[1].remove(0) else {
         panic!("expected WriteArrived, got {:?}", evs[1]);
     };
     assert_eq!((from, offset, &data[..]), (1, 4096, &b"entry bytes"[..]));
     ts[1].complete_write(1, token, Ok(b"ack")).unwrap();
     // A second completion for the same token is refused, not sent.
     assert!(ts[1].complete_write(1, token, Ok(b"again")).is_err());
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[0].is_empty()
-    });
-    assert_eq!(
-        evs[0].remove(0),
-        Event::WriteDone {
-            to: 2,
-            token: w,
-            result: Ok(Bytes::from_static(b"ack"))
-        }
-    );
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[0].is_empty());
+    assert_eq!(evs[0].remove(0), Event::WriteDone { to: 2, token: w, result: Ok(Bytes::from_static(b"ack")) });
 
     // Reads are allowed without permission, in both directions.
     ts[1].revoke(1);
     let r = ts[0].read(2, 7, 10).unwrap();
     let r2 = ts[0].read(2, 8, 4).unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        e[1].len() >= 2
-    });
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[1].len() >= 2);
     let tokens: Vec<(u64, u64, u32)> = evs[1]
         .drain(..)
         .map(|e| match e {
-            Event::ReadArrived {
-                from: 1,
-                token,
-                offset,
-                len,
-            } => (token, offset, len),
+            Event::ReadArrived { from: 1, token, offset, len } => (token, offset, len),
             e => panic!("unexpected {e:?}"),
         })
         .collect();
@@ -123,36 +95,21 @@ fn write_and_read_round_trip() {
     // An answer longer than asked is refused.
     assert!(matches!(
         ts[1].complete_read(1, tokens[0].0, Ok(&[0u8; 11])),
-        Err(SendError::TooLarge {
-            size: 11,
-            limit: 10
-        })
+        Err(SendError::TooLarge { size: 11, limit: 10 })
     ));
     // Answer out of order: the second first, as a denial.
-    ts[1]
-        .complete_read(1, tokens[1].0, Err(b"trimmed"))
-        .unwrap();
-    ts[1]
-        .complete_read(1, tokens[0].0, Ok(b"0123456789"))
-        .unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        e[0].len() >= 2
-    });
+    ts[1].complete_read(1, tokens[1].0, Err(b"trimmed")).unwrap();
+    ts[1].complete_read(1, tokens[0].0, Ok(b"0123456789")).unwrap();
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[0].len() >= 2);
     assert_eq!(
         evs[0],
         vec![
             Event::ReadDone {
                 from: 2,
                 token: r2,
-                result: Err(AccessError::Denied {
-                    detail: Bytes::from_static(b"trimmed")
-                })
+                result: Err(AccessError::Denied { detail: Bytes::from_static(b"trimmed") })
             },
-            Event::ReadDone {
-                from: 2,
-                token: r,
-                result: Ok(Bytes::from_static(b"0123456789"))
-            },
+            Event::ReadDone { from: 2, token: r, result: Ok(Bytes::from_static(b"0123456789")) },
         ]
     );
 }
@@ -163,69 +120,33 @@ fn writes_from_non_holders_are_denied_by_the_transport() {
     let mut evs = vec![Vec::new(); 3];
     ts[1].grant(3);
     let w1 = ts[0].write(2, 0, b"from 1").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[0].is_empty()
-    });
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[0].is_empty());
     assert_eq!(
         evs[0].remove(0),
-        Event::WriteDone {
-            to: 2,
-            token: w1,
-            result: Err(AccessError::Denied {
-                detail: Bytes::new()
-            })
-        }
+        Event::WriteDone { to: 2, token: w1, result: Err(AccessError::Denied { detail: Bytes::new() }) }
     );
-    assert!(
-        evs[1].is_empty(),
-        "no WriteArrived for a non-holder: {:?}",
-        evs[1]
-    );
+    assert!(evs[1].is_empty(), "no WriteArrived for a non-holder: {:?}", evs[1]);
 
     // The holder's write arrives; after revoke, its next one is denied.
     ts[2].write(2, 1, b"from 3").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[1].is_empty()
-    });
-    assert!(matches!(
-        evs[1].remove(0),
-        Event::WriteArrived { from: 3, .. }
-    ));
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
+    assert!(matches!(evs[1].remove(0), Event::WriteArrived { from: 3, .. }));
     ts[1].revoke(3);
     assert_eq!(ts[1].permission_holder(), None);
     let w3 = ts[2].write(2, 2, b"from 3 again").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[2].is_empty()
-    });
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[2].is_empty());
     assert_eq!(
         evs[2].remove(0),
-        Event::WriteDone {
-            to: 2,
-            token: w3,
-            result: Err(AccessError::Denied {
-                detail: Bytes::new()
-            })
-        }
+        Event::WriteDone { to: 2, token: w3, result: Err(AccessError::Denied { detail: Bytes::new() }) }
     );
     // Granting 1 takes permission from anyone else.
     ts[1].grant(3);
     ts[1].grant(1);
     ts[2].write(2, 3, b"3 after grant(1)").unwrap();
     ts[0].write(2, 3, b"1 after grant(1)").unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[2].is_empty() && !e[1].is_empty()
-    });
-    assert!(matches!(
-        evs[2][0],
-        Event::WriteDone {
-            to: 2,
-            result: Err(AccessError::Denied { .. }),
-            ..
-        }
-    ));
-    assert!(
-        matches!(&evs[1][0], Event::WriteArrived { from: 1, data, .. } if &data[..] == b"1 after grant(1)")
-    );
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[2].is_empty() && !e[1].is_empty());
+    assert!(matches!(evs[2][0], Event::WriteDone { to: 2, result: Err(AccessError::Denied { .. }), .. }));
+    assert!(matches!(&evs[1][0], Event::WriteArrived { from: 1, data, .. } if &data[..] == b"1 after grant(1)"));
 }
 
 #[test]
@@ -253,27 +174,16 @@ fn ten_thousand_writes_each_complete_once() {
         pump(&mut ts, &mut evs);
         for e in evs[1].drain(..) {
             match e {
-                Event::WriteArrived {
-                    from: 1,
-                    token,
-                    offset,
-                    data,
-                } => {
+                Event::WriteArrived { from: 1, token, offset, data } => {
                     assert_eq!(&data[..], &offset.to_le_bytes());
-                    ts[1]
-                        .complete_write(1, token, Ok(&offset.to_le_bytes()))
-                        .unwrap();
+                    ts[1].complete_write(1, token, Ok(&offset.to_le_bytes())).unwrap();
                 }
                 e => panic!("unexpected {e:?}"),
             }
         }
         for e in evs[0].drain(..) {
             match e {
-                Event::WriteDone {
-                    to: 2,
-                    token,
-                    result: Ok(_),
-                } => {
+                Event::WriteDone { to: 2, token, result: Ok(_) } => {
                     assert!(issued.contains(&token));
                     assert!(done.insert(token), "token {token} completed twice");
                 }
@@ -305,9 +215,7 @@ fn waker_interrupts_a_blocked_poll() {
     assert!(took < Duration::from_secs(5), "poll took {took:?}");
     // A poll with a timeout and nothing to do returns after about that long.
     let start = Instant::now();
-    ts[0]
-        .poll(&mut evs, Some(Duration::from_millis(30)))
-        .unwrap();
+    ts[0].poll(&mut evs, Some(Duration::from_millis(30))).unwrap();
     assert!(start.elapsed() >= Duration::from_millis(25));
 }
 
@@ -319,23 +227,11 @@ fn argument_errors() {
     assert_eq!(ts[0].local(), 1);
     assert_eq!(ts[0].send(9, b"x"), Err(SendError::UnknownPeer(9)));
     assert_eq!(ts[0].send(1, b"x"), Err(SendError::UnknownPeer(1)));
-    assert_eq!(
-        ts[0].send(2, &vec![0; max + 1]),
-        Err(SendError::TooLarge {
-            size: max + 1,
-            limit: max
-        })
-    );
-    assert!(matches!(
-        ts[0].read(2, 0, u32::MAX),
-        Err(SendError::TooLarge { .. })
-    ));
+    assert_eq!(ts[0].send(2, &vec![0; max + 1]), Err(SendError::TooLarge { size: max + 1, limit: max }));
+    assert!(matches!(ts[0].read(2, 0, u32::MAX), Err(SendError::TooLarge { .. })));
     assert_eq!(ts[0].write(9, 0, b"x"), Err(SendError::UnknownPeer(9)));
     assert!(ts[1].complete_write(1, 12345, Ok(b"")).is_err());
-    assert_eq!(
-        ts[1].complete_write(9, 1, Ok(b"")),
-        Err(SendError::UnknownPeer(9))
-    );
+    assert_eq!(ts[1].complete_write(9, 1, Ok(b"")), Err(SendError::UnknownPeer(9)));
 
     let bad = TcpConfig::new(7, 1, any(), BTreeMap::from([(1, any())]));
     assert!(TcpTransport::bind(bad).is_err());
@@ -343,13 +239,9 @@ fn argument_errors() {
 
     // A peer that is configured but not running: LinkDown, nothing queued.
     let mut lonely = TcpTransport::bind(config(1, any())).unwrap();
-    lonely
-        .set_peers(BTreeMap::from([(2, "127.0.0.1:9".parse().unwrap())]))
-        .unwrap();
+    lonely.set_peers(BTreeMap::from([(2, "127.0.0.1:9".parse().unwrap())])).unwrap();
     let mut evs = Vec::new();
-    lonely
-        .poll(&mut evs, Some(Duration::from_millis(20)))
-        .unwrap();
+    lonely.poll(&mut evs, Some(Duration::from_millis(20))).unwrap();
     assert_eq!(lonely.send(2, b"x"), Err(SendError::LinkDown(2)));
     assert_eq!(lonely.write(2, 0, b"x"), Err(SendError::LinkDown(2)));
     assert!(!lonely.is_up(2));

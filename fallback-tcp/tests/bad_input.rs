@@ -14,12 +14,7 @@ use transport::{Event, Transport};
 
 fn hello(cluster_id: u64, node_id: u64, target: u64, version: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    let h = Hello {
-        cluster_id,
-        node_id,
-        target,
-        version,
-    };
+    let h = Hello { cluster_id, node_id, target, version };
     envelope::encode(kind::HELLO, &h.encode(), &mut out);
     out
 }
@@ -34,17 +29,13 @@ fn attack(ts: &mut [TcpTransport], bytes: &[u8], eof: bool) -> (Vec<u8>, String)
     if eof {
         raw.shutdown(Shutdown::Write).unwrap();
     }
-    raw.set_read_timeout(Some(Duration::from_millis(2)))
-        .unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
     let mut got = Vec::new();
     let mut evs = vec![Vec::new(); ts.len()];
     let end = Instant::now() + Duration::from_secs(5);
     let mut buf = [0u8; 4096];
     loop {
-        assert!(
-            Instant::now() < end,
-            "connection not closed by the transport"
-        );
+        assert!(Instant::now() < end, "connection not closed by the transport");
         pump(ts, &mut evs);
         match raw.read(&mut buf) {
             Ok(0) => break,
@@ -55,10 +46,7 @@ fn attack(ts: &mut [TcpTransport], bytes: &[u8], eof: bool) -> (Vec<u8>, String)
     }
     // The good peers saw nothing of it.
     for e in &evs {
-        assert!(
-            e.iter().all(|e| !matches!(e, Event::PeerDown { .. })),
-            "{evs:?}"
-        );
+        assert!(e.iter().all(|e| !matches!(e, Event::PeerDown { .. })), "{evs:?}");
     }
     (got, me)
 }
@@ -101,41 +89,11 @@ fn each_kind_of_bad_input_is_refused_with_a_clear_log_line() {
     let v = VERSION + 1;
     let cases: Vec<(&str, Vec<u8>, bool, String, bool)> = vec![
         // (name, bytes, eof after, expected reason, REJECT expected whole)
-        (
-            "garbage",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            false,
-            "bad magic".into(),
-            true,
-        ),
-        (
-            "truncated",
-            truncated,
-            true,
-            "closed in the middle of a frame (36 bytes".into(),
-            false,
-        ),
-        (
-            "oversized",
-            oversized,
-            false,
-            "frame of 1073741824 bytes exceeds the limit of 4096".into(),
-            true,
-        ),
-        (
-            "wrong cluster",
-            hello(999, 2, 1, VERSION),
-            false,
-            format!("wrong cluster id 999 (expected {CLUSTER})"),
-            true,
-        ),
-        (
-            "wrong envelope version",
-            wrong_version,
-            false,
-            format!("protocol version {v} not supported"),
-            true,
-        ),
+        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), false, "bad magic".into(), true),
+        ("truncated", truncated, true, "closed in the middle of a frame (36 bytes".into(), false),
+        ("oversized", oversized, false, "frame of 1073741824 bytes exceeds the limit of 4096".into(), true),
+        ("wrong cluster", hello(999, 2, 1, VERSION), false, format!("wrong cluster id 999 (expected {CLUSTER})"), true),
+        ("wrong envelope version", wrong_version, false, format!("protocol version {v} not supported"), true),
         (
             "wrong hello version",
             hello(CLUSTER, 2, 1, v),
@@ -143,20 +101,8 @@ fn each_kind_of_bad_input_is_refused_with_a_clear_log_line() {
             format!("protocol version {v} not supported (this build speaks {VERSION})"),
             true,
         ),
-        (
-            "unknown node",
-            hello(CLUSTER, 42, 1, VERSION),
-            false,
-            "unknown node id 42".into(),
-            true,
-        ),
-        (
-            "own node id",
-            hello(CLUSTER, 1, 1, VERSION),
-            false,
-            "node id 1 is this node's own id".into(),
-            true,
-        ),
+        ("unknown node", hello(CLUSTER, 42, 1, VERSION), false, "unknown node id 42".into(), true),
+        ("own node id", hello(CLUSTER, 1, 1, VERSION), false, "node id 1 is this node's own id".into(), true),
         (
             "wrong target",
             hello(CLUSTER, 2, 3, VERSION),
@@ -176,13 +122,7 @@ fn each_kind_of_bad_input_is_refused_with_a_clear_log_line() {
             "unexpected frame kind 16 before HELLO".into(),
             true,
         ),
-        (
-            "silence",
-            Vec::new(),
-            false,
-            "handshake timeout".into(),
-            true,
-        ),
+        ("silence", Vec::new(), false, "handshake timeout".into(), true),
     ];
     for (name, bytes, eof, reason, want_reject) in cases {
         let (got, me) = attack(&mut ts, &bytes, eof);
@@ -211,16 +151,8 @@ fn a_dialer_refused_by_another_cluster_logs_why_and_never_comes_up() {
     while Instant::now() < end {
         pump(&mut ts, &mut evs);
     }
-    assert!(
-        evs.iter()
-            .flatten()
-            .all(|e| !matches!(e, Event::PeerUp { .. })),
-        "{evs:?}"
-    );
+    assert!(evs.iter().flatten().all(|e| !matches!(e, Event::PeerUp { .. })), "{evs:?}");
     let text = logs.text();
     assert!(text.contains("wrong cluster id 8 (expected 7)"), "{text}");
-    assert!(
-        text.contains("rejected by the peer: wrong cluster id 7 (expected 8)"),
-        "{text}"
-    );
+    assert!(text.contains("rejected by the peer: wrong cluster id 7 (expected 8)"), "{text}");
 }

@@ -19,43 +19,28 @@ fn reconnect_after_a_peer_is_dropped_and_recreated() {
     let mut ts = cluster(2);
     let mut evs = vec![Vec::new(); 2];
     ts[1].grant(1);
-    let writes: BTreeSet<u64> = (0..5)
-        .map(|i| ts[0].write(2, i, b"in flight").unwrap())
-        .collect();
+    let writes: BTreeSet<u64> = (0..5).map(|i| ts[0].write(2, i, b"in flight").unwrap()).collect();
     let read = ts[0].read(2, 0, 100).unwrap();
     // Node 2 receives them and never answers.
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        e[1].len() >= 6
-    });
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[1].len() >= 6);
 
     let b_addr = ts[1].local_addr();
     let b = ts.pop().unwrap();
     drop(b);
     let mut a_evs = Vec::new();
     let end = Instant::now() + Duration::from_secs(5);
-    while !a_evs
-        .iter()
-        .any(|e| matches!(e, Event::PeerDown { peer: 2, .. }))
-    {
+    while !a_evs.iter().any(|e| matches!(e, Event::PeerDown { peer: 2, .. })) {
         assert!(Instant::now() < end, "no PeerDown: {a_evs:?}");
-        ts[0]
-            .poll(&mut a_evs, Some(Duration::from_millis(5)))
-            .unwrap();
+        ts[0].poll(&mut a_evs, Some(Duration::from_millis(5))).unwrap();
     }
     let mut failed_writes = BTreeSet::new();
     let mut failed_reads = 0;
     for e in &a_evs {
         match e {
-            Event::WriteDone {
-                to: 2,
-                token,
-                result: Err(AccessError::LinkFailed(_)),
-            } => assert!(failed_writes.insert(*token), "write {token} failed twice"),
-            Event::ReadDone {
-                from: 2,
-                token,
-                result: Err(AccessError::LinkFailed(_)),
-            } => {
+            Event::WriteDone { to: 2, token, result: Err(AccessError::LinkFailed(_)) } => {
+                assert!(failed_writes.insert(*token), "write {token} failed twice")
+            }
+            Event::ReadDone { from: 2, token, result: Err(AccessError::LinkFailed(_)) } => {
                 assert_eq!(*token, read);
                 failed_reads += 1;
             }
@@ -70,9 +55,7 @@ fn reconnect_after_a_peer_is_dropped_and_recreated() {
     a_evs.clear();
     let end = Instant::now() + Duration::from_millis(200);
     while Instant::now() < end {
-        ts[0]
-            .poll(&mut a_evs, Some(Duration::from_millis(5)))
-            .unwrap();
+        ts[0].poll(&mut a_evs, Some(Duration::from_millis(5))).unwrap();
     }
     assert!(a_evs.is_empty(), "{a_evs:?}");
 
@@ -88,23 +71,13 @@ fn reconnect_after_a_peer_is_dropped_and_recreated() {
     let w = ts[0].write(2, 9, b"after restart").unwrap();
     ts[1].send(1, b"hello again").unwrap();
     let mut evs = vec![Vec::new(); 2];
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[1].is_empty()
-    });
-    let Event::WriteArrived { from: 1, token, .. } = evs[1][0] else {
-        panic!("{evs:?}")
-    };
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
+    let Event::WriteArrived { from: 1, token, .. } = evs[1][0] else { panic!("{evs:?}") };
     assert_eq!(token, w);
     ts[1].complete_write(1, token, Ok(b"ok")).unwrap();
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        e[0].len() >= 2
-    });
-    assert!(evs[0]
-        .iter()
-        .any(|e| matches!(e, Event::WriteDone { token, result: Ok(_), .. } if *token == w)));
-    assert!(evs[0].iter().any(
-        |e| matches!(e, Event::Message { from: 2, payload } if &payload[..] == b"hello again")
-    ));
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| e[0].len() >= 2);
+    assert!(evs[0].iter().any(|e| matches!(e, Event::WriteDone { token, result: Ok(_), .. } if *token == w)));
+    assert!(evs[0].iter().any(|e| matches!(e, Event::Message { from: 2, payload } if &payload[..] == b"hello again")));
 }
 
 #[test]
@@ -124,10 +97,7 @@ fn a_peer_that_does_not_read_gets_backpressure_not_memory() {
     raw.read_exact(&mut hello).unwrap();
     assert_eq!(hello[5], kind::HELLO);
     let mut ok = Vec::new();
-    let body = HelloOk {
-        cluster_id: CLUSTER,
-        node_id: 2,
-    };
+    let body = HelloOk { cluster_id: CLUSTER, node_id: 2 };
     envelope::encode(kind::HELLO_OK, &body.encode(), &mut ok);
     raw.write_all(&ok).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
@@ -151,10 +121,7 @@ fn a_peer_that_does_not_read_gets_backpressure_not_memory() {
         assert!(a.queued_bytes(2) <= limit + msg.len() + 64);
         a.poll(&mut evs, Some(Duration::ZERO)).unwrap();
     }
-    assert!(
-        refused,
-        "no backpressure after {accepted} messages of 64 KiB"
-    );
+    assert!(refused, "no backpressure after {accepted} messages of 64 KiB");
     assert!(a.queued_bytes(2) <= limit);
     println!(
         "backpressure after {accepted} x 64 KiB ({} KiB in kernel buffers, {} KiB queued)",
@@ -166,8 +133,7 @@ fn a_peer_that_does_not_read_gets_backpressure_not_memory() {
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0usize;
-        raw.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        raw.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         while let Ok(n) = raw.read(&mut buf) {
             if n == 0 {
                 break;
@@ -198,22 +164,20 @@ fn removing_a_peer_fails_its_accesses_once() {
     ts[1].grant(1);
     let w = ts[0].write(2, 0, b"x").unwrap();
     let mut evs = vec![Vec::new(); 2];
-    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
-        !e[1].is_empty()
-    });
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| !e[1].is_empty());
     ts[0].set_peers(BTreeMap::new()).unwrap();
     assert_eq!(ts[0].peers(), Vec::<u64>::new());
     let mut a = Vec::new();
     ts[0].poll(&mut a, Some(Duration::from_millis(5))).unwrap();
-    assert!(a.iter().any(|e| matches!(e, Event::WriteDone { to: 2, token, result: Err(AccessError::LinkFailed(_)) } if *token == w)), "{a:?}");
+    assert!(
+        a.iter().any(
+            |e| matches!(e, Event::WriteDone { to: 2, token, result: Err(AccessError::LinkFailed(_)) } if *token == w)
+        ),
+        "{a:?}"
+    );
     assert_eq!(ts[0].send(2, b"x"), Err(SendError::UnknownPeer(2)));
     for _ in 0..20 {
         ts[0].poll(&mut a, Some(Duration::from_millis(1))).unwrap();
     }
-    assert_eq!(
-        a.iter()
-            .filter(|e| matches!(e, Event::WriteDone { .. }))
-            .count(),
-        1
-    );
+    assert_eq!(a.iter().filter(|e| matches!(e, Event::WriteDone { .. })).count(), 1);
 }

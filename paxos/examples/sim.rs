@@ -22,10 +22,7 @@ fn main() -> ExitCode {
     let mut check_permission = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
+        let mut val = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value"));
         match a.as_str() {
             "--seeds" => seeds = val("--seeds").parse().expect("--seeds N"),
             "--start" => start = val("--start").parse().expect("--start N"),
@@ -55,23 +52,13 @@ fn main() -> ExitCode {
         None => (start..start + seeds).collect(),
     };
     let t0 = Instant::now();
-    let (mut events, mut slots, mut entries, mut ops, mut acked, mut elections, mut crashes) =
-        (0, 0, 0, 0, 0, 0, 0);
+    let (mut events, mut slots, mut entries, mut ops, mut acked, mut elections, mut crashes) = (0, 0, 0, 0, 0, 0, 0);
     let mut failures = 0u64;
     let mut max_recovery = 0u64;
     for &seed in &list {
-        let mut cfg = if hunting {
-            SimConfig::hunting(seed)
-        } else {
-            SimConfig::from_seed(seed)
-        }
-        .with_bug(bug);
+        let mut cfg = if hunting { SimConfig::hunting(seed) } else { SimConfig::from_seed(seed) }.with_bug(bug);
         cfg.check_permission = check_permission;
-        let r = if bug.is_some() {
-            sim::run_quiet(cfg)
-        } else {
-            sim::run(cfg)
-        };
+        let r = if bug.is_some() { sim::run_quiet(cfg) } else { sim::run(cfg) };
         match r {
             Ok(rep) => {
                 if verbose {

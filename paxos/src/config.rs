@@ -127,30 +127,17 @@ impl Config {
         if !all.contains(&self.id) {
             return Err(ConfigError::NotMember(self.id));
         }
-        if self.heartbeat_interval == 0
-            || self.election_timeout == 0
-            || self.retransmit_timeout == 0
-        {
+        if self.heartbeat_interval == 0 || self.election_timeout == 0 || self.retransmit_timeout == 0 {
             return Err(ConfigError::Invalid("timeouts must be non-zero"));
         }
         if self.heartbeat_interval * 2 > self.election_timeout {
-            return Err(ConfigError::Invalid(
-                "election_timeout must be at least twice heartbeat_interval",
-            ));
+            return Err(ConfigError::Invalid("election_timeout must be at least twice heartbeat_interval"));
         }
-        if self.window == 0
-            || self.max_batch_entries == 0
-            || self.max_write_slots == 0
-            || self.max_read_slots == 0
-        {
-            return Err(ConfigError::Invalid(
-                "window, max_batch_entries and max_write_slots must be non-zero",
-            ));
+        if self.window == 0 || self.max_batch_entries == 0 || self.max_write_slots == 0 || self.max_read_slots == 0 {
+            return Err(ConfigError::Invalid("window, max_batch_entries and max_write_slots must be non-zero"));
         }
         if self.max_batch_bytes == 0 || self.max_pending_entries == 0 {
-            return Err(ConfigError::Invalid(
-                "max_batch_bytes and max_pending_entries must be non-zero",
-            ));
+            return Err(ConfigError::Invalid("max_batch_bytes and max_pending_entries must be non-zero"));
         }
         Ok(())
     }
@@ -167,10 +154,6 @@ impl Config {
 
     /// Every member but this replica: voters, then learners.
     pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.voters
-            .iter()
-            .chain(&self.learners)
-            .copied()
-            .filter(move |&n| n != self.id)
+        self.voters.iter().chain(&self.learners).copied().filter(move |&n| n != self.id)
     }
 }

@@ -95,12 +95,7 @@ impl Storage for MemStorage {
     }
 
     fn set_promise(&mut self, b: Ballot) -> Result<(), StorageError> {
-        crate::contracts::require!(
-            b >= self.promise,
-            "promise lowered {:?} -> {:?}",
-            self.promise,
-            b
-        );
+        crate::contracts::require!(b >= self.promise, "promise lowered {:?} -> {:?}", self.promise, b);
         self.promise = b;
         Ok(())
     }

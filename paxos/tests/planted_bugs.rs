@@ -13,17 +13,11 @@ fn hunt(bug: PlantedBug) {
         let mut cfg = SimConfig::hunting(seed).with_bug(Some(bug));
         cfg.check_permission = false;
         if let Err(v) = sim::run_quiet(cfg) {
-            println!(
-                "planted bug {} caught after {seed} seeds:\n{v}",
-                sim::bug_name(bug)
-            );
+            println!("planted bug {} caught after {seed} seeds:\n{v}", sim::bug_name(bug));
             return;
         }
     }
-    panic!(
-        "planted bug {} not caught within {MAX_SEEDS} seeds",
-        sim::bug_name(bug)
-    );
+    panic!("planted bug {} not caught within {MAX_SEEDS} seeds", sim::bug_name(bug));
 }
 
 #[test]

@@ -4,8 +4,8 @@
 //! and jumps time to the next timer.
 
 use paxos::{
-    Action, Applied, Ballot, Command, Config, Entry, MemStorage, Message, Nanos, NodeId,
-    ProposeError, Replica, Role, Storage, StorageError, Value, WriteRequest, WriteResult,
+    Action, Applied, Ballot, Command, Config, Entry, MemStorage, Message, Nanos, NodeId, ProposeError, Replica, Role,
+    Storage, StorageError, Value, WriteRequest, WriteResult,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -14,10 +14,7 @@ const MS: Nanos = 1_000_000;
 #[test]
 #[allow(clippy::assertions_on_constants)]
 fn contracts_are_checked_in_tests() {
-    assert!(
-        paxos::contracts::ENABLED,
-        "tests must run with the `contracts` feature"
-    );
+    assert!(paxos::contracts::ENABLED, "tests must run with the `contracts` feature");
 }
 
 enum Payload {
@@ -89,9 +86,7 @@ impl Net {
                     self.roles.push((id, role));
                     continue;
                 }
-                Action::GrantWrite { .. } | Action::RevokeWrite { .. } | Action::Aborted(_) => {
-                    continue
-                }
+                Action::GrantWrite { .. } | Action::RevokeWrite { .. } | Action::Aborted(_) => continue,
             };
             if !self.cut.contains(&(id, to)) {
                 self.queue.push_back((id, to, p));
@@ -132,11 +127,7 @@ impl Net {
                 Some((t, id)) if t <= until => {
                     self.now = self.now.max(t);
                     let now = self.now;
-                    self.nodes
-                        .get_mut(&id)
-                        .expect("node")
-                        .handle_timeout(now)
-                        .expect("timeout");
+                    self.nodes.get_mut(&id).expect("node").handle_timeout(now).expect("timeout");
                     self.drain(id);
                 }
                 _ => {
@@ -165,16 +156,8 @@ impl Net {
     fn propose(&mut self, client: u64, seq: u64, data: &'static [u8]) -> Result<(), ProposeError> {
         let l = self.leader();
         let now = self.now;
-        let cmd = Command {
-            client,
-            seq,
-            payload: bytes::Bytes::from_static(data),
-        };
-        let r = self
-            .nodes
-            .get_mut(&l)
-            .expect("leader")
-            .propose(now, vec![cmd]);
+        let cmd = Command { client, seq, payload: bytes::Bytes::from_static(data) };
+        let r = self.nodes.get_mut(&l).expect("leader").propose(now, vec![cmd]);
         self.drain(l);
         r
     }
@@ -228,10 +211,7 @@ fn a_retried_entry_is_applied_once_with_its_first_position() {
     net.propose(5, 2, b"b").unwrap();
     net.propose(5, 1, b"a").unwrap(); // a retry
     net.run_until(120 * MS);
-    assert_eq!(
-        net.log(2),
-        vec![(1, 5, 1, false), (2, 5, 2, false), (1, 5, 1, true)]
-    );
+    assert_eq!(net.log(2), vec![(1, 5, 1, false), (2, 5, 2, false), (1, 5, 1, true)]);
 }
 
 #[test]
@@ -243,22 +223,11 @@ fn a_partitioned_follower_cannot_depose_a_healthy_leader() {
     let ballot = net.nodes[&l].promised();
     net.isolate(x);
     net.run_until(600 * MS); // many election timeouts
-    assert_eq!(
-        net.nodes[&x].promised(),
-        ballot,
-        "pre-vote: the isolated replica never raised its ballot"
-    );
-    assert!(matches!(
-        net.nodes[&x].role(),
-        Role::PreCandidate | Role::Follower
-    ));
+    assert_eq!(net.nodes[&x].promised(), ballot, "pre-vote: the isolated replica never raised its ballot");
+    assert!(matches!(net.nodes[&x].role(), Role::PreCandidate | Role::Follower));
     net.heal();
     net.run_until(700 * MS);
-    assert_eq!(
-        net.leader(),
-        l,
-        "the leader stays after the partition heals"
-    );
+    assert_eq!(net.leader(), l, "the leader stays after the partition heals");
     assert_eq!(net.nodes[&l].promised(), ballot, "no new ballot");
     net.propose(1, 1, b"after").unwrap();
     net.run_until(710 * MS);
@@ -274,36 +243,20 @@ fn an_isolated_leader_steps_down_and_the_majority_elects_another() {
     net.run_until(110 * MS);
     net.isolate(old);
     net.run_until(200 * MS);
-    assert_ne!(
-        net.nodes[&old].role(),
-        Role::Leader,
-        "check-quorum: the cut-off leader stepped down"
-    );
+    assert_ne!(net.nodes[&old].role(), Role::Leader, "check-quorum: the cut-off leader stepped down");
     let new = net.leader();
     assert_ne!(new, old);
     net.nodes.get_mut(&new).unwrap();
     let now = net.now;
-    let cmd = Command {
-        client: 1,
-        seq: 2,
-        payload: bytes::Bytes::from_static(b"two"),
-    };
-    net.nodes
-        .get_mut(&new)
-        .unwrap()
-        .propose(now, vec![cmd])
-        .unwrap();
+    let cmd = Command { client: 1, seq: 2, payload: bytes::Bytes::from_static(b"two") };
+    net.nodes.get_mut(&new).unwrap().propose(now, vec![cmd]).unwrap();
     net.drain(new);
     net.run_until(220 * MS);
     net.heal();
     net.run_until(300 * MS);
     assert_eq!(net.leader(), new);
     for id in [1, 2, 3] {
-        assert_eq!(
-            net.log(id),
-            vec![(1, 1, 1, false), (2, 1, 2, false)],
-            "replica {id}"
-        );
+        assert_eq!(net.log(id), vec![(1, 1, 1, false), (2, 1, 2, false)], "replica {id}");
     }
 }
 
@@ -342,15 +295,9 @@ fn a_learner_receives_the_log_but_never_votes_or_leads() {
     let before = net.nodes[&l].chosen();
     let _ = net.propose(1, 2, b"b");
     net.run_until(400 * MS);
-    assert!(
-        net.nodes[&l].chosen() == before,
-        "a learner's acknowledgement is not a vote"
-    );
+    assert!(net.nodes[&l].chosen() == before, "a learner's acknowledgement is not a vote");
     assert_eq!(net.nodes[&4].role(), Role::Learner);
-    assert!(net
-        .roles
-        .iter()
-        .all(|&(id, r)| id != 4 || r == Role::Learner));
+    assert!(net.roles.iter().all(|&(id, r)| id != 4 || r == Role::Learner));
 }
 
 #[test]
@@ -360,26 +307,10 @@ fn a_write_without_permission_is_denied() {
     s.set_promise(Ballot::new(4, 1)).unwrap();
     let mut r = Replica::new(c, s, 0).unwrap();
     r.flush().unwrap();
-    assert_eq!(
-        r.poll_action(),
-        Some(Action::GrantWrite {
-            to: 1,
-            ballot: Ballot::new(4, 1)
-        }),
-        "restart re-grants"
-    );
+    assert_eq!(r.poll_action(), Some(Action::GrantWrite { to: 1, ballot: Ballot::new(4, 1) }), "restart re-grants");
     // Replica 3 writes under its own (unpromised) ballot; replica 1 under an old one.
-    for (from, b) in [
-        (3, Ballot::new(5, 3)),
-        (1, Ballot::new(3, 1)),
-        (3, Ballot::new(4, 1)),
-    ] {
-        let req = WriteRequest {
-            ballot: b,
-            first: 1,
-            values: vec![Value::Noop],
-            commit: 0,
-        };
+    for (from, b) in [(3, Ballot::new(5, 3)), (1, Ballot::new(3, 1)), (3, Ballot::new(4, 1))] {
+        let req = WriteRequest { ballot: b, first: 1, values: vec![Value::Noop], commit: 0 };
         r.handle_remote_write(MS, from, req).unwrap();
         r.flush().unwrap();
         let a = r.poll_action().expect("a completion");
@@ -390,22 +321,11 @@ fn a_write_without_permission_is_denied() {
     }
     assert_eq!(r.storage().last_slot(), 0, "nothing was written");
     // The permission holder may write.
-    let req = WriteRequest {
-        ballot: Ballot::new(4, 1),
-        first: 1,
-        values: vec![Value::Noop],
-        commit: 0,
-    };
+    let req = WriteRequest { ballot: Ballot::new(4, 1), first: 1, values: vec![Value::Noop], commit: 0 };
     r.handle_remote_write(MS, 1, req).unwrap();
     r.flush().unwrap();
     let acts: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
-    assert!(acts.iter().any(|a| matches!(
-        a,
-        Action::WriteCompletion {
-            result: WriteResult::Ok { .. },
-            ..
-        }
-    )));
+    assert!(acts.iter().any(|a| matches!(a, Action::WriteCompletion { result: WriteResult::Ok { .. }, .. })));
     assert_eq!(r.storage().last_slot(), 1);
 }
 
@@ -443,48 +363,25 @@ impl Storage for FailingStorage {
 #[test]
 fn a_failed_sync_stops_the_replica_and_releases_no_acknowledgement() {
     let c = Config::new(2, vec![1, 2, 3]);
-    let mut s = FailingStorage {
-        inner: MemStorage::new(),
-        ok_syncs: 0,
-    };
+    let mut s = FailingStorage { inner: MemStorage::new(), ok_syncs: 0 };
     s.set_promise(Ballot::new(1, 1)).unwrap();
     let mut r = Replica::new(c, s, 0).unwrap();
     r.flush().unwrap(); // nothing dirty yet
     while r.poll_action().is_some() {}
-    let req = WriteRequest {
-        ballot: Ballot::new(1, 1),
-        first: 1,
-        values: vec![Value::Noop],
-        commit: 0,
-    };
+    let req = WriteRequest { ballot: Ballot::new(1, 1), first: 1, values: vec![Value::Noop], commit: 0 };
     r.handle_remote_write(MS, 1, req).unwrap();
     let released: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
     assert!(
-        !released
-            .iter()
-            .any(|a| matches!(a, Action::WriteCompletion { .. })),
+        !released.iter().any(|a| matches!(a, Action::WriteCompletion { .. })),
         "the acknowledgement waits for the sync: {released:?}"
     );
     let err = r.flush().expect_err("sync fails");
     assert!(err.to_string().contains("EIO"), "{err}");
-    assert!(
-        r.poll_action().is_none(),
-        "no acknowledgement after a failed sync"
-    );
+    assert!(r.poll_action().is_none(), "no acknowledgement after a failed sync");
     assert!(r.stopped().is_some());
-    assert!(
-        r.handle_timeout(100 * MS).is_err(),
-        "a stopped replica refuses inputs"
-    );
+    assert!(r.handle_timeout(100 * MS).is_err(), "a stopped replica refuses inputs");
     assert!(matches!(
-        r.propose(
-            100 * MS,
-            vec![Command {
-                client: 1,
-                seq: 1,
-                payload: bytes::Bytes::new()
-            }]
-        ),
+        r.propose(100 * MS, vec![Command { client: 1, seq: 1, payload: bytes::Bytes::new() }]),
         Err(ProposeError::Stopped)
     ));
 }
@@ -493,18 +390,9 @@ fn a_failed_sync_stops_the_replica_and_releases_no_acknowledgement() {
 fn configurations_are_validated() {
     use paxos::ConfigError;
     assert_eq!(Config::new(0, vec![1]).validate(), Err(ConfigError::ZeroId));
-    assert_eq!(
-        Config::new(1, vec![]).validate(),
-        Err(ConfigError::NoVoters)
-    );
-    assert_eq!(
-        Config::new(4, vec![1, 2, 3]).validate(),
-        Err(ConfigError::NotMember(4))
-    );
-    assert_eq!(
-        Config::new(1, vec![1, 2, 2]).validate(),
-        Err(ConfigError::Duplicate(2))
-    );
+    assert_eq!(Config::new(1, vec![]).validate(), Err(ConfigError::NoVoters));
+    assert_eq!(Config::new(4, vec![1, 2, 3]).validate(), Err(ConfigError::NotMember(4)));
+    assert_eq!(Config::new(1, vec![1, 2, 2]).validate(), Err(ConfigError::Duplicate(2)));
     let mut c = Config::new(1, vec![1, 2, 3]);
     c.election_timeout = c.heartbeat_interval;
     assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
@@ -518,11 +406,7 @@ fn a_follower_refuses_proposals_and_names_the_leader() {
     net.run_until(100 * MS);
     let l = net.leader();
     let f = [1, 2, 3].into_iter().find(|&n| n != l).unwrap();
-    let cmd = Command {
-        client: 1,
-        seq: 1,
-        payload: bytes::Bytes::new(),
-    };
+    let cmd = Command { client: 1, seq: 1, payload: bytes::Bytes::new() };
     let now = net.now;
     assert_eq!(
         net.nodes.get_mut(&f).unwrap().propose(now, vec![cmd]),

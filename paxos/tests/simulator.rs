@@ -5,8 +5,7 @@ use paxos::sim::{self, SimConfig};
 
 fn run_range(name: &str, seeds: std::ops::Range<u64>, make: fn(u64) -> SimConfig) {
     let n = seeds.end - seeds.start;
-    let (mut events, mut slots, mut ops, mut acked, mut crashes, mut elections) =
-        (0, 0, 0, 0, 0, 0);
+    let (mut events, mut slots, mut ops, mut acked, mut crashes, mut elections) = (0, 0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     for seed in seeds {
         match sim::run(make(seed)) {
@@ -26,16 +25,8 @@ fn run_range(name: &str, seeds: std::ops::Range<u64>, make: fn(u64) -> SimConfig
         "{name}: {n} seeds, {events} events, {slots} slots chosen, {ops} client ops, \
          {acked} acknowledged appends, {elections} elections, {crashes} crashes"
     );
-    assert!(
-        failures.is_empty(),
-        "{} of {n} seeds failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    assert!(
-        crashes > 0 && elections > n,
-        "the faults did not bite: {crashes} crashes, {elections} elections"
-    );
+    assert!(failures.is_empty(), "{} of {n} seeds failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(crashes > 0 && elections > n, "the faults did not bite: {crashes} crashes, {elections} elections");
 }
 
 #[test]
@@ -53,22 +44,8 @@ fn a_seed_replays_exactly() {
     let a = sim::run(SimConfig::from_seed(77)).expect("seed 77");
     let b = sim::run(SimConfig::from_seed(77)).expect("seed 77");
     assert_eq!(
-        (
-            a.events,
-            a.slots_chosen,
-            a.entries_applied,
-            a.client_ops,
-            a.elections,
-            a.sim_time
-        ),
-        (
-            b.events,
-            b.slots_chosen,
-            b.entries_applied,
-            b.client_ops,
-            b.elections,
-            b.sim_time
-        )
+        (a.events, a.slots_chosen, a.entries_applied, a.client_ops, a.elections, a.sim_time),
+        (b.events, b.slots_chosen, b.entries_applied, b.client_ops, b.elections, b.sim_time)
     );
 }
 

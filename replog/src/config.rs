@@ -95,11 +95,7 @@ pub struct Member {
     #[serde(deserialize_with = "de_socket_addr")]
     pub client_addr: SocketAddr,
     /// Where its Prometheus endpoint listens (`GET /metrics`); none if absent.
-    #[serde(
-        default,
-        deserialize_with = "de_opt_socket_addr",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "de_opt_socket_addr", skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
     /// A learner receives the log but never votes nor leads (default false).
     #[serde(default, skip_serializing_if = "is_false")]
@@ -176,11 +172,7 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing {
-            heartbeat_ms: 5.0,
-            election_timeout_ms: 50.0,
-            retransmit_ms: 20.0,
-        }
+        Timing { heartbeat_ms: 5.0, election_timeout_ms: 50.0, retransmit_ms: 20.0 }
     }
 }
 
@@ -256,10 +248,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: "info".to_string(),
-            format: LogFormat::Text,
-        }
+        LogConfig { level: "info".to_string(), format: LogFormat::Text }
     }
 }
 
@@ -355,20 +344,12 @@ impl ConfigError {
 
     /// A [`ConfigError::Invalid`] at `key`.
     fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            origin: DEFAULT_ORIGIN.to_string(),
-            key: Some(key.into()),
-            message: message.into(),
-        }
+        ConfigError::Invalid { origin: DEFAULT_ORIGIN.to_string(), key: Some(key.into()), message: message.into() }
     }
 
     /// A [`ConfigError::Invalid`] about no single key.
     fn general(message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            origin: DEFAULT_ORIGIN.to_string(),
-            key: None,
-            message: message.into(),
-        }
+        ConfigError::Invalid { origin: DEFAULT_ORIGIN.to_string(), key: None, message: message.into() }
     }
 }
 
@@ -385,10 +366,8 @@ impl ServeConfig {
     /// Reads, parses and validates the file at `path`; errors name it.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            origin: origin.clone(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { origin: origin.clone(), source })?;
         Self::from_toml(&text, &origin)
     }
 
@@ -419,18 +398,12 @@ impl ServeConfig {
     /// are attributed to the origin `"configuration"`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cluster_id == 0 {
-            return Err(ConfigError::at(
-                "cluster_id".to_string(),
-                "must be non-zero",
-            ));
+            return Err(ConfigError::at("cluster_id".to_string(), "must be non-zero"));
         }
         if self.cluster_id > MAX_ID {
             return Err(ConfigError::at(
                 "cluster_id".to_string(),
-                format!(
-                    "{} is above {MAX_ID} (TOML integers are signed 64-bit)",
-                    self.cluster_id
-                ),
+                format!("{} is above {MAX_ID} (TOML integers are signed 64-bit)", self.cluster_id),
             ));
         }
         if self.id == 0 {
@@ -445,11 +418,7 @@ impl ServeConfig {
         self.validate_members()?;
         if !self.members.iter().any(|m| m.id == self.id) {
             let ids: Vec<String> = self.members.iter().map(|m| m.id.to_string()).collect();
-            return Err(ConfigError::general(format!(
-                "id {} is not among members ({})",
-                self.id,
-                ids.join(", ")
-            )));
+            return Err(ConfigError::general(format!("id {} is not among members ({})", self.id, ids.join(", "))));
         }
         if self.members.iter().all(|m| m.learner) {
             return Err(ConfigError::at(
@@ -481,18 +450,16 @@ impl ServeConfig {
         if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&seg) || seg & 7 != 0 {
             return Err(ConfigError::at(
                 "segment_size".to_string(),
-                format!(
-                    "{seg} must be a multiple of 8 from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE}"
-                ),
+                format!("{seg} must be a multiple of 8 from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE}"),
             ));
         }
         self.validate_timing()?;
         self.validate_limits()?;
         self.validate_log()?;
         // A backstop: whatever the protocol itself refuses.
-        self.paxos_config().validate().map_err(|e| {
-            ConfigError::general(format!("the protocol configuration is refused: {e}"))
-        })
+        self.paxos_config()
+            .validate()
+            .map_err(|e| ConfigError::general(format!("the protocol configuration is refused: {e}")))
     }
 
     fn validate_members(&self) -> Result<(), ConfigError> {
@@ -504,16 +471,10 @@ impl ServeConfig {
                 return Err(ConfigError::at(at("id"), "must be non-zero"));
             }
             if m.id > MAX_ID {
-                return Err(ConfigError::at(
-                    at("id"),
-                    format!("{} is above {MAX_ID}", m.id),
-                ));
+                return Err(ConfigError::at(at("id"), format!("{} is above {MAX_ID}", m.id)));
             }
             if let Some(j) = ids.insert(m.id, i) {
-                return Err(ConfigError::at(
-                    at("id"),
-                    format!("duplicate member id {} (also members[{j}].id)", m.id),
-                ));
+                return Err(ConfigError::at(at("id"), format!("duplicate member id {} (also members[{j}].id)", m.id)));
             }
             let listed = [
                 ("peer_addr", Some(m.peer_addr)),
@@ -540,10 +501,7 @@ impl ServeConfig {
                     }
                 }
                 if let Some(prev) = addrs.insert(a, at(k)) {
-                    return Err(ConfigError::at(
-                        at(k),
-                        format!("duplicate address {a} (also {prev})"),
-                    ));
+                    return Err(ConfigError::at(at(k), format!("duplicate address {a} (also {prev})")));
                 }
             }
         }
@@ -594,10 +552,7 @@ impl ServeConfig {
                 return Err(ConfigError::at(format!("limits.{k}"), "must be non-zero"));
             }
             if v > u32::MAX as u64 {
-                return Err(ConfigError::at(
-                    format!("limits.{k}"),
-                    format!("{v} is above {}", u32::MAX),
-                ));
+                return Err(ConfigError::at(format!("limits.{k}"), format!("{v} is above {}", u32::MAX)));
             }
         }
         if l.max_frame_bytes < l.max_entry_bytes + FRAME_OVERHEAD {
@@ -613,9 +568,7 @@ impl ServeConfig {
             ));
         }
         // The largest slot: a batch up to max_batch_bytes, or one entry alone.
-        let slot = l.max_batch_bytes.max(l.max_entry_bytes)
-            + l.max_batch_entries * ENTRY_OVERHEAD
-            + SLOT_OVERHEAD;
+        let slot = l.max_batch_bytes.max(l.max_entry_bytes) + l.max_batch_entries * ENTRY_OVERHEAD + SLOT_OVERHEAD;
         let room = max_payload(self.segment_size);
         if slot > room {
             return Err(ConfigError::at(
@@ -649,8 +602,7 @@ impl ServeConfig {
     /// # Panics
     /// If `id` is not among the members (a configuration that did not validate).
     pub fn me(&self) -> &Member {
-        self.member(self.id)
-            .unwrap_or_else(|| panic!("replica {} is not among the members", self.id))
+        self.member(self.id).unwrap_or_else(|| panic!("replica {} is not among the members", self.id))
     }
 
     /// The member with id `id`.
@@ -667,19 +619,9 @@ impl ServeConfig {
     /// order), learners the others; timings in nanoseconds; the limits; the seed of
     /// the election jitter is this replica's id.
     pub fn paxos_config(&self) -> paxos::Config {
-        let voters = self
-            .members
-            .iter()
-            .filter(|m| !m.learner)
-            .map(|m| m.id)
-            .collect();
+        let voters = self.members.iter().filter(|m| !m.learner).map(|m| m.id).collect();
         let mut c = paxos::Config::new(self.id, voters);
-        c.learners = self
-            .members
-            .iter()
-            .filter(|m| m.learner)
-            .map(|m| m.id)
-            .collect();
+        c.learners = self.members.iter().filter(|m| m.learner).map(|m| m.id).collect();
         c.heartbeat_interval = self.timing.heartbeat_ns();
         c.election_timeout = self.timing.election_timeout_ns();
         c.retransmit_timeout = self.timing.retransmit_ns();
@@ -713,12 +655,7 @@ impl ServeConfig {
     /// clients on the next port and for metrics on the one after; its data directory
     /// is `data_dir/node-<i>`; the cluster id is [`LOCAL_CLUSTER_ID`]. Element `i-1`
     /// is replica `i`'s configuration.
-    pub fn local_cluster(
-        n: usize,
-        base_port: u16,
-        data_dir: &Path,
-        durability: DurabilityKind,
-    ) -> Vec<ServeConfig> {
+    pub fn local_cluster(n: usize, base_port: u16, data_dir: &Path, durability: DurabilityKind) -> Vec<ServeConfig> {
         let addr = |k: usize| -> SocketAddr {
             let port = base_port as usize + k;
             assert!(port <= u16::MAX as usize, "port {port} out of range");
@@ -785,17 +722,9 @@ pub fn init_tracing(level: &str, json: bool) {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .and_then(|s| EnvFilter::builder().parse(s).ok());
-    let filter = from_env
-        .or_else(|| EnvFilter::builder().parse(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let filter = from_env.or_else(|| EnvFilter::builder().parse(level).ok()).unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// Checks a `tracing` filter more strictly than `EnvFilter` does: a bare word must
@@ -822,10 +751,7 @@ fn check_filter(filter: &str) -> Result<(), String> {
             _ => {}
         }
     }
-    tracing_subscriber::EnvFilter::builder()
-        .parse(filter)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    tracing_subscriber::EnvFilter::builder().parse(filter).map(drop).map_err(|e| e.to_string())
 }
 
 fn ms_to_ns(ms: f64) -> u64 {

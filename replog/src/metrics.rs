@@ -41,8 +41,8 @@ pub const ROLES: [&str; 5] = ["follower", "precandidate", "candidate", "leader",
 
 /// Upper bounds (seconds) of the commit latency histogram's buckets; `+Inf` follows.
 pub const LATENCY_BUCKETS: [f64; 20] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 /// The largest latency the histogram resolves (longer ones are counted as this).
@@ -84,8 +84,7 @@ pub struct Metrics {
 impl Metrics {
     /// Empty metrics for replica `node`.
     pub fn new(node: u64) -> Arc<Metrics> {
-        let hist =
-            Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds");
+        let hist = Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds");
         Arc::new(Metrics {
             node,
             latency: Mutex::new(Latency { hist, sum_ns: 0 }),
@@ -118,10 +117,7 @@ impl Metrics {
 
     /// Sets the current role: one of [`ROLES`] (another name shows every role as 0).
     pub fn set_role(&self, role: &str) {
-        let i = ROLES
-            .iter()
-            .position(|r| *r == role)
-            .map_or(u8::MAX, |i| i as u8);
+        let i = ROLES.iter().position(|r| *r == role).map_or(u8::MAX, |i| i as u8);
         self.role.store(i, Relaxed);
     }
 
@@ -149,13 +145,7 @@ impl Metrics {
 
     /// Sets a peer's lag (slots behind the commit index) and link state.
     pub fn set_peer_lag(&self, peer: u64, lag_slots: u64, connected: bool) {
-        self.peers.lock().insert(
-            peer,
-            Peer {
-                lag: lag_slots,
-                connected,
-            },
-        );
+        self.peers.lock().insert(peer, Peer { lag: lag_slots, connected });
     }
 
     /// Forgets a peer (after a membership change).
@@ -201,32 +191,17 @@ impl Metrics {
             );
             for le in LATENCY_BUCKETS {
                 let le_ns = (le * 1e9).round() as u64;
-                let n = if l.hist.is_empty() {
-                    0
-                } else {
-                    l.hist.count_between(0, le_ns)
-                };
-                let _ = writeln!(
-                    out,
-                    "replog_commit_latency_seconds_bucket{{{nl},le=\"{le}\"}} {n}"
-                );
+                let n = if l.hist.is_empty() { 0 } else { l.hist.count_between(0, le_ns) };
+                let _ = writeln!(out, "replog_commit_latency_seconds_bucket{{{nl},le=\"{le}\"}} {n}");
             }
             let count = l.hist.len();
-            let _ = writeln!(
-                out,
-                "replog_commit_latency_seconds_bucket{{{nl},le=\"+Inf\"}} {count}"
-            );
+            let _ = writeln!(out, "replog_commit_latency_seconds_bucket{{{nl},le=\"+Inf\"}} {count}");
             let sum = l.sum_ns as f64 / 1e9;
             let _ = writeln!(out, "replog_commit_latency_seconds_sum{{{nl}}} {sum}");
             let _ = writeln!(out, "replog_commit_latency_seconds_count{{{nl}}} {count}");
         }
 
-        header(
-            &mut out,
-            "replog_role",
-            "gauge",
-            "The replica's role: 1 for the current one, 0 for the others.",
-        );
+        header(&mut out, "replog_role", "gauge", "The replica's role: 1 for the current one, 0 for the others.");
         let role = self.role.load(Relaxed) as usize;
         for (i, r) in ROLES.iter().enumerate() {
             let v = u8::from(i == role);
@@ -234,102 +209,38 @@ impl Metrics {
         }
 
         let gauges: [(&str, &str, &AtomicU64); 7] = [
-            (
-                "replog_ballot_round",
-                "Round of the highest ballot seen.",
-                &self.ballot_round,
-            ),
-            (
-                "replog_ballot_node",
-                "Node of the highest ballot seen.",
-                &self.ballot_node,
-            ),
-            (
-                "replog_commit_index",
-                "The commit index: every slot below it is chosen.",
-                &self.commit_index,
-            ),
-            (
-                "replog_applied_slot",
-                "Slots applied to the client-visible log.",
-                &self.applied_slot,
-            ),
-            (
-                "replog_applied_position",
-                "Client-visible log position reached by apply.",
-                &self.applied_position,
-            ),
-            (
-                "replog_log_bytes",
-                "Bytes held by the local log.",
-                &self.log_bytes,
-            ),
-            (
-                "replog_appends_total",
-                "Client entries committed.",
-                &self.appends,
-            ),
+            ("replog_ballot_round", "Round of the highest ballot seen.", &self.ballot_round),
+            ("replog_ballot_node", "Node of the highest ballot seen.", &self.ballot_node),
+            ("replog_commit_index", "The commit index: every slot below it is chosen.", &self.commit_index),
+            ("replog_applied_slot", "Slots applied to the client-visible log.", &self.applied_slot),
+            ("replog_applied_position", "Client-visible log position reached by apply.", &self.applied_position),
+            ("replog_log_bytes", "Bytes held by the local log.", &self.log_bytes),
+            ("replog_appends_total", "Client entries committed.", &self.appends),
         ];
         for (name, help, v) in gauges {
-            let kind = if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name}{{{nl}}} {}", v.load(Relaxed));
         }
-        header(
-            &mut out,
-            "replog_elections_total",
-            "counter",
-            "Elections this replica started.",
-        );
-        let _ = writeln!(
-            out,
-            "replog_elections_total{{{nl}}} {}",
-            self.elections.load(Relaxed)
-        );
+        header(&mut out, "replog_elections_total", "counter", "Elections this replica started.");
+        let _ = writeln!(out, "replog_elections_total{{{nl}}} {}", self.elections.load(Relaxed));
 
         let peers: Vec<(u64, Peer)> = self.peers.lock().iter().map(|(k, v)| (*k, *v)).collect();
-        header(
-            &mut out,
-            "replog_peer_lag_slots",
-            "gauge",
-            "Slots a peer trails the commit index by.",
-        );
+        header(&mut out, "replog_peer_lag_slots", "gauge", "Slots a peer trails the commit index by.");
         for (p, s) in &peers {
             let _ = writeln!(out, "replog_peer_lag_slots{{{nl},peer=\"{p}\"}} {}", s.lag);
         }
-        header(
-            &mut out,
-            "replog_peer_connected",
-            "gauge",
-            "1 while the link to a peer is up.",
-        );
+        header(&mut out, "replog_peer_connected", "gauge", "1 while the link to a peer is up.");
         for (p, s) in &peers {
             let v = u8::from(s.connected);
             let _ = writeln!(out, "replog_peer_connected{{{nl},peer=\"{p}\"}} {v}");
         }
 
-        let errors: Vec<(String, u64)> = self
-            .client_errors
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        header(
-            &mut out,
-            "replog_client_errors_total",
-            "counter",
-            "Errors answered to clients, by code.",
-        );
+        let errors: Vec<(String, u64)> = self.client_errors.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        header(&mut out, "replog_client_errors_total", "counter", "Errors answered to clients, by code.");
         for (code, n) in errors {
             let code = escape_label(&code);
-            let _ = writeln!(
-                out,
-                "replog_client_errors_total{{{nl},code=\"{code}\"}} {n}"
-            );
+            let _ = writeln!(out, "replog_client_errors_total{{{nl},code=\"{code}\"}} {n}");
         }
         out
     }
@@ -381,37 +292,21 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Serves `metrics` on `listener` (already bound) from a new thread.
-    pub fn start(
-        listener: std::net::TcpListener,
-        metrics: Arc<Metrics>,
-    ) -> io::Result<MetricsServer> {
+    pub fn start(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let thread = std::thread::Builder::new()
-            .name(format!("metrics-{}", metrics.node()))
-            .spawn(move || {
-                let mut s = Server {
-                    poll,
-                    listener,
-                    metrics,
-                    conns: BTreeMap::new(),
-                    next_token: FIRST_CONN,
-                    saturated: false,
-                };
-                if let Err(e) = s.run() {
-                    tracing::error!(error = %e, "metrics endpoint stopped");
-                }
-            })?;
-        Ok(MetricsServer {
-            addr,
-            waker,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name(format!("metrics-{}", metrics.node())).spawn(move || {
+            let mut s =
+                Server { poll, listener, metrics, conns: BTreeMap::new(), next_token: FIRST_CONN, saturated: false };
+            if let Err(e) = s.run() {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        })?;
+        Ok(MetricsServer { addr, waker, thread: Some(thread) })
     }
 
     /// The address the endpoint listens on.
@@ -467,11 +362,7 @@ impl Server {
         loop {
             let now = Instant::now();
             self.conns.retain(|_, c| c.deadline > now);
-            let timeout = self
-                .conns
-                .values()
-                .map(|c| c.deadline.saturating_duration_since(now))
-                .min();
+            let timeout = self.conns.values().map(|c| c.deadline.saturating_duration_since(now)).min();
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -516,11 +407,9 @@ impl Server {
             };
             let t = self.next_token;
             self.next_token += 1;
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                Token(t),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) =
+                self.poll.registry().register(&mut stream, Token(t), Interest::READABLE | Interest::WRITABLE)
+            {
                 tracing::warn!(error = %e, "metrics endpoint: cannot watch a connection");
                 continue;
             }
@@ -543,10 +432,7 @@ impl Server {
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
-    )
+    matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted)
 }
 
 /// Advances one connection; true when it is finished (answered or failed).
@@ -633,8 +519,7 @@ fn respond(head: &[u8], metrics: &Metrics, truncated: bool) -> Vec<u8> {
     };
     let line = head.lines().next().unwrap_or("");
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return bad("malformed request line");
     };
@@ -663,11 +548,7 @@ fn respond(head: &[u8], metrics: &Metrics, truncated: bool) -> Vec<u8> {
 }
 
 fn response(code: u16, reason: &str, body: &str, head_only: bool) -> Vec<u8> {
-    let ctype = if code == 200 {
-        "text/plain; version=0.0.4; charset=utf-8"
-    } else {
-        "text/plain; charset=utf-8"
-    };
+    let ctype = if code == 200 { "text/plain; version=0.0.4; charset=utf-8" } else { "text/plain; charset=utf-8" };
     let mut r = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n",

@@ -4,9 +4,7 @@
 
 mod client_support;
 
-use client_support::{
-    capture_logs, frame, raw, read_one, read_until_closed, wait_for_log, FakeCluster, CLUSTER,
-};
+use client_support::{capture_logs, frame, raw, read_one, read_until_closed, wait_for_log, FakeCluster, CLUSTER};
 use replog::client::proto::kind;
 use replog::client::{Client, ClientConfig, ErrorCode, Request, Response};
 use std::io::Write;
@@ -30,12 +28,7 @@ fn good_client_works(fake: &FakeCluster) {
 
 /// Sends `bytes` on a fresh connection; expects the connection closed within the bound,
 /// a log line naming this peer and `reason`, and returns the error frames received.
-fn refused(
-    fake: &FakeCluster,
-    bytes: &[u8],
-    half_close: bool,
-    reason: &str,
-) -> Vec<(u64, Response)> {
+fn refused(fake: &FakeCluster, bytes: &[u8], half_close: bool, reason: &str) -> Vec<(u64, Response)> {
     let mut s = raw(fake.addr(0));
     let me = s.local_addr().unwrap().to_string();
     s.write_all(bytes).unwrap();
@@ -58,12 +51,7 @@ fn refused(
 }
 
 fn hello() -> Vec<u8> {
-    frame(
-        1,
-        &Request::Hello {
-            cluster_id: CLUSTER,
-        },
-    )
+    frame(1, &Request::Hello { cluster_id: CLUSTER })
 }
 
 fn only_error(got: &[(u64, Response)], code: ErrorCode) -> String {
@@ -77,12 +65,7 @@ fn only_error(got: &[(u64, Response)], code: ErrorCode) -> String {
 fn garbage_bytes() {
     capture_logs();
     let fake = FakeCluster::start(1);
-    let got = refused(
-        &fake,
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        false,
-        "bad magic",
-    );
+    let got = refused(&fake, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false, "bad magic");
     assert!(only_error(&got, ErrorCode::BadRequest).contains("bad magic"));
     // Garbage after a good Hello, too.
     let mut g = hello();
@@ -116,28 +99,12 @@ fn oversized_length() {
     h[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
     let got = refused(&fake, &h, false, "exceeds the limit");
     let msg = only_error(&got, ErrorCode::TooLarge);
-    assert!(
-        msg.contains("1073741824") && msg.contains("1048576"),
-        "{msg}"
-    );
+    assert!(msg.contains("1073741824") && msg.contains("1048576"), "{msg}");
     // A real append just above the limit, after Hello.
     let mut b = hello();
-    b.extend(frame(
-        2,
-        &Request::Append {
-            client: 1,
-            seq: 1,
-            entries: vec![vec![0u8; 1 << 20].into()],
-        },
-    ));
+    b.extend(frame(2, &Request::Append { client: 1, seq: 1, entries: vec![vec![0u8; 1 << 20].into()] }));
     let got = refused(&fake, &b, false, "exceeds the limit");
-    assert!(matches!(
-        got[1].1,
-        Response::Error {
-            code: ErrorCode::TooLarge,
-            ..
-        }
-    ));
+    assert!(matches!(got[1].1, Response::Error { code: ErrorCode::TooLarge, .. }));
     assert!(fake.log().iter().all(|e| e.len() < 1 << 20));
     fake.shutdown();
 }
@@ -150,10 +117,7 @@ fn wrong_cluster_id() {
     let got = refused(&fake, &b, false, "cluster id 77, this cluster is 193");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, 9, "the error answers the Hello");
-    assert_eq!(
-        only_error(&got, ErrorCode::WrongCluster),
-        format!("cluster id 77, this cluster is {CLUSTER}")
-    );
+    assert_eq!(only_error(&got, ErrorCode::WrongCluster), format!("cluster id 77, this cluster is {CLUSTER}"));
     fake.shutdown();
 }
 
@@ -245,10 +209,7 @@ fn max_connections_enforced() {
         s.write_all(&hello()).unwrap();
         match read_one(&mut s).1 {
             Response::HelloOk { .. } => break,
-            Response::Error {
-                code: ErrorCode::Busy,
-                ..
-            } => {
+            Response::Error { code: ErrorCode::Busy, .. } => {
                 assert!(Instant::now() < deadline, "slot never freed");
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -262,33 +223,19 @@ fn max_connections_enforced() {
 fn slow_reader_is_disconnected() {
     capture_logs();
     let fake = FakeCluster::start_with(1, |c| c.max_queued_bytes_per_conn = 256 << 10);
-    fake.state
-        .lock()
-        .unwrap()
-        .log
-        .push(vec![1u8; 1 << 20].into());
+    fake.state.lock().unwrap().log.push(vec![1u8; 1 << 20].into());
     let mut s = TcpStream::connect(fake.addr(0)).unwrap();
     let me = s.local_addr().unwrap().to_string();
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(&hello()).unwrap();
     // Ask for a 1 MiB entry many times and never read: socket buffers fill, then the
     // server's queue passes the limit and it closes the connection.
-    let read = frame(
-        3,
-        &Request::Read {
-            from: 1,
-            max_entries: 1,
-            max_bytes: 2 << 20,
-        },
-    );
+    let read = frame(3, &Request::Read { from: 1, max_entries: 1, max_bytes: 2 << 20 });
     for _ in 0..200 {
         if s.write_all(&read).is_err() {
             break;
         }
-        if client_support::logs()
-            .lines()
-            .any(|l| l.contains(&me) && l.contains("slow reader"))
-        {
+        if client_support::logs().lines().any(|l| l.contains(&me) && l.contains("slow reader")) {
             break;
         }
     }

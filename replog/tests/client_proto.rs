@@ -19,20 +19,10 @@ fn entries() -> impl Strategy<Value = Vec<Bytes>> {
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         any::<u64>().prop_map(|cluster_id| Request::Hello { cluster_id }),
-        (any::<u64>(), any::<u64>(), entries()).prop_map(|(client, seq, entries)| {
-            Request::Append {
-                client,
-                seq,
-                entries,
-            }
-        }),
-        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(from, max_entries, max_bytes)| {
-            Request::Read {
-                from,
-                max_entries,
-                max_bytes,
-            }
-        }),
+        (any::<u64>(), any::<u64>(), entries())
+            .prop_map(|(client, seq, entries)| { Request::Append { client, seq, entries } }),
+        (any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(from, max_entries, max_bytes)| { Request::Read { from, max_entries, max_bytes } }),
         any::<u64>().prop_map(|from| Request::Tail { from }),
         Just(Request::Status),
     ]
@@ -47,34 +37,22 @@ fn status() -> impl Strategy<Value = Status> {
         (any::<u64>(), ".{0,12}", any::<Option<u64>>(), ".{0,12}"),
         (any::<u64>(), any::<u64>(), any::<u64>(), ".{0,8}"),
         proptest::collection::vec(
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
-                |(id, matched_slot, lag, connected)| PeerStatus {
-                    id,
-                    matched_slot,
-                    lag,
-                    connected,
-                },
-            ),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(id, matched_slot, lag, connected)| PeerStatus { id, matched_slot, lag, connected }),
             0..5,
         ),
     )
         .prop_map(
-            |(
-                (node, role, leader, ballot),
-                (commit_slot, applied_slot, last_position, durability),
+            |((node, role, leader, ballot), (commit_slot, applied_slot, last_position, durability), peers)| Status {
+                node,
+                role,
+                leader,
+                ballot,
+                commit_slot,
+                applied_slot,
+                last_position,
+                durability,
                 peers,
-            )| {
-                Status {
-                    node,
-                    role,
-                    leader,
-                    ballot,
-                    commit_slot,
-                    applied_slot,
-                    last_position,
-                    durability,
-                    peers,
-                }
             },
         )
 }
@@ -82,15 +60,9 @@ fn status() -> impl Strategy<Value = Status> {
 fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
         any::<u64>().prop_map(|node| Response::HelloOk { node }),
-        proptest::collection::vec(any::<u64>(), 0..10)
-            .prop_map(|positions| Response::Appended { positions }),
-        (any::<u64>(), entries(), any::<u64>()).prop_map(|(from, entries, last_committed)| {
-            Response::Entries {
-                from,
-                entries,
-                last_committed,
-            }
-        }),
+        proptest::collection::vec(any::<u64>(), 0..10).prop_map(|positions| Response::Appended { positions }),
+        (any::<u64>(), entries(), any::<u64>())
+            .prop_map(|(from, entries, last_committed)| { Response::Entries { from, entries, last_committed } }),
         status().prop_map(Response::Status),
         (any::<Option<u64>>(), proptest::option::of(".{0,20}"))
             .prop_map(|(leader, addr)| Response::Redirect { leader, addr }),
@@ -99,10 +71,7 @@ fn response() -> impl Strategy<Value = Response> {
 }
 
 fn one_frame(b: &[u8]) -> Frame {
-    Decoder::new(MAX_FRAME)
-        .decode(&mut BytesMut::from(b))
-        .unwrap()
-        .unwrap()
+    Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(b)).unwrap().unwrap()
 }
 
 proptest! {

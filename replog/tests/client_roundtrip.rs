@@ -9,12 +9,7 @@ use replog::client::{Client, ClientConfig, ClientError, ErrorCode};
 use std::time::{Duration, Instant};
 
 fn cfg(servers: Vec<std::net::SocketAddr>) -> ClientConfig {
-    ClientConfig {
-        cluster_id: CLUSTER,
-        servers,
-        timeout: Duration::from_secs(5),
-        retries: 4,
-    }
+    ClientConfig { cluster_id: CLUSTER, servers, timeout: Duration::from_secs(5), retries: 4 }
 }
 
 #[test]
@@ -25,17 +20,8 @@ fn append_read_status_round_trip() {
     assert_eq!(c.append("hello").unwrap(), 1);
     assert_eq!(c.append(Bytes::from_static(b"world")).unwrap(), 2);
     let got = c.read(0, 10).unwrap();
-    assert_eq!(
-        got,
-        vec![
-            (1, Bytes::from_static(b"hello")),
-            (2, Bytes::from_static(b"world"))
-        ]
-    );
-    assert_eq!(
-        c.read(2, 10).unwrap(),
-        vec![(2, Bytes::from_static(b"world"))]
-    );
+    assert_eq!(got, vec![(1, Bytes::from_static(b"hello")), (2, Bytes::from_static(b"world"))]);
+    assert_eq!(c.read(2, 10).unwrap(), vec![(2, Bytes::from_static(b"world"))]);
     assert_eq!(c.read(1, 1).unwrap().len(), 1);
     assert!(c.read(3, 10).unwrap().is_empty());
     let s = c.status().unwrap();
@@ -51,9 +37,7 @@ fn append_read_status_round_trip() {
 fn batch_append_and_large_entries() {
     let fake = FakeCluster::start(1);
     let mut c = Client::connect(cfg(fake.addrs())).unwrap();
-    let batch: Vec<Bytes> = (0..100u32)
-        .map(|i| Bytes::from(vec![i as u8; i as usize * 100]))
-        .collect();
+    let batch: Vec<Bytes> = (0..100u32).map(|i| Bytes::from(vec![i as u8; i as usize * 100])).collect();
     let pos = c.append_batch(batch.clone()).unwrap();
     assert_eq!(pos, (1..=100).collect::<Vec<u64>>());
     assert_eq!(c.append_batch(vec![]).unwrap(), Vec::<u64>::new());
@@ -106,10 +90,7 @@ fn tail_follows_new_entries() {
     assert_eq!(t2.next().unwrap().unwrap().0, 22);
     assert!(matches!(t2.next(), Some(Err(ClientError::Timeout { .. }))));
     c.append("late").unwrap();
-    assert_eq!(
-        t2.next().unwrap().unwrap(),
-        (23, Bytes::from_static(b"late"))
-    );
+    assert_eq!(t2.next().unwrap().unwrap(), (23, Bytes::from_static(b"late")));
     // Closing the tails tells the node (Disconnected), which drops the subscriptions.
     drop(tail);
     drop(t2);
@@ -130,9 +111,7 @@ fn retry_after_dropped_connection_is_applied_once() {
     fake.state.lock().unwrap().drop_next_append = true;
     // The fake node applies the batch, then closes the connection without answering:
     // the client retries the same (client, seq) and gets the same positions.
-    let pos = c
-        .append_batch(vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")])
-        .unwrap();
+    let pos = c.append_batch(vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")]).unwrap();
     assert_eq!(pos, vec![2, 3]);
     {
         let st = fake.state.lock().unwrap();
@@ -176,35 +155,19 @@ fn retry_across_servers_and_redirect() {
 #[test]
 fn connect_errors_are_typed() {
     // Nothing listens there (bind, learn the port, close).
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let e = Client::connect(ClientConfig {
-        retries: 0,
-        ..cfg(vec![dead])
-    })
-    .err()
-    .unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let e = Client::connect(ClientConfig { retries: 0, ..cfg(vec![dead]) }).err().unwrap();
     assert!(
         matches!(&e, ClientError::Exhausted { last, .. } if matches!(**last, ClientError::Connect { server, .. } if server == dead)),
         "{e}"
     );
-    assert!(matches!(
-        Client::connect(cfg(vec![])).err().unwrap(),
-        ClientError::NoServers
-    ));
+    assert!(matches!(Client::connect(cfg(vec![])).err().unwrap(), ClientError::NoServers));
     // A dead server first, a live one second: connect moves on.
     let fake = FakeCluster::start(1);
     let mut c = Client::connect(cfg(vec![dead, fake.addr(0)])).unwrap();
     assert_eq!(c.append("ok").unwrap(), 1);
     // The wrong cluster id is a non-retryable, typed refusal.
-    let e = Client::connect(ClientConfig {
-        cluster_id: CLUSTER + 1,
-        ..cfg(fake.addrs())
-    })
-    .err()
-    .unwrap();
+    let e = Client::connect(ClientConfig { cluster_id: CLUSTER + 1, ..cfg(fake.addrs()) }).err().unwrap();
     assert!(
         matches!(&e, ClientError::Server { code: ErrorCode::WrongCluster, message, .. }
             if message == &format!("cluster id {}, this cluster is {CLUSTER}", CLUSTER + 1)),
@@ -225,9 +188,7 @@ fn concurrent_clients_each_entry_once_in_order() {
                 let mut last = 0;
                 for i in 0..200 {
                     let p = if i % 10 == 0 {
-                        let b = (0..5)
-                            .map(|j| Bytes::from(format!("{t}/{i}/{j}")))
-                            .collect();
+                        let b = (0..5).map(|j| Bytes::from(format!("{t}/{i}/{j}"))).collect();
                         let ps = c.append_batch(b).unwrap();
                         assert!(ps.windows(2).all(|w| w[1] == w[0] + 1));
                         ps[0]

@@ -60,37 +60,19 @@ fn the_base_is_valid() {
 #[test]
 fn invalid_socket_address_names_the_member_and_line() {
     let text = with("peer_addr = \"127.0.0.1:7120\"", "peer_addr = \"x\"");
-    expect(
-        &text,
-        &[
-            "replog.toml: members[2].peer_addr: invalid socket address \"x\"",
-            "line 25, column 13",
-        ],
-    );
-    let text = with(
-        "metrics_addr = \"127.0.0.1:7102\"",
-        "metrics_addr = \"localhost:1\"",
-    );
-    expect(
-        &text,
-        &["members[0].metrics_addr: invalid socket address \"localhost:1\""],
-    );
+    expect(&text, &["replog.toml: members[2].peer_addr: invalid socket address \"x\"", "line 25, column 13"]);
+    let text = with("metrics_addr = \"127.0.0.1:7102\"", "metrics_addr = \"localhost:1\"");
+    expect(&text, &["members[0].metrics_addr: invalid socket address \"localhost:1\""]);
 }
 
 #[test]
 fn id_not_among_members() {
-    expect(
-        &with("id = 1\ncluster", "id = 4\ncluster"),
-        &["replog.toml: id 4 is not among members (1, 2, 3)"],
-    );
+    expect(&with("id = 1\ncluster", "id = 4\ncluster"), &["replog.toml: id 4 is not among members (1, 2, 3)"]);
 }
 
 #[test]
 fn duplicate_member_ids_and_addresses() {
-    expect(
-        &with("id = 3\n", "id = 2\n"),
-        &["members[2].id: duplicate member id 2 (also members[1].id)"],
-    );
+    expect(&with("id = 3\n", "id = 2\n"), &["members[2].id: duplicate member id 2 (also members[1].id)"]);
     expect(
         &with("\"127.0.0.1:7121\"", "\"127.0.0.1:7110\""),
         &["members[2].client_addr: duplicate address 127.0.0.1:7110 (also members[1].peer_addr)"],
@@ -99,43 +81,22 @@ fn duplicate_member_ids_and_addresses() {
 
 #[test]
 fn unreachable_member_addresses() {
-    expect(
-        &with("\"127.0.0.1:7111\"", "\"0.0.0.0:7111\""),
-        &["members[1].client_addr: 0.0.0.0:7111 is unspecified"],
-    );
-    expect(
-        &with("\"127.0.0.1:7110\"", "\"127.0.0.1:0\""),
-        &["members[1].peer_addr: 127.0.0.1:0 has port 0"],
-    );
+    expect(&with("\"127.0.0.1:7111\"", "\"0.0.0.0:7111\""), &["members[1].client_addr: 0.0.0.0:7111 is unspecified"]);
+    expect(&with("\"127.0.0.1:7110\"", "\"127.0.0.1:0\""), &["members[1].peer_addr: 127.0.0.1:0 has port 0"]);
 }
 
 #[test]
 fn zero_ids() {
-    expect(
-        &with("cluster_id = 42", "cluster_id = 0"),
-        &["replog.toml: cluster_id: must be non-zero"],
-    );
-    expect(
-        &with("id = 1\ncluster", "id = 0\ncluster"),
-        &["replog.toml: id: must be non-zero"],
-    );
-    expect(
-        &with("id = 2\n", "id = 0\n"),
-        &["members[1].id: must be non-zero"],
-    );
-    expect(
-        &with("cluster_id = 42", "cluster_id = -1"),
-        &["cluster_id: invalid value", "line 2"],
-    );
+    expect(&with("cluster_id = 42", "cluster_id = 0"), &["replog.toml: cluster_id: must be non-zero"]);
+    expect(&with("id = 1\ncluster", "id = 0\ncluster"), &["replog.toml: id: must be non-zero"]);
+    expect(&with("id = 2\n", "id = 0\n"), &["members[1].id: must be non-zero"]);
+    expect(&with("cluster_id = 42", "cluster_id = -1"), &["cluster_id: invalid value", "line 2"]);
 }
 
 #[test]
 fn data_dir_is_required_unless_memory() {
     let text = with("data_dir = \"/tmp/replog-test\"\n", "");
-    expect(
-        &text,
-        &["replog.toml: data_dir: required with durability = \"fsync\""],
-    );
+    expect(&text, &["replog.toml: data_dir: required with durability = \"fsync\""]);
     let text = text.replace("durability = \"fsync\"", "durability = \"pmem\"");
     expect(&text, &["data_dir: required with durability = \"pmem\""]);
     let text = text.replace("durability = \"pmem\"", "durability = \"memory\"");
@@ -148,90 +109,45 @@ fn heartbeat_must_be_below_half_the_election_timeout() {
         &with("heartbeat_ms = 5", "heartbeat_ms = 25"),
         &["replog.toml: timing.heartbeat_ms: 25 must be below half of timing.election_timeout_ms (50)"],
     );
-    expect(
-        &with("retransmit_ms = 20", "retransmit_ms = 0"),
-        &["timing.retransmit_ms: 0 is out of range"],
-    );
-    expect(
-        &with("retransmit_ms = 20", "retransmit_ms = nan"),
-        &["timing.retransmit_ms: NaN is out of range"],
-    );
+    expect(&with("retransmit_ms = 20", "retransmit_ms = 0"), &["timing.retransmit_ms: 0 is out of range"]);
+    expect(&with("retransmit_ms = 20", "retransmit_ms = nan"), &["timing.retransmit_ms: NaN is out of range"]);
     expect(
         &with("heartbeat_ms = 5", "heartbeat_ms = \"5\""),
-        &[
-            "timing.heartbeat_ms: invalid type: string \"5\", expected a number of milliseconds",
-            "line 8",
-        ],
+        &["timing.heartbeat_ms: invalid type: string \"5\", expected a number of milliseconds", "line 8"],
     );
 }
 
 #[test]
 fn unknown_keys_are_refused() {
+    expect(&with("transport", "tranport"), &["replog.toml: tranport: unknown field `tranport`", "line 3, column 1"]);
+    expect(&with("retransmit_ms", "retransmit"), &["timing.retransmit: unknown field `retransmit`"]);
     expect(
-        &with("transport", "tranport"),
-        &[
-            "replog.toml: tranport: unknown field `tranport`",
-            "line 3, column 1",
-        ],
-    );
-    expect(
-        &with("retransmit_ms", "retransmit"),
-        &["timing.retransmit: unknown field `retransmit`"],
-    );
-    expect(
-        &with(
-            "client_addr = \"127.0.0.1:7111\"",
-            "client_addr = \"127.0.0.1:7111\"\nlearnr = true",
-        ),
+        &with("client_addr = \"127.0.0.1:7111\"", "client_addr = \"127.0.0.1:7111\"\nlearnr = true"),
         &["members[1].learnr: unknown field `learnr`"],
     );
-    expect(
-        &format!("{BASE}\n[limit]\nwindow = 3\n"),
-        &["limit: unknown field `limit`"],
-    );
+    expect(&format!("{BASE}\n[limit]\nwindow = 3\n"), &["limit: unknown field `limit`"]);
 }
 
 #[test]
 fn wrong_types_and_values() {
     expect(
         &with("id = 1\ncluster", "id = \"one\"\ncluster"),
-        &[
-            "replog.toml: id: invalid type: string \"one\"",
-            "line 1, column 6",
-        ],
+        &["replog.toml: id: invalid type: string \"one\"", "line 1, column 6"],
     );
-    expect(
-        &with("id = 2\n", "id = 2.5\n"),
-        &["members[1].id: invalid type: floating point"],
-    );
-    expect(
-        &with("transport = \"tcp\"", "transport = \"udp\""),
-        &["transport: unknown variant `udp`"],
-    );
-    expect(
-        &with("durability = \"fsync\"", "durability = 1"),
-        &["durability: wanted string", "line 4"],
-    );
-    expect(
-        &with("id = 3\npeer_addr = \"127.0.0.1:7120\"\n", "id = 3\n"),
-        &["members[2]: missing field `peer_addr`"],
-    );
+    expect(&with("id = 2\n", "id = 2.5\n"), &["members[1].id: invalid type: floating point"]);
+    expect(&with("transport = \"tcp\"", "transport = \"udp\""), &["transport: unknown variant `udp`"]);
+    expect(&with("durability = \"fsync\"", "durability = 1"), &["durability: wanted string", "line 4"]);
+    expect(&with("id = 3\npeer_addr = \"127.0.0.1:7120\"\n", "id = 3\n"), &["members[2]: missing field `peer_addr`"]);
     expect(
         &format!("{BASE}\n[log]\nformat = \"xml\"\n"),
         &["log.format: unknown variant `xml`, expected `text` or `json`"],
     );
-    expect(
-        &format!("{BASE}\n[log]\nlevel = \"loud=\"\n"),
-        &["log.level: invalid filter \"loud=\""],
-    );
+    expect(&format!("{BASE}\n[log]\nlevel = \"loud=\"\n"), &["log.level: invalid filter \"loud=\""]);
 }
 
 #[test]
 fn toml_syntax_errors_give_the_line() {
-    expect(
-        &BASE.replacen("id = 1\n", "id = = 1\n", 1),
-        &["line 1, column 6"],
-    );
+    expect(&BASE.replacen("id = 1\n", "id = = 1\n", 1), &["line 1, column 6"]);
     expect(&with("[timing]", "[timing"), &["line 7"]);
 }
 
@@ -241,52 +157,28 @@ fn backends_not_built_are_refused_clearly() {
         &with("transport = \"tcp\"", "transport = \"rdma\""),
         &["replog.toml: transport: \"rdma\": the RDMA backend is not built in this binary yet"],
     );
-    expect(
-        &with("transport = \"tcp\"", "transport = \"dpdk\""),
-        &["the DPDK backend is not built in this binary yet"],
-    );
+    expect(&with("transport = \"tcp\"", "transport = \"dpdk\""), &["the DPDK backend is not built in this binary yet"]);
 }
 
 #[test]
 fn members_must_include_a_voter() {
     let text = BASE
-        .replace(
-            "client_addr = \"127.0.0.1:7101\"",
-            "client_addr = \"127.0.0.1:7101\"\nlearner = true",
-        )
-        .replace(
-            "client_addr = \"127.0.0.1:7111\"",
-            "client_addr = \"127.0.0.1:7111\"\nlearner = true",
-        )
-        .replace(
-            "client_addr = \"127.0.0.1:7121\"",
-            "client_addr = \"127.0.0.1:7121\"\nlearner = true",
-        );
+        .replace("client_addr = \"127.0.0.1:7101\"", "client_addr = \"127.0.0.1:7101\"\nlearner = true")
+        .replace("client_addr = \"127.0.0.1:7111\"", "client_addr = \"127.0.0.1:7111\"\nlearner = true")
+        .replace("client_addr = \"127.0.0.1:7121\"", "client_addr = \"127.0.0.1:7121\"\nlearner = true");
     expect(&text, &["members: every member is a learner"]);
-    expect(
-        "id = 1\ncluster_id = 1\ndurability = \"memory\"\nmembers = []\n",
-        &["members: no members"],
-    );
+    expect("id = 1\ncluster_id = 1\ndurability = \"memory\"\nmembers = []\n", &["members: no members"]);
 }
 
 #[test]
 fn limits_are_checked() {
-    expect(
-        &format!("{BASE}\n[limits]\nwindow = 0\n"),
-        &["limits.window: must be non-zero"],
-    );
+    expect(&format!("{BASE}\n[limits]\nwindow = 0\n"), &["limits.window: must be non-zero"]);
     expect(
         &format!("{BASE}\n[limits]\nmax_entry_bytes = 16777216\n"),
         &["limits.max_frame_bytes: 16777216 cannot carry an entry of limits.max_entry_bytes (16777216)"],
     );
-    expect(
-        &with("data_dir", "segment_size = 65536\ndata_dir"),
-        &["segment_size: 65536 holds records of at most"],
-    );
-    expect(
-        &with("data_dir", "segment_size = 1001\ndata_dir"),
-        &["segment_size: 1001 must be a multiple of 8"],
-    );
+    expect(&with("data_dir", "segment_size = 65536\ndata_dir"), &["segment_size: 65536 holds records of at most"]);
+    expect(&with("data_dir", "segment_size = 1001\ndata_dir"), &["segment_size: 1001 must be a multiple of 8"]);
 }
 
 #[test]
@@ -296,30 +188,17 @@ fn validate_names_keys_for_configs_built_in_code() {
     let e = cfg.validate().unwrap_err();
     assert_eq!(e.key(), Some("members[1].peer_addr"));
     assert!(matches!(e, ConfigError::Invalid { .. }));
-    assert!(
-        e.to_string()
-            .starts_with("configuration: members[1].peer_addr: duplicate address"),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("configuration: members[1].peer_addr: duplicate address"), "{e}");
     assert!(e.with_origin("x.toml").to_string().starts_with("x.toml: "));
 }
 
 #[test]
 fn log_levels() {
-    for ok in [
-        "info",
-        "DEBUG",
-        "warn,replog=trace",
-        "replog::node=debug,info",
-        "off",
-    ] {
+    for ok in ["info", "DEBUG", "warn,replog=trace", "replog::node=debug,info", "off"] {
         let text = format!("{BASE}\n[log]\nlevel = \"{ok}\"\nformat = \"json\"\n");
         ServeConfig::from_toml(&text, "replog.toml").unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
     for bad in ["inf", "", "info,", "replog=loud"] {
-        expect(
-            &format!("{BASE}\n[log]\nlevel = \"{bad}\"\n"),
-            &["log.level: invalid filter"],
-        );
+        expect(&format!("{BASE}\n[log]\nlevel = \"{bad}\"\n"), &["log.level: invalid filter"]);
     }
 }

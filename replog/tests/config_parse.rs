@@ -19,10 +19,7 @@ fn the_example_file_loads() {
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/replog/node-1"));
     assert_eq!(cfg.members.len(), 3);
     assert_eq!(cfg.me().client_addr, "127.0.0.1:7101".parse().unwrap());
-    assert_eq!(
-        cfg.members[2].metrics_addr,
-        Some("127.0.0.1:7122".parse().unwrap())
-    );
+    assert_eq!(cfg.members[2].metrics_addr, Some("127.0.0.1:7122".parse().unwrap()));
     assert_eq!(cfg.log.format, LogFormat::Text);
     assert_eq!(cfg.store_mode(), Mode::Fsync);
     assert_eq!(cfg.peers().map(|m| m.id).collect::<Vec<_>>(), vec![2, 3]);
@@ -92,14 +89,10 @@ fn fractional_milliseconds_become_nanoseconds() {
 
 #[test]
 fn to_toml_round_trips() {
-    for text in [
-        std::fs::read_to_string(example_path()).unwrap(),
-        MINIMAL.to_string(),
-    ] {
+    for text in [std::fs::read_to_string(example_path()).unwrap(), MINIMAL.to_string()] {
         let cfg = ServeConfig::from_toml(&text, "a.toml").unwrap();
         let written = cfg.to_toml();
-        let back =
-            ServeConfig::from_toml(&written, "b.toml").unwrap_or_else(|e| panic!("{e}\n{written}"));
+        let back = ServeConfig::from_toml(&written, "b.toml").unwrap_or_else(|e| panic!("{e}\n{written}"));
         assert_eq!(back, cfg, "{written}");
     }
 }
@@ -135,10 +128,7 @@ fn local_cluster_validates_and_round_trips() {
 fn a_missing_file_is_named() {
     let e = ServeConfig::load(Path::new("/nonexistent/replog.toml")).unwrap_err();
     let m = e.to_string();
-    assert!(
-        m.starts_with("/nonexistent/replog.toml: cannot read"),
-        "{m}"
-    );
+    assert!(m.starts_with("/nonexistent/replog.toml: cannot read"), "{m}");
 }
 
 #[test]

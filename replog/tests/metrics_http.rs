@@ -32,27 +32,13 @@ fn split(resp: &str) -> (&str, &str, &str) {
 #[test]
 fn get_metrics_answers_the_exposition() {
     let (server, m) = start();
-    let resp = exchange(
-        &server,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
-    );
+    let resp = exchange(&server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n");
     let (status, head, body) = split(&resp);
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+    let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().parse().unwrap();
     assert_eq!(len, body.len());
-    assert!(
-        body.contains("replog_commit_index{node=\"2\"} 77\n"),
-        "{body}"
-    );
+    assert!(body.contains("replog_commit_index{node=\"2\"} 77\n"), "{body}");
 
     // Later updates show in the next scrape; a query string is ignored.
     m.set_commit_index(78);
@@ -73,17 +59,11 @@ fn other_paths_are_404_and_bad_requests_400() {
     for (req, want) in [
         (&b"GET / HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 404 Not Found"),
         (b"GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
-        (
-            b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
-            "HTTP/1.1 405 Method Not Allowed",
-        ),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 Method Not Allowed"),
         (b"garbage\r\n\r\n", "HTTP/1.1 400 Bad Request"),
         (b"GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),
         (b"GET /metrics SPDY/3\r\n\r\n", "HTTP/1.1 400 Bad Request"),
-        (
-            b"\xff\xfe /metrics HTTP/1.1\r\n\r\n",
-            "HTTP/1.1 400 Bad Request",
-        ),
+        (b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 400 Bad Request"),
     ] {
         let resp = exchange(&server, req);
         assert_eq!(split(&resp).0, want, "{:?}", String::from_utf8_lossy(req));
@@ -114,20 +94,14 @@ fn other_paths_are_404_and_bad_requests_400() {
 fn a_silent_client_blocks_nobody() {
     let (server, _m) = start();
     // Several clients connect and send nothing (or half a request).
-    let mut idle: Vec<TcpStream> = (0..5)
-        .map(|_| TcpStream::connect(server.local_addr()).unwrap())
-        .collect();
+    let mut idle: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(server.local_addr()).unwrap()).collect();
     idle[0].write_all(b"GET /met").unwrap();
     std::thread::sleep(Duration::from_millis(50));
 
     let t = Instant::now();
     let resp = exchange(&server, b"GET /metrics HTTP/1.1\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 200 OK"));
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "served in {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_millis(500), "served in {:?}", t.elapsed());
 
     // The silent ones are closed after the timeout.
     let c = &mut idle[1];
@@ -170,8 +144,5 @@ fn shutdown_closes_the_listener() {
     let t = Instant::now();
     server.shutdown();
     assert!(t.elapsed() < Duration::from_secs(1));
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "nobody listens after shutdown"
-    );
+    assert!(TcpStream::connect(addr).is_err(), "nobody listens after shutdown");
 }

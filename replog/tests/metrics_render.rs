@@ -35,17 +35,10 @@ fn parse_sample(line: &str) -> Sample {
                 r = after;
                 break;
             }
-            let eq = r
-                .find('=')
-                .unwrap_or_else(|| panic!("label without = in {line:?}"));
+            let eq = r.find('=').unwrap_or_else(|| panic!("label without = in {line:?}"));
             let key = &r[..eq];
-            assert!(
-                valid_name(key) && !key.starts_with("__"),
-                "bad label {key:?} in {line:?}"
-            );
-            r = r[eq + 1..]
-                .strip_prefix('"')
-                .unwrap_or_else(|| panic!("unquoted in {line:?}"));
+            assert!(valid_name(key) && !key.starts_with("__"), "bad label {key:?} in {line:?}");
+            r = r[eq + 1..].strip_prefix('"').unwrap_or_else(|| panic!("unquoted in {line:?}"));
             let mut val = String::new();
             let mut chars = r.char_indices();
             let end = loop {
@@ -60,10 +53,7 @@ fn parse_sample(line: &str) -> Sample {
                     None => panic!("unterminated label value in {line:?}"),
                 }
             };
-            assert!(
-                labels.insert(key.to_string(), val).is_none(),
-                "repeated label in {line:?}"
-            );
+            assert!(labels.insert(key.to_string(), val).is_none(), "repeated label in {line:?}");
             r = &r[end + 1..];
             if let Some(after) = r.strip_prefix(',') {
                 r = after;
@@ -73,22 +63,14 @@ fn parse_sample(line: &str) -> Sample {
     } else {
         rest
     };
-    let value = rest
-        .strip_prefix(' ')
-        .unwrap_or_else(|| panic!("no space before value: {line:?}"));
+    let value = rest.strip_prefix(' ').unwrap_or_else(|| panic!("no space before value: {line:?}"));
     assert!(!value.contains(' '), "timestamps are not used: {line:?}");
     let value = match value {
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
-        v => v
-            .parse::<f64>()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        v => v.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}")),
     };
-    Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    }
+    Sample { name: name.to_string(), labels, value }
 }
 
 /// Checks the whole exposition; returns (type by family, samples).
@@ -103,21 +85,12 @@ fn parse(text: &str) -> (HashMap<String, String>, Vec<Sample>) {
         if let Some(h) = line.strip_prefix("# HELP ") {
             let (name, help) = h.split_once(' ').expect("HELP has text");
             assert!(valid_name(name) && !help.is_empty(), "{line}");
-            assert!(
-                helps.insert(name.to_string(), help.to_string()).is_none(),
-                "two HELP for {name}"
-            );
+            assert!(helps.insert(name.to_string(), help.to_string()).is_none(), "two HELP for {name}");
         } else if let Some(t) = line.strip_prefix("# TYPE ") {
             let (name, kind) = t.split_once(' ').expect("TYPE has a kind");
-            assert!(
-                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
-                "{line}"
-            );
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
             assert!(helps.contains_key(name), "TYPE before HELP for {name}");
-            assert!(
-                types.insert(name.to_string(), kind.to_string()).is_none(),
-                "two TYPE for {name}"
-            );
+            assert!(types.insert(name.to_string(), kind.to_string()).is_none(), "two TYPE for {name}");
             seen_families.push(name.to_string());
         } else {
             assert!(!line.starts_with('#'), "unexpected comment {line}");
@@ -125,12 +98,9 @@ fn parse(text: &str) -> (HashMap<String, String>, Vec<Sample>) {
             // A sample belongs to the family declared last (the TYPE comes first).
             let fam = seen_families.last().expect("a sample after a TYPE line");
             let ok = match types[fam].as_str() {
-                "histogram" => [
-                    format!("{fam}_bucket"),
-                    format!("{fam}_sum"),
-                    format!("{fam}_count"),
-                ]
-                .contains(&s.name),
+                "histogram" => {
+                    [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")].contains(&s.name)
+                }
                 _ => &s.name == fam,
             };
             assert!(ok, "sample {} outside its family {fam}", s.name);
@@ -146,10 +116,7 @@ fn parse(text: &str) -> (HashMap<String, String>, Vec<Sample>) {
 fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
     samples
         .iter()
-        .find(|s| {
-            s.name == name
-                && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v))
-        })
+        .find(|s| s.name == name && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
         .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
         .value
 }
@@ -160,11 +127,7 @@ fn check_histogram(samples: &[Sample], fam: &str) -> (Vec<(f64, f64)>, f64, f64)
         .filter(|s| s.name == format!("{fam}_bucket"))
         .map(|s| {
             let le = &s.labels["le"];
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().expect("numeric le")
-            };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().expect("numeric le") };
             (le, s.value)
         })
         .collect();
@@ -194,10 +157,7 @@ fn fresh_metrics_render_validly() {
     let (_, sum, count) = check_histogram(&samples, "replog_commit_latency_seconds");
     assert_eq!((sum, count), (0.0, 0.0));
     // No role yet: every role 0.
-    assert!(samples
-        .iter()
-        .filter(|s| s.name == "replog_role")
-        .all(|s| s.value == 0.0));
+    assert!(samples.iter().filter(|s| s.name == "replog_role").all(|s| s.value == 0.0));
 }
 
 #[test]
@@ -223,67 +183,30 @@ fn values_show_up() {
     let text = m.render();
     let (_, samples) = parse(&text);
 
-    let roles: Vec<(&str, f64)> = samples
-        .iter()
-        .filter(|s| s.name == "replog_role")
-        .map(|s| (s.labels["role"].as_str(), s.value))
-        .collect();
+    let roles: Vec<(&str, f64)> =
+        samples.iter().filter(|s| s.name == "replog_role").map(|s| (s.labels["role"].as_str(), s.value)).collect();
     assert_eq!(
         roles,
-        vec![
-            ("follower", 0.0),
-            ("precandidate", 0.0),
-            ("candidate", 0.0),
-            ("leader", 1.0),
-            ("learner", 0.0)
-        ]
+        vec![("follower", 0.0), ("precandidate", 0.0), ("candidate", 0.0), ("leader", 1.0), ("learner", 0.0)]
     );
     assert_eq!(value(&samples, "replog_ballot_round", None), 7.0);
     assert_eq!(value(&samples, "replog_ballot_node", None), 1.0);
     assert_eq!(value(&samples, "replog_commit_index", None), 1234.0);
     assert_eq!(value(&samples, "replog_applied_slot", None), 1200.0);
     assert_eq!(value(&samples, "replog_applied_position", None), 99_000.0);
-    assert_eq!(
-        value(&samples, "replog_log_bytes", None),
-        (1u64 << 30) as f64
-    );
-    assert_eq!(
-        value(&samples, "replog_peer_lag_slots", Some(("peer", "3"))),
-        17.0
-    );
-    assert_eq!(
-        value(&samples, "replog_peer_connected", Some(("peer", "3"))),
-        0.0
-    );
-    assert_eq!(
-        value(&samples, "replog_peer_connected", Some(("peer", "2"))),
-        1.0
-    );
+    assert_eq!(value(&samples, "replog_log_bytes", None), (1u64 << 30) as f64);
+    assert_eq!(value(&samples, "replog_peer_lag_slots", Some(("peer", "3"))), 17.0);
+    assert_eq!(value(&samples, "replog_peer_connected", Some(("peer", "3"))), 0.0);
+    assert_eq!(value(&samples, "replog_peer_connected", Some(("peer", "2"))), 1.0);
     assert_eq!(value(&samples, "replog_appends_total", None), 15.0);
     assert_eq!(value(&samples, "replog_elections_total", None), 1.0);
-    assert_eq!(
-        value(
-            &samples,
-            "replog_client_errors_total",
-            Some(("code", "not_leader"))
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &samples,
-            "replog_client_errors_total",
-            Some(("code", "we\"ird\\code\n"))
-        ),
-        1.0
-    );
+    assert_eq!(value(&samples, "replog_client_errors_total", Some(("code", "not_leader"))), 2.0);
+    assert_eq!(value(&samples, "replog_client_errors_total", Some(("code", "we\"ird\\code\n"))), 1.0);
 
     let (buckets, sum, count) = check_histogram(&samples, "replog_commit_latency_seconds");
     assert_eq!(count, 9.0);
-    let exact: f64 = [5u64, 20, 80, 300, 900, 2_000, 40_000, 700_000, 100_000_000]
-        .iter()
-        .map(|us| *us as f64 / 1e6)
-        .sum();
+    let exact: f64 =
+        [5u64, 20, 80, 300, 900, 2_000, 40_000, 700_000, 100_000_000].iter().map(|us| *us as f64 / 1e6).sum();
     assert!((sum - exact).abs() < 1e-9, "{sum} vs {exact}");
     let at = |le: f64| buckets.iter().find(|b| b.0 == le).unwrap().1;
     assert_eq!(at(0.00001), 1.0); // 5 us
@@ -303,10 +226,7 @@ fn unknown_roles_and_extreme_latencies_stay_valid() {
     m.observe_commit_latency(Duration::from_secs(100_000));
     m.set_ballot(u64::MAX, u64::MAX);
     let (_, samples) = parse(&m.render());
-    assert!(samples
-        .iter()
-        .filter(|s| s.name == "replog_role")
-        .all(|s| s.value == 0.0));
+    assert!(samples.iter().filter(|s| s.name == "replog_role").all(|s| s.value == 0.0));
     let (buckets, _, count) = check_histogram(&samples, "replog_commit_latency_seconds");
     assert_eq!(count, 2.0);
     assert_eq!(buckets[0].1, 1.0);
@@ -327,8 +247,5 @@ fn updates_from_another_thread_are_seen() {
     .unwrap();
     let (_, samples) = parse(&m.render());
     assert_eq!(value(&samples, "replog_commit_index", None), 999.0);
-    assert_eq!(
-        value(&samples, "replog_commit_latency_seconds_count", None),
-        1000.0
-    );
+    assert_eq!(value(&samples, "replog_commit_latency_seconds_count", None), 1000.0);
 }

@@ -36,10 +36,7 @@ fn append_read_iterate_reopen() {
             }
             log.sync().unwrap();
             assert_eq!(log.durable_pos(), 100);
-            assert!(
-                log.segment_paths().len() > 1,
-                "records span several segments"
-            );
+            assert!(log.segment_paths().len() > 1, "records span several segments");
             for (i, r) in log.iter(1, 101).enumerate() {
                 let r = r.unwrap();
                 assert_eq!(r.meta.pos, i as u64 + 1);
@@ -138,10 +135,7 @@ fn wait_for_tail() {
     for mode in [Mode::Fsync, Mode::MappedNotDurable, Mode::Memory] {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(Log::open(dir.path(), cfg(mode)).unwrap());
-        assert!(
-            !log.wait_for(1, Duration::from_millis(20)).unwrap(),
-            "times out"
-        );
+        assert!(!log.wait_for(1, Duration::from_millis(20)).unwrap(), "times out");
         let l2 = log.clone();
         let waiter = std::thread::spawn(move || l2.wait_for(3, Duration::from_secs(10)).unwrap());
         std::thread::sleep(Duration::from_millis(20));
@@ -224,15 +218,10 @@ fn too_large_and_invalid_config() {
     let p = log.append(&max).unwrap();
     assert_eq!(log.read(p).unwrap().payload, max);
     assert!(matches!(
-        Log::open(
-            dir.path().join("x"),
-            cfg(Mode::Fsync).with_segment_size(100)
-        ),
+        Log::open(dir.path().join("x"), cfg(Mode::Fsync).with_segment_size(100)),
         Err(StoreError::Invalid(_))
     ));
-    assert!(log
-        .append_record(RecordKind::End, 0, Default::default(), b"")
-        .is_err());
+    assert!(log.append_record(RecordKind::End, 0, Default::default(), b"").is_err());
 }
 
 #[test]

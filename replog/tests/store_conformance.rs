@@ -46,13 +46,7 @@ fn conformance_pmem_or_refused() {
 
 #[test]
 fn conformance_memory() {
-    let mut fresh = || {
-        PaxosStore::open(
-            "",
-            StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024),
-        )
-        .unwrap()
-    };
+    let mut fresh = || PaxosStore::open("", StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024)).unwrap();
     check_storage(&mut fresh, None);
 }
 
@@ -69,13 +63,7 @@ fn corrupt_value_is_an_error_not_a_panic() {
     {
         let log = Log::open(dir.path(), cfg).unwrap();
         // A record with a valid checksum whose payload is not a valid value.
-        log.append_record(
-            RecordKind::Entry,
-            1,
-            Ballot::new(1, 1),
-            &[1, 0xff, 0xff, 0xff, 0x7f],
-        )
-        .unwrap();
+        log.append_record(RecordKind::Entry, 1, Ballot::new(1, 1), &[1, 0xff, 0xff, 0xff, 0x7f]).unwrap();
         log.sync().unwrap();
     }
     match PaxosStore::open(dir.path(), cfg) {
@@ -86,11 +74,7 @@ fn corrupt_value_is_an_error_not_a_panic() {
 
 #[test]
 fn promise_never_lowered() {
-    let mut s = PaxosStore::open(
-        "",
-        StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024),
-    )
-    .unwrap();
+    let mut s = PaxosStore::open("", StoreConfig::new(Mode::Memory).with_segment_size(16 * 1024)).unwrap();
     s.set_promise(Ballot::new(5, 1)).unwrap();
     assert!(s.set_promise(Ballot::new(4, 9)).is_err());
     assert_eq!(s.promise(), Ballot::new(5, 1));

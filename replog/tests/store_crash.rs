@@ -91,11 +91,7 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
     }
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("crash test seed {seed}");
     let mut rng = Rng(seed);
     let start = Instant::now();
@@ -152,17 +148,10 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
                 panic!("position {pos} acknowledged twice (tags {old} and {tg}): an acknowledged append was lost");
             }
         }
-        let log =
-            Log::open(dir.path(), cfg()).unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
+        let log = Log::open(dir.path(), cfg()).unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
         for (&pos, &tg) in &acked {
-            let r = log
-                .read(pos)
-                .unwrap_or_else(|e| panic!("round {round}: acknowledged position {pos} lost: {e}"));
-            assert_eq!(
-                r.payload,
-                payload(tg),
-                "round {round}: position {pos} altered"
-            );
+            let r = log.read(pos).unwrap_or_else(|e| panic!("round {round}: acknowledged position {pos} lost: {e}"));
+            assert_eq!(r.payload, payload(tg), "round {round}: position {pos} altered");
         }
         eprintln!(
             "round {round}: {} acks this round, {} total, log next_pos {}, torn tail {:?}",
@@ -172,13 +161,6 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
             log.recovery_report().torn_tail
         );
     }
-    assert!(
-        kills >= MIN_KILLS,
-        "only {kills} kills within the time limit"
-    );
-    assert!(
-        acked.len() > 100,
-        "too few acknowledged appends ({}) to mean anything",
-        acked.len()
-    );
+    assert!(kills >= MIN_KILLS, "only {kills} kills within the time limit");
+    assert!(acked.len() > 100, "too few acknowledged appends ({}) to mean anything", acked.len());
 }

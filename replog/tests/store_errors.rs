@@ -35,36 +35,20 @@ impl TmpfsMount {
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }
-        Ok(TmpfsMount {
-            path: path.to_path_buf(),
-        })
+        Ok(TmpfsMount { path: path.to_path_buf() })
     }
 
     fn remount(&self, opt: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,{opt}")])
-            .arg(&self.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "remount {opt}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("mount").args(["-o", &format!("remount,{opt}")]).arg(&self.path).output().unwrap();
+        assert!(out.status.success(), "remount {opt}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new("umount").arg(&self.path).status().is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         }
@@ -82,13 +66,7 @@ fn fsync_cfg(seg: u64) -> StoreConfig {
 fn tmp_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".tmp")
-        })
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
         .count()
 }
 
@@ -120,15 +98,8 @@ fn enospc_is_clear_and_loses_nothing() {
         assert_eq!(log.read(p).unwrap().payload, payload(i, 4000));
     }
     let again = payload(acked.len() as u64, 4000);
-    assert!(matches!(
-        log.append(&again),
-        Err(StoreError::NoSpace { .. })
-    ));
-    assert_eq!(
-        tmp_files(dir.path()),
-        0,
-        "the unfinished segment was removed"
-    );
+    assert!(matches!(log.append(&again), Err(StoreError::NoSpace { .. })));
+    assert_eq!(tmp_files(dir.path()), 0, "the unfinished segment was removed");
     // Trimming frees space; appends resume.
     let keep_from = acked[acked.len() - 10].0;
     log.trim_prefix(keep_from).unwrap();
@@ -160,10 +131,7 @@ fn write_error_poisons_the_store() {
     let active = log.segment_paths().pop().unwrap();
     {
         use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&active)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&active).unwrap();
         // SAFETY: plain syscall on a valid fd.
         let r = unsafe {
             libc::fallocate(
@@ -270,21 +238,14 @@ fn corrupt_segment_header_refuses_and_keeps_data() {
                 }
                 other => panic!("byte {byte}: expected CorruptHeader, got {other:?}"),
             }
-            assert_eq!(
-                std::fs::read(victim).unwrap(),
-                bad,
-                "a refused open writes nothing"
-            );
+            assert_eq!(std::fs::read(victim).unwrap(), bad, "a refused open writes nothing");
         }
         std::fs::write(victim, &orig).unwrap();
     }
     // A short file under a segment's name.
     let bogus = dir.path().join("seg-00000000000000ff.log");
     std::fs::write(&bogus, b"short").unwrap();
-    assert!(matches!(
-        Log::open(dir.path(), cfg),
-        Err(StoreError::CorruptHeader { .. })
-    ));
+    assert!(matches!(Log::open(dir.path(), cfg), Err(StoreError::CorruptHeader { .. })));
     std::fs::remove_file(&bogus).unwrap();
     // A leftover unfinished segment is removed, not refused.
     std::fs::write(dir.path().join("seg-00000000000000ff.log.tmp"), b"partial").unwrap();

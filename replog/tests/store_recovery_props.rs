@@ -18,10 +18,7 @@ fn scratch_dir() -> tempfile::TempDir {
     // tmpfs when there is one: thousands of reopens per case.
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("replog-prop")
-            .tempdir_in(shm)
-        {
+        if let Ok(d) = tempfile::Builder::new().prefix("replog-prop").tempdir_in(shm) {
             return d;
         }
     }
@@ -61,29 +58,12 @@ impl Fixture {
         for pos in 1..log.next_pos() {
             let r = log.read(pos).unwrap();
             let loc = log.locate(pos).unwrap();
-            let seg = paths
-                .iter()
-                .position(|p| Some(p) == loc.path.as_ref())
-                .unwrap();
-            recs.push(Rec {
-                meta: r.meta,
-                payload: r.payload,
-                seg,
-                offset: loc.offset,
-                size: loc.size,
-            });
+            let seg = paths.iter().position(|p| Some(p) == loc.path.as_ref()).unwrap();
+            recs.push(Rec { meta: r.meta, payload: r.payload, seg, offset: loc.offset, size: loc.size });
         }
         drop(log);
-        let files = paths
-            .iter()
-            .map(|p| (p.clone(), std::fs::read(p).unwrap()))
-            .collect();
-        Fixture {
-            _dir: dir,
-            path,
-            files,
-            recs,
-        }
+        let files = paths.iter().map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
+        Fixture { _dir: dir, path, files, recs }
     }
 
     fn restore(&self) {
@@ -100,17 +80,11 @@ impl Fixture {
     fn expect_prefix(&self, n: usize, what: &str) -> Result<(), TestCaseError> {
         let log = match Log::open(&self.path, cfg()) {
             Ok(l) => l,
-            Err(e) => {
-                return Err(TestCaseError::fail(format!(
-                    "{what}: expected {n} records, got error {e}"
-                )))
-            }
+            Err(e) => return Err(TestCaseError::fail(format!("{what}: expected {n} records, got error {e}"))),
         };
         prop_assert_eq!(log.next_pos(), n as u64 + 1, "{}: recovered count", what);
         for r in &self.recs[..n] {
-            let got = log
-                .read(r.meta.pos)
-                .map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+            let got = log.read(r.meta.pos).map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
             prop_assert_eq!(got.meta, r.meta, "{}", what);
             prop_assert_eq!(&got.payload, &r.payload, "{}", what);
         }
@@ -120,17 +94,13 @@ impl Fixture {
     fn expect_corrupt(&self, rec: usize, what: &str) -> Result<(), TestCaseError> {
         let r = &self.recs[rec];
         match Log::open(&self.path, cfg()) {
-            Err(StoreError::Corrupt {
-                path, offset, pos, ..
-            }) => {
+            Err(StoreError::Corrupt { path, offset, pos, .. }) => {
                 prop_assert_eq!(&path, &self.files[r.seg].0, "{}", what);
                 prop_assert_eq!(offset, r.offset, "{}", what);
                 prop_assert_eq!(pos, r.meta.pos, "{}", what);
                 Ok(())
             }
-            Err(e) => Err(TestCaseError::fail(format!(
-                "{what}: expected Corrupt, got {e}"
-            ))),
+            Err(e) => Err(TestCaseError::fail(format!("{what}: expected Corrupt, got {e}"))),
             Ok(l) => Err(TestCaseError::fail(format!(
                 "{what}: expected Corrupt at record {}, opened with next_pos {}",
                 r.meta.pos,
@@ -145,10 +115,7 @@ fn ops_strategy() -> impl Strategy<Value = Vec<(usize, bool)>> {
 }
 
 fn cases(default: u32) -> u32 {
-    std::env::var("REPLOG_PROP_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("REPLOG_PROP_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 proptest! {

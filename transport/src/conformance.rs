@@ -55,15 +55,10 @@ where
         ("unknown_peer_is_refused", unknown_peer_is_refused),
         ("write_round_trip", write_round_trip),
         ("read_round_trip", read_round_trip),
-        (
-            "write_from_non_holder_is_denied",
-            write_from_non_holder_is_denied,
-        ),
+        ("write_from_non_holder_is_denied", write_from_non_holder_is_denied),
         ("grant_moves_permission", grant_moves_permission),
         ("revoke_denies_later_writes", revoke_denies_later_writes),
-        ("every_access_completes_once", |m| {
-            every_access_completes_once(m, 10_000)
-        }),
+        ("every_access_completes_once", |m| every_access_completes_once(m, 10_000)),
         ("waker_interrupts_poll", waker_interrupts_poll),
     ];
     for (name, check) in checks {
@@ -83,9 +78,7 @@ pub struct Net {
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Net")
-            .field("ids", &self.ids)
-            .finish_non_exhaustive()
+        f.debug_struct("Net").field("ids", &self.ids).finish_non_exhaustive()
     }
 }
 
@@ -94,33 +87,17 @@ impl Net {
     /// link carries a message both ways.
     pub fn open(make: Factory<'_>, ids: &[PeerId]) -> Net {
         let eps = make(ids);
-        assert_eq!(
-            eps.len(),
-            ids.len(),
-            "the factory returned {} endpoints for ids {ids:?}",
-            eps.len()
-        );
+        assert_eq!(eps.len(), ids.len(), "the factory returned {} endpoints for ids {ids:?}", eps.len());
         for (ep, &id) in eps.iter().zip(ids) {
-            assert_eq!(
-                ep.local(),
-                id,
-                "the factory's endpoints must come in the order of the ids"
-            );
+            assert_eq!(ep.local(), id, "the factory's endpoints must come in the order of the ids");
             let mut peers = ep.peers();
             peers.sort_unstable();
             let mut want: Vec<PeerId> = ids.iter().copied().filter(|&p| p != id).collect();
             want.sort_unstable();
-            assert_eq!(
-                peers, want,
-                "endpoint {id} must list every other id as a peer"
-            );
+            assert_eq!(peers, want, "endpoint {id} must list every other id as a peer");
         }
-        let mut net = Net {
-            ids: ids.to_vec(),
-            inbox: ids.iter().map(|_| VecDeque::new()).collect(),
-            eps,
-            scratch: Vec::new(),
-        };
+        let mut net =
+            Net { ids: ids.to_vec(), inbox: ids.iter().map(|_| VecDeque::new()).collect(), eps, scratch: Vec::new() };
         for &a in ids {
             for &b in ids {
                 if a != b {
@@ -139,10 +116,7 @@ impl Net {
     }
 
     fn idx(&self, id: PeerId) -> usize {
-        self.ids
-            .iter()
-            .position(|&x| x == id)
-            .unwrap_or_else(|| panic!("no endpoint {id} in {:?}", self.ids))
+        self.ids.iter().position(|&x| x == id).unwrap_or_else(|| panic!("no endpoint {id} in {:?}", self.ids))
     }
 
     /// The endpoint `id`.
@@ -210,11 +184,7 @@ impl Net {
         loop {
             match op(&mut *self.eps[i]) {
                 Ok(r) => return r,
-                Err(SendError::LinkDown(_) | SendError::Backpressure(_))
-                    if Instant::now() < deadline =>
-                {
-                    self.pump()
-                }
+                Err(SendError::LinkDown(_) | SendError::Backpressure(_)) if Instant::now() < deadline => self.pump(),
                 Err(e) => panic!("endpoint {from}: {what} failed: {e}"),
             }
         }
@@ -227,9 +197,7 @@ impl Net {
 
     /// Issues a write from `from` to `to`.
     pub fn write(&mut self, from: PeerId, to: PeerId, offset: u64, data: &[u8]) -> Token {
-        self.retry(from, &format!("write to {to}"), |t| {
-            t.write(to, offset, data)
-        })
+        self.retry(from, &format!("write to {to}"), |t| t.write(to, offset, data))
     }
 
     /// Issues a read by `from` of `to`'s region.
@@ -245,9 +213,7 @@ impl Net {
             &format!("a message from {from}"),
             |e| matches!(e, Event::Message { from: f, .. } if *f == from),
         );
-        let Event::Message { payload: got, .. } = e else {
-            unreachable!()
-        };
+        let Event::Message { payload: got, .. } = e else { unreachable!() };
         assert!(
             got == payload,
             "endpoint {at}: the next message from {from} has {} bytes {:?}..., expected {} bytes {:?}...",
@@ -260,9 +226,11 @@ impl Net {
 
     /// Waits for the write arrival `token` from `from` at `at`; returns (offset, data).
     pub fn expect_write_arrived(&mut self, at: PeerId, from: PeerId, token: Token) -> (u64, Bytes) {
-        let e = self.take(at, &format!("WriteArrived {token} from {from}"), |e| {
-            matches!(e, Event::WriteArrived { from: f, token: t, .. } if *f == from && *t == token)
-        });
+        let e = self.take(
+            at,
+            &format!("WriteArrived {token} from {from}"),
+            |e| matches!(e, Event::WriteArrived { from: f, token: t, .. } if *f == from && *t == token),
+        );
         match e {
             Event::WriteArrived { offset, data, .. } => (offset, data),
             _ => unreachable!(),
@@ -270,25 +238,15 @@ impl Net {
     }
 
     /// Waits for the completion of write `token` issued by `at` to `to`.
-    pub fn expect_write_done(
-        &mut self,
-        at: PeerId,
-        to: PeerId,
-        token: Token,
-    ) -> Result<Bytes, AccessError> {
+    pub fn expect_write_done(&mut self, at: PeerId, to: PeerId, token: Token) -> Result<Bytes, AccessError> {
         let e = self.take(
             at,
             &format!("WriteDone {token} from {to}"),
             |e| matches!(e, Event::WriteDone { token: t, .. } if *t == token),
         );
         match e {
-            Event::WriteDone {
-                to: got, result, ..
-            } => {
-                assert_eq!(
-                    got, to,
-                    "endpoint {at}: WriteDone {token} names the wrong target"
-                );
+            Event::WriteDone { to: got, result, .. } => {
+                assert_eq!(got, to, "endpoint {at}: WriteDone {token} names the wrong target");
                 result
             }
             _ => unreachable!(),
@@ -296,12 +254,7 @@ impl Net {
     }
 
     /// Waits for the completion of read `token` issued by `at` of `of`.
-    pub fn expect_read_done(
-        &mut self,
-        at: PeerId,
-        of: PeerId,
-        token: Token,
-    ) -> Result<Bytes, AccessError> {
+    pub fn expect_read_done(&mut self, at: PeerId, of: PeerId, token: Token) -> Result<Bytes, AccessError> {
         let e = self.take(
             at,
             &format!("ReadDone {token} from {of}"),
@@ -309,10 +262,7 @@ impl Net {
         );
         match e {
             Event::ReadDone { from, result, .. } => {
-                assert_eq!(
-                    from, of,
-                    "endpoint {at}: ReadDone {token} names the wrong target"
-                );
+                assert_eq!(from, of, "endpoint {at}: ReadDone {token} names the wrong target");
                 result
             }
             _ => unreachable!(),
@@ -362,9 +312,7 @@ pub fn messages_in_order_and_intact(make: Factory<'_>) {
                 &format!("message #{i} from {from}"),
                 |e| matches!(e, Event::Message { from: f, .. } if *f == from),
             );
-            let Event::Message { payload, .. } = e else {
-                unreachable!()
-            };
+            let Event::Message { payload, .. } = e else { unreachable!() };
             assert!(
                 payload == p[..],
                 "message #{i} from {from} to 2 arrived as {} bytes, sent {} bytes (reordered or corrupted)",
@@ -373,9 +321,7 @@ pub fn messages_in_order_and_intact(make: Factory<'_>) {
             );
         }
     }
-    net.expect_none(2, "a message beyond those sent (a duplicate)", |e| {
-        matches!(e, Event::Message { .. })
-    });
+    net.expect_none(2, "a message beyond those sent (a duplicate)", |e| matches!(e, Event::Message { .. }));
 }
 
 /// `send` and `write` beyond `max_payload` fail with `TooLarge` and leave the link usable.
@@ -383,20 +329,9 @@ pub fn too_large_is_refused(make: Factory<'_>) {
     let mut net = Net::open(make, &[1, 2]);
     let max = max_payload(&mut net, 1);
     let big = vec![7u8; max + 1];
-    let want = SendError::TooLarge {
-        size: max + 1,
-        limit: max,
-    };
-    assert_eq!(
-        net.ep(1).send(2, &big),
-        Err(want.clone()),
-        "send of max_payload + 1 bytes"
-    );
-    assert_eq!(
-        net.ep(1).write(2, 0, &big).map(|_| ()),
-        Err(want),
-        "write of max_payload + 1 bytes"
-    );
+    let want = SendError::TooLarge { size: max + 1, limit: max };
+    assert_eq!(net.ep(1).send(2, &big), Err(want.clone()), "send of max_payload + 1 bytes");
+    assert_eq!(net.ep(1).write(2, 0, &big).map(|_| ()), Err(want), "write of max_payload + 1 bytes");
     net.send(1, 2, b"after");
     net.expect_message(2, 1, b"after");
 }
@@ -405,21 +340,9 @@ pub fn too_large_is_refused(make: Factory<'_>) {
 pub fn unknown_peer_is_refused(make: Factory<'_>) {
     let mut net = Net::open(make, &[1, 2]);
     let t = net.ep(1);
-    assert_eq!(
-        t.send(999, b"x"),
-        Err(SendError::UnknownPeer(999)),
-        "send to 999"
-    );
-    assert_eq!(
-        t.write(999, 0, b"x").map(|_| ()),
-        Err(SendError::UnknownPeer(999)),
-        "write to 999"
-    );
-    assert_eq!(
-        t.read(999, 0, 1).map(|_| ()),
-        Err(SendError::UnknownPeer(999)),
-        "read of 999"
-    );
+    assert_eq!(t.send(999, b"x"), Err(SendError::UnknownPeer(999)), "send to 999");
+    assert_eq!(t.write(999, 0, b"x").map(|_| ()), Err(SendError::UnknownPeer(999)), "write to 999");
+    assert_eq!(t.read(999, 0, 1).map(|_| ()), Err(SendError::UnknownPeer(999)), "read of 999");
 }
 
 /// A write from the holder reaches the target's owner with its offset and bytes; the
@@ -428,11 +351,7 @@ pub fn unknown_peer_is_refused(make: Factory<'_>) {
 pub fn write_round_trip(make: Factory<'_>) {
     let mut net = Net::open(make, &[1, 2]);
     net.ep(2).grant(1);
-    assert_eq!(
-        net.ep(2).permission_holder(),
-        Some(1),
-        "holder after grant(1)"
-    );
+    assert_eq!(net.ep(2).permission_holder(), Some(1), "holder after grant(1)");
     let max = max_payload(&mut net, 1).min(max_payload(&mut net, 2));
     let cases: Vec<(u64, Vec<u8>, Answer)> = vec![
         (4096, pattern(1, 1000), Ok(b"ack-1".to_vec())),
@@ -444,28 +363,19 @@ pub fn write_round_trip(make: Factory<'_>) {
         let token = net.write(1, 2, offset, &data);
         let (got_off, got_data) = net.expect_write_arrived(2, 1, token);
         assert_eq!(got_off, offset, "WriteArrived {token}: offset");
-        assert!(
-            got_data == data,
-            "WriteArrived {token}: data differs ({} bytes sent)",
-            data.len()
-        );
+        assert!(got_data == data, "WriteArrived {token}: data differs ({} bytes sent)", data.len());
         let r = answer.as_deref().map_err(|e| e.as_slice());
         net.retry(2, "complete_write", |t| t.complete_write(1, token, r));
         let done = net.expect_write_done(1, 2, token);
         match (&answer, &done) {
             (Ok(a), Ok(b)) => assert!(a[..] == b[..], "WriteDone {token}: ack bytes differ"),
             (Err(a), Err(AccessError::Denied { detail })) => {
-                assert!(
-                    a[..] == detail[..],
-                    "WriteDone {token}: denial detail differs"
-                )
+                assert!(a[..] == detail[..], "WriteDone {token}: denial detail differs")
             }
             _ => panic!("WriteDone {token}: agent answered {answer:?}, writer got {done:?}"),
         }
     }
-    net.expect_none(1, "a second completion", |e| {
-        matches!(e, Event::WriteDone { .. })
-    });
+    net.expect_none(1, "a second completion", |e| matches!(e, Event::WriteDone { .. }));
 }
 
 /// A read (no permission needed) reaches the target's owner; its answer comes back as
@@ -487,12 +397,7 @@ pub fn read_round_trip(make: Factory<'_>) {
             &format!("ReadArrived {token} from 1"),
             |e| matches!(e, Event::ReadArrived { from: 1, token: t, .. } if *t == token),
         );
-        let Event::ReadArrived {
-            offset: o, len: l, ..
-        } = e
-        else {
-            unreachable!()
-        };
+        let Event::ReadArrived { offset: o, len: l, .. } = e else { unreachable!() };
         assert_eq!((o, l), (offset, len), "ReadArrived {token}: offset and len");
         let r = answer.as_deref().map_err(|e| e.as_slice());
         net.retry(2, "complete_read", |t| t.complete_read(1, token, r));
@@ -500,10 +405,7 @@ pub fn read_round_trip(make: Factory<'_>) {
         match (&answer, &done) {
             (Ok(a), Ok(b)) => assert!(a[..] == b[..], "ReadDone {token}: bytes differ"),
             (Err(a), Err(AccessError::Denied { detail })) => {
-                assert!(
-                    a[..] == detail[..],
-                    "ReadDone {token}: denial detail differs"
-                )
+                assert!(a[..] == detail[..], "ReadDone {token}: denial detail differs")
             }
             _ => panic!("ReadDone {token}: agent answered {answer:?}, reader got {done:?}"),
         }
@@ -522,19 +424,13 @@ fn expect_denied(net: &mut Net, writer: PeerId, target: PeerId, token: Token) {
 /// never sees it.
 pub fn write_from_non_holder_is_denied(make: Factory<'_>) {
     let mut net = Net::open(make, &[1, 2, 3]);
-    assert_eq!(
-        net.ep(2).permission_holder(),
-        None,
-        "a fresh endpoint has no holder"
-    );
+    assert_eq!(net.ep(2).permission_holder(), None, "a fresh endpoint has no holder");
     let t1 = net.write(1, 2, 0, b"no permission at all");
     expect_denied(&mut net, 1, 2, t1);
     net.ep(2).grant(3);
     let t2 = net.write(1, 2, 0, b"someone else holds it");
     expect_denied(&mut net, 1, 2, t2);
-    net.expect_none(2, "a WriteArrived from the non-holder 1", |e| {
-        matches!(e, Event::WriteArrived { from: 1, .. })
-    });
+    net.expect_none(2, "a WriteArrived from the non-holder 1", |e| matches!(e, Event::WriteArrived { from: 1, .. }));
 }
 
 /// `grant` moves permission: the old holder's later writes are denied, the new one's
@@ -545,17 +441,10 @@ pub fn grant_moves_permission(make: Factory<'_>) {
     let t = net.write(1, 3, 0, b"from 1");
     net.expect_write_arrived(3, 1, t);
     net.retry(3, "complete_write", |x| x.complete_write(1, t, Ok(b"ok")));
-    assert_eq!(
-        net.expect_write_done(1, 3, t),
-        Ok(Bytes::from_static(b"ok"))
-    );
+    assert_eq!(net.expect_write_done(1, 3, t), Ok(Bytes::from_static(b"ok")));
 
     net.ep(3).grant(2);
-    assert_eq!(
-        net.ep(3).permission_holder(),
-        Some(2),
-        "holder after grant(2)"
-    );
+    assert_eq!(net.ep(3).permission_holder(), Some(2), "holder after grant(2)");
     let old = net.write(1, 3, 64, b"from the old holder");
     expect_denied(&mut net, 1, 3, old);
     let new = net.write(2, 3, 64, b"from the new holder");
@@ -563,9 +452,7 @@ pub fn grant_moves_permission(make: Factory<'_>) {
     assert_eq!((off, &data[..]), (64, &b"from the new holder"[..]));
     net.retry(3, "complete_write", |x| x.complete_write(2, new, Ok(b"")));
     assert_eq!(net.expect_write_done(2, 3, new), Ok(Bytes::new()));
-    net.expect_none(3, "a WriteArrived from the old holder 1", |e| {
-        matches!(e, Event::WriteArrived { from: 1, .. })
-    });
+    net.expect_none(3, "a WriteArrived from the old holder 1", |e| matches!(e, Event::WriteArrived { from: 1, .. }));
 }
 
 /// `revoke` of a non-holder changes nothing; `revoke` of the holder leaves none, and its
@@ -574,22 +461,12 @@ pub fn revoke_denies_later_writes(make: Factory<'_>) {
     let mut net = Net::open(make, &[1, 2, 3]);
     net.ep(2).grant(1);
     net.ep(2).revoke(3);
-    assert_eq!(
-        net.ep(2).permission_holder(),
-        Some(1),
-        "revoke(3) must not take 1's permission"
-    );
+    assert_eq!(net.ep(2).permission_holder(), Some(1), "revoke(3) must not take 1's permission");
     net.ep(2).revoke(1);
-    assert_eq!(
-        net.ep(2).permission_holder(),
-        None,
-        "holder after revoke(1)"
-    );
+    assert_eq!(net.ep(2).permission_holder(), None, "holder after revoke(1)");
     let t = net.write(1, 2, 0, b"revoked");
     expect_denied(&mut net, 1, 2, t);
-    net.expect_none(2, "a WriteArrived after revoke", |e| {
-        matches!(e, Event::WriteArrived { .. })
-    });
+    net.expect_none(2, "a WriteArrived after revoke", |e| matches!(e, Event::WriteArrived { .. }));
 }
 
 /// `n` accesses in flight at once (writes from the holder and from a non-holder,
@@ -631,16 +508,9 @@ pub fn every_access_completes_once(make: Factory<'_>, n: usize) {
             };
             match r {
                 Ok(token) => {
-                    let want = if !is_read && from == 2 {
-                        Err(None)
-                    } else {
-                        answer_of(offset).map_err(Some)
-                    };
+                    let want = if !is_read && from == 2 { Err(None) } else { answer_of(offset).map_err(Some) };
                     let key = (from, is_read, token);
-                    assert!(
-                        expected.insert(key, want).is_none(),
-                        "endpoint {from} returned token {token} twice"
-                    );
+                    assert!(expected.insert(key, want).is_none(), "endpoint {from} returned token {token} twice");
                     issued += 1;
                     batch += 1;
                 }
@@ -653,22 +523,12 @@ pub fn every_access_completes_once(make: Factory<'_>, n: usize) {
         let arrivals: Vec<Event> = net.inbox[2].drain(..).collect();
         for e in arrivals {
             let (from, token, offset, is_read) = match e {
-                Event::WriteArrived {
-                    from,
-                    token,
-                    offset,
-                    data,
-                } => {
+                Event::WriteArrived { from, token, offset, data } => {
                     assert_eq!(from, 1, "a write from non-holder {from} reached the agent");
                     assert_eq!(data[..], offset.to_le_bytes(), "write {token}: data");
                     (from, token, offset, false)
                 }
-                Event::ReadArrived {
-                    from,
-                    token,
-                    offset,
-                    ..
-                } => (from, token, offset, true),
+                Event::ReadArrived { from, token, offset, .. } => (from, token, offset, true),
                 other => panic!("endpoint 3 got unexpected {other:?}"),
             };
             let a = answer_of(offset);
@@ -690,19 +550,15 @@ pub fn every_access_completes_once(make: Factory<'_>, n: usize) {
                         assert_eq!(to, 3);
                         ((from, false, token), result)
                     }
-                    Event::ReadDone {
-                        token,
-                        result,
-                        from: f,
-                    } => {
+                    Event::ReadDone { token, result, from: f } => {
                         assert_eq!(f, 3);
                         ((from, true, token), result)
                     }
                     other => panic!("endpoint {from} got unexpected {other:?}"),
                 };
-                let want = expected.get(&key).unwrap_or_else(|| {
-                    panic!("endpoint {from}: completion {key:?} for a token never issued")
-                });
+                let want = expected
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("endpoint {from}: completion {key:?} for a token never issued"));
                 let count = done.entry(key).or_default();
                 *count += 1;
                 assert_eq!(*count, 1, "endpoint {from}: access {key:?} completed twice");
@@ -734,9 +590,7 @@ pub fn waker_interrupts_poll(make: Factory<'_>) {
     let bound = Duration::from_secs(2);
     let mut events = Vec::new();
     let t = Instant::now();
-    net.ep(1)
-        .poll(&mut events, Some(Duration::from_millis(50)))
-        .expect("poll");
+    net.ep(1).poll(&mut events, Some(Duration::from_millis(50))).expect("poll");
     assert!(t.elapsed() < bound, "poll(50 ms) took {:?}", t.elapsed());
 
     let w = net.ep(1).waker();
@@ -745,24 +599,13 @@ pub fn waker_interrupts_poll(make: Factory<'_>) {
         w.wake();
     });
     let t = Instant::now();
-    net.ep(1)
-        .poll(&mut events, Some(Duration::from_secs(30)))
-        .expect("poll");
+    net.ep(1).poll(&mut events, Some(Duration::from_secs(30))).expect("poll");
     let took = t.elapsed();
     waker.join().expect("waker thread");
-    assert!(
-        took < bound,
-        "poll(30 s) woken after 100 ms returned only after {took:?}"
-    );
+    assert!(took < bound, "poll(30 s) woken after 100 ms returned only after {took:?}");
 
     net.ep(1).waker().wake();
     let t = Instant::now();
-    net.ep(1)
-        .poll(&mut events, Some(Duration::from_secs(30)))
-        .expect("poll");
-    assert!(
-        t.elapsed() < bound,
-        "a wake before poll must make it return; it took {:?}",
-        t.elapsed()
-    );
+    net.ep(1).poll(&mut events, Some(Duration::from_secs(30))).expect("poll");
+    assert!(t.elapsed() < bound, "a wake before poll must make it return; it took {:?}", t.elapsed());
 }

@@ -154,10 +154,7 @@ impl Decoder {
         }
         buf.advance(HEADER_LEN);
         let payload = buf.split_to(len).freeze();
-        Ok(Some(Frame {
-            kind: h[5],
-            payload,
-        }))
+        Ok(Some(Frame { kind: h[5], payload }))
     }
 }
 
@@ -181,16 +178,7 @@ mod tests {
         }
         assert_eq!(
             frames,
-            vec![
-                Frame {
-                    kind: 7,
-                    payload: Bytes::from_static(b"hello")
-                },
-                Frame {
-                    kind: 9,
-                    payload: Bytes::new()
-                }
-            ]
+            vec![Frame { kind: 7, payload: Bytes::from_static(b"hello") }, Frame { kind: 9, payload: Bytes::new() }]
         );
     }
 
@@ -199,31 +187,16 @@ mod tests {
         let d = Decoder::new(8);
         let mut out = Vec::new();
         encode(1, b"123456789", &mut out);
-        assert!(matches!(
-            d.decode(&mut BytesMut::from(&out[..])),
-            Err(FrameError::TooLarge { len: 9, max: 8 })
-        ));
+        assert!(matches!(d.decode(&mut BytesMut::from(&out[..])), Err(FrameError::TooLarge { len: 9, max: 8 })));
         let mut bad = Vec::new();
         encode(1, b"abc", &mut bad);
         bad[17] ^= 1;
-        assert!(matches!(
-            d.decode(&mut BytesMut::from(&bad[..])),
-            Err(FrameError::Checksum { .. })
-        ));
+        assert!(matches!(d.decode(&mut BytesMut::from(&bad[..])), Err(FrameError::Checksum { .. })));
         let mut v = Vec::new();
         encode(1, b"abc", &mut v);
         v[4] = 2;
-        assert_eq!(
-            d.decode(&mut BytesMut::from(&v[..])),
-            Err(FrameError::Version { got: 2 })
-        );
-        assert!(matches!(
-            d.decode(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..])),
-            Err(FrameError::BadMagic(_))
-        ));
-        assert!(matches!(
-            d.decode(&mut BytesMut::from(&b"GE"[..])),
-            Err(FrameError::BadMagic(_))
-        ));
+        assert_eq!(d.decode(&mut BytesMut::from(&v[..])), Err(FrameError::Version { got: 2 }));
+        assert!(matches!(d.decode(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..])), Err(FrameError::BadMagic(_))));
+        assert!(matches!(d.decode(&mut BytesMut::from(&b"GE"[..])), Err(FrameError::BadMagic(_))));
     }
 }

@@ -82,20 +82,10 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn read(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
         (**self).read(from, offset, len)
     }
-    fn complete_write(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         (**self).complete_write(from, token, result)
     }
-    fn complete_read(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         (**self).complete_read(from, token, result)
     }
     fn grant(&mut self, peer: PeerId) {
@@ -363,10 +353,7 @@ impl<T: Transport> Faulty<T> {
     /// Wraps `inner` under an existing control (several wrappers may share one, e.g. to
     /// set the same loss rate everywhere).
     pub fn with_control(inner: T, control: FaultControl, seed: u64) -> Self {
-        let waker = Arc::new(FaultyWaker {
-            woken: AtomicBool::new(false),
-            inner: inner.waker(),
-        });
+        let waker = Arc::new(FaultyWaker { woken: AtomicBool::new(false), inner: inner.waker() });
         control.register(&waker);
         let peers = inner.peers();
         Faulty {
@@ -454,16 +441,8 @@ impl<T: Transport> Faulty<T> {
             return;
         };
         let e = match kind {
-            Kind::Write => Event::WriteDone {
-                to: peer,
-                token,
-                result,
-            },
-            Kind::Read => Event::ReadDone {
-                from: peer,
-                token,
-                result,
-            },
+            Kind::Write => Event::WriteDone { to: peer, token, result },
+            Kind::Read => Event::ReadDone { from: peer, token, result },
         };
         self.hold(peer, e, now);
     }
@@ -488,11 +467,7 @@ impl<T: Transport> Faulty<T> {
         if let Some(why) = lost {
             self.next_token += 1;
             self.outstanding.insert(token, (to, kind));
-            self.finish(
-                token,
-                Err(AccessError::LinkFailed(why.into())),
-                Instant::now(),
-            );
+            self.finish(token, Err(AccessError::LinkFailed(why.into())), Instant::now());
             return Ok(token);
         }
         let inner = f(&mut self.inner)?;
@@ -543,16 +518,7 @@ impl<T: Transport> Faulty<T> {
                     self.hold(from, e, now);
                 }
             }
-            Event::WriteDone {
-                to: peer,
-                token,
-                result,
-            }
-            | Event::ReadDone {
-                from: peer,
-                token,
-                result,
-            } => {
+            Event::WriteDone { to: peer, token, result } | Event::ReadDone { from: peer, token, result } => {
                 let Some(outer) = self.by_inner.remove(&token) else {
                     return; // not issued through the wrapper
                 };
@@ -585,23 +551,15 @@ impl<T: Transport> Faulty<T> {
                 self.finish(t, Err(AccessError::LinkFailed(PARTITIONED.into())), now);
             }
         }
-        let free_in: Vec<PeerId> = self
-            .parked_in
-            .keys()
-            .filter(|p| !self.config.blocked_in.contains(p))
-            .copied()
-            .collect();
+        let free_in: Vec<PeerId> =
+            self.parked_in.keys().filter(|p| !self.config.blocked_in.contains(p)).copied().collect();
         for p in free_in {
             for e in self.parked_in.remove(&p).unwrap_or_default() {
                 self.hold(p, e, now);
             }
         }
-        let free_out: Vec<PeerId> = self
-            .parked_out
-            .keys()
-            .filter(|p| !self.config.blocked_out.contains(p))
-            .copied()
-            .collect();
+        let free_out: Vec<PeerId> =
+            self.parked_out.keys().filter(|p| !self.config.blocked_out.contains(p)).copied().collect();
         for p in free_out {
             for a in self.parked_out.remove(&p).unwrap_or_default() {
                 let r = a.result.as_deref().map_err(|e| e.as_slice());
@@ -667,21 +625,11 @@ impl<T: Transport> Transport for Faulty<T> {
         self.issue(from, Kind::Read, 0, |t| t.read(from, offset, len))
     }
 
-    fn complete_write(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.answer(Kind::Write, from, token, result)
     }
 
-    fn complete_read(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.answer(Kind::Read, from, token, result)
     }
 

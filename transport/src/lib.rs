@@ -193,21 +193,11 @@ pub trait Transport {
 
     /// Agent side: answers the [`Event::WriteArrived`] `token` from `from`: `Ok(ack)`
     /// once the write is applied and persisted, `Err(detail)` to deny it.
-    fn complete_write(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError>;
+    fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError>;
 
     /// Agent side: answers the [`Event::ReadArrived`] `token` from `from` with the bytes
     /// read (`Ok`) or a denial (`Err(detail)`).
-    fn complete_read(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError>;
+    fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError>;
 
     /// Gives `peer` write permission on this replica's log region, taking it from any
     /// other holder (one holder at a time).

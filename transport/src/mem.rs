@@ -62,10 +62,7 @@ pub struct MemConfig {
 impl Default for MemConfig {
     /// 1 MiB payloads, 4096 items per link.
     fn default() -> Self {
-        MemConfig {
-            max_payload: 1 << 20,
-            queue_depth: 4096,
-        }
+        MemConfig { max_payload: 1 << 20, queue_depth: 4096 }
     }
 }
 
@@ -78,9 +75,7 @@ pub struct MemNetwork {
 
 impl std::fmt::Debug for MemNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemNetwork")
-            .field("config", &self.hub.config)
-            .finish_non_exhaustive()
+        f.debug_struct("MemNetwork").field("config", &self.hub.config).finish_non_exhaustive()
     }
 }
 
@@ -111,16 +106,8 @@ enum Item {
 
 enum LinkItem {
     Message(Bytes),
-    Write {
-        token: Token,
-        offset: u64,
-        data: Bytes,
-    },
-    Read {
-        token: Token,
-        offset: u64,
-        len: u32,
-    },
+    Write { token: Token, offset: u64, data: Bytes },
+    Read { token: Token, offset: u64, len: u32 },
 }
 
 struct Node {
@@ -156,9 +143,7 @@ impl Node {
 impl State {
     fn link_up(&self, a: PeerId, b: PeerId) -> bool {
         let ok = |x: PeerId, y: PeerId| {
-            self.nodes
-                .get(&x)
-                .is_some_and(|n| n.open && !n.disconnected && n.peers.contains(&y))
+            self.nodes.get(&x).is_some_and(|n| n.open && !n.disconnected && n.peers.contains(&y))
         };
         ok(a, b) && ok(b, a)
     }
@@ -188,13 +173,7 @@ impl State {
     }
 
     /// Delivers the completion of `token` to `issuer` if it is still outstanding.
-    fn complete(
-        &mut self,
-        issuer: PeerId,
-        target: PeerId,
-        token: Token,
-        r: Result<Bytes, AccessError>,
-    ) {
+    fn complete(&mut self, issuer: PeerId, target: PeerId, token: Token, r: Result<Bytes, AccessError>) {
         let Some(n) = self.nodes.get_mut(&issuer) else {
             return;
         };
@@ -206,16 +185,8 @@ impl State {
         };
         debug_assert_eq!(to, target);
         let event = match kind {
-            Kind::Write => Event::WriteDone {
-                to: target,
-                token,
-                result: r,
-            },
-            Kind::Read => Event::ReadDone {
-                from: target,
-                token,
-                result: r,
-            },
+            Kind::Write => Event::WriteDone { to: target, token, result: r },
+            Kind::Read => Event::ReadDone { from: target, token, result: r },
         };
         n.push(Item::Local(event));
     }
@@ -224,40 +195,22 @@ impl State {
 /// The link from `n` to `p` went down: fail `n`'s accesses to `p`, drop what `p` sent
 /// that `n` has not polled, forget `p`'s unanswered arrivals, tell the owner.
 fn fail_link(n: &mut Node, p: PeerId, reason: &str) {
-    let mut failed: Vec<(Token, Kind)> = n
-        .outstanding
-        .iter()
-        .filter(|(_, (to, _))| *to == p)
-        .map(|(t, (_, k))| (*t, *k))
-        .collect();
+    let mut failed: Vec<(Token, Kind)> =
+        n.outstanding.iter().filter(|(_, (to, _))| *to == p).map(|(t, (_, k))| (*t, *k)).collect();
     failed.sort_unstable_by_key(|(t, _)| *t);
-    n.queue
-        .retain(|it| !matches!(it, Item::Link { from, .. } if *from == p));
+    n.queue.retain(|it| !matches!(it, Item::Link { from, .. } if *from == p));
     n.in_transit.remove(&p);
     n.pending.retain(|(from, _), _| *from != p);
     for (token, kind) in failed {
         n.outstanding.remove(&token);
-        let result = Err(AccessError::LinkFailed(format!(
-            "link to peer {p} failed: {reason}"
-        )));
+        let result = Err(AccessError::LinkFailed(format!("link to peer {p} failed: {reason}")));
         let event = match kind {
-            Kind::Write => Event::WriteDone {
-                to: p,
-                token,
-                result,
-            },
-            Kind::Read => Event::ReadDone {
-                from: p,
-                token,
-                result,
-            },
+            Kind::Write => Event::WriteDone { to: p, token, result },
+            Kind::Read => Event::ReadDone { from: p, token, result },
         };
         n.push(Item::Local(event));
     }
-    n.push(Item::Local(Event::PeerDown {
-        peer: p,
-        reason: reason.to_string(),
-    }));
+    n.push(Item::Local(Event::PeerDown { peer: p, reason: reason.to_string() }));
 }
 
 impl Default for MemNetwork {
@@ -275,12 +228,7 @@ impl MemNetwork {
     /// An empty network with the given limits.
     pub fn with_config(config: MemConfig) -> Self {
         assert!(config.queue_depth > 0, "queue_depth must be at least 1");
-        MemNetwork {
-            hub: Arc::new(Hub {
-                config,
-                state: Mutex::new(State::default()),
-            }),
-        }
+        MemNetwork { hub: Arc::new(Hub { config, state: Mutex::new(State::default()) }) }
     }
 
     /// The network's limits.
@@ -331,12 +279,7 @@ impl MemNetwork {
         );
         st.refresh_links("peer opened");
         drop(st);
-        MemTransport {
-            net: self.clone(),
-            id,
-            incarnation,
-            closed: false,
-        }
+        MemTransport { net: self.clone(), id, incarnation, closed: false }
     }
 
     /// Opens a fully connected cluster: one endpoint per id, each listing all others,
@@ -393,10 +336,7 @@ pub struct MemTransport {
 
 impl std::fmt::Debug for MemTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemTransport")
-            .field("id", &self.id)
-            .field("closed", &self.closed)
-            .finish_non_exhaustive()
+        f.debug_struct("MemTransport").field("id", &self.id).field("closed", &self.closed).finish_non_exhaustive()
     }
 }
 
@@ -429,10 +369,7 @@ impl MemTransport {
     }
 
     /// Runs `f` on this endpoint's node, or returns `Closed`.
-    fn with_node<R>(
-        &self,
-        f: impl FnOnce(&mut State, PeerId) -> Result<R, SendError>,
-    ) -> Result<R, SendError> {
+    fn with_node<R>(&self, f: impl FnOnce(&mut State, PeerId) -> Result<R, SendError>) -> Result<R, SendError> {
         if self.closed {
             return Err(SendError::Closed);
         }
@@ -462,12 +399,7 @@ impl MemTransport {
     }
 
     /// Queues `what` on the link to `to` after the common checks.
-    fn enqueue(
-        &mut self,
-        to: PeerId,
-        size: usize,
-        what: impl FnOnce(&mut Node) -> LinkItem,
-    ) -> Result<(), SendError> {
+    fn enqueue(&mut self, to: PeerId, size: usize, what: impl FnOnce(&mut Node) -> LinkItem) -> Result<(), SendError> {
         self.check_size(size)?;
         let depth = self.net.hub.config.queue_depth;
         self.with_node(|st, me| {
@@ -479,10 +411,7 @@ impl MemTransport {
                 return Err(SendError::Backpressure(to));
             }
             let item = what(st.nodes.get_mut(&me).expect("checked"));
-            st.nodes.get_mut(&to).expect("link up").push(Item::Link {
-                from: me,
-                what: item,
-            });
+            st.nodes.get_mut(&to).expect("link up").push(Item::Link { from: me, what: item });
             Ok(())
         })
     }
@@ -531,9 +460,7 @@ impl MemTransport {
             }
             let r = match result {
                 Ok(b) => Ok(Bytes::copy_from_slice(b)),
-                Err(d) => Err(AccessError::Denied {
-                    detail: Bytes::copy_from_slice(d),
-                }),
+                Err(d) => Err(AccessError::Denied { detail: Bytes::copy_from_slice(d) }),
             };
             st.complete(from, me, token, r);
             Ok(())
@@ -564,35 +491,19 @@ impl MemTransport {
                     events.push(Event::Message { from, payload });
                     produced += 1;
                 }
-                LinkItem::Write {
-                    token,
-                    offset,
-                    data,
-                } => {
+                LinkItem::Write { token, offset, data } => {
                     if n.holder == Some(from) {
                         n.pending.insert((from, token), Kind::Write);
-                        events.push(Event::WriteArrived {
-                            from,
-                            token,
-                            offset,
-                            data,
-                        });
+                        events.push(Event::WriteArrived { from, token, offset, data });
                         produced += 1;
                     } else {
-                        let denied = Err(AccessError::Denied {
-                            detail: Bytes::new(),
-                        });
+                        let denied = Err(AccessError::Denied { detail: Bytes::new() });
                         st.complete(from, me, token, denied);
                     }
                 }
                 LinkItem::Read { token, offset, len } => {
                     n.pending.insert((from, token), Kind::Read);
-                    events.push(Event::ReadArrived {
-                        from,
-                        token,
-                        offset,
-                        len,
-                    });
+                    events.push(Event::ReadArrived { from, token, offset, len });
                     produced += 1;
                 }
             }
@@ -625,9 +536,7 @@ impl Transport for MemTransport {
     }
 
     fn send(&mut self, to: PeerId, payload: &[u8]) -> Result<(), SendError> {
-        self.enqueue(to, payload.len(), |_| {
-            LinkItem::Message(Bytes::copy_from_slice(payload))
-        })
+        self.enqueue(to, payload.len(), |_| LinkItem::Message(Bytes::copy_from_slice(payload)))
     }
 
     fn write(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
@@ -639,28 +548,14 @@ impl Transport for MemTransport {
     }
 
     fn read(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
-        self.issue(from, Kind::Read, len as usize, |token| LinkItem::Read {
-            token,
-            offset,
-            len,
-        })
+        self.issue(from, Kind::Read, len as usize, |token| LinkItem::Read { token, offset, len })
     }
 
-    fn complete_write(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.answer(from, token, Kind::Write, result)
     }
 
-    fn complete_read(
-        &mut self,
-        from: PeerId,
-        token: Token,
-        result: Result<&[u8], &[u8]>,
-    ) -> Result<(), SendError> {
+    fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
         self.answer(from, token, Kind::Read, result)
     }
 
@@ -682,9 +577,7 @@ impl Transport for MemTransport {
     }
 
     fn permission_holder(&self) -> Option<PeerId> {
-        self.with_node(|st, me| Ok(st.nodes[&me].holder))
-            .ok()
-            .flatten()
+        self.with_node(|st, me| Ok(st.nodes[&me].holder)).ok().flatten()
     }
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()> {
@@ -713,20 +606,14 @@ impl Transport for MemTransport {
                     if now >= d {
                         return Ok(());
                     }
-                    cv.wait_timeout(st, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    cv.wait_timeout(st, d - now).unwrap_or_else(|e| e.into_inner()).0
                 }
             };
         }
     }
 
     fn waker(&self) -> Arc<dyn Wake> {
-        Arc::new(MemWaker {
-            hub: self.net.hub.clone(),
-            id: self.id,
-            incarnation: self.incarnation,
-        })
+        Arc::new(MemWaker { hub: self.net.hub.clone(), id: self.id, incarnation: self.incarnation })
     }
 }
 

@@ -12,9 +12,7 @@ fn wrapped(ids: &[PeerId], control: &FaultControl) -> Vec<Box<dyn Transport>> {
         .cluster(ids)
         .into_iter()
         .enumerate()
-        .map(|(i, t)| {
-            Box::new(Faulty::with_control(t, control.clone(), 7 + i as u64)) as Box<dyn Transport>
-        })
+        .map(|(i, t)| Box::new(Faulty::with_control(t, control.clone(), 7 + i as u64)) as Box<dyn Transport>)
         .collect()
 }
 
@@ -25,10 +23,7 @@ fn conformance_no_faults() {
 
 #[test]
 fn conformance_no_faults_over_a_trait_object() {
-    let config = MemConfig {
-        max_payload: 2048,
-        queue_depth: 16,
-    };
+    let config = MemConfig { max_payload: 2048, queue_depth: 16 };
     conformance::run_all(|ids| {
         MemNetwork::with_config(config)
             .cluster(ids)
@@ -66,8 +61,7 @@ fn drain(t: &mut impl Transport, d: Duration) -> Vec<Event> {
     let until = Instant::now() + d;
     let mut got = Vec::new();
     loop {
-        t.poll(&mut got, Some(Duration::from_millis(5).min(d)))
-            .unwrap();
+        t.poll(&mut got, Some(Duration::from_millis(5).min(d))).unwrap();
         if Instant::now() >= until {
             return got;
         }
@@ -98,31 +92,17 @@ fn drop_30_percent_of_messages() {
     c.set_drop_messages(0.3);
     send_numbered(&mut a, 2, 0..1000);
     let got = messages(&drain(&mut b, Duration::from_millis(50)), 1);
-    assert!(
-        (550..=850).contains(&got.len()),
-        "{} of 1000 arrived at 30% loss",
-        got.len()
-    );
-    assert!(
-        got.windows(2).all(|w| w[0] < w[1]),
-        "reordered or duplicated: {got:?}"
-    );
+    assert!((550..=850).contains(&got.len()), "{} of 1000 arrived at 30% loss", got.len());
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "reordered or duplicated: {got:?}");
     // Replays: the same seed loses the same messages.
     let (mut a2, mut b2, c2) = pair();
     c2.set_drop_messages(0.3);
     send_numbered(&mut a2, 2, 0..1000);
-    assert_eq!(
-        messages(&drain(&mut b2, Duration::from_millis(50)), 1),
-        got,
-        "same seed, same losses"
-    );
+    assert_eq!(messages(&drain(&mut b2, Duration::from_millis(50)), 1), got, "same seed, same losses");
     // And no loss once cleared.
     c.clear();
     send_numbered(&mut a, 2, 0..100);
-    assert_eq!(
-        messages(&drain(&mut b, Duration::from_millis(20)), 1),
-        (0..100).collect::<Vec<_>>()
-    );
+    assert_eq!(messages(&drain(&mut b, Duration::from_millis(20)), 1), (0..100).collect::<Vec<_>>());
 }
 
 #[test]
@@ -131,25 +111,13 @@ fn symmetric_partition_blocks_both_ways_and_heals() {
     c.partition(2);
     send_numbered(&mut a, 2, 0..10);
     send_numbered(&mut b, 1, 0..10);
-    assert_eq!(
-        messages(&drain(&mut b, Duration::from_millis(20)), 1),
-        Vec::<u32>::new()
-    );
-    assert_eq!(
-        messages(&drain(&mut a, Duration::from_millis(20)), 2),
-        Vec::<u32>::new()
-    );
+    assert_eq!(messages(&drain(&mut b, Duration::from_millis(20)), 1), Vec::<u32>::new());
+    assert_eq!(messages(&drain(&mut a, Duration::from_millis(20)), 2), Vec::<u32>::new());
     c.heal(2);
     send_numbered(&mut a, 2, 10..20);
     send_numbered(&mut b, 1, 10..20);
-    assert_eq!(
-        messages(&drain(&mut b, Duration::from_millis(20)), 1),
-        (10..20).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        messages(&drain(&mut a, Duration::from_millis(20)), 2),
-        (10..20).collect::<Vec<_>>()
-    );
+    assert_eq!(messages(&drain(&mut b, Duration::from_millis(20)), 1), (10..20).collect::<Vec<_>>());
+    assert_eq!(messages(&drain(&mut a, Duration::from_millis(20)), 2), (10..20).collect::<Vec<_>>());
 }
 
 #[test]
@@ -158,26 +126,14 @@ fn one_way_partitions() {
     c.block_outgoing(2);
     send_numbered(&mut a, 2, 0..5);
     send_numbered(&mut b, 1, 0..5);
-    assert_eq!(
-        messages(&drain(&mut b, Duration::from_millis(20)), 1),
-        Vec::<u32>::new()
-    );
-    assert_eq!(
-        messages(&drain(&mut a, Duration::from_millis(20)), 2),
-        (0..5).collect::<Vec<_>>()
-    );
+    assert_eq!(messages(&drain(&mut b, Duration::from_millis(20)), 1), Vec::<u32>::new());
+    assert_eq!(messages(&drain(&mut a, Duration::from_millis(20)), 2), (0..5).collect::<Vec<_>>());
     c.heal_all();
     c.block_incoming(2);
     send_numbered(&mut a, 2, 5..10);
     send_numbered(&mut b, 1, 5..10);
-    assert_eq!(
-        messages(&drain(&mut b, Duration::from_millis(20)), 1),
-        (5..10).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        messages(&drain(&mut a, Duration::from_millis(20)), 2),
-        Vec::<u32>::new()
-    );
+    assert_eq!(messages(&drain(&mut b, Duration::from_millis(20)), 1), (5..10).collect::<Vec<_>>());
+    assert_eq!(messages(&drain(&mut a, Duration::from_millis(20)), 2), Vec::<u32>::new());
 }
 
 #[test]
@@ -192,27 +148,13 @@ fn delay_delays_but_keeps_order_and_wakes_in_time() {
     a.poll(&mut got, Some(Duration::from_secs(5))).unwrap();
     let first = sent_at.elapsed();
     assert!(!got.is_empty(), "poll returned without the held events");
-    assert!(
-        first >= Duration::from_millis(30),
-        "released after {first:?}, before the minimum delay"
-    );
-    assert!(
-        first < Duration::from_millis(1000),
-        "released only after {first:?}"
-    );
+    assert!(first >= Duration::from_millis(30), "released after {first:?}, before the minimum delay");
+    assert!(first < Duration::from_millis(1000), "released only after {first:?}");
     while messages(&got, 2).len() < 200 {
-        assert!(
-            sent_at.elapsed() < Duration::from_secs(5),
-            "only {} of 200 arrived",
-            messages(&got, 2).len()
-        );
+        assert!(sent_at.elapsed() < Duration::from_secs(5), "only {} of 200 arrived", messages(&got, 2).len());
         a.poll(&mut got, Some(Duration::from_secs(1))).unwrap();
     }
-    assert_eq!(
-        messages(&got, 2),
-        (0..200).collect::<Vec<_>>(),
-        "delay reordered a link"
-    );
+    assert_eq!(messages(&got, 2), (0..200).collect::<Vec<_>>(), "delay reordered a link");
     assert_eq!(a.held(), 0);
 }
 
@@ -223,22 +165,13 @@ fn delay_holds_completions_and_a_blocked_poll_wakes_for_them() {
     b.grant(1);
     let w = a.write(2, 0, b"x").unwrap();
     let arrived = drain(&mut b, Duration::from_millis(10));
-    let Some(Event::WriteArrived { token, .. }) = arrived.first() else {
-        panic!("{arrived:?}")
-    };
+    let Some(Event::WriteArrived { token, .. }) = arrived.first() else { panic!("{arrived:?}") };
     b.complete_write(1, *token, Ok(b"ack")).unwrap();
     let t = Instant::now();
     let mut got = Vec::new();
     a.poll(&mut got, None).unwrap();
     assert!(t.elapsed() < Duration::from_secs(1));
-    assert_eq!(
-        got,
-        vec![Event::WriteDone {
-            to: 2,
-            token: w,
-            result: Ok("ack".into())
-        }]
-    );
+    assert_eq!(got, vec![Event::WriteDone { to: 2, token: w, result: Ok("ack".into()) }]);
 }
 
 /// Issues `n` writes from `a` to `b` (which grants `a`), answers every arrival, and
@@ -260,23 +193,13 @@ fn writes_through(
             i += 1;
         }
         for e in drain(b, Duration::ZERO) {
-            if let Event::WriteArrived {
-                from,
-                token,
-                offset,
-                ..
-            } = e
-            {
-                b.complete_write(from, token, Ok(&offset.to_be_bytes()))
-                    .unwrap();
+            if let Event::WriteArrived { from, token, offset, .. } = e {
+                b.complete_write(from, token, Ok(&offset.to_be_bytes())).unwrap();
             }
         }
         for e in drain(a, Duration::ZERO) {
             if let Event::WriteDone { token, result, .. } = e {
-                assert!(
-                    issued.contains(&token),
-                    "completion for unknown token {token}"
-                );
+                assert!(issued.contains(&token), "completion for unknown token {token}");
                 done.entry(token).or_default().push(result);
             }
         }
@@ -297,12 +220,7 @@ fn dropped_accesses_complete_with_link_failed_exactly_once() {
     assert_eq!(done.len(), 2000);
     let mut failed = 0;
     for (token, results) in &done {
-        assert_eq!(
-            results.len(),
-            1,
-            "write {token} completed {} times: {results:?}",
-            results.len()
-        );
+        assert_eq!(results.len(), 1, "write {token} completed {} times: {results:?}", results.len());
         match &results[0] {
             Ok(_) => {}
             Err(AccessError::LinkFailed(why)) => {
@@ -324,9 +242,7 @@ fn partition_fails_accesses_in_flight_once_and_parks_the_peers() {
     // a's write reaches b, then the partition falls.
     let w = a.write(2, 0, b"in flight").unwrap();
     let arrived = drain(&mut b, Duration::from_millis(5));
-    let Some(Event::WriteArrived { token, .. }) = arrived.first() else {
-        panic!("{arrived:?}")
-    };
+    let Some(Event::WriteArrived { token, .. }) = arrived.first() else { panic!("{arrived:?}") };
     c.partition(2);
     let got = drain(&mut a, Duration::from_millis(20));
     assert_eq!(
@@ -334,9 +250,7 @@ fn partition_fails_accesses_in_flight_once_and_parks_the_peers() {
         vec![Event::WriteDone {
             to: 2,
             token: w,
-            result: Err(AccessError::LinkFailed(
-                "partitioned by fault injection".into()
-            )),
+            result: Err(AccessError::LinkFailed("partitioned by fault injection".into())),
         }]
     );
     // The late answer is discarded; new accesses fail at once.
@@ -348,9 +262,7 @@ fn partition_fails_accesses_in_flight_once_and_parks_the_peers() {
         vec![Event::ReadDone {
             from: 2,
             token: r,
-            result: Err(AccessError::LinkFailed(
-                "partitioned by fault injection".into()
-            )),
+            result: Err(AccessError::LinkFailed("partitioned by fault injection".into())),
         }]
     );
     // b (not wrapped) writes to a: the arrival is parked until the partition heals.
@@ -358,25 +270,10 @@ fn partition_fails_accesses_in_flight_once_and_parks_the_peers() {
     assert_eq!(drain(&mut a, Duration::from_millis(20)), vec![]);
     c.heal(2);
     let got = drain(&mut a, Duration::from_millis(20));
-    let [Event::WriteArrived {
-        from: 2,
-        token,
-        offset: 8,
-        ..
-    }] = &got[..]
-    else {
-        panic!("{got:?}")
-    };
+    let [Event::WriteArrived { from: 2, token, offset: 8, .. }] = &got[..] else { panic!("{got:?}") };
     a.complete_write(2, *token, Ok(b"ok")).unwrap();
     let got = drain(&mut b, Duration::from_millis(20));
-    assert_eq!(
-        got,
-        vec![Event::WriteDone {
-            to: 1,
-            token: bw,
-            result: Ok("ok".into())
-        }]
-    );
+    assert_eq!(got, vec![Event::WriteDone { to: 1, token: bw, result: Ok("ok".into()) }]);
 }
 
 #[test]
@@ -392,13 +289,7 @@ fn a_parked_write_is_denied_if_permission_moved_meanwhile() {
     let got = drain(&mut b, Duration::from_millis(20));
     assert_eq!(
         got,
-        vec![Event::WriteDone {
-            to: 1,
-            token: bw,
-            result: Err(AccessError::Denied {
-                detail: Default::default()
-            })
-        }]
+        vec![Event::WriteDone { to: 1, token: bw, result: Err(AccessError::Denied { detail: Default::default() }) }]
     );
 }
 
@@ -407,9 +298,7 @@ fn answers_to_a_blocked_peer_wait_for_the_heal() {
     let (mut a, mut b, c) = pair();
     let r = b.read(1, 0, 4).unwrap();
     let got = drain(&mut a, Duration::from_millis(10));
-    let [Event::ReadArrived { token, .. }] = &got[..] else {
-        panic!("{got:?}")
-    };
+    let [Event::ReadArrived { token, .. }] = &got[..] else { panic!("{got:?}") };
     c.block_outgoing(2);
     a.complete_read(2, *token, Ok(b"data")).unwrap();
     assert_eq!(drain(&mut b, Duration::from_millis(20)), vec![]);
@@ -417,11 +306,7 @@ fn answers_to_a_blocked_peer_wait_for_the_heal() {
     drain(&mut a, Duration::ZERO); // the wrapper flushes on poll
     assert_eq!(
         drain(&mut b, Duration::from_millis(20)),
-        vec![Event::ReadDone {
-            from: 1,
-            token: r,
-            result: Ok("data".into())
-        }]
+        vec![Event::ReadDone { from: 1, token: r, result: Ok("data".into()) }]
     );
 }
 
@@ -440,9 +325,6 @@ fn waker_still_interrupts_and_control_changes_do_not_return_early() {
     a.poll(&mut got, Some(Duration::from_secs(10))).unwrap();
     let took = start.elapsed();
     t.join().unwrap();
-    assert!(
-        took >= Duration::from_millis(90) && took < Duration::from_secs(2),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(90) && took < Duration::from_secs(2), "{took:?}");
     assert!(got.is_empty());
 }

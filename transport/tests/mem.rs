@@ -6,9 +6,7 @@ use transport::mem::{MemConfig, MemNetwork, MemTransport};
 use transport::{conformance, AccessError, Event, PeerId, SendError, Transport};
 
 fn boxed(ts: Vec<MemTransport>) -> Vec<Box<dyn Transport>> {
-    ts.into_iter()
-        .map(|t| Box::new(t) as Box<dyn Transport>)
-        .collect()
+    ts.into_iter().map(|t| Box::new(t) as Box<dyn Transport>).collect()
 }
 
 #[test]
@@ -19,10 +17,7 @@ fn conformance_default_limits() {
 #[test]
 fn conformance_small_limits() {
     // A tiny queue makes backpressure part of every check.
-    let config = MemConfig {
-        max_payload: 4096,
-        queue_depth: 8,
-    };
+    let config = MemConfig { max_payload: 4096, queue_depth: 8 };
     conformance::run_all(|ids| boxed(MemNetwork::with_config(config).cluster(ids)));
 }
 
@@ -55,14 +50,10 @@ fn peer_up_at_creation_and_down_on_close() {
     wait(&mut a, "PeerUp 2", |e| *e == Event::PeerUp { peer: 2 });
     wait(&mut b, "PeerUp 1", |e| *e == Event::PeerUp { peer: 1 });
     drop(b);
-    wait(&mut a, "PeerDown 2", |e| {
-        matches!(e, Event::PeerDown { peer: 2, .. })
-    });
+    wait(&mut a, "PeerDown 2", |e| matches!(e, Event::PeerDown { peer: 2, .. }));
     // A restart: the id can be opened again, links come back up.
     let _b = net.endpoint(2, &[1]);
-    wait(&mut a, "PeerUp 2 again", |e| {
-        *e == Event::PeerUp { peer: 2 }
-    });
+    wait(&mut a, "PeerUp 2 again", |e| *e == Event::PeerUp { peer: 2 });
 }
 
 #[test]
@@ -75,9 +66,7 @@ fn closing_the_target_fails_accesses_in_flight_once() {
     let w = a.write(2, 0, b"data").unwrap();
     let r = a.read(2, 0, 4).unwrap();
     // b sees the write but does not answer it; the read is still queued.
-    wait(&mut b, "WriteArrived", |e| {
-        matches!(e, Event::WriteArrived { .. })
-    });
+    wait(&mut b, "WriteArrived", |e| matches!(e, Event::WriteArrived { .. }));
     b.close();
     assert_eq!(b.send(1, b"x"), Err(SendError::Closed));
     assert!(b.poll(&mut Vec::new(), Some(Duration::ZERO)).is_err());
@@ -113,64 +102,46 @@ fn disconnect_fails_both_sides_and_reconnect_restores() {
     b.grant(1);
     let w = a.write(2, 0, b"data").unwrap();
     let r = b.read(1, 0, 1).unwrap();
-    let arrived = wait(&mut b, "WriteArrived", |e| {
-        matches!(e, Event::WriteArrived { .. })
-    });
-    let Event::WriteArrived { token, .. } = arrived else {
-        unreachable!()
-    };
+    let arrived = wait(&mut b, "WriteArrived", |e| matches!(e, Event::WriteArrived { .. }));
+    let Event::WriteArrived { token, .. } = arrived else { unreachable!() };
     a.send(2, b"lost in transit").unwrap();
     net.disconnect(1);
     assert!(!net.is_linked(1, 2));
     assert_eq!(a.send(2, b"x"), Err(SendError::LinkDown(2)));
     // The agent's late answer goes nowhere.
-    assert_eq!(
-        b.complete_write(1, token, Ok(b"late")),
-        Err(SendError::LinkDown(1))
-    );
+    assert_eq!(b.complete_write(1, token, Ok(b"late")), Err(SendError::LinkDown(1)));
     let ev_a = drain(&mut a);
     assert!(
         ev_a.contains(&Event::WriteDone {
             to: 2,
             token: w,
-            result: Err(AccessError::LinkFailed(
-                "link to peer 2 failed: peer 1 disconnected".into()
-            )),
+            result: Err(AccessError::LinkFailed("link to peer 2 failed: peer 1 disconnected".into())),
         }),
         "{ev_a:?}"
     );
-    assert!(ev_a
-        .iter()
-        .any(|e| matches!(e, Event::PeerDown { peer: 2, .. })));
+    assert!(ev_a.iter().any(|e| matches!(e, Event::PeerDown { peer: 2, .. })));
     let ev_b = drain(&mut b);
-    assert!(ev_b.iter().any(|e| matches!(e, Event::ReadDone { token, result: Err(AccessError::LinkFailed(_)), .. } if *token == r)), "{ev_b:?}");
     assert!(
-        !ev_b.iter().any(|e| matches!(e, Event::Message { .. })),
-        "a queued message survived the link: {ev_b:?}"
+        ev_b.iter().any(
+            |e| matches!(e, Event::ReadDone { token, result: Err(AccessError::LinkFailed(_)), .. } if *token == r)
+        ),
+        "{ev_b:?}"
     );
+    assert!(!ev_b.iter().any(|e| matches!(e, Event::Message { .. })), "a queued message survived the link: {ev_b:?}");
     net.reconnect(1);
     wait(&mut a, "PeerUp", |e| *e == Event::PeerUp { peer: 2 });
     wait(&mut b, "PeerUp", |e| *e == Event::PeerUp { peer: 1 });
     a.send(2, b"again").unwrap();
-    wait(
-        &mut b,
-        "message",
-        |e| matches!(e, Event::Message { from: 1, payload } if payload == "again"),
-    );
+    wait(&mut b, "message", |e| matches!(e, Event::Message { from: 1, payload } if payload == "again"));
     // A stale answer after the link came back is ignored, not delivered.
     assert_eq!(b.complete_write(1, token, Ok(b"stale")), Ok(()));
     std::thread::sleep(Duration::from_millis(20));
-    assert!(!drain(&mut a)
-        .iter()
-        .any(|e| matches!(e, Event::WriteDone { .. })));
+    assert!(!drain(&mut a).iter().any(|e| matches!(e, Event::WriteDone { .. })));
 }
 
 #[test]
 fn backpressure_is_per_link_and_clears_on_poll() {
-    let net = MemNetwork::with_config(MemConfig {
-        max_payload: 16,
-        queue_depth: 3,
-    });
+    let net = MemNetwork::with_config(MemConfig { max_payload: 16, queue_depth: 3 });
     let mut ts = net.cluster(&[1, 2, 3]);
     let mut c = ts.pop().unwrap();
     let mut b = ts.pop().unwrap();
@@ -179,21 +150,12 @@ fn backpressure_is_per_link_and_clears_on_poll() {
         a.send(2, b"m").unwrap();
     }
     assert_eq!(a.send(2, b"m"), Err(SendError::Backpressure(2)));
-    assert_eq!(
-        a.write(2, 0, b"w").map(|_| ()),
-        Err(SendError::Backpressure(2))
-    );
+    assert_eq!(a.write(2, 0, b"w").map(|_| ()), Err(SendError::Backpressure(2)));
     a.send(3, b"other link").unwrap();
     c.send(2, b"other sender").unwrap();
     drain(&mut b);
     a.send(2, b"m").unwrap();
-    assert_eq!(
-        a.read(2, 0, 17).map(|_| ()),
-        Err(SendError::TooLarge {
-            size: 17,
-            limit: 16
-        })
-    );
+    assert_eq!(a.read(2, 0, 17).map(|_| ()), Err(SendError::TooLarge { size: 17, limit: 16 }));
     assert_eq!(a.send(1 + 10, b"m"), Err(SendError::UnknownPeer(11)));
     drain(&mut c);
 }
@@ -214,13 +176,7 @@ fn poll_blocks_until_a_message_arrives_from_another_thread() {
     let mut got = Vec::new();
     b.poll(&mut got, None).unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        got,
-        vec![Event::Message {
-            from: 1,
-            payload: "wake up".into()
-        }]
-    );
+    assert_eq!(got, vec![Event::Message { from: 1, payload: "wake up".into() }]);
     let _a = sender.join().unwrap();
 }
 
@@ -234,21 +190,11 @@ fn grant_checked_at_arrival() {
     b.grant(1);
     let w = a.write(2, 0, b"x").unwrap();
     b.revoke(1);
-    assert!(!drain(&mut b)
-        .iter()
-        .any(|e| matches!(e, Event::WriteArrived { .. })));
-    let e = wait(&mut a, "WriteDone", |e| {
-        matches!(e, Event::WriteDone { .. })
-    });
+    assert!(!drain(&mut b).iter().any(|e| matches!(e, Event::WriteArrived { .. })));
+    let e = wait(&mut a, "WriteDone", |e| matches!(e, Event::WriteDone { .. }));
     assert_eq!(
         e,
-        Event::WriteDone {
-            to: 2,
-            token: w,
-            result: Err(AccessError::Denied {
-                detail: Default::default()
-            })
-        }
+        Event::WriteDone { to: 2, token: w, result: Err(AccessError::Denied { detail: Default::default() }) }
     );
     let _: PeerId = a.local();
 }

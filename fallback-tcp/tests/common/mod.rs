@@ -27,15 +27,11 @@ pub fn config(local: u64, listen: SocketAddr) -> TcpConfig {
 
 /// Binds `cfgs` (ids must be distinct), then gives each the others' addresses.
 pub fn connect(cfgs: Vec<TcpConfig>) -> Vec<TcpTransport> {
-    let mut ts: Vec<TcpTransport> = cfgs
-        .into_iter()
-        .map(|c| TcpTransport::bind(c).unwrap())
-        .collect();
+    let mut ts: Vec<TcpTransport> = cfgs.into_iter().map(|c| TcpTransport::bind(c).unwrap()).collect();
     let addrs: Vec<(u64, SocketAddr)> = ts.iter().map(|t| (t.local(), t.local_addr())).collect();
     for t in &mut ts {
         let me = t.local();
-        let peers: BTreeMap<u64, SocketAddr> =
-            addrs.iter().filter(|(id, _)| *id != me).copied().collect();
+        let peers: BTreeMap<u64, SocketAddr> = addrs.iter().filter(|(id, _)| *id != me).copied().collect();
         t.set_peers(peers).unwrap();
     }
     ts
@@ -53,12 +49,7 @@ pub fn wait_all_up(ts: &mut [TcpTransport]) {
     let mut evs = vec![Vec::new(); ts.len()];
     let want = ts.len() - 1;
     pump_until(ts, &mut evs, Duration::from_secs(10), |evs| {
-        evs.iter().all(|e| {
-            e.iter()
-                .filter(|e| matches!(e, Event::PeerUp { .. }))
-                .count()
-                >= want
-        })
+        evs.iter().all(|e| e.iter().filter(|e| matches!(e, Event::PeerUp { .. })).count() >= want)
     });
 }
 
@@ -78,10 +69,7 @@ pub fn pump_until(
 ) {
     let end = Instant::now() + limit;
     while !done(evs) {
-        assert!(
-            Instant::now() < end,
-            "condition not reached within {limit:?}"
-        );
+        assert!(Instant::now() < end, "condition not reached within {limit:?}");
         pump(ts, evs);
     }
 }
@@ -116,9 +104,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
 /// Captures this thread's logs (debug and up) until the guard drops.
 pub fn capture_logs() -> (LogBuf, tracing::subscriber::DefaultGuard) {
     let buf = LogBuf::default();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(buf.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
+    let sub = tracing_subscriber::fmt().with_writer(buf.clone()).with_max_level(tracing::Level::DEBUG).finish();
     (buf, tracing::subscriber::set_default(sub))
 }

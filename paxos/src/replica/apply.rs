@@ -61,30 +61,17 @@ impl ApplyState {
         for command in cmds {
             let rec = self.clients.entry(command.client).or_default();
             let known = rec.seqs.get(&command.seq).copied();
-            let too_old = rec.seqs.len() >= DEDUP_WINDOW
-                && rec.seqs.keys().next().is_some_and(|&lo| command.seq < lo);
+            let too_old = rec.seqs.len() >= DEDUP_WINDOW && rec.seqs.keys().next().is_some_and(|&lo| command.seq < lo);
             match known {
-                Some(pos) => entries.push(AppliedEntry {
-                    position: pos,
-                    command,
-                    duplicate: true,
-                }),
-                None if too_old => entries.push(AppliedEntry {
-                    position: 0,
-                    command,
-                    duplicate: true,
-                }),
+                Some(pos) => entries.push(AppliedEntry { position: pos, command, duplicate: true }),
+                None if too_old => entries.push(AppliedEntry { position: 0, command, duplicate: true }),
                 None => {
                     self.last_position += 1;
                     rec.seqs.insert(command.seq, self.last_position);
                     if rec.seqs.len() > DEDUP_WINDOW {
                         rec.seqs.pop_first();
                     }
-                    entries.push(AppliedEntry {
-                        position: self.last_position,
-                        command,
-                        duplicate: false,
-                    });
+                    entries.push(AppliedEntry { position: self.last_position, command, duplicate: false });
                 }
             }
         }

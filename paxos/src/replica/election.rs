@@ -54,15 +54,10 @@ impl<S: Storage> Replica<S> {
             Role::Leader => true,
             // A candidate whose phase 1 is progressing (tails being read) does not help
             // another election start; if it stalls, its lease lapses.
-            Role::Candidate => self
-                .candidate_contact
-                .is_some_and(|t| self.now < t + self.cfg.election_timeout),
+            Role::Candidate => self.candidate_contact.is_some_and(|t| self.now < t + self.cfg.election_timeout),
             _ => {
-                let recent =
-                    |t: Option<Nanos>| t.is_some_and(|t| self.now < t + self.cfg.election_timeout);
-                let leader_alive = self.leader.is_some()
-                    && self.leader != Some(from)
-                    && recent(self.leader_contact);
+                let recent = |t: Option<Nanos>| t.is_some_and(|t| self.now < t + self.cfg.election_timeout);
+                let leader_alive = self.leader.is_some() && self.leader != Some(from) && recent(self.leader_contact);
                 // A candidate we promised that is still reading tails in parts.
                 let candidate_busy = self.promised.node != from
                     && self.promised.node != self.cfg.id
@@ -79,21 +74,11 @@ impl<S: Storage> Replica<S> {
         self.cand = None;
         self.role = Role::PreCandidate;
         self.leader = None;
-        self.pre = Some(PreVoteState {
-            round,
-            granted: BTreeSet::from([self.cfg.id]),
-            granted_msgs: 1,
-        });
+        self.pre = Some(PreVoteState { round, granted: BTreeSet::from([self.cfg.id]), granted_msgs: 1 });
         let now = self.now;
         self.reset_election_timer(now);
         self.note_role();
-        let voters: Vec<NodeId> = self
-            .cfg
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != self.cfg.id)
-            .collect();
+        let voters: Vec<NodeId> = self.cfg.voters.iter().copied().filter(|&v| v != self.cfg.id).collect();
         for v in voters {
             self.send(v, Message::PreVote { round });
         }
@@ -109,12 +94,7 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
-    pub(super) fn on_pre_vote_reply(
-        &mut self,
-        from: NodeId,
-        round: u64,
-        granted: bool,
-    ) -> Result<(), Error> {
+    pub(super) fn on_pre_vote_reply(&mut self, from: NodeId, round: u64, granted: bool) -> Result<(), Error> {
         if self.role != Role::PreCandidate || !granted || !self.cfg.voters.contains(&from) {
             return Ok(());
         }
@@ -129,11 +109,7 @@ impl<S: Storage> Replica<S> {
 
     fn maybe_start_election(&mut self) -> Result<(), Error> {
         let pre = self.pre.as_ref().expect("pre-vote state");
-        let votes = if self.bug(PlantedBug::DoubleCountVote) {
-            pre.granted_msgs
-        } else {
-            pre.granted.len()
-        };
+        let votes = if self.bug(PlantedBug::DoubleCountVote) { pre.granted_msgs } else { pre.granted.len() };
         if votes >= self.cfg.quorum() {
             self.start_election()?;
         }
@@ -150,11 +126,7 @@ impl<S: Storage> Replica<S> {
         self.leader = None;
         let from = self.chosen + 1;
         let last = self.storage.last_slot();
-        let own = if last >= from {
-            self.storage.entries(from, last)?
-        } else {
-            Vec::new()
-        };
+        let own = if last >= from { self.storage.entries(from, last)? } else { Vec::new() };
         self.cand = Some(CandidateState {
             ballot,
             from,
@@ -169,13 +141,7 @@ impl<S: Storage> Replica<S> {
         let now = self.now;
         self.reset_election_timer(now);
         self.note_role();
-        let voters: Vec<NodeId> = self
-            .cfg
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != self.cfg.id)
-            .collect();
+        let voters: Vec<NodeId> = self.cfg.voters.iter().copied().filter(|&v| v != self.cfg.id).collect();
         for v in voters {
             self.send(v, Message::Prepare { ballot });
         }
@@ -203,57 +169,24 @@ impl<S: Storage> Replica<S> {
             self.candidate_contact = Some(now);
             self.reset_election_timer(now);
             let last = self.storage.last_slot();
-            self.send(
-                from,
-                Message::Promise {
-                    ballot,
-                    chosen: self.chosen,
-                    last,
-                },
-            );
+            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
             ensure!(self.promised == ballot && self.promised > before);
         } else if ballot == self.promised {
             // A duplicate Prepare: promise again (idempotent).
             let last = self.storage.last_slot();
-            self.send(
-                from,
-                Message::Promise {
-                    ballot,
-                    chosen: self.chosen,
-                    last,
-                },
-            );
+            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
         } else if self.bug(PlantedBug::AcceptLowerBallot) {
             // Planted bug: answer a lower ballot's Prepare as if it were current.
             let last = self.storage.last_slot();
-            self.send(
-                from,
-                Message::Promise {
-                    ballot,
-                    chosen: self.chosen,
-                    last,
-                },
-            );
+            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
         } else {
-            self.send(
-                from,
-                Message::Reject {
-                    ballot,
-                    promised: self.promised,
-                },
-            );
+            self.send(from, Message::Reject { ballot, promised: self.promised });
         }
         Ok(())
     }
 
     /// A promise reached the candidate: read the promiser's log tail.
-    pub(super) fn on_promise(
-        &mut self,
-        from: NodeId,
-        ballot: Ballot,
-        chosen: Slot,
-        last: Slot,
-    ) -> Result<(), Error> {
+    pub(super) fn on_promise(&mut self, from: NodeId, ballot: Ballot, chosen: Slot, last: Slot) -> Result<(), Error> {
         if self.role != Role::Candidate || !self.cfg.voters.contains(&from) {
             return Ok(());
         }
@@ -269,11 +202,7 @@ impl<S: Storage> Replica<S> {
         }
         let from_slot = cand.from;
         if last >= from_slot {
-            let req = ReadRequest {
-                ballot,
-                from: from_slot,
-                to: last,
-            };
+            let req = ReadRequest { ballot, from: from_slot, to: last };
             self.emit(Action::RemoteRead { to: from, req });
             Ok(())
         } else {
@@ -285,11 +214,7 @@ impl<S: Storage> Replica<S> {
 
     /// (A part of) a promiser's log tail arrived. The agent may answer a shorter range
     /// than asked (`to` below the promiser's last slot): read the rest, then count it.
-    pub(super) fn on_read_completion(
-        &mut self,
-        from: NodeId,
-        res: ReadResult,
-    ) -> Result<(), Error> {
+    pub(super) fn on_read_completion(&mut self, from: NodeId, res: ReadResult) -> Result<(), Error> {
         if self.role != Role::Candidate {
             return Ok(());
         }
@@ -307,10 +232,7 @@ impl<S: Storage> Replica<S> {
         // Parts arrive in order (one outstanding read per promiser); anything else is a
         // stale duplicate.
         let start = cand.from;
-        let (next, part) = cand
-            .partial
-            .entry(from)
-            .or_insert_with(|| (start, Vec::new()));
+        let (next, part) = cand.partial.entry(from).or_insert_with(|| (start, Vec::new()));
         if res.from != *next && !double {
             return Ok(());
         }
@@ -318,11 +240,7 @@ impl<S: Storage> Replica<S> {
         // may appear (the acceptor promised a higher ballot after promising ours and
         // accepted from its owner): adopting them is safe, because a value proposed
         // under a higher ballot is safe for every lower one; dropping them is not.
-        part.extend(
-            res.entries
-                .into_iter()
-                .filter(|e| e.slot >= res.from && e.slot <= res.to),
-        );
+        part.extend(res.entries.into_iter().filter(|e| e.slot >= res.from && e.slot <= res.to));
         *next = res.to + 1;
         // Reading a long tail in parts is progress: do not give up on the election.
         let now = self.now;
@@ -330,19 +248,11 @@ impl<S: Storage> Replica<S> {
         self.reset_election_timer(now);
         let cand = self.cand.as_mut().expect("candidate state");
         if res.to < last {
-            let req = ReadRequest {
-                ballot: res.ballot,
-                from: res.to + 1,
-                to: last,
-            };
+            let req = ReadRequest { ballot: res.ballot, from: res.to + 1, to: last };
             self.emit(Action::RemoteRead { to: from, req });
             return Ok(());
         }
-        let entries = cand
-            .partial
-            .remove(&from)
-            .map(|(_, e)| e)
-            .unwrap_or_default();
+        let entries = cand.partial.remove(&from).map(|(_, e)| e).unwrap_or_default();
         cand.read.insert(from, entries);
         cand.read_msgs += 1;
         self.maybe_adopt()
@@ -352,11 +262,7 @@ impl<S: Storage> Replica<S> {
     fn maybe_adopt(&mut self) -> Result<(), Error> {
         let double = self.bug(PlantedBug::DoubleCountVote);
         let cand = self.cand.as_ref().expect("candidate state");
-        let reads = if double {
-            cand.read_msgs
-        } else {
-            cand.read.len()
-        };
+        let reads = if double { cand.read_msgs } else { cand.read.len() };
         if reads < self.cfg.quorum() {
             return Ok(());
         }
@@ -370,14 +276,7 @@ impl<S: Storage> Replica<S> {
                     Some((b, v)) if *b > e.ballot || (*b == e.ballot && *v == e.value) => {}
                     Some((b, v)) if *b == e.ballot => {
                         // Two different values accepted under one ballot: impossible.
-                        invariant!(
-                            false,
-                            "slot {} has two values under {:?}: {:?} / {:?}",
-                            e.slot,
-                            b,
-                            v,
-                            e.value
-                        );
+                        invariant!(false, "slot {} has two values under {:?}: {:?} / {:?}", e.slot, b, v, e.value);
                     }
                     _ => {
                         adopt.insert(e.slot, (e.ballot, e.value.clone()));
@@ -393,11 +292,7 @@ impl<S: Storage> Replica<S> {
                 Some((_, v)) if !skip_adoption => v,
                 _ => Value::Noop,
             };
-            self.accept_local(Entry {
-                slot,
-                ballot,
-                value,
-            })?;
+            self.accept_local(Entry { slot, ballot, value })?;
         }
         // Become leader.
         let now = self.now;
@@ -408,11 +303,7 @@ impl<S: Storage> Replica<S> {
                 Some(&(chosen, _)) => (chosen.min(max_slot), Some(now)),
                 None => (0, None),
             };
-            let next = if heard.is_some() {
-                base + 1
-            } else {
-                self.chosen + 1
-            };
+            let next = if heard.is_some() { base + 1 } else { self.chosen + 1 };
             let p = Progress {
                 voter,
                 next: next.max(base + 1),
@@ -446,12 +337,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A refusal: someone promised a higher ballot than ours.
-    pub(super) fn on_reject(
-        &mut self,
-        _from: NodeId,
-        ballot: Ballot,
-        promised: Ballot,
-    ) -> Result<(), Error> {
+    pub(super) fn on_reject(&mut self, _from: NodeId, ballot: Ballot, promised: Ballot) -> Result<(), Error> {
         self.max_round = self.max_round.max(promised.round);
         if promised <= ballot || ballot != self.promised {
             return Ok(());
@@ -472,12 +358,7 @@ impl<S: Storage> Replica<S> {
         let window = self.cfg.election_timeout;
         let quorum = self.cfg.quorum();
         let l = self.lead.as_mut().expect("leader state");
-        let heard = l
-            .peers
-            .values()
-            .filter(|p| p.voter && p.last_heard.is_some_and(|t| t + window >= now))
-            .count()
-            + 1;
+        let heard = l.peers.values().filter(|p| p.voter && p.last_heard.is_some_and(|t| t + window >= now)).count() + 1;
         l.quorum_check_due = now + window;
         if heard < quorum {
             self.become_follower(None);

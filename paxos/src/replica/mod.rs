@@ -268,11 +268,7 @@ impl<S: Storage> Replica<S> {
     pub fn new(cfg: Config, storage: S, now: Nanos) -> Result<Self, Error> {
         cfg.validate()?;
         let promised = storage.promise();
-        let role = if cfg.is_voter() {
-            Role::Follower
-        } else {
-            Role::Learner
-        };
+        let role = if cfg.is_voter() { Role::Follower } else { Role::Learner };
         let mut r = Replica {
             rng: Rng::new(cfg.seed ^ 0x005e_ed0f_4e91_1ca5),
             cfg,
@@ -299,10 +295,7 @@ impl<S: Storage> Replica<S> {
         };
         // After a restart the permission holder is the owner of the persisted promise.
         if !promised.is_zero() && promised.node != r.cfg.id {
-            r.emit(Action::GrantWrite {
-                to: promised.node,
-                ballot: promised,
-            });
+            r.emit(Action::GrantWrite { to: promised.node, ballot: promised });
         }
         r.reset_election_timer(now);
         r.check_invariants();
@@ -406,12 +399,7 @@ impl<S: Storage> Replica<S> {
             self.known_commit
         );
         if let Some(l) = &self.lead {
-            s += &format!(
-                " commit={} next_slot={} pending={}",
-                l.commit,
-                l.next_slot,
-                l.pending.len()
-            );
+            s += &format!(" commit={} next_slot={} pending={}", l.commit, l.next_slot, l.pending.len());
             for (id, p) in &l.peers {
                 s += &format!(
                     " [{id}: next={} base={} matched={} acked={:?} heard={:?}]",
@@ -432,22 +420,12 @@ impl<S: Storage> Replica<S> {
         }
         let r = match msg {
             Message::PreVote { round } => self.on_pre_vote(from, round),
-            Message::PreVoteReply { round, granted } => {
-                self.on_pre_vote_reply(from, round, granted)
-            }
+            Message::PreVoteReply { round, granted } => self.on_pre_vote_reply(from, round, granted),
             Message::Prepare { ballot } => self.on_prepare(from, ballot),
-            Message::Promise {
-                ballot,
-                chosen,
-                last,
-            } => self.on_promise(from, ballot, chosen, last),
+            Message::Promise { ballot, chosen, last } => self.on_promise(from, ballot, chosen, last),
             Message::Reject { ballot, promised } => self.on_reject(from, ballot, promised),
             Message::Heartbeat { ballot, commit } => self.on_heartbeat(from, ballot, commit),
-            Message::HeartbeatReply {
-                ballot,
-                chosen,
-                last,
-            } => self.on_heartbeat_reply(from, ballot, chosen, last),
+            Message::HeartbeatReply { ballot, chosen, last } => self.on_heartbeat_reply(from, ballot, chosen, last),
         };
         self.leave(r)
     }
@@ -455,19 +433,11 @@ impl<S: Storage> Replica<S> {
     /// Agent side: `from` wrote into this replica's log (one-sided write). Checks write
     /// permission, accepts the values, and emits a [`Action::WriteCompletion`] that is
     /// released only after the storage sync covering the write.
-    pub fn handle_remote_write(
-        &mut self,
-        now: Nanos,
-        from: NodeId,
-        req: WriteRequest,
-    ) -> Result<(), Error> {
+    pub fn handle_remote_write(&mut self, now: Nanos, from: NodeId, req: WriteRequest) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) || from == self.cfg.id {
             // Still answer (every access completes), but never accept.
-            let result = WriteResult::Denied {
-                ballot: req.ballot,
-                promised: Some(self.promised),
-            };
+            let result = WriteResult::Denied { ballot: req.ballot, promised: Some(self.promised) };
             self.emit(Action::WriteCompletion { to: from, result });
             return Ok(());
         }
@@ -476,21 +446,12 @@ impl<S: Storage> Replica<S> {
     }
 
     /// Agent side: `from` reads this replica's log tail (one-sided read).
-    pub fn handle_remote_read(
-        &mut self,
-        now: Nanos,
-        from: NodeId,
-        req: ReadRequest,
-    ) -> Result<(), Error> {
+    pub fn handle_remote_read(&mut self, now: Nanos, from: NodeId, req: ReadRequest) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) || from == self.cfg.id {
             // Still answer (every access completes), with nothing.
-            let result = ReadResult {
-                ballot: req.ballot,
-                from: req.from,
-                to: req.from.saturating_sub(1),
-                entries: Vec::new(),
-            };
+            let result =
+                ReadResult { ballot: req.ballot, from: req.from, to: req.from.saturating_sub(1), entries: Vec::new() };
             self.emit(Action::ReadCompletion { to: from, result });
             return Ok(());
         }
@@ -499,12 +460,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A remote write this replica issued to `from` completed.
-    pub fn handle_write_completion(
-        &mut self,
-        now: Nanos,
-        from: NodeId,
-        result: WriteResult,
-    ) -> Result<(), Error> {
+    pub fn handle_write_completion(&mut self, now: Nanos, from: NodeId, result: WriteResult) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) {
             return Ok(());
@@ -514,12 +470,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A remote read this replica issued to `from` completed.
-    pub fn handle_read_completion(
-        &mut self,
-        now: Nanos,
-        from: NodeId,
-        result: ReadResult,
-    ) -> Result<(), Error> {
+    pub fn handle_read_completion(&mut self, now: Nanos, from: NodeId, result: ReadResult) -> Result<(), Error> {
         self.enter(now)?;
         if !self.is_member(from) {
             return Ok(());
@@ -542,9 +493,7 @@ impl<S: Storage> Replica<S> {
             return Err(ProposeError::Stopped);
         }
         if self.role != Role::Leader {
-            return Err(ProposeError::NotLeader {
-                leader: self.leader,
-            });
+            return Err(ProposeError::NotLeader { leader: self.leader });
         }
         let max = self.cfg.max_pending_entries;
         let lead = self.lead.as_mut().expect("leader state");
@@ -555,10 +504,7 @@ impl<S: Storage> Replica<S> {
         if self.enter(now).is_err() {
             return Err(ProposeError::Stopped);
         }
-        let r = self
-            .fill_slots()
-            .and_then(|_| self.send_writes_all())
-            .and_then(|_| self.try_advance_commit());
+        let r = self.fill_slots().and_then(|_| self.send_writes_all()).and_then(|_| self.try_advance_commit());
         self.leave(r).map_err(|_| ProposeError::Stopped)
     }
 
@@ -661,11 +607,7 @@ impl<S: Storage> Replica<S> {
     }
 
     pub(crate) fn note_role(&mut self) {
-        let a = Action::RoleChanged {
-            role: self.role,
-            ballot: self.promised,
-            leader: self.leader(),
-        };
+        let a = Action::RoleChanged { role: self.role, ballot: self.promised, leader: self.leader() };
         self.emit(a);
     }
 
@@ -687,12 +629,7 @@ impl<S: Storage> Replica<S> {
 
     /// Raises the promise (persisted; the reply waits for the sync).
     pub(crate) fn raise_promise(&mut self, b: Ballot) -> Result<(), Error> {
-        require!(
-            b > self.promised,
-            "promise must rise: {:?} -> {:?}",
-            self.promised,
-            b
-        );
+        require!(b > self.promised, "promise must rise: {:?} -> {:?}", self.promised, b);
         let old = self.promised;
         self.storage.set_promise(b)?;
         self.dirty = true;
@@ -702,10 +639,7 @@ impl<S: Storage> Replica<S> {
             self.emit(Action::RevokeWrite { from: old.node });
         }
         if b.node != self.cfg.id {
-            self.emit(Action::GrantWrite {
-                to: b.node,
-                ballot: b,
-            });
+            self.emit(Action::GrantWrite { to: b.node, ballot: b });
         }
         ensure!(self.storage.promise() == b);
         Ok(())
@@ -756,11 +690,7 @@ impl<S: Storage> Replica<S> {
                 self.emit(Action::Aborted(cmds));
             }
         }
-        self.role = if self.cfg.is_voter() {
-            Role::Follower
-        } else {
-            Role::Learner
-        };
+        self.role = if self.cfg.is_voter() { Role::Follower } else { Role::Learner };
         let changed_leader = self.leader != leader;
         self.leader = leader;
         let now = self.now;
@@ -775,16 +705,8 @@ impl<S: Storage> Replica<S> {
         if !crate::contracts::ENABLED {
             return;
         }
-        invariant!(
-            self.applied <= self.chosen,
-            "applied {} > chosen {}",
-            self.applied,
-            self.chosen
-        );
-        invariant!(
-            self.storage.promise() == self.promised,
-            "cached promise out of date"
-        );
+        invariant!(self.applied <= self.chosen, "applied {} > chosen {}", self.applied, self.chosen);
+        invariant!(self.storage.promise() == self.promised, "cached promise out of date");
         invariant!(
             self.chosen <= self.storage.last_slot(),
             "chosen {} beyond last slot {}",
@@ -794,32 +716,12 @@ impl<S: Storage> Replica<S> {
         match self.role {
             Role::Leader => {
                 let l = self.lead.as_ref().expect("leader without state");
-                invariant!(
-                    l.ballot == self.promised,
-                    "leader ballot {:?} != promise {:?}",
-                    l.ballot,
-                    self.promised
-                );
+                invariant!(l.ballot == self.promised, "leader ballot {:?} != promise {:?}", l.ballot, self.promised);
                 invariant!(l.ballot.node == self.cfg.id);
-                invariant!(
-                    l.commit == self.chosen,
-                    "leader commit {} != chosen {}",
-                    l.commit,
-                    self.chosen
-                );
-                invariant!(
-                    l.commit < l.next_slot,
-                    "commit {} >= next slot {}",
-                    l.commit,
-                    l.next_slot
-                );
+                invariant!(l.commit == self.chosen, "leader commit {} != chosen {}", l.commit, self.chosen);
+                invariant!(l.commit < l.next_slot, "commit {} >= next slot {}", l.commit, l.next_slot);
                 for (id, p) in &l.peers {
-                    invariant!(
-                        p.matched < p.next,
-                        "peer {id}: matched {} >= next {}",
-                        p.matched,
-                        p.next
-                    );
+                    invariant!(p.matched < p.next, "peer {id}: matched {} >= next {}", p.matched, p.next);
                     invariant!(p.base <= p.matched, "peer {id}: base > matched");
                 }
                 invariant!(self.cand.is_none() && self.pre.is_none());

@@ -29,9 +29,7 @@ impl<S: Storage> Replica<S> {
             let mut batch: Vec<Command> = Vec::new();
             let mut bytes = 0usize;
             while let Some(c) = l.pending.front() {
-                if !batch.is_empty()
-                    && (batch.len() >= max_n || bytes + c.payload.len() > max_bytes)
-                {
+                if !batch.is_empty() && (batch.len() >= max_n || bytes + c.payload.len() > max_bytes) {
                     break;
                 }
                 bytes += c.payload.len();
@@ -45,11 +43,7 @@ impl<S: Storage> Replica<S> {
                 self.storage.entry(slot)?.is_none_or(|e| e.ballot < ballot),
                 "slot {slot} already written under our ballot"
             );
-            self.accept_local(Entry {
-                slot,
-                ballot,
-                value: Value::Batch(batch),
-            })?;
+            self.accept_local(Entry { slot, ballot, value: Value::Batch(batch) })?;
         }
     }
 
@@ -85,21 +79,12 @@ impl<S: Storage> Replica<S> {
             p.commit_sent = p.commit_sent.max(commit);
             let entries = self.storage.entries(first, first + count - 1)?;
             invariant!(
-                entries.len() as u64 == count
-                    && entries
-                        .iter()
-                        .enumerate()
-                        .all(|(i, e)| e.slot == first + i as u64),
+                entries.len() as u64 == count && entries.iter().enumerate().all(|(i, e)| e.slot == first + i as u64),
                 "leader log has a gap in {first}..{}",
                 first + count
             );
             let values = entries.into_iter().map(|e| e.value).collect();
-            let req = WriteRequest {
-                ballot,
-                first,
-                values,
-                commit,
-            };
+            let req = WriteRequest { ballot, first, values, commit };
             self.emit(Action::RemoteWrite { to: id, req });
         }
     }
@@ -154,22 +139,14 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A remote write we issued completed.
-    pub(super) fn on_write_completion(
-        &mut self,
-        from: NodeId,
-        res: WriteResult,
-    ) -> Result<(), Error> {
+    pub(super) fn on_write_completion(&mut self, from: NodeId, res: WriteResult) -> Result<(), Error> {
         if self.role != Role::Leader {
             return Ok(());
         }
         let now = self.now;
         let l = self.lead.as_mut().expect("leader state");
         match res {
-            WriteResult::Ok {
-                ballot,
-                first,
-                count,
-            } => {
+            WriteResult::Ok { ballot, first, count } => {
                 if ballot != l.ballot || count == 0 {
                     return Ok(());
                 }
@@ -256,20 +233,12 @@ impl<S: Storage> Replica<S> {
 
     /// Advances the commit index over slots acknowledged by a quorum, then applies.
     pub(super) fn try_advance_commit(&mut self) -> Result<(), Error> {
-        let quorum = if self.bug(PlantedBug::CommitWithoutQuorum) {
-            1
-        } else {
-            self.cfg.quorum()
-        };
+        let quorum = if self.bug(PlantedBug::CommitWithoutQuorum) { 1 } else { self.cfg.quorum() };
         let l = self.lead.as_mut().expect("leader state");
         let before = l.commit;
         while l.commit + 1 < l.next_slot {
             let s = l.commit + 1;
-            let votes = 1 + l
-                .peers
-                .values()
-                .filter(|p| p.voter && p.matched >= s)
-                .count();
+            let votes = 1 + l.peers.values().filter(|p| p.voter && p.matched >= s).count();
             if votes < quorum {
                 break;
             }
@@ -298,10 +267,7 @@ impl<S: Storage> Replica<S> {
             req.ballot == self.promised && req.ballot.node == from
         };
         if !permitted || req.values.is_empty() || req.first == 0 {
-            let result = WriteResult::Denied {
-                ballot: req.ballot,
-                promised: Some(self.promised),
-            };
+            let result = WriteResult::Denied { ballot: req.ballot, promised: Some(self.promised) };
             self.emit(Action::WriteCompletion { to: from, result });
             return Ok(());
         }
@@ -310,9 +276,7 @@ impl<S: Storage> Replica<S> {
             self.become_follower(Some(from));
         }
         invariant!(
-            self.role == Role::Follower
-                || self.role == Role::Learner
-                || self.bug(PlantedBug::AcceptLowerBallot),
+            self.role == Role::Follower || self.role == Role::Learner || self.bug(PlantedBug::AcceptLowerBallot),
             "a {:?} accepted a remote write",
             self.role
         );
@@ -322,18 +286,10 @@ impl<S: Storage> Replica<S> {
         let count = req.values.len() as u64;
         for (i, value) in req.values.into_iter().enumerate() {
             let slot = req.first + i as u64;
-            self.accept_local(Entry {
-                slot,
-                ballot: req.ballot,
-                value,
-            })?;
+            self.accept_local(Entry { slot, ballot: req.ballot, value })?;
         }
         self.learn_commit(req.ballot, req.commit)?;
-        let result = WriteResult::Ok {
-            ballot: req.ballot,
-            first: req.first,
-            count,
-        };
+        let result = WriteResult::Ok { ballot: req.ballot, first: req.first, count };
         self.emit(Action::WriteCompletion { to: from, result });
         Ok(())
     }
@@ -348,31 +304,15 @@ impl<S: Storage> Replica<S> {
             self.reset_election_timer(now);
         }
         // Answer at most `max_read_slots` slots; the reader asks for the rest.
-        let to = req
-            .to
-            .min(req.from.saturating_add(self.cfg.max_read_slots - 1));
-        let entries = if req.from <= to {
-            self.storage.entries(req.from, to)?
-        } else {
-            Vec::new()
-        };
-        let result = ReadResult {
-            ballot: req.ballot,
-            from: req.from,
-            to,
-            entries,
-        };
+        let to = req.to.min(req.from.saturating_add(self.cfg.max_read_slots - 1));
+        let entries = if req.from <= to { self.storage.entries(req.from, to)? } else { Vec::new() };
+        let result = ReadResult { ballot: req.ballot, from: req.from, to, entries };
         self.emit(Action::ReadCompletion { to: from, result });
         Ok(())
     }
 
     /// A leader's heartbeat.
-    pub(super) fn on_heartbeat(
-        &mut self,
-        from: NodeId,
-        ballot: Ballot,
-        commit: Slot,
-    ) -> Result<(), Error> {
+    pub(super) fn on_heartbeat(&mut self, from: NodeId, ballot: Ballot, commit: Slot) -> Result<(), Error> {
         if ballot.node != from {
             return Ok(());
         }
@@ -382,23 +322,10 @@ impl<S: Storage> Replica<S> {
                 // Planted bug: keep serving a lower ballot's leader.
                 let last = self.storage.last_slot();
                 let chosen = self.chosen;
-                self.send(
-                    from,
-                    Message::HeartbeatReply {
-                        ballot,
-                        chosen,
-                        last,
-                    },
-                );
+                self.send(from, Message::HeartbeatReply { ballot, chosen, last });
                 return Ok(());
             }
-            self.send(
-                from,
-                Message::Reject {
-                    ballot,
-                    promised: self.promised,
-                },
-            );
+            self.send(from, Message::Reject { ballot, promised: self.promised });
             return Ok(());
         }
         if ballot > self.promised {
@@ -410,25 +337,14 @@ impl<S: Storage> Replica<S> {
             self.raise_promise(ballot)?;
         }
         invariant!(ballot == self.promised);
-        invariant!(
-            self.role != Role::Leader,
-            "two leaders under one ballot {:?}",
-            ballot
-        );
+        invariant!(self.role != Role::Leader, "two leaders under one ballot {:?}", ballot);
         if self.role == Role::PreCandidate || self.role == Role::Candidate {
             self.become_follower(Some(from));
         }
         self.leader_seen(from);
         self.learn_commit(ballot, commit)?;
         let last = self.storage.last_slot();
-        self.send(
-            from,
-            Message::HeartbeatReply {
-                ballot,
-                chosen: self.chosen,
-                last,
-            },
-        );
+        self.send(from, Message::HeartbeatReply { ballot, chosen: self.chosen, last });
         Ok(())
     }
 

@@ -30,12 +30,7 @@ impl SimDisk {
     /// A disk whose durable state is `durable` (shared with the simulator).
     pub fn open(durable: Durable) -> Self {
         let view = durable.borrow().clone();
-        SimDisk {
-            durable,
-            view,
-            pending: Vec::new(),
-            syncs: 0,
-        }
+        SimDisk { durable, view, pending: Vec::new(), syncs: 0 }
     }
 
     /// Number of syncs done.

@@ -130,8 +130,7 @@ pub trait Model {
 
     /// Runs `input` in `state`: the next state if the specification allows `output`,
     /// `None` if it does not.
-    fn step(state: &Self::State, input: &Self::Input, output: &Self::Output)
-        -> Option<Self::State>;
+    fn step(state: &Self::State, input: &Self::Input, output: &Self::Output) -> Option<Self::State>;
 
     /// Runs `input`, whose output is unknown (the operation never returned), in `state`:
     /// every state it may lead to, for any output.
@@ -226,9 +225,7 @@ pub fn check<M: Model>(history: &[Operation<M::Input, M::Output>], budget: u64) 
     match search.run(budget) {
         Outcome::Linearizable => CheckResult::Linearizable,
         Outcome::Unknown => CheckResult::Unknown,
-        Outcome::NotLinearizable => CheckResult::NotLinearizable {
-            explanation: search.explain(),
-        },
+        Outcome::NotLinearizable => CheckResult::NotLinearizable { explanation: search.explain() },
     }
 }
 
@@ -295,25 +292,15 @@ impl Model for LogModel {
     const PENDING_ONLY_WHEN_STUCK: bool = true;
 
     fn init() -> LogState {
-        LogState {
-            len: 0,
-            digest: DIGEST_EMPTY,
-        }
+        LogState { len: 0, digest: DIGEST_EMPTY }
     }
 
     fn step(state: &LogState, input: &LogInput, output: &LogOutput) -> Option<LogState> {
         match (input, output) {
-            (LogInput::Append { value }, LogOutput::Appended { position })
-                if *position == state.len + 1 =>
-            {
-                Some(LogState {
-                    len: state.len + 1,
-                    digest: digest_extend(state.digest, *value),
-                })
+            (LogInput::Append { value }, LogOutput::Appended { position }) if *position == state.len + 1 => {
+                Some(LogState { len: state.len + 1, digest: digest_extend(state.digest, *value) })
             }
-            (LogInput::Read, LogOutput::Read { len, digest })
-                if *len == state.len && *digest == state.digest =>
-            {
+            (LogInput::Read, LogOutput::Read { len, digest }) if *len == state.len && *digest == state.digest => {
                 Some(*state)
             }
             _ => None,
@@ -322,10 +309,9 @@ impl Model for LogModel {
 
     fn step_unknown(state: &LogState, input: &LogInput) -> Vec<LogState> {
         match input {
-            LogInput::Append { value } => vec![LogState {
-                len: state.len + 1,
-                digest: digest_extend(state.digest, *value),
-            }],
+            LogInput::Append { value } => {
+                vec![LogState { len: state.len + 1, digest: digest_extend(state.digest, *value) }]
+            }
             // A read has no effect: never linearizing it is equivalent.
             LogInput::Read => Vec::new(),
         }
@@ -337,9 +323,7 @@ impl Model for LogModel {
     fn expired(state: &LogState, _input: &LogInput, output: &LogOutput) -> bool {
         match output {
             LogOutput::Appended { position } => *position <= state.len,
-            LogOutput::Read { len, digest } => {
-                *len < state.len || (*len == state.len && *digest != state.digest)
-            }
+            LogOutput::Read { len, digest } => *len < state.len || (*len == state.len && *digest != state.digest),
         }
     }
 }
@@ -367,9 +351,7 @@ pub const fn digest_extend(d: u64, value: u64) -> u64 {
 /// The digest of a log holding `values`, in order: [`digest_extend`] folded from
 /// [`DIGEST_EMPTY`] (so it is FNV-1a 64 over the concatenated little-endian values).
 pub fn log_digest(values: &[u64]) -> u64 {
-    values
-        .iter()
-        .fold(DIGEST_EMPTY, |d, &value| digest_extend(d, value))
+    values.iter().fold(DIGEST_EMPTY, |d, &value| digest_extend(d, value))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -408,14 +390,10 @@ fn ill_formed<I: Debug, O: Debug>(history: &[Operation<I, O>]) -> Option<String>
 /// One line describing operation `i`.
 fn describe<I: Debug, O: Debug>(i: usize, op: &Operation<I, O>) -> String {
     match (op.ret, &op.output) {
-        (Some(ret), Some(out)) => format!(
-            "#{i} (client {}, t={}..{ret}): {:?} -> {:?}",
-            op.client, op.call, op.input, out
-        ),
-        _ => format!(
-            "#{i} (client {}, t={}..never): {:?} -> (no response)",
-            op.client, op.call, op.input
-        ),
+        (Some(ret), Some(out)) => {
+            format!("#{i} (client {}, t={}..{ret}): {:?} -> {:?}", op.client, op.call, op.input, out)
+        }
+        _ => format!("#{i} (client {}, t={}..never): {:?} -> (no response)", op.client, op.call, op.input),
     }
 }
 
@@ -696,12 +674,7 @@ impl<'h, M: Model> Search<'h, M> {
             let key = mix64(self.linearized_hash ^ hash_state(&state));
             if self.cache.insert(key, &self.linearized, &state) {
                 let prev_state = std::mem::replace(&mut self.state, state);
-                self.stack.push(Frame {
-                    node: entry,
-                    prev_state,
-                    alternatives,
-                    choices: std::mem::take(choices),
-                });
+                self.stack.push(Frame { node: entry, prev_state, alternatives, choices: std::mem::take(choices) });
                 self.lift(entry);
                 if self.ret_of[entry] != NIL {
                     self.remaining -= 1;
@@ -753,11 +726,7 @@ impl<'h, M: Model> Search<'h, M> {
     /// before (configurations pruned as expired are recorded too).
     fn note_dead_end(&mut self, node: usize, kind: DeadEnd) {
         let depth = self.stack.len();
-        if self
-            .deepest
-            .as_ref()
-            .is_some_and(|d| d.prefix.len() >= depth)
-        {
+        if self.deepest.as_ref().is_some_and(|d| d.prefix.len() >= depth) {
             return;
         }
         let mut candidates = Vec::new();
@@ -789,11 +758,7 @@ impl<'h, M: Model> Search<'h, M> {
         let completed = h.iter().filter(|op| op.output.is_some()).count();
         let blocked = &h[d.blocked];
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "not linearizable: op {} cannot be linearized.",
-            describe(d.blocked, blocked)
-        );
+        let _ = writeln!(s, "not linearizable: op {} cannot be linearized.", describe(d.blocked, blocked));
         let _ = write!(
             s,
             "The longest linearizable prefix found places {} of the {n} ops (the history has \
@@ -803,11 +768,7 @@ impl<'h, M: Model> Search<'h, M> {
         );
         match d.kind {
             DeadEnd::Expired => {
-                let _ = writeln!(
-                    s,
-                    "in which op #{} has not taken effect and no longer can.",
-                    d.blocked
-                );
+                let _ = writeln!(s, "in which op #{} has not taken effect and no longer can.", d.blocked);
             }
             DeadEnd::Blocked => {
                 let _ = writeln!(
@@ -903,13 +864,7 @@ struct Cache<S> {
 
 impl<S: Clone + Eq> Cache<S> {
     fn new(words: usize) -> Self {
-        Cache {
-            index: HashMap::default(),
-            chain: Vec::new(),
-            states: Vec::new(),
-            bits: Vec::new(),
-            words,
-        }
+        Cache { index: HashMap::default(), chain: Vec::new(), states: Vec::new(), bits: Vec::new(), words }
     }
 
     /// Inserts the configuration; false if it was already there.
@@ -1024,13 +979,7 @@ mod tests {
     }
 
     fn append_pending(client: u64, call: u64, value: u64) -> Op {
-        Operation {
-            client,
-            call,
-            ret: None,
-            input: LogInput::Append { value },
-            output: None,
-        }
+        Operation { client, call, ret: None, input: LogInput::Append { value }, output: None }
     }
 
     fn read(client: u64, call: u64, ret: u64, values: &[u64]) -> Op {
@@ -1039,21 +988,12 @@ mod tests {
             call,
             ret: Some(ret),
             input: LogInput::Read,
-            output: Some(LogOutput::Read {
-                len: values.len() as u64,
-                digest: log_digest(values),
-            }),
+            output: Some(LogOutput::Read { len: values.len() as u64, digest: log_digest(values) }),
         }
     }
 
     fn read_pending(client: u64, call: u64) -> Op {
-        Operation {
-            client,
-            call,
-            ret: None,
-            input: LogInput::Read,
-            output: None,
-        }
+        Operation { client, call, ret: None, input: LogInput::Read, output: None }
     }
 
     fn run(history: &[Op]) -> CheckResult {
@@ -1063,10 +1003,7 @@ mod tests {
     #[track_caller]
     fn assert_linearizable(history: &[Op]) {
         let result = run(history);
-        assert!(
-            result.is_linearizable(),
-            "expected linearizable, got: {result}"
-        );
+        assert!(result.is_linearizable(), "expected linearizable, got: {result}");
     }
 
     #[track_caller]
@@ -1089,10 +1026,7 @@ mod tests {
             h = h.wrapping_mul(0x100_0000_01b3);
         }
         assert_eq!(log_digest(&[0]), h);
-        assert_eq!(
-            digest_extend(log_digest(&[1, 2]), 3),
-            log_digest(&[1, 2, 3])
-        );
+        assert_eq!(digest_extend(log_digest(&[1, 2]), 3), log_digest(&[1, 2, 3]));
         assert_ne!(log_digest(&[1, 2]), log_digest(&[2, 1]));
         assert_ne!(log_digest(&[1]), log_digest(&[1, 1]));
     }
@@ -1129,11 +1063,7 @@ mod tests {
                 read(3, 0, 10, seen),
             ]);
         }
-        assert_linearizable(&[
-            append(1, 0, 10, 1, 2),
-            append(2, 0, 10, 2, 1),
-            read(3, 0, 10, &[2, 1]),
-        ]);
+        assert_linearizable(&[append(1, 0, 10, 1, 2), append(2, 0, 10, 2, 1), read(3, 0, 10, &[2, 1])]);
     }
 
     #[test]
@@ -1141,11 +1071,7 @@ mod tests {
         let explanation = assert_not_linearizable(&[append(1, 0, 10, 7, 1), read(2, 11, 20, &[])]);
         assert!(explanation.contains("op #1"), "{explanation}");
         // Stale read of a longer log, too.
-        assert_not_linearizable(&[
-            append(1, 0, 10, 7, 1),
-            append(1, 11, 12, 8, 2),
-            read(2, 13, 20, &[7]),
-        ]);
+        assert_not_linearizable(&[append(1, 0, 10, 7, 1), append(1, 11, 12, 8, 2), read(2, 13, 20, &[7])]);
     }
 
     #[test]
@@ -1161,11 +1087,7 @@ mod tests {
 
     #[test]
     fn read_with_wrong_order_or_unknown_value_fails() {
-        assert_not_linearizable(&[
-            append(1, 0, 10, 1, 1),
-            append(2, 0, 10, 2, 2),
-            read(3, 0, 10, &[2, 1]),
-        ]);
+        assert_not_linearizable(&[append(1, 0, 10, 1, 1), append(2, 0, 10, 2, 2), read(3, 0, 10, &[2, 1])]);
         assert_not_linearizable(&[append(1, 0, 10, 1, 1), read(3, 0, 10, &[9])]);
     }
 
@@ -1173,22 +1095,14 @@ mod tests {
     fn pending_append_needed_to_explain_a_read_passes() {
         assert_linearizable(&[append_pending(1, 0, 5), read(2, 10, 20, &[5])]);
         // It fills a gap in the positions, too.
-        assert_linearizable(&[
-            append_pending(1, 0, 5),
-            append(2, 10, 20, 6, 2),
-            read(3, 30, 40, &[5, 6]),
-        ]);
+        assert_linearizable(&[append_pending(1, 0, 5), append(2, 10, 20, 6, 2), read(3, 30, 40, &[5, 6])]);
         // But not before it was called.
         assert_not_linearizable(&[read(2, 0, 5, &[5]), append_pending(1, 10, 5)]);
     }
 
     #[test]
     fn pending_append_not_needed_passes() {
-        assert_linearizable(&[
-            append_pending(1, 0, 5),
-            append(2, 10, 20, 6, 1),
-            read(3, 30, 40, &[6]),
-        ]);
+        assert_linearizable(&[append_pending(1, 0, 5), append(2, 10, 20, 6, 1), read(3, 30, 40, &[6])]);
         // Taking effect late, after everything else, is fine too.
         assert_linearizable(&[
             append_pending(1, 0, 5),
@@ -1203,8 +1117,7 @@ mod tests {
     #[test]
     fn real_time_order_violation_fails() {
         // A returns before B is called, yet B got the lower position.
-        let explanation =
-            assert_not_linearizable(&[append(1, 0, 10, 1, 2), append(2, 11, 20, 2, 1)]);
+        let explanation = assert_not_linearizable(&[append(1, 0, 10, 1, 2), append(2, 11, 20, 2, 1)]);
         assert!(explanation.contains("op #0"), "{explanation}");
     }
 
@@ -1221,11 +1134,7 @@ mod tests {
 
     #[test]
     fn history_order_does_not_matter() {
-        let mut h = vec![
-            read(3, 30, 40, &[5, 6]),
-            append(2, 10, 20, 6, 2),
-            append_pending(1, 0, 5),
-        ];
+        let mut h = vec![read(3, 30, 40, &[5, 6]), append(2, 10, 20, 6, 2), append_pending(1, 0, 5)];
         assert_linearizable(&h);
         h.reverse();
         assert_linearizable(&h);
@@ -1243,22 +1152,14 @@ mod tests {
 
     #[test]
     fn budget_exhaustion_gives_unknown() {
-        let h = [
-            append(1, 0, 10, 1, 1),
-            append(2, 0, 10, 2, 2),
-            read(3, 20, 30, &[1, 2]),
-        ];
+        let h = [append(1, 0, 10, 1, 1), append(2, 0, 10, 2, 2), read(3, 20, 30, &[1, 2])];
         assert_eq!(check::<LogModel>(&h, 1), CheckResult::Unknown);
         assert!(check::<LogModel>(&h, 100).is_linearizable());
     }
 
     #[test]
     fn explanation_names_the_blocked_op_and_the_prefix() {
-        let h = [
-            append(1, 0, 1, 1, 1),
-            append(1, 2, 3, 2, 2),
-            read(2, 4, 5, &[1]),
-        ];
+        let h = [append(1, 0, 1, 1, 1), append(1, 2, 3, 2, 2), read(2, 4, 5, &[1])];
         let e = assert_not_linearizable(&h);
         println!("{e}");
         assert!(e.contains("op #2 (client 2, t=4..5): Read"), "{e}");
@@ -1303,19 +1204,8 @@ mod tests {
         }
     }
 
-    fn coin(
-        call: u64,
-        ret: Option<u64>,
-        input: CoinIn,
-        output: Option<bool>,
-    ) -> Operation<CoinIn, bool> {
-        Operation {
-            client: 0,
-            call,
-            ret,
-            input,
-            output,
-        }
+    fn coin(call: u64, ret: Option<u64>, input: CoinIn, output: Option<bool>) -> Operation<CoinIn, bool> {
+        Operation { client: 0, call, ret, input, output }
     }
 
     #[test]
@@ -1395,17 +1285,8 @@ mod tests {
             free_at[c] = ret;
             let pending = rng.chance(shape.pending);
             let op = if rng.chance(shape.reads) {
-                let output = LogOutput::Read {
-                    len: log.len() as u64,
-                    digest: log_digest(&log),
-                };
-                Operation {
-                    client: c as u64,
-                    call,
-                    ret: Some(ret),
-                    input: LogInput::Read,
-                    output: Some(output),
-                }
+                let output = LogOutput::Read { len: log.len() as u64, digest: log_digest(&log) };
+                Operation { client: c as u64, call, ret: Some(ret), input: LogInput::Read, output: Some(output) }
             } else {
                 let value = 1_000 + i as u64;
                 let took_effect = !pending || rng.chance(50);
@@ -1417,20 +1298,10 @@ mod tests {
                     call,
                     ret: Some(ret),
                     input: LogInput::Append { value },
-                    output: Some(LogOutput::Appended {
-                        position: log.len() as u64,
-                    }),
+                    output: Some(LogOutput::Appended { position: log.len() as u64 }),
                 }
             };
-            history.push(if pending {
-                Operation {
-                    ret: None,
-                    output: None,
-                    ..op
-                }
-            } else {
-                op
-            });
+            history.push(if pending { Operation { ret: None, output: None, ..op } } else { op });
         }
         // The input order must not matter.
         for i in (1..history.len()).rev() {
@@ -1443,9 +1314,7 @@ mod tests {
     /// non-linearizable: an append takes another append's position, or a read's digest
     /// changes. None if there is nothing to perturb.
     fn perturb(rng: &mut Rng, history: &mut [Op]) -> Option<usize> {
-        let returned: Vec<usize> = (0..history.len())
-            .filter(|&i| history[i].output.is_some())
-            .collect();
+        let returned: Vec<usize> = (0..history.len()).filter(|&i| history[i].output.is_some()).collect();
         if returned.is_empty() {
             return None;
         }
@@ -1454,15 +1323,9 @@ mod tests {
             match history[i].output {
                 Some(LogOutput::Read { len, digest }) => {
                     history[i].output = Some(if rng.chance(50) {
-                        LogOutput::Read {
-                            len,
-                            digest: digest ^ 1,
-                        }
+                        LogOutput::Read { len, digest: digest ^ 1 }
                     } else {
-                        LogOutput::Read {
-                            len: len + 1,
-                            digest,
-                        }
+                        LogOutput::Read { len: len + 1, digest }
                     });
                     return Some(i);
                 }
@@ -1499,10 +1362,7 @@ mod tests {
             if let Some(i) = perturb(&mut rng, &mut h) {
                 perturbed += 1;
                 let result = run(&h);
-                assert!(
-                    result.is_not_linearizable(),
-                    "round {round}, perturbed op #{i}: {result}\n{h:#?}"
-                );
+                assert!(result.is_not_linearizable(), "round {round}, perturbed op #{i}: {result}\n{h:#?}");
             }
         }
         assert!(perturbed > 250, "{perturbed}");
@@ -1533,10 +1393,7 @@ mod tests {
     /// full log as state: the definition of linearizability, for small histories.
     fn brute_force(history: &[Op]) -> bool {
         fn go(history: &[Op], placed: &mut Vec<bool>, log: &mut Vec<u64>) -> bool {
-            let all_returned_placed = history
-                .iter()
-                .zip(placed.iter())
-                .all(|(op, &p)| p || op.output.is_none());
+            let all_returned_placed = history.iter().zip(placed.iter()).all(|(op, &p)| p || op.output.is_none());
             if all_returned_placed {
                 return true;
             }
@@ -1545,8 +1402,8 @@ mod tests {
                     continue;
                 }
                 // Every returned op that returned strictly before x was called goes first.
-                let ready = (0..history.len())
-                    .all(|y| placed[y] || history[y].ret.is_none_or(|ret| ret >= history[x].call));
+                let ready =
+                    (0..history.len()).all(|y| placed[y] || history[y].ret.is_none_or(|ret| ret >= history[x].call));
                 if !ready {
                     continue;
                 }
@@ -1611,19 +1468,15 @@ mod tests {
             for _ in 0..rng.below(3) {
                 let i = rng.below(h.len() as u64) as usize;
                 h[i].output = match h[i].output {
-                    Some(LogOutput::Appended { .. }) => Some(LogOutput::Appended {
-                        position: 1 + rng.below(h.len() as u64),
-                    }),
+                    Some(LogOutput::Appended { .. }) => {
+                        Some(LogOutput::Appended { position: 1 + rng.below(h.len() as u64) })
+                    }
                     Some(LogOutput::Read { .. }) => {
-                        let mut seen: Vec<u64> =
-                            values.iter().copied().filter(|_| rng.chance(50)).collect();
+                        let mut seen: Vec<u64> = values.iter().copied().filter(|_| rng.chance(50)).collect();
                         if seen.len() > 1 && rng.chance(50) {
                             seen.swap(0, 1);
                         }
-                        Some(LogOutput::Read {
-                            len: seen.len() as u64,
-                            digest: log_digest(&seen),
-                        })
+                        Some(LogOutput::Read { len: seen.len() as u64, digest: log_digest(&seen) })
                     }
                     None => None,
                 };
@@ -1631,16 +1484,8 @@ mod tests {
             let expected = brute_force(&h);
             let pruned = run(&h);
             let unpruned = check::<UnprunedLog>(&h, BUDGET);
-            assert_eq!(
-                pruned.is_linearizable(),
-                expected,
-                "round {round}: {pruned}\n{h:#?}"
-            );
-            assert_eq!(
-                unpruned.is_linearizable(),
-                expected,
-                "round {round}: {unpruned}\n{h:#?}"
-            );
+            assert_eq!(pruned.is_linearizable(), expected, "round {round}: {pruned}\n{h:#?}");
+            assert_eq!(unpruned.is_linearizable(), expected, "round {round}: {unpruned}\n{h:#?}");
             assert!(!matches!(pruned, CheckResult::Unknown));
             if expected {
                 yes += 1;
@@ -1672,13 +1517,7 @@ mod tests {
     #[test]
     fn performance_1000_ops_8_clients() {
         let mut rng = Rng(1_000);
-        let shape = Shape {
-            ops: 1_000,
-            clients: 8,
-            pending: 3,
-            reads: 30,
-            spread: 20,
-        };
+        let shape = Shape { ops: 1_000, clients: 8, pending: 3, reads: 30, spread: 20 };
         let mut h = valid_history(&mut rng, &shape);
         let result = timed("1000 ops, 8 clients, valid", &h);
         assert!(result.is_linearizable(), "{result}");
@@ -1690,13 +1529,7 @@ mod tests {
     #[test]
     fn performance_2000_ops_10_clients() {
         let mut rng = Rng(2_000);
-        let shape = Shape {
-            ops: 2_000,
-            clients: 10,
-            pending: 5,
-            reads: 30,
-            spread: 30,
-        };
+        let shape = Shape { ops: 2_000, clients: 10, pending: 5, reads: 30, spread: 30 };
         let mut h = valid_history(&mut rng, &shape);
         let result = timed("2000 ops, 10 clients, valid", &h);
         assert!(result.is_linearizable(), "{result}");

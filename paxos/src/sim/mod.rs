@@ -215,11 +215,7 @@ impl fmt::Display for Violation {
             self.time as f64 / 1e6,
             self.detail
         )?;
-        write!(
-            f,
-            "  replay: cargo run --release -p paxos --example sim -- --seed {}",
-            self.seed
-        )?;
+        write!(f, "  replay: cargo run --release -p paxos --example sim -- --seed {}", self.seed)?;
         if let Some(b) = self.bug {
             write!(f, " --bug {}", bug_name(b))?;
         }
@@ -267,13 +263,7 @@ pub fn run(cfg: SimConfig) -> Result<SimReport, Box<Violation>> {
             } else {
                 "panic".to_string()
             };
-            Err(Box::new(Violation {
-                seed,
-                bug,
-                kind: ViolationKind::Contract,
-                detail,
-                time: 0,
-            }))
+            Err(Box::new(Violation { seed, bug, kind: ViolationKind::Contract, detail, time: 0 }))
         }
     }
 }

@@ -34,56 +34,18 @@ enum Reply {
 
 #[derive(Debug)]
 enum Event {
-    Net {
-        from: NodeId,
-        to: NodeId,
-        payload: Payload,
-    },
-    Timer {
-        node: NodeId,
-    },
-    Flush {
-        node: NodeId,
-        incarnation: u64,
-    },
-    ClientStart {
-        client: usize,
-    },
-    ClientArrive {
-        client: usize,
-        node: NodeId,
-        cmd: Command,
-    },
-    ClientReply {
-        client: usize,
-        session: u64,
-        seq: u64,
-        attempt: u32,
-        reply: Reply,
-    },
-    ClientTimeout {
-        client: usize,
-        seq: u64,
-        attempt: u32,
-    },
-    ClientResend {
-        client: usize,
-        seq: u64,
-        attempt: u32,
-    },
-    Crash {
-        node: NodeId,
-    },
-    Restart {
-        node: NodeId,
-    },
-    Cut {
-        id: u64,
-        links: Vec<(NodeId, NodeId)>,
-    },
-    Uncut {
-        id: u64,
-    },
+    Net { from: NodeId, to: NodeId, payload: Payload },
+    Timer { node: NodeId },
+    Flush { node: NodeId, incarnation: u64 },
+    ClientStart { client: usize },
+    ClientArrive { client: usize, node: NodeId, cmd: Command },
+    ClientReply { client: usize, session: u64, seq: u64, attempt: u32, reply: Reply },
+    ClientTimeout { client: usize, seq: u64, attempt: u32 },
+    ClientResend { client: usize, seq: u64, attempt: u32 },
+    Crash { node: NodeId },
+    Restart { node: NodeId },
+    Cut { id: u64, links: Vec<(NodeId, NodeId)> },
+    Uncut { id: u64 },
     Heal,
     Settle,
 }
@@ -163,9 +125,7 @@ impl World {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = Rng::new(cfg.seed);
         let voters: Vec<NodeId> = (1..=cfg.voters as u64).collect();
-        let learners: Vec<NodeId> = (0..cfg.learners as u64)
-            .map(|i| cfg.voters as u64 + 1 + i)
-            .collect();
+        let learners: Vec<NodeId> = (0..cfg.learners as u64).map(|i| cfg.voters as u64 + 1 + i).collect();
         let mut nodes = BTreeMap::new();
         for &id in voters.iter().chain(&learners) {
             let spread = cfg.clock_spread;
@@ -187,28 +147,16 @@ impl World {
                     timer_at: None,
                     flush_at: None,
                     incarnation: 0,
-                    sm: StateMachine {
-                        digest: lin::DIGEST_EMPTY,
-                        ..Default::default()
-                    },
+                    sm: StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() },
                     waiters: BTreeMap::new(),
                     permission: None,
                 },
             );
         }
-        let clients = (0..cfg.clients)
-            .map(|i| Client {
-                session: i as u64 + 1,
-                seq: 0,
-                op: None,
-                leader_hint: None,
-            })
-            .collect();
+        let clients =
+            (0..cfg.clients).map(|i| Client { session: i as u64 + 1, seq: 0, op: None, leader_hint: None }).collect();
         let next_session = cfg.clients as u64 + 1;
-        let report = SimReport {
-            seed: cfg.seed,
-            ..Default::default()
-        };
+        let report = SimReport { seed: cfg.seed, ..Default::default() };
         let mut w = World {
             cfg,
             rng,
@@ -352,25 +300,14 @@ impl World {
         if faulty && self.rng.chance(self.cfg.drop) {
             return;
         }
-        let copies = if faulty && self.rng.chance(self.cfg.dup) {
-            2
-        } else {
-            1
-        };
+        let copies = if faulty && self.rng.chance(self.cfg.dup) { 2 } else { 1 };
         for _ in 0..copies {
             let mut d = self.rng.range(self.cfg.delay.0, self.cfg.delay.1);
             if faulty && self.rng.chance(self.cfg.slow) {
                 d += self.rng.below(self.cfg.slow_max);
             }
             let at = self.now + d;
-            self.schedule(
-                at,
-                Event::Net {
-                    from,
-                    to,
-                    payload: payload.clone(),
-                },
-            );
+            self.schedule(at, Event::Net { from, to, payload: payload.clone() });
         }
     }
 
@@ -397,10 +334,7 @@ impl World {
                 self.now = deadline;
                 self.violate(
                     ViolationKind::Liveness,
-                    format!(
-                        "not settled {}ms after healing: {why}",
-                        self.cfg.liveness_bound / MS
-                    ),
+                    format!("not settled {}ms after healing: {why}", self.cfg.liveness_bound / MS),
                 );
                 break;
             }
@@ -420,10 +354,7 @@ impl World {
         }
         if !self.settling || !self.unsettled().is_empty() {
             let why = self.unsettled();
-            self.violate(
-                ViolationKind::Liveness,
-                format!("run ended unsettled: {why}"),
-            );
+            self.violate(ViolationKind::Liveness, format!("run ended unsettled: {why}"));
             return Err(self.violation.take().expect("violation"));
         }
         self.final_checks();
@@ -438,17 +369,11 @@ impl World {
 
     /// Why the run has not settled yet (empty when it has).
     fn unsettled(&self) -> String {
-        let busy: Vec<usize> = (0..self.clients.len())
-            .filter(|&c| self.clients[c].op.is_some())
-            .collect();
+        let busy: Vec<usize> = (0..self.clients.len()).filter(|&c| self.clients[c].op.is_some()).collect();
         if !busy.is_empty() {
             return format!("clients {busy:?} have operations in flight");
         }
-        let leader = self
-            .nodes
-            .values()
-            .filter_map(|n| n.replica.as_ref())
-            .find(|r| r.role() == Role::Leader);
+        let leader = self.nodes.values().filter_map(|n| n.replica.as_ref()).find(|r| r.role() == Role::Leader);
         let Some(leader) = leader else {
             return "no leader".into();
         };
@@ -456,17 +381,11 @@ impl World {
         let lagging: Vec<NodeId> = self
             .nodes
             .values()
-            .filter(|n| {
-                n.replica
-                    .as_ref()
-                    .is_none_or(|r| r.applied() != target || r.needs_flush())
-            })
+            .filter(|n| n.replica.as_ref().is_none_or(|r| r.applied() != target || r.needs_flush()))
             .map(|n| n.id)
             .collect();
         if !lagging.is_empty() {
-            return format!(
-                "replicas {lagging:?} have not applied up to the leader's commit {target}"
-            );
+            return format!("replicas {lagging:?} have not applied up to the leader's commit {target}");
         }
         String::new()
     }
@@ -499,23 +418,11 @@ impl World {
             }
             Event::ClientStart { client } => self.client_start(client),
             Event::ClientArrive { client, node, cmd } => self.client_arrive(client, node, cmd),
-            Event::ClientReply {
-                client,
-                session,
-                seq,
-                attempt,
-                reply,
-            } => self.client_reply(client, session, seq, attempt, reply),
-            Event::ClientTimeout {
-                client,
-                seq,
-                attempt,
-            } => self.client_timeout(client, seq, attempt),
-            Event::ClientResend {
-                client,
-                seq,
-                attempt,
-            } => self.client_resend(client, seq, attempt),
+            Event::ClientReply { client, session, seq, attempt, reply } => {
+                self.client_reply(client, session, seq, attempt, reply)
+            }
+            Event::ClientTimeout { client, seq, attempt } => self.client_timeout(client, seq, attempt),
+            Event::ClientResend { client, seq, attempt } => self.client_resend(client, seq, attempt),
             Event::Crash { node } => self.crash(node),
             Event::Restart { node } => self.restart(node),
             Event::Cut { id, links } => {
@@ -554,10 +461,7 @@ impl World {
         n.flush_at = None;
         n.waiters.clear();
         n.permission = None;
-        n.sm = StateMachine {
-            digest: lin::DIGEST_EMPTY,
-            ..Default::default()
-        };
+        n.sm = StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() };
     }
 
     fn restart(&mut self, node: NodeId) {
@@ -579,11 +483,7 @@ impl World {
         c.max_write_slots = 3;
         c.max_pending_entries = 64;
         c.max_read_slots = self.cfg.read_slots;
-        c.seed = self
-            .cfg
-            .seed
-            .wrapping_mul(31)
-            .wrapping_add(node * 1000 + n.incarnation);
+        c.seed = self.cfg.seed.wrapping_mul(31).wrapping_add(node * 1000 + n.incarnation);
         c.planted_bug = self.cfg.planted_bug;
         let disk = SimDisk::open(n.durable.clone());
         match Replica::new(c, disk, local) {
@@ -598,19 +498,12 @@ impl World {
     }
 
     /// Runs `f` on `node`'s replica (if it is up), then executes its actions.
-    fn with_replica(
-        &mut self,
-        node: NodeId,
-        f: impl FnOnce(&mut Replica<SimDisk>) -> Result<(), String>,
-    ) {
+    fn with_replica(&mut self, node: NodeId, f: impl FnOnce(&mut Replica<SimDisk>) -> Result<(), String>) {
         let Some(r) = self.nodes.get_mut(&node).and_then(|n| n.replica.as_mut()) else {
             return;
         };
         if let Err(e) = f(r) {
-            self.violate(
-                ViolationKind::Contract,
-                format!("replica {node} stopped: {e}"),
-            );
+            self.violate(ViolationKind::Contract, format!("replica {node} stopped: {e}"));
             return;
         }
         self.after(node);
@@ -668,9 +561,7 @@ impl World {
                 }
                 self.net_send(node, to, Payload::WriteDone(result))
             }
-            Action::ReadCompletion { to, result } => {
-                self.net_send(node, to, Payload::ReadDone(result))
-            }
+            Action::ReadCompletion { to, result } => self.net_send(node, to, Payload::ReadDone(result)),
             Action::GrantWrite { to, ballot } => {
                 self.nodes.get_mut(&node).expect("node").permission = Some((to, ballot));
             }
@@ -683,13 +574,7 @@ impl World {
             Action::Apply(applied) => self.apply(node, applied),
             Action::Aborted(cmds) => {
                 for c in cmds {
-                    if let Some(client) = self
-                        .nodes
-                        .get_mut(&node)
-                        .expect("node")
-                        .waiters
-                        .remove(&(c.client, c.seq))
-                    {
+                    if let Some(client) = self.nodes.get_mut(&node).expect("node").waiters.remove(&(c.client, c.seq)) {
                         self.reply_later(client, c.client, c.seq, Reply::Retry);
                     }
                 }
@@ -726,16 +611,11 @@ impl World {
     fn apply(&mut self, node: NodeId, applied: Applied) {
         // Agreement.
         let value = Value::Batch(applied.entries.iter().map(|e| e.command.clone()).collect());
-        let value = if applied.entries.is_empty() {
-            Value::Noop
-        } else {
-            value
-        };
+        let value = if applied.entries.is_empty() { Value::Noop } else { value };
         let slot = applied.slot;
         match self.chosen.get(&slot) {
             Some(v) if *v != value => {
-                let msg =
-                    format!("slot {slot}: replica {node} applied {value:?}, another applied {v:?}");
+                let msg = format!("slot {slot}: replica {node} applied {value:?}, another applied {v:?}");
                 self.violate(ViolationKind::Agreement, msg);
                 return;
             }
@@ -746,10 +626,7 @@ impl World {
         }
         let n = self.nodes.get_mut(&node).expect("node");
         if slot != n.sm.last_slot + 1 {
-            let msg = format!(
-                "replica {node} applied slot {slot} after {}",
-                n.sm.last_slot
-            );
+            let msg = format!("replica {node} applied slot {slot} after {}", n.sm.last_slot);
             self.violate(ViolationKind::StateMachine, msg);
             return;
         }
@@ -762,19 +639,14 @@ impl World {
                 match n.sm.results.get(&key) {
                     Some(o) => *o,
                     None => {
-                        problems.push(format!(
-                            "replica {node}: duplicate {key:?} of an entry never applied"
-                        ));
+                        problems.push(format!("replica {node}: duplicate {key:?} of an entry never applied"));
                         continue;
                     }
                 }
             } else {
                 n.sm.positions += 1;
                 if e.position != n.sm.positions {
-                    problems.push(format!(
-                        "replica {node}: position {} for entry #{}",
-                        e.position, n.sm.positions
-                    ));
+                    problems.push(format!("replica {node}: position {} for entry #{}", e.position, n.sm.positions));
                 }
                 if n.sm.results.contains_key(&key) {
                     problems.push(format!("replica {node}: {key:?} applied twice"));
@@ -783,14 +655,9 @@ impl World {
                     Some(Op::Append(v)) => {
                         n.sm.values.push(v);
                         n.sm.digest = lin::digest_extend(n.sm.digest, v);
-                        LogOutput::Appended {
-                            position: n.sm.values.len() as u64,
-                        }
+                        LogOutput::Appended { position: n.sm.values.len() as u64 }
                     }
-                    Some(Op::Read) => LogOutput::Read {
-                        len: n.sm.values.len() as u64,
-                        digest: n.sm.digest,
-                    },
+                    Some(Op::Read) => LogOutput::Read { len: n.sm.values.len() as u64, digest: n.sm.digest },
                     None => {
                         problems.push(format!("replica {node}: undecodable entry {key:?}"));
                         continue;
@@ -804,9 +671,7 @@ impl World {
             }
             match self.results.get(&key) {
                 Some(o) if *o != out => {
-                    problems.push(format!(
-                        "{key:?}: replica {node} got {out:?}, another {o:?}"
-                    ));
+                    problems.push(format!("{key:?}: replica {node} got {out:?}, another {o:?}"));
                 }
                 Some(_) => {}
                 None => {
@@ -830,19 +695,11 @@ impl World {
 
     fn final_checks(&mut self) {
         // Every replica holds the same log (they all applied up to the leader's commit).
-        let logs: Vec<(NodeId, Vec<u64>)> = self
-            .nodes
-            .values()
-            .map(|n| (n.id, n.sm.values.clone()))
-            .collect();
+        let logs: Vec<(NodeId, Vec<u64>)> = self.nodes.values().map(|n| (n.id, n.sm.values.clone())).collect();
         let reference = logs[0].1.clone();
         for (id, l) in &logs {
             if *l != reference {
-                let at = l
-                    .iter()
-                    .zip(&reference)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(l.len().min(reference.len()));
+                let at = l.iter().zip(&reference).position(|(a, b)| a != b).unwrap_or(l.len().min(reference.len()));
                 let msg = format!(
                     "replica {id}'s final log ({} entries) differs from replica {}'s ({} entries) at index {at}",
                     l.len(),
@@ -857,22 +714,18 @@ impl World {
         let mut seen = BTreeSet::new();
         for v in &reference {
             if !seen.insert(*v) {
-                self.violate(
-                    ViolationKind::LostAck,
-                    format!("value {v} appears twice in the log"),
-                );
+                self.violate(ViolationKind::LostAck, format!("value {v} appears twice in the log"));
                 return;
             }
         }
         // No acknowledged append lost.
         for op in &self.history {
-            if let (LogInput::Append { value }, Some(LogOutput::Appended { position })) =
-                (op.input, op.output)
-            {
+            if let (LogInput::Append { value }, Some(LogOutput::Appended { position })) = (op.input, op.output) {
                 self.report.acked_appends += 1;
                 let at = reference.get(position as usize - 1).copied();
                 if at != Some(value) {
-                    let msg = format!("acknowledged append of {value} at position {position}: the log has {at:?} there");
+                    let msg =
+                        format!("acknowledged append of {value} at position {position}: the log has {at:?} there");
                     self.violate(ViolationKind::LostAck, msg);
                     return;
                 }
@@ -884,34 +737,25 @@ impl World {
         // (no completed read can have observed it, as every read saw a prefix of the
         // final log); a read that never returned had no effect. Resolving them keeps the
         // search from guessing which lost append filled which gap.
-        let index: HashMap<u64, u64> = reference
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v, i as u64 + 1))
-            .collect();
+        let index: HashMap<u64, u64> = reference.iter().enumerate().map(|(i, v)| (*v, i as u64 + 1)).collect();
         let end = self.now;
         let history: Vec<Operation<LogInput, LogOutput>> = self
             .history
             .iter()
             .filter_map(|op| match (op.ret, op.input) {
                 (Some(_), _) => Some(op.clone()),
-                (None, LogInput::Append { value }) => {
-                    index.get(&value).map(|&position| Operation {
-                        ret: Some(end),
-                        output: Some(LogOutput::Appended { position }),
-                        ..op.clone()
-                    })
-                }
+                (None, LogInput::Append { value }) => index.get(&value).map(|&position| Operation {
+                    ret: Some(end),
+                    output: Some(LogOutput::Appended { position }),
+                    ..op.clone()
+                }),
                 (None, LogInput::Read) => None,
             })
             .collect();
         match lin::check::<LogModel>(&history, 50_000_000) {
             lin::CheckResult::Linearizable => {}
             lin::CheckResult::Unknown => {
-                self.violate(
-                    ViolationKind::Linearizability,
-                    "checker ran out of budget".into(),
-                );
+                self.violate(ViolationKind::Linearizability, "checker ran out of budget".into());
             }
             r @ lin::CheckResult::NotLinearizable { .. } => {
                 self.violate(ViolationKind::Linearizability, r.to_string());
@@ -940,20 +784,9 @@ impl World {
             LogInput::Append { value: v }
         };
         let session = c.session;
-        self.history.push(Operation {
-            client: session,
-            call: self.now,
-            ret: None,
-            input,
-            output: None,
-        });
+        self.history.push(Operation { client: session, call: self.now, ret: None, input, output: None });
         let hist = self.history.len() - 1;
-        self.clients[client].op = Some(ClientOp {
-            hist,
-            seq,
-            input,
-            attempt: 0,
-        });
+        self.clients[client].op = Some(ClientOp { hist, seq, input, attempt: 0 });
         self.client_send(client);
     }
 
@@ -970,22 +803,11 @@ impl World {
         let op = c.op.as_mut().expect("op");
         op.attempt += 1;
         let payload = encode(op.input);
-        let cmd = Command {
-            client: c.session,
-            seq: op.seq,
-            payload,
-        };
+        let cmd = Command { client: c.session, seq: op.seq, payload };
         let (seq, attempt) = (op.seq, op.attempt);
         let d = self.client_delay();
         self.schedule(self.now + d, Event::ClientArrive { client, node, cmd });
-        self.schedule(
-            self.now + CLIENT_TIMEOUT,
-            Event::ClientTimeout {
-                client,
-                seq,
-                attempt,
-            },
-        );
+        self.schedule(self.now + CLIENT_TIMEOUT, Event::ClientTimeout { client, seq, attempt });
     }
 
     fn client_arrive(&mut self, client: usize, node: NodeId, cmd: Command) {
@@ -1020,16 +842,7 @@ impl World {
 
     fn reply_at(&mut self, client: usize, session: u64, seq: u64, attempt: u32, reply: Reply) {
         let d = self.client_delay();
-        self.schedule(
-            self.now + d,
-            Event::ClientReply {
-                client,
-                session,
-                seq,
-                attempt,
-                reply,
-            },
-        );
+        self.schedule(self.now + d, Event::ClientReply { client, session, seq, attempt, reply });
     }
 
     fn client_reply(&mut self, client: usize, session: u64, seq: u64, attempt: u32, reply: Reply) {
@@ -1069,14 +882,7 @@ impl World {
             let op = self.clients[client].op.as_mut().expect("op");
             op.attempt += 1;
             let (seq, attempt) = (op.seq, op.attempt);
-            self.schedule(
-                at,
-                Event::ClientResend {
-                    client,
-                    seq,
-                    attempt,
-                },
-            );
+            self.schedule(at, Event::ClientResend { client, seq, attempt });
         }
     }
 

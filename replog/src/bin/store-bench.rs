@@ -31,12 +31,7 @@ impl Stats {
                 lat_ns[((lat_ns.len() - 1) as f64 * f) as usize] as f64 / 1000.0
             }
         };
-        Stats {
-            ops: lat_ns.len(),
-            secs,
-            p50_us: q(0.50),
-            p99_us: q(0.99),
-        }
+        Stats { ops: lat_ns.len(), secs, p50_us: q(0.50), p99_us: q(0.99) }
     }
     fn rate(&self) -> f64 {
         self.ops as f64 / self.secs
@@ -58,13 +53,7 @@ fn cap(size: usize) -> usize {
     (512 << 20) / (size + 64)
 }
 
-fn bench_store(
-    dir: &Path,
-    mode: Mode,
-    size: usize,
-    threads: usize,
-    dur: Duration,
-) -> Result<Stats, StoreError> {
+fn bench_store(dir: &Path, mode: Mode, size: usize, threads: usize, dur: Duration) -> Result<Stats, StoreError> {
     let _ = std::fs::remove_dir_all(dir);
     let log = Arc::new(Log::open(dir, StoreConfig::new(mode))?);
     let stop = Arc::new(AtomicBool::new(false));
@@ -107,13 +96,7 @@ fn bench_store(
 fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("raw-fdatasync");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let len = 64u64 << 20;
     f.set_len(len).unwrap();
     f.sync_all().unwrap();
@@ -136,13 +119,7 @@ fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
 fn raw_mapped(dir: &Path, size: usize, dur: Duration, flush: FlushInstr) -> Stats {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("raw-mapped");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     let len = 256usize << 20;
     f.set_len(len as u64).unwrap();
     let mut map = Mapping::map(&f, len, false).unwrap();
@@ -167,16 +144,14 @@ fn raw_mapped(dir: &Path, size: usize, dur: Duration, flush: FlushInstr) -> Stat
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let base: PathBuf = args.get(1).map(PathBuf::from).unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("replog-store-bench-{}", std::process::id()))
-    });
+    let base: PathBuf = args
+        .get(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("replog-store-bench-{}", std::process::id())));
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let dur = Duration::from_secs_f64(secs);
     let flush = FlushInstr::detect().expect("a cache-line flush instruction");
-    println!(
-        "store-bench: dir {}, {secs} s per run, flush {flush:?}",
-        base.display()
-    );
+    println!("store-bench: dir {}, {secs} s per run, flush {flush:?}", base.display());
 
     match Log::open(base.join("pmem-probe"), StoreConfig::new(Mode::Pmem)) {
         Ok(_) => println!("pmem: available (DAX); measured below as mapped"),
@@ -216,17 +191,11 @@ fn main() {
         let verdict = |ok: bool| if ok { "ok" } else { "BELOW TARGET" };
         if let Some(s) = &fsync64 {
             let r = s.rate() / raw_sync.rate();
-            println!(
-                "ratio fsync 64 appenders / raw fdatasync rate: {r:.1}x (target >= 20x: {})",
-                verdict(r >= 20.0)
-            );
+            println!("ratio fsync 64 appenders / raw fdatasync rate: {r:.1}x (target >= 20x: {})", verdict(r >= 20.0));
         }
         if let Some(s) = &fsync1 {
             let r = s.p50_us / raw_sync.p50_us;
-            println!(
-                "ratio fsync 1 appender p50 / raw fdatasync p50: {r:.2}x (target <= 1.3x: {})",
-                verdict(r <= 1.3)
-            );
+            println!("ratio fsync 1 appender p50 / raw fdatasync p50: {r:.2}x (target <= 1.3x: {})", verdict(r <= 1.3));
         }
         if let Some(s) = &mapped1 {
             let r = s.p50_us / raw_map.p50_us;

@@ -52,12 +52,7 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// `servers` of cluster `cluster_id` with a 5 s timeout and 5 retries.
     pub fn new(cluster_id: u64, servers: Vec<SocketAddr>) -> Self {
-        ClientConfig {
-            cluster_id,
-            servers,
-            timeout: Duration::from_secs(5),
-            retries: 5,
-        }
+        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 5 }
     }
 }
 
@@ -166,9 +161,7 @@ impl ClientError {
             ClientError::Server { code, .. } => {
                 matches!(code, ErrorCode::Busy | ErrorCode::Unavailable)
             }
-            ClientError::NoServers
-            | ClientError::TooLarge { .. }
-            | ClientError::Exhausted { .. } => false,
+            ClientError::NoServers | ClientError::TooLarge { .. } | ClientError::Exhausted { .. } => false,
         }
     }
 }
@@ -188,10 +181,8 @@ fn splitmix64(mut x: u64) -> u64 {
 pub fn new_client_id() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let id = splitmix64(t ^ splitmix64((std::process::id() as u64) << 32 | (n & 0xffff_ffff)));
     id.max(1)
 }
@@ -210,14 +201,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(
-        server: SocketAddr,
-        cluster_id: u64,
-        timeout: Duration,
-        max_frame: u32,
-    ) -> Result<Conn, ClientError> {
-        let stream = TcpStream::connect_timeout(&server, timeout)
-            .map_err(|source| ClientError::Connect { server, source })?;
+    fn open(server: SocketAddr, cluster_id: u64, timeout: Duration, max_frame: u32) -> Result<Conn, ClientError> {
+        let stream =
+            TcpStream::connect_timeout(&server, timeout).map_err(|source| ClientError::Connect { server, source })?;
         let _ = stream.set_nodelay(true);
         let mut c = Conn {
             stream,
@@ -234,16 +220,8 @@ impl Conn {
                 c.node = node;
                 Ok(c)
             }
-            Response::Error { code, message } => Err(ClientError::Server {
-                server,
-                op: "hello",
-                code,
-                message,
-            }),
-            other => Err(ClientError::Protocol {
-                server,
-                detail: format!("answered Hello with {other:?}"),
-            }),
+            Response::Error { code, message } => Err(ClientError::Server { server, op: "hello", code, message }),
+            other => Err(ClientError::Protocol { server, detail: format!("answered Hello with {other:?}") }),
         }
     }
 
@@ -251,57 +229,35 @@ impl Conn {
         let id = self.next_req;
         self.next_req += 1;
         let mut out = Vec::new();
-        proto::encode_request(id, req, &mut out).map_err(|e| ClientError::Protocol {
-            server: self.server,
-            detail: format!("cannot encode {op}: {e}"),
-        })?;
+        proto::encode_request(id, req, &mut out)
+            .map_err(|e| ClientError::Protocol { server: self.server, detail: format!("cannot encode {op}: {e}") })?;
         if out.len() - HEADER_LEN > self.max_frame as usize {
-            return Err(ClientError::TooLarge {
-                op,
-                len: out.len() - HEADER_LEN,
-                max: self.max_frame,
-            });
+            return Err(ClientError::TooLarge { op, len: out.len() - HEADER_LEN, max: self.max_frame });
         }
         let server = self.server;
         let _ = self.stream.set_write_timeout(None);
-        self.stream
-            .write_all(&out)
-            .map_err(|source| ClientError::Io { server, op, source })?;
+        self.stream.write_all(&out).map_err(|source| ClientError::Io { server, op, source })?;
         Ok(id)
     }
 
     /// Reads one response; waits at most `timeout` (`None`: forever).
-    fn recv(
-        &mut self,
-        op: &'static str,
-        timeout: Option<Duration>,
-    ) -> Result<(u64, Response), ClientError> {
+    fn recv(&mut self, op: &'static str, timeout: Option<Duration>) -> Result<(u64, Response), ClientError> {
         let server = self.server;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(frame)) => {
-                    return proto::decode_response(&frame)
-                        .map_err(|source| ClientError::Frame { server, source })
+                    return proto::decode_response(&frame).map_err(|source| ClientError::Frame { server, source })
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    return Err(ClientError::Frame {
-                        server,
-                        source: e.into(),
-                    })
-                }
+                Err(e) => return Err(ClientError::Frame { server, source: e.into() }),
             }
             let wait = match deadline {
                 None => None,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(ClientError::Timeout {
-                            server,
-                            op,
-                            timeout: timeout.unwrap_or_default(),
-                        });
+                        return Err(ClientError::Timeout { server, op, timeout: timeout.unwrap_or_default() });
                     }
                     Some(left)
                 }
@@ -310,10 +266,7 @@ impl Conn {
             match self.stream.read(&mut self.scratch) {
                 Ok(0) => return Err(ClientError::Closed { server, op }),
                 Ok(n) => self.rbuf.extend_from_slice(&self.scratch[..n]),
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut =>
-                {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
                     // Loop: the deadline check above reports the timeout.
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -324,12 +277,7 @@ impl Conn {
 
     /// Sends `req` and waits for its answer (a connection-level error, with request id
     /// 0, also answers it).
-    fn call(
-        &mut self,
-        req: &Request,
-        op: &'static str,
-        timeout: Option<Duration>,
-    ) -> Result<Response, ClientError> {
+    fn call(&mut self, req: &Request, op: &'static str, timeout: Option<Duration>) -> Result<Response, ClientError> {
         let id = self.send(req, op)?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -425,12 +373,7 @@ impl Client {
             Some(a) => a,
             None => self.cfg.servers[self.next_server],
         };
-        let c = Conn::open(
-            target,
-            self.cfg.cluster_id,
-            self.cfg.timeout,
-            self.max_frame,
-        )?;
+        let c = Conn::open(target, self.cfg.cluster_id, self.cfg.timeout, self.max_frame)?;
         self.conn = Some(c);
         Ok(())
     }
@@ -448,29 +391,20 @@ impl Client {
         let mut failures = 0u32;
         let mut redirects = 0u32;
         loop {
-            let server = self
-                .conn
-                .as_ref()
-                .map(|c| c.server)
-                .or(self.hint)
-                .unwrap_or(self.cfg.servers[self.next_server]);
+            let server =
+                self.conn.as_ref().map(|c| c.server).or(self.hint).unwrap_or(self.cfg.servers[self.next_server]);
             let err = match self.try_once(req, op) {
                 Ok(Response::Redirect { leader, addr }) => {
                     self.conn = None;
                     redirects += 1;
-                    let target = addr
-                        .as_deref()
-                        .and_then(|a| a.to_socket_addrs().ok())
-                        .and_then(|mut it| it.next());
+                    let target = addr.as_deref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut it| it.next());
                     if redirects > max_redirects {
                         return Err(ClientError::Exhausted {
                             op,
                             attempts: failures + redirects,
                             last: Box::new(ClientError::Protocol {
                                 server,
-                                detail: format!(
-                                    "redirected {redirects} times (last: leader {leader:?} at {addr:?})"
-                                ),
+                                detail: format!("redirected {redirects} times (last: leader {leader:?} at {addr:?})"),
                             }),
                         });
                     }
@@ -485,12 +419,7 @@ impl Client {
                     continue;
                 }
                 Ok(Response::Error { code, message }) => {
-                    let e = ClientError::Server {
-                        server,
-                        op,
-                        code,
-                        message,
-                    };
+                    let e = ClientError::Server { server, op, code, message };
                     match code {
                         ErrorCode::Busy => e,
                         ErrorCode::Unavailable => {
@@ -513,11 +442,7 @@ impl Client {
             };
             failures += 1;
             if failures > self.cfg.retries {
-                return Err(ClientError::Exhausted {
-                    op,
-                    attempts: failures + redirects,
-                    last: Box::new(err),
-                });
+                return Err(ClientError::Exhausted { op, attempts: failures + redirects, last: Box::new(err) });
             }
             tracing::debug!("{op}: {err}; retrying (attempt {})", failures + 1);
             std::thread::sleep(backoff(failures));
@@ -525,10 +450,7 @@ impl Client {
     }
 
     fn server_for_errors(&self) -> SocketAddr {
-        self.conn
-            .as_ref()
-            .map(|c| c.server)
-            .unwrap_or(self.cfg.servers[self.next_server])
+        self.conn.as_ref().map(|c| c.server).unwrap_or(self.cfg.servers[self.next_server])
     }
 
     /// Appends one entry; returns its position once committed.
@@ -548,11 +470,7 @@ impl Client {
         // data could make the service answer with the first data's positions.
         let seq = self.next_seq;
         self.next_seq += n as u64;
-        let req = Request::Append {
-            client: self.client_id,
-            seq,
-            entries,
-        };
+        let req = Request::Append { client: self.client_id, seq, entries };
         match self.call(&req, "append")? {
             Response::Appended { positions } if positions.len() == n => Ok(positions),
             other => Err(ClientError::Protocol {
@@ -565,17 +483,11 @@ impl Client {
     /// Reads up to `max_entries` committed entries from position `from` (0 = the first):
     /// `(position, entry)` pairs; empty when there is nothing at `from` yet.
     pub fn read(&mut self, from: u64, max_entries: u32) -> Result<Vec<(u64, Bytes)>, ClientError> {
-        let req = Request::Read {
-            from,
-            max_entries,
-            max_bytes: self.max_frame.saturating_sub(1024),
-        };
+        let req = Request::Read { from, max_entries, max_bytes: self.max_frame.saturating_sub(1024) };
         match self.call(&req, "read")? {
-            Response::Entries { from, entries, .. } => Ok(entries
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| (from + i as u64, e))
-                .collect()),
+            Response::Entries { from, entries, .. } => {
+                Ok(entries.into_iter().enumerate().map(|(i, e)| (from + i as u64, e)).collect())
+            }
             other => Err(ClientError::Protocol {
                 server: self.server_for_errors(),
                 detail: format!("answered a read with {other:?}"),
@@ -588,12 +500,8 @@ impl Client {
     pub fn tail(&mut self, from: u64) -> Result<Tail, ClientError> {
         let mut failures = 0;
         loop {
-            let target = self
-                .conn
-                .as_ref()
-                .map(|c| c.server)
-                .or(self.hint)
-                .unwrap_or(self.cfg.servers[self.next_server]);
+            let target =
+                self.conn.as_ref().map(|c| c.server).or(self.hint).unwrap_or(self.cfg.servers[self.next_server]);
             match Tail::start(target, &self.cfg, self.max_frame, from) {
                 Ok(t) => return Ok(t),
                 Err(e) if e.is_retryable() && failures < self.cfg.retries => {
@@ -620,24 +528,12 @@ impl Client {
     }
 
     /// One server's view of the cluster, on a connection of its own, without retries.
-    pub fn status_of(
-        addr: SocketAddr,
-        cluster_id: u64,
-        timeout: Duration,
-    ) -> Result<Status, ClientError> {
+    pub fn status_of(addr: SocketAddr, cluster_id: u64, timeout: Duration) -> Result<Status, ClientError> {
         let mut c = Conn::open(addr, cluster_id, timeout, MAX_FRAME)?;
         match c.call(&Request::Status, "status", Some(timeout))? {
             Response::Status(s) => Ok(s),
-            Response::Error { code, message } => Err(ClientError::Server {
-                server: addr,
-                op: "status",
-                code,
-                message,
-            }),
-            other => Err(ClientError::Protocol {
-                server: addr,
-                detail: format!("answered status with {other:?}"),
-            }),
+            Response::Error { code, message } => Err(ClientError::Server { server: addr, op: "status", code, message }),
+            other => Err(ClientError::Protocol { server: addr, detail: format!("answered status with {other:?}") }),
         }
     }
 }
@@ -659,12 +555,7 @@ pub struct Tail {
 }
 
 impl Tail {
-    fn start(
-        server: SocketAddr,
-        cfg: &ClientConfig,
-        max_frame: u32,
-        from: u64,
-    ) -> Result<Tail, ClientError> {
+    fn start(server: SocketAddr, cfg: &ClientConfig, max_frame: u32, from: u64) -> Result<Tail, ClientError> {
         let mut conn = Conn::open(server, cfg.cluster_id, cfg.timeout, max_frame)?;
         let req_id = conn.send(&Request::Tail { from }, "tail")?;
         Ok(Tail {
@@ -699,25 +590,14 @@ impl Tail {
     fn redirect(&mut self, addr: Option<String>) -> Result<(), ClientError> {
         let server = self.conn.server;
         self.redirects += 1;
-        let target = addr
-            .as_deref()
-            .and_then(|a| a.to_socket_addrs().ok())
-            .and_then(|mut it| it.next());
+        let target = addr.as_deref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut it| it.next());
         let Some(target) = target.filter(|_| self.redirects <= 8) else {
             return Err(ClientError::Protocol {
                 server,
-                detail: format!(
-                    "tail redirected without a usable address ({addr:?}, redirect {})",
-                    self.redirects
-                ),
+                detail: format!("tail redirected without a usable address ({addr:?}, redirect {})", self.redirects),
             });
         };
-        let mut conn = Conn::open(
-            target,
-            self.cluster_id,
-            self.connect_timeout,
-            self.conn.max_frame,
-        )?;
+        let mut conn = Conn::open(target, self.cluster_id, self.connect_timeout, self.conn.max_frame)?;
         self.req_id = conn.send(&Request::Tail { from: self.next }, "tail")?;
         self.conn = conn;
         Ok(())
@@ -743,12 +623,7 @@ impl Tail {
                 }
                 Response::Redirect { addr, .. } => self.redirect(addr)?,
                 Response::Error { code, message } => {
-                    return Err(ClientError::Server {
-                        server: self.conn.server,
-                        op: "tail",
-                        code,
-                        message,
-                    })
+                    return Err(ClientError::Server { server: self.conn.server, op: "tail", code, message })
                 }
                 other => {
                     return Err(ClientError::Protocol {

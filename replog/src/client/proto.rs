@@ -129,24 +129,15 @@ impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Request::Hello { cluster_id } => write!(f, "Hello{{cluster_id: {cluster_id}}}"),
-            Request::Append {
-                client,
-                seq,
-                entries,
-            } => write!(
+            Request::Append { client, seq, entries } => write!(
                 f,
                 "Append{{client: {client}, seq: {seq}, entries: {} ({}B)}}",
                 entries.len(),
                 entries.iter().map(|e| e.len()).sum::<usize>()
             ),
-            Request::Read {
-                from,
-                max_entries,
-                max_bytes,
-            } => write!(
-                f,
-                "Read{{from: {from}, max_entries: {max_entries}, max_bytes: {max_bytes}}}"
-            ),
+            Request::Read { from, max_entries, max_bytes } => {
+                write!(f, "Read{{from: {from}, max_entries: {max_entries}, max_bytes: {max_bytes}}}")
+            }
             Request::Tail { from } => write!(f, "Tail{{from: {from}}}"),
             Request::Status => write!(f, "Status"),
             Request::Disconnected => write!(f, "Disconnected"),
@@ -289,11 +280,7 @@ impl fmt::Debug for Response {
         match self {
             Response::HelloOk { node } => write!(f, "HelloOk{{node: {node}}}"),
             Response::Appended { positions } => write!(f, "Appended{{positions: {positions:?}}}"),
-            Response::Entries {
-                from,
-                entries,
-                last_committed,
-            } => write!(
+            Response::Entries { from, entries, last_committed } => write!(
                 f,
                 "Entries{{from: {from}, entries: {} ({}B), last_committed: {last_committed}}}",
                 entries.len(),
@@ -363,10 +350,7 @@ impl W {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn len(&mut self, n: usize) -> Result<(), ProtoError> {
-        let n = u32::try_from(n).map_err(|_| ProtoError::TooLarge {
-            len: n,
-            max: u32::MAX as usize,
-        })?;
+        let n = u32::try_from(n).map_err(|_| ProtoError::TooLarge { len: n, max: u32::MAX as usize })?;
         self.u32(n);
         Ok(())
     }
@@ -395,10 +379,7 @@ impl W {
 
 fn finish(kind: u8, payload: W, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     if payload.0.len() > u32::MAX as usize {
-        return Err(ProtoError::TooLarge {
-            len: payload.0.len(),
-            max: u32::MAX as usize,
-        });
+        return Err(ProtoError::TooLarge { len: payload.0.len(), max: u32::MAX as usize });
     }
     envelope::encode(kind, &payload.0, out);
     Ok(())
@@ -414,21 +395,13 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             w.u64(*cluster_id);
             kind::HELLO
         }
-        Request::Append {
-            client,
-            seq,
-            entries,
-        } => {
+        Request::Append { client, seq, entries } => {
             w.u64(*client);
             w.u64(*seq);
             w.entries(entries)?;
             kind::APPEND
         }
-        Request::Read {
-            from,
-            max_entries,
-            max_bytes,
-        } => {
+        Request::Read { from, max_entries, max_bytes } => {
             w.u64(*from);
             w.u32(*max_entries);
             w.u32(*max_bytes);
@@ -461,11 +434,7 @@ pub fn encode_response(req_id: u64, resp: &Response, out: &mut Vec<u8>) -> Resul
             }
             kind::APPENDED
         }
-        Response::Entries {
-            from,
-            entries,
-            last_committed,
-        } => {
+        Response::Entries { from, entries, last_committed } => {
             w.u64(*from);
             w.u64(*last_committed);
             w.entries(entries)?;
@@ -550,10 +519,7 @@ impl R {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
-            v => Err(ProtoError::Invalid {
-                field: what,
-                detail: format!("boolean byte {v}"),
-            }),
+            v => Err(ProtoError::Invalid { field: what, detail: format!("boolean byte {v}") }),
         }
     }
     /// A count of items each at least `min_item` bytes long, checked against the bytes left.
@@ -575,10 +541,7 @@ impl R {
     }
     fn string(&mut self, what: &'static str) -> Result<String, ProtoError> {
         let b = self.bytes(what)?;
-        String::from_utf8(b.to_vec()).map_err(|e| ProtoError::Invalid {
-            field: what,
-            detail: e.to_string(),
-        })
+        String::from_utf8(b.to_vec()).map_err(|e| ProtoError::Invalid { field: what, detail: e.to_string() })
     }
     fn entries(&mut self, what: &'static str) -> Result<Vec<Bytes>, ProtoError> {
         let n = self.count(ENTRY_OVERHEAD, what)?;
@@ -606,28 +569,19 @@ impl R {
 /// Decodes a request frame into `(req_id, request)`. Never yields
 /// [`Request::Disconnected`]: that has no wire kind.
 pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
-    let mut r = R {
-        b: frame.payload.clone(),
-        pos: 0,
-    };
+    let mut r = R { b: frame.payload.clone(), pos: 0 };
     let req_id = r.u64("request id")?;
     let req = match frame.kind {
-        kind::HELLO => Request::Hello {
-            cluster_id: r.u64("cluster id")?,
-        },
+        kind::HELLO => Request::Hello { cluster_id: r.u64("cluster id")? },
         kind::APPEND => Request::Append {
             client: r.u64("client id")?,
             seq: r.u64("sequence number")?,
             entries: r.entries("entries")?,
         },
-        kind::READ => Request::Read {
-            from: r.u64("from")?,
-            max_entries: r.u32("max entries")?,
-            max_bytes: r.u32("max bytes")?,
-        },
-        kind::TAIL => Request::Tail {
-            from: r.u64("from")?,
-        },
+        kind::READ => {
+            Request::Read { from: r.u64("from")?, max_entries: r.u32("max entries")?, max_bytes: r.u32("max bytes")? }
+        }
+        kind::TAIL => Request::Tail { from: r.u64("from")? },
         kind::STATUS => Request::Status,
         k => return Err(ProtoError::UnknownKind(k)),
     };
@@ -637,15 +591,10 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
 
 /// Decodes a response frame into `(req_id, response)`.
 pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
-    let mut r = R {
-        b: frame.payload.clone(),
-        pos: 0,
-    };
+    let mut r = R { b: frame.payload.clone(), pos: 0 };
     let req_id = r.u64("request id")?;
     let resp = match frame.kind {
-        kind::HELLO_OK => Response::HelloOk {
-            node: r.u64("node")?,
-        },
+        kind::HELLO_OK => Response::HelloOk { node: r.u64("node")? },
         kind::APPENDED => {
             let n = r.count(8, "positions")?;
             let mut positions = Vec::with_capacity(n);
@@ -657,11 +606,7 @@ pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
         kind::ENTRIES => {
             let from = r.u64("from")?;
             let last_committed = r.u64("last committed")?;
-            Response::Entries {
-                from,
-                entries: r.entries("entries")?,
-                last_committed,
-            }
+            Response::Entries { from, entries: r.entries("entries")?, last_committed }
         }
         kind::STATUS_REPLY => {
             let node = r.u64("node")?;
@@ -696,23 +641,14 @@ pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
         }
         kind::REDIRECT => {
             let leader = r.opt_u64("leader")?;
-            let addr = if r.bool("leader address")? {
-                Some(r.string("leader address")?)
-            } else {
-                None
-            };
+            let addr = if r.bool("leader address")? { Some(r.string("leader address")?) } else { None };
             Response::Redirect { leader, addr }
         }
         kind::ERROR => {
             let c = r.u16("error code")?;
-            let code = ErrorCode::from_u16(c).ok_or_else(|| ProtoError::Invalid {
-                field: "error code",
-                detail: format!("unknown code {c}"),
-            })?;
-            Response::Error {
-                code,
-                message: r.string("error message")?,
-            }
+            let code = ErrorCode::from_u16(c)
+                .ok_or_else(|| ProtoError::Invalid { field: "error code", detail: format!("unknown code {c}") })?;
+            Response::Error { code, message: r.string("error message")? }
         }
         k => return Err(ProtoError::UnknownKind(k)),
     };
@@ -726,53 +662,32 @@ mod tests {
     use bytes::BytesMut;
 
     fn frame_of(bytes: &[u8]) -> Frame {
-        envelope::Decoder::new(MAX_FRAME)
-            .decode(&mut BytesMut::from(bytes))
-            .unwrap()
-            .unwrap()
+        envelope::Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(bytes)).unwrap().unwrap()
     }
 
     #[test]
     fn disconnected_is_not_on_the_wire() {
         let mut out = Vec::new();
-        assert_eq!(
-            encode_request(1, &Request::Disconnected, &mut out),
-            Err(ProtoError::NotOnWire)
-        );
+        assert_eq!(encode_request(1, &Request::Disconnected, &mut out), Err(ProtoError::NotOnWire));
         assert!(out.is_empty());
     }
 
     #[test]
     fn huge_count_is_refused_without_allocating() {
         let mut out = Vec::new();
-        encode_request(
-            7,
-            &Request::Append {
-                client: 1,
-                seq: 1,
-                entries: vec![],
-            },
-            &mut out,
-        )
-        .unwrap();
+        encode_request(7, &Request::Append { client: 1, seq: 1, entries: vec![] }, &mut out).unwrap();
         // Patch the entry count to u32::MAX and rebuild the envelope.
         let mut payload = out[HEADER_LEN..].to_vec();
         payload[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut f = Vec::new();
         envelope::encode(kind::APPEND, &payload, &mut f);
-        assert_eq!(
-            decode_request(&frame_of(&f)),
-            Err(ProtoError::Truncated("entries"))
-        );
+        assert_eq!(decode_request(&frame_of(&f)), Err(ProtoError::Truncated("entries")));
     }
 
     #[test]
     fn response_kind_is_not_a_request() {
         let mut out = Vec::new();
         encode_response(3, &Response::HelloOk { node: 1 }, &mut out).unwrap();
-        assert_eq!(
-            decode_request(&frame_of(&out)),
-            Err(ProtoError::UnknownKind(kind::HELLO_OK))
-        );
+        assert_eq!(decode_request(&frame_of(&out)), Err(ProtoError::UnknownKind(kind::HELLO_OK)));
     }
 }

@@ -150,8 +150,7 @@ impl ClientServer {
         let addr = listener.local_addr()?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
@@ -169,14 +168,9 @@ impl ClientServer {
             scratch: vec![0; SCRATCH],
             again: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("client-port-{}", addr.port()))
-            .spawn(move || worker.run())?;
-        Ok(ClientServer {
-            addr,
-            responder: Responder { tx, waker },
-            thread: Some(thread),
-        })
+        let thread =
+            std::thread::Builder::new().name(format!("client-port-{}", addr.port())).spawn(move || worker.run())?;
+        Ok(ClientServer { addr, responder: Responder { tx, waker }, thread: Some(thread) })
     }
 
     /// The address the client port listens on.
@@ -283,11 +277,7 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         'outer: loop {
             let timeout = if self.again.is_empty() {
-                self.conns
-                    .values()
-                    .filter_map(|c| c.closing)
-                    .min()
-                    .map(|d| d.saturating_duration_since(Instant::now()))
+                self.conns.values().filter_map(|c| c.closing).min().map(|d| d.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
             };
@@ -318,12 +308,8 @@ impl Worker {
                 }
             }
             let now = Instant::now();
-            let expired: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.closing.is_some_and(|d| d <= now))
-                .map(|(id, _)| *id)
-                .collect();
+            let expired: Vec<ConnId> =
+                self.conns.iter().filter(|(_, c)| c.closing.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
             for id in expired {
                 if let Some(c) = self.conns.remove(&id) {
                     debug!("client {}: linger time over, closing", c.peer);
@@ -350,11 +336,7 @@ impl Worker {
     }
 
     fn push(&mut self, conn: ConnId, req_id: u64, request: Request) {
-        let msg = Inbound {
-            conn,
-            req_id,
-            request,
-        };
+        let msg = Inbound { conn, req_id, request };
         if self.inbound.send(msg).is_err() {
             if !self.node_gone {
                 self.node_gone = true;
@@ -395,11 +377,9 @@ impl Worker {
             }
             let id = self.next_id;
             self.next_id += 1;
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                Token(id as usize),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) =
+                self.poll.registry().register(&mut stream, Token(id as usize), Interest::READABLE | Interest::WRITABLE)
+            {
                 warn!("client {peer}: cannot register: {e}");
                 continue;
             }
@@ -414,10 +394,7 @@ impl Worker {
                 write_shut: false,
             };
             if open >= self.cfg.max_connections {
-                let msg = format!(
-                    "too many connections ({open} open, limit {})",
-                    self.cfg.max_connections
-                );
+                let msg = format!("too many connections ({open} open, limit {})", self.cfg.max_connections);
                 self.fail(&mut c, 0, ErrorCode::Busy, msg);
                 match c.flush() {
                     Ok(()) => {
@@ -439,10 +416,7 @@ impl Worker {
             "client {}: {reason}; closing the connection",
             c.peer
         );
-        let resp = Response::Error {
-            code,
-            message: reason,
-        };
+        let resp = Response::Error { code, message: reason };
         if proto::encode_response(req_id, &resp, &mut c.out).is_err() {
             debug!("client {}: cannot encode the error frame", c.peer);
         }
@@ -543,16 +517,11 @@ impl Worker {
                     if c.hello {
                         self.fail(c, req_id, ErrorCode::BadRequest, "second Hello".into());
                     } else if cluster_id != self.cfg.cluster_id {
-                        let msg = format!(
-                            "cluster id {cluster_id}, this cluster is {}",
-                            self.cfg.cluster_id
-                        );
+                        let msg = format!("cluster id {cluster_id}, this cluster is {}", self.cfg.cluster_id);
                         self.fail(c, req_id, ErrorCode::WrongCluster, msg);
                     } else {
                         c.hello = true;
-                        let ok = Response::HelloOk {
-                            node: self.cfg.node,
-                        };
+                        let ok = Response::HelloOk { node: self.cfg.node };
                         let _ = proto::encode_response(req_id, &ok, &mut c.out);
                     }
                 }
@@ -567,11 +536,7 @@ impl Worker {
 
     fn on_out(&mut self, out: Outbound) {
         match out {
-            Outbound::Reply {
-                conn,
-                req_id,
-                response,
-            } => {
+            Outbound::Reply { conn, req_id, response } => {
                 let Some(mut c) = self.conns.remove(&conn) else {
                     return;
                 };
@@ -593,10 +558,7 @@ impl Worker {
                     );
                     let err = Response::Error {
                         code: ErrorCode::TooLarge,
-                        message: format!(
-                            "response of {len} bytes exceeds the frame limit of {}",
-                            self.cfg.max_frame
-                        ),
+                        message: format!("response of {len} bytes exceeds the frame limit of {}", self.cfg.max_frame),
                     };
                     let _ = proto::encode_response(req_id, &err, &mut c.out);
                 }

@@ -25,12 +25,7 @@ const CMD_FIXED: usize = 8 + 8 + 4;
 pub fn encoded_len(value: &Value) -> usize {
     match value {
         Value::Noop => 1,
-        Value::Batch(cmds) => {
-            5 + cmds
-                .iter()
-                .map(|c| CMD_FIXED + c.payload.len())
-                .sum::<usize>()
-        }
+        Value::Batch(cmds) => 5 + cmds.iter().map(|c| CMD_FIXED + c.payload.len()).sum::<usize>(),
     }
 }
 
@@ -92,11 +87,7 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
                 let seq = r.u64()?;
                 let len = r.u32()? as usize;
                 let payload = Bytes::copy_from_slice(r.take(len)?);
-                cmds.push(Command {
-                    client,
-                    seq,
-                    payload,
-                });
+                cmds.push(Command { client, seq, payload });
             }
             Value::Batch(cmds)
         }
@@ -117,21 +108,11 @@ mod tests {
         prop_oneof![
             Just(Value::Noop),
             proptest::collection::vec(
-                (
-                    any::<u64>(),
-                    any::<u64>(),
-                    proptest::collection::vec(any::<u8>(), 0..40)
-                ),
+                (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)),
                 0..6
             )
             .prop_map(|v| Value::Batch(
-                v.into_iter()
-                    .map(|(client, seq, p)| Command {
-                        client,
-                        seq,
-                        payload: Bytes::from(p)
-                    })
-                    .collect()
+                v.into_iter().map(|(client, seq, p)| Command { client, seq, payload: Bytes::from(p) }).collect()
             )),
         ]
     }

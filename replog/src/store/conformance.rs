@@ -18,21 +18,14 @@ fn value(tag: u64, n: usize) -> Value {
             .map(|i| Command {
                 client: tag,
                 seq: i,
-                payload: Bytes::from(vec![
-                    (tag as u8) ^ (i as u8);
-                    (tag as usize * 7 + i as usize) % 300
-                ]),
+                payload: Bytes::from(vec![(tag as u8) ^ (i as u8); (tag as usize * 7 + i as usize) % 300]),
             })
             .collect(),
     )
 }
 
 fn entry(slot: Slot, round: u64, node: u64, tag: u64, n: usize) -> Entry {
-    Entry {
-        slot,
-        ballot: Ballot::new(round, node),
-        value: value(tag, n),
-    }
+    Entry { slot, ballot: Ballot::new(round, node), value: value(tag, n) }
 }
 
 fn check_matches<S: Storage>(s: &S, model: &BTreeMap<Slot, Entry>, promise: Ballot, when: &str) {
@@ -40,14 +33,10 @@ fn check_matches<S: Storage>(s: &S, model: &BTreeMap<Slot, Entry>, promise: Ball
     let last = model.keys().next_back().copied().unwrap_or(0);
     assert_eq!(s.last_slot(), last, "{when}: last_slot");
     for slot in 0..=last + 2 {
-        let got = s
-            .entry(slot)
-            .unwrap_or_else(|e| panic!("{when}: entry({slot}): {e}"));
+        let got = s.entry(slot).unwrap_or_else(|e| panic!("{when}: entry({slot}): {e}"));
         assert_eq!(got.as_ref(), model.get(&slot), "{when}: entry({slot})");
     }
-    let all = s
-        .entries(0, last + 5)
-        .unwrap_or_else(|e| panic!("{when}: entries: {e}"));
+    let all = s.entries(0, last + 5).unwrap_or_else(|e| panic!("{when}: entries: {e}"));
     let want: Vec<Entry> = model.values().cloned().collect();
     assert_eq!(all, want, "{when}: entries(0, last+5)");
     if last >= 3 {
@@ -55,18 +44,12 @@ fn check_matches<S: Storage>(s: &S, model: &BTreeMap<Slot, Entry>, promise: Ball
         let want: Vec<Entry> = model.range(2..=last - 1).map(|(_, e)| e.clone()).collect();
         assert_eq!(mid, want, "{when}: entries(2, last-1)");
     }
-    assert!(
-        s.entries(5, 2).expect("entries").is_empty(),
-        "{when}: entries(5, 2) is empty"
-    );
+    assert!(s.entries(5, 2).expect("entries").is_empty(), "{when}: entries(5, 2) is empty");
 }
 
 /// Runs the suite. `fresh` makes an empty store. `reopen`, for stores that persist,
 /// drops a store (after a `sync`) and opens the same data again.
-pub fn check_storage<S: Storage>(
-    fresh: &mut dyn FnMut() -> S,
-    mut reopen: Option<&mut dyn FnMut(S) -> S>,
-) {
+pub fn check_storage<S: Storage>(fresh: &mut dyn FnMut() -> S, mut reopen: Option<&mut dyn FnMut(S) -> S>) {
     let mut s = fresh();
     let mut model: BTreeMap<Slot, Entry> = BTreeMap::new();
     check_matches(&s, &model, Ballot::ZERO, "empty");
@@ -74,8 +57,7 @@ pub fn check_storage<S: Storage>(
     // The promise only rises; an equal promise is accepted.
     s.set_promise(Ballot::new(1, 1)).expect("set_promise");
     s.set_promise(Ballot::new(1, 2)).expect("set_promise");
-    s.set_promise(Ballot::new(1, 2))
-        .expect("set_promise (equal)");
+    s.set_promise(Ballot::new(1, 2)).expect("set_promise (equal)");
     let mut promise = Ballot::new(1, 2);
     assert_eq!(s.promise(), promise, "promise after raises");
 
@@ -113,10 +95,7 @@ pub fn check_storage<S: Storage>(
         s.accept(e.clone()).expect("accept");
         model.insert(slot, e);
         if i % 7 == 0 {
-            let back = *model
-                .keys()
-                .nth((i as usize * 13) % model.len())
-                .expect("a slot");
+            let back = *model.keys().nth((i as usize * 13) % model.len()).expect("a slot");
             let old = model[&back].ballot;
             let e = entry(back, old.round + 1, old.node, i + 1000, 1);
             s.accept(e.clone()).expect("re-accept");

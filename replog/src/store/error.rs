@@ -117,9 +117,7 @@ impl StoreError {
         let path = path.to_path_buf();
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace { op, path, source },
-            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
-                StoreError::ReadOnly { op, path, source }
-            }
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => StoreError::ReadOnly { op, path, source },
             _ => StoreError::Io { op, path, source },
         }
     }

@@ -177,9 +177,7 @@ pub const fn record_size(payload_len: u64) -> u64 {
 
 /// The largest payload a segment of `segment_size` bytes can hold in one record.
 pub fn max_payload(segment_size: u64) -> u64 {
-    segment_size
-        .saturating_sub(SEGMENT_HEADER_LEN as u64 + RECORD_HEADER_LEN as u64 + COMMIT_LEN as u64)
-        & !7
+    segment_size.saturating_sub(SEGMENT_HEADER_LEN as u64 + RECORD_HEADER_LEN as u64 + COMMIT_LEN as u64) & !7
 }
 
 /// The commit word closing a record whose CRC is `crc`.
@@ -236,10 +234,7 @@ impl SegmentHeader {
     /// Parses and validates a header. The error says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Self, String> {
         if b.len() < SEGMENT_HEADER_LEN {
-            return Err(format!(
-                "file too short for a segment header ({} < {SEGMENT_HEADER_LEN} bytes)",
-                b.len()
-            ));
+            return Err(format!("file too short for a segment header ({} < {SEGMENT_HEADER_LEN} bytes)", b.len()));
         }
         let h = SegmentHeader {
             magic: b[0..8].try_into().expect("8 bytes"),
@@ -258,23 +253,15 @@ impl SegmentHeader {
         }
         let crc = crc32c::crc32c(&b[0..56]);
         if crc != h.crc {
-            return Err(format!(
-                "header checksum mismatch (stored {:#010x}, computed {crc:#010x})",
-                h.crc
-            ));
+            return Err(format!("header checksum mismatch (stored {:#010x}, computed {crc:#010x})", h.crc));
         }
         if h.version != FORMAT_VERSION {
-            return Err(format!(
-                "unsupported format version {} (this build reads {FORMAT_VERSION})",
-                h.version
-            ));
+            return Err(format!("unsupported format version {} (this build reads {FORMAT_VERSION})", h.version));
         }
         if h.header_len as usize != SEGMENT_HEADER_LEN || h.reserved != 0 || h.reserved2 != 0 {
             return Err("bad header length or reserved fields".into());
         }
-        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&h.segment_size)
-            || h.segment_size & 7 != 0
-        {
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&h.segment_size) || h.segment_size & 7 != 0 {
             return Err(format!("bad segment size {}", h.segment_size));
         }
         if h.base_pos == 0 {
@@ -388,10 +375,7 @@ pub fn check_record(
     }
     let payload = &seg[off + RECORD_HEADER_LEN..off + RECORD_HEADER_LEN + h.payload_len as usize];
     let padded_end = end - COMMIT_LEN;
-    if seg[off + RECORD_HEADER_LEN + h.payload_len as usize..padded_end]
-        .iter()
-        .any(|&b| b != 0)
-    {
+    if seg[off + RECORD_HEADER_LEN + h.payload_len as usize..padded_end].iter().any(|&b| b != 0) {
         return Err(RecordFault::BadPadding);
     }
     let crc = record_crc(epoch, hb, payload);

@@ -108,11 +108,7 @@ impl Inner {
 
     fn seg_of(&self, pos: Position) -> Result<usize> {
         if pos < self.first_pos() || pos >= self.next_pos {
-            return Err(StoreError::OutOfRange {
-                pos,
-                first: self.first_pos(),
-                next: self.next_pos,
-            });
+            return Err(StoreError::OutOfRange { pos, first: self.first_pos(), next: self.next_pos });
         }
         Ok(self.segs.partition_point(|s| s.base_pos() <= pos) - 1)
     }
@@ -139,9 +135,7 @@ pub struct Log {
 }
 
 fn new_epoch(prev: u64) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     now.max(prev + 1)
 }
 
@@ -156,18 +150,16 @@ fn probe_pmem(dir: &Path) -> Result<()> {
         .truncate(true)
         .open(&probe)
         .map_err(|e| StoreError::io("create pmem probe", &probe, e))?;
-    let r = preallocate(&f, 4096)
-        .map_err(|e| StoreError::io("size pmem probe", &probe, e))
-        .and_then(|()| {
-            Mapping::map(&f, 4096, true).map_err(|e| StoreError::PmemUnavailable {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "mmap with MAP_SYNC|MAP_SHARED_VALIDATE refused ({e}): the directory is \
+    let r = preallocate(&f, 4096).map_err(|e| StoreError::io("size pmem probe", &probe, e)).and_then(|()| {
+        Mapping::map(&f, 4096, true).map_err(|e| StoreError::PmemUnavailable {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "mmap with MAP_SYNC|MAP_SHARED_VALIDATE refused ({e}): the directory is \
                      not on a DAX (persistent-memory) filesystem; refusing pmem mode \
                      (choose fsync or memory explicitly)"
-                ),
-            })
-        });
+            ),
+        })
+    });
     drop(f);
     let _ = std::fs::remove_file(&probe);
     r.map(drop)
@@ -185,16 +177,15 @@ impl Log {
                  {MAX_SEGMENT_SIZE}]"
             )));
         }
-        let flush =
-            match cfg.mode {
-                Mode::Pmem | Mode::MappedNotDurable => Some(FlushInstr::detect().ok_or_else(
-                    || StoreError::PmemUnavailable {
-                        path: dir.to_path_buf(),
-                        reason: "this CPU has no cache-line flush instruction".into(),
-                    },
-                )?),
-                _ => None,
-            };
+        let flush = match cfg.mode {
+            Mode::Pmem | Mode::MappedNotDurable => {
+                Some(FlushInstr::detect().ok_or_else(|| StoreError::PmemUnavailable {
+                    path: dir.to_path_buf(),
+                    reason: "this CPU has no cache-line flush instruction".into(),
+                })?)
+            }
+            _ => None,
+        };
         let mut report = RecoveryReport::default();
         let mut segs = VecDeque::new();
         let mut last_epoch = 0;
@@ -211,14 +202,7 @@ impl Log {
             report = rep;
             for f in found {
                 last_epoch = f.header.epoch;
-                segs.push_back(Segment::from_file(
-                    f.header,
-                    f.path,
-                    f.file,
-                    map,
-                    f.offsets,
-                    f.write_off,
-                )?);
+                segs.push_back(Segment::from_file(f.header, f.path, f.file, map, f.offsets, f.write_off)?);
             }
             if segs.is_empty() {
                 last_epoch = new_epoch(0);
@@ -228,15 +212,7 @@ impl Log {
             }
         }
         let next_pos = segs.back().expect("a segment").end_pos();
-        let mut inner = Inner {
-            segs,
-            next_pos,
-            durable: 0,
-            syncing: false,
-            gen: 0,
-            poison: None,
-            last_epoch,
-        };
+        let mut inner = Inner { segs, next_pos, durable: 0, syncing: false, gen: 0, poison: None, last_epoch };
         // What recovery read may still be only in the page cache (the previous process
         // died before its fsync): make it durable before vouching for it in hints.
         inner.active().sync()?;
@@ -257,13 +233,7 @@ impl Log {
 
     /// An empty log in memory (memory mode).
     pub fn memory(segment_size: u64) -> Result<Log> {
-        Log::open(
-            "",
-            StoreConfig {
-                mode: Mode::Memory,
-                segment_size,
-            },
-        )
+        Log::open("", StoreConfig { mode: Mode::Memory, segment_size })
     }
 
     /// How the log was opened.
@@ -333,17 +303,9 @@ impl Log {
     }
 
     /// Appends a record of any kind but [`RecordKind::End`], without waiting.
-    pub fn append_record(
-        &self,
-        kind: RecordKind,
-        slot: u64,
-        ballot: Ballot,
-        payload: &[u8],
-    ) -> Result<Position> {
+    pub fn append_record(&self, kind: RecordKind, slot: u64, ballot: Ballot, payload: &[u8]) -> Result<Position> {
         if kind == RecordKind::End {
-            return Err(StoreError::Invalid(
-                "end markers are written by truncate_suffix".into(),
-            ));
+            return Err(StoreError::Invalid("end markers are written by truncate_suffix".into()));
         }
         let mut g = self.inner.lock();
         self.write(&mut g, kind, slot, ballot, payload)
@@ -388,21 +350,11 @@ impl Log {
         true
     }
 
-    fn write(
-        &self,
-        g: &mut Inner,
-        kind: RecordKind,
-        slot: u64,
-        ballot: Ballot,
-        payload: &[u8],
-    ) -> Result<Position> {
+    fn write(&self, g: &mut Inner, kind: RecordKind, slot: u64, ballot: Ballot, payload: &[u8]) -> Result<Position> {
         g.check()?;
         let max = max_payload(self.segment_size);
         if payload.len() as u64 > max || payload.len() > u32::MAX as usize {
-            return Err(StoreError::TooLarge {
-                len: payload.len(),
-                max,
-            });
+            return Err(StoreError::TooLarge { len: payload.len(), max });
         }
         if g.active().room() < record_size(payload.len() as u64) {
             self.roll(g)?;
@@ -555,8 +507,7 @@ impl Log {
         buf.clear();
         buf.resize(size as usize, 0);
         seg.read_at(off, buf)?;
-        let (h, _) =
-            check_record(buf, 0, seg.header.epoch, Some(pos)).map_err(|f| corrupt(f.as_str()))?;
+        let (h, _) = check_record(buf, 0, seg.header.epoch, Some(pos)).map_err(|f| corrupt(f.as_str()))?;
         let kind = RecordKind::from_u16(h.kind).expect("validated kind");
         buf.drain(..RECORD_HEADER_LEN);
         buf.truncate(h.payload_len as usize);
@@ -572,12 +523,7 @@ impl Log {
     /// Iterates over the records at positions `from..to` (clamped to the log).
     pub fn iter(&self, from: Position, to: Position) -> LogIter<'_> {
         let g = self.inner.lock();
-        LogIter {
-            log: self,
-            next: from.max(g.first_pos()),
-            end: to.min(g.next_pos),
-            buf: Vec::new(),
-        }
+        LogIter { log: self, next: from.max(g.first_pos()), end: to.min(g.next_pos), buf: Vec::new() }
     }
 
     /// Where the record at `pos` is.
@@ -588,12 +534,7 @@ impl Log {
         let i = (pos - seg.base_pos()) as usize;
         let offset = seg.offsets[i] as u64;
         let end = seg.offsets.get(i + 1).map_or(seg.write_off, |&o| o as u64);
-        Ok(RecordLocation {
-            segment_index: seg.header.index,
-            path: seg.path.clone(),
-            offset,
-            size: end - offset,
-        })
+        Ok(RecordLocation { segment_index: seg.header.index, path: seg.path.clone(), offset, size: end - offset })
     }
 
     /// Blocks until position `pos` is durable or `timeout` passes. Returns whether it
@@ -674,12 +615,8 @@ impl Log {
         let old_end = seg.write_off;
         seg.offsets.truncate(keep);
         seg.write_off = off;
-        let marker = RecordHeader {
-            kind: RecordKind::End as u16,
-            pos,
-            durable_hint: durable,
-            ..RecordHeader::default()
-        };
+        let marker =
+            RecordHeader { kind: RecordKind::End as u16, pos, durable_hint: durable, ..RecordHeader::default() };
         seg.write_record(marker, &[])?;
         seg.sync()?;
         seg.offsets.truncate(keep);
@@ -777,9 +714,6 @@ impl Iterator for LogIter<'_> {
         }
         let pos = self.next;
         self.next += 1;
-        Some(self.log.read_into(pos, &mut self.buf).map(|meta| Record {
-            meta,
-            payload: self.buf.clone(),
-        }))
+        Some(self.log.read_into(pos, &mut self.buf).map(|meta| Record { meta, payload: self.buf.clone() }))
     }
 }

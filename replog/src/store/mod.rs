@@ -96,10 +96,7 @@ impl StoreConfig {
 
     /// A configuration with `mode` and the default segment size.
     pub fn new(mode: Mode) -> Self {
-        StoreConfig {
-            mode,
-            segment_size: Self::DEFAULT_SEGMENT_SIZE,
-        }
+        StoreConfig { mode, segment_size: Self::DEFAULT_SEGMENT_SIZE }
     }
 
     /// The same with another segment size.

@@ -45,22 +45,14 @@ impl PaxosStore {
                 RecordKind::Entry => {
                     decode_value(&buf).map_err(|reason| StoreError::Decode { pos, reason })?;
                     if meta.slot == 0 {
-                        return Err(StoreError::Decode {
-                            pos,
-                            reason: "entry record at slot 0",
-                        });
+                        return Err(StoreError::Decode { pos, reason: "entry record at slot 0" });
                     }
                     index.insert(meta.slot, (pos, meta.ballot));
                 }
                 RecordKind::Data | RecordKind::End => {}
             }
         }
-        Ok(PaxosStore {
-            log,
-            promise,
-            index,
-            scratch: Vec::new(),
-        })
+        Ok(PaxosStore { log, promise, index, scratch: Vec::new() })
     }
 
     /// The underlying log.
@@ -76,18 +68,10 @@ impl PaxosStore {
     fn read_entry(&self, slot: Slot, pos: Position) -> Result<Entry> {
         let rec = self.log.read(pos)?;
         if rec.meta.kind != RecordKind::Entry || rec.meta.slot != slot {
-            return Err(StoreError::Decode {
-                pos,
-                reason: "index points at a record that is not this slot's entry",
-            });
+            return Err(StoreError::Decode { pos, reason: "index points at a record that is not this slot's entry" });
         }
-        let value =
-            decode_value(&rec.payload).map_err(|reason| StoreError::Decode { pos, reason })?;
-        Ok(Entry {
-            slot,
-            ballot: rec.meta.ballot,
-            value,
-        })
+        let value = decode_value(&rec.payload).map_err(|reason| StoreError::Decode { pos, reason })?;
+        Ok(Entry { slot, ballot: rec.meta.ballot, value })
     }
 }
 
@@ -98,10 +82,7 @@ impl Storage for PaxosStore {
 
     fn set_promise(&mut self, b: Ballot) -> Result<(), StorageError> {
         if b < self.promise {
-            return Err(StorageError::msg(format!(
-                "promise lowered {:?} -> {b:?}",
-                self.promise
-            )));
+            return Err(StorageError::msg(format!("promise lowered {:?} -> {b:?}", self.promise)));
         }
         if b == self.promise {
             return Ok(());
@@ -125,9 +106,7 @@ impl Storage for PaxosStore {
         }
         self.scratch.clear();
         encode_value(&entry.value, &mut self.scratch);
-        let pos =
-            self.log
-                .append_record(RecordKind::Entry, entry.slot, entry.ballot, &self.scratch)?;
+        let pos = self.log.append_record(RecordKind::Entry, entry.slot, entry.ballot, &self.scratch)?;
         self.index.insert(entry.slot, (pos, entry.ballot));
         Ok(())
     }

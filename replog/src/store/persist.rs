@@ -119,30 +119,16 @@ impl Mapping {
     /// `MAP_SHARED_VALIDATE | MAP_SYNC`, which the kernel refuses (EOPNOTSUPP) unless
     /// the file is on a DAX filesystem: that refusal is the test for "not pmem".
     pub fn map(file: &File, len: usize, sync: bool) -> io::Result<Mapping> {
-        let flags = if sync {
-            libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC
-        } else {
-            libc::MAP_SHARED
-        };
+        let flags = if sync { libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC } else { libc::MAP_SHARED };
         // SAFETY: a fresh mapping at a kernel-chosen address; the fd is valid for the
         // call and the mapping keeps its own reference to the file.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                file.as_raw_fd(),
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, file.as_raw_fd(), 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
+        Ok(Mapping { ptr: ptr.cast(), len })
     }
 
     /// The mapped bytes.

@@ -118,13 +118,7 @@ fn scan(img: &[u8], h: &SegmentHeader) -> Scan {
         }
     }
     let last_nonzero = img.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    Scan {
-        offsets,
-        stop_off,
-        stop,
-        later,
-        last_nonzero,
-    }
+    Scan { offsets, stop_off, stop, later, last_nonzero }
 }
 
 /// Reads a whole segment file into memory (missing bytes of a short file read as zero).
@@ -187,28 +181,19 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
                 Err(e) => return Err(StoreError::io("read segment header", path, e)),
             }
         }
-        let header =
-            SegmentHeader::decode(&hb[..got]).map_err(|reason| StoreError::CorruptHeader {
-                path: path.clone(),
-                reason,
-            })?;
+        let header = SegmentHeader::decode(&hb[..got])
+            .map_err(|reason| StoreError::CorruptHeader { path: path.clone(), reason })?;
         if header.index != *idx {
             return Err(StoreError::CorruptHeader {
                 path: path.clone(),
-                reason: format!(
-                    "header says segment {} but the file name says {idx}",
-                    header.index
-                ),
+                reason: format!("header says segment {} but the file name says {idx}", header.index),
             });
         }
         if let Some(prev) = found.last() {
             if header.epoch <= prev.header.epoch {
                 return Err(StoreError::CorruptHeader {
                     path: path.clone(),
-                    reason: format!(
-                        "epoch {} not above the previous segment's {}",
-                        header.epoch, prev.header.epoch
-                    ),
+                    reason: format!("epoch {} not above the previous segment's {}", header.epoch, prev.header.epoch),
                 });
             }
         }
@@ -234,8 +219,7 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
     if let Some(i) = ended_at {
         let extra: Vec<_> = names[i + 1..].iter().rev().collect();
         for (_, p) in &extra {
-            std::fs::remove_file(p)
-                .map_err(|e| StoreError::io("remove truncated segment", p, e))?;
+            std::fs::remove_file(p).map_err(|e| StoreError::io("remove truncated segment", p, e))?;
         }
         if !extra.is_empty() {
             sync_dir(dir)?;
@@ -310,20 +294,14 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
                 .map_err(|e| StoreError::io("zero torn tail", &last.path, e))?;
             dirty = true;
         }
-        let len = last
-            .file
-            .metadata()
-            .map_err(|e| StoreError::io("stat segment", &last.path, e))?
-            .len();
+        let len = last.file.metadata().map_err(|e| StoreError::io("stat segment", &last.path, e))?.len();
         if len < last.header.segment_size {
             preallocate(&last.file, last.header.segment_size)
                 .map_err(|e| StoreError::io("extend segment", &last.path, e))?;
             dirty = true;
         }
         if dirty {
-            last.file
-                .sync_all()
-                .map_err(|e| StoreError::io("fsync repaired segment", &last.path, e))?;
+            last.file.sync_all().map_err(|e| StoreError::io("fsync repaired segment", &last.path, e))?;
         }
     }
     report.segments = found.len();

@@ -3,8 +3,8 @@
 
 use super::error::{Result, StoreError};
 use super::format::{
-    commit_word, pad8, record_crc, RecordHeader, SegmentHeader, COMMIT_LEN, RECORD_HEADER_LEN,
-    SEGMENT_HEADER_LEN, ZEROS,
+    commit_word, pad8, record_crc, RecordHeader, SegmentHeader, COMMIT_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    ZEROS,
 };
 use super::persist::{fence, FlushInstr, Mapping};
 use std::fs::{File, OpenOptions};
@@ -66,8 +66,7 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
 /// `fsync` on a directory, so that created, renamed and removed entries persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| StoreError::io("open directory", dir, e))?;
-    d.sync_all()
-        .map_err(|e| StoreError::io("fsync directory", dir, e))
+    d.sync_all().map_err(|e| StoreError::io("fsync directory", dir, e))
 }
 
 /// Reserves `len` bytes for `file` (so later writes cannot hit ENOSPC).
@@ -87,29 +86,18 @@ pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
 
 /// `pwritev` of all of `parts` at `off`, retrying short writes.
 fn pwritev_all(file: &File, mut off: u64, parts: &[&[u8]]) -> io::Result<()> {
-    let mut iov: [libc::iovec; 4] = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; 4];
+    let mut iov: [libc::iovec; 4] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
     assert!(parts.len() <= iov.len());
     let mut n = 0;
     for p in parts.iter().filter(|p| !p.is_empty()) {
-        iov[n] = libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        };
+        iov[n] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() };
         n += 1;
     }
     let mut first = 0;
     while first < n {
         // SAFETY: every iovec points into a live borrowed slice for this call.
         let w = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov[first..n].as_ptr(),
-                (n - first) as libc::c_int,
-                off as libc::off_t,
-            )
+            libc::pwritev(file.as_raw_fd(), iov[first..n].as_ptr(), (n - first) as libc::c_int, off as libc::off_t)
         };
         if w < 0 {
             let e = io::Error::last_os_error();
@@ -119,10 +107,7 @@ fn pwritev_all(file: &File, mut off: u64, parts: &[&[u8]]) -> io::Result<()> {
             return Err(e);
         }
         if w == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote 0 bytes",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote 0 bytes"));
         }
         let mut w = w as usize;
         off += w as u64;
@@ -156,14 +141,10 @@ impl Segment {
                 .truncate(true)
                 .open(&tmp)
                 .map_err(|e| StoreError::io("create segment", &tmp, e))?;
-            preallocate(&f, header.segment_size)
-                .map_err(|e| StoreError::io("preallocate segment", &tmp, e))?;
-            f.write_all_at(&header.encode(), 0)
-                .map_err(|e| StoreError::io("write segment header", &tmp, e))?;
-            f.sync_all()
-                .map_err(|e| StoreError::io("fsync new segment", &tmp, e))?;
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| StoreError::io("rename new segment", &path, e))?;
+            preallocate(&f, header.segment_size).map_err(|e| StoreError::io("preallocate segment", &tmp, e))?;
+            f.write_all_at(&header.encode(), 0).map_err(|e| StoreError::io("write segment header", &tmp, e))?;
+            f.sync_all().map_err(|e| StoreError::io("fsync new segment", &tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| StoreError::io("rename new segment", &path, e))?;
             Ok(f)
         })();
         match made {
@@ -214,28 +195,15 @@ impl Segment {
                         StoreError::io("mmap segment", &path, e)
                     }
                 })?;
-                Backing::Map {
-                    _file: file,
-                    map,
-                    flush,
-                }
+                Backing::Map { _file: file, map, flush }
             }
         };
-        Ok(Segment {
-            header,
-            path: Some(path),
-            backing,
-            offsets,
-            write_off,
-            flushed_off: write_off,
-        })
+        Ok(Segment { header, path: Some(path), backing, offsets, write_off, flushed_off: write_off })
     }
 
     /// The segment's file name for error messages.
     pub(crate) fn display_path(&self) -> PathBuf {
-        self.path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("<memory segment {}>", self.header.index)))
+        self.path.clone().unwrap_or_else(|| PathBuf::from(format!("<memory segment {}>", self.header.index)))
     }
 
     /// Position of the first record.
@@ -270,12 +238,9 @@ impl Segment {
         match &mut self.backing {
             Backing::File(f) => {
                 let path = self.path.as_deref().unwrap_or(Path::new(""));
-                pwritev_all(f, off, &[&hb, payload, tail])
-                    .map_err(|e| StoreError::io("write record", path, e))?;
+                pwritev_all(f, off, &[&hb, payload, tail]).map_err(|e| StoreError::io("write record", path, e))?;
             }
-            Backing::Map { map, .. } => {
-                write_mem(map.as_mut_slice(), off as usize, &hb, payload, tail)
-            }
+            Backing::Map { map, .. } => write_mem(map.as_mut_slice(), off as usize, &hb, payload, tail),
             Backing::Mem(buf) => write_mem(buf, off as usize, &hb, payload, tail),
         }
         self.offsets.push(off as u32);
@@ -287,13 +252,9 @@ impl Segment {
     /// Reads `buf.len()` bytes at `off`.
     pub(crate) fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         match &self.backing {
-            Backing::File(f) => f.read_exact_at(buf, off).map_err(|e| {
-                StoreError::io(
-                    "read record",
-                    self.path.as_deref().unwrap_or(Path::new("")),
-                    e,
-                )
-            }),
+            Backing::File(f) => f
+                .read_exact_at(buf, off)
+                .map_err(|e| StoreError::io("read record", self.path.as_deref().unwrap_or(Path::new("")), e)),
             Backing::Map { map, .. } => {
                 buf.copy_from_slice(&map.as_slice()[off as usize..off as usize + buf.len()]);
                 Ok(())
@@ -315,13 +276,8 @@ impl Segment {
                 let mut o = from;
                 while o < to {
                     let n = ((to - o) as usize).min(ZERO_CHUNK.len());
-                    f.write_all_at(&ZERO_CHUNK[..n], o).map_err(|e| {
-                        StoreError::io(
-                            "zero range",
-                            self.path.as_deref().unwrap_or(Path::new("")),
-                            e,
-                        )
-                    })?;
+                    f.write_all_at(&ZERO_CHUNK[..n], o)
+                        .map_err(|e| StoreError::io("zero range", self.path.as_deref().unwrap_or(Path::new("")), e))?;
                     o += n as u64;
                 }
             }
@@ -353,13 +309,9 @@ impl Segment {
     /// fence, or nothing). Runs under the log's lock.
     pub(crate) fn sync(&mut self) -> Result<()> {
         match &self.backing {
-            Backing::File(f) => f.sync_data().map_err(|e| {
-                StoreError::io(
-                    "fdatasync",
-                    self.path.as_deref().unwrap_or(Path::new("")),
-                    e,
-                )
-            }),
+            Backing::File(f) => {
+                f.sync_data().map_err(|e| StoreError::io("fdatasync", self.path.as_deref().unwrap_or(Path::new("")), e))
+            }
             Backing::Map { .. } => {
                 self.persist_mapped(self.write_off);
                 Ok(())

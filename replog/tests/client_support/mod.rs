@@ -10,8 +10,7 @@
 use bytes::{Bytes, BytesMut};
 use replog::client::proto::{self, ENTRY_OVERHEAD};
 use replog::client::{
-    ClientServer, ClientServerConfig, ConnId, Inbound, Outbound, PeerStatus, Request, Responder,
-    Response, Status,
+    ClientServer, ClientServerConfig, ConnId, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -85,10 +84,7 @@ impl FakeCluster {
             servers.push(ClientServer::start(l, cfg, tx, wake_node).unwrap());
             rxs.push(rx);
         }
-        let state = Arc::new(Mutex::new(State {
-            leader: Some(0),
-            ..State::default()
-        }));
+        let state = Arc::new(Mutex::new(State { leader: Some(0), ..State::default() }));
         let stop = Arc::new(AtomicBool::new(false));
         let node = {
             let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.local_addr()).collect();
@@ -96,13 +92,7 @@ impl FakeCluster {
             let (state, stop, wake) = (state.clone(), stop.clone(), wake.clone());
             std::thread::spawn(move || node_loop(rxs, responders, addrs, state, stop, wake))
         };
-        FakeCluster {
-            servers,
-            state,
-            stop,
-            wake,
-            node: Some(node),
-        }
+        FakeCluster { servers, state, stop, wake, node: Some(node) }
     }
 
     /// Client address of server `i`.
@@ -162,42 +152,18 @@ fn node_loop(
         if !any {
             let mut f = wake.flag.lock().unwrap();
             if !*f {
-                f = wake
-                    .cv
-                    .wait_timeout(f, Duration::from_millis(20))
-                    .unwrap()
-                    .0;
+                f = wake.cv.wait_timeout(f, Duration::from_millis(20)).unwrap().0;
             }
             *f = false;
         }
     }
 }
 
-fn handle(
-    server: usize,
-    inb: Inbound,
-    responders: &[Responder],
-    addrs: &[SocketAddr],
-    st: &mut State,
-) {
-    let Inbound {
-        conn,
-        req_id,
-        request,
-    } = inb;
-    let reply = |response| {
-        responders[server].send(Outbound::Reply {
-            conn,
-            req_id,
-            response,
-        })
-    };
+fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[SocketAddr], st: &mut State) {
+    let Inbound { conn, req_id, request } = inb;
+    let reply = |response| responders[server].send(Outbound::Reply { conn, req_id, response });
     match request {
-        Request::Append {
-            client,
-            seq,
-            entries,
-        } => {
+        Request::Append { client, seq, entries } => {
             st.appends_received += 1;
             if st.leader != Some(server) {
                 reply(Response::Redirect {
@@ -227,29 +193,20 @@ fn handle(
                 reply(Response::Appended { positions });
             }
         }
-        Request::Read {
-            from,
-            max_entries,
-            max_bytes,
-        } => {
+        Request::Read { from, max_entries, max_bytes } => {
             let start = from.max(1);
             let mut entries = Vec::new();
             let mut bytes = 0usize;
             for e in st.log.iter().skip(start as usize - 1) {
                 if entries.len() as u32 >= max_entries
-                    || (!entries.is_empty()
-                        && bytes + e.len() + ENTRY_OVERHEAD > max_bytes as usize)
+                    || (!entries.is_empty() && bytes + e.len() + ENTRY_OVERHEAD > max_bytes as usize)
                 {
                     break;
                 }
                 bytes += e.len() + ENTRY_OVERHEAD;
                 entries.push(e.clone());
             }
-            reply(Response::Entries {
-                from: start,
-                entries,
-                last_committed: st.log.len() as u64,
-            });
+            reply(Response::Entries { from: start, entries, last_committed: st.log.len() as u64 });
         }
         Request::Tail { from } => {
             st.subs.push((server, conn, req_id, from.max(1)));
@@ -257,11 +214,7 @@ fn handle(
         }
         Request::Status => reply(Response::Status(Status {
             node: server as u64 + 1,
-            role: if st.leader == Some(server) {
-                "leader".into()
-            } else {
-                "follower".into()
-            },
+            role: if st.leader == Some(server) { "leader".into() } else { "follower".into() },
             leader: st.leader.map(|l| l as u64 + 1),
             ballot: "b1.1".into(),
             commit_slot: st.log.len() as u64,
@@ -270,12 +223,7 @@ fn handle(
             durability: "memory".into(),
             peers: (0..responders.len())
                 .filter(|&i| i != server)
-                .map(|i| PeerStatus {
-                    id: i as u64 + 1,
-                    matched_slot: st.log.len() as u64,
-                    lag: 0,
-                    connected: true,
-                })
+                .map(|i| PeerStatus { id: i as u64 + 1, matched_slot: st.log.len() as u64, lag: 0, connected: true })
                 .collect(),
         })),
         Request::Disconnected => {
@@ -294,11 +242,7 @@ fn feed_tails(st: &mut State, responders: &[Responder]) {
             responders[*server].send(Outbound::Reply {
                 conn: *conn,
                 req_id: *req_id,
-                response: Response::Entries {
-                    from: *next,
-                    entries,
-                    last_committed: len,
-                },
+                response: Response::Entries { from: *next, entries, last_committed: len },
             });
             *next = len + 1;
         }
@@ -328,10 +272,8 @@ pub fn capture_logs() {
     LOGS.get_or_init(|| {
         let buf = Buf::default();
         let w = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || w.clone())
-            .finish();
+        let sub =
+            tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_writer(move || w.clone()).finish();
         tracing::subscriber::set_global_default(sub).unwrap();
         buf
     });
@@ -362,8 +304,7 @@ pub fn wait_for_log(parts: &[&str], within: Duration) -> Option<String> {
 /// A raw connection to `addr` with a read timeout.
 pub fn raw(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     s
 }
 
@@ -394,10 +335,7 @@ pub fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<(u64, Resp
                     got.push(proto::decode_response(&f).unwrap());
                 }
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                 continue
             }
             Err(_) => break true,
@@ -420,9 +358,7 @@ pub fn read_one(s: &mut TcpStream) -> (u64, Response) {
         match s.read(&mut chunk) {
             Ok(0) => panic!("connection closed"),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("read: {e}"),
         }
     }
