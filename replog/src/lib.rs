@@ -3,5 +3,7 @@
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod node;
+pub mod server;
 pub mod store;
 pub mod wire;

@@ -102,11 +102,7 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
             out.push(3);
             put_ballot(out, ballot);
         }
-        Message::Promise {
-            ballot,
-            chosen,
-            last,
-        } => {
+        Message::Promise { ballot, chosen, last } => {
             out.push(4);
             put_ballot(out, ballot);
             put_u64(out, chosen);
@@ -122,11 +118,7 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
             put_ballot(out, ballot);
             put_u64(out, commit);
         }
-        Message::HeartbeatReply {
-            ballot,
-            chosen,
-            last,
-        } => {
+        Message::HeartbeatReply { ballot, chosen, last } => {
             out.push(7);
             put_ballot(out, ballot);
             put_u64(out, chosen);
@@ -149,27 +141,11 @@ pub fn decode_message(b: &[u8]) -> Result<Message, WireError> {
             };
             Message::PreVoteReply { round, granted }
         }
-        3 => Message::Prepare {
-            ballot: r.ballot()?,
-        },
-        4 => Message::Promise {
-            ballot: r.ballot()?,
-            chosen: r.u64()?,
-            last: r.u64()?,
-        },
-        5 => Message::Reject {
-            ballot: r.ballot()?,
-            promised: r.ballot()?,
-        },
-        6 => Message::Heartbeat {
-            ballot: r.ballot()?,
-            commit: r.u64()?,
-        },
-        7 => Message::HeartbeatReply {
-            ballot: r.ballot()?,
-            chosen: r.u64()?,
-            last: r.u64()?,
-        },
+        3 => Message::Prepare { ballot: r.ballot()? },
+        4 => Message::Promise { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
+        5 => Message::Reject { ballot: r.ballot()?, promised: r.ballot()? },
+        6 => Message::Heartbeat { ballot: r.ballot()?, commit: r.u64()? },
+        7 => Message::HeartbeatReply { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
         k => return Err(WireError::UnknownKind(k)),
     };
     r.end()?;
@@ -214,12 +190,7 @@ pub fn decode_write(offset: u64, data: &[u8]) -> Result<WriteRequest, WireError>
     if offset.checked_add(count as u64).is_none() {
         return Err(WireError::Invalid("slot overflow"));
     }
-    Ok(WriteRequest {
-        ballot,
-        first: offset,
-        values,
-        commit,
-    })
+    Ok(WriteRequest { ballot, first: offset, values, commit })
 }
 
 /// The detail of a denied write: the target's promise.
@@ -239,47 +210,52 @@ pub fn decode_denied(b: &[u8]) -> Option<Ballot> {
     Some(ballot)
 }
 
-/// The offset and length (in slots) of a remote read.
-pub fn read_args(q: &ReadRequest) -> (u64, u32) {
-    let n =
-        q.to.saturating_sub(q.from)
-            .saturating_add(1)
-            .min(u32::MAX as u64) as u32;
-    (q.from, n)
+/// The offset and length of a remote read of `q`: offset = first slot, length = the
+/// byte budget of the answer (the transport's unit). The agent answers as many slots
+/// from the first as fit, and says which slot it covered up to.
+pub fn read_args(q: &ReadRequest, budget: usize) -> (u64, u32) {
+    (q.from, budget.min(u32::MAX as usize) as u32)
 }
 
-/// The request a read of `len` slots at `offset` stands for, at the agent (which does
-/// not learn the reader's ballot).
-pub fn read_request(offset: u64, len: u32) -> ReadRequest {
-    let len = len.max(1) as u64;
-    ReadRequest {
-        ballot: Ballot::ZERO,
-        from: offset,
-        to: offset.saturating_add(len - 1),
-    }
+/// The request a read at `offset` stands for, at the agent (which learns neither the
+/// reader's ballot nor where it wants to stop: it answers up to its own limits).
+pub fn read_request(offset: u64) -> ReadRequest {
+    ReadRequest { ballot: Ballot::ZERO, from: offset, to: u64::MAX }
 }
 
-/// Encodes a read's answer.
-pub fn encode_read_result(res: &ReadResult, out: &mut Vec<u8>) {
+/// Encodes a read's answer within `budget` bytes: whole entries only; if some do not
+/// fit, `to` is lowered to the slot before the first left out.
+pub fn encode_read_result(res: &ReadResult, budget: usize, out: &mut Vec<u8>) {
+    let start = out.len();
     put_u64(out, res.to);
-    out.extend_from_slice(&(res.entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut count = 0u32;
+    let mut to = res.to;
     for e in &res.entries {
+        let at = out.len();
         put_u64(out, e.slot);
         put_ballot(out, e.ballot);
-        let at = out.len();
         out.extend_from_slice(&[0; 4]);
         encode_value(&e.value, out);
-        let len = (out.len() - at - 4) as u32;
-        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        let len = (out.len() - at - 28) as u32;
+        out[at + 24..at + 28].copy_from_slice(&len.to_le_bytes());
+        if out.len() - start > budget && count > 0 {
+            out.truncate(at);
+            to = e.slot - 1;
+            break;
+        }
+        count += 1;
     }
+    out[start..start + 8].copy_from_slice(&to.to_le_bytes());
+    out[start + 8..start + 12].copy_from_slice(&count.to_le_bytes());
 }
 
 /// Decodes a read's answer for the request `q` this replica issued.
 pub fn decode_read_result(q: &ReadRequest, data: &[u8]) -> Result<ReadResult, WireError> {
     let mut r = R(data);
     let to: Slot = r.u64()?;
-    if to < q.from.saturating_sub(1) || to > q.to {
-        return Err(WireError::Invalid("read answer outside the range asked"));
+    if to < q.from.saturating_sub(1) {
+        return Err(WireError::Invalid("read answer ends before the range asked"));
     }
     let count = r.u32()? as usize;
     if count > data.len() / 29 {
@@ -291,19 +267,16 @@ pub fn decode_read_result(q: &ReadRequest, data: &[u8]) -> Result<ReadResult, Wi
         let ballot = r.ballot()?;
         let len = r.u32()? as usize;
         let value = decode_value(r.take(len)?).map_err(WireError::Invalid)?;
-        entries.push(Entry {
-            slot,
-            ballot,
-            value,
-        });
+        if slot < q.from || slot > to {
+            return Err(WireError::Invalid("read answer holds a slot outside its range"));
+        }
+        entries.push(Entry { slot, ballot, value });
     }
     r.end()?;
-    Ok(ReadResult {
-        ballot: q.ballot,
-        from: q.from,
-        to,
-        entries,
-    })
+    // The agent may cover more than asked: keep what was asked.
+    let to = to.min(q.to);
+    entries.retain(|e| e.slot <= to);
+    Ok(ReadResult { ballot: q.ballot, from: q.from, to, entries })
 }
 
 #[cfg(test)]
@@ -321,29 +294,12 @@ mod tests {
     fn messages_round_trip() {
         let ms = [
             Message::PreVote { round: 3 },
-            Message::PreVoteReply {
-                round: 3,
-                granted: true,
-            },
+            Message::PreVoteReply { round: 3, granted: true },
             Message::Prepare { ballot: b(4, 2) },
-            Message::Promise {
-                ballot: b(4, 2),
-                chosen: 10,
-                last: 12,
-            },
-            Message::Reject {
-                ballot: b(4, 2),
-                promised: b(5, 1),
-            },
-            Message::Heartbeat {
-                ballot: b(5, 1),
-                commit: 99,
-            },
-            Message::HeartbeatReply {
-                ballot: b(5, 1),
-                chosen: 98,
-                last: 99,
-            },
+            Message::Promise { ballot: b(4, 2), chosen: 10, last: 12 },
+            Message::Reject { ballot: b(4, 2), promised: b(5, 1) },
+            Message::Heartbeat { ballot: b(5, 1), commit: 99 },
+            Message::HeartbeatReply { ballot: b(5, 1), chosen: 98, last: 99 },
         ];
         for m in ms {
             let mut out = Vec::new();
@@ -359,11 +315,7 @@ mod tests {
 
     #[test]
     fn writes_and_reads_round_trip() {
-        let cmd = |s: u64| Command {
-            client: 7,
-            seq: s,
-            payload: Bytes::from(vec![s as u8; s as usize]),
-        };
+        let cmd = |s: u64| Command { client: 7, seq: s, payload: Bytes::from(vec![s as u8; s as usize]) };
         let w = WriteRequest {
             ballot: b(2, 3),
             first: 5,
@@ -374,33 +326,40 @@ mod tests {
         let off = encode_write(&w, &mut data);
         assert_eq!(decode_write(off, &data), Ok(w.clone()));
         assert!(decode_write(0, &data).is_err());
-        let q = ReadRequest {
-            ballot: b(9, 1),
-            from: 5,
-            to: 9,
-        };
-        let (off, len) = read_args(&q);
-        assert_eq!((off, len), (5, 5));
-        let at_agent = read_request(off, len);
-        assert_eq!((at_agent.from, at_agent.to), (5, 9));
+        let q = ReadRequest { ballot: b(9, 1), from: 5, to: 9 };
+        let (off, len) = read_args(&q, 1 << 20);
+        assert_eq!((off, len), (5, 1 << 20));
+        let at_agent = read_request(off);
+        assert_eq!((at_agent.from, at_agent.to), (5, u64::MAX));
         let res = ReadResult {
             ballot: Ballot::ZERO,
             from: 5,
             to: 7,
-            entries: vec![Entry {
-                slot: 6,
-                ballot: b(2, 3),
-                value: Value::Batch(vec![cmd(3)]),
-            }],
+            entries: vec![Entry { slot: 6, ballot: b(2, 3), value: Value::Batch(vec![cmd(3)]) }],
         };
         let mut data = Vec::new();
-        encode_read_result(&res, &mut data);
+        encode_read_result(&res, 1 << 20, &mut data);
         let got = decode_read_result(&q, &data).unwrap();
         assert_eq!(got.ballot, q.ballot);
-        assert_eq!(
-            (got.from, got.to, got.entries.clone()),
-            (5, 7, res.entries.clone())
-        );
+        assert_eq!((got.from, got.to, got.entries.clone()), (5, 7, res.entries.clone()));
+        // An answer covering more than asked is cut to the range asked.
+        let wide = ReadResult { to: 20, ..res.clone() };
+        let mut data = Vec::new();
+        encode_read_result(&wide, 1 << 20, &mut data);
+        assert_eq!(decode_read_result(&q, &data).unwrap().to, 9);
+        // A small budget keeps whole entries and lowers `to`.
+        let two = ReadResult {
+            to: 8,
+            entries: vec![
+                Entry { slot: 6, ballot: b(2, 3), value: Value::Batch(vec![cmd(50)]) },
+                Entry { slot: 8, ballot: b(2, 3), value: Value::Batch(vec![cmd(50)]) },
+            ],
+            ..res.clone()
+        };
+        let mut data = Vec::new();
+        encode_read_result(&two, 120, &mut data);
+        let got = decode_read_result(&q, &data).unwrap();
+        assert_eq!((got.to, got.entries.len()), (7, 1));
         assert_eq!(decode_denied(&encode_denied(Some(b(3, 3)))), Some(b(3, 3)));
         assert_eq!(decode_denied(&encode_denied(None)), None);
     }

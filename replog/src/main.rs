@@ -1,0 +1,372 @@
+//! The `replog` command.
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use replog::client::{Client, ClientConfig};
+use replog::config::{DurabilityKind, ServeConfig};
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default first port of `replog up` (each replica takes a few ports from there).
+const DEFAULT_BASE_PORT: u16 = 7400;
+
+#[derive(Parser)]
+#[command(name = "replog", version, about = "A replicated log: Multi-Paxos over RDMA, DPDK or TCP")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Durability {
+    Memory,
+    Fsync,
+    Pmem,
+}
+
+impl From<Durability> for DurabilityKind {
+    fn from(d: Durability) -> Self {
+        match d {
+            Durability::Memory => DurabilityKind::Memory,
+            Durability::Fsync => DurabilityKind::Fsync,
+            Durability::Pmem => DurabilityKind::Pmem,
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// Client addresses of the cluster's replicas (default: the cluster `replog up` starts).
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<SocketAddr>,
+    /// The cluster id (default: the one `replog up` uses).
+    #[arg(long)]
+    cluster_id: Option<u64>,
+    /// How long to wait for an answer, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one replica from a TOML configuration.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a local cluster over TCP on 127.0.0.1 (one process per replica) and keep it
+    /// running until interrupted.
+    Up {
+        /// Data directory (each replica uses a subdirectory; configs and logs go here too).
+        #[arg(long, default_value = "replog-data")]
+        dir: PathBuf,
+        /// Number of replicas.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// First port (replica i uses ports from base + 10*i).
+        #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+        base_port: u16,
+        /// Durability mode.
+        #[arg(long, value_enum, default_value = "fsync")]
+        durability: Durability,
+    },
+    /// Append entries (each argument is one entry; with none, one entry per stdin line).
+    Append {
+        #[command(flatten)]
+        target: Target,
+        /// The entries.
+        entries: Vec<String>,
+    },
+    /// Read committed entries from a position (0 = from the first).
+    Read {
+        #[command(flatten)]
+        target: Target,
+        /// First position.
+        #[arg(default_value_t = 0)]
+        from: u64,
+        /// Maximum number of entries.
+        #[arg(long, default_value_t = 100)]
+        max: u32,
+    },
+    /// Follow the log from a position, printing entries as they commit.
+    Tail {
+        #[command(flatten)]
+        target: Target,
+        /// First position.
+        #[arg(default_value_t = 0)]
+        from: u64,
+    },
+    /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("replog: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve { config } => serve(&config),
+        Cmd::Up { dir, nodes, base_port, durability } => up(&dir, nodes, base_port, durability.into()),
+        Cmd::Append { target, entries } => append(&target, entries),
+        Cmd::Read { target, from, max } => read(&target, from, max),
+        Cmd::Tail { target, from } => tail(&target, from),
+        Cmd::Status { target } => status(&target),
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+fn serve(path: &Path) -> Result<()> {
+    let cfg = ServeConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
+    replog::config::init_tracing(&cfg.log.level, cfg.log.format == replog::config::LogFormat::Json);
+    install_signal_handlers();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::SeqCst) {
+            s.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    });
+    replog::server::serve(cfg, stop).with_context(|| format!("replica from {}", path.display()))?;
+    Ok(())
+}
+
+fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Result<()> {
+    if n == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let cfgs = ServeConfig::local_cluster(n, base_port, &dir, durability);
+    let exe = std::env::current_exe().context("finding the replog binary")?;
+    install_signal_handlers();
+    let mut children: Vec<(u64, Child)> = Vec::new();
+    for c in &cfgs {
+        c.validate().context("local cluster configuration")?;
+        let path = dir.join(format!("node-{}.toml", c.id));
+        std::fs::write(&path, c.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+        let log_path = dir.join(format!("node-{}.log", c.id));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting replica {}", c.id))?;
+        children.push((c.id, child));
+    }
+    let servers: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
+    println!("replog: {n} replicas over TCP on 127.0.0.1, data in {}", dir.display());
+    for c in &cfgs {
+        let m = c.me();
+        println!(
+            "  replica {}: client {}  peer {}  metrics {}  log {}",
+            c.id,
+            m.client_addr,
+            m.peer_addr,
+            m.metrics_addr.map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "-".into()),
+            dir.join(format!("node-{}.log", c.id)).display()
+        );
+    }
+    // Wait for a leader so that the next command works at once.
+    let target = Target { servers: Vec::new(), cluster_id: Some(cfgs[0].cluster_id), timeout_ms: 1000 };
+    let addrs: Vec<SocketAddr> = cfgs.iter().map(|c| c.me().client_addr).collect();
+    let t0 = Instant::now();
+    let mut leader = None;
+    while t0.elapsed() < Duration::from_secs(20) && leader.is_none() && !STOP.load(Ordering::SeqCst) {
+        for a in &addrs {
+            if let Ok(s) = Client::status_of(*a, cfgs[0].cluster_id, Duration::from_millis(500)) {
+                if s.leader.is_some() {
+                    leader = s.leader;
+                }
+            }
+        }
+        if leader.is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = target;
+    match leader {
+        Some(l) => {
+            println!("leader: replica {l}. Try: replog append hello; replog read 0 (servers {})", servers.join(","))
+        }
+        None => println!("no leader yet; see the replica logs"),
+    }
+    println!("press Ctrl-C to stop the cluster");
+    let result = loop {
+        if STOP.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        let mut dead = None;
+        for (id, c) in children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                dead = Some((*id, status));
+            }
+        }
+        if let Some((id, status)) = dead {
+            break Err(anyhow::anyhow!(
+                "replica {id} exited ({status}); see {}",
+                dir.join(format!("node-{id}.log")).display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("stopping the cluster");
+    for (_, c) in children.iter_mut() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let t0 = Instant::now();
+    for (_, c) in children.iter_mut() {
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    result
+}
+
+fn client(t: &Target) -> Result<Client> {
+    let defaults = ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
+    let servers =
+        if t.servers.is_empty() { defaults.iter().map(|c| c.me().client_addr).collect() } else { t.servers.clone() };
+    let cluster_id = t.cluster_id.unwrap_or(defaults[0].cluster_id);
+    let mut cfg = ClientConfig::new(cluster_id, servers.clone());
+    cfg.timeout = Duration::from_millis(t.timeout_ms);
+    Client::connect(cfg).with_context(|| {
+        let list: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+        format!("connecting to the cluster (servers {}); is it running (replog up)?", list.join(","))
+    })
+}
+
+fn append(t: &Target, entries: Vec<String>) -> Result<()> {
+    let entries: Vec<Bytes> = if entries.is_empty() {
+        let mut v = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            v.push(Bytes::from(line.context("reading stdin")?));
+        }
+        v
+    } else {
+        entries.into_iter().map(Bytes::from).collect()
+    };
+    if entries.is_empty() {
+        bail!("nothing to append");
+    }
+    let mut c = client(t)?;
+    let positions = c.append_batch(entries).context("appending")?;
+    for p in positions {
+        println!("{p}");
+    }
+    Ok(())
+}
+
+fn show(out: &mut impl Write, pos: u64, data: &[u8]) -> std::io::Result<()> {
+    match std::str::from_utf8(data) {
+        Ok(s) => writeln!(out, "{pos}\t{s}"),
+        Err(_) => writeln!(out, "{pos}\t<{} bytes>", data.len()),
+    }
+}
+
+fn read(t: &Target, from: u64, max: u32) -> Result<()> {
+    let mut c = client(t)?;
+    let entries = c.read(from, max).context("reading")?;
+    let mut out = std::io::stdout().lock();
+    for (p, d) in entries {
+        show(&mut out, p, &d)?;
+    }
+    Ok(())
+}
+
+fn tail(t: &Target, from: u64) -> Result<()> {
+    let mut c = client(t)?;
+    let tail = c.tail(from).context("starting to tail")?;
+    let mut out = std::io::stdout().lock();
+    for item in tail {
+        let (p, d) = item.context("tailing")?;
+        show(&mut out, p, &d)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn status(t: &Target) -> Result<()> {
+    let defaults = ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
+    let servers: Vec<SocketAddr> =
+        if t.servers.is_empty() { defaults.iter().map(|c| c.me().client_addr).collect() } else { t.servers.clone() };
+    let cluster_id = t.cluster_id.unwrap_or(defaults[0].cluster_id);
+    let mut any = false;
+    for s in servers {
+        match Client::status_of(s, cluster_id, Duration::from_millis(t.timeout_ms)) {
+            Ok(st) => {
+                any = true;
+                println!(
+                    "replica {} at {s}: {} leader={} ballot={} commit={} applied={} entries={} durability={}",
+                    st.node,
+                    st.role,
+                    st.leader.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                    st.ballot,
+                    st.commit_slot,
+                    st.applied_slot,
+                    st.last_position,
+                    st.durability
+                );
+                for p in st.peers {
+                    println!(
+                        "    peer {}: {} matched={} lag={}",
+                        p.id,
+                        if p.connected { "connected" } else { "disconnected" },
+                        p.matched_slot,
+                        p.lag
+                    );
+                }
+            }
+            Err(e) => println!("{s}: unreachable ({e})"),
+        }
+    }
+    if !any {
+        bail!("no replica answered");
+    }
+    Ok(())
+}

@@ -1,0 +1,577 @@
+//! The node driver: one run-to-completion loop per replica that feeds the Paxos core
+//! from the transport, the client port and the clock, syncs the store once per round
+//! (group commit), and executes the core's actions.
+//!
+//! ```text
+//! loop {
+//!     transport.poll(events, until the core's next timer)      // peers
+//!     core.handle_*(events)                                     // messages, remote writes/reads, completions
+//!     core.propose / reads / status  <- client requests         // from the client-port thread
+//!     core.handle_timeout if due
+//!     core.flush()                                              // one storage sync covers everything above
+//!     execute core.poll_action(): send, write, read, complete, grant/revoke, apply -> answer clients
+//! }
+//! ```
+//!
+//! The receiver-side agent of the one-sided model is the `WriteArrived`/`ReadArrived`
+//! handling here: the transport already refused writers without permission; the core
+//! checks the ballot again and acknowledges only after the sync that covers the write
+//! (its completion action is released by `flush`).
+
+use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status};
+use crate::metrics::Metrics;
+use crate::store::PaxosStore;
+use crate::wire;
+use bytes::Bytes;
+use paxos::{
+    Action, Applied, Ballot, Command, Config, Nanos, NodeId, Position, ProposeError, ReadRequest, Replica, Role, Slot,
+    Storage, Value, WriteResult,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+use transport::{AccessError, Event, PeerId, Token, Transport};
+
+/// What the node needs besides the protocol configuration.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// The protocol configuration (id, members, timing, limits).
+    pub paxos: Config,
+    /// The cluster id (for status).
+    pub cluster_id: u64,
+    /// Each member's client address, for redirects.
+    pub client_addrs: BTreeMap<NodeId, String>,
+    /// Largest client entry accepted.
+    pub max_entry_bytes: usize,
+    /// Largest response frame (reads and tails are cut to fit).
+    pub max_frame_bytes: usize,
+    /// The durability mode in force, as reported by the store.
+    pub durability: String,
+}
+
+/// Why a node stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The protocol core stopped (a storage failure: nothing more is acknowledged).
+    #[error("replica stopped: {0}")]
+    Core(#[from] paxos::Error),
+    /// The transport failed.
+    #[error("transport failed: {0}")]
+    Transport(#[from] std::io::Error),
+}
+
+struct PendingAppend {
+    positions: Vec<Position>,
+    remaining: usize,
+    started: Instant,
+}
+
+struct TailSub {
+    conn: ConnId,
+    req_id: u64,
+    next: Position,
+}
+
+/// One replica's driver.
+pub struct Node<T: Transport> {
+    opts: NodeOptions,
+    replica: Replica<PaxosStore>,
+    transport: T,
+    inbound: Receiver<Inbound>,
+    responder: Responder,
+    metrics: Arc<Metrics>,
+    start: Instant,
+    /// Agent side: tokens of arrived accesses, per peer, in arrival order (the core
+    /// answers each access exactly once, in order).
+    arrived_writes: HashMap<PeerId, VecDeque<Token>>,
+    /// Arrived reads: token and the reader's byte budget.
+    arrived_reads: HashMap<PeerId, VecDeque<(Token, usize)>>,
+    /// Issuer side: what each outstanding access was.
+    my_writes: HashMap<Token, (Ballot, Slot, u64)>,
+    my_reads: HashMap<Token, ReadRequest>,
+    /// Client appends waiting for their entries to be applied.
+    appends: HashMap<(ConnId, u64), PendingAppend>,
+    /// (client, seq) -> (conn, request, index in the request's batch).
+    waiters: HashMap<(u64, u64), (ConnId, u64, usize)>,
+    /// Position -> (slot, index in the slot's batch), for reads by position.
+    index: Vec<(Slot, u32)>,
+    /// The last decoded slot (reads usually walk consecutive positions).
+    cache: Option<(Slot, Arc<Vec<Command>>)>,
+    tails: Vec<TailSub>,
+    connected: BTreeMap<PeerId, bool>,
+    buf: Vec<u8>,
+    last_metrics: Instant,
+}
+
+impl<T: Transport> Node<T> {
+    /// A node over `store` and `transport`, answering the client requests that arrive on
+    /// `inbound` through `responder`.
+    pub fn new(
+        opts: NodeOptions,
+        store: PaxosStore,
+        transport: T,
+        inbound: Receiver<Inbound>,
+        responder: Responder,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, NodeError> {
+        let replica = Replica::new(opts.paxos.clone(), store, 0)?;
+        let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
+        Ok(Node {
+            opts,
+            replica,
+            transport,
+            inbound,
+            responder,
+            metrics,
+            start: Instant::now(),
+            arrived_writes: HashMap::new(),
+            arrived_reads: HashMap::new(),
+            my_writes: HashMap::new(),
+            my_reads: HashMap::new(),
+            appends: HashMap::new(),
+            waiters: HashMap::new(),
+            index: Vec::new(),
+            cache: None,
+            tails: Vec::new(),
+            connected,
+            buf: Vec::with_capacity(64 << 10),
+            last_metrics: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> Nanos {
+        self.start.elapsed().as_nanos() as Nanos
+    }
+
+    /// Runs until `stop` is set (or a fatal error).
+    pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
+        info!(node = self.opts.paxos.id, durability = %self.opts.durability, "replica started");
+        let mut events = Vec::with_capacity(256);
+        while !stop.load(Ordering::Relaxed) {
+            let now = self.now();
+            let wait = match self.replica.poll_timeout() {
+                Some(t) if t <= now => Duration::ZERO,
+                Some(t) => Duration::from_nanos(t - now).min(Duration::from_millis(50)),
+                None => Duration::from_millis(50),
+            };
+            events.clear();
+            self.transport.poll(&mut events, Some(wait))?;
+            let now = self.now();
+            for ev in events.drain(..) {
+                self.on_event(now, ev)?;
+            }
+            for _ in 0..4096 {
+                match self.inbound.try_recv() {
+                    Ok(inb) => self.on_client(now, inb)?,
+                    Err(_) => break,
+                }
+            }
+            if self.replica.poll_timeout().is_some_and(|t| t <= now) {
+                self.replica.handle_timeout(now)?;
+            }
+            if let Err(e) = self.replica.flush() {
+                error!(error = %e, "storage failed: this replica stops acknowledging");
+                return Err(e.into());
+            }
+            while let Some(a) = self.replica.poll_action() {
+                self.execute(a);
+            }
+            self.serve_tails();
+            if self.last_metrics.elapsed() >= Duration::from_millis(100) {
+                self.update_metrics();
+            }
+        }
+        info!(node = self.opts.paxos.id, "replica stopping");
+        Ok(())
+    }
+
+    // ---- transport events ----------------------------------------------------------
+
+    fn on_event(&mut self, now: Nanos, ev: Event) -> Result<(), NodeError> {
+        match ev {
+            Event::Message { from, payload } => match wire::decode_message(&payload) {
+                Ok(m) => self.replica.handle_message(now, from, m)?,
+                Err(e) => warn!(peer = from, error = %e, "undecodable peer message dropped"),
+            },
+            Event::WriteArrived { from, token, offset, data } => match wire::decode_write(offset, &data) {
+                Ok(req) => {
+                    self.arrived_writes.entry(from).or_default().push_back(token);
+                    self.replica.handle_remote_write(now, from, req)?;
+                }
+                Err(e) => {
+                    warn!(peer = from, error = %e, "undecodable remote write denied");
+                    let _ = self.transport.complete_write(from, token, Err(&[]));
+                }
+            },
+            Event::ReadArrived { from, token, offset, len } => {
+                self.arrived_reads.entry(from).or_default().push_back((token, len as usize));
+                self.replica.handle_remote_read(now, from, wire::read_request(offset))?;
+            }
+            Event::WriteDone { to, token, result } => {
+                let Some((ballot, first, count)) = self.my_writes.remove(&token) else {
+                    return Ok(());
+                };
+                let res = match result {
+                    Ok(_) => WriteResult::Ok { ballot, first, count },
+                    Err(AccessError::Denied { detail }) => {
+                        WriteResult::Denied { ballot, promised: wire::decode_denied(&detail) }
+                    }
+                    Err(AccessError::LinkFailed(why)) => {
+                        debug!(peer = to, %why, "remote write lost; the core re-sends");
+                        return Ok(());
+                    }
+                };
+                self.replica.handle_write_completion(now, to, res)?;
+            }
+            Event::ReadDone { from, token, result } => {
+                let Some(q) = self.my_reads.remove(&token) else {
+                    return Ok(());
+                };
+                match result {
+                    Ok(data) => match wire::decode_read_result(&q, &data) {
+                        Ok(res) => self.replica.handle_read_completion(now, from, res)?,
+                        Err(e) => warn!(peer = from, error = %e, "undecodable read answer dropped"),
+                    },
+                    Err(e) => debug!(peer = from, error = %e, "remote read failed"),
+                }
+            }
+            Event::PeerUp { peer } => {
+                info!(peer, "peer link up");
+                self.connected.insert(peer, true);
+            }
+            Event::PeerDown { peer, reason } => {
+                warn!(peer, %reason, "peer link down");
+                self.connected.insert(peer, false);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the core's actions --------------------------------------------------------
+
+    fn execute(&mut self, a: Action) {
+        match a {
+            Action::Send { to, msg } => {
+                self.buf.clear();
+                wire::encode_message(&msg, &mut self.buf);
+                if let Err(e) = self.transport.send(to, &self.buf) {
+                    debug!(peer = to, error = %e, "message not sent");
+                }
+            }
+            Action::RemoteWrite { to, req } => {
+                self.buf.clear();
+                let offset = wire::encode_write(&req, &mut self.buf);
+                match self.transport.write(to, offset, &self.buf) {
+                    Ok(token) => {
+                        self.my_writes.insert(token, (req.ballot, req.first, req.values.len() as u64));
+                    }
+                    Err(e) => {
+                        debug!(peer = to, error = %e, "remote write not issued; the core re-sends")
+                    }
+                }
+            }
+            Action::RemoteRead { to, req } => {
+                let (offset, len) = wire::read_args(&req, self.transport.max_payload());
+                match self.transport.read(to, offset, len) {
+                    Ok(token) => {
+                        self.my_reads.insert(token, req);
+                    }
+                    Err(e) => debug!(peer = to, error = %e, "remote read not issued"),
+                }
+            }
+            Action::WriteCompletion { to, result } => {
+                let Some(token) = self.arrived_writes.get_mut(&to).and_then(|q| q.pop_front()) else {
+                    error!(peer = to, "write completion without an arrived write");
+                    return;
+                };
+                let r = match result {
+                    WriteResult::Ok { .. } => self.transport.complete_write(to, token, Ok(&[])),
+                    WriteResult::Denied { promised, .. } => {
+                        let d = wire::encode_denied(promised);
+                        self.transport.complete_write(to, token, Err(&d))
+                    }
+                };
+                if let Err(e) = r {
+                    debug!(peer = to, error = %e, "write completion not delivered");
+                }
+            }
+            Action::ReadCompletion { to, result } => {
+                let Some((token, budget)) = self.arrived_reads.get_mut(&to).and_then(|q| q.pop_front()) else {
+                    error!(peer = to, "read completion without an arrived read");
+                    return;
+                };
+                let budget = budget.min(self.transport.max_payload());
+                self.buf.clear();
+                wire::encode_read_result(&result, budget, &mut self.buf);
+                if self.buf.len() > budget {
+                    // Not even one entry fits the reader's budget: refuse rather than
+                    // answer short of what the range says.
+                    warn!(peer = to, bytes = self.buf.len(), budget, "read answer too large; denied");
+                    let _ = self.transport.complete_read(to, token, Err(&[]));
+                } else if let Err(e) = self.transport.complete_read(to, token, Ok(&self.buf)) {
+                    debug!(peer = to, error = %e, "read completion not delivered");
+                }
+            }
+            Action::GrantWrite { to, ballot } => {
+                debug!(peer = to, %ballot, "write permission granted");
+                self.transport.grant(to);
+            }
+            Action::RevokeWrite { from } => {
+                debug!(peer = from, "write permission revoked");
+                self.transport.revoke(from);
+            }
+            Action::Apply(applied) => self.on_apply(applied),
+            Action::Aborted(cmds) => {
+                let leader = self.replica.leader();
+                for c in cmds {
+                    if let Some((conn, req_id, _)) = self.waiters.remove(&(c.client, c.seq)) {
+                        if self.appends.remove(&(conn, req_id)).is_some() {
+                            let resp = self.redirect(leader);
+                            self.reply(conn, req_id, resp);
+                        }
+                    }
+                }
+            }
+            Action::RoleChanged { role, ballot, leader } => {
+                info!(?role, %ballot, ?leader, "role changed");
+                if role == Role::Leader {
+                    self.metrics.inc_elections();
+                }
+                self.metrics.set_role(role_name(role));
+                self.metrics.set_ballot(ballot.round, ballot.node);
+            }
+        }
+    }
+
+    fn on_apply(&mut self, applied: Applied) {
+        let slot = applied.slot;
+        for (i, e) in applied.entries.into_iter().enumerate() {
+            if !e.duplicate {
+                debug_assert_eq!(e.position, self.index.len() as u64 + 1);
+                self.index.push((slot, i as u32));
+            }
+            let key = (e.command.client, e.command.seq);
+            if let Some((conn, req_id, idx)) = self.waiters.remove(&key) {
+                let done = match self.appends.get_mut(&(conn, req_id)) {
+                    Some(p) => {
+                        if p.positions[idx] == 0 {
+                            p.positions[idx] = e.position;
+                            p.remaining -= 1;
+                        }
+                        p.remaining == 0
+                    }
+                    None => false,
+                };
+                if done {
+                    let p = self.appends.remove(&(conn, req_id)).expect("pending append");
+                    self.metrics.observe_commit_latency(p.started.elapsed());
+                    self.metrics.inc_appends(p.positions.len() as u64);
+                    self.reply(conn, req_id, Response::Appended { positions: p.positions });
+                }
+            }
+        }
+    }
+
+    // ---- clients -------------------------------------------------------------------
+
+    fn reply(&self, conn: ConnId, req_id: u64, response: Response) {
+        if let Response::Error { code, .. } = &response {
+            self.metrics.inc_client_errors(&format!("{code:?}"));
+        }
+        self.responder.send(Outbound::Reply { conn, req_id, response });
+    }
+
+    fn redirect(&self, leader: Option<NodeId>) -> Response {
+        let leader = leader.filter(|&l| l != self.opts.paxos.id);
+        let addr = leader.and_then(|l| self.opts.client_addrs.get(&l).cloned());
+        Response::Redirect { leader, addr }
+    }
+
+    fn on_client(&mut self, now: Nanos, inb: Inbound) -> Result<(), NodeError> {
+        let Inbound { conn, req_id, request } = inb;
+        match request {
+            Request::Append { client, seq, entries } => {
+                if entries.is_empty() {
+                    self.reply(conn, req_id, Response::Appended { positions: Vec::new() });
+                    return Ok(());
+                }
+                if let Some(big) = entries.iter().find(|e| e.len() > self.opts.max_entry_bytes) {
+                    let message =
+                        format!("entry of {} bytes exceeds the limit of {}", big.len(), self.opts.max_entry_bytes);
+                    self.reply(conn, req_id, Response::Error { code: ErrorCode::TooLarge, message });
+                    return Ok(());
+                }
+                if self.replica.role() != Role::Leader {
+                    let resp = self.redirect(self.replica.leader());
+                    self.reply(conn, req_id, resp);
+                    return Ok(());
+                }
+                let n = entries.len();
+                let cmds: Vec<Command> = entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, payload)| Command { client, seq: seq + i as u64, payload })
+                    .collect();
+                match self.replica.propose(now, cmds) {
+                    Ok(()) => {
+                        for i in 0..n {
+                            self.waiters.insert((client, seq + i as u64), (conn, req_id, i));
+                        }
+                        let p = PendingAppend { positions: vec![0; n], remaining: n, started: Instant::now() };
+                        self.appends.insert((conn, req_id), p);
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let resp = self.redirect(leader);
+                        self.reply(conn, req_id, resp);
+                    }
+                    Err(ProposeError::Busy) => {
+                        let message = "too many pending entries; retry".to_string();
+                        self.reply(conn, req_id, Response::Error { code: ErrorCode::Busy, message });
+                    }
+                    Err(ProposeError::Stopped) => {
+                        let message = "replica stopped after a storage failure".to_string();
+                        self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                    }
+                }
+            }
+            Request::Read { from, max_entries, max_bytes } => {
+                let resp = self.read_entries(from, max_entries as usize, max_bytes as usize);
+                self.reply(conn, req_id, resp);
+            }
+            Request::Tail { from } => {
+                self.tails.push(TailSub { conn, req_id, next: from.max(1) });
+                self.serve_tails();
+            }
+            Request::Status => {
+                let s = self.status();
+                self.reply(conn, req_id, Response::Status(s));
+            }
+            Request::Disconnected => {
+                self.tails.retain(|t| t.conn != conn);
+                self.appends.retain(|(c, _), _| *c != conn);
+            }
+            Request::Hello { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The payload at `position` (1-based), from the store.
+    fn payload(&mut self, position: Position) -> Option<Bytes> {
+        let &(slot, idx) = self.index.get(position.checked_sub(1)? as usize)?;
+        let cmds = match &self.cache {
+            Some((s, c)) if *s == slot => c.clone(),
+            _ => {
+                let e = self.replica.storage().entry(slot).ok()??;
+                let Value::Batch(cmds) = e.value else {
+                    return None;
+                };
+                let c = Arc::new(cmds);
+                self.cache = Some((slot, c.clone()));
+                c
+            }
+        };
+        cmds.get(idx as usize).map(|c| c.payload.clone())
+    }
+
+    fn read_entries(&mut self, from: Position, max_entries: usize, max_bytes: usize) -> Response {
+        let from = from.max(1);
+        let last = self.index.len() as Position;
+        let budget = max_bytes.min(self.opts.max_frame_bytes.saturating_sub(64)).max(1);
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let mut p = from;
+        while p <= last && entries.len() < max_entries.max(1) {
+            let Some(e) = self.payload(p) else {
+                let message = format!("entry {p} could not be read from the store");
+                return Response::Error { code: ErrorCode::Internal, message };
+            };
+            if !entries.is_empty() && bytes + e.len() + 4 > budget {
+                break;
+            }
+            bytes += e.len() + 4;
+            entries.push(e);
+            p += 1;
+        }
+        Response::Entries { from, entries, last_committed: last }
+    }
+
+    fn serve_tails(&mut self) {
+        if self.tails.is_empty() {
+            return;
+        }
+        let last = self.index.len() as Position;
+        let mut tails = std::mem::take(&mut self.tails);
+        for t in tails.iter_mut() {
+            let mut rounds = 0;
+            while t.next <= last && rounds < 16 {
+                rounds += 1;
+                let resp = self.read_entries(t.next, 4096, self.opts.max_frame_bytes);
+                if let Response::Entries { entries, .. } = &resp {
+                    if entries.is_empty() {
+                        break;
+                    }
+                    t.next += entries.len() as u64;
+                }
+                self.reply(t.conn, t.req_id, resp);
+            }
+        }
+        self.tails = tails;
+    }
+
+    fn status(&self) -> Status {
+        let r = &self.replica;
+        let commit = r.commit_index();
+        let peers = if r.role() == Role::Leader {
+            r.peer_progress()
+                .into_iter()
+                .map(|p| PeerStatus {
+                    id: p.id,
+                    matched_slot: p.matched,
+                    lag: commit.saturating_sub(p.matched),
+                    connected: self.connected.get(&p.id).copied().unwrap_or(false),
+                })
+                .collect()
+        } else {
+            self.connected.iter().map(|(&id, &c)| PeerStatus { id, matched_slot: 0, lag: 0, connected: c }).collect()
+        };
+        Status {
+            node: self.opts.paxos.id,
+            role: role_name(r.role()).to_string(),
+            leader: r.leader(),
+            ballot: r.promised().to_string(),
+            commit_slot: commit,
+            applied_slot: r.applied(),
+            last_position: self.index.len() as u64,
+            durability: self.opts.durability.clone(),
+            peers,
+        }
+    }
+
+    fn update_metrics(&mut self) {
+        self.last_metrics = Instant::now();
+        let r = &self.replica;
+        self.metrics.set_commit_index(r.commit_index());
+        self.metrics.set_applied(r.applied(), self.index.len() as u64);
+        let log = r.storage().log();
+        self.metrics.set_log_bytes(log.segment_paths().len() as u64 * log.segment_size());
+        let commit = r.commit_index();
+        for p in r.peer_progress() {
+            let connected = self.connected.get(&p.id).copied().unwrap_or(false);
+            self.metrics.set_peer_lag(p.id, commit.saturating_sub(p.matched), connected);
+        }
+    }
+}
+
+/// The name of a role in status and metrics.
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Follower => "follower",
+        Role::PreCandidate => "precandidate",
+        Role::Candidate => "candidate",
+        Role::Leader => "leader",
+        Role::Learner => "learner",
+    }
+}

@@ -1,0 +1,151 @@
+//! `replog serve`: one replica process, wired from its configuration: the store, the
+//! TCP transport to the peers, the client port, the metrics endpoint and the node
+//! driver on the calling thread.
+
+use crate::client::{ClientServer, ClientServerConfig};
+use crate::config::{ServeConfig, TransportKind};
+use crate::metrics::{Metrics, MetricsServer};
+use crate::node::{Node, NodeError, NodeOptions};
+use crate::store::{Log, Mode, PaxosStore, StoreConfig, StoreError};
+use fallback_tcp::{TcpConfig, TcpTransport};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tracing::info;
+use transport::Transport;
+
+/// Why a replica could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("opening the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// A socket could not be bound.
+    #[error("binding the {what} address {addr}: {source}")]
+    Bind {
+        /// Which port.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The transport in the configuration is not built into this binary.
+    #[error("transport {0:?} is not available in this build (only tcp is)")]
+    Transport(TransportKind),
+    /// The limits cannot work together.
+    #[error("limits: {0}")]
+    Limits(String),
+    /// The node stopped with an error.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// Opens the replica's store as its configuration says.
+pub fn open_store(cfg: &ServeConfig) -> Result<PaxosStore, ServeError> {
+    let mode = cfg.store_mode();
+    let dir = cfg.data_dir.clone();
+    let r = if mode == Mode::Memory {
+        Log::memory(cfg.segment_size).and_then(PaxosStore::from_log)
+    } else {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io("create data directory", &dir, e))
+            .and_then(|_| PaxosStore::open(&dir, StoreConfig::new(mode).with_segment_size(cfg.segment_size)))
+    };
+    r.map_err(|source| ServeError::Store { dir, source })
+}
+
+/// Runs one replica until `stop` is set.
+pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
+    if cfg.transport != TransportKind::Tcp {
+        return Err(ServeError::Transport(cfg.transport));
+    }
+    let me = cfg.me().clone();
+    let store = open_store(&cfg)?;
+    let durability = format!("{:?}", store.durability()).to_lowercase();
+    info!(node = cfg.id, dir = %cfg.data_dir.display(), %durability, "store opened");
+
+    let peers: BTreeMap<u64, std::net::SocketAddr> =
+        cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
+    let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
+    tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
+    tcfg.seed = cfg.id;
+    let transport = TcpTransport::bind(tcfg).map_err(|source| ServeError::Bind {
+        what: "peer",
+        addr: me.peer_addr.to_string(),
+        source,
+    })?;
+
+    let listener = TcpListener::bind(me.client_addr).map_err(|source| ServeError::Bind {
+        what: "client",
+        addr: me.client_addr.to_string(),
+        source,
+    })?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waker = transport.waker();
+    let mut ccfg = ClientServerConfig::new(cfg.cluster_id, cfg.id);
+    ccfg.max_connections = cfg.limits.max_client_connections as usize;
+    ccfg.max_frame = cfg.limits.max_frame_bytes.min(u32::MAX as u64) as u32;
+    let clients = ClientServer::start(listener, ccfg, tx, Arc::new(move || waker.wake()))
+        .map_err(|source| ServeError::Bind { what: "client", addr: me.client_addr.to_string(), source })?;
+
+    let metrics = Metrics::new(cfg.id);
+    let metrics_server = match me.metrics_addr {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).map_err(|source| ServeError::Bind {
+                what: "metrics",
+                addr: addr.to_string(),
+                source,
+            })?;
+            Some(MetricsServer::start(l, metrics.clone()).map_err(|source| ServeError::Bind {
+                what: "metrics",
+                addr: addr.to_string(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    info!(
+        node = cfg.id,
+        peer = %me.peer_addr,
+        client = %me.client_addr,
+        metrics = ?me.metrics_addr,
+        "listening"
+    );
+
+    // Every remote write and read answer must fit a transport payload: bound the slots
+    // per access by the largest slot a batch can make.
+    let mut paxos = cfg.paxos_config();
+    let max_payload = cfg.limits.max_frame_bytes as usize;
+    let per_slot = paxos.max_batch_bytes + paxos.max_batch_entries * 24 + 64;
+    if per_slot + 64 > max_payload {
+        return Err(ServeError::Limits(format!(
+            "a batch of up to {} bytes in {} entries does not fit a frame of {max_payload} bytes \
+             (raise limits.max_frame_bytes or lower limits.max_batch_bytes)",
+            paxos.max_batch_bytes, paxos.max_batch_entries
+        )));
+    }
+    paxos.max_write_slots = paxos.max_write_slots.min((max_payload / per_slot).max(1));
+    paxos.max_read_slots = paxos.max_read_slots.min((max_payload / (per_slot + 32)).max(1) as u64);
+    let opts = NodeOptions {
+        paxos,
+        cluster_id: cfg.cluster_id,
+        client_addrs: cfg.members.iter().map(|m| (m.id, m.client_addr.to_string())).collect(),
+        max_entry_bytes: cfg.limits.max_entry_bytes as usize,
+        max_frame_bytes: cfg.limits.max_frame_bytes as usize,
+        durability,
+    };
+    let result = Node::new(opts, store, transport, rx, clients.responder(), metrics).and_then(|node| node.run(stop));
+    clients.shutdown();
+    if let Some(m) = metrics_server {
+        m.shutdown();
+    }
+    result.map_err(Into::into)
+}
