@@ -174,21 +174,7 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
         c.validate().context("local cluster configuration")?;
         let path = dir.join(format!("node-{}.toml", c.id));
         std::fs::write(&path, c.to_toml()).with_context(|| format!("writing {}", path.display()))?;
-        let log_path = dir.join(format!("node-{}.log", c.id));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = Command::new(&exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting replica {}", c.id))?;
+        let child = spawn_replica(&exe, &dir, c.id)?;
         children.push((c.id, child));
     }
     let servers: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
@@ -229,21 +215,41 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
         None => println!("no leader yet; see the replica logs"),
     }
     println!("press Ctrl-C to stop the cluster");
+    // Supervise: a replica that exits (killed to try a failover, say) is restarted on
+    // its data directory after a second; the others keep serving meanwhile.
+    let mut restarts = 0u32;
+    let mut pending: Vec<(usize, Instant)> = Vec::new();
     let result = loop {
         if STOP.load(Ordering::SeqCst) {
             break Ok(());
         }
-        let mut dead = None;
-        for (id, c) in children.iter_mut() {
+        for (i, (id, c)) in children.iter_mut().enumerate() {
+            if pending.iter().any(|(j, _)| *j == i) {
+                continue;
+            }
             if let Ok(Some(status)) = c.try_wait() {
-                dead = Some((*id, status));
+                println!("replica {id} exited ({status}); restarting it in 1 s");
+                pending.push((i, Instant::now() + Duration::from_secs(1)));
             }
         }
-        if let Some((id, status)) = dead {
-            break Err(anyhow::anyhow!(
-                "replica {id} exited ({status}); see {}",
-                dir.join(format!("node-{id}.log")).display()
-            ));
+        let due: Vec<usize> = pending.iter().filter(|(_, t)| Instant::now() >= *t).map(|(i, _)| *i).collect();
+        pending.retain(|(_, t)| Instant::now() < *t);
+        for i in due {
+            restarts += 1;
+            if restarts > 100 {
+                break;
+            }
+            let id = children[i].0;
+            match spawn_replica(&exe, &dir, id) {
+                Ok(c) => {
+                    println!("replica {id} restarted");
+                    children[i].1 = c;
+                }
+                Err(e) => println!("replica {id} could not be restarted: {e:#}"),
+            }
+        }
+        if restarts > 100 {
+            break Err(anyhow::anyhow!("replicas keep exiting (over 100 restarts); see the logs in {}", dir.display()));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -268,11 +274,60 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
     result
 }
 
+/// `servers` with the current leader first (reads from the leader see every
+/// acknowledged append at once; a follower may be a round trip behind).
+fn leader_first(servers: Vec<SocketAddr>, cluster_id: u64) -> Vec<SocketAddr> {
+    let mut leader = None;
+    let mut by_node = Vec::new();
+    for &s in &servers {
+        if let Ok(st) = Client::status_of(s, cluster_id, Duration::from_millis(300)) {
+            if st.role == "leader" {
+                leader = Some(s);
+                break;
+            }
+            by_node.push((st.node, s));
+            if let Some(l) = st.leader {
+                if let Some(&(_, a)) = by_node.iter().find(|(n, _)| *n == l) {
+                    leader = Some(a);
+                    break;
+                }
+            }
+        }
+    }
+    let mut out = servers;
+    if let Some(l) = leader {
+        out.retain(|&s| s != l);
+        out.insert(0, l);
+    }
+    out
+}
+
+/// Starts `replog serve` for replica `id` of a cluster written by `up` in `dir`.
+fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
+    let path = dir.join(format!("node-{id}.toml"));
+    let log_path = dir.join(format!("node-{id}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting replica {id}"))
+}
+
 fn client(t: &Target) -> Result<Client> {
     let defaults = ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
     let servers =
         if t.servers.is_empty() { defaults.iter().map(|c| c.me().client_addr).collect() } else { t.servers.clone() };
     let cluster_id = t.cluster_id.unwrap_or(defaults[0].cluster_id);
+    let servers = leader_first(servers, cluster_id);
     let mut cfg = ClientConfig::new(cluster_id, servers.clone());
     cfg.timeout = Duration::from_millis(t.timeout_ms);
     Client::connect(cfg).with_context(|| {
