@@ -77,6 +77,10 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
     tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
     tcfg.seed = cfg.id;
+    // Redial a lost peer at least every few election timeouts: a restarted replica
+    // rejoins (and can vote again) quickly.
+    tcfg.reconnect_max = std::time::Duration::from_nanos(cfg.timing.election_timeout_ns() * 4)
+        .clamp(std::time::Duration::from_millis(50), tcfg.reconnect_max);
     let transport = TcpTransport::bind(tcfg).map_err(|source| ServeError::Bind {
         what: "peer",
         addr: me.peer_addr.to_string(),

@@ -19,7 +19,7 @@
 //! address sends the client there (redirects are bounded, and do not use up `retries`);
 //! one without moves on to the next configured server after a short back-off. A
 //! connection error, a timeout, `Busy` or `Unavailable` counts as a failure: the client
-//! backs off (10 ms doubling up to 500 ms) and tries again, on the next server unless
+//! backs off (10 ms doubling up to 100 ms) and tries again, on the next server unless
 //! the answer was `Busy`, at most `retries` times.
 
 pub mod proto;
@@ -50,9 +50,10 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// `servers` of cluster `cluster_id` with a 5 s timeout and 5 retries.
+    /// `servers` of cluster `cluster_id` with a 5 s timeout and 30 retries (with the
+    /// backoff capped at 100 ms, enough to ride out a leader election).
     pub fn new(cluster_id: u64, servers: Vec<SocketAddr>) -> Self {
-        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 5 }
+        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 30 }
     }
 }
 
@@ -166,8 +167,10 @@ impl ClientError {
     }
 }
 
+/// Wait before the next attempt: 10 ms doubling, capped at 100 ms (a leader election
+/// takes a few election timeouts; a longer wait only adds to the failover a client sees).
 fn backoff(failures: u32) -> Duration {
-    Duration::from_millis((10u64 << failures.min(6).saturating_sub(1)).min(500))
+    Duration::from_millis((10u64 << failures.min(6).saturating_sub(1)).min(100))
 }
 
 fn splitmix64(mut x: u64) -> u64 {
