@@ -60,6 +60,21 @@ pub trait Storage {
     /// Makes every earlier write durable.
     fn sync(&mut self) -> Result<(), StorageError>;
 
+    /// Records that every slot up to `slot` is chosen with the value this store holds
+    /// for it, so that a restarted replica need not learn it again (and its leader need
+    /// not rewrite those slots). A hint: it may be buffered and lost in a crash, but it
+    /// must never survive without the entries it covers (an append-only store gets this
+    /// for free by writing it after them). The default keeps nothing.
+    fn set_chosen_hint(&mut self, slot: Slot) -> Result<(), StorageError> {
+        let _ = slot;
+        Ok(())
+    }
+
+    /// The last chosen hint that survived (0 when none).
+    fn chosen_hint(&self) -> Slot {
+        0
+    }
+
     /// The entries accepted at slots `from..=to` (absent slots skipped), in slot order.
     fn entries(&self, from: Slot, to: Slot) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
@@ -80,6 +95,7 @@ pub trait Storage {
 pub struct MemStorage {
     promise: Ballot,
     log: BTreeMap<Slot, Entry>,
+    chosen_hint: Slot,
 }
 
 impl MemStorage {
@@ -125,6 +141,15 @@ impl Storage for MemStorage {
 
     fn sync(&mut self) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    fn set_chosen_hint(&mut self, slot: Slot) -> Result<(), StorageError> {
+        self.chosen_hint = self.chosen_hint.max(slot);
+        Ok(())
+    }
+
+    fn chosen_hint(&self) -> Slot {
+        self.chosen_hint
     }
 
     fn entries(&self, from: Slot, to: Slot) -> Result<Vec<Entry>, StorageError> {

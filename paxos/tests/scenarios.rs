@@ -413,3 +413,24 @@ fn a_follower_refuses_proposals_and_names_the_leader() {
         Err(ProposeError::NotLeader { leader: Some(l) })
     );
 }
+
+#[test]
+fn a_restarted_replica_reapplies_its_chosen_prefix_from_the_hint() {
+    let mut s = MemStorage::new();
+    s.set_promise(Ballot::new(1, 1)).unwrap();
+    for slot in 1..=3 {
+        let cmd = Command { client: 1, seq: slot, payload: bytes::Bytes::from_static(b"x") };
+        s.accept(Entry { slot, ballot: Ballot::new(1, 1), value: Value::Batch(vec![cmd]) }).unwrap();
+    }
+    s.set_chosen_hint(2).unwrap();
+    let mut r = Replica::new(Config::new(2, vec![1, 2, 3]), s, 0).unwrap();
+    r.flush().unwrap();
+    let applied: Vec<u64> = std::iter::from_fn(|| r.poll_action())
+        .filter_map(|a| match a {
+            Action::Apply(a) => Some(a.slot),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![1, 2], "slots up to the hint are applied at once; slot 3 waits for a leader");
+    assert_eq!(r.chosen(), 2);
+}

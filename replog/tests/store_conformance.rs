@@ -79,3 +79,24 @@ fn promise_never_lowered() {
     assert!(s.set_promise(Ballot::new(4, 9)).is_err());
     assert_eq!(s.promise(), Ballot::new(5, 1));
 }
+
+#[test]
+fn paxos_store_keeps_the_chosen_hint_across_reopen() {
+    use paxos::{Ballot, Entry, Storage, Value};
+    use replog::store::{Mode, PaxosStore, StoreConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig::new(Mode::Fsync).with_segment_size(1 << 20);
+    {
+        let mut s = PaxosStore::open(dir.path(), cfg).unwrap();
+        for slot in 1..=5 {
+            s.accept(Entry { slot, ballot: Ballot::new(1, 1), value: Value::Noop }).unwrap();
+        }
+        s.set_chosen_hint(4).unwrap();
+        s.set_chosen_hint(3).unwrap(); // never lowered
+        assert_eq!(s.chosen_hint(), 4);
+        s.sync().unwrap();
+    }
+    let s = PaxosStore::open(dir.path(), cfg).unwrap();
+    assert_eq!(s.chosen_hint(), 4);
+    assert_eq!(s.last_slot(), 5);
+}

@@ -82,6 +82,10 @@ impl ApplyState {
 impl<S: Storage> Replica<S> {
     /// Applies every chosen slot not applied yet, in order, once each.
     pub(super) fn apply_ready(&mut self) -> Result<(), Error> {
+        if self.chosen > self.storage.chosen_hint() {
+            // Written after the entries it covers; rides on the next sync.
+            self.storage.set_chosen_hint(self.chosen)?;
+        }
         while self.applied < self.chosen {
             let slot = self.applied + 1;
             let entry = self.storage.entry(slot)?;

@@ -293,6 +293,10 @@ impl<S: Storage> Replica<S> {
             stopped: None,
             now,
         };
+        // Slots a previous life knew chosen are chosen (the hint never outlives the
+        // entries it covers): apply them again without waiting for a leader.
+        r.chosen = r.storage.chosen_hint().min(r.storage.last_slot());
+        r.apply_ready()?;
         // After a restart the permission holder is the owner of the persisted promise.
         if !promised.is_zero() && promised.node != r.cfg.id {
             r.emit(Action::GrantWrite { to: promised.node, ballot: promised });

@@ -11,6 +11,7 @@ use std::rc::Rc;
 enum Write {
     Promise(Ballot),
     Accept(Entry),
+    Chosen(Slot),
 }
 
 /// What survives a crash: the state as of the last successful sync.
@@ -70,6 +71,7 @@ impl Storage for SimDisk {
             match w {
                 Write::Promise(b) => d.set_promise(b)?,
                 Write::Accept(e) => d.accept(e)?,
+                Write::Chosen(c) => d.set_chosen_hint(c)?,
             }
         }
         self.syncs += 1;
@@ -78,5 +80,15 @@ impl Storage for SimDisk {
 
     fn entries(&self, from: Slot, to: Slot) -> Result<Vec<Entry>, StorageError> {
         self.view.entries(from, to)
+    }
+
+    fn set_chosen_hint(&mut self, slot: Slot) -> Result<(), StorageError> {
+        self.view.set_chosen_hint(slot)?;
+        self.pending.push(Write::Chosen(slot));
+        Ok(())
+    }
+
+    fn chosen_hint(&self) -> Slot {
+        self.view.chosen_hint()
     }
 }

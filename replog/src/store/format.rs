@@ -150,6 +150,9 @@ pub enum RecordKind {
     /// End-of-log marker left by a suffix truncation: the log ends here, everything
     /// after it (in this segment and in later segments) is discarded at recovery.
     End = 4,
+    /// A paxos chosen-prefix hint: every slot up to `slot` is chosen with the value
+    /// this log holds (written after those entries, so it never survives without them).
+    Chosen = 5,
 }
 
 impl RecordKind {
@@ -160,6 +163,7 @@ impl RecordKind {
             2 => Some(RecordKind::Entry),
             3 => Some(RecordKind::Promise),
             4 => Some(RecordKind::End),
+            5 => Some(RecordKind::Chosen),
             _ => None,
         }
     }

@@ -24,6 +24,8 @@ pub struct PaxosStore {
     index: BTreeMap<Slot, (Position, Ballot)>,
     /// Reused encoding buffer: no allocation per accept once warm.
     scratch: Vec<u8>,
+    /// The newest chosen-prefix hint.
+    chosen: Slot,
 }
 
 impl PaxosStore {
@@ -35,6 +37,7 @@ impl PaxosStore {
     /// Rebuilds the acceptor state from an opened log. Data records are ignored.
     pub fn from_log(log: Log) -> Result<PaxosStore> {
         let mut promise = Ballot::ZERO;
+        let mut chosen = 0;
         let mut index = BTreeMap::new();
         let mut buf = Vec::new();
         let (first, next) = (log.first_pos(), log.next_pos());
@@ -49,10 +52,11 @@ impl PaxosStore {
                     }
                     index.insert(meta.slot, (pos, meta.ballot));
                 }
+                RecordKind::Chosen => chosen = chosen.max(meta.slot),
                 RecordKind::Data | RecordKind::End => {}
             }
         }
-        Ok(PaxosStore { log, promise, index, scratch: Vec::new() })
+        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen })
     }
 
     /// The underlying log.
@@ -78,6 +82,21 @@ impl PaxosStore {
 impl Storage for PaxosStore {
     fn promise(&self) -> Ballot {
         self.promise
+    }
+
+    fn set_chosen_hint(&mut self, slot: Slot) -> Result<(), StorageError> {
+        if slot <= self.chosen {
+            return Ok(());
+        }
+        // Appended after the entries it covers: recovery keeps a prefix of the log, so
+        // the hint never survives without them.
+        self.log.append_record(RecordKind::Chosen, slot, Ballot::ZERO, &[])?;
+        self.chosen = slot;
+        Ok(())
+    }
+
+    fn chosen_hint(&self) -> Slot {
+        self.chosen
     }
 
     fn set_promise(&mut self, b: Ballot) -> Result<(), StorageError> {
