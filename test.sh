@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR=never
 
 # System packages the suite needs. (The RDMA and DPDK issues add rdma-core, libdpdk-dev
 # and qemu here when their tests land.)
-PKGS=(util-linux)
+PKGS=(util-linux iproute2)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
