@@ -172,3 +172,146 @@ impl Drop for Cluster {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Raw sockets, log lines and processes (for bad-input and CLI tests).
+
+/// What a raw connection saw: the bytes received before the close, whether the
+/// replica closed it within the bound, how long that took, and the local address
+/// (which the replica's log lines name).
+pub struct RawOutcome {
+    pub received: Vec<u8>,
+    pub closed: bool,
+    pub elapsed: Duration,
+    pub local: String,
+}
+
+/// Opens a plain TCP connection to `addr`, sends `bytes` (then shuts down the write
+/// side if `half_close`), and reads until the other side closes it (`Ok(0)` or an
+/// error such as a reset) or `within` passes.
+pub fn raw_send(addr: SocketAddr, bytes: &[u8], half_close: bool, within: Duration) -> RawOutcome {
+    use std::io::{ErrorKind, Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect raw");
+    let local = s.local_addr().unwrap().to_string();
+    let t0 = Instant::now();
+    // A write error means the replica already closed (and reset) the connection.
+    let _ = s.write_all(bytes);
+    if half_close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut closed = false;
+    for _ in 0..100_000 {
+        if t0.elapsed() >= within {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    RawOutcome { received, closed, elapsed: t0.elapsed(), local }
+}
+
+/// Every whole envelope frame in `bytes` (stops at the first undecodable one).
+pub fn frames_in(bytes: &[u8]) -> Vec<transport::envelope::Frame> {
+    let d = transport::envelope::Decoder::new(replog::client::MAX_FRAME);
+    let mut b = bytes::BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Ok(Some(f)) = d.decode(&mut b) {
+        out.push(f);
+    }
+    out
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Cluster {
+    /// The first line of replica `i`'s log (ANSI colours removed) that contains every
+    /// one of `needles`, waiting up to `timeout` for it to appear.
+    pub fn wait_log_line(&self, i: usize, needles: &[&str], timeout: Duration) -> Option<String> {
+        let t0 = Instant::now();
+        loop {
+            let text = strip_ansi(&self.log_of(i));
+            if let Some(l) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Some(l.to_string());
+            }
+            if t0.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`start`](Self::start), with each replica's configuration adjusted by
+    /// `tweak` before it is written and started.
+    pub fn start_with(dir: &Path, n: usize, durability: DurabilityKind, tweak: impl Fn(&mut ServeConfig)) -> Cluster {
+        let base = free_ports(3 * n as u16 + 3);
+        let mut cfgs = ServeConfig::local_cluster(n, base, dir, durability);
+        cfgs.iter_mut().for_each(&tweak);
+        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new() };
+        for i in 0..n {
+            let p = c.spawn(i);
+            c.procs.push(Some(p));
+        }
+        c
+    }
+
+    /// The operating-system process ids of the running replicas.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.procs.iter().map(|p| p.as_ref().map(|c| c.id())).collect()
+    }
+}
+
+/// Process ids (other than this one) whose command line contains every one of `needles`
+/// (read from /proc; empty where /proc is missing).
+pub fn pids_matching(needles: &[&str]) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if needles.iter().all(|n| cmd.contains(n)) {
+            out.push(pid);
+        }
+    }
+    out
+}
