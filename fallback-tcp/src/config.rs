@@ -41,6 +41,11 @@ pub struct TcpConfig {
     /// How long a new connection (either side) may take to complete its handshake
     /// (including the TCP connect on the dialing side). Default 2 s.
     pub handshake_timeout: Duration,
+    /// How long sent data may stay unacknowledged, or an idle link unanswered, before
+    /// the connection is declared dead and redialed (TCP_USER_TIMEOUT and keepalive
+    /// probes). Without it a partitioned link stalls in TCP's own retransmission backoff
+    /// (minutes) and catch-up after the partition heals waits for it. Default 2 s.
+    pub dead_link_timeout: Duration,
     /// Seed of the generator that jitters reconnect delays (so runs can be replayed).
     /// Default: derived from `cluster_id` and `local`.
     pub seed: u64,
@@ -60,6 +65,7 @@ impl TcpConfig {
             reconnect_min: Duration::from_millis(10),
             reconnect_max: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(2),
+            dead_link_timeout: Duration::from_secs(2),
             seed: cluster_id.rotate_left(17) ^ local.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         }
     }

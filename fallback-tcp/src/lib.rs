@@ -321,6 +321,9 @@ impl TcpTransport {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(peer, remote = %addr, "TCP_NODELAY: {e}");
         }
+        if let Err(e) = detect_dead_links(&stream, self.cfg.dead_link_timeout) {
+            debug!(peer, remote = %addr, "dead-link detection: {e}");
+        }
         let mut conn = Conn::new(stream, addr, Role::Outgoing(peer), false, now + self.cfg.handshake_timeout);
         let hello = Hello { cluster_id: self.cfg.cluster_id, node_id: self.cfg.local, target: peer, version: VERSION };
         conn.out.push_frame(kind::HELLO, &hello.encode(), &[]);
@@ -342,6 +345,9 @@ impl TcpTransport {
                 Ok((stream, addr)) => {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(remote = %addr, "TCP_NODELAY: {e}");
+                    }
+                    if let Err(e) = detect_dead_links(&stream, self.cfg.dead_link_timeout) {
+                        debug!(remote = %addr, "dead-link detection: {e}");
                     }
                     let deadline = Instant::now() + self.cfg.handshake_timeout;
                     let conn = Conn::new(stream, addr, Role::Incoming(None), true, deadline);
@@ -895,4 +901,30 @@ impl Transport for TcpTransport {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+}
+
+/// Makes the kernel declare the connection dead when sent data stays unacknowledged for
+/// `timeout` (TCP_USER_TIMEOUT) or an idle link stops answering keepalive probes sent
+/// every `timeout / 2` after `timeout / 2` of silence. The transport then reconnects.
+fn detect_dead_links(stream: &mio::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as libc::c_uint;
+    let half = (timeout.as_secs() / 2).max(1) as libc::c_int;
+    let set = |level: libc::c_int, name: libc::c_int, value: &[u8]| -> std::io::Result<()> {
+        // SAFETY: `fd` is a valid open socket owned by `stream` for the duration of the
+        // call, and `value` points to `value.len()` readable bytes.
+        let r = unsafe { libc::setsockopt(fd, level, name, value.as_ptr().cast(), value.len() as libc::socklen_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms.to_ne_bytes())?;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, &1i32.to_ne_bytes())?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &half.to_ne_bytes())?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &half.to_ne_bytes())?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &2i32.to_ne_bytes())?;
+    Ok(())
 }
