@@ -144,7 +144,8 @@ fn install_signal_handlers() {
 }
 
 fn serve(path: &Path) -> Result<()> {
-    let cfg = ServeConfig::load(path).with_context(|| format!("loading {}", path.display()))?;
+    // The configuration error names the file and the key already.
+    let cfg = ServeConfig::load(path)?;
     replog::config::init_tracing(&cfg.log.level, cfg.log.format == replog::config::LogFormat::Json);
     install_signal_handlers();
     let stop = Arc::new(AtomicBool::new(false));
@@ -191,7 +192,6 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
         );
     }
     // Wait for a leader so that the next command works at once.
-    let target = Target { servers: Vec::new(), cluster_id: Some(cfgs[0].cluster_id), timeout_ms: 1000 };
     let addrs: Vec<SocketAddr> = cfgs.iter().map(|c| c.me().client_addr).collect();
     let t0 = Instant::now();
     let mut leader = None;
@@ -207,7 +207,6 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let _ = target;
     match leader {
         Some(l) => {
             println!("leader: replica {l}. Try: replog append hello; replog read 0 (servers {})", servers.join(","))
@@ -311,8 +310,20 @@ fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    Command::new(exe)
-        .arg("serve")
+    let mut cmd = Command::new(exe);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child:
+    // if `replog up` dies (even by SIGKILL), its replicas get SIGTERM instead of
+    // lingering on the cluster's ports.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("serve")
         .arg("--config")
         .arg(&path)
         .stdin(Stdio::null())
@@ -408,13 +419,12 @@ fn status(t: &Target) -> Result<()> {
                     st.durability
                 );
                 for p in st.peers {
-                    println!(
-                        "    peer {}: {} matched={} lag={}",
-                        p.id,
-                        if p.connected { "connected" } else { "disconnected" },
-                        p.matched_slot,
-                        p.lag
-                    );
+                    let link = if p.connected { "connected" } else { "disconnected" };
+                    if st.role == "leader" {
+                        println!("    peer {}: {link} matched={} lag={}", p.id, p.matched_slot, p.lag);
+                    } else {
+                        println!("    peer {}: {link}", p.id);
+                    }
                 }
             }
             Err(e) => println!("{s}: unreachable ({e})"),

@@ -65,7 +65,7 @@ fn a_minimal_file_takes_defaults() {
     assert_eq!(cfg.transport, TransportKind::Tcp);
     assert_eq!(cfg.store_mode(), Mode::Memory);
     assert!(cfg.data_dir.as_os_str().is_empty());
-    assert_eq!(cfg.timing.heartbeat_ms, 5.0);
+    assert_eq!(cfg.timing.heartbeat_ms, 10.0);
     assert_eq!(cfg.limits.max_entry_bytes, 1 << 20);
     assert_eq!(cfg.log.level, "info");
     assert_eq!(cfg.me().metrics_addr, None);

@@ -138,7 +138,7 @@ pub enum ClientError {
         max: u32,
     },
     /// Retries (or redirects) used up.
-    #[error("{op}: gave up after {attempts} attempts; last error: {last}")]
+    #[error("{op}: gave up after {attempts} attempt(s); last error: {last}")]
     Exhausted {
         /// What was being done.
         op: &'static str,
