@@ -1,0 +1,594 @@
+#!/usr/bin/env bash
+# A throw-away soft-RoCE (rdma_rxe) VM for the RDMA transport's tests, on a host whose
+# own kernel has no RDMA and no modules.
+#
+#   rxe-vm.sh setup              install the packages (apt-get), fetch and unpack the newest
+#                                linux-image-6.12.*+deb12-amd64-unsigned, build the initramfs
+#                                (idempotent: reuses the cache when it is complete)
+#   rxe-vm.sh run -- CMD [ARG..] boot the VM, bring up rxe0, run CMD in it as root, print
+#                                its stdout/stderr, power off; exit with CMD's exit code
+#   rxe-vm.sh selftest           ibv_devices, ibv_rc_pingpong, ib_write_lat, rdma_cm in the VM
+#
+# The VM (qemu, software emulation: no KVM) boots Debian's 6.12 kernel with a tiny busybox
+# initramfs that mounts the host's own / read-only over virtfs and chroots into it, so
+# binaries built on the host run unchanged. Inside: veth0/veth1 (10.77.0.1/24 on veth0),
+# one rxe device rxe0 on veth0, shared by every process in the VM. CMD runs in the host's
+# current directory (read-only) with env RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=10.77.0.1
+# TMPDIR=/tmp; /tmp, /var/tmp, /run and /dev/shm are empty tmpfs in the VM; everything
+# else (HOME=/root included) is the host's, read-only, unless RXE_OVERLAY lists it.
+#
+# Environment:
+#   RXE_CACHE     cache directory (default /var/tmp/replog-rxe), any host directory (the
+#                 VM reads the kernel's modules from it through the shared /)
+#   RXE_TIMEOUT   seconds for the whole run, boot included (default 600); on expiry
+#                 qemu is killed and the exit code is 124
+#   RXE_MEM       VM memory (default 2G)      RXE_SMP   VM CPUs (default 2)
+#   RXE_WRITABLE  extra host directories (space-separated) to cover with an empty tmpfs
+#   RXE_OVERLAY   host directories (space-separated) made writable in the VM by an
+#                 overlay: the host's files are visible, writes are thrown away
+#   RXE_PASSENV   extra environment variable names to pass into the VM; variables named
+#                 REPLOG_*, RUST_*, CARGO_* and RXE_TEST_* always pass
+#   RXE_KEEP_LOG  a path: keep the VM's serial console log there
+#   RXE_QUIET     1: no progress lines from this script on stderr
+#
+# Exit codes: run: CMD's exit code; 124 timeout; 125 the VM did not boot, or rxe0 did
+# not come up, or CMD could not be started (the reason is printed). setup: 0 or 1.
+# selftest: 0 all PASS, 1 a FAIL. 2: usage. Needs root.
+set -euo pipefail
+
+ME=rxe-vm.sh
+CACHE=${RXE_CACHE:-/var/tmp/replog-rxe}
+TIMEOUT=${RXE_TIMEOUT:-600}
+MEM=${RXE_MEM:-2G}
+SMP=${RXE_SMP:-2}
+KPATTERN='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
+PACKAGES=(qemu-system-x86 busybox-static kmod rdma-core ibverbs-providers ibverbs-utils
+    libibverbs-dev librdmacm-dev perftest xz-utils cpio iproute2 util-linux)
+# The 9p client modules the initramfs loads; their dependencies are resolved with modprobe.
+NINEP_MODULES=(9pnet_virtio 9p)
+# Loaded inside the VM. Without the crc32 modules `rdma link add` fails ("failed to add
+# veth0"). rdma_ucm gives /dev/infiniband/rdma_cm (librdmacm); rdma_rxe does not pull it.
+VM_MODULES=(veth crc32_generic crc32-pclmul rdma_rxe rdma_ucm ib_uverbs)
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+die() {
+    echo "$ME: error: $*" >&2
+    exit 1
+}
+say() {
+    [ "${RXE_QUIET:-0}" = 1 ] || echo "$ME: $*" >&2
+}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+need_root() {
+    [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and qemu's virtfs share of / with security_model=passthrough)"
+}
+
+# ---- setup -------------------------------------------------------------------------
+
+# The newest linux-image-6.12.*+deb12-amd64-unsigned known to apt, or nothing.
+newest_kernel_package() {
+    local p
+    for p in $(apt-cache pkgnames linux-image-6.12. 2>/dev/null | grep -E "$KPATTERN" | sort -Vr); do
+        # Only a package with a version to install (not a name merely referenced).
+        if [[ $(apt-cache policy "$p" 2>/dev/null) == *"Candidate: "[0-9]* ]]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 0
+}
+
+# The kernel release of a cached, complete tree (empty if none).
+cached_release() {
+    [ -f "$CACHE/current" ] || return 0
+    local rel
+    rel=$(cat "$CACHE/current")
+    [ -n "$rel" ] && [ -f "$CACHE/$rel/complete" ] && echo "$rel"
+    return 0
+}
+
+build_initramfs() { # tree release out
+    local tree=$1 rel=$2 out=$3 work
+    work=$(mktemp -d "$CACHE/initramfs.XXXXXX")
+    mkdir -p "$work"/{bin,dev,proc,sys,newroot,lib/mods}
+    cp /bin/busybox "$work/bin/busybox"
+    # modprobe prints "insmod /path/x.ko.xz" lines in dependency order.
+    local mods=() line path name
+    while read -r line; do
+        case $line in
+        insmod\ *) path=${line#insmod }; path=${path%% *} ;;
+        *) continue ;;
+        esac
+        name=$(basename "$path")
+        case $name in
+        *.ko.xz) xz -dc "$path" >"$work/lib/mods/${name%.xz}" ;;
+        *.ko.zst) zstd -qdc "$path" >"$work/lib/mods/${name%.zst}" ;;
+        *.ko.gz) gzip -dc "$path" >"$work/lib/mods/${name%.gz}" ;;
+        *) cp "$path" "$work/lib/mods/$name" ;;
+        esac
+        case " ${mods[*]} " in *" ${name%%.ko*}.ko "*) ;; *) mods+=("${name%%.ko*}.ko") ;; esac
+    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${NINEP_MODULES[@]}")
+    for name in "${NINEP_MODULES[@]}"; do
+        [ -f "$work/lib/mods/$name.ko" ] || die "module $name not found in $tree (modprobe --show-depends ${NINEP_MODULES[*]})"
+    done
+    printf '%s\n' "${mods[@]}" >"$work/lib/mods/order"
+    cat >"$work/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox mkdir -p /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "RXE-STAGE initramfs (uptime $(cut -d" " -f1 /proc/uptime) s)" >/dev/ttyS0
+fail() {
+    echo "RXE-STAGE initramfs-failed: $*" >/dev/ttyS0
+    poweroff -f; reboot -f; echo o >/proc/sysrq-trigger
+}
+for m in $(cat /lib/mods/order); do
+    insmod /lib/mods/$m || fail "insmod $m"
+done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /newroot || fail "mount hostroot"
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
+mkdir -p /newroot/run/rxe-io
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 rxeio /newroot/run/rxe-io || fail "mount rxeio"
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts devpts /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/dev/shm
+echo "RXE-STAGE root (uptime $(cut -d" " -f1 /proc/uptime) s)" >/dev/ttyS0
+chroot /newroot /bin/bash /run/rxe-io/inner.sh </dev/null >/dev/ttyS0 2>&1
+echo "RXE-STAGE poweroff" >/dev/ttyS0
+sync
+poweroff -f
+reboot -f
+echo o >/proc/sysrq-trigger
+EOF
+    chmod 0755 "$work/init"
+    (cd "$work" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) | gzip -1 >"$out.tmp"
+    mv "$out.tmp" "$out"
+    rm -rf "$work"
+    initramfs_recipe >"$out.recipe"
+}
+
+# The modules loaded inside the VM: decompress them in the tree (kmod would do it in the
+# emulated guest), then index the tree again. Idempotent.
+decompress_vm_modules() { # tree release
+    local tree=$1 rel=$2 line path changed=
+    while read -r line; do
+        case $line in
+        insmod\ *.ko.xz*) path=${line#insmod }; path=${path%% *} ;;
+        *) continue ;;
+        esac
+        [ -f "$path" ] || continue
+        xz -dc "$path" >"${path%.xz}.tmp" && mv "${path%.xz}.tmp" "${path%.xz}" && rm -f "$path"
+        changed=1
+    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${VM_MODULES[@]}" overlay)
+    [ -z "$changed" ] || depmod -b "$tree" "$rel"
+}
+
+# Changes to build_initramfs invalidate the cached initramfs.
+initramfs_recipe() {
+    { declare -f build_initramfs; echo "${NINEP_MODULES[*]} ${VM_MODULES[*]}"; } | sha256sum | cut -d' ' -f1
+}
+
+cmd_setup() {
+    need_root
+    local t0 t1 missing=() p
+    t0=$(now)
+    export DEBIAN_FRONTEND=noninteractive
+    mkdir -p "$CACHE"
+    say "apt-get update"
+    if ! apt-get update -qq >"$CACHE/apt.log" 2>&1; then
+        say "warning: apt-get update failed (see $CACHE/apt.log); using the indexes already present"
+    fi
+    for p in "${PACKAGES[@]}"; do
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "apt-get install ${missing[*]}"
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+            die "apt-get install ${missing[*]} failed: are the Debian 12 (bookworm) package registries reachable?"
+    fi
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing after installing qemu-system-x86"
+    [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
+
+    local pkg rel tree cached=''
+    pkg=$(newest_kernel_package)
+    if [ -z "$pkg" ]; then
+        cached=$(cached_release)
+        [ -n "$cached" ] || die "no package matching linux-image-6.12.*+deb12-amd64-unsigned in the apt indexes: check that /etc/apt/sources.list(.d) has Debian 12 bookworm, bookworm-updates and bookworm-security (main), then run apt-get update"
+        say "warning: no 6.12 kernel package in the apt indexes; keeping the cached $cached"
+    fi
+    rel=${pkg#linux-image-}
+    rel=${rel%-unsigned}
+    rel=${rel:-$cached}
+    tree=$CACHE/$rel
+    if [ "$(cached_release)" = "$rel" ] && [ -f "$tree/modules-ready" ] &&
+        [ "$(cat "$tree/initramfs.gz.recipe" 2>/dev/null)" = "$(initramfs_recipe)" ]; then
+        say "kernel $rel: cached in $tree"
+    else
+        # Exclusive: runs hold the lock shared while their VM uses the cache.
+        exec 9>"$CACHE/lock"
+        if ! flock -n 9; then
+            say "waiting for the VMs that use $CACHE to finish"
+            flock 9
+        fi
+        if [ "$(cached_release)" != "$rel" ]; then
+            rm -rf "$tree" "$CACHE/dl"
+            mkdir -p "$CACHE/dl"
+            say "apt-get download $pkg"
+            (cd "$CACHE/dl" && apt-get download -qq "$pkg" >/dev/null 2>&1) ||
+                die "apt-get download $pkg failed: is the Debian package registry reachable?"
+            say "unpacking $(basename "$CACHE"/dl/*.deb)"
+            mkdir -p "$tree/root"
+            dpkg -x "$CACHE"/dl/*.deb "$tree/root"
+            rm -rf "$CACHE/dl"
+            [ -f "$tree/root/boot/vmlinuz-$rel" ] || die "the package $pkg has no boot/vmlinuz-$rel"
+            [ -d "$tree/root/lib/modules/$rel" ] || die "the package $pkg has no lib/modules/$rel"
+            depmod -b "$tree/root" "$rel"
+            touch "$tree/complete"
+            echo "$rel" >"$CACHE/current.tmp"
+            mv "$CACHE/current.tmp" "$CACHE/current"
+            # Older kernels are no longer used.
+            for p in "$CACHE"/6.12.*; do
+                [ -d "$p" ] && [ "$p" != "$tree" ] && rm -rf "$p"
+            done
+        else
+            say "kernel $rel: cached in $tree"
+        fi
+        decompress_vm_modules "$tree/root" "$rel"
+        touch "$tree/modules-ready"
+        if [ "$(cat "$tree/initramfs.gz.recipe" 2>/dev/null)" != "$(initramfs_recipe)" ]; then
+            say "building the initramfs"
+            build_initramfs "$tree/root" "$rel" "$tree/initramfs.gz"
+        fi
+        exec 9>&-
+    fi
+    t1=$(now)
+    say "setup done in $(elapsed "$t0" "$t1") s: kernel $rel, cache $CACHE"
+}
+
+# ---- run ---------------------------------------------------------------------------
+
+QEMU_PID=
+TAIL_PIDS=()
+IO=
+cleanup() {
+    local rc=$?
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        kill -TERM "$QEMU_PID" 2>/dev/null || true
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            kill -0 "$QEMU_PID" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+    fi
+    local p
+    for p in "${TAIL_PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    if [ -n "$IO" ]; then
+        if [ -n "${RXE_KEEP_LOG:-}" ] && [ -f "$IO/console.log" ]; then
+            cp "$IO/console.log" "$RXE_KEEP_LOG" 2>/dev/null || true
+        fi
+        rm -rf "$IO"
+    fi
+    exit "$rc"
+}
+
+console_tail() { # lines: the end of the VM's console, without terminal escapes
+    tr -d '\r' <"$IO/console.log" | sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1b.//g' |
+        grep -v '^[[:space:]]*$' | tail -n "$1" | sed 's/^/  console: /' >&2
+}
+
+quote_words() { [ $# -eq 0 ] || printf '%q ' "$@"; }
+
+# The script that runs inside the VM (in the chroot of the host's /, as root).
+# shellcheck disable=SC2016 # single quotes: expanded in the VM, not here
+write_inner() { # modtree cwd envfile cmd...
+    local modtree=$1 cwd=$2 envfile=$3
+    shift 3
+    {
+        echo '#!/bin/bash'
+        echo 'set -u'
+        echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+        echo 'IO=/run/rxe-io'
+        echo 'stage() { echo "$1" >"$IO/stage"; echo "RXE-STAGE $1 (uptime $(cut -d" " -f1 /proc/uptime) s)"; }'
+        echo 'bad() { echo "$*" >"$IO/failure"; stage failed; exit 0; }'
+        printf 'MODTREE=%q\n' "$modtree"
+        printf 'CWD=%q\n' "$cwd"
+        printf 'VM_MODULES=(%s)\n' "${VM_MODULES[*]}"
+        local writable overlay
+        read -ra writable <<<"${RXE_WRITABLE:-}"
+        read -ra overlay <<<"${RXE_OVERLAY:-}"
+        printf 'WRITABLE=(%s)\n' "$(quote_words "${writable[@]}")"
+        printf 'OVERLAY=(%s)\n' "$(quote_words "${overlay[@]}")"
+        printf 'CMD=(%s)\n' "$(printf '%q ' "$@")"
+        cat <<'EOF'
+stage chroot
+# The cache (on the read-only host /) may be covered by a tmpfs below: keep the module
+# tree reachable through a bind mount under /run, and let the kernel's own module
+# requests use it too.
+mkdir -p /run/rxe-modules
+mount --bind "$MODTREE" /run/rxe-modules || bad "cannot bind-mount the module tree $MODTREE"
+printf '#!/bin/sh\nexec /sbin/modprobe -d /run/rxe-modules "$@"\n' >/run/rxe-modprobe
+chmod 0755 /run/rxe-modprobe
+echo /run/rxe-modprobe >/proc/sys/kernel/modprobe
+for d in /tmp /var/tmp; do
+    mount -t tmpfs -o mode=1777 tmpfs "$d" || bad "cannot mount a tmpfs on $d"
+done
+for d in "${WRITABLE[@]}"; do
+    [ -d "$d" ] || bad "RXE_WRITABLE: $d is not a directory on the host"
+    mount -t tmpfs tmpfs "$d" || bad "cannot mount a tmpfs on $d"
+done
+if [ ${#OVERLAY[@]} -gt 0 ]; then
+    modprobe -d /run/rxe-modules overlay || bad "modprobe overlay failed"
+    i=0
+    for d in "${OVERLAY[@]}"; do
+        [ -d "$d" ] || bad "RXE_OVERLAY: $d is not a directory on the host"
+        i=$((i + 1))
+        mkdir -p /run/rxe-ovl/$i/lower /run/rxe-ovl/$i/upper /run/rxe-ovl/$i/work
+        mount --bind "$d" /run/rxe-ovl/$i/lower || bad "cannot bind-mount $d"
+        mount -t overlay overlay -o "lowerdir=/run/rxe-ovl/$i/lower,upperdir=/run/rxe-ovl/$i/upper,workdir=/run/rxe-ovl/$i/work" "$d" ||
+            bad "cannot mount an overlay on $d"
+    done
+fi
+
+# Soft-RoCE: one rxe device on one end of a veth pair, shared by every local process.
+modprobe -d /run/rxe-modules -a "${VM_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
+    bad "modprobe ${VM_MODULES[*]} failed: $(cat "$IO/modprobe.log")"
+ip link set lo up
+ip link add veth0 type veth peer name veth1 || bad "ip link add veth0 type veth failed"
+ip addr add 10.77.0.1/24 dev veth0
+ip link set veth0 up
+ip link set veth1 up
+rdma link add rxe0 type rxe netdev veth0 >"$IO/rdma.log" 2>&1 ||
+    bad "rdma link add rxe0 type rxe netdev veth0 failed: $(cat "$IO/rdma.log")"
+ok=
+for _ in $(seq 1 100); do
+    if rdma link show rxe0/1 2>/dev/null | grep -q 'state ACTIVE'; then ok=1; break; fi
+    sleep 0.1
+done
+[ -n "$ok" ] || bad "rxe0 not ACTIVE: $(rdma link show 2>&1)"
+# GID index 1 must be the IPv4-mapped address of veth0 (RoCE v2).
+gid=
+for _ in $(seq 1 100); do
+    gid=$(cat /sys/class/infiniband/rxe0/ports/1/gids/1 2>/dev/null || true)
+    [ "$gid" = 0000:0000:0000:0000:0000:ffff:0a4d:0001 ] && break
+    sleep 0.1
+done
+[ "$gid" = 0000:0000:0000:0000:0000:ffff:0a4d:0001 ] ||
+    bad "rxe0 GID index 1 is '$gid', not ::ffff:10.77.0.1 (gids: $(cat /sys/class/infiniband/rxe0/ports/1/gids/[0-3] 2>&1 | tr '\n' ' '))"
+stage rxe-active
+
+export RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=10.77.0.1 RXE_NETDEV=veth0 RXE_VM=1
+export TMPDIR=/tmp HOME=/root
+[ -d /root/.cargo/bin ] && export PATH=/root/.cargo/bin:$PATH
+EOF
+        cat "$envfile"
+        cat <<'EOF'
+cd "$CWD" || bad "cannot cd to $CWD in the VM"
+awk '{ print $1 }' /proc/uptime >"$IO/uptime-at-command"
+stage command
+"${CMD[@]}" </dev/null >"$IO/stdout" 2>"$IO/stderr"
+rc=$?
+echo "$rc" >"$IO/rc.tmp"
+mv "$IO/rc.tmp" "$IO/rc"
+stage done
+EOF
+    } >"$IO/inner.sh"
+}
+
+cmd_run() {
+    need_root
+    [ $# -gt 0 ] || usage
+    command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: run '$0 setup' first"
+    [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "RXE_TIMEOUT must be a positive number of seconds, not '$TIMEOUT'"
+    local rel tree
+    rel=$(cached_release)
+    [ -n "$rel" ] || die "no prepared kernel in $CACHE: run '$0 setup' first (or set RXE_CACHE)"
+    tree=$CACHE/$rel
+    if [ "$(cat "$tree/initramfs.gz.recipe" 2>/dev/null)" != "$(initramfs_recipe)" ]; then
+        # Made by another version of this script: rebuild it (cheap; the kernel is cached).
+        if ! command -v cpio >/dev/null || [ ! -x /bin/busybox ]; then
+            die "cpio or busybox-static missing: run '$0 setup' first"
+        fi
+        (
+            flock 9
+            if [ "$(cat "$tree/initramfs.gz.recipe" 2>/dev/null)" != "$(initramfs_recipe)" ]; then
+                say "rebuilding the initramfs (this script changed since setup)"
+                build_initramfs "$tree/root" "$rel" "$tree/initramfs.gz"
+            fi
+        ) 9>"$CACHE/lock"
+    fi
+    # Shared while the VM runs: setup waits before it replaces the kernel.
+    exec 8<"$CACHE/lock"
+    flock -s 8
+
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    # Directories left by runs that were killed with SIGKILL (their owner is gone).
+    local d
+    for d in /tmp/replog-rxe-run.*; do
+        [ -f "$d/owner" ] && ! kill -0 "$(cat "$d/owner")" 2>/dev/null && rm -rf "$d"
+    done
+    IO=$(mktemp -d /tmp/replog-rxe-run.XXXXXX)
+    chmod 0755 "$IO"
+    echo $$ >"$IO/owner"
+    : >"$IO/stdout"
+    : >"$IO/stderr"
+    : >"$IO/console.log"
+
+    # Environment for the command: REPLOG_*, RUST_*, CARGO_*, RXE_TEST_* and RXE_PASSENV.
+    local name
+    : >"$IO/env"
+    while read -r name; do
+        case $name in
+        REPLOG_* | RUST_* | CARGO_* | RXE_TEST_*) ;;
+        *) case " ${RXE_PASSENV:-} " in *" $name "*) ;; *) continue ;; esac ;;
+        esac
+        printf 'export %s=%q\n' "$name" "${!name}" >>"$IO/env"
+    done < <(compgen -e)
+    write_inner "$tree/root" "$PWD" "$IO/env" "$@"
+
+    local pdeath=()
+    if [[ $(setpriv --help 2>&1) == *--pdeathsig* ]]; then pdeath=(setpriv --pdeathsig KILL); fi
+    local t0 t_cmd t_end
+    t0=$(now)
+    say "booting the VM (kernel $rel, TCG, ${SMP} CPUs, $MEM, timeout ${TIMEOUT}s)"
+    "${pdeath[@]}" qemu-system-x86_64 \
+        -accel tcg,thread=multi -cpu max -m "$MEM" -smp "$SMP" \
+        -nographic -monitor none -serial "file:$IO/console.log" -no-reboot -nic none \
+        -kernel "$tree/root/boot/vmlinuz-$rel" -initrd "$tree/initramfs.gz" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" \
+        -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
+        -virtfs "local,path=$IO,mount_tag=rxeio,security_model=passthrough,multidevs=remap" \
+        </dev/null >"$IO/qemu.out" 2>&1 &
+    QEMU_PID=$!
+
+    local deadline stage='' streaming=
+    deadline=$(awk -v t="$t0" -v d="$TIMEOUT" 'BEGIN { printf "%d", t + d }')
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if [ -z "$streaming" ] && grep -qxE 'command|done' "$IO/stage" 2>/dev/null; then
+            t_cmd=$(now)
+            say "rxe0 ACTIVE; running: ${RXE_LABEL:-$(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-100)}"
+            # Stream the command's output as it comes; tail exits after qemu does.
+            tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$IO/stdout" &
+            TAIL_PIDS+=($!)
+            tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$IO/stderr" >&2 &
+            TAIL_PIDS+=($!)
+            streaming=1
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            stage=$(cat "$IO/stage" 2>/dev/null || echo "none (the VM did not reach its root filesystem)")
+            echo "$ME: error: timeout: RXE_TIMEOUT=${TIMEOUT}s expired (last stage: $stage); killing qemu" >&2
+            console_tail 20
+            exit 124
+        fi
+        sleep 0.2
+    done
+    local qrc=0
+    wait "$QEMU_PID" || qrc=$?
+    QEMU_PID=
+    local p
+    for p in "${TAIL_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    TAIL_PIDS=()
+    t_end=$(now)
+    if [ -z "$streaming" ] && [ -f "$IO/rc" ]; then
+        # The command ended between two polls: print its output now.
+        t_cmd=${t_cmd:-$t_end}
+        cat "$IO/stdout"
+        cat "$IO/stderr" >&2
+    fi
+    stage=$(cat "$IO/stage" 2>/dev/null || true)
+
+    if [ ! -f "$IO/rc" ]; then
+        if [ -z "$stage" ]; then
+            echo "$ME: error: the VM did not boot to its root filesystem (qemu exit $qrc)." >&2
+            echo "  qemu said: $(tr '\n' ' ' <"$IO/qemu.out")" >&2
+            console_tail 30
+            echo "  Run '$0 setup' again to rebuild the cache; RXE_KEEP_LOG=FILE keeps the whole console log." >&2
+        elif [ "$stage" = failed ]; then
+            echo "$ME: error: setting up soft-RoCE in the VM failed: $(cat "$IO/failure" 2>/dev/null)" >&2
+            echo "  The kernel in $CACHE may lack rdma_rxe/veth; run '$0 setup' again (RXE_CACHE=$CACHE)." >&2
+        else
+            echo "$ME: error: the VM stopped at stage '$stage' without the command's exit code." >&2
+            console_tail 30
+        fi
+        exit 125
+    fi
+    local rc up
+    rc=$(cat "$IO/rc")
+    up=$(cat "$IO/uptime-at-command" 2>/dev/null || echo '?')
+    say "exit code $rc; boot to command $(elapsed "$t0" "${t_cmd:-$t_end}") s (guest uptime ${up} s), command $(elapsed "${t_cmd:-$t_end}" "$t_end") s, total $(elapsed "$t0" "$t_end") s"
+    exit "$rc"
+}
+
+# ---- selftest ----------------------------------------------------------------------
+
+# Runs inside the VM (shipped as text by declare -f).
+# shellcheck disable=SC2317,SC2016
+selftest_body() {
+    fails=0
+    check() { # name command...
+        local name=$1 t0 t1 out
+        shift
+        t0=$(date +%s.%N)
+        if out=$("$@" 2>&1); then
+            t1=$(date +%s.%N)
+            echo "PASS $name ($(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s)"
+        else
+            echo "FAIL $name"
+            echo "$out" | tail -n 15 | sed 's/^/    /'
+            fails=$((fails + 1))
+        fi
+    }
+    # A server and a client on the same device; the client retries until the server listens.
+    pair() { # server-cmd... -- client-cmd...
+        local srv=() cli=() spid rc=1
+        while [ "$1" != -- ]; do srv+=("$1"); shift; done
+        shift
+        cli=("$@")
+        "${srv[@]}" >/tmp/server.log 2>&1 &
+        spid=$!
+        for _ in $(seq 1 40); do
+            sleep 0.5
+            if "${cli[@]}" >/tmp/client.log 2>&1; then rc=0; break; fi
+            kill -0 "$spid" 2>/dev/null || break
+        done
+        if [ "$rc" = 0 ]; then wait "$spid" || rc=$?; else kill "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; fi
+        cat /tmp/server.log /tmp/client.log
+        return "$rc"
+    }
+    check "ibv_devices lists rxe0" sh -c 'ibv_devices | tee /dev/stderr | grep -qw rxe0'
+    check "rxe0 port ACTIVE, GID index $RXE_GID_INDEX = ::ffff:$RXE_IP (RoCE v2)" sh -c \
+        'ibv_devinfo -v -d rxe0 | grep -q PORT_ACTIVE &&
+         ibv_devinfo -v -d rxe0 | grep -E "GID\[ *$RXE_GID_INDEX\]:.*::ffff:$RXE_IP, RoCE v2"'
+    check "ibv_rc_pingpong -d rxe0 -g $RXE_GID_INDEX (server + client on rxe0)" \
+        pair timeout 60 ibv_rc_pingpong -d rxe0 -g "$RXE_GID_INDEX" -n 100 -- \
+        timeout 60 ibv_rc_pingpong -d rxe0 -g "$RXE_GID_INDEX" -n 100 127.0.0.1
+    check "ib_write_lat -d rxe0 -x $RXE_GID_INDEX (RDMA WRITE, 1000 iterations)" \
+        pair timeout 120 ib_write_lat -d rxe0 -x "$RXE_GID_INDEX" -n 1000 -- \
+        timeout 120 ib_write_lat -d rxe0 -x "$RXE_GID_INDEX" -n 1000 127.0.0.1
+    grep -h -A1 't_avg' /tmp/client.log 2>/dev/null | sed 's/^/    /' || true
+    check "ib_read_lat -R (rdma_cm connection, RDMA READ, 200 iterations)" \
+        pair timeout 120 ib_read_lat -d rxe0 -R -n 200 -- \
+        timeout 120 ib_read_lat -d rxe0 -R -n 200 "$RXE_IP"
+    [ "$fails" = 0 ]
+}
+
+cmd_selftest() {
+    local body
+    body="$(declare -f selftest_body); selftest_body"
+    local rc=0
+    RXE_LABEL="the selftest" "$BASH" "$0" run -- bash -c "$body" || rc=$?
+    if [ "$rc" = 0 ]; then
+        echo "PASS selftest"
+    else
+        echo "FAIL selftest (exit $rc)"
+        exit 1
+    fi
+}
+
+[ $# -ge 1 ] || usage
+case $1 in
+setup) cmd_setup ;;
+run)
+    shift
+    [ "${1:-}" = -- ] && shift
+    cmd_run "$@"
+    ;;
+selftest) cmd_selftest ;;
+-h | --help | help) usage ;;
+*) usage ;;
+esac
