@@ -11,9 +11,9 @@ cd "$(dirname "$0")"
 export REPLOG_REQUIRE_ALL=1
 export CARGO_TERM_COLOR=never
 
-# System packages the suite needs. (The RDMA and DPDK issues add rdma-core, libdpdk-dev
-# and qemu here when their tests land.)
-PKGS=(util-linux iproute2)
+# System packages the suite needs. (The RDMA issue adds rdma-core and qemu here when its
+# tests land.) DPDK: dpdk-sys builds against libdpdk-dev with bindgen (libclang-dev).
+PKGS=(util-linux iproute2 libdpdk-dev dpdk libclang-dev pkg-config)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
