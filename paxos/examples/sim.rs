@@ -53,6 +53,7 @@ fn main() -> ExitCode {
     };
     let t0 = Instant::now();
     let (mut events, mut slots, mut entries, mut ops, mut acked, mut elections, mut crashes) = (0, 0, 0, 0, 0, 0, 0);
+    let mut transfers = 0;
     let mut failures = 0u64;
     let mut max_recovery = 0u64;
     for &seed in &list {
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
                 acked += rep.acked_appends;
                 elections += rep.elections;
                 crashes += rep.crashes;
+                transfers += rep.transfers;
                 max_recovery = max_recovery.max(rep.recovery_after_heal.unwrap_or(0));
             }
             Err(v) => {
@@ -87,7 +89,7 @@ fn main() -> ExitCode {
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "checked {} seeds in {secs:.1}s: {events} events, {slots} slots chosen, {entries} entries applied, \
-         {ops} client ops ({acked} acknowledged appends), {elections} elections, {crashes} crashes; \
+         {ops} client ops ({acked} acknowledged appends), {elections} elections, {crashes} crashes, {transfers} leadership transfers; \
          worst recovery after healing {:.1}ms; {failures} failed",
         list.len(),
         max_recovery as f64 / 1e6

@@ -58,6 +58,13 @@ pub struct Config {
     pub max_pending_entries: usize,
     /// Seed for the election-timeout jitter.
     pub seed: u64,
+    /// Whether this replica may ever lead. A replica that may not still votes and
+    /// accepts, but never starts an election nor accepts a leadership transfer.
+    pub can_lead: bool,
+    /// Election priority, 0..=255 (default 255): a lower priority waits longer before
+    /// starting an election (up to one more election timeout at 0), so that replicas
+    /// of higher priority usually win when a leader fails.
+    pub priority: u8,
     /// A deliberately wrong variant of the core (simulator tests only).
     #[cfg(feature = "sim")]
     pub planted_bug: Option<PlantedBug>,
@@ -101,6 +108,8 @@ impl Config {
             max_read_slots: 1024,
             max_pending_entries: 1 << 16,
             seed: id,
+            can_lead: true,
+            priority: 255,
             #[cfg(feature = "sim")]
             planted_bug: None,
         }

@@ -31,6 +31,15 @@ pub enum Message {
     Prepare {
         /// The candidate's ballot (owned by the sender).
         ballot: Ballot,
+        /// The election was asked for by the leader (a leadership transfer): acceptors
+        /// answer even though they heard that leader recently.
+        transfer: bool,
+    },
+    /// From the leader to the replica it hands leadership to: "start an election now"
+    /// (no pre-vote; the leader has stopped proposing and the target is caught up).
+    TimeoutNow {
+        /// The leader's ballot.
+        ballot: Ballot,
     },
     /// Phase 1b: the acceptor promised `ballot` and granted its owner write permission.
     /// The candidate then reads the acceptor's log tail with a remote read.

@@ -434,3 +434,82 @@ fn a_restarted_replica_reapplies_its_chosen_prefix_from_the_hint() {
     assert_eq!(applied, vec![1, 2], "slots up to the hint are applied at once; slot 3 waits for a leader");
     assert_eq!(r.chosen(), 2);
 }
+
+#[test]
+fn leadership_moves_to_the_named_replica_at_once() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let old = net.leader();
+    let to = [1, 2, 3].into_iter().find(|&n| n != old).unwrap();
+    net.propose(1, 1, b"before").unwrap();
+    let now = net.now;
+    net.nodes.get_mut(&old).unwrap().transfer_leadership(now, to).unwrap();
+    assert_eq!(net.nodes[&old].transferring_to(), Some(to));
+    let cmd = Command { client: 1, seq: 2, payload: bytes::Bytes::from_static(b"during") };
+    assert_eq!(net.nodes.get_mut(&old).unwrap().propose(now, vec![cmd]), Err(ProposeError::Transferring { to }));
+    net.drain(old);
+    // Well within one election timeout (10 ms by default): no waiting for a timeout.
+    net.run_until(now + MS);
+    assert_eq!(net.leader(), to, "the named replica leads");
+    assert_eq!(net.nodes[&old].role(), Role::Follower);
+    net.propose(1, 2, b"after").unwrap();
+    net.run_until(now + 5 * MS);
+    for id in [1, 2, 3] {
+        assert_eq!(net.log(id), vec![(1, 1, 1, false), (2, 1, 2, false)], "replica {id}");
+    }
+}
+
+#[test]
+fn a_transfer_to_a_replica_that_may_not_lead_times_out_and_the_leader_leads_on() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let old = net.leader();
+    let to = [1, 2, 3].into_iter().find(|&n| n != old).unwrap();
+    let now = net.now;
+    net.nodes.get_mut(&to).unwrap().set_can_lead(now, false);
+    net.nodes.get_mut(&old).unwrap().transfer_leadership(now, to).unwrap();
+    net.drain(old);
+    net.run_until(now + 50 * MS);
+    assert_eq!(net.leader(), old, "the transfer was abandoned");
+    assert_eq!(net.nodes[&old].transferring_to(), None);
+    net.propose(1, 1, b"x").unwrap();
+    net.run_until(now + 60 * MS);
+    assert_eq!(net.log(to).len(), 1);
+    assert!(matches!(
+        net.nodes.get_mut(&old).unwrap().transfer_leadership(now, 9),
+        Err(paxos::TransferError::NotVoter(9))
+    ));
+    assert!(matches!(
+        net.nodes.get_mut(&to).unwrap().transfer_leadership(now, old),
+        Err(paxos::TransferError::NotLeader { .. })
+    ));
+}
+
+#[test]
+fn a_replica_that_may_not_lead_never_leads() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    let now = net.now;
+    net.nodes.get_mut(&1).unwrap().set_can_lead(now, false);
+    for round in 0..5u64 {
+        net.run_until((round + 1) * 200 * MS);
+        let l = net.leader();
+        assert_ne!(l, 1);
+        net.down.insert(l); // kill each leader in turn; replica 1 still never leads
+        net.run_until((round + 1) * 200 * MS + 100 * MS);
+        net.down.remove(&l);
+    }
+    assert!(net.roles.iter().all(|&(id, r)| id != 1 || r != Role::Leader));
+}
+
+#[test]
+fn step_down_hands_over_to_a_caught_up_voter() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let old = net.leader();
+    let now = net.now;
+    net.nodes.get_mut(&old).unwrap().step_down(now).unwrap();
+    net.drain(old);
+    net.run_until(now + 2 * MS);
+    let new = net.leader();
+    assert_ne!(new, old);
+}

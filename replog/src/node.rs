@@ -427,6 +427,10 @@ impl<T: Transport> Node<T> {
                         let resp = self.redirect(leader);
                         self.reply(conn, req_id, resp);
                     }
+                    Err(ProposeError::Transferring { to }) => {
+                        let message = format!("leadership transfer to replica {to} in progress; retry");
+                        self.reply(conn, req_id, Response::Error { code: ErrorCode::Busy, message });
+                    }
                     Err(ProposeError::Busy) => {
                         let message = "too many pending entries; retry".to_string();
                         self.reply(conn, req_id, Response::Error { code: ErrorCode::Busy, message });

@@ -9,11 +9,12 @@
 //! ```text
 //! 1 PreVote        round
 //! 2 PreVoteReply   round, granted u8
-//! 3 Prepare        ballot
+//! 3 Prepare        ballot, transfer u8
 //! 4 Promise        ballot, chosen, last
 //! 5 Reject         ballot, promised
 //! 6 Heartbeat      ballot, commit
 //! 7 HeartbeatReply ballot, chosen, last
+//! 8 TimeoutNow     ballot
 //! ```
 //!
 //! A remote write of slots `first..` (`Transport::write`): offset = `first`; data =
@@ -98,8 +99,13 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
             put_u64(out, round);
             out.push(granted as u8);
         }
-        Message::Prepare { ballot } => {
+        Message::Prepare { ballot, transfer } => {
             out.push(3);
+            put_ballot(out, ballot);
+            out.push(transfer as u8);
+        }
+        Message::TimeoutNow { ballot } => {
+            out.push(8);
             put_ballot(out, ballot);
         }
         Message::Promise { ballot, chosen, last } => {
@@ -141,7 +147,16 @@ pub fn decode_message(b: &[u8]) -> Result<Message, WireError> {
             };
             Message::PreVoteReply { round, granted }
         }
-        3 => Message::Prepare { ballot: r.ballot()? },
+        3 => {
+            let ballot = r.ballot()?;
+            let transfer = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(WireError::Invalid("transfer flag")),
+            };
+            Message::Prepare { ballot, transfer }
+        }
+        8 => Message::TimeoutNow { ballot: r.ballot()? },
         4 => Message::Promise { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
         5 => Message::Reject { ballot: r.ballot()?, promised: r.ballot()? },
         6 => Message::Heartbeat { ballot: r.ballot()?, commit: r.u64()? },
@@ -295,7 +310,9 @@ mod tests {
         let ms = [
             Message::PreVote { round: 3 },
             Message::PreVoteReply { round: 3, granted: true },
-            Message::Prepare { ballot: b(4, 2) },
+            Message::Prepare { ballot: b(4, 2), transfer: false },
+            Message::Prepare { ballot: b(4, 2), transfer: true },
+            Message::TimeoutNow { ballot: b(4, 2) },
             Message::Promise { ballot: b(4, 2), chosen: 10, last: 12 },
             Message::Reject { ballot: b(4, 2), promised: b(5, 1) },
             Message::Heartbeat { ballot: b(5, 1), commit: 99 },

@@ -29,9 +29,9 @@ fn the_example_file_loads() {
     assert_eq!(p.id, 1);
     assert_eq!(p.voters, vec![1, 2, 3]);
     assert!(p.learners.is_empty());
-    assert_eq!(p.heartbeat_interval, 5_000_000);
-    assert_eq!(p.election_timeout, 50_000_000);
-    assert_eq!(p.retransmit_timeout, 20_000_000);
+    assert_eq!(p.heartbeat_interval, 10_000_000);
+    assert_eq!(p.election_timeout, 150_000_000);
+    assert_eq!(p.retransmit_timeout, 40_000_000);
     assert_eq!(p.window, 256);
     assert_eq!(p.max_batch_bytes, 1 << 20);
     assert_eq!(p.seed, 1);

@@ -39,7 +39,7 @@ impl<S: Storage> Replica<S> {
                 Ok(())
             }
             Role::Follower | Role::PreCandidate | Role::Candidate => {
-                if now >= self.election_deadline {
+                if now >= self.election_deadline && self.cfg.can_lead {
                     self.start_pre_vote()?;
                 }
                 Ok(())
@@ -111,14 +111,16 @@ impl<S: Storage> Replica<S> {
         let pre = self.pre.as_ref().expect("pre-vote state");
         let votes = if self.bug(PlantedBug::DoubleCountVote) { pre.granted_msgs } else { pre.granted.len() };
         if votes >= self.cfg.quorum() {
-            self.start_election()?;
+            self.start_election(false)?;
         }
         Ok(())
     }
 
-    /// Phase 1a: take a new ballot, promise it ourselves, ask the voters.
-    fn start_election(&mut self) -> Result<(), Error> {
-        require!(self.role == Role::PreCandidate);
+    /// Phase 1a: take a new ballot, promise it ourselves, ask the voters. `transfer`:
+    /// the leader handed leadership to us (no pre-vote was run; voters skip their lease).
+    fn start_election(&mut self, transfer: bool) -> Result<(), Error> {
+        require!(self.role == Role::PreCandidate || (transfer && self.role == Role::Follower));
+        require!(self.cfg.can_lead && self.cfg.is_voter());
         let ballot = Ballot::new(self.max_round + 1, self.cfg.id);
         self.raise_promise(ballot)?;
         self.pre = None;
@@ -143,19 +145,27 @@ impl<S: Storage> Replica<S> {
         self.note_role();
         let voters: Vec<NodeId> = self.cfg.voters.iter().copied().filter(|&v| v != self.cfg.id).collect();
         for v in voters {
-            self.send(v, Message::Prepare { ballot });
+            self.send(v, Message::Prepare { ballot, transfer });
         }
         self.maybe_adopt()
     }
 
     /// Phase 1b at an acceptor.
-    pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot) -> Result<(), Error> {
+    pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, transfer: bool) -> Result<(), Error> {
         if !self.cfg.is_voter() || ballot.node != from || !self.cfg.voters.contains(&from) {
             return Ok(());
         }
         self.max_round = self.max_round.max(ballot.round);
         if ballot > self.promised {
-            if self.lease_active(from) {
+            // A leader answers only the transfer it started; others answer a transfer
+            // despite their lease (the leader asked for it).
+            let handed_to_sender = self.lead.as_ref().and_then(|l| l.transfer).is_some_and(|t| t.to == from);
+            let lease = if self.role == Role::Leader {
+                !(transfer && handed_to_sender)
+            } else {
+                !transfer && self.lease_active(from)
+            };
+            if lease {
                 return Ok(()); // a healthy leader is known: do not help depose it
             }
             let before = self.promised;
@@ -183,6 +193,15 @@ impl<S: Storage> Replica<S> {
             self.send(from, Message::Reject { ballot, promised: self.promised });
         }
         Ok(())
+    }
+
+    /// The leader hands leadership to us: start an election now.
+    pub(super) fn on_timeout_now(&mut self, from: NodeId, ballot: Ballot) -> Result<(), Error> {
+        let from_our_leader = ballot == self.promised && from == self.promised.node && self.leader == Some(from);
+        if !from_our_leader || self.role != Role::Follower || !self.cfg.can_lead || !self.cfg.is_voter() {
+            return Ok(()); // stale, or we may not lead: the leader's transfer times out
+        }
+        self.start_election(true)
     }
 
     /// A promise reached the candidate: read the promiser's log tail.
@@ -328,6 +347,7 @@ impl<S: Storage> Replica<S> {
             heartbeat_due: now,
             quorum_check_due: now + self.cfg.election_timeout,
             commit_notify: false,
+            transfer: None,
         });
         self.note_role();
         self.heartbeat_tick()?;

@@ -138,6 +138,26 @@ pub enum Error {
     Stopped(String),
 }
 
+/// Why a leadership transfer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// This replica is not the leader.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The known leader, if any.
+        leader: Option<NodeId>,
+    },
+    /// The target is not a voting member.
+    #[error("replica {0} is not a voter")]
+    NotVoter(NodeId),
+    /// There is no other voter to hand leadership to.
+    #[error("no other voter to hand leadership to")]
+    NoCandidate,
+    /// The replica stopped after a fatal error.
+    #[error("replica stopped")]
+    Stopped,
+}
+
 /// Why a proposal was refused (nothing was done with it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
@@ -150,6 +170,12 @@ pub enum ProposeError {
     /// Too many proposals are waiting; retry later.
     #[error("busy: too many pending entries")]
     Busy,
+    /// Leadership is being handed to `to`; retry shortly (at the new leader).
+    #[error("leadership transfer to {to} in progress")]
+    Transferring {
+        /// The transfer's target.
+        to: NodeId,
+    },
     /// The replica stopped after a fatal error.
     #[error("replica stopped")]
     Stopped,
@@ -221,6 +247,17 @@ struct LeaderState {
     /// The commit index advanced since followers were last told: tell those that no
     /// write carried it at the end of this round of inputs.
     commit_notify: bool,
+    /// A leadership transfer in progress: the target, when to give up, and whether
+    /// `TimeoutNow` was sent. No new slot is opened meanwhile.
+    transfer: Option<Transfer>,
+}
+
+/// A leadership transfer in progress.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    to: NodeId,
+    deadline: Nanos,
+    sent: bool,
 }
 
 /// One member's Multi-Paxos state machine. Generic over its [`Storage`].
@@ -425,7 +462,8 @@ impl<S: Storage> Replica<S> {
         let r = match msg {
             Message::PreVote { round } => self.on_pre_vote(from, round),
             Message::PreVoteReply { round, granted } => self.on_pre_vote_reply(from, round, granted),
-            Message::Prepare { ballot } => self.on_prepare(from, ballot),
+            Message::Prepare { ballot, transfer } => self.on_prepare(from, ballot, transfer),
+            Message::TimeoutNow { ballot } => self.on_timeout_now(from, ballot),
             Message::Promise { ballot, chosen, last } => self.on_promise(from, ballot, chosen, last),
             Message::Reject { ballot, promised } => self.on_reject(from, ballot, promised),
             Message::Heartbeat { ballot, commit } => self.on_heartbeat(from, ballot, commit),
@@ -501,6 +539,9 @@ impl<S: Storage> Replica<S> {
         }
         let max = self.cfg.max_pending_entries;
         let lead = self.lead.as_mut().expect("leader state");
+        if let Some(t) = lead.transfer {
+            return Err(ProposeError::Transferring { to: t.to });
+        }
         if lead.pending.len() + cmds.len() > max && !lead.pending.is_empty() {
             return Err(ProposeError::Busy);
         }
@@ -510,6 +551,64 @@ impl<S: Storage> Replica<S> {
         }
         let r = self.fill_slots().and_then(|_| self.send_writes_all()).and_then(|_| self.try_advance_commit());
         self.leave(r).map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Hands leadership to the voter `to`: stops opening slots, waits until `to` holds
+    /// every slot, then tells it to start an election at once (`TimeoutNow`); its
+    /// Prepare carries the transfer flag, so replicas (this one included) answer it
+    /// despite their leader lease. Gives up after an election timeout if `to` does not
+    /// take over (it may be down, or may not be allowed to lead), and leads on.
+    pub fn transfer_leadership(&mut self, now: Nanos, to: NodeId) -> Result<(), TransferError> {
+        if self.stopped.is_some() {
+            return Err(TransferError::Stopped);
+        }
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader { leader: self.leader });
+        }
+        if to == self.cfg.id {
+            return Ok(());
+        }
+        if !self.cfg.voters.contains(&to) {
+            return Err(TransferError::NotVoter(to));
+        }
+        if self.enter(now).is_err() {
+            return Err(TransferError::Stopped);
+        }
+        let deadline = self.now + self.cfg.election_timeout;
+        let l = self.lead.as_mut().expect("leader state");
+        l.transfer = Some(Transfer { to, deadline, sent: false });
+        let r = self.send_writes(to).and_then(|_| self.check_transfer());
+        self.leave(r).map_err(|_| TransferError::Stopped)
+    }
+
+    /// Steps down in favour of the most caught-up other voter (a leadership transfer).
+    pub fn step_down(&mut self, now: Nanos) -> Result<(), TransferError> {
+        if self.role != Role::Leader {
+            return Err(TransferError::NotLeader { leader: self.leader });
+        }
+        let l = self.lead.as_ref().expect("leader state");
+        let best = l.peers.iter().filter(|(_, p)| p.voter).max_by_key(|(id, p)| (p.matched, p.last_heard, **id));
+        match best {
+            Some((&to, _)) => self.transfer_leadership(now, to),
+            None => Err(TransferError::NoCandidate),
+        }
+    }
+
+    /// Allows or forbids this replica to lead from now on (an application may veto
+    /// leadership). A leader that may no longer lead steps down.
+    pub fn set_can_lead(&mut self, now: Nanos, can_lead: bool) {
+        self.cfg.can_lead = can_lead;
+        if !can_lead && self.role == Role::Leader {
+            let _ = self.step_down(now);
+        }
+        if !can_lead && matches!(self.role, Role::PreCandidate | Role::Candidate) && self.enter(now).is_ok() {
+            self.become_follower(None);
+        }
+    }
+
+    /// The target of the leadership transfer in progress, if any.
+    pub fn transferring_to(&self) -> Option<NodeId> {
+        self.lead.as_ref().and_then(|l| l.transfer.map(|t| t.to))
     }
 
     // ---- outputs -------------------------------------------------------------------
@@ -558,6 +657,7 @@ impl<S: Storage> Replica<S> {
                 }
                 Some(l.heartbeat_due.min(l.quorum_check_due))
             }
+            Role::Follower if !self.cfg.can_lead => None,
             _ => Some(self.election_deadline),
         }
     }
@@ -617,7 +717,9 @@ impl<S: Storage> Replica<S> {
 
     pub(crate) fn reset_election_timer(&mut self, now: Nanos) {
         let t = self.cfg.election_timeout;
-        self.election_deadline = now + t + self.rng.below(t);
+        // Lower priority waits longer: up to one more election timeout at priority 0.
+        let penalty = t / 255 * (255 - self.cfg.priority as u64);
+        self.election_deadline = now + t + penalty + self.rng.below(t);
     }
 
     pub(crate) fn bug(&self, _b: crate::config::PlantedBug) -> bool {
@@ -729,6 +831,9 @@ impl<S: Storage> Replica<S> {
                     invariant!(p.base <= p.matched, "peer {id}: base > matched");
                 }
                 invariant!(self.cand.is_none() && self.pre.is_none());
+                if let Some(t) = l.transfer {
+                    invariant!(self.cfg.voters.contains(&t.to) && t.to != self.cfg.id, "transfer target {}", t.to);
+                }
             }
             Role::Candidate => {
                 let c = self.cand.as_ref().expect("candidate without state");

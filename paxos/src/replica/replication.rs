@@ -23,7 +23,7 @@ impl<S: Storage> Replica<S> {
             let Some(l) = self.lead.as_mut() else {
                 return Ok(());
             };
-            if l.pending.is_empty() || l.next_slot > l.commit + window {
+            if l.pending.is_empty() || l.next_slot > l.commit + window || l.transfer.is_some() {
                 return Ok(());
             }
             let mut batch: Vec<Command> = Vec::new();
@@ -60,7 +60,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// Sends `id` the slots it has not been sent, within its flow-control window.
-    fn send_writes(&mut self, id: NodeId) -> Result<(), Error> {
+    pub(super) fn send_writes(&mut self, id: NodeId) -> Result<(), Error> {
         let window = self.cfg.window;
         let max_slots = self.cfg.max_write_slots as u64;
         loop {
@@ -113,6 +113,26 @@ impl<S: Storage> Replica<S> {
             self.send(id, Message::Heartbeat { ballot, commit });
             self.send_writes(id)?;
         }
+        self.check_transfer()
+    }
+
+    /// A leadership transfer: once the target holds every slot, tell it to start an
+    /// election; past the deadline, give up and lead on.
+    pub(super) fn check_transfer(&mut self) -> Result<(), Error> {
+        let now = self.now;
+        let Some(l) = self.lead.as_mut() else { return Ok(()) };
+        let Some(mut t) = l.transfer else { return Ok(()) };
+        if now >= t.deadline {
+            l.transfer = None;
+            return self.fill_slots().and_then(|_| self.send_writes_all());
+        }
+        let caught_up = l.peers.get(&t.to).is_some_and(|p| p.matched + 1 >= l.next_slot);
+        if caught_up && !t.sent {
+            t.sent = true;
+            l.transfer = Some(t);
+            let ballot = l.ballot;
+            self.send(t.to, Message::TimeoutNow { ballot });
+        }
         Ok(())
     }
 
@@ -163,7 +183,8 @@ impl<S: Storage> Replica<S> {
                 }
                 self.try_advance_commit()?;
                 self.fill_slots()?;
-                self.send_writes_all()
+                self.send_writes_all()?;
+                self.check_transfer()
             }
             WriteResult::Denied { ballot, promised } => {
                 if ballot != l.ballot {
@@ -228,7 +249,8 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.try_advance_commit()?;
-        self.send_writes(from)
+        self.send_writes(from)?;
+        self.check_transfer()
     }
 
     /// Advances the commit index over slots acknowledged by a quorum, then applies.

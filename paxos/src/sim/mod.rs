@@ -73,6 +73,12 @@ pub struct SimConfig {
     pub read_slots: u64,
     /// Number of crash-restart events in the fault phase.
     pub crashes: usize,
+    /// Number of leadership transfers asked of the leader in the fault phase.
+    pub transfers: usize,
+    /// Whether one voter may never lead.
+    pub one_cannot_lead: bool,
+    /// Whether replicas get random election priorities.
+    pub priorities: bool,
     /// Number of partition events in the fault phase.
     pub partitions: usize,
     /// Clock rate spread: each replica's clock runs at a rate in `1/(1+x)..=(1+x)`.
@@ -114,6 +120,9 @@ impl SimConfig {
             disk_latency: [(0, 0), (10_000, 200_000), (100_000, 2 * MS)][r.below(3) as usize],
             read_slots: [2, 7, 1024][r.below(3) as usize],
             crashes: r.range(0, 4) as usize,
+            transfers: r.range(0, 3) as usize,
+            one_cannot_lead: r.chance(0.2),
+            priorities: r.chance(0.3),
             partitions: r.range(0, 4) as usize,
             clock_spread: [0.0, 0.1, 0.5][r.below(3) as usize],
             read_ratio: [0.0, 0.2, 0.4][r.below(3) as usize],
@@ -165,6 +174,8 @@ pub struct SimReport {
     pub elections: u64,
     /// Crash-restarts injected.
     pub crashes: u64,
+    /// Leadership transfers asked of a leader.
+    pub transfers: u64,
     /// Virtual time from healing to the first commit after it.
     pub recovery_after_heal: Option<Nanos>,
     /// Virtual time simulated.

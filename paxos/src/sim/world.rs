@@ -43,6 +43,7 @@ enum Event {
     ClientTimeout { client: usize, seq: u64, attempt: u32 },
     ClientResend { client: usize, seq: u64, attempt: u32 },
     Crash { node: NodeId },
+    Transfer { to: NodeId },
     Restart { node: NodeId },
     Cut { id: u64, links: Vec<(NodeId, NodeId)> },
     Uncut { id: u64 },
@@ -212,6 +213,11 @@ impl World {
             if at + len < ft {
                 self.schedule(at + len, Event::Uncut { id });
             }
+        }
+        for _ in 0..self.cfg.transfers {
+            let at = self.rng.below(ft);
+            let to = self.voters[self.rng.below(self.voters.len() as u64) as usize];
+            self.schedule(at, Event::Transfer { to });
         }
         self.schedule(ft, Event::Heal);
         for c in 0..self.clients.len() {
@@ -424,6 +430,21 @@ impl World {
             Event::ClientTimeout { client, seq, attempt } => self.client_timeout(client, seq, attempt),
             Event::ClientResend { client, seq, attempt } => self.client_resend(client, seq, attempt),
             Event::Crash { node } => self.crash(node),
+            Event::Transfer { to } => {
+                let leader = self
+                    .nodes
+                    .values()
+                    .find(|n| n.replica.as_ref().is_some_and(|r| r.role() == Role::Leader))
+                    .map(|n| n.id);
+                if let Some(l) = leader {
+                    let local = self.local_time(l);
+                    self.with_replica(l, |r| {
+                        let _ = r.transfer_leadership(local, to);
+                        Ok(())
+                    });
+                    self.report.transfers += 1;
+                }
+            }
             Event::Restart { node } => self.restart(node),
             Event::Cut { id, links } => {
                 if !self.healed {
@@ -485,6 +506,8 @@ impl World {
         c.max_read_slots = self.cfg.read_slots;
         c.seed = self.cfg.seed.wrapping_mul(31).wrapping_add(node * 1000 + n.incarnation);
         c.planted_bug = self.cfg.planted_bug;
+        c.can_lead = !(self.cfg.one_cannot_lead && Some(&node) == self.voters.last());
+        c.priority = if self.cfg.priorities { (node * 97 % 256) as u8 } else { 255 };
         let disk = SimDisk::open(n.durable.clone());
         match Replica::new(c, disk, local) {
             Ok(r) => n.replica = Some(r),
@@ -825,7 +848,7 @@ impl World {
                     None
                 }
                 Err(ProposeError::NotLeader { leader }) => Some(Reply::Redirect(leader)),
-                Err(ProposeError::Busy) => Some(Reply::Retry),
+                Err(ProposeError::Busy) | Err(ProposeError::Transferring { .. }) => Some(Reply::Retry),
                 Err(ProposeError::Stopped) => return,
             }
         };
