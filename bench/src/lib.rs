@@ -1,4 +1,16 @@
 //! replog benchmarks: workloads, baselines, the etcd peer, reports and plots.
 //!
-//! Not built yet (see the benchmarks issue). This crate is empty on purpose and
-//! claims no result.
+//! The `bench` binary (`src/main.rs`, documented in `bench/README.md`) starts a cluster
+//! of `replog serve` processes ([`cluster`]), measures the baselines of the same machine
+//! in the same run ([`baseline`]: TCP loopback round trip, fdatasync), drives the cluster
+//! and a 3-member etcd cluster ([`etcd`]) with one load generator ([`load`]), and writes
+//! JSON, CSV and SVG plots ([`report`], [`plot`]).
+
+pub mod baseline;
+pub mod cluster;
+pub mod etcd;
+pub mod load;
+pub mod plot;
+pub mod proc;
+pub mod report;
+pub mod stats;

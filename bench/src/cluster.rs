@@ -1,0 +1,150 @@
+//! A cluster of `replog serve` processes on loopback, stopped (and its data removed)
+//! when dropped, and the `replog` binary it runs.
+
+use crate::proc::{free_ports, spawn_tied, stop, TempDir};
+use anyhow::{bail, Context, Result};
+use replog::client::{Client, ClientConfig};
+use replog::config::{DurabilityKind, ServeConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `replog` binary: `explicit` if given, else the one next to this executable (the
+/// same cargo target directory: `cargo build --release -p replog -p bench`).
+pub fn find_replog(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("--replog {}: no such file", p.display());
+    }
+    let me = std::env::current_exe().context("locating the bench executable")?;
+    let dir = me.parent().context("the bench executable has no directory")?;
+    let mut candidates = vec![dir.join("replog")];
+    // `cargo run` from target/<profile>/: also try the sibling profile.
+    if let Some(target) = dir.parent() {
+        candidates.push(target.join("release").join("replog"));
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return Ok(c.clone());
+        }
+    }
+    bail!(
+        "no replog binary next to {} (looked at {:?}); build it with `cargo build --release -p replog -p bench` \
+         in the same CARGO_TARGET_DIR, or pass --replog PATH",
+        me.display(),
+        candidates
+    )
+}
+
+/// Running replicas.
+pub struct ReplogCluster {
+    /// The replicas' configurations (written to `dir/node-<id>.toml`).
+    pub cfgs: Vec<ServeConfig>,
+    procs: Vec<Child>,
+    dir: TempDir,
+}
+
+impl ReplogCluster {
+    /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
+    /// (up to 20 s) for a leader.
+    pub fn start(replog: &Path, n: usize, durability: DurabilityKind, parent: &Path) -> Result<ReplogCluster> {
+        let dir = TempDir::new(parent, "replog-bench")?;
+        let base = free_ports(3 * n as u16 + 3)?;
+        let mut cfgs = ServeConfig::local_cluster(n, base, dir.path(), durability);
+        for c in &mut cfgs {
+            // Logging at info costs CPU on the hot path of a 2-core machine.
+            c.log.level = "warn".to_string();
+        }
+        let mut cluster = ReplogCluster { cfgs, procs: Vec::new(), dir };
+        for i in 0..n {
+            let cfg = &cluster.cfgs[i];
+            let path = cluster.dir.path().join(format!("node-{}.toml", cfg.id));
+            std::fs::write(&path, cfg.to_toml())?;
+            let log = std::fs::File::create(cluster.dir.path().join(format!("node-{}.log", cfg.id)))?;
+            let child = spawn_tied(
+                Command::new(replog)
+                    .args(["serve", "--config"])
+                    .arg(&path)
+                    .env_remove("RUST_LOG")
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log),
+            )
+            .with_context(|| format!("starting {} serve", replog.display()))?;
+            cluster.procs.push(child);
+        }
+        cluster.wait_leader(Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    /// The cluster id.
+    pub fn cluster_id(&self) -> u64 {
+        self.cfgs[0].cluster_id
+    }
+
+    /// Client addresses of every replica.
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.cfgs.iter().map(|c| c.me().client_addr).collect()
+    }
+
+    /// The client address of the replica that says it leads, waiting up to `timeout`.
+    pub fn wait_leader(&mut self, timeout: Duration) -> Result<SocketAddr> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout && !crate::proc::stopped() {
+            for (i, p) in self.procs.iter_mut().enumerate() {
+                if let Ok(Some(st)) = p.try_wait() {
+                    bail!("replica {} exited ({st}); its log:\n{}", i + 1, self.log_tail(i));
+                }
+            }
+            for addr in self.client_addrs() {
+                if let Ok(s) = Client::status_of(addr, self.cluster_id(), Duration::from_millis(300)) {
+                    if s.role == "leader" {
+                        return Ok(addr);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("no leader within {timeout:?}; replica 1's log:\n{}", self.log_tail(0))
+    }
+
+    /// A client configuration that tries the leader first.
+    pub fn client_config(&mut self) -> Result<ClientConfig> {
+        let leader = self.wait_leader(Duration::from_secs(10))?;
+        let mut servers = vec![leader];
+        servers.extend(self.client_addrs().into_iter().filter(|a| *a != leader));
+        let mut cfg = ClientConfig::new(self.cluster_id(), servers);
+        cfg.timeout = Duration::from_secs(5);
+        Ok(cfg)
+    }
+
+    /// The last lines of replica `i`'s log.
+    pub fn log_tail(&self, i: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", self.cfgs[i].id))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Whether every replica is still running.
+    pub fn all_running(&mut self) -> bool {
+        self.procs.iter_mut().all(|p| matches!(p.try_wait(), Ok(None)))
+    }
+
+    /// Stops the replicas (SIGTERM, then SIGKILL after 2 s). Also done on drop.
+    pub fn stop(&mut self) {
+        for p in &mut self.procs {
+            stop(p, Duration::from_secs(2));
+        }
+        self.procs.clear();
+    }
+}
+
+impl Drop for ReplogCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,395 @@
+//! Results: one [`RunResult`] per configuration, the [`Baselines`] of the same run, the
+//! ratios between them and against etcd; written as JSON and CSV.
+
+use crate::stats::{fmt_rate, fmt_us, Latency};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Baselines measured in the same run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Baselines {
+    /// 64 B TCP loopback ping-pong (raw `TcpStream`, TCP_NODELAY).
+    pub tcp_rtt: Latency,
+    /// Its CDF `(us, quantile)`.
+    pub tcp_rtt_cdf: Vec<(f64, f64)>,
+    /// 4 KiB pwrite + fdatasync on the data directory.
+    pub fdatasync: Latency,
+    /// Its CDF.
+    pub fdatasync_cdf: Vec<(f64, f64)>,
+    /// Where the fdatasync probe ran.
+    pub data_dir: String,
+}
+
+impl Baselines {
+    /// The floor of a commit in memory mode: client to leader and leader to a follower,
+    /// 2 round trips.
+    pub fn memory_floor_us(&self) -> f64 {
+        2.0 * self.tcp_rtt.p50_us
+    }
+
+    /// The floor of a commit in fsync mode: 2 round trips + one fdatasync.
+    pub fn fsync_floor_us(&self) -> f64 {
+        2.0 * self.tcp_rtt.p50_us + self.fdatasync.p50_us
+    }
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// `replog` or `etcd`.
+    pub system: String,
+    /// `tcp` (dpdk and rdma to come).
+    pub transport: String,
+    /// `memory` or `fsync` (etcd: `fsync`, its WAL is synced).
+    pub durability: String,
+    /// `closed` or `open`.
+    pub mode: String,
+    /// Client threads (connections).
+    pub clients: usize,
+    /// Bytes per entry.
+    pub size: usize,
+    /// Entries per request.
+    pub batch: usize,
+    /// Open loop: offered entries per second.
+    pub offered_rate: Option<f64>,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Requests answered in the window.
+    pub requests: u64,
+    /// Entries acknowledged in the window.
+    pub entries: u64,
+    /// Entries per second.
+    pub throughput: f64,
+    /// Requests per second.
+    pub request_rate: f64,
+    /// Payload MB/s.
+    pub mb_per_s: f64,
+    /// Per-request latency.
+    pub latency: Latency,
+    /// Failed requests.
+    pub errors: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// Open loop: requests due but never sent.
+    pub missed: u64,
+    /// p50 / TCP RTT p50.
+    pub p50_over_rtt: f64,
+    /// p50 / the floor of its durability (memory: 2 RTT; fsync: 2 RTT + fdatasync).
+    pub p50_over_floor: f64,
+    /// CDF points `(us, quantile)`.
+    pub cdf: Vec<(f64, f64)>,
+}
+
+impl RunResult {
+    /// `replog memory closed c=4 64B b=1` (and `@10k/s` in open loop).
+    pub fn label(&self) -> String {
+        let mut s = format!(
+            "{} {} {} c={} {}B b={}",
+            self.system, self.durability, self.mode, self.clients, self.size, self.batch
+        );
+        if let Some(r) = self.offered_rate {
+            let _ = write!(s, " @{}/s", fmt_rate(r));
+        }
+        s
+    }
+
+    /// The result line printed beside its baseline ratios.
+    pub fn line(&self, b: &Baselines) -> String {
+        let floor_name = if self.durability == "memory" { "2 RTT" } else { "(2 RTT + fdatasync)" };
+        let floor = if self.durability == "memory" { b.memory_floor_us() } else { b.fsync_floor_us() };
+        let mut s = format!(
+            "{:<34} {:>8} appends/s {:>8} req/s  {}  | p50 / TCP RTT p50 = {:.1}x; p50 / {floor_name} p50 [{}] = {:.2}x",
+            self.label(),
+            fmt_rate(self.throughput),
+            fmt_rate(self.request_rate),
+            self.latency.line(),
+            self.p50_over_rtt,
+            fmt_us(floor),
+            self.p50_over_floor
+        );
+        if self.errors > 0 {
+            let _ = write!(s, "  [{} errors: {}]", self.errors, self.first_error.as_deref().unwrap_or(""));
+        }
+        if self.missed > 0 {
+            let _ = write!(s, "  [{} requests never sent: clients fell behind]", self.missed);
+        }
+        s
+    }
+}
+
+/// replog (fsync) against etcd at the same client count, size, batch and loop.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    /// The configuration, without the system.
+    pub config: String,
+    /// replog entries/s.
+    pub replog_throughput: f64,
+    /// etcd entries/s.
+    pub etcd_throughput: f64,
+    /// replog / etcd throughput.
+    pub throughput_ratio: f64,
+    /// replog p50 (us).
+    pub replog_p50_us: f64,
+    /// etcd p50 (us).
+    pub etcd_p50_us: f64,
+    /// replog p50 / etcd p50 (below 1: replog is faster).
+    pub p50_ratio: f64,
+    /// replog p99 / etcd p99.
+    pub p99_ratio: f64,
+}
+
+/// Pairs every replog fsync result with the etcd result of the same configuration.
+pub fn compare(runs: &[RunResult]) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for r in runs.iter().filter(|r| r.system == "replog" && r.durability == "fsync") {
+        let same = |e: &&RunResult| {
+            e.system == "etcd"
+                && e.mode == r.mode
+                && e.clients == r.clients
+                && e.size == r.size
+                && e.batch == r.batch
+                && e.offered_rate == r.offered_rate
+        };
+        if let Some(e) = runs.iter().find(same) {
+            let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            let mut config = format!("{} c={} {}B b={}", r.mode, r.clients, r.size, r.batch);
+            if let Some(x) = r.offered_rate {
+                let _ = write!(config, " @{}/s", fmt_rate(x));
+            }
+            out.push(Comparison {
+                config,
+                replog_throughput: r.throughput,
+                etcd_throughput: e.throughput,
+                throughput_ratio: div(r.throughput, e.throughput),
+                replog_p50_us: r.latency.p50_us,
+                etcd_p50_us: e.latency.p50_us,
+                p50_ratio: div(r.latency.p50_us, e.latency.p50_us),
+                p99_ratio: div(r.latency.p99_us, e.latency.p99_us),
+            });
+        }
+    }
+    out
+}
+
+impl Comparison {
+    /// One printed line.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<24} replog fsync {:>8}/s vs etcd {:>8}/s: replog/etcd throughput = {:.1}x; p50 {} vs {} (replog/etcd = {:.2}x); p99 ratio {:.2}x",
+            self.config,
+            fmt_rate(self.replog_throughput),
+            fmt_rate(self.etcd_throughput),
+            self.throughput_ratio,
+            fmt_us(self.replog_p50_us),
+            fmt_us(self.etcd_p50_us),
+            self.p50_ratio,
+            self.p99_ratio
+        )
+    }
+}
+
+/// One issue target and what was reached.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// The target.
+    pub name: String,
+    /// What was measured.
+    pub reached: String,
+    /// Whether it is met (None: not measured in this run).
+    pub met: Option<bool>,
+}
+
+/// The issue's targets, judged on `runs`.
+pub fn targets(runs: &[RunResult], b: &Baselines, cmp: &[Comparison]) -> Vec<Target> {
+    let mut t = Vec::new();
+    let replog = |d: &'static str| runs.iter().filter(move |r| r.system == "replog" && r.durability == d);
+    // 1. 300k appends/s, memory mode, with batching.
+    let best = replog("memory")
+        .filter(|r| r.mode == "closed" && r.size <= 64)
+        .max_by(|a, b| a.throughput.partial_cmp(&b.throughput).unwrap_or(std::cmp::Ordering::Equal));
+    t.push(match best {
+        Some(r) => Target {
+            name: "memory mode >= 300,000 appends/s (batching)".into(),
+            reached: format!("{} appends/s ({})", fmt_rate(r.throughput), r.label()),
+            met: Some(r.throughput >= 300_000.0),
+        },
+        None => Target { name: "memory mode >= 300,000 appends/s".into(), reached: "not measured".into(), met: None },
+    });
+    // 2. 10x etcd in fsync mode at the same client count.
+    let best_ratio = cmp
+        .iter()
+        .filter(|c| c.config.starts_with("closed"))
+        .max_by(|a, b| a.throughput_ratio.partial_cmp(&b.throughput_ratio).unwrap_or(std::cmp::Ordering::Equal));
+    let worst_ratio = cmp
+        .iter()
+        .filter(|c| c.config.starts_with("closed"))
+        .min_by(|a, b| a.throughput_ratio.partial_cmp(&b.throughput_ratio).unwrap_or(std::cmp::Ordering::Equal));
+    t.push(match (best_ratio, worst_ratio) {
+        (Some(b), Some(w)) => Target {
+            name: "fsync mode >= 10x etcd throughput at the same client count".into(),
+            reached: format!(
+                "best {:.1}x ({}), worst {:.1}x ({})",
+                b.throughput_ratio, b.config, w.throughput_ratio, w.config
+            ),
+            met: Some(b.throughput_ratio >= 10.0),
+        },
+        _ => Target { name: "fsync mode >= 10x etcd".into(), reached: "not measured".into(), met: None },
+    });
+    // 3. memory, one client: p50 <= 3 x TCP RTT.
+    let one =
+        |d: &'static str| replog(d).find(|r| r.mode == "closed" && r.clients == 1 && r.batch == 1 && r.size == 64);
+    t.push(match one("memory") {
+        Some(r) => Target {
+            name: "memory mode, 1 client: commit p50 <= 3x TCP RTT p50".into(),
+            reached: format!(
+                "p50 {} / RTT {} = {:.1}x",
+                fmt_us(r.latency.p50_us),
+                fmt_us(b.tcp_rtt.p50_us),
+                r.p50_over_rtt
+            ),
+            met: Some(r.p50_over_rtt <= 3.0),
+        },
+        None => Target { name: "memory 1-client p50 <= 3x RTT".into(), reached: "not measured".into(), met: None },
+    });
+    // 4. fsync, one client: p50 <= 1.5 x (2 RTT + fdatasync).
+    t.push(match one("fsync") {
+        Some(r) => Target {
+            name: "fsync mode, 1 client: commit p50 <= 1.5x (2 RTT + fdatasync p50)".into(),
+            reached: format!(
+                "p50 {} / {} = {:.2}x",
+                fmt_us(r.latency.p50_us),
+                fmt_us(b.fsync_floor_us()),
+                r.p50_over_floor
+            ),
+            met: Some(r.p50_over_floor <= 1.5),
+        },
+        None => Target { name: "fsync 1-client p50 <= 1.5x floor".into(), reached: "not measured".into(), met: None },
+    });
+    t
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// UTC date and time.
+    pub date: String,
+    /// Machine and load.
+    pub machine: Machine,
+    /// The command line.
+    pub command: String,
+    /// The etcd version used, if any.
+    pub etcd_version: Option<String>,
+    /// Why etcd was not measured, if it was not.
+    pub etcd_unavailable: Option<String>,
+    /// Baselines.
+    pub baselines: Baselines,
+    /// Every configuration.
+    pub runs: Vec<RunResult>,
+    /// replog fsync vs etcd.
+    pub comparisons: Vec<Comparison>,
+    /// The issue's targets.
+    pub targets: Vec<Target>,
+}
+
+/// What the run ran on.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Machine {
+    /// CPU model.
+    pub cpu: String,
+    /// Cores online.
+    pub cores: usize,
+    /// Kernel.
+    pub kernel: String,
+    /// /proc/loadavg before the run.
+    pub loadavg_before: String,
+    /// /proc/loadavg after the run.
+    pub loadavg_after: String,
+}
+
+impl Machine {
+    /// Reads /proc.
+    pub fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            loadavg_before: loadavg(),
+            loadavg_after: String::new(),
+        }
+    }
+}
+
+/// /proc/loadavg, trimmed.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string()
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, no time crate).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// Writes `results.json` and `results.csv` into `dir`.
+pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(report)?)?;
+    let mut csv = String::from(
+        "system,transport,durability,mode,clients,size,batch,offered_rate,duration_s,requests,entries,\
+         throughput,request_rate,mb_per_s,p50_us,p90_us,p99_us,p999_us,max_us,mean_us,errors,missed,\
+         p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us\n",
+    );
+    for r in &report.runs {
+        let l = &r.latency;
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2}",
+            r.system,
+            r.transport,
+            r.durability,
+            r.mode,
+            r.clients,
+            r.size,
+            r.batch,
+            r.offered_rate.map(|x| format!("{x:.0}")).unwrap_or_default(),
+            r.duration_s,
+            r.requests,
+            r.entries,
+            r.throughput,
+            r.request_rate,
+            r.mb_per_s,
+            l.p50_us,
+            l.p90_us,
+            l.p99_us,
+            l.p999_us,
+            l.max_us,
+            l.mean_us,
+            r.errors,
+            r.missed,
+            r.p50_over_rtt,
+            r.p50_over_floor,
+            report.baselines.tcp_rtt.p50_us,
+            report.baselines.fdatasync.p50_us
+        );
+    }
+    std::fs::write(dir.join("results.csv"), csv)?;
+    Ok(())
+}
