@@ -69,7 +69,13 @@ fn cannot_run(test: &str, why: &str) {
     if std::env::var_os("REPLOG_REQUIRE_ALL").is_some() {
         panic!("{test}: cannot run: {why} (REPLOG_REQUIRE_ALL is set, so this fails instead of skipping)");
     }
-    eprintln!("SKIPPED {test}: {why} (set REPLOG_REQUIRE_ALL=1 to make this a failure)");
+    say(&format!("SKIPPED {test}: {why} (set REPLOG_REQUIRE_ALL=1 to make this a failure)"));
+}
+
+/// Writes a line to the real stderr, past the test harness's output capture, so counts
+/// and skips show in the log of a passing run.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn missing_prerequisite() -> Option<String> {
@@ -165,18 +171,22 @@ impl ChildProc {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]).arg(exe);
         cmd.args(["child", "--exact", "--include-ignored", "--nocapture", "--test-threads=1"]);
-        cmd.env(ROLE_ENV, name).envs(env.iter().map(|(k, v)| (k, v))).stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
+        cmd.env(ROLE_ENV, name).envs(env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn child");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("[{name}] {line}");
-                if tx.send(line).is_err() {
-                    break;
+        // Both streams go to the (captured) test output and the channel; EAL logs to stderr.
+        let stdout = BufReader::new(child.stdout.take().expect("child stdout"));
+        let stderr = BufReader::new(child.stderr.take().expect("child stderr"));
+        for (stream, tx) in [(Box::new(stdout) as Box<dyn BufRead + Send>, tx.clone()), (Box::new(stderr), tx)] {
+            std::thread::spawn(move || {
+                for line in stream.lines().map_while(Result::ok) {
+                    println!("[{name}] {line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
         ChildProc { name, child, lines, seen: Vec::new() }
     }
 
@@ -304,7 +314,7 @@ fn two_processes_exchange_frames_over_veth() {
     );
     let (echo_ok, echo_bad, echo_dup) =
         (result_field(&echoed, "verified"), result_field(&echoed, "bad"), result_field(&echoed, "duplicates"));
-    println!(
+    say(&format!(
         "DPDK af_packet over veth: {total} frames of ethertype {ETHERTYPE:#06x} sent, {verified} echoed and verified \
          ({dup} duplicates, {bad} bad, {retx} retransmits); echo side verified {echo_ok} ({echo_bad} bad, {echo_dup} \
          duplicates), ignored {} + {} other frames; ping-pong RTT p50 {} us p99 {} us; streamed {} frames in {} ms; \
@@ -318,7 +328,7 @@ fn two_processes_exchange_frames_over_veth() {
         result_field(&sent, "eal_init_ms"),
         result_field(&echoed, "eal_init_ms"),
         wall.as_secs_f64()
-    );
+    ));
     assert_eq!(verified, total, "every frame echoed back and verified");
     assert_eq!(bad, 0, "no corrupt echo");
     assert_eq!(echo_bad, 0, "no corrupt frame at the echo side");
