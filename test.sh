@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR=never
 
 # System packages the suite needs. (The RDMA issue adds rdma-core and qemu here when its
 # tests land.) DPDK: dpdk-sys builds against libdpdk-dev with bindgen (libclang-dev).
-PKGS=(util-linux iproute2 libdpdk-dev dpdk libclang-dev pkg-config)
+PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -56,9 +56,13 @@ for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-
     sim --seeds 2000 --hunting --no-permission-check --bug "$bug"
 done
 
+echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; checks the harness)"
+bench_out=$(mktemp -d)
+if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
+
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
-echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator runs: $sim_passed passed, $sim_failed failed"
+echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed"
 if [ "$test_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
 echo "summary: $((passed + sim_passed)) passed, $((failed + sim_failed)) failed"
 [ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ]
