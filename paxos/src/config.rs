@@ -58,6 +58,11 @@ pub struct Config {
     pub max_pending_entries: usize,
     /// Seed for the election-timeout jitter.
     pub seed: u64,
+    /// The bound on clock-rate difference between any two replicas, in percent: a
+    /// leader's read lease lasts `election_timeout / (1 + drift)` from the send time of
+    /// the heartbeat round a quorum acknowledged, so it ends before any follower's
+    /// clock lets it help elect another leader. Default 10.
+    pub max_clock_drift_percent: u64,
     /// Whether this replica may ever lead. A replica that may not still votes and
     /// accepts, but never starts an election nor accepts a leadership transfer.
     pub can_lead: bool,
@@ -109,6 +114,7 @@ impl Config {
             max_pending_entries: 1 << 16,
             seed: id,
             can_lead: true,
+            max_clock_drift_percent: 10,
             priority: 255,
             #[cfg(feature = "sim")]
             planted_bug: None,

@@ -66,6 +66,8 @@ pub enum Message {
         ballot: Ballot,
         /// The leader's commit index.
         commit: Slot,
+        /// The heartbeat round (echoed in the reply; confirms leadership for reads).
+        seq: u64,
     },
     /// Answer to a heartbeat: the follower's progress, for catch-up.
     HeartbeatReply {
@@ -75,6 +77,8 @@ pub enum Message {
         chosen: Slot,
         /// The follower's highest accepted slot.
         last: Slot,
+        /// The heartbeat's round.
+        seq: u64,
     },
 }
 

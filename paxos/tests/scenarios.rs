@@ -86,7 +86,11 @@ impl Net {
                     self.roles.push((id, role));
                     continue;
                 }
-                Action::GrantWrite { .. } | Action::RevokeWrite { .. } | Action::Aborted(_) => continue,
+                Action::GrantWrite { .. }
+                | Action::RevokeWrite { .. }
+                | Action::Aborted(_)
+                | Action::ReadReady { .. }
+                | Action::ReadsAborted(_) => continue,
             };
             if !self.cut.contains(&(id, to)) {
                 self.queue.push_back((id, to, p));
@@ -512,4 +516,55 @@ fn step_down_hands_over_to_a_caught_up_voter() {
     net.run_until(now + 2 * MS);
     let new = net.leader();
     assert_ne!(new, old);
+}
+
+#[test]
+fn a_leader_serves_linearizable_reads_under_its_lease_and_by_a_quorum_round() {
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    net.run_until(100 * MS);
+    let l = net.leader();
+    net.propose(1, 1, b"x").unwrap();
+    net.run_until(105 * MS);
+    // Under the lease (heartbeats acknowledged within the election timeout): at once.
+    let now = net.now;
+    let r = net.nodes.get_mut(&l).unwrap();
+    r.read(now, 7).unwrap();
+    r.flush().unwrap();
+    let acts: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(acts.iter().any(|a| matches!(a, Action::ReadReady { id: 7, index } if *index >= 1)), "{acts:?}");
+    // Cut the leader off: the lease runs out, and a read needs a quorum round that
+    // cannot complete; the leader steps down and aborts it.
+    net.isolate(l);
+    net.run_until(now + 20 * MS);
+    let now = net.now;
+    if net.nodes[&l].role() == Role::Leader {
+        let r = net.nodes.get_mut(&l).unwrap();
+        r.read(now, 8).unwrap();
+        r.flush().unwrap();
+        let acts: Vec<_> = std::iter::from_fn(|| r.poll_action()).collect();
+        assert!(!acts.iter().any(|a| matches!(a, Action::ReadReady { id: 8, .. })), "no lease, no quorum: {acts:?}");
+        let mut aborted = false;
+        for t in 1..=100 {
+            net.nodes.get_mut(&l).unwrap().handle_timeout(now + t * MS).unwrap();
+            let r = net.nodes.get_mut(&l).unwrap();
+            r.flush().unwrap();
+            while let Some(a) = r.poll_action() {
+                assert!(!matches!(a, Action::ReadReady { id: 8, .. }), "a cut-off leader confirmed a read");
+                if matches!(&a, Action::ReadsAborted(ids) if ids.contains(&8)) {
+                    aborted = true;
+                }
+            }
+            if aborted {
+                break;
+            }
+        }
+        assert!(aborted, "the read is aborted when the leader steps down");
+    }
+    // A follower may serve a bounded-staleness read only while it hears its leader.
+    net.heal();
+    net.run_until(net.now + 100 * MS);
+    let now = net.now;
+    let f = [1, 2, 3].into_iter().find(|&n| net.nodes[&n].role() == Role::Follower).unwrap();
+    assert!(net.nodes[&f].can_serve_stale_read(now, 10 * MS));
+    assert!(!net.nodes[&f].can_serve_stale_read(now + 100 * MS, 10 * MS));
 }

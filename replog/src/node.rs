@@ -324,6 +324,9 @@ impl<T: Transport> Node<T> {
                 self.transport.revoke(from);
             }
             Action::Apply(applied) => self.on_apply(applied),
+            // The client protocol serves reads from the applied prefix; linearizable
+            // reads through Replica::read are not exposed to clients yet.
+            Action::ReadReady { .. } | Action::ReadsAborted(_) => {}
             Action::Aborted(cmds) => {
                 let leader = self.replica.leader();
                 for c in cmds {

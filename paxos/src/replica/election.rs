@@ -52,6 +52,7 @@ impl<S: Storage> Replica<S> {
     fn lease_active(&self, from: NodeId) -> bool {
         match self.role {
             Role::Leader => true,
+            _ if self.now < self.boot_lease_until => true,
             // A candidate whose phase 1 is progressing (tails being read) does not help
             // another election start; if it stalls, its lease lapses.
             Role::Candidate => self.candidate_contact.is_some_and(|t| self.now < t + self.cfg.election_timeout),
@@ -332,6 +333,8 @@ impl<S: Storage> Replica<S> {
                 last_heard: heard,
                 last_progress: now,
                 commit_sent: 0,
+                acked_seq: 0,
+                acked_sent_at: None,
             };
             peers.insert(id, p);
         }
@@ -348,6 +351,11 @@ impl<S: Storage> Replica<S> {
             quorum_check_due: now + self.cfg.election_timeout,
             commit_notify: false,
             transfer: None,
+            transfer_attempted: false,
+            hb_seq: 0,
+            hb_sent: VecDeque::new(),
+            reads: VecDeque::new(),
+            term_start: max_slot,
         });
         self.note_role();
         self.heartbeat_tick()?;

@@ -11,6 +11,7 @@
 
 mod apply;
 mod election;
+mod reads;
 mod replication;
 
 use crate::config::{Config, ConfigError};
@@ -98,6 +99,17 @@ pub enum Action {
     /// Proposals that will not be committed by this replica (it stopped leading before
     /// they got a slot). Their clients should retry at the new leader.
     Aborted(Vec<Command>),
+    /// The linearizable read `id` may be served now: this replica has applied every
+    /// slot up to `index`, and was the leader when the read arrived (confirmed by its
+    /// lease or by a quorum round).
+    ReadReady {
+        /// The read's id, as passed to [`Replica::read`].
+        id: u64,
+        /// The read index: the state after applying slot `index` is linearizable.
+        index: Slot,
+    },
+    /// Linearizable reads that will not complete here (this replica stopped leading).
+    ReadsAborted(Vec<u64>),
     /// The role, ballot or known leader changed.
     RoleChanged {
         /// The new role.
@@ -230,6 +242,9 @@ struct Progress {
     last_progress: Nanos,
     /// The highest commit index sent to this follower (on a write or heartbeat).
     commit_sent: Slot,
+    /// The highest heartbeat round it acknowledged, and when we sent that round.
+    acked_seq: u64,
+    acked_sent_at: Option<Nanos>,
 }
 
 /// A leader's state.
@@ -250,6 +265,16 @@ struct LeaderState {
     /// A leadership transfer in progress: the target, when to give up, and whether
     /// `TimeoutNow` was sent. No new slot is opened meanwhile.
     transfer: Option<Transfer>,
+    /// A transfer was attempted under this ballot: its target's Prepare bypasses the
+    /// voters' leases, so lease reads are off for the rest of the ballot.
+    transfer_attempted: bool,
+    /// The last heartbeat round sent, and when recent rounds were sent.
+    hb_seq: u64,
+    hb_sent: VecDeque<(u64, Nanos)>,
+    /// Linearizable reads waiting for confirmation and apply.
+    reads: VecDeque<reads::PendingRead>,
+    /// The last slot adopted in phase 1: reads wait until it is committed.
+    term_start: Slot,
 }
 
 /// A leadership transfer in progress.
@@ -277,6 +302,10 @@ pub struct Replica<S: Storage> {
     /// When the candidate we promised last showed progress (it prepared or read our
     /// tail): while recent, we do not help start another election.
     candidate_contact: Option<Nanos>,
+    /// After a restart, the replica helps no election before this time: it may have
+    /// acknowledged a leader's heartbeat just before crashing, and that leader's read
+    /// lease counts on it.
+    boot_lease_until: Nanos,
     /// When to start (or restart) an election.
     election_deadline: Nanos,
     /// Latest commit index heard, and the ballot of the leader that sent it.
@@ -316,6 +345,7 @@ impl<S: Storage> Replica<S> {
             leader: None,
             leader_contact: None,
             candidate_contact: None,
+            boot_lease_until: 0,
             election_deadline: 0,
             known_commit: (Ballot::ZERO, 0),
             chosen: 0,
@@ -334,6 +364,9 @@ impl<S: Storage> Replica<S> {
         // entries it covers): apply them again without waiting for a leader.
         r.chosen = r.storage.chosen_hint().min(r.storage.last_slot());
         r.apply_ready()?;
+        if !promised.is_zero() {
+            r.boot_lease_until = now + r.cfg.election_timeout;
+        }
         // After a restart the permission holder is the owner of the persisted promise.
         if !promised.is_zero() && promised.node != r.cfg.id {
             r.emit(Action::GrantWrite { to: promised.node, ballot: promised });
@@ -466,8 +499,10 @@ impl<S: Storage> Replica<S> {
             Message::TimeoutNow { ballot } => self.on_timeout_now(from, ballot),
             Message::Promise { ballot, chosen, last } => self.on_promise(from, ballot, chosen, last),
             Message::Reject { ballot, promised } => self.on_reject(from, ballot, promised),
-            Message::Heartbeat { ballot, commit } => self.on_heartbeat(from, ballot, commit),
-            Message::HeartbeatReply { ballot, chosen, last } => self.on_heartbeat_reply(from, ballot, chosen, last),
+            Message::Heartbeat { ballot, commit, seq } => self.on_heartbeat(from, ballot, commit, seq),
+            Message::HeartbeatReply { ballot, chosen, last, seq } => {
+                self.on_heartbeat_reply(from, ballot, chosen, last, seq)
+            }
         };
         self.leave(r)
     }
@@ -553,6 +588,38 @@ impl<S: Storage> Replica<S> {
         self.leave(r).map_err(|_| ProposeError::Stopped)
     }
 
+    /// Asks for a linearizable read with this `id`. On a leader it completes with
+    /// [`Action::ReadReady`] once leadership is confirmed (at once under the read lease,
+    /// else by a heartbeat round a quorum acknowledges) and every slot up to the read
+    /// index is applied; with [`Action::ReadsAborted`] if it stops leading first.
+    pub fn read(&mut self, now: Nanos, id: u64) -> Result<(), ProposeError> {
+        if self.stopped.is_some() {
+            return Err(ProposeError::Stopped);
+        }
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.enter(now).is_err() {
+            return Err(ProposeError::Stopped);
+        }
+        let r = self.start_read(id);
+        self.leave(r).map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Whether a follower may serve a read of its applied prefix that is at most
+    /// `max_staleness` behind: it heard its leader within that time. Reads served this
+    /// way are not linearizable; they reflect the log as of at most `max_staleness` ago
+    /// (plus clock drift).
+    pub fn can_serve_stale_read(&self, now: Nanos, max_staleness: Nanos) -> bool {
+        match self.role {
+            Role::Leader => true,
+            Role::Follower | Role::Learner => {
+                self.leader.is_some() && self.leader_contact.is_some_and(|t| now <= t + max_staleness)
+            }
+            _ => false,
+        }
+    }
+
     /// Hands leadership to the voter `to`: stops opening slots, waits until `to` holds
     /// every slot, then tells it to start an election at once (`TimeoutNow`); its
     /// Prepare carries the transfer flag, so replicas (this one included) answer it
@@ -577,6 +644,7 @@ impl<S: Storage> Replica<S> {
         let deadline = self.now + self.cfg.election_timeout;
         let l = self.lead.as_mut().expect("leader state");
         l.transfer = Some(Transfer { to, deadline, sent: false });
+        l.transfer_attempted = true;
         let r = self.send_writes(to).and_then(|_| self.check_transfer());
         self.leave(r).map_err(|_| TransferError::Stopped)
     }
@@ -794,6 +862,10 @@ impl<S: Storage> Replica<S> {
             if !l.pending.is_empty() {
                 let cmds: Vec<Command> = l.pending.into_iter().collect();
                 self.emit(Action::Aborted(cmds));
+            }
+            if !l.reads.is_empty() {
+                let ids: Vec<u64> = l.reads.iter().map(|r| r.id).collect();
+                self.emit(Action::ReadsAborted(ids));
             }
         }
         self.role = if self.cfg.is_voter() { Role::Follower } else { Role::Learner };

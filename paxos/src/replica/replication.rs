@@ -98,6 +98,7 @@ impl<S: Storage> Replica<S> {
         let l = self.lead.as_mut().expect("leader state");
         l.heartbeat_due = now + hb;
         let (ballot, commit) = (l.ballot, l.commit);
+        let seq = l.new_round(now);
         let mut ids = Vec::new();
         for (&id, p) in l.peers.iter_mut() {
             if p.next > p.matched + 1 && now >= p.last_progress + rto {
@@ -110,7 +111,7 @@ impl<S: Storage> Replica<S> {
             ids.push(id);
         }
         for id in ids {
-            self.send(id, Message::Heartbeat { ballot, commit });
+            self.send(id, Message::Heartbeat { ballot, commit, seq });
             self.send_writes(id)?;
         }
         self.check_transfer()
@@ -145,7 +146,7 @@ impl<S: Storage> Replica<S> {
             return;
         }
         l.commit_notify = false;
-        let (ballot, commit) = (l.ballot, l.commit);
+        let (ballot, commit, seq) = (l.ballot, l.commit, l.hb_seq);
         let mut to = Vec::new();
         for (&id, p) in l.peers.iter_mut() {
             if p.commit_sent < commit {
@@ -154,7 +155,7 @@ impl<S: Storage> Replica<S> {
             }
         }
         for id in to {
-            self.send(id, Message::Heartbeat { ballot, commit });
+            self.send(id, Message::Heartbeat { ballot, commit, seq });
         }
     }
 
@@ -201,8 +202,8 @@ impl<S: Storage> Replica<S> {
                 // The follower has not granted us yet (it missed our Prepare): a
                 // heartbeat makes it promise our ballot; the writes are re-sent after
                 // the retransmit timeout.
-                let commit = l.commit;
-                self.send(from, Message::Heartbeat { ballot, commit });
+                let (commit, seq) = (l.commit, l.hb_seq);
+                self.send(from, Message::Heartbeat { ballot, commit, seq });
                 Ok(())
             }
         }
@@ -215,6 +216,7 @@ impl<S: Storage> Replica<S> {
         ballot: Ballot,
         chosen: Slot,
         last: Slot,
+        seq: u64,
     ) -> Result<(), Error> {
         if self.role != Role::Leader {
             return Ok(());
@@ -225,10 +227,17 @@ impl<S: Storage> Replica<S> {
             return Ok(());
         }
         let next_slot = l.next_slot;
+        let sent_at = l.sent_at(seq);
         let Some(p) = l.peers.get_mut(&from) else {
             return Ok(());
         };
         p.last_heard = Some(now);
+        if seq > p.acked_seq {
+            p.acked_seq = seq;
+            if sent_at.is_some() {
+                p.acked_sent_at = sent_at;
+            }
+        }
         // Slots up to the follower's chosen prefix hold the chosen values there.
         let chosen = chosen.min(next_slot - 1);
         if chosen < p.base || last < p.matched {
@@ -250,7 +259,8 @@ impl<S: Storage> Replica<S> {
         }
         self.try_advance_commit()?;
         self.send_writes(from)?;
-        self.check_transfer()
+        self.check_transfer()?;
+        self.check_reads()
     }
 
     /// Advances the commit index over slots acknowledged by a quorum, then applies.
@@ -274,6 +284,7 @@ impl<S: Storage> Replica<S> {
         if commit > self.chosen {
             self.chosen = commit;
             self.apply_ready()?;
+            self.check_reads()?;
         }
         Ok(())
     }
@@ -334,7 +345,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A leader's heartbeat.
-    pub(super) fn on_heartbeat(&mut self, from: NodeId, ballot: Ballot, commit: Slot) -> Result<(), Error> {
+    pub(super) fn on_heartbeat(&mut self, from: NodeId, ballot: Ballot, commit: Slot, seq: u64) -> Result<(), Error> {
         if ballot.node != from {
             return Ok(());
         }
@@ -344,7 +355,7 @@ impl<S: Storage> Replica<S> {
                 // Planted bug: keep serving a lower ballot's leader.
                 let last = self.storage.last_slot();
                 let chosen = self.chosen;
-                self.send(from, Message::HeartbeatReply { ballot, chosen, last });
+                self.send(from, Message::HeartbeatReply { ballot, chosen, last, seq });
                 return Ok(());
             }
             self.send(from, Message::Reject { ballot, promised: self.promised });
@@ -366,7 +377,7 @@ impl<S: Storage> Replica<S> {
         self.leader_seen(from);
         self.learn_commit(ballot, commit)?;
         let last = self.storage.last_slot();
-        self.send(from, Message::HeartbeatReply { ballot, chosen: self.chosen, last });
+        self.send(from, Message::HeartbeatReply { ballot, chosen: self.chosen, last, seq });
         Ok(())
     }
 

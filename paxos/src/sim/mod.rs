@@ -144,6 +144,11 @@ impl SimConfig {
         c.disk_latency = (100_000, 3 * MS);
         c.dup = c.dup.max(0.05);
         c.slow = c.slow.max(0.05);
+        // Clocks up to 2x apart half of the time (a wide window for lease mistakes).
+        if r.chance(0.5) {
+            c.clock_spread = 1.0;
+            c.read_ratio = c.read_ratio.max(0.3);
+        }
         c.slow_max = c.slow_max.max(150 * MS);
         c
     }

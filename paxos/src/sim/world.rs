@@ -39,6 +39,7 @@ enum Event {
     Flush { node: NodeId, incarnation: u64 },
     ClientStart { client: usize },
     ClientArrive { client: usize, node: NodeId, cmd: Command },
+    ClientReadArrive { client: usize, node: NodeId, session: u64, seq: u64 },
     ClientReply { client: usize, session: u64, seq: u64, attempt: u32, reply: Reply },
     ClientTimeout { client: usize, seq: u64, attempt: u32 },
     ClientResend { client: usize, seq: u64, attempt: u32 },
@@ -77,6 +78,8 @@ struct Node {
     waiters: BTreeMap<(u64, u64), usize>,
     /// The write permission this replica's agent granted (as a NIC would hold it).
     permission: Option<(NodeId, Ballot)>,
+    /// Direct (lease or quorum-round) reads waiting here: id -> (client, session, seq).
+    read_waiters: BTreeMap<u64, (usize, u64, u64)>,
 }
 
 struct ClientOp {
@@ -84,6 +87,8 @@ struct ClientOp {
     seq: u64,
     input: LogInput,
     attempt: u32,
+    /// A read served by the leader's read path (lease or quorum round), not the log.
+    direct: bool,
 }
 
 struct Client {
@@ -106,6 +111,7 @@ pub struct World {
     clients: Vec<Client>,
     next_session: u64,
     next_value: u64,
+    next_read_id: u64,
     cuts: BTreeMap<u64, Vec<(NodeId, NodeId)>>,
     healed: bool,
     settling: bool,
@@ -151,6 +157,7 @@ impl World {
                     sm: StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() },
                     waiters: BTreeMap::new(),
                     permission: None,
+                    read_waiters: BTreeMap::new(),
                 },
             );
         }
@@ -170,6 +177,7 @@ impl World {
             clients,
             next_session,
             next_value: 1,
+            next_read_id: 0,
             cuts: BTreeMap::new(),
             healed: false,
             settling: false,
@@ -424,6 +432,9 @@ impl World {
             }
             Event::ClientStart { client } => self.client_start(client),
             Event::ClientArrive { client, node, cmd } => self.client_arrive(client, node, cmd),
+            Event::ClientReadArrive { client, node, session, seq } => {
+                self.client_read_arrive(client, node, session, seq)
+            }
             Event::ClientReply { client, session, seq, attempt, reply } => {
                 self.client_reply(client, session, seq, attempt, reply)
             }
@@ -481,6 +492,7 @@ impl World {
         n.timer_at = None;
         n.flush_at = None;
         n.waiters.clear();
+        n.read_waiters.clear();
         n.permission = None;
         n.sm = StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() };
     }
@@ -506,6 +518,10 @@ impl World {
         c.max_read_slots = self.cfg.read_slots;
         c.seed = self.cfg.seed.wrapping_mul(31).wrapping_add(node * 1000 + n.incarnation);
         c.planted_bug = self.cfg.planted_bug;
+        // The clock-drift bound the read lease assumes: the largest ratio between two
+        // replicas' clock rates, in percent over 1.
+        let spread = self.cfg.clock_spread;
+        c.max_clock_drift_percent = (((1.0 + spread) * (1.0 + spread) - 1.0) * 100.0).ceil() as u64 + 1;
         c.can_lead = !(self.cfg.one_cannot_lead && Some(&node) == self.voters.last());
         c.priority = if self.cfg.priorities { (node * 97 % 256) as u8 } else { 255 };
         let disk = SimDisk::open(n.durable.clone());
@@ -595,6 +611,26 @@ impl World {
                 }
             }
             Action::Apply(applied) => self.apply(node, applied),
+            Action::ReadReady { id, index } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if let Some((client, session, seq)) = n.read_waiters.remove(&id) {
+                    if n.sm.last_slot < index {
+                        let msg = format!("replica {node} released read {id} at index {index} before applying it");
+                        self.violate(ViolationKind::StateMachine, msg);
+                        return;
+                    }
+                    let out = LogOutput::Read { len: n.sm.values.len() as u64, digest: n.sm.digest };
+                    self.reply_later(client, session, seq, Reply::Done(out));
+                }
+            }
+            Action::ReadsAborted(ids) => {
+                for id in ids {
+                    let n = self.nodes.get_mut(&node).expect("node");
+                    if let Some((client, session, seq)) = n.read_waiters.remove(&id) {
+                        self.reply_later(client, session, seq, Reply::Retry);
+                    }
+                }
+            }
             Action::Aborted(cmds) => {
                 for c in cmds {
                     if let Some(client) = self.nodes.get_mut(&node).expect("node").waiters.remove(&(c.client, c.seq)) {
@@ -809,7 +845,8 @@ impl World {
         let session = c.session;
         self.history.push(Operation { client: session, call: self.now, ret: None, input, output: None });
         let hist = self.history.len() - 1;
-        self.clients[client].op = Some(ClientOp { hist, seq, input, attempt: 0 });
+        let direct = read && self.rng.chance(0.5);
+        self.clients[client].op = Some(ClientOp { hist, seq, input, attempt: 0, direct });
         self.client_send(client);
     }
 
@@ -821,16 +858,45 @@ impl World {
     }
 
     fn client_send(&mut self, client: usize) {
-        let node = self.pick_target(client);
+        let mut node = self.pick_target(client);
+        // A direct read sometimes goes to a replica picked at random (a client with
+        // stale leader information): a replica that wrongly believes it still leads
+        // must not answer it with stale data.
+        if self.clients[client].op.as_ref().is_some_and(|o| o.direct) && self.rng.chance(0.5) {
+            node = self.voters[self.rng.below(self.voters.len() as u64) as usize];
+        }
         let c = &mut self.clients[client];
         let op = c.op.as_mut().expect("op");
         op.attempt += 1;
         let payload = encode(op.input);
         let cmd = Command { client: c.session, seq: op.seq, payload };
-        let (seq, attempt) = (op.seq, op.attempt);
+        let (seq, attempt, direct, session) = (op.seq, op.attempt, op.direct, c.session);
         let d = self.client_delay();
-        self.schedule(self.now + d, Event::ClientArrive { client, node, cmd });
+        if direct {
+            self.schedule(self.now + d, Event::ClientReadArrive { client, node, session, seq });
+        } else {
+            self.schedule(self.now + d, Event::ClientArrive { client, node, cmd });
+        }
         self.schedule(self.now + CLIENT_TIMEOUT, Event::ClientTimeout { client, seq, attempt });
+    }
+
+    fn client_read_arrive(&mut self, client: usize, node: NodeId, session: u64, seq: u64) {
+        let attempt = self.clients[client].op.as_ref().map_or(0, |o| o.attempt);
+        let local = self.local_time(node);
+        self.next_read_id += 1;
+        let id = self.next_read_id;
+        let n = self.nodes.get_mut(&node).expect("node");
+        let Some(r) = n.replica.as_mut() else { return };
+        match r.read(local, id) {
+            Ok(()) => {
+                n.read_waiters.insert(id, (client, session, seq));
+                self.after(node);
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                self.reply_at(client, session, seq, attempt, Reply::Redirect(leader))
+            }
+            Err(_) => self.reply_at(client, session, seq, attempt, Reply::Retry),
+        }
     }
 
     fn client_arrive(&mut self, client: usize, node: NodeId, cmd: Command) {
