@@ -52,8 +52,9 @@ sim --seeds 3000
 sim --seeds 1000 --start 1000000 --hunting
 
 echo "== simulator: every planted bug must be caught"
-for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum; do
-    sim --seeds 2000 --hunting --no-permission-check --bug "$bug"
+for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum \
+    leader-votes-before-sync; do
+    sim --seeds 5000 --hunting --no-permission-check --bug "$bug"
 done
 
 echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; checks the harness)"

@@ -20,6 +20,9 @@ pub enum PlantedBug {
     AckBeforeSync,
     /// The leader commits a slot once it is written locally, without a quorum.
     CommitWithoutQuorum,
+    /// The leader counts its own vote for a slot before its storage synced it (while
+    /// its remote writes already left).
+    LeaderVotesBeforeSync,
 }
 
 /// Configuration of one replica. Every member of a cluster must agree on `voters`

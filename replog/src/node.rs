@@ -8,6 +8,7 @@
 //!     core.handle_*(events)                                     // messages, remote writes/reads, completions
 //!     core.propose / reads / status  <- client requests         // from the client-port thread
 //!     core.handle_timeout if due
+//!     execute core.poll_action()                                // what needs no sync: a leader's remote writes
 //!     core.flush()                                              // one storage sync covers everything above
 //!     execute core.poll_action(): send, write, read, complete, grant/revoke, apply -> answer clients
 //! }
@@ -171,6 +172,11 @@ impl<T: Transport> Node<T> {
             }
             if self.replica.poll_timeout().is_some_and(|t| t <= now) {
                 self.replica.handle_timeout(now)?;
+            }
+            // Actions that need no sync (a leader's remote writes) leave before the
+            // sync, so the followers' syncs run in parallel with ours.
+            while let Some(a) = self.replica.poll_action() {
+                self.execute(a);
             }
             if let Err(e) = self.replica.flush() {
                 error!(error = %e, "storage failed: this replica stops acknowledging");

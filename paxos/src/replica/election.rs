@@ -356,6 +356,7 @@ impl<S: Storage> Replica<S> {
             hb_sent: VecDeque::new(),
             reads: VecDeque::new(),
             term_start: max_slot,
+            synced: self.chosen,
         });
         self.note_role();
         self.heartbeat_tick()?;

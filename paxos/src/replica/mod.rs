@@ -275,6 +275,9 @@ struct LeaderState {
     reads: VecDeque<reads::PendingRead>,
     /// The last slot adopted in phase 1: reads wait until it is committed.
     term_start: Slot,
+    /// Every slot up to here is durable in this leader's own storage: its own vote
+    /// counts for these only.
+    synced: Slot,
 }
 
 /// A leadership transfer in progress.
@@ -697,6 +700,18 @@ impl<S: Storage> Replica<S> {
             self.dirty = false;
         }
         self.out.extend(self.staged.drain(..));
+        // A leader's own acceptances are durable now: its vote counts for them.
+        if let Some(l) = self.lead.as_mut() {
+            if l.synced + 1 < l.next_slot {
+                l.synced = l.next_slot - 1;
+                if let Err(e) = self.try_advance_commit() {
+                    self.stopped = Some(e.to_string());
+                    self.staged.clear();
+                    return Err(e);
+                }
+                self.check_invariants();
+            }
+        }
         Ok(())
     }
 
@@ -767,7 +782,13 @@ impl<S: Storage> Replica<S> {
             self.out.push_back(a);
             return;
         }
-        if self.dirty || !self.staged.is_empty() {
+        // A leader's remote writes and heartbeats claim nothing about its own storage
+        // (its vote counts only for slots it synced, so the commit index they carry is
+        // safe): they leave at once, and the followers' syncs run in parallel with the
+        // leader's instead of after it.
+        let independent = self.role == Role::Leader
+            && matches!(&a, Action::RemoteWrite { .. } | Action::Send { msg: Message::Heartbeat { .. }, .. });
+        if (self.dirty || !self.staged.is_empty()) && !independent {
             self.staged.push(a);
         } else {
             self.out.push_back(a);
@@ -898,6 +919,7 @@ impl<S: Storage> Replica<S> {
                 invariant!(l.ballot.node == self.cfg.id);
                 invariant!(l.commit == self.chosen, "leader commit {} != chosen {}", l.commit, self.chosen);
                 invariant!(l.commit < l.next_slot, "commit {} >= next slot {}", l.commit, l.next_slot);
+                invariant!(l.synced < l.next_slot, "synced {} >= next slot {}", l.synced, l.next_slot);
                 for (id, p) in &l.peers {
                     invariant!(p.matched < p.next, "peer {id}: matched {} >= next {}", p.matched, p.next);
                     invariant!(p.base <= p.matched, "peer {id}: base > matched");

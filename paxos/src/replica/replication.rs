@@ -266,11 +266,14 @@ impl<S: Storage> Replica<S> {
     /// Advances the commit index over slots acknowledged by a quorum, then applies.
     pub(super) fn try_advance_commit(&mut self) -> Result<(), Error> {
         let quorum = if self.bug(PlantedBug::CommitWithoutQuorum) { 1 } else { self.cfg.quorum() };
+        let votes_early = self.bug(PlantedBug::LeaderVotesBeforeSync);
         let l = self.lead.as_mut().expect("leader state");
         let before = l.commit;
         while l.commit + 1 < l.next_slot {
             let s = l.commit + 1;
-            let votes = 1 + l.peers.values().filter(|p| p.voter && p.matched >= s).count();
+            // Our own vote counts once our acceptance of `s` is durable.
+            let own = usize::from(s <= l.synced || votes_early);
+            let votes = own + l.peers.values().filter(|p| p.voter && p.matched >= s).count();
             if votes < quorum {
                 break;
             }

@@ -247,16 +247,18 @@ pub fn bug_name(b: PlantedBug) -> &'static str {
         PlantedBug::DoubleCountVote => "double-count-vote",
         PlantedBug::AckBeforeSync => "ack-before-sync",
         PlantedBug::CommitWithoutQuorum => "commit-without-quorum",
+        PlantedBug::LeaderVotesBeforeSync => "leader-votes-before-sync",
     }
 }
 
 /// Every planted bug.
-pub const ALL_BUGS: [PlantedBug; 5] = [
+pub const ALL_BUGS: [PlantedBug; 6] = [
     PlantedBug::SkipValueAdoption,
     PlantedBug::AcceptLowerBallot,
     PlantedBug::DoubleCountVote,
     PlantedBug::AckBeforeSync,
     PlantedBug::CommitWithoutQuorum,
+    PlantedBug::LeaderVotesBeforeSync,
 ];
 
 /// Parses a planted bug's command-line name.
