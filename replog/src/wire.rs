@@ -12,8 +12,8 @@
 //! 3 Prepare        ballot, transfer u8
 //! 4 Promise        ballot, chosen, last
 //! 5 Reject         ballot, promised
-//! 6 Heartbeat      ballot, commit
-//! 7 HeartbeatReply ballot, chosen, last
+//! 6 Heartbeat      ballot, commit, seq
+//! 7 HeartbeatReply ballot, chosen, last, seq
 //! 8 TimeoutNow     ballot
 //! ```
 //!
@@ -119,16 +119,18 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
             put_ballot(out, ballot);
             put_ballot(out, promised);
         }
-        Message::Heartbeat { ballot, commit } => {
+        Message::Heartbeat { ballot, commit, seq } => {
             out.push(6);
             put_ballot(out, ballot);
             put_u64(out, commit);
+            put_u64(out, seq);
         }
-        Message::HeartbeatReply { ballot, chosen, last } => {
+        Message::HeartbeatReply { ballot, chosen, last, seq } => {
             out.push(7);
             put_ballot(out, ballot);
             put_u64(out, chosen);
             put_u64(out, last);
+            put_u64(out, seq);
         }
     }
 }
@@ -159,8 +161,8 @@ pub fn decode_message(b: &[u8]) -> Result<Message, WireError> {
         8 => Message::TimeoutNow { ballot: r.ballot()? },
         4 => Message::Promise { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
         5 => Message::Reject { ballot: r.ballot()?, promised: r.ballot()? },
-        6 => Message::Heartbeat { ballot: r.ballot()?, commit: r.u64()? },
-        7 => Message::HeartbeatReply { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
+        6 => Message::Heartbeat { ballot: r.ballot()?, commit: r.u64()?, seq: r.u64()? },
+        7 => Message::HeartbeatReply { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()?, seq: r.u64()? },
         k => return Err(WireError::UnknownKind(k)),
     };
     r.end()?;
@@ -315,8 +317,8 @@ mod tests {
             Message::TimeoutNow { ballot: b(4, 2) },
             Message::Promise { ballot: b(4, 2), chosen: 10, last: 12 },
             Message::Reject { ballot: b(4, 2), promised: b(5, 1) },
-            Message::Heartbeat { ballot: b(5, 1), commit: 99 },
-            Message::HeartbeatReply { ballot: b(5, 1), chosen: 98, last: 99 },
+            Message::Heartbeat { ballot: b(5, 1), commit: 99, seq: 7 },
+            Message::HeartbeatReply { ballot: b(5, 1), chosen: 98, last: 99, seq: 7 },
         ];
         for m in ms {
             let mut out = Vec::new();
