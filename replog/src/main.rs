@@ -94,6 +94,10 @@ enum Cmd {
         /// Maximum number of entries.
         #[arg(long, default_value_t = 100)]
         max: u32,
+        /// Read from any replica's applied prefix (may trail the leader by a round
+        /// trip) instead of a linearizable read at the leader.
+        #[arg(long)]
+        stale: bool,
     },
     /// Follow the log from a position, printing entries as they commit.
     Tail {
@@ -102,6 +106,13 @@ enum Cmd {
         /// First position.
         #[arg(default_value_t = 0)]
         from: u64,
+    },
+    /// Hand leadership to a replica (or, without one, to the most caught-up other voter).
+    Transfer {
+        #[command(flatten)]
+        target: Target,
+        /// The replica to lead next.
+        to: Option<u64>,
     },
     /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
     Status {
@@ -123,7 +134,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve { config } => serve(&config),
         Cmd::Up { dir, nodes, base_port, durability } => up(&dir, nodes, base_port, durability.into()),
         Cmd::Append { target, entries } => append(&target, entries),
-        Cmd::Read { target, from, max } => read(&target, from, max),
+        Cmd::Read { target, from, max, stale } => read(&target, from, max, stale),
+        Cmd::Transfer { target, to } => transfer(&target, to),
         Cmd::Tail { target, from } => tail(&target, from),
         Cmd::Status { target } => status(&target),
     }
@@ -375,13 +387,35 @@ fn show(out: &mut impl Write, pos: u64, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn read(t: &Target, from: u64, max: u32) -> Result<()> {
+fn read(t: &Target, from: u64, max: u32, stale: bool) -> Result<()> {
     let mut c = client(t)?;
-    let entries = c.read(from, max).context("reading")?;
+    let entries =
+        if stale { c.read(from, max).context("reading") } else { c.read_linearizable(from, max).context("reading") }?;
     let mut out = std::io::stdout().lock();
     for (p, d) in entries {
         show(&mut out, p, &d)?;
     }
+    Ok(())
+}
+
+fn transfer(t: &Target, to: Option<u64>) -> Result<()> {
+    let mut c = client(t)?;
+    let st = c.transfer_leadership(to.unwrap_or(0)).context("asking the leader to hand over")?;
+    match to {
+        Some(to) => println!("replica {} is handing leadership to replica {to}", st.node),
+        None => println!("replica {} is stepping down", st.node),
+    }
+    // Show who leads once the hand-over settles.
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(s) = c.status() {
+            if let Some(l) = s.leader.filter(|&l| l != st.node) {
+                println!("leader: replica {l}");
+                return Ok(());
+            }
+        }
+    }
+    println!("the leader has not changed yet; see `replog status`");
     Ok(())
 }
 

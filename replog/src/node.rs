@@ -70,6 +70,14 @@ struct PendingAppend {
     started: Instant,
 }
 
+struct LinRead {
+    conn: ConnId,
+    req_id: u64,
+    from: Position,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
 struct TailSub {
     conn: ConnId,
     req_id: u64,
@@ -102,6 +110,9 @@ pub struct Node<T: Transport> {
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
+    /// Linearizable reads waiting for the core's confirmation, by read id.
+    lin_reads: HashMap<u64, LinRead>,
+    next_read_id: u64,
     connected: BTreeMap<PeerId, bool>,
     buf: Vec<u8>,
     last_metrics: Instant,
@@ -137,6 +148,8 @@ impl<T: Transport> Node<T> {
             index: Vec::new(),
             cache: None,
             tails: Vec::new(),
+            lin_reads: HashMap::new(),
+            next_read_id: 0,
             connected,
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
@@ -330,9 +343,23 @@ impl<T: Transport> Node<T> {
                 self.transport.revoke(from);
             }
             Action::Apply(applied) => self.on_apply(applied),
-            // The client protocol serves reads from the applied prefix; linearizable
-            // reads through Replica::read are not exposed to clients yet.
-            Action::ReadReady { .. } | Action::ReadsAborted(_) => {}
+            Action::ReadReady { id, .. } => {
+                // Confirmed, and everything committed at arrival is applied (and so in
+                // the position index): serve it from the applied prefix.
+                if let Some(r) = self.lin_reads.remove(&id) {
+                    let resp = self.read_entries(r.from, r.max_entries, r.max_bytes);
+                    self.reply(r.conn, r.req_id, resp);
+                }
+            }
+            Action::ReadsAborted(ids) => {
+                let leader = self.replica.leader();
+                for id in ids {
+                    if let Some(r) = self.lin_reads.remove(&id) {
+                        let resp = self.redirect(leader);
+                        self.reply(r.conn, r.req_id, resp);
+                    }
+                }
+            }
             Action::Aborted(cmds) => {
                 let leader = self.replica.leader();
                 for c in cmds {
@@ -458,12 +485,55 @@ impl<T: Transport> Node<T> {
                 self.tails.push(TailSub { conn, req_id, next: from.max(1) });
                 self.serve_tails();
             }
+            Request::ReadLinearizable { from, max_entries, max_bytes } => {
+                self.next_read_id += 1;
+                let id = self.next_read_id;
+                match self.replica.read(now, id) {
+                    Ok(()) => {
+                        let r = LinRead {
+                            conn,
+                            req_id,
+                            from,
+                            max_entries: max_entries as usize,
+                            max_bytes: max_bytes as usize,
+                        };
+                        self.lin_reads.insert(id, r);
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        let resp = self.redirect(leader);
+                        self.reply(conn, req_id, resp);
+                    }
+                    Err(e) => {
+                        let message = format!("linearizable read refused: {e}");
+                        self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                    }
+                }
+            }
+            Request::Transfer { to } => {
+                let r = if to == 0 { self.replica.step_down(now) } else { self.replica.transfer_leadership(now, to) };
+                match r {
+                    Ok(()) => {
+                        info!(to, "leadership transfer started");
+                        let s = self.status();
+                        self.reply(conn, req_id, Response::Status(s));
+                    }
+                    Err(paxos::TransferError::NotLeader { leader }) => {
+                        let resp = self.redirect(leader);
+                        self.reply(conn, req_id, resp);
+                    }
+                    Err(e) => {
+                        let message = format!("leadership transfer refused: {e}");
+                        self.reply(conn, req_id, Response::Error { code: ErrorCode::BadRequest, message });
+                    }
+                }
+            }
             Request::Status => {
                 let s = self.status();
                 self.reply(conn, req_id, Response::Status(s));
             }
             Request::Disconnected => {
                 self.tails.retain(|t| t.conn != conn);
+                self.lin_reads.retain(|_, r| r.conn != conn);
                 self.appends.retain(|(c, _), _| *c != conn);
             }
             Request::Hello { .. } => {}

@@ -498,6 +498,36 @@ impl Client {
         }
     }
 
+    /// Like [`Client::read`], but linearizable: the leader answers once it confirmed its
+    /// leadership and applied everything committed when the request arrived, so the
+    /// answer includes every append acknowledged before this call.
+    pub fn read_linearizable(&mut self, from: u64, max_entries: u32) -> Result<Vec<(u64, Bytes)>, ClientError> {
+        let req = Request::ReadLinearizable { from, max_entries, max_bytes: self.max_frame.saturating_sub(1024) };
+        match self.call(&req, "linearizable read")? {
+            Response::Entries { from, entries, .. } => {
+                Ok(entries.into_iter().enumerate().map(|(i, e)| (from + i as u64, e)).collect())
+            }
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a linearizable read with {other:?}"),
+            }),
+        }
+    }
+
+    /// Asks the leader to hand leadership to replica `to` (0: the most caught-up other
+    /// voter). Returns the leader's status once the transfer started; the new leader
+    /// takes over within about a round trip (or the transfer is abandoned after an
+    /// election timeout, if `to` is down or may not lead).
+    pub fn transfer_leadership(&mut self, to: u64) -> Result<Status, ClientError> {
+        match self.call(&Request::Transfer { to }, "transfer")? {
+            Response::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a transfer with {other:?}"),
+            }),
+        }
+    }
+
     /// Follows the log from position `from` (0 = the first) on a connection of its own
     /// (to the server this client uses).
     pub fn tail(&mut self, from: u64) -> Result<Tail, ClientError> {

@@ -60,6 +60,10 @@ pub mod kind {
     pub const TAIL: u8 = 0x04;
     /// [`super::Request::Status`].
     pub const STATUS: u8 = 0x05;
+    /// [`super::Request::ReadLinearizable`].
+    pub const READ_LINEARIZABLE: u8 = 0x06;
+    /// [`super::Request::Transfer`].
+    pub const TRANSFER: u8 = 0x07;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -119,6 +123,24 @@ pub enum Request {
     },
     /// This replica's view of the cluster.
     Status,
+    /// Like `Read`, but linearizable: served by the leader once it confirmed its
+    /// leadership (read lease or a quorum round) and applied every entry committed when
+    /// the request arrived. Other replicas answer `Redirect`.
+    ReadLinearizable {
+        /// The first position wanted (0 = from the first).
+        from: u64,
+        /// At most this many entries.
+        max_entries: u32,
+        /// At most this many bytes of entries (as for `Read`).
+        max_bytes: u32,
+    },
+    /// Ask the leader to hand leadership to replica `to` (0: to the most caught-up
+    /// other voter, that is, step down). Answered with the leader's `Status` once the
+    /// transfer started; other replicas answer `Redirect`.
+    Transfer {
+        /// The replica to lead next (0: any).
+        to: u64,
+    },
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -140,6 +162,10 @@ impl fmt::Debug for Request {
             }
             Request::Tail { from } => write!(f, "Tail{{from: {from}}}"),
             Request::Status => write!(f, "Status"),
+            Request::ReadLinearizable { from, max_entries, max_bytes } => {
+                write!(f, "ReadLinearizable{{from: {from}, max_entries: {max_entries}, max_bytes: {max_bytes}}}")
+            }
+            Request::Transfer { to } => write!(f, "Transfer{{to: {to}}}"),
             Request::Disconnected => write!(f, "Disconnected"),
         }
     }
@@ -412,6 +438,16 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             kind::TAIL
         }
         Request::Status => kind::STATUS,
+        Request::ReadLinearizable { from, max_entries, max_bytes } => {
+            w.u64(*from);
+            w.u32(*max_entries);
+            w.u32(*max_bytes);
+            kind::READ_LINEARIZABLE
+        }
+        Request::Transfer { to } => {
+            w.u64(*to);
+            kind::TRANSFER
+        }
         Request::Disconnected => return Err(ProtoError::NotOnWire),
     };
     finish(kind, w, out)
@@ -583,6 +619,12 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
         }
         kind::TAIL => Request::Tail { from: r.u64("from")? },
         kind::STATUS => Request::Status,
+        kind::READ_LINEARIZABLE => Request::ReadLinearizable {
+            from: r.u64("from")?,
+            max_entries: r.u32("max entries")?,
+            max_bytes: r.u32("max bytes")?,
+        },
+        kind::TRANSFER => Request::Transfer { to: r.u64("transfer target")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

@@ -10,7 +10,8 @@
 use bytes::{Bytes, BytesMut};
 use replog::client::proto::{self, ENTRY_OVERHEAD};
 use replog::client::{
-    ClientServer, ClientServerConfig, ConnId, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status,
+    ClientServer, ClientServerConfig, ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response,
+    Status,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -226,6 +227,10 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
                 .map(|i| PeerStatus { id: i as u64 + 1, matched_slot: st.log.len() as u64, lag: 0, connected: true })
                 .collect(),
         })),
+        Request::ReadLinearizable { .. } | Request::Transfer { .. } => reply(Response::Error {
+            code: ErrorCode::BadRequest,
+            message: "not supported by the fake node (test support)".into(),
+        }),
         Request::Disconnected => {
             st.subs.retain(|s| !(s.0 == server && s.1 == conn));
             st.disconnected.push((server, conn));
