@@ -7,7 +7,7 @@ use transport::PeerId;
 
 /// Everything a [`crate::TcpTransport`] needs. Build it with [`TcpConfig::new`] and
 /// adjust the public fields; every field has a sane default.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TcpConfig {
     /// The cluster this replica belongs to. A peer presenting another id is refused.
     pub cluster_id: u64,
@@ -49,6 +49,36 @@ pub struct TcpConfig {
     /// Seed of the generator that jitters reconnect delays (so runs can be replayed).
     /// Default: derived from `cluster_id` and `local`.
     pub seed: u64,
+    /// The cluster secret. When set, every link is authenticated both ways with an
+    /// HMAC-SHA256 challenge-response (see [`crate::wire`]): a process that does not know
+    /// it cannot join, and a peer that does not prove it is not trusted. Must not be
+    /// empty. Both sides of a link must agree on having one. Default `None`.
+    pub secret: Option<Vec<u8>>,
+    /// [`crate::wire::config_digest`] of the member list this replica was configured
+    /// with, sent in HELLO; a peer whose digest differs is refused as a stale
+    /// configuration. Default 0 (every replica that leaves it at 0 agrees).
+    pub config_digest: u64,
+}
+
+impl std::fmt::Debug for TcpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConfig")
+            .field("cluster_id", &self.cluster_id)
+            .field("local", &self.local)
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("max_payload", &self.max_payload)
+            .field("max_queued_bytes_per_peer", &self.max_queued_bytes_per_peer)
+            .field("max_queued_completion_bytes_per_peer", &self.max_queued_completion_bytes_per_peer)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("dead_link_timeout", &self.dead_link_timeout)
+            .field("seed", &self.seed)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("config_digest", &format_args!("{:016x}", self.config_digest))
+            .finish()
+    }
 }
 
 impl TcpConfig {
@@ -67,6 +97,8 @@ impl TcpConfig {
             handshake_timeout: Duration::from_secs(2),
             dead_link_timeout: Duration::from_secs(2),
             seed: cluster_id.rotate_left(17) ^ local.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            secret: None,
+            config_digest: 0,
         }
     }
 }

@@ -139,6 +139,21 @@ pub(crate) struct Conn {
     pub(crate) out: OutQueue,
     /// Listed in the transport's dirty list (has output to flush).
     pub(crate) dirty: bool,
+    /// The challenge-response in progress (with a cluster secret).
+    pub(crate) auth: Option<Box<AuthState>>,
+}
+
+/// Handshake state of a connection authenticating with the cluster secret.
+#[derive(Clone, Debug)]
+pub(crate) struct AuthState {
+    /// Incoming: the node the HELLO claimed (not yet proven). Outgoing: the peer dialed.
+    pub(crate) peer: PeerId,
+    /// The digest the dialer sent in HELLO.
+    pub(crate) digest: u64,
+    /// The acceptor's nonce (outgoing: `None` until the CHALLENGE arrived).
+    pub(crate) acceptor_nonce: Option<[u8; 32]>,
+    /// The dialer's nonce.
+    pub(crate) dialer_nonce: [u8; 32],
 }
 
 impl Conn {
@@ -148,6 +163,7 @@ impl Conn {
             addr,
             role,
             connected,
+            auth: None,
             established: false,
             deadline: Some(deadline),
             rbuf: BytesMut::new(),

@@ -20,8 +20,11 @@
 //!   messages, writes and reads on that connection; it accepts each peer's connection
 //!   and receives the peer's traffic there, answering writes and reads on the same
 //!   connection. No tie-breaking is needed. See [`wire`] for the frames.
-//! - **handshake**: HELLO (cluster id, node id, target node id, version) and HELLO_OK
-//!   or REJECT. Every refusal is a `tracing` warning naming the remote address and the
+//! - **handshake**: HELLO (cluster id, node id, target node id, version, configuration
+//!   digest) and HELLO_OK or REJECT; with a cluster secret ([`TcpConfig::secret`]) a
+//!   mutual HMAC-SHA256 challenge-response in between, so that a process that does not
+//!   know the secret cannot join, and a replica configured with another member list
+//!   ([`TcpConfig::config_digest`]) is refused as stale. Every refusal is a `tracing` warning naming the remote address and the
 //!   reason, and closes the connection; the transport goes on serving.
 //! - **reconnect**: a failed dial or a dropped outgoing connection is retried after an
 //!   exponential, jittered (seeded) delay between [`TcpConfig::reconnect_min`] and
@@ -58,7 +61,8 @@ pub use config::TcpConfig;
 pub use wire::ProtocolError;
 
 use config::Rng;
-use conn::{Conn, ReadOutcome, Role};
+use conn::{AuthState, Conn, ReadOutcome, Role};
+use hmac::Mac;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token as MioToken};
 use std::collections::{BTreeMap, HashMap};
@@ -155,6 +159,13 @@ fn first_token() -> Token {
     nanos.max(1)
 }
 
+/// A fresh nonce from the OS.
+fn nonce() -> Result<[u8; wire::NONCE_LEN], ProtocolError> {
+    let mut n = [0u8; wire::NONCE_LEN];
+    getrandom::fill(&mut n).map_err(|e| ProtocolError::Entropy(e.to_string()))?;
+    Ok(n)
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
@@ -190,6 +201,9 @@ impl TcpTransport {
     }
 
     fn with_listener(cfg: TcpConfig, mut listener: TcpListener) -> io::Result<Self> {
+        if cfg.secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(invalid("the cluster secret must not be empty".into()));
+        }
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(MioWake(mio::Waker::new(poll.registry(), WAKER)?));
@@ -325,7 +339,27 @@ impl TcpTransport {
             debug!(peer, remote = %addr, "dead-link detection: {e}");
         }
         let mut conn = Conn::new(stream, addr, Role::Outgoing(peer), false, now + self.cfg.handshake_timeout);
-        let hello = Hello { cluster_id: self.cfg.cluster_id, node_id: self.cfg.local, target: peer, version: VERSION };
+        let mut dialer_nonce = [0u8; wire::NONCE_LEN];
+        if self.cfg.secret.is_some() {
+            match nonce() {
+                Ok(n) => dialer_nonce = n,
+                Err(e) => {
+                    warn!(peer, remote = %addr, "not dialing: {e}");
+                    self.schedule_redial(peer, now);
+                    return;
+                }
+            }
+            let digest = self.cfg.config_digest;
+            conn.auth = Some(Box::new(AuthState { peer, digest, acceptor_nonce: None, dialer_nonce }));
+        }
+        let hello = Hello {
+            cluster_id: self.cfg.cluster_id,
+            node_id: self.cfg.local,
+            target: peer,
+            version: VERSION,
+            config_digest: self.cfg.config_digest,
+            nonce: dialer_nonce,
+        };
         conn.out.push_frame(kind::HELLO, &hello.encode(), &[]);
         match self.add_conn(conn) {
             Ok(id) => {
@@ -592,7 +626,7 @@ impl TcpTransport {
         let conn = self.conns.get_mut(&id).expect("live connection");
         let (role, established, addr) = (conn.role, conn.established, conn.addr);
         match (role, established) {
-            (Role::Incoming(_), false) => {
+            (Role::Incoming(_), false) if conn.auth.is_none() => {
                 if frame.kind != kind::HELLO {
                     return Err(ProtocolError::UnexpectedKind { kind: frame.kind, when: "before HELLO" });
                 }
@@ -613,22 +647,87 @@ impl TcpTransport {
                 if hello.target != me {
                     return Err(ProtocolError::WrongTarget { target: hello.target, local: me });
                 }
-                let peer = hello.node_id;
-                conn.role = Role::Incoming(Some(peer));
-                conn.established = true;
-                conn.deadline = None;
-                let ok = HelloOk { cluster_id: self.cfg.cluster_id, node_id: me };
-                conn.out.push_frame(kind::HELLO_OK, &ok.encode(), &[]);
-                self.mark_dirty(id);
-                let p = self.peers.get_mut(&peer).expect("checked");
-                if let Some(old) = p.incoming.replace(id) {
-                    self.fail(old, ProtocolError::Replaced, events);
+                if self.cfg.secret.is_none() {
+                    self.check_digest(hello.node_id, hello.config_digest)?;
+                    return self.accept_peer(id, hello.node_id, None, events);
                 }
-                info!(local = me, peer, remote = %addr, "accepted peer");
+                let acceptor_nonce = nonce()?;
+                let conn = self.conns.get_mut(&id).expect("live connection");
+                conn.auth = Some(Box::new(AuthState {
+                    peer: hello.node_id,
+                    digest: hello.config_digest,
+                    acceptor_nonce: Some(acceptor_nonce),
+                    dialer_nonce: hello.nonce,
+                }));
+                conn.out.push_frame(kind::CHALLENGE, &acceptor_nonce, &[]);
+                self.mark_dirty(id);
+                debug!(local = me, peer = hello.node_id, remote = %addr, "challenged");
                 Ok(())
+            }
+            (Role::Incoming(_), false) => {
+                if frame.kind != kind::AUTH {
+                    return Err(ProtocolError::UnexpectedKind { kind: frame.kind, when: "before AUTH" });
+                }
+                let proof = wire::decode_32(&frame.payload, "AUTH")?;
+                let a = conn.auth.take().expect("guarded");
+                let na = a.acceptor_nonce.expect("set with the challenge");
+                let me = self.cfg.local;
+                let secret = self.cfg.secret.as_deref().expect("challenged only with a secret");
+                let mac = wire::proof_mac(
+                    secret,
+                    wire::ROLE_DIALER,
+                    self.cfg.cluster_id,
+                    a.peer,
+                    me,
+                    a.digest,
+                    &na,
+                    &a.dialer_nonce,
+                );
+                if mac.verify_slice(&proof).is_err() {
+                    return Err(ProtocolError::AuthFailed { node: a.peer });
+                }
+                self.check_digest(a.peer, a.digest)?;
+                if !self.peers.contains_key(&a.peer) {
+                    return Err(ProtocolError::UnknownNode(a.peer));
+                }
+                let mine = wire::proof_mac(
+                    secret,
+                    wire::ROLE_ACCEPTOR,
+                    self.cfg.cluster_id,
+                    a.peer,
+                    me,
+                    a.digest,
+                    &na,
+                    &a.dialer_nonce,
+                );
+                let proof: [u8; wire::MAC_LEN] = mine.finalize().into_bytes().into();
+                self.accept_peer(id, a.peer, Some(proof), events)
             }
             (Role::Outgoing(peer), false) => match frame.kind {
                 kind::REJECT => Err(ProtocolError::Rejected(String::from_utf8_lossy(&frame.payload).into_owned())),
+                kind::CHALLENGE => {
+                    let na = wire::decode_32(&frame.payload, "CHALLENGE")?;
+                    let Some(secret) = self.cfg.secret.as_deref() else {
+                        return Err(ProtocolError::NoSecret);
+                    };
+                    let Some(a) = conn.auth.as_mut().filter(|a| a.acceptor_nonce.is_none()) else {
+                        return Err(ProtocolError::UnexpectedKind { kind: frame.kind, when: "after a CHALLENGE" });
+                    };
+                    a.acceptor_nonce = Some(na);
+                    let mac = wire::proof_mac(
+                        secret,
+                        wire::ROLE_DIALER,
+                        self.cfg.cluster_id,
+                        self.cfg.local,
+                        peer,
+                        a.digest,
+                        &na,
+                        &a.dialer_nonce,
+                    );
+                    conn.out.push_frame(kind::AUTH, &mac.finalize().into_bytes(), &[]);
+                    self.mark_dirty(id);
+                    Ok(())
+                }
                 kind::HELLO_OK => {
                     let ok = HelloOk::decode(&frame.payload)?;
                     if ok.cluster_id != self.cfg.cluster_id {
@@ -636,6 +735,25 @@ impl TcpTransport {
                     }
                     if ok.node_id != peer {
                         return Err(ProtocolError::WrongPeer { expected: peer, got: ok.node_id });
+                    }
+                    if let Some(secret) = self.cfg.secret.as_deref() {
+                        let a = conn.auth.take().ok_or(ProtocolError::PeerNotAuthenticated)?;
+                        let (Some(na), Some(proof)) = (a.acceptor_nonce, ok.proof) else {
+                            return Err(ProtocolError::PeerNotAuthenticated);
+                        };
+                        let mac = wire::proof_mac(
+                            secret,
+                            wire::ROLE_ACCEPTOR,
+                            self.cfg.cluster_id,
+                            self.cfg.local,
+                            peer,
+                            a.digest,
+                            &na,
+                            &a.dialer_nonce,
+                        );
+                        if mac.verify_slice(&proof).is_err() {
+                            return Err(ProtocolError::PeerNotAuthenticated);
+                        }
                     }
                     conn.established = true;
                     conn.deadline = None;
@@ -652,6 +770,40 @@ impl TcpTransport {
             (Role::Incoming(None), true) => unreachable!("established implies a peer"),
             (Role::Outgoing(peer), true) => self.handle_answer(peer, frame, events),
         }
+    }
+
+    /// Refuses a dialer whose member list differs from ours.
+    fn check_digest(&self, node: PeerId, got: u64) -> Result<(), ProtocolError> {
+        let expected = self.cfg.config_digest;
+        if got != expected {
+            return Err(ProtocolError::StaleConfig { node, got, expected });
+        }
+        Ok(())
+    }
+
+    /// Completes the handshake of incoming connection `id` from `peer`.
+    fn accept_peer(
+        &mut self,
+        id: usize,
+        peer: PeerId,
+        proof: Option<[u8; wire::MAC_LEN]>,
+        events: &mut Vec<Event>,
+    ) -> Result<(), ProtocolError> {
+        let me = self.cfg.local;
+        let conn = self.conns.get_mut(&id).expect("live connection");
+        let addr = conn.addr;
+        conn.role = Role::Incoming(Some(peer));
+        conn.established = true;
+        conn.deadline = None;
+        let ok = HelloOk { cluster_id: self.cfg.cluster_id, node_id: me, proof };
+        conn.out.push_frame(kind::HELLO_OK, &ok.encode(), &[]);
+        self.mark_dirty(id);
+        let p = self.peers.get_mut(&peer).expect("checked");
+        if let Some(old) = p.incoming.replace(id) {
+            self.fail(old, ProtocolError::Replaced, events);
+        }
+        info!(local = me, peer, remote = %addr, authenticated = proof.is_some(), "accepted peer");
+        Ok(())
     }
 
     /// A frame on an established incoming connection from `peer`.

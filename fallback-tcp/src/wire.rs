@@ -7,9 +7,12 @@
 //!
 //! ```text
 //! kind  name       direction          payload (integers little-endian)
-//!  1    HELLO      dialer -> acceptor cluster_id u64, node_id u64, target u64, version u8
-//!  2    HELLO_OK   acceptor -> dialer cluster_id u64, node_id u64
+//!  1    HELLO      dialer -> acceptor cluster_id u64, node_id u64, target u64, version u8,
+//!                                     config_digest u64, dialer_nonce [32]
+//!  2    HELLO_OK   acceptor -> dialer cluster_id u64, node_id u64, [acceptor_proof [32]]
 //!  3    REJECT     acceptor -> dialer reason (UTF-8, at most 1 KiB); then the acceptor closes
+//!  4    CHALLENGE  acceptor -> dialer acceptor_nonce [32]            (only with a cluster secret)
+//!  5    AUTH       dialer -> acceptor dialer_proof [32]              (only with a cluster secret)
 //! 16    MSG        dialer -> acceptor the message payload
 //! 17    WRITE      dialer -> acceptor token u64, offset u64, data
 //! 18    WRITE_ACK  acceptor -> dialer token u64, status u8 (0 ok, 1 denied), ack or detail bytes
@@ -23,6 +26,41 @@
 //! [`transport::envelope::VERSION`] (the envelope already refuses frames of another
 //! version; the HELLO repeats it so that the handshake states what it agreed on).
 //! A token is the dialer's: the acceptor echoes it in the answer.
+//!
+//! ## Configuration digest
+//! `config_digest` is [`config_digest`] of the member list the dialer was configured with
+//! (0 when the embedder does not set one). The acceptor refuses a digest other than its
+//! own as a *stale configuration*: a replica started with an old member list cannot
+//! join a cluster that has moved on (nor can a cluster with an old list take it in).
+//!
+//! ## Authentication (cluster secret)
+//! Without a secret ([`crate::TcpConfig::secret`] is `None`) the handshake is HELLO ->
+//! HELLO_OK (16 bytes), the nonce in HELLO is zero and ignored, and the digest is
+//! compared at once. With a secret the handshake is a mutual HMAC-SHA256
+//! challenge-response over fresh 32-byte nonces from the OS:
+//!
+//! ```text
+//! dialer                                    acceptor
+//!   HELLO(cluster, D, A, version, digest, Nd) ->      identity checks (cluster, ids, target)
+//!                                <- CHALLENGE(Na)
+//!   AUTH(mac(1))                 ->                   verify mac(1), then compare digest
+//!                                <- HELLO_OK(cluster, A, mac(2))    (or REJECT)
+//!   verify mac(2)
+//!
+//! mac(role) = HMAC-SHA256(secret, "replog-peer" || role u8 || cluster_id u64
+//!             || D u64 || A u64 || digest u64 || Na || Nd)     (integers little-endian)
+//! ```
+//!
+//! `D`/`A` are the dialer's and the acceptor's node ids and `digest` is the one the
+//! dialer sent in HELLO. The role byte (1: dialer's proof, 2: acceptor's proof) keeps a
+//! proof from being reflected back; each side's fresh nonce keeps the other's proof from
+//! being replayed; proofs are compared in constant time. The digest is compared only
+//! after the dialer's proof verified, so a process without the secret learns no more
+//! than "authentication failed". A dialer with a secret refuses an acceptor that answers
+//! HELLO_OK without a valid proof (or without challenging it); a dialer without a
+//! secret refuses a CHALLENGE. The payload is not encrypted or authenticated after the
+//! handshake: the secret keeps non-members out, it does not protect the link from an
+//! on-path attacker (that is TLS's job).
 //!
 //! Every decoder here checks lengths and returns [`ProtocolError`] on garbage; none
 //! panics.
@@ -39,6 +77,10 @@ pub mod kind {
     pub const HELLO_OK: u8 = 2;
     /// Acceptor's refusal with a reason; the connection closes after it.
     pub const REJECT: u8 = 3;
+    /// Acceptor's challenge: its nonce (only with a cluster secret).
+    pub const CHALLENGE: u8 = 4;
+    /// Dialer's answer to the challenge: its proof (only with a cluster secret).
+    pub const AUTH: u8 = 5;
     /// A control-plane message.
     pub const MSG: u8 = 16;
     /// A remote write request.
@@ -57,9 +99,19 @@ pub const STATUS_OK: u8 = 0;
 pub const STATUS_DENIED: u8 = 1;
 
 /// Length of the HELLO payload.
-pub const HELLO_LEN: usize = 25;
-/// Length of the HELLO_OK payload.
+pub const HELLO_LEN: usize = 25 + 8 + NONCE_LEN;
+/// Length of the HELLO_OK payload without a proof (no cluster secret).
 pub const HELLO_OK_LEN: usize = 16;
+/// Length of the HELLO_OK payload with the acceptor's proof.
+pub const HELLO_OK_AUTH_LEN: usize = HELLO_OK_LEN + MAC_LEN;
+/// Length of a nonce.
+pub const NONCE_LEN: usize = 32;
+/// Length of a proof (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+/// The role byte of the dialer's proof.
+pub const ROLE_DIALER: u8 = 1;
+/// The role byte of the acceptor's proof.
+pub const ROLE_ACCEPTOR: u8 = 2;
 /// Longest REJECT reason sent (longer reasons are cut).
 pub const MAX_REJECT_LEN: usize = 1024;
 /// Largest frame payload accepted before the handshake completed.
@@ -130,6 +182,34 @@ pub enum ProtocolError {
         /// Who answered.
         got: u64,
     },
+    /// The dialer's proof does not verify: it does not know the cluster secret.
+    #[error("authentication failed: node {node} did not prove it knows the cluster secret")]
+    AuthFailed {
+        /// The node id the dialer claimed.
+        node: u64,
+    },
+    /// The acceptor did not prove it knows the cluster secret.
+    #[error("authentication failed: the acceptor did not prove it knows the cluster secret")]
+    PeerNotAuthenticated,
+    /// The acceptor asks for a proof but no cluster secret is configured here.
+    #[error("the peer requires a cluster secret and none is configured on this node")]
+    NoSecret,
+    /// The peer was configured with another member list.
+    #[error(
+        "stale configuration: node {node} was configured with another member list \
+         (digest {got:016x}, this node's is {expected:016x})"
+    )]
+    StaleConfig {
+        /// The dialer.
+        node: u64,
+        /// The dialer's digest.
+        got: u64,
+        /// Ours.
+        expected: u64,
+    },
+    /// The OS gave no random bytes for a nonce.
+    #[error("no random bytes from the OS: {0}")]
+    Entropy(String),
     /// The acceptor refused our HELLO.
     #[error("rejected by the peer: {0}")]
     Rejected(String),
@@ -173,6 +253,10 @@ pub struct Hello {
     pub target: u64,
     /// The dialer's protocol version.
     pub version: u8,
+    /// [`config_digest`] of the dialer's member list.
+    pub config_digest: u64,
+    /// The dialer's nonce (zero without a cluster secret).
+    pub nonce: [u8; NONCE_LEN],
 }
 
 impl Hello {
@@ -183,6 +267,8 @@ impl Hello {
         b[8..16].copy_from_slice(&self.node_id.to_le_bytes());
         b[16..24].copy_from_slice(&self.target.to_le_bytes());
         b[24] = self.version;
+        b[25..33].copy_from_slice(&self.config_digest.to_le_bytes());
+        b[33..].copy_from_slice(&self.nonce);
         b
     }
 
@@ -191,7 +277,16 @@ impl Hello {
         if b.len() != HELLO_LEN {
             return Err(ProtocolError::Malformed { what: "HELLO", len: b.len() });
         }
-        Ok(Hello { cluster_id: u64_at(b, 0), node_id: u64_at(b, 8), target: u64_at(b, 16), version: b[24] })
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&b[33..]);
+        Ok(Hello {
+            cluster_id: u64_at(b, 0),
+            node_id: u64_at(b, 8),
+            target: u64_at(b, 16),
+            version: b[24],
+            config_digest: u64_at(b, 25),
+            nonce,
+        })
     }
 }
 
@@ -202,24 +297,85 @@ pub struct HelloOk {
     pub cluster_id: u64,
     /// The acceptor's node id.
     pub node_id: u64,
+    /// The acceptor's proof (with a cluster secret).
+    pub proof: Option<[u8; MAC_LEN]>,
 }
 
 impl HelloOk {
     /// The payload bytes.
-    pub fn encode(&self) -> [u8; HELLO_OK_LEN] {
-        let mut b = [0u8; HELLO_OK_LEN];
-        b[0..8].copy_from_slice(&self.cluster_id.to_le_bytes());
-        b[8..16].copy_from_slice(&self.node_id.to_le_bytes());
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HELLO_OK_AUTH_LEN);
+        b.extend_from_slice(&self.cluster_id.to_le_bytes());
+        b.extend_from_slice(&self.node_id.to_le_bytes());
+        if let Some(p) = &self.proof {
+            b.extend_from_slice(p);
+        }
         b
     }
 
     /// Parses a payload.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
-        if b.len() != HELLO_OK_LEN {
-            return Err(ProtocolError::Malformed { what: "HELLO_OK", len: b.len() });
-        }
-        Ok(HelloOk { cluster_id: u64_at(b, 0), node_id: u64_at(b, 8) })
+        let proof = match b.len() {
+            HELLO_OK_LEN => None,
+            HELLO_OK_AUTH_LEN => Some(fixed32(&b[HELLO_OK_LEN..])),
+            len => return Err(ProtocolError::Malformed { what: "HELLO_OK", len }),
+        };
+        Ok(HelloOk { cluster_id: u64_at(b, 0), node_id: u64_at(b, 8), proof })
     }
+}
+
+fn fixed32(b: &[u8]) -> [u8; 32] {
+    let mut a = [0u8; 32];
+    a.copy_from_slice(b);
+    a
+}
+
+/// Parses a CHALLENGE (a nonce) or AUTH (a proof) payload: exactly 32 bytes.
+pub fn decode_32(b: &[u8], what: &'static str) -> Result<[u8; 32], ProtocolError> {
+    if b.len() != 32 {
+        return Err(ProtocolError::Malformed { what, len: b.len() });
+    }
+    Ok(fixed32(b))
+}
+
+/// The HMAC-SHA256 of the handshake (see the module docs), ready to be finalized or
+/// verified.
+#[allow(clippy::too_many_arguments)]
+pub fn proof_mac(
+    secret: &[u8],
+    role: u8,
+    cluster_id: u64,
+    dialer: u64,
+    acceptor: u64,
+    digest: u64,
+    acceptor_nonce: &[u8; NONCE_LEN],
+    dialer_nonce: &[u8; NONCE_LEN],
+) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(b"replog-peer");
+    m.update(&[role]);
+    for x in [cluster_id, dialer, acceptor, digest] {
+        m.update(&x.to_le_bytes());
+    }
+    m.update(acceptor_nonce);
+    m.update(dialer_nonce);
+    m
+}
+
+/// The digest of a member list, for [`crate::TcpConfig::config_digest`]: the first 8
+/// bytes (little-endian) of SHA-256 over the members sorted by id, each as
+/// `id=address\n`. Order of the input does not matter; 0 is never returned.
+pub fn config_digest<A: std::fmt::Display>(members: impl IntoIterator<Item = (u64, A)>) -> u64 {
+    use sha2::Digest;
+    let mut list: Vec<(u64, String)> = members.into_iter().map(|(id, a)| (id, a.to_string())).collect();
+    list.sort();
+    let mut h = sha2::Sha256::new();
+    for (id, a) in &list {
+        h.update(format!("{id}={a}\n").as_bytes());
+    }
+    let out = h.finalize();
+    u64_at(&out, 0).max(1)
 }
 
 /// The fixed part of a WRITE: token, offset.
@@ -292,10 +448,14 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let h = Hello { cluster_id: 7, node_id: 2, target: 3, version: 1 };
+        let h = Hello { cluster_id: 7, node_id: 2, target: 3, version: 1, config_digest: 9, nonce: [5; 32] };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
-        let o = HelloOk { cluster_id: 7, node_id: 3 };
+        let o = HelloOk { cluster_id: 7, node_id: 3, proof: None };
         assert_eq!(HelloOk::decode(&o.encode()), Ok(o));
+        let o = HelloOk { cluster_id: 7, node_id: 3, proof: Some([8; 32]) };
+        assert_eq!(HelloOk::decode(&o.encode()), Ok(o));
+        assert_eq!(config_digest([(2, "b"), (1, "a")]), config_digest([(1, "a"), (2, "b")]));
+        assert_ne!(config_digest([(1, "a")]), config_digest([(1, "a"), (2, "b")]));
         let mut w = write_meta(5, 9).to_vec();
         w.extend_from_slice(b"abc");
         let (t, off, d) = decode_write(&Bytes::from(w)).unwrap();
@@ -324,6 +484,7 @@ mod tests {
                 let bb = Bytes::from(b.clone());
                 let _ = Hello::decode(&b);
                 let _ = HelloOk::decode(&b);
+                let _ = decode_32(&b, "AUTH");
                 let _ = decode_write(&bb);
                 let _ = decode_read(&b);
                 let _ = decode_answer(&bb, "x");

@@ -97,7 +97,7 @@ fn a_peer_that_does_not_read_gets_backpressure_not_memory() {
     raw.read_exact(&mut hello).unwrap();
     assert_eq!(hello[5], kind::HELLO);
     let mut ok = Vec::new();
-    let body = HelloOk { cluster_id: CLUSTER, node_id: 2 };
+    let body = HelloOk { cluster_id: CLUSTER, node_id: 2, proof: None };
     envelope::encode(kind::HELLO_OK, &body.encode(), &mut ok);
     raw.write_all(&ok).unwrap();
     let end = Instant::now() + Duration::from_secs(5);
