@@ -77,6 +77,9 @@ pub struct ServeConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Authentication of peers.
+    #[serde(default, skip_serializing_if = "Security::is_unset")]
+    pub security: Security,
     /// Every replica of the cluster, voters and learners, this one included. All
     /// replicas must list the same members.
     pub members: Vec<Member>,
@@ -233,6 +236,25 @@ impl Default for Limits {
             max_client_connections: 1024,
             max_frame_bytes: crate::client::MAX_FRAME as u64,
         }
+    }
+}
+
+/// Authentication (`[security]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// A file holding the cluster secret (its bytes, surrounding whitespace removed;
+    /// a relative path is taken from the working directory). Every member must hold the
+    /// same secret: each peer link then proves it both ways in its handshake (see
+    /// `fallback_tcp::wire`), so a process without it cannot join, vote or write.
+    /// Unset (the default): peers are not authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl Security {
+    fn is_unset(&self) -> bool {
+        self.secret_file.is_none()
     }
 }
 
@@ -684,8 +706,34 @@ impl ServeConfig {
                 timing: Timing::default(),
                 limits: Limits::default(),
                 log: LogConfig::default(),
+                security: Security::default(),
             })
             .collect()
+    }
+
+    /// The cluster secret from `security.secret_file` (`None` when unset). An
+    /// unreadable file, or one holding nothing but whitespace, is an error naming it.
+    pub fn read_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.security.secret_file else {
+            return Ok(None);
+        };
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::at("security.secret_file", format!("cannot read the secret file {origin}: {e}"))
+        })?;
+        let trimmed = bytes.trim_ascii();
+        if trimmed.is_empty() {
+            return Err(ConfigError::at("security.secret_file", format!("the secret file {origin} is empty")));
+        }
+        Ok(Some(trimmed.to_vec()))
+    }
+
+    /// The digest of the member list (ids, addresses, roles) that peers compare in
+    /// their handshake: a replica started with another list is refused as stale.
+    pub fn config_digest(&self) -> u64 {
+        fallback_tcp::wire::config_digest(self.members.iter().map(|m| {
+            (m.id, format!("{} {} {}", m.peer_addr, m.client_addr, if m.learner { "learner" } else { "voter" }))
+        }))
     }
 
     /// The configuration as a TOML file that [`from_toml`](Self::from_toml) reads

@@ -173,13 +173,42 @@ fn serve(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cluster secret of a local cluster: `dir/secret`, created (32 random bytes from
+/// the OS, hex, readable by the owner only) unless it exists, so that a restarted `up`
+/// keeps the secret its replicas were started with.
+fn ensure_secret_file(dir: &Path) -> Result<PathBuf> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("secret");
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("reading random bytes from /dev/urandom for the cluster secret")?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating the secret file {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("writing the secret file {}", path.display()))?;
+    Ok(path)
+}
+
 fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Result<()> {
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
-    let cfgs = ServeConfig::local_cluster(n, base_port, &dir, durability);
+    let mut cfgs = ServeConfig::local_cluster(n, base_port, &dir, durability);
+    let secret_path = ensure_secret_file(&dir)?;
+    for c in &mut cfgs {
+        c.security.secret_file = Some(secret_path.clone());
+    }
     let exe = std::env::current_exe().context("finding the replog binary")?;
     install_signal_handlers();
     let mut children: Vec<(u64, Child)> = Vec::new();
@@ -192,6 +221,7 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
     }
     let servers: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
     println!("replog: {n} replicas over TCP on 127.0.0.1, data in {}", dir.display());
+    println!("  peer links authenticated with the cluster secret in {}", secret_path.display());
     for c in &cfgs {
         let m = c.me();
         println!(

@@ -40,7 +40,10 @@ pub enum ServeError {
     /// The transport in the configuration is not built into this binary.
     #[error("transport {0:?} is not available in this build (only tcp is)")]
     Transport(TransportKind),
-    /// The limits cannot work together.
+    /// The secret file cannot be used.
+    #[error("security: {0}")]
+    Security(String),
+    /// Sizes that do not fit together.
     #[error("limits: {0}")]
     Limits(String),
     /// The node stopped with an error.
@@ -74,7 +77,11 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
 
     let peers: BTreeMap<u64, std::net::SocketAddr> =
         cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
+    let secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
+    tcfg.secret = secret;
+    tcfg.config_digest = cfg.config_digest();
+    info!(node = cfg.id, authenticated = tcfg.secret.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
     tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
     tcfg.seed = cfg.id;
     // Redial a lost peer at least every few election timeouts: a restarted replica

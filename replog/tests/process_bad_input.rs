@@ -85,7 +85,7 @@ fn garbage(seed: u64) -> Vec<u8> {
 
 fn peer_hello(cluster_id: u64, node_id: u64, target: u64, version: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    let h = Hello { cluster_id, node_id, target, version };
+    let h = Hello { cluster_id, node_id, target, version, config_digest: 0, nonce: [0; 32] };
     envelope::encode(wire::kind::HELLO, &h.encode(), &mut out);
     out
 }
@@ -135,7 +135,15 @@ fn peer_attacks(cluster: u64, target: u64, other: u64) -> Vec<Attack> {
             name: "peer: envelope with a wrong protocol version".into(),
             bytes: frame_with_version(
                 wire::kind::HELLO,
-                &Hello { cluster_id: cluster, node_id: other, target, version: VERSION }.encode(),
+                &Hello {
+                    cluster_id: cluster,
+                    node_id: other,
+                    target,
+                    version: VERSION,
+                    config_digest: 0,
+                    nonce: [0; 32],
+                }
+                .encode(),
                 v,
             ),
             half_close: false,

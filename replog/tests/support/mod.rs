@@ -315,3 +315,31 @@ pub fn pids_matching(needles: &[&str]) -> Vec<u32> {
     }
     out
 }
+
+impl Cluster {
+    /// Like [`start`](Self::start), with every replica holding `secret` in
+    /// `dir/secret` (`[security] secret_file`).
+    pub fn start_with_secret(dir: &Path, n: usize, durability: DurabilityKind, secret: &[u8]) -> Cluster {
+        std::fs::create_dir_all(dir).expect("test dir");
+        let path = dir.join("secret");
+        std::fs::write(&path, secret).expect("write the secret");
+        Cluster::start_with(dir, n, durability, |c| c.security.secret_file = Some(path.clone()))
+    }
+}
+
+/// Starts `replog serve` on `cfg`, written to `dir/<name>.toml`, logging to
+/// `dir/<name>.log`.
+pub fn spawn_serve(dir: &Path, name: &str, cfg: &ServeConfig) -> Child {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg.to_toml()).expect("write config");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_replog"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start replog serve")
+}
