@@ -68,16 +68,23 @@ fn drain(t: &mut impl Transport, d: Duration) -> Vec<Event> {
     }
 }
 
+/// The numbers carried by the messages from `from`. A payload that is not a 4-byte
+/// number is reported by an assertion naming it (decoding itself never panics).
 fn messages(events: &[Event], from: PeerId) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message { from: f, payload } if *f == from => {
-                Some(u32::from_le_bytes(payload[..].try_into().unwrap()))
+    let mut numbers = Vec::new();
+    let mut malformed = Vec::new();
+    for e in events {
+        if let Event::Message { from: f, payload } = e {
+            if *f == from {
+                match <[u8; 4]>::try_from(&payload[..]) {
+                    Ok(b) => numbers.push(u32::from_le_bytes(b)),
+                    Err(_) => malformed.push(payload.len()),
+                }
             }
-            _ => None,
-        })
-        .collect()
+        }
+    }
+    assert!(malformed.is_empty(), "messages from {from} that are not 4-byte numbers (lengths {malformed:?})");
+    numbers
 }
 
 fn send_numbered(t: &mut impl Transport, to: PeerId, range: std::ops::Range<u32>) {

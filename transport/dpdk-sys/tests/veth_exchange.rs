@@ -505,7 +505,8 @@ unsafe fn parse(m: *mut sys::rte_mbuf) -> Option<Frame> {
         return None;
     }
     let kind = data[ETH];
-    let seq = u32::from_be_bytes(data[ETH + 2..ETH + 6].try_into().unwrap());
+    // The length was checked above (ETH + HDR bytes at least).
+    let seq = u32::from_be_bytes([data[ETH + 2], data[ETH + 3], data[ETH + 4], data[ETH + 5]]);
     let len = usize::from(u16::from_be_bytes([data[ETH + 6], data[ETH + 7]]));
     let body = &data[ETH + HDR..];
     // SAFETY: as above.
