@@ -133,6 +133,25 @@ pub struct Outcome {
     pub missed: u64,
 }
 
+impl Outcome {
+    /// Nothing measured yet, over a window of `elapsed`.
+    fn empty(elapsed: Duration) -> Self {
+        Outcome { hist: new_hist(), requests: 0, entries: 0, elapsed, errors: 0, first_error: None, missed: 0 }
+    }
+
+    /// Adds one client's outcome to the total.
+    fn merge(&mut self, part: Outcome) {
+        self.hist.add(&part.hist).expect("same histogram bounds");
+        self.requests += part.requests;
+        self.entries += part.entries;
+        self.errors += part.errors;
+        self.missed += part.missed;
+        if self.first_error.is_none() {
+            self.first_error = part.first_error;
+        }
+    }
+}
+
 /// Runs `load` against drivers made by `connect(client_index)`. `progress` is bumped
 /// with every acknowledged entry (for a live rate). Every thread stops at the end of
 /// the window (open loop: at most 1 s later), after 100 errors, or on a stop request.
@@ -164,25 +183,10 @@ where
     // Everyone connected: start together.
     *start_at.lock().unwrap() = Some(Instant::now() + Duration::from_millis(5));
     barrier.wait();
-    let mut out = Outcome {
-        hist: new_hist(),
-        requests: 0,
-        entries: 0,
-        elapsed: load.duration,
-        errors: 0,
-        first_error: None,
-        missed: 0,
-    };
+    let mut out = Outcome::empty(load.duration);
     for h in handles {
         let part = h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
-        out.hist.add(&part.hist).expect("same histogram bounds");
-        out.requests += part.requests;
-        out.entries += part.entries;
-        out.errors += part.errors;
-        out.missed += part.missed;
-        if out.first_error.is_none() {
-            out.first_error = part.first_error;
-        }
+        out.merge(part);
     }
     Ok(out)
 }
@@ -196,15 +200,7 @@ fn client_loop(
     abort: &AtomicBool,
     progress: &AtomicU64,
 ) -> Outcome {
-    let mut out = Outcome {
-        hist: new_hist(),
-        requests: 0,
-        entries: 0,
-        elapsed: load.duration,
-        errors: 0,
-        first_error: None,
-        missed: 0,
-    };
+    let mut out = Outcome::empty(load.duration);
     let now = Instant::now();
     if start > now {
         std::thread::sleep(start - now);

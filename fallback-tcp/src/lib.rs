@@ -673,34 +673,16 @@ impl TcpTransport {
                 let na = a.acceptor_nonce.expect("set with the challenge");
                 let me = self.cfg.local;
                 let secret = self.cfg.secret.as_deref().expect("challenged only with a secret");
-                let mac = wire::proof_mac(
-                    secret,
-                    wire::ROLE_DIALER,
-                    self.cfg.cluster_id,
-                    a.peer,
-                    me,
-                    a.digest,
-                    &na,
-                    &a.dialer_nonce,
-                );
-                if mac.verify_slice(&proof).is_err() {
+                let cluster_id = self.cfg.cluster_id;
+                let mac = |role| wire::proof_mac(secret, role, cluster_id, a.peer, me, a.digest, &na, &a.dialer_nonce);
+                if mac(wire::ROLE_DIALER).verify_slice(&proof).is_err() {
                     return Err(ProtocolError::AuthFailed { node: a.peer });
                 }
                 self.check_digest(a.peer, a.digest)?;
                 if !self.peers.contains_key(&a.peer) {
                     return Err(ProtocolError::UnknownNode(a.peer));
                 }
-                let mine = wire::proof_mac(
-                    secret,
-                    wire::ROLE_ACCEPTOR,
-                    self.cfg.cluster_id,
-                    a.peer,
-                    me,
-                    a.digest,
-                    &na,
-                    &a.dialer_nonce,
-                );
-                let proof: [u8; wire::MAC_LEN] = mine.finalize().into_bytes().into();
+                let proof: [u8; wire::MAC_LEN] = mac(wire::ROLE_ACCEPTOR).finalize().into_bytes().into();
                 self.accept_peer(id, a.peer, Some(proof), events)
             }
             (Role::Outgoing(peer), false) => match frame.kind {

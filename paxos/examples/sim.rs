@@ -52,10 +52,8 @@ fn main() -> ExitCode {
         None => (start..start + seeds).collect(),
     };
     let t0 = Instant::now();
-    let (mut events, mut slots, mut entries, mut ops, mut acked, mut elections, mut crashes) = (0, 0, 0, 0, 0, 0, 0);
-    let mut transfers = 0;
+    let mut totals = sim::SimTotals::default();
     let mut failures = 0u64;
-    let mut max_recovery = 0u64;
     for &seed in &list {
         let mut cfg = if hunting { SimConfig::hunting(seed) } else { SimConfig::from_seed(seed) }.with_bug(bug);
         cfg.check_permission = check_permission;
@@ -65,15 +63,7 @@ fn main() -> ExitCode {
                 if verbose {
                     println!("{rep:?}");
                 }
-                events += rep.events;
-                slots += rep.slots_chosen;
-                entries += rep.entries_applied;
-                ops += rep.client_ops;
-                acked += rep.acked_appends;
-                elections += rep.elections;
-                crashes += rep.crashes;
-                transfers += rep.transfers;
-                max_recovery = max_recovery.max(rep.recovery_after_heal.unwrap_or(0));
+                totals.add(&rep);
             }
             Err(v) => {
                 failures += 1;
@@ -87,13 +77,7 @@ fn main() -> ExitCode {
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "checked {} seeds in {secs:.1}s: {events} events, {slots} slots chosen, {entries} entries applied, \
-         {ops} client ops ({acked} acknowledged appends), {elections} elections, {crashes} crashes, {transfers} leadership transfers; \
-         worst recovery after healing {:.1}ms; {failures} failed",
-        list.len(),
-        max_recovery as f64 / 1e6
-    );
+    println!("checked {} seeds in {secs:.1}s: {totals}; {failures} failed", list.len());
     match bug {
         None if failures == 0 => ExitCode::SUCCESS,
         None => ExitCode::FAILURE,

@@ -5,27 +5,20 @@ use paxos::sim::{self, SimConfig};
 
 fn run_range(name: &str, seeds: std::ops::Range<u64>, make: fn(u64) -> SimConfig) {
     let n = seeds.end - seeds.start;
-    let (mut events, mut slots, mut ops, mut acked, mut crashes, mut elections) = (0, 0, 0, 0, 0, 0);
+    let mut totals = sim::SimTotals::default();
     let mut failures = Vec::new();
     for seed in seeds {
         match sim::run(make(seed)) {
             Ok(r) => {
-                events += r.events;
-                slots += r.slots_chosen;
-                ops += r.client_ops;
-                acked += r.acked_appends;
-                crashes += r.crashes;
-                elections += r.elections;
                 assert!(r.slots_chosen > 0, "seed {seed} chose nothing");
+                totals.add(&r);
             }
             Err(v) => failures.push(v.to_string()),
         }
     }
-    println!(
-        "{name}: {n} seeds, {events} events, {slots} slots chosen, {ops} client ops, \
-         {acked} acknowledged appends, {elections} elections, {crashes} crashes"
-    );
+    println!("{name}: {n} seeds, {totals}");
     assert!(failures.is_empty(), "{} of {n} seeds failed:\n{}", failures.len(), failures.join("\n"));
+    let (crashes, elections) = (totals.crashes, totals.elections);
     assert!(crashes > 0 && elections > n, "the faults did not bite: {crashes} crashes, {elections} elections");
 }
 

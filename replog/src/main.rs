@@ -53,6 +53,21 @@ struct Target {
     timeout_ms: u64,
 }
 
+impl Target {
+    /// The servers and cluster id to use: as given, else those of the cluster
+    /// `replog up` starts with its defaults.
+    fn resolve(&self) -> (Vec<SocketAddr>, u64) {
+        let defaults =
+            ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
+        let servers = if self.servers.is_empty() {
+            defaults.iter().map(|c| c.me().client_addr).collect()
+        } else {
+            self.servers.clone()
+        };
+        (servers, self.cluster_id.unwrap_or(defaults[0].cluster_id))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one replica from a TOML configuration.
@@ -376,10 +391,7 @@ fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
 }
 
 fn client(t: &Target) -> Result<Client> {
-    let defaults = ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
-    let servers =
-        if t.servers.is_empty() { defaults.iter().map(|c| c.me().client_addr).collect() } else { t.servers.clone() };
-    let cluster_id = t.cluster_id.unwrap_or(defaults[0].cluster_id);
+    let (servers, cluster_id) = t.resolve();
     let servers = leader_first(servers, cluster_id);
     let mut cfg = ClientConfig::new(cluster_id, servers.clone());
     cfg.timeout = Duration::from_millis(t.timeout_ms);
@@ -462,10 +474,7 @@ fn tail(t: &Target, from: u64) -> Result<()> {
 }
 
 fn status(t: &Target) -> Result<()> {
-    let defaults = ServeConfig::local_cluster(3, DEFAULT_BASE_PORT, Path::new("replog-data"), DurabilityKind::Fsync);
-    let servers: Vec<SocketAddr> =
-        if t.servers.is_empty() { defaults.iter().map(|c| c.me().client_addr).collect() } else { t.servers.clone() };
-    let cluster_id = t.cluster_id.unwrap_or(defaults[0].cluster_id);
+    let (servers, cluster_id) = t.resolve();
     let mut any = false;
     for s in servers {
         match Client::status_of(s, cluster_id, Duration::from_millis(t.timeout_ms)) {

@@ -9,6 +9,7 @@
 //! `REPLOG_REQUIRE_ALL` is set, when it fails.
 
 mod netns;
+mod support;
 
 use netns::{in_netns, parse_ballot, poll, Net, NetCluster};
 use replog::config::DurabilityKind;

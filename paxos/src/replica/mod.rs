@@ -693,9 +693,7 @@ impl<S: Storage> Replica<S> {
         }
         if self.dirty {
             if let Err(e) = self.storage.sync() {
-                self.stopped = Some(e.to_string());
-                self.staged.clear();
-                return Err(e.into());
+                return self.leave(Err(e.into()));
             }
             self.dirty = false;
         }
@@ -704,12 +702,8 @@ impl<S: Storage> Replica<S> {
         if let Some(l) = self.lead.as_mut() {
             if l.synced + 1 < l.next_slot {
                 l.synced = l.next_slot - 1;
-                if let Err(e) = self.try_advance_commit() {
-                    self.stopped = Some(e.to_string());
-                    self.staged.clear();
-                    return Err(e);
-                }
-                self.check_invariants();
+                let r = self.try_advance_commit();
+                return self.leave(r);
             }
         }
         Ok(())

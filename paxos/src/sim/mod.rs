@@ -187,6 +187,66 @@ pub struct SimReport {
     pub sim_time: Nanos,
 }
 
+/// Sums of the reports of many passing runs.
+#[derive(Clone, Debug, Default)]
+pub struct SimTotals {
+    /// Runs added.
+    pub runs: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Slots chosen.
+    pub slots_chosen: u64,
+    /// Client entries applied (over all replicas).
+    pub entries_applied: u64,
+    /// Client operations checked for linearizability.
+    pub client_ops: u64,
+    /// Acknowledged appends checked as present.
+    pub acked_appends: u64,
+    /// Leader elections.
+    pub elections: u64,
+    /// Crash-restarts.
+    pub crashes: u64,
+    /// Leadership transfers asked.
+    pub transfers: u64,
+    /// The longest time from healing to the first commit after it.
+    pub worst_recovery: Nanos,
+}
+
+impl SimTotals {
+    /// Adds one run's report.
+    pub fn add(&mut self, r: &SimReport) {
+        self.runs += 1;
+        self.events += r.events;
+        self.slots_chosen += r.slots_chosen;
+        self.entries_applied += r.entries_applied;
+        self.client_ops += r.client_ops;
+        self.acked_appends += r.acked_appends;
+        self.elections += r.elections;
+        self.crashes += r.crashes;
+        self.transfers += r.transfers;
+        self.worst_recovery = self.worst_recovery.max(r.recovery_after_heal.unwrap_or(0));
+    }
+}
+
+impl fmt::Display for SimTotals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} events, {} slots chosen, {} entries applied, {} client ops ({} acknowledged appends), \
+             {} elections, {} crashes, {} leadership transfers; worst recovery after healing {:.1}ms",
+            self.events,
+            self.slots_chosen,
+            self.entries_applied,
+            self.client_ops,
+            self.acked_appends,
+            self.elections,
+            self.crashes,
+            self.transfers,
+            self.worst_recovery as f64 / 1e6
+        )
+    }
+}
+
 /// What went wrong in a failing run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ViolationKind {

@@ -212,21 +212,8 @@ impl NetCluster {
 
     fn spawn(&self, i: usize) -> Child {
         let cfg = &self.cfgs[i];
-        let path = self.dir.join(format!("node-{}.toml", cfg.id));
-        std::fs::write(&path, cfg.to_toml()).expect("write config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{}.log", cfg.id)))
-            .expect("log file");
-        // `ip netns exec` execs the binary: the child's pid is the replica's.
-        Command::new("ip")
-            .args(["netns", "exec", &self.net.ns(i + 1), env!("CARGO_BIN_EXE_replog"), "serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+        let ns = self.net.ns(i + 1);
+        crate::support::serve_command(&self.dir, &format!("node-{}", cfg.id), cfg, &["ip", "netns", "exec", &ns])
             .spawn()
             .expect("start replog serve in its namespace")
     }

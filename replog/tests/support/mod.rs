@@ -46,22 +46,7 @@ impl Cluster {
 
     fn spawn(&self, i: usize) -> Child {
         let cfg = &self.cfgs[i];
-        let path = self.dir.join(format!("node-{}.toml", cfg.id));
-        std::fs::write(&path, cfg.to_toml()).expect("write config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node-{}.log", cfg.id)))
-            .expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_replog"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start replog serve")
+        serve_command(&self.dir, &format!("node-{}", cfg.id), cfg, &[]).spawn().expect("start replog serve")
     }
 
     pub fn cluster_id(&self) -> u64 {
@@ -330,16 +315,32 @@ impl Cluster {
 /// Starts `replog serve` on `cfg`, written to `dir/<name>.toml`, logging to
 /// `dir/<name>.log`.
 pub fn spawn_serve(dir: &Path, name: &str, cfg: &ServeConfig) -> Child {
+    serve_command(dir, name, cfg, &[]).spawn().expect("start replog serve")
+}
+
+/// The command that runs `replog serve` on `cfg` (written to `dir/<name>.toml` first),
+/// logging to `dir/<name>.log` (appended, so a restart keeps the earlier lines), run
+/// through `wrapper` when it is not empty (e.g. `ip netns exec NS`, which execs the
+/// binary: the child's pid is the replica's).
+pub fn serve_command(dir: &Path, name: &str, cfg: &ServeConfig, wrapper: &[&str]) -> Command {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg.to_toml()).expect("write config");
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_replog"))
-        .args(["serve", "--config"])
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).expect("log file");
+    let replog = env!("CARGO_BIN_EXE_replog");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(replog);
+            c
+        }
+        None => Command::new(replog),
+    };
+    cmd.args(["serve", "--config"])
         .arg(&path)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start replog serve")
+        .stdout(log.try_clone().expect("log file handle"))
+        .stderr(log);
+    cmd
 }
