@@ -53,7 +53,7 @@ sim --seeds 1000 --start 1000000 --hunting
 
 echo "== simulator: every planted bug must be caught"
 for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum \
-    leader-votes-before-sync; do
+    leader-votes-before-sync ignore-trimmed-promiser; do
     sim --seeds 5000 --hunting --no-permission-check --bug "$bug"
 done
 

@@ -23,6 +23,9 @@ pub enum PlantedBug {
     /// The leader counts its own vote for a slot before its storage synced it (while
     /// its remote writes already left).
     LeaderVotesBeforeSync,
+    /// A candidate takes a promise from an acceptor that trimmed slots the candidate
+    /// has not learned, and fills them as if they were empty.
+    IgnoreTrimmedPromiser,
 }
 
 /// Configuration of one replica. Every member of a cluster must agree on `voters`

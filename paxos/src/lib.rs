@@ -13,7 +13,9 @@ pub mod types;
 
 pub use config::{Config, ConfigError, PlantedBug};
 pub use message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
-pub use replica::{Action, Applied, AppliedEntry, Error, PeerProgress, ProposeError, Replica, Role, TransferError};
+pub use replica::{
+    Action, Applied, AppliedEntry, Error, PeerProgress, ProposeError, Replica, Role, SnapshotMeta, TransferError,
+};
 pub use storage::{MemStorage, Storage, StorageError};
 pub use types::{Ballot, Command, Entry, Nanos, NodeId, Position, Slot, Value};
 

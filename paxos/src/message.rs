@@ -19,6 +19,9 @@ pub enum Message {
     PreVote {
         /// The round the sender would use.
         round: u64,
+        /// The sender's chosen prefix (a voter that trimmed beyond it refuses: such a
+        /// candidate could not learn the trimmed slots in phase 1).
+        chosen: Slot,
     },
     /// Answer to [`Message::PreVote`].
     PreVoteReply {
@@ -50,6 +53,9 @@ pub enum Message {
         chosen: Slot,
         /// The acceptor's highest slot holding an accepted entry.
         last: Slot,
+        /// The acceptor's log is trimmed up to here (covered by a snapshot): a
+        /// candidate whose chosen prefix is below it cannot lead.
+        trimmed: Slot,
     },
     /// A refusal: the receiver has promised a higher ballot than the one in the request.
     Reject {

@@ -75,6 +75,21 @@ pub trait Storage {
         0
     }
 
+    /// Discards the entries of slots `..=upto`: every one of them is chosen and covered
+    /// by a snapshot the application saved durably before (the core calls this only
+    /// then). Entries above `upto` are kept. May be buffered; a trim lost in a crash
+    /// only leaves entries the store could have dropped. The default keeps everything.
+    fn trim(&mut self, upto: Slot) -> Result<(), StorageError> {
+        let _ = upto;
+        Ok(())
+    }
+
+    /// The highest slot trimmed (0 when none): entries up to it may be missing.
+    /// `last_slot()` is never below it.
+    fn trimmed(&self) -> Slot {
+        0
+    }
+
     /// The entries accepted at slots `from..=to` (absent slots skipped), in slot order.
     fn entries(&self, from: Slot, to: Slot) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
@@ -96,6 +111,7 @@ pub struct MemStorage {
     promise: Ballot,
     log: BTreeMap<Slot, Entry>,
     chosen_hint: Slot,
+    trimmed: Slot,
 }
 
 impl MemStorage {
@@ -136,7 +152,19 @@ impl Storage for MemStorage {
     }
 
     fn last_slot(&self) -> Slot {
-        self.log.keys().next_back().copied().unwrap_or(0)
+        self.log.keys().next_back().copied().unwrap_or(0).max(self.trimmed)
+    }
+
+    fn trim(&mut self, upto: Slot) -> Result<(), StorageError> {
+        if upto > self.trimmed {
+            self.log = self.log.split_off(&(upto + 1));
+            self.trimmed = upto;
+        }
+        Ok(())
+    }
+
+    fn trimmed(&self) -> Slot {
+        self.trimmed
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {

@@ -57,6 +57,13 @@ fn catches_a_leader_voting_before_its_own_sync() {
 }
 
 #[test]
+fn catches_a_candidate_that_ignores_a_trimmed_log() {
+    // A candidate behind a promiser's snapshot fills the trimmed (chosen) slots with
+    // no-ops: needs snapshots on, a lagging replica and an election it wins.
+    hunt(PlantedBug::IgnoreTrimmedPromiser);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
-    assert_eq!(ALL_BUGS.len(), 6);
+    assert_eq!(ALL_BUGS.len(), 7);
 }

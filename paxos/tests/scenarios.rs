@@ -90,7 +90,8 @@ impl Net {
                 | Action::RevokeWrite { .. }
                 | Action::Aborted(_)
                 | Action::ReadReady { .. }
-                | Action::ReadsAborted(_) => continue,
+                | Action::ReadsAborted(_)
+                | Action::SendSnapshot { .. } => continue,
             };
             if !self.cut.contains(&(id, to)) {
                 self.queue.push_back((id, to, p));

@@ -371,6 +371,12 @@ impl<T: Transport> Node<T> {
                     }
                 }
             }
+            Action::SendSnapshot { to } => {
+                // The core asks only when its storage trimmed slots, and this node
+                // never compacts its log yet (PaxosStore keeps every entry), so this
+                // does not happen; say so loudly if it ever does.
+                warn!(peer = to, "snapshot transfer asked for, but this node takes no snapshots");
+            }
             Action::RoleChanged { role, ballot, leader } => {
                 info!(?role, %ballot, ?leader, "role changed");
                 if role == Role::Leader {

@@ -90,9 +90,10 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 /// Appends the encoding of a control-plane message.
 pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
     match *m {
-        Message::PreVote { round } => {
+        Message::PreVote { round, chosen } => {
             out.push(1);
             put_u64(out, round);
+            put_u64(out, chosen);
         }
         Message::PreVoteReply { round, granted } => {
             out.push(2);
@@ -108,11 +109,12 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
             out.push(8);
             put_ballot(out, ballot);
         }
-        Message::Promise { ballot, chosen, last } => {
+        Message::Promise { ballot, chosen, last, trimmed } => {
             out.push(4);
             put_ballot(out, ballot);
             put_u64(out, chosen);
             put_u64(out, last);
+            put_u64(out, trimmed);
         }
         Message::Reject { ballot, promised } => {
             out.push(5);
@@ -139,7 +141,7 @@ pub fn encode_message(m: &Message, out: &mut Vec<u8>) {
 pub fn decode_message(b: &[u8]) -> Result<Message, WireError> {
     let mut r = R(b);
     let m = match r.u8()? {
-        1 => Message::PreVote { round: r.u64()? },
+        1 => Message::PreVote { round: r.u64()?, chosen: r.u64()? },
         2 => {
             let round = r.u64()?;
             let granted = match r.u8()? {
@@ -159,7 +161,7 @@ pub fn decode_message(b: &[u8]) -> Result<Message, WireError> {
             Message::Prepare { ballot, transfer }
         }
         8 => Message::TimeoutNow { ballot: r.ballot()? },
-        4 => Message::Promise { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()? },
+        4 => Message::Promise { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()?, trimmed: r.u64()? },
         5 => Message::Reject { ballot: r.ballot()?, promised: r.ballot()? },
         6 => Message::Heartbeat { ballot: r.ballot()?, commit: r.u64()?, seq: r.u64()? },
         7 => Message::HeartbeatReply { ballot: r.ballot()?, chosen: r.u64()?, last: r.u64()?, seq: r.u64()? },
@@ -310,12 +312,12 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let ms = [
-            Message::PreVote { round: 3 },
+            Message::PreVote { round: 3, chosen: 9 },
             Message::PreVoteReply { round: 3, granted: true },
             Message::Prepare { ballot: b(4, 2), transfer: false },
             Message::Prepare { ballot: b(4, 2), transfer: true },
             Message::TimeoutNow { ballot: b(4, 2) },
-            Message::Promise { ballot: b(4, 2), chosen: 10, last: 12 },
+            Message::Promise { ballot: b(4, 2), chosen: 10, last: 12, trimmed: 7 },
             Message::Reject { ballot: b(4, 2), promised: b(5, 1) },
             Message::Heartbeat { ballot: b(5, 1), commit: 99, seq: 7 },
             Message::HeartbeatReply { ballot: b(5, 1), chosen: 98, last: 99, seq: 7 },

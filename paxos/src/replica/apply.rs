@@ -35,6 +35,20 @@ pub struct Applied {
     pub entries: Vec<AppliedEntry>,
 }
 
+/// The core's part of a snapshot taken after applying `slot`: the client
+/// de-duplication table and the position counter. The application saves it with its own
+/// state and hands both back on restart ([`crate::Replica::restore`]) or when a leader's
+/// snapshot arrives ([`crate::Replica::install_snapshot`]).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SnapshotMeta {
+    /// Every slot up to this one is reflected in the snapshot.
+    pub slot: Slot,
+    /// The last position handed out.
+    pub last_position: Position,
+    /// Per client (sorted by id): its remembered sequence numbers and their positions.
+    pub clients: Vec<(u64, Vec<(u64, Position)>)>,
+}
+
 #[derive(Debug, Default)]
 struct ClientRecord {
     seqs: BTreeMap<u64, Position>,
@@ -50,6 +64,19 @@ pub(crate) struct ApplyState {
 impl ApplyState {
     pub(crate) fn last_position(&self) -> Position {
         self.last_position
+    }
+
+    pub(crate) fn snapshot(&self, slot: Slot) -> SnapshotMeta {
+        let mut clients: Vec<(u64, Vec<(u64, Position)>)> =
+            self.clients.iter().map(|(&c, r)| (c, r.seqs.iter().map(|(&s, &p)| (s, p)).collect())).collect();
+        clients.sort_unstable_by_key(|c| c.0);
+        SnapshotMeta { slot, last_position: self.last_position, clients }
+    }
+
+    pub(crate) fn restore(meta: &SnapshotMeta) -> Self {
+        let clients =
+            meta.clients.iter().map(|(c, seqs)| (*c, ClientRecord { seqs: seqs.iter().copied().collect() })).collect();
+        ApplyState { last_position: meta.last_position, clients }
     }
 
     fn apply(&mut self, slot: Slot, value: Value) -> Applied {

@@ -39,7 +39,10 @@ impl<S: Storage> Replica<S> {
                 Ok(())
             }
             Role::Follower | Role::PreCandidate | Role::Candidate => {
-                if now >= self.election_deadline && self.cfg.can_lead {
+                // A replica that has not applied its own trimmed prefix (it restarted
+                // from an older snapshot) must catch up before it may lead.
+                let caught_up = self.chosen >= self.storage.trimmed() || self.bug(PlantedBug::IgnoreTrimmedPromiser);
+                if now >= self.election_deadline && self.cfg.can_lead && caught_up {
                     self.start_pre_vote()?;
                 }
                 Ok(())
@@ -80,17 +83,20 @@ impl<S: Storage> Replica<S> {
         self.reset_election_timer(now);
         self.note_role();
         let voters: Vec<NodeId> = self.cfg.voters.iter().copied().filter(|&v| v != self.cfg.id).collect();
+        let chosen = self.chosen;
         for v in voters {
-            self.send(v, Message::PreVote { round });
+            self.send(v, Message::PreVote { round, chosen });
         }
         self.maybe_start_election()
     }
 
-    pub(super) fn on_pre_vote(&mut self, from: NodeId, round: u64) -> Result<(), Error> {
+    pub(super) fn on_pre_vote(&mut self, from: NodeId, round: u64, chosen: Slot) -> Result<(), Error> {
         if !self.cfg.is_voter() || !self.cfg.voters.contains(&from) {
             return Ok(());
         }
-        let granted = Ballot::new(round, from) > self.promised && !self.lease_active(from);
+        let granted = Ballot::new(round, from) > self.promised
+            && !self.lease_active(from)
+            && (chosen >= self.storage.trimmed() || self.bug(PlantedBug::IgnoreTrimmedPromiser));
         self.send(from, Message::PreVoteReply { round, granted });
         Ok(())
     }
@@ -179,26 +185,31 @@ impl<S: Storage> Replica<S> {
             let now = self.now;
             self.candidate_contact = Some(now);
             self.reset_election_timer(now);
-            let last = self.storage.last_slot();
-            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
+            self.send_promise(from, ballot);
             ensure!(self.promised == ballot && self.promised > before);
         } else if ballot == self.promised {
             // A duplicate Prepare: promise again (idempotent).
-            let last = self.storage.last_slot();
-            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
+            self.send_promise(from, ballot);
         } else if self.bug(PlantedBug::AcceptLowerBallot) {
             // Planted bug: answer a lower ballot's Prepare as if it were current.
-            let last = self.storage.last_slot();
-            self.send(from, Message::Promise { ballot, chosen: self.chosen, last });
+            self.send_promise(from, ballot);
         } else {
             self.send(from, Message::Reject { ballot, promised: self.promised });
         }
         Ok(())
     }
 
+    fn send_promise(&mut self, to: NodeId, ballot: Ballot) {
+        let (chosen, last, trimmed) = (self.chosen, self.storage.last_slot(), self.storage.trimmed());
+        self.send(to, Message::Promise { ballot, chosen, last, trimmed });
+    }
+
     /// The leader hands leadership to us: start an election now.
     pub(super) fn on_timeout_now(&mut self, from: NodeId, ballot: Ballot) -> Result<(), Error> {
         let from_our_leader = ballot == self.promised && from == self.promised.node && self.leader == Some(from);
+        if self.chosen < self.storage.trimmed() {
+            return Ok(()); // not caught up with our own snapshot: we may not lead yet
+        }
         if !from_our_leader || self.role != Role::Follower || !self.cfg.can_lead || !self.cfg.is_voter() {
             return Ok(()); // stale, or we may not lead: the leader's transfer times out
         }
@@ -206,13 +217,28 @@ impl<S: Storage> Replica<S> {
     }
 
     /// A promise reached the candidate: read the promiser's log tail.
-    pub(super) fn on_promise(&mut self, from: NodeId, ballot: Ballot, chosen: Slot, last: Slot) -> Result<(), Error> {
+    pub(super) fn on_promise(
+        &mut self,
+        from: NodeId,
+        ballot: Ballot,
+        chosen: Slot,
+        last: Slot,
+        trimmed: Slot,
+    ) -> Result<(), Error> {
         if self.role != Role::Candidate || !self.cfg.voters.contains(&from) {
             return Ok(());
         }
         let double = self.bug(PlantedBug::DoubleCountVote);
+        let ignore_trim = self.bug(PlantedBug::IgnoreTrimmedPromiser);
         let cand = self.cand.as_mut().expect("candidate state");
         if cand.ballot != ballot {
+            return Ok(());
+        }
+        if trimmed >= cand.from && !ignore_trim {
+            // The promiser dropped slots we have not learned (they are chosen, and live
+            // on in its snapshot): we cannot adopt them, so we cannot lead. A replica
+            // that has them will; we catch up from it.
+            self.become_follower(None);
             return Ok(());
         }
         cand.promise_msgs += 1;
@@ -335,6 +361,7 @@ impl<S: Storage> Replica<S> {
                 commit_sent: 0,
                 acked_seq: 0,
                 acked_sent_at: None,
+                snapshot_sent: None,
             };
             peers.insert(id, p);
         }

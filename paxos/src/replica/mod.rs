@@ -13,6 +13,7 @@ mod apply;
 mod election;
 mod reads;
 mod replication;
+mod snapshot;
 
 use crate::config::{Config, ConfigError};
 use crate::contracts::{ensure, invariant, require};
@@ -23,6 +24,7 @@ use crate::types::{Ballot, Command, Entry, Nanos, NodeId, Position, Slot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use apply::{Applied, AppliedEntry};
+pub use snapshot::SnapshotMeta;
 
 /// A replica's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,6 +112,13 @@ pub enum Action {
     },
     /// Linearizable reads that will not complete here (this replica stopped leading).
     ReadsAborted(Vec<u64>),
+    /// Leader side: follower `to` needs log slots this replica has trimmed: send it
+    /// the latest snapshot (in chunks); it then calls [`Replica::install_snapshot`].
+    /// Repeated at most once per election timeout while the follower stays behind.
+    SendSnapshot {
+        /// The follower.
+        to: NodeId,
+    },
     /// The role, ballot or known leader changed.
     RoleChanged {
         /// The new role.
@@ -245,6 +254,8 @@ struct Progress {
     /// The highest heartbeat round it acknowledged, and when we sent that round.
     acked_seq: u64,
     acked_sent_at: Option<Nanos>,
+    /// When a snapshot was last asked for on this follower's behalf.
+    snapshot_sent: Option<Nanos>,
 }
 
 /// A leader's state.
@@ -333,9 +344,21 @@ pub struct Replica<S: Storage> {
 }
 
 impl<S: Storage> Replica<S> {
-    /// Starts (or restarts) a replica on `storage`, as a follower (or learner).
+    /// Starts (or restarts) a replica on `storage`, as a follower (or learner), with no
+    /// snapshot.
     pub fn new(cfg: Config, storage: S, now: Nanos) -> Result<Self, Error> {
+        Self::restore(cfg, storage, now, SnapshotMeta::default())
+    }
+
+    /// Restarts a replica from the application's latest snapshot (`snap`, whose state
+    /// the application has loaded) and `storage`. Slots up to `snap.slot` are applied;
+    /// later ones the storage knows chosen are applied again.
+    pub fn restore(cfg: Config, mut storage: S, now: Nanos, snap: SnapshotMeta) -> Result<Self, Error> {
         cfg.validate()?;
+        if snap.slot > 0 {
+            // The snapshot is durable: entries it covers are not needed.
+            storage.trim(snap.slot)?;
+        }
         let promised = storage.promise();
         let role = if cfg.is_voter() { Role::Follower } else { Role::Learner };
         let mut r = Replica {
@@ -351,9 +374,9 @@ impl<S: Storage> Replica<S> {
             boot_lease_until: 0,
             election_deadline: 0,
             known_commit: (Ballot::ZERO, 0),
-            chosen: 0,
-            applied: 0,
-            apply_state: apply::ApplyState::default(),
+            chosen: snap.slot,
+            applied: snap.slot,
+            apply_state: apply::ApplyState::restore(&snap),
             pre: None,
             cand: None,
             lead: None,
@@ -365,7 +388,11 @@ impl<S: Storage> Replica<S> {
         };
         // Slots a previous life knew chosen are chosen (the hint never outlives the
         // entries it covers): apply them again without waiting for a leader.
-        r.chosen = r.storage.chosen_hint().min(r.storage.last_slot());
+        // (Unless entries above the snapshot were trimmed: a newer snapshot was lost;
+        // the leader will send one.)
+        if r.storage.trimmed() <= snap.slot {
+            r.chosen = r.chosen.max(r.storage.chosen_hint().min(r.storage.last_slot()));
+        }
         r.apply_ready()?;
         if !promised.is_zero() {
             r.boot_lease_until = now + r.cfg.election_timeout;
@@ -496,11 +523,11 @@ impl<S: Storage> Replica<S> {
             return Ok(()); // unknown peers are ignored (the transport should have refused them)
         }
         let r = match msg {
-            Message::PreVote { round } => self.on_pre_vote(from, round),
+            Message::PreVote { round, chosen } => self.on_pre_vote(from, round, chosen),
             Message::PreVoteReply { round, granted } => self.on_pre_vote_reply(from, round, granted),
             Message::Prepare { ballot, transfer } => self.on_prepare(from, ballot, transfer),
             Message::TimeoutNow { ballot } => self.on_timeout_now(from, ballot),
-            Message::Promise { ballot, chosen, last } => self.on_promise(from, ballot, chosen, last),
+            Message::Promise { ballot, chosen, last, trimmed } => self.on_promise(from, ballot, chosen, last, trimmed),
             Message::Reject { ballot, promised } => self.on_reject(from, ballot, promised),
             Message::Heartbeat { ballot, commit, seq } => self.on_heartbeat(from, ballot, commit, seq),
             Message::HeartbeatReply { ballot, chosen, last, seq } => {
@@ -914,6 +941,7 @@ impl<S: Storage> Replica<S> {
                 invariant!(l.commit == self.chosen, "leader commit {} != chosen {}", l.commit, self.chosen);
                 invariant!(l.commit < l.next_slot, "commit {} >= next slot {}", l.commit, l.next_slot);
                 invariant!(l.synced < l.next_slot, "synced {} >= next slot {}", l.synced, l.next_slot);
+                invariant!(self.storage.trimmed() <= l.commit, "leader trimmed beyond its commit");
                 for (id, p) in &l.peers {
                     invariant!(p.matched < p.next, "peer {id}: matched {} >= next {}", p.matched, p.next);
                     invariant!(p.base <= p.matched, "peer {id}: base > matched");

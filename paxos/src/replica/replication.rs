@@ -63,6 +63,12 @@ impl<S: Storage> Replica<S> {
     pub(super) fn send_writes(&mut self, id: NodeId) -> Result<(), Error> {
         let window = self.cfg.window;
         let max_slots = self.cfg.max_write_slots as u64;
+        let trimmed = self.storage.trimmed();
+        if self.lead.as_ref().and_then(|l| l.peers.get(&id)).is_some_and(|p| p.next <= trimmed) {
+            // The follower needs slots we no longer hold: it catches up by snapshot.
+            self.need_snapshot(id);
+            return Ok(());
+        }
         loop {
             let Some(l) = self.lead.as_mut() else {
                 return Ok(());
@@ -415,7 +421,7 @@ impl<S: Storage> Replica<S> {
     /// Slot `s <= known commit` is chosen here once our entry at `s` carries the ballot
     /// of the leader that reported the commit index: that leader writes one value per
     /// slot, and everything up to its commit index is chosen with its values.
-    fn advance_chosen(&mut self) -> Result<(), Error> {
+    pub(super) fn advance_chosen(&mut self) -> Result<(), Error> {
         let (b, c) = self.known_commit;
         let start = self.chosen;
         while self.chosen < c {

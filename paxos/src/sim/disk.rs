@@ -12,6 +12,7 @@ enum Write {
     Promise(Ballot),
     Accept(Entry),
     Chosen(Slot),
+    Trim(Slot),
 }
 
 /// What survives a crash: the state as of the last successful sync.
@@ -72,6 +73,7 @@ impl Storage for SimDisk {
                 Write::Promise(b) => d.set_promise(b)?,
                 Write::Accept(e) => d.accept(e)?,
                 Write::Chosen(c) => d.set_chosen_hint(c)?,
+                Write::Trim(s) => d.trim(s)?,
             }
         }
         self.syncs += 1;
@@ -90,5 +92,15 @@ impl Storage for SimDisk {
 
     fn chosen_hint(&self) -> Slot {
         self.view.chosen_hint()
+    }
+
+    fn trim(&mut self, upto: Slot) -> Result<(), StorageError> {
+        self.view.trim(upto)?;
+        self.pending.push(Write::Trim(upto));
+        Ok(())
+    }
+
+    fn trimmed(&self) -> Slot {
+        self.view.trimmed()
     }
 }

@@ -96,6 +96,13 @@ pub struct SimConfig {
     pub planted_bug: Option<PlantedBug>,
     /// Upper bound on events processed (a run that needs more is a liveness failure).
     pub max_events: u64,
+    /// A replica snapshots its state machine every this many applied slots and trims
+    /// its log behind it (0: never). Lagging or restarted replicas then catch up by
+    /// snapshot transfer.
+    pub snapshot_every: u64,
+    /// Slots kept in the log behind a snapshot (followers that lag less catch up from
+    /// the log).
+    pub snapshot_keep: u64,
 }
 
 impl SimConfig {
@@ -130,6 +137,9 @@ impl SimConfig {
             check_permission: true,
             planted_bug: None,
             max_events: 3_000_000,
+            // Drawn apart so that the draws above stay what they were for old seeds.
+            snapshot_every: [0, 0, 4, 25][(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % 4],
+            snapshot_keep: [0, 1, 8][(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) >> 60) as usize % 3],
         }
     }
 
@@ -181,6 +191,10 @@ pub struct SimReport {
     pub crashes: u64,
     /// Leadership transfers asked of a leader.
     pub transfers: u64,
+    /// Snapshots taken (and the log trimmed behind them).
+    pub snapshots_taken: u64,
+    /// Snapshots received from a leader and installed.
+    pub snapshots_installed: u64,
     /// Virtual time from healing to the first commit after it.
     pub recovery_after_heal: Option<Nanos>,
     /// Virtual time simulated.
@@ -208,6 +222,10 @@ pub struct SimTotals {
     pub crashes: u64,
     /// Leadership transfers asked.
     pub transfers: u64,
+    /// Snapshots taken.
+    pub snapshots_taken: u64,
+    /// Snapshots installed by transfer.
+    pub snapshots_installed: u64,
     /// The longest time from healing to the first commit after it.
     pub worst_recovery: Nanos,
 }
@@ -224,6 +242,8 @@ impl SimTotals {
         self.elections += r.elections;
         self.crashes += r.crashes;
         self.transfers += r.transfers;
+        self.snapshots_taken += r.snapshots_taken;
+        self.snapshots_installed += r.snapshots_installed;
         self.worst_recovery = self.worst_recovery.max(r.recovery_after_heal.unwrap_or(0));
     }
 }
@@ -233,7 +253,8 @@ impl fmt::Display for SimTotals {
         write!(
             f,
             "{} events, {} slots chosen, {} entries applied, {} client ops ({} acknowledged appends), \
-             {} elections, {} crashes, {} leadership transfers; worst recovery after healing {:.1}ms",
+             {} elections, {} crashes, {} leadership transfers, {} snapshots taken, {} installed by transfer; \
+             worst recovery after healing {:.1}ms",
             self.events,
             self.slots_chosen,
             self.entries_applied,
@@ -242,6 +263,8 @@ impl fmt::Display for SimTotals {
             self.elections,
             self.crashes,
             self.transfers,
+            self.snapshots_taken,
+            self.snapshots_installed,
             self.worst_recovery as f64 / 1e6
         )
     }
@@ -308,17 +331,19 @@ pub fn bug_name(b: PlantedBug) -> &'static str {
         PlantedBug::AckBeforeSync => "ack-before-sync",
         PlantedBug::CommitWithoutQuorum => "commit-without-quorum",
         PlantedBug::LeaderVotesBeforeSync => "leader-votes-before-sync",
+        PlantedBug::IgnoreTrimmedPromiser => "ignore-trimmed-promiser",
     }
 }
 
 /// Every planted bug.
-pub const ALL_BUGS: [PlantedBug; 6] = [
+pub const ALL_BUGS: [PlantedBug; 7] = [
     PlantedBug::SkipValueAdoption,
     PlantedBug::AcceptLowerBallot,
     PlantedBug::DoubleCountVote,
     PlantedBug::AckBeforeSync,
     PlantedBug::CommitWithoutQuorum,
     PlantedBug::LeaderVotesBeforeSync,
+    PlantedBug::IgnoreTrimmedPromiser,
 ];
 
 /// Parses a planted bug's command-line name.

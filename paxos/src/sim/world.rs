@@ -5,7 +5,7 @@ use super::linearizability::{self as lin, LogInput, LogModel, LogOutput, Operati
 use super::{SimConfig, SimReport, Violation, ViolationKind, MS};
 use crate::config::Config;
 use crate::message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
-use crate::replica::{Action, Applied, ProposeError, Replica, Role};
+use crate::replica::{Action, Applied, ProposeError, Replica, Role, SnapshotMeta};
 use crate::rng::Rng;
 use crate::storage::MemStorage;
 use crate::types::{Ballot, Command, Nanos, NodeId, Slot, Value};
@@ -22,6 +22,8 @@ enum Payload {
     WriteDone(WriteResult),
     Read(ReadRequest),
     ReadDone(ReadResult),
+    /// A whole snapshot (the driver of a real replica streams it in chunks).
+    Snapshot(Box<(SnapshotMeta, StateMachine)>),
 }
 
 /// A client's answer from a replica.
@@ -53,7 +55,7 @@ enum Event {
 }
 
 /// A replica's application: the sequence of appended values and each entry's result.
-#[derive(Default)]
+#[derive(Default, Clone, Debug)]
 struct StateMachine {
     values: Vec<u64>,
     digest: u64,
@@ -80,6 +82,8 @@ struct Node {
     permission: Option<(NodeId, Ballot)>,
     /// Direct (lease or quorum-round) reads waiting here: id -> (client, session, seq).
     read_waiters: BTreeMap<u64, (usize, u64, u64)>,
+    /// The latest snapshot, saved durably (it survives crashes).
+    snapshot: Option<(SnapshotMeta, StateMachine)>,
 }
 
 struct ClientOp {
@@ -158,6 +162,7 @@ impl World {
                     waiters: BTreeMap::new(),
                     permission: None,
                     read_waiters: BTreeMap::new(),
+                    snapshot: None,
                 },
             );
         }
@@ -525,7 +530,14 @@ impl World {
         c.can_lead = !(self.cfg.one_cannot_lead && Some(&node) == self.voters.last());
         c.priority = if self.cfg.priorities { (node * 97 % 256) as u8 } else { 255 };
         let disk = SimDisk::open(n.durable.clone());
-        match Replica::new(c, disk, local) {
+        let meta = match &n.snapshot {
+            Some((meta, sm)) => {
+                n.sm = sm.clone();
+                meta.clone()
+            }
+            None => SnapshotMeta::default(),
+        };
+        match Replica::restore(c, disk, local, meta) {
             Ok(r) => n.replica = Some(r),
             Err(e) => {
                 let msg = format!("replica {node} failed to start: {e}");
@@ -565,6 +577,7 @@ impl World {
         for a in actions {
             self.execute(node, a);
         }
+        self.maybe_snapshot(node);
         if needs_flush && self.nodes[&node].flush_at.is_none() {
             let (lo, hi) = self.cfg.disk_latency;
             let at = self.now + self.rng.range(lo, hi);
@@ -580,6 +593,30 @@ impl World {
                 n.timer_at = Some(g);
                 self.schedule(g, Event::Timer { node });
             }
+        }
+    }
+
+    /// Every `snapshot_every` slots, once the application has consumed every slot the
+    /// replica applied, save a snapshot durably and let the replica trim its log.
+    fn maybe_snapshot(&mut self, node: NodeId) {
+        let every = self.cfg.snapshot_every;
+        if every == 0 {
+            return;
+        }
+        let local = self.local_time(node);
+        let keep = self.cfg.snapshot_keep;
+        let n = self.nodes.get_mut(&node).expect("node");
+        let Some(r) = n.replica.as_mut() else { return };
+        let last = n.snapshot.as_ref().map_or(0, |(m, _)| m.slot);
+        if r.applied() != n.sm.last_slot || r.applied() < last + every {
+            return;
+        }
+        let meta = r.snapshot_meta();
+        let upto = meta.slot.saturating_sub(keep);
+        n.snapshot = Some((meta, n.sm.clone()));
+        self.report.snapshots_taken += 1;
+        if let Err(e) = r.compact(local, upto) {
+            self.violate(ViolationKind::Contract, format!("replica {node} stopped: {e}"));
         }
     }
 
@@ -638,6 +675,14 @@ impl World {
                     }
                 }
             }
+            Action::SendSnapshot { to } => {
+                if let Some(snap) = self.nodes[&node].snapshot.clone() {
+                    self.net_send(node, to, Payload::Snapshot(Box::new(snap)));
+                } else {
+                    let msg = format!("replica {node} asked to send a snapshot it never took");
+                    self.violate(ViolationKind::Contract, msg);
+                }
+            }
             Action::RoleChanged { role, .. } => {
                 if role == Role::Leader {
                     self.report.elections += 1;
@@ -653,6 +698,20 @@ impl World {
             }
             self.local_time(to)
         };
+        if let Payload::Snapshot(snap) = payload {
+            let (meta, sm) = *snap;
+            let n = self.nodes.get_mut(&to).expect("node");
+            let r = n.replica.as_mut().expect("replica");
+            if !r.snapshot_useful(meta.slot) {
+                return;
+            }
+            // Save it durably, load it into the application, then tell the replica.
+            n.snapshot = Some((meta.clone(), sm.clone()));
+            n.sm = sm;
+            self.report.snapshots_installed += 1;
+            self.with_replica(to, |r| r.install_snapshot(local, meta).map(|_| ()).map_err(|e| e.to_string()));
+            return;
+        }
         self.with_replica(to, |r| {
             let res = match payload {
                 Payload::Msg(m) => r.handle_message(local, from, m),
@@ -660,6 +719,7 @@ impl World {
                 Payload::WriteDone(d) => r.handle_write_completion(local, from, d),
                 Payload::Read(q) => r.handle_remote_read(local, from, q),
                 Payload::ReadDone(d) => r.handle_read_completion(local, from, d),
+                Payload::Snapshot(_) => unreachable!("handled above"),
             };
             res.map_err(|e| e.to_string())
         });
