@@ -100,3 +100,46 @@ fn paxos_store_keeps_the_chosen_hint_across_reopen() {
     assert_eq!(s.chosen_hint(), 4);
     assert_eq!(s.last_slot(), 5);
 }
+
+#[test]
+fn trim_drops_entries_and_segments_and_survives_reopen() {
+    use paxos::{Command, Entry, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig::new(Mode::Fsync).with_segment_size(8 * 1024);
+    let mut s = PaxosStore::open(dir.path(), cfg).unwrap();
+    let b = Ballot::new(3, 1);
+    s.set_promise(b).unwrap();
+    let value = |slot: u64| {
+        Value::Batch(vec![Command { client: 9, seq: slot, payload: bytes::Bytes::from(vec![slot as u8; 200]) }])
+    };
+    for slot in 1..=200 {
+        s.accept(Entry { slot, ballot: b, value: value(slot) }).unwrap();
+    }
+    s.set_chosen_hint(180).unwrap();
+    s.sync().unwrap();
+    let segments_before = s.log().segment_paths().len();
+    s.trim(150).unwrap();
+    assert_eq!(s.trimmed(), 150);
+    assert!(s.entry(150).unwrap().is_none() && s.entry(1).unwrap().is_none());
+    assert_eq!(s.entry(151).unwrap().unwrap().value, value(151));
+    assert_eq!(s.last_slot(), 200);
+    let segments_after = s.log().segment_paths().len();
+    assert!(segments_after < segments_before, "no segment dropped: {segments_before} -> {segments_after}");
+    // A trim below the trim point changes nothing.
+    s.trim(100).unwrap();
+    assert_eq!(s.trimmed(), 150);
+    drop(s);
+    let s = PaxosStore::open(dir.path(), cfg).unwrap();
+    assert_eq!(s.promise(), b, "the promise outlives the segment that first held it");
+    assert_eq!(s.chosen_hint(), 180);
+    assert_eq!(s.trimmed(), 150);
+    assert!(s.entry(120).unwrap().is_none());
+    let kept = s.entries(1, 300).unwrap();
+    assert_eq!(kept.len(), 50);
+    assert!(kept.iter().all(|e| e.slot > 150 && e.value == value(e.slot)));
+    // Everything trimmed: the last slot is still the trim point.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut s = PaxosStore::open(dir2.path(), cfg).unwrap();
+    s.trim(40).unwrap();
+    assert_eq!((s.last_slot(), s.trimmed()), (40, 40));
+}

@@ -153,6 +153,9 @@ pub enum RecordKind {
     /// A paxos chosen-prefix hint: every slot up to `slot` is chosen with the value
     /// this log holds (written after those entries, so it never survives without them).
     Chosen = 5,
+    /// A paxos trim: every entry of a slot up to `slot` recorded before this record is
+    /// covered by an application snapshot and dropped at recovery.
+    Trimmed = 6,
 }
 
 impl RecordKind {
@@ -164,6 +167,7 @@ impl RecordKind {
             3 => Some(RecordKind::Promise),
             4 => Some(RecordKind::End),
             5 => Some(RecordKind::Chosen),
+            6 => Some(RecordKind::Trimmed),
             _ => None,
         }
     }

@@ -26,6 +26,8 @@ pub struct PaxosStore {
     scratch: Vec<u8>,
     /// The newest chosen-prefix hint.
     chosen: Slot,
+    /// Entries of slots up to here are dropped (covered by a snapshot).
+    trimmed: Slot,
 }
 
 impl PaxosStore {
@@ -38,7 +40,8 @@ impl PaxosStore {
     pub fn from_log(log: Log) -> Result<PaxosStore> {
         let mut promise = Ballot::ZERO;
         let mut chosen = 0;
-        let mut index = BTreeMap::new();
+        let mut trimmed = 0;
+        let mut index: BTreeMap<Slot, (Position, Ballot)> = BTreeMap::new();
         let mut buf = Vec::new();
         let (first, next) = (log.first_pos(), log.next_pos());
         for pos in first..next {
@@ -53,10 +56,16 @@ impl PaxosStore {
                     index.insert(meta.slot, (pos, meta.ballot));
                 }
                 RecordKind::Chosen => chosen = chosen.max(meta.slot),
+                RecordKind::Trimmed => {
+                    if meta.slot > trimmed {
+                        trimmed = meta.slot;
+                        index = index.split_off(&(trimmed + 1));
+                    }
+                }
                 RecordKind::Data | RecordKind::End => {}
             }
         }
-        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen })
+        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen, trimmed })
     }
 
     /// The underlying log.
@@ -138,7 +147,33 @@ impl Storage for PaxosStore {
     }
 
     fn last_slot(&self) -> Slot {
-        self.index.keys().next_back().copied().unwrap_or(0)
+        self.index.keys().next_back().copied().unwrap_or(0).max(self.trimmed)
+    }
+
+    /// Drops the entries up to `upto` and the log segments that hold nothing else. The
+    /// promise and the chosen hint are written again first (their old records may sit
+    /// in a dropped segment), with the trim record, and synced before any segment goes.
+    fn trim(&mut self, upto: Slot) -> Result<(), StorageError> {
+        if upto <= self.trimmed {
+            return Ok(());
+        }
+        if !self.promise.is_zero() {
+            self.log.append_record(RecordKind::Promise, 0, self.promise, &[])?;
+        }
+        if self.chosen > 0 {
+            self.log.append_record(RecordKind::Chosen, self.chosen, Ballot::ZERO, &[])?;
+        }
+        let at = self.log.append_record(RecordKind::Trimmed, upto, Ballot::ZERO, &[])?;
+        self.log.sync()?;
+        self.index = self.index.split_off(&(upto + 1));
+        self.trimmed = upto;
+        let keep_from = self.index.values().map(|&(pos, _)| pos).min().unwrap_or(at).min(at);
+        self.log.trim_prefix(keep_from)?;
+        Ok(())
+    }
+
+    fn trimmed(&self) -> Slot {
+        self.trimmed
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
