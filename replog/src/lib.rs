@@ -5,5 +5,6 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod wire;
