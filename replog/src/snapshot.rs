@@ -213,7 +213,7 @@ impl SnapshotStore {
                 out.push((slot, e.path()));
             }
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|f| std::cmp::Reverse(f.0));
         Ok(out)
     }
 
