@@ -80,6 +80,9 @@ pub struct ServeConfig {
     /// Authentication of peers.
     #[serde(default, skip_serializing_if = "Security::is_unset")]
     pub security: Security,
+    /// The replicated application and its snapshots.
+    #[serde(default, skip_serializing_if = "AppConfig::is_default")]
+    pub app: AppConfig,
     /// Every replica of the cluster, voters and learners, this one included. All
     /// replicas must list the same members.
     pub members: Vec<Member>,
@@ -255,6 +258,70 @@ pub struct Security {
 impl Security {
     fn is_unset(&self) -> bool {
         self.secret_file.is_none()
+    }
+}
+
+/// Which state machine a replica runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateMachineKind {
+    /// None: the replicated log service (clients read entries by position). Never
+    /// snapshots or trims.
+    #[default]
+    Log,
+    /// The example replicated key-value map (`set`/`del` appends, `get`/`len` queries),
+    /// with snapshots by policy.
+    Kv,
+}
+
+/// The replicated application (`[app]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// The state machine (default `log`: none).
+    pub state_machine: StateMachineKind,
+    /// Snapshot after this many applied entries (0: not by count). Default 100000.
+    pub snapshot_every_entries: u64,
+    /// Snapshot after this many applied payload bytes (0: not by size). Default 256 MiB.
+    pub snapshot_every_bytes: u64,
+    /// Snapshot after this many seconds if anything was applied (0: not by time).
+    pub snapshot_interval_s: u64,
+    /// Slots kept in the log behind a snapshot, for followers that lag a little.
+    pub snapshot_keep_slots: u64,
+    /// Snapshot transfer chunk size in bytes (at most the frame limit less 64).
+    pub snapshot_chunk_bytes: u64,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        let p = crate::app::SnapshotPolicy::default();
+        AppConfig {
+            state_machine: StateMachineKind::Log,
+            snapshot_every_entries: p.every_entries,
+            snapshot_every_bytes: p.every_bytes,
+            snapshot_interval_s: 0,
+            snapshot_keep_slots: p.keep_slots,
+            snapshot_chunk_bytes: p.chunk_bytes as u64,
+        }
+    }
+}
+
+impl AppConfig {
+    fn is_default(&self) -> bool {
+        *self == AppConfig::default()
+    }
+
+    /// The snapshot policy, with chunks that fit a frame of `max_frame` bytes.
+    pub fn policy(&self, max_frame: u64) -> crate::app::SnapshotPolicy {
+        let chunk = self.snapshot_chunk_bytes.clamp(1, max_frame.saturating_sub(64).max(1));
+        crate::app::SnapshotPolicy {
+            every_entries: self.snapshot_every_entries,
+            every_bytes: self.snapshot_every_bytes,
+            interval: (self.snapshot_interval_s > 0).then(|| std::time::Duration::from_secs(self.snapshot_interval_s)),
+            keep_slots: self.snapshot_keep_slots,
+            chunk_bytes: chunk as usize,
+            window: 4,
+        }
     }
 }
 
@@ -707,6 +774,7 @@ impl ServeConfig {
                 limits: Limits::default(),
                 log: LogConfig::default(),
                 security: Security::default(),
+                app: AppConfig::default(),
             })
             .collect()
     }

@@ -1,5 +1,6 @@
 //! replog: the replicated log service.
 
+pub mod app;
 pub mod client;
 pub mod config;
 pub mod metrics;

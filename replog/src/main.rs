@@ -129,6 +129,18 @@ enum Cmd {
         /// The replica to lead next.
         to: Option<u64>,
     },
+    /// Query the replicated state machine (replicas with `[app] state_machine = "kv"`:
+    /// `get <key>`, `len`); writes are appends (`set <key> <value>`, `del <key>`).
+    Query {
+        #[command(flatten)]
+        target: Target,
+        /// The query, e.g. `get k`.
+        query: Vec<String>,
+        /// Answer from any replica's applied state (may be stale) instead of a
+        /// linearizable query at the leader.
+        #[arg(long)]
+        stale: bool,
+    },
     /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
     Status {
         #[command(flatten)]
@@ -153,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Transfer { target, to } => transfer(&target, to),
         Cmd::Tail { target, from } => tail(&target, from),
         Cmd::Status { target } => status(&target),
+        Cmd::Query { target, query: words, stale } => query(&target, &words.join(" "), stale),
     }
 }
 
@@ -437,6 +450,15 @@ fn read(t: &Target, from: u64, max: u32, stale: bool) -> Result<()> {
     for (p, d) in entries {
         show(&mut out, p, &d)?;
     }
+    Ok(())
+}
+
+fn query(t: &Target, q: &str, stale: bool) -> Result<()> {
+    let mut c = client(t)?;
+    let (_, answer) = c.query(q.as_bytes(), !stale).with_context(|| format!("querying {q:?}"))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&answer)?;
+    out.write_all(b"\n")?;
     Ok(())
 }
 

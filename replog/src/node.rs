@@ -19,14 +19,16 @@
 //! checks the ballot again and acknowledges only after the sync that covers the write
 //! (its completion action is released by `flush`).
 
+use crate::app::AppHost;
 use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status};
 use crate::metrics::Metrics;
+use crate::snapshot;
 use crate::store::PaxosStore;
 use crate::wire;
 use bytes::Bytes;
 use paxos::{
     Action, Applied, Ballot, Command, Config, Nanos, NodeId, Position, ProposeError, ReadRequest, Replica, Role, Slot,
-    Storage, Value, WriteResult,
+    SnapshotMeta, Storage, Value, WriteResult,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +64,9 @@ pub enum NodeError {
     /// The transport failed.
     #[error("transport failed: {0}")]
     Transport(#[from] std::io::Error),
+    /// A snapshot could not be saved, verified or loaded (nothing is trimmed then).
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 struct PendingAppend {
@@ -76,6 +81,8 @@ struct LinRead {
     from: Position,
     max_entries: usize,
     max_bytes: usize,
+    /// A state-machine query to answer instead of a read of entries.
+    query: Option<Bytes>,
 }
 
 struct TailSub {
@@ -105,8 +112,16 @@ pub struct Node<T: Transport> {
     appends: HashMap<(ConnId, u64), PendingAppend>,
     /// (client, seq) -> (conn, request, index in the request's batch).
     waiters: HashMap<(u64, u64), (ConnId, u64, usize)>,
-    /// Position -> (slot, index in the slot's batch), for reads by position.
+    /// Position `index_base + 1 + i` -> (slot, index in the slot's batch), for reads by
+    /// position. Positions up to `index_base` are covered by a snapshot.
     index: Vec<(Slot, u32)>,
+    index_base: Position,
+    /// The embedded application, if any (none: the plain log service).
+    app: Option<AppHost>,
+    /// The last slot the application applied.
+    app_slot: Slot,
+    /// Snapshot transfer frames to send.
+    frames: Vec<(NodeId, Vec<u8>)>,
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
@@ -129,7 +144,36 @@ impl<T: Transport> Node<T> {
         responder: Responder,
         metrics: Arc<Metrics>,
     ) -> Result<Self, NodeError> {
-        let replica = Replica::new(opts.paxos.clone(), store, 0)?;
+        Self::with_app(opts, store, transport, inbound, responder, metrics, None)
+    }
+
+    /// A node that drives the application `app` (see [`crate::app`]): it starts from
+    /// the newest valid snapshot beside the log.
+    pub fn with_app(
+        opts: NodeOptions,
+        store: PaxosStore,
+        transport: T,
+        inbound: Receiver<Inbound>,
+        responder: Responder,
+        metrics: Arc<Metrics>,
+        mut app: Option<AppHost>,
+    ) -> Result<Self, NodeError> {
+        let mut meta = SnapshotMeta::default();
+        let mut paxos = opts.paxos.clone();
+        if let Some(a) = app.as_mut() {
+            let (snap, rejected) = a.restore()?;
+            for why in rejected {
+                warn!(%why, "snapshot passed over");
+            }
+            if let Some(m) = snap {
+                info!(slot = m.slot, last_position = m.last_position, "state machine loaded from snapshot");
+                meta = m;
+            }
+            a.sm().configuration_changed(&paxos.voters, &paxos.learners);
+            paxos.can_lead = paxos.can_lead && a.sm().may_lead();
+        }
+        let (index_base, app_slot) = (meta.last_position, meta.slot);
+        let replica = Replica::restore(paxos, store, 0, meta)?;
         let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
         Ok(Node {
             opts,
@@ -146,6 +190,10 @@ impl<T: Transport> Node<T> {
             appends: HashMap::new(),
             waiters: HashMap::new(),
             index: Vec::new(),
+            index_base,
+            app,
+            app_slot,
+            frames: Vec::new(),
             cache: None,
             tails: Vec::new(),
             lin_reads: HashMap::new(),
@@ -198,6 +246,7 @@ impl<T: Transport> Node<T> {
             while let Some(a) = self.replica.poll_action() {
                 self.execute(a);
             }
+            self.app_housekeeping(now)?;
             self.serve_tails();
             if self.last_metrics.elapsed() >= Duration::from_millis(100) {
                 self.update_metrics();
@@ -211,9 +260,13 @@ impl<T: Transport> Node<T> {
 
     fn on_event(&mut self, now: Nanos, ev: Event) -> Result<(), NodeError> {
         match ev {
-            Event::Message { from, payload } => match wire::decode_message(&payload) {
-                Ok(m) => self.replica.handle_message(now, from, m)?,
-                Err(e) => warn!(peer = from, error = %e, "undecodable peer message dropped"),
+            Event::Message { from, payload } => match snapshot::decode_transfer(&payload) {
+                Some(Ok(frame)) => self.on_transfer(now, from, frame)?,
+                Some(Err(e)) => warn!(peer = from, error = %e, "undecodable snapshot frame dropped"),
+                None => match wire::decode_message(&payload) {
+                    Ok(m) => self.replica.handle_message(now, from, m)?,
+                    Err(e) => warn!(peer = from, error = %e, "undecodable peer message dropped"),
+                },
             },
             Event::WriteArrived { from, token, offset, data } => match wire::decode_write(offset, &data) {
                 Ok(req) => {
@@ -347,7 +400,10 @@ impl<T: Transport> Node<T> {
                 // Confirmed, and everything committed at arrival is applied (and so in
                 // the position index): serve it from the applied prefix.
                 if let Some(r) = self.lin_reads.remove(&id) {
-                    let resp = self.read_entries(r.from, r.max_entries, r.max_bytes);
+                    let resp = match r.query {
+                        Some(q) => self.query(&q),
+                        None => self.read_entries(r.from, r.max_entries, r.max_bytes),
+                    };
                     self.reply(r.conn, r.req_id, resp);
                 }
             }
@@ -372,13 +428,23 @@ impl<T: Transport> Node<T> {
                 }
             }
             Action::SendSnapshot { to } => {
-                // The core asks only when its storage trimmed slots, and this node
-                // never compacts its log yet (PaxosStore keeps every entry), so this
-                // does not happen; say so loudly if it ever does.
-                warn!(peer = to, "snapshot transfer asked for, but this node takes no snapshots");
+                let started = self.app.as_mut().is_some_and(|a| a.start_send(to, &mut self.frames));
+                if started {
+                    info!(peer = to, "sending a snapshot (the follower needs trimmed slots)");
+                } else {
+                    error!(peer = to, "a follower needs trimmed slots but no snapshot is at hand");
+                }
+                self.send_frames();
             }
             Action::RoleChanged { role, ballot, leader } => {
                 info!(?role, %ballot, ?leader, "role changed");
+                if let Some(a) = self.app.as_mut() {
+                    a.sm().leadership_changed(role == Role::Leader, leader);
+                    let may = a.sm().may_lead();
+                    if may != self.replica.config().can_lead {
+                        self.replica.set_can_lead(self.now(), may);
+                    }
+                }
                 if role == Role::Leader {
                     self.metrics.inc_elections();
                 }
@@ -390,10 +456,14 @@ impl<T: Transport> Node<T> {
 
     fn on_apply(&mut self, applied: Applied) {
         let slot = applied.slot;
+        self.app_slot = slot;
         for (i, e) in applied.entries.into_iter().enumerate() {
             if !e.duplicate {
-                debug_assert_eq!(e.position, self.index.len() as u64 + 1);
+                debug_assert_eq!(e.position, self.index_base + self.index.len() as u64 + 1);
                 self.index.push((slot, i as u32));
+                if let Some(a) = self.app.as_mut() {
+                    a.apply(e.position, &e.command.payload, None);
+                }
             }
             let key = (e.command.client, e.command.seq);
             if let Some((conn, req_id, idx)) = self.waiters.remove(&key) {
@@ -502,6 +572,7 @@ impl<T: Transport> Node<T> {
                             from,
                             max_entries: max_entries as usize,
                             max_bytes: max_bytes as usize,
+                            query: None,
                         };
                         self.lin_reads.insert(id, r);
                     }
@@ -537,6 +608,32 @@ impl<T: Transport> Node<T> {
                 let s = self.status();
                 self.reply(conn, req_id, Response::Status(s));
             }
+            Request::Query { linearizable, query } => {
+                if self.app.is_none() {
+                    let message = "this replica embeds no state machine to query".to_string();
+                    self.reply(conn, req_id, Response::Error { code: ErrorCode::BadRequest, message });
+                } else if !linearizable {
+                    let resp = self.query(&query);
+                    self.reply(conn, req_id, resp);
+                } else {
+                    self.next_read_id += 1;
+                    let id = self.next_read_id;
+                    match self.replica.read(now, id) {
+                        Ok(()) => {
+                            let r = LinRead { conn, req_id, from: 0, max_entries: 0, max_bytes: 0, query: Some(query) };
+                            self.lin_reads.insert(id, r);
+                        }
+                        Err(ProposeError::NotLeader { leader }) => {
+                            let resp = self.redirect(leader);
+                            self.reply(conn, req_id, resp);
+                        }
+                        Err(e) => {
+                            let message = format!("linearizable query refused: {e}");
+                            self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                        }
+                    }
+                }
+            }
             Request::Disconnected => {
                 self.tails.retain(|t| t.conn != conn);
                 self.lin_reads.retain(|_, r| r.conn != conn);
@@ -549,7 +646,7 @@ impl<T: Transport> Node<T> {
 
     /// The payload at `position` (1-based), from the store.
     fn payload(&mut self, position: Position) -> Option<Bytes> {
-        let &(slot, idx) = self.index.get(position.checked_sub(1)? as usize)?;
+        let &(slot, idx) = self.index.get(position.checked_sub(self.index_base + 1)? as usize)?;
         let cmds = match &self.cache {
             Some((s, c)) if *s == slot => c.clone(),
             _ => {
@@ -567,7 +664,14 @@ impl<T: Transport> Node<T> {
 
     fn read_entries(&mut self, from: Position, max_entries: usize, max_bytes: usize) -> Response {
         let from = from.max(1);
-        let last = self.index.len() as Position;
+        let last = self.last_position();
+        let first_kept = self.first_readable();
+        if from < first_kept && from <= last {
+            let message = format!(
+                "position {from} is trimmed (covered by a snapshot); the first readable position is {first_kept}"
+            );
+            return Response::Error { code: ErrorCode::BadRequest, message };
+        }
         let budget = max_bytes.min(self.opts.max_frame_bytes.saturating_sub(64)).max(1);
         let mut entries = Vec::new();
         let mut bytes = 0usize;
@@ -591,7 +695,7 @@ impl<T: Transport> Node<T> {
         if self.tails.is_empty() {
             return;
         }
-        let last = self.index.len() as Position;
+        let last = self.last_position();
         let mut tails = std::mem::take(&mut self.tails);
         for t in tails.iter_mut() {
             let mut rounds = 0;
@@ -608,6 +712,88 @@ impl<T: Transport> Node<T> {
             }
         }
         self.tails = tails;
+    }
+
+    /// The highest committed position applied here.
+    fn last_position(&self) -> Position {
+        self.index_base + self.index.len() as Position
+    }
+
+    /// The first position whose entry the log still holds.
+    fn first_readable(&self) -> Position {
+        let trimmed = self.replica.storage().trimmed();
+        let kept = self.index.iter().position(|&(slot, _)| slot > trimmed).unwrap_or(self.index.len());
+        self.index_base + kept as Position + 1
+    }
+
+    fn query(&mut self, q: &[u8]) -> Response {
+        let applied_slot = self.app_slot;
+        match self.app.as_mut() {
+            Some(a) => Response::QueryResult { applied_slot, data: a.sm().query(q) },
+            None => {
+                let message = "this replica embeds no state machine to query".to_string();
+                Response::Error { code: ErrorCode::BadRequest, message }
+            }
+        }
+    }
+
+    fn send_frames(&mut self) {
+        for (to, frame) in self.frames.drain(..) {
+            if let Err(e) = self.transport.send(to, &frame) {
+                debug!(peer = to, error = %e, "snapshot frame not sent; the transfer resumes later");
+            }
+        }
+    }
+
+    /// A snapshot transfer frame from `from`.
+    fn on_transfer(&mut self, now: Nanos, from: NodeId, frame: snapshot::Transfer) -> Result<(), NodeError> {
+        let Some(app) = self.app.as_mut() else {
+            warn!(peer = from, "snapshot frame dropped: this replica embeds no state machine");
+            return Ok(());
+        };
+        let replica = &self.replica;
+        let received =
+            app.on_frame(from, frame, self.opts.cluster_id, |s| replica.snapshot_useful(s), &mut self.frames);
+        self.send_frames();
+        let r = match received {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(snapshot::SnapshotError::Invalid(why)) => {
+                warn!(peer = from, why, "received snapshot rejected; asking for it again");
+                return Ok(());
+            }
+            Err(e @ snapshot::SnapshotError::WrongCluster { .. }) => {
+                warn!(peer = from, error = %e, "received snapshot rejected");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let meta = r.snapshot.meta;
+        let (slot, base) = (meta.slot, meta.last_position);
+        if self.replica.install_snapshot(now, meta)? {
+            info!(peer = from, slot, last_position = base, "snapshot installed");
+            self.index.clear();
+            self.index_base = base;
+            self.app_slot = slot;
+            self.cache = None;
+        }
+        Ok(())
+    }
+
+    /// Snapshots by policy (when the application has applied exactly what the core
+    /// applied), and resumes stalled snapshot transfers.
+    fn app_housekeeping(&mut self, now: Nanos) -> Result<(), NodeError> {
+        let Some(app) = self.app.as_mut() else { return Ok(()) };
+        let resume = Duration::from_nanos(self.opts.paxos.election_timeout);
+        app.tick(resume, &mut self.frames);
+        if app.snapshot_due() && self.app_slot == self.replica.applied() && self.app_slot > 0 {
+            let meta = self.replica.snapshot_meta();
+            let upto = app.take_snapshot(self.opts.cluster_id, &meta)?;
+            info!(slot = meta.slot, trim_to = upto, "snapshot taken");
+            self.replica.compact(now, upto)?;
+        }
+        self.send_frames();
+        Ok(())
     }
 
     fn status(&self) -> Status {
@@ -633,7 +819,7 @@ impl<T: Transport> Node<T> {
             ballot: r.promised().to_string(),
             commit_slot: commit,
             applied_slot: r.applied(),
-            last_position: self.index.len() as u64,
+            last_position: self.last_position(),
             durability: self.opts.durability.clone(),
             peers,
         }
@@ -643,7 +829,7 @@ impl<T: Transport> Node<T> {
         self.last_metrics = Instant::now();
         let r = &self.replica;
         self.metrics.set_commit_index(r.commit_index());
-        self.metrics.set_applied(r.applied(), self.index.len() as u64);
+        self.metrics.set_applied(r.applied(), self.index_base + self.index.len() as u64);
         let log = r.storage().log();
         self.metrics.set_log_bytes(log.segment_paths().len() as u64 * log.segment_size());
         let commit = r.commit_index();

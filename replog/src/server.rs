@@ -2,10 +2,12 @@
 //! TCP transport to the peers, the client port, the metrics endpoint and the node
 //! driver on the calling thread.
 
+use crate::app::{AppHost, KvMachine};
 use crate::client::{ClientServer, ClientServerConfig};
-use crate::config::{ServeConfig, TransportKind};
+use crate::config::{ServeConfig, StateMachineKind, TransportKind};
 use crate::metrics::{Metrics, MetricsServer};
 use crate::node::{Node, NodeError, NodeOptions};
+use crate::snapshot::SnapshotStore;
 use crate::store::{Log, Mode, PaxosStore, StoreConfig, StoreError};
 use fallback_tcp::{TcpConfig, TcpTransport};
 use std::collections::BTreeMap;
@@ -74,6 +76,16 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let store = open_store(&cfg)?;
     let durability = format!("{:?}", store.durability()).to_lowercase();
     info!(node = cfg.id, dir = %cfg.data_dir.display(), %durability, "store opened");
+    let app = match cfg.app.state_machine {
+        StateMachineKind::Log => None,
+        StateMachineKind::Kv => {
+            let dir = (cfg.store_mode() != Mode::Memory).then(|| cfg.data_dir.join("snapshots"));
+            let snaps = SnapshotStore::open(dir, cfg.cluster_id).map_err(NodeError::from)?;
+            let policy = cfg.app.policy(cfg.limits.max_frame_bytes);
+            info!(node = cfg.id, ?policy, "state machine: kv");
+            Some(AppHost::new(Box::new(KvMachine::default()), snaps, policy))
+        }
+    };
 
     let peers: BTreeMap<u64, std::net::SocketAddr> =
         cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
@@ -153,7 +165,8 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         max_frame_bytes: cfg.limits.max_frame_bytes as usize,
         durability,
     };
-    let result = Node::new(opts, store, transport, rx, clients.responder(), metrics).and_then(|node| node.run(stop));
+    let result =
+        Node::with_app(opts, store, transport, rx, clients.responder(), metrics, app).and_then(|node| node.run(stop));
     clients.shutdown();
     if let Some(m) = metrics_server {
         m.shutdown();

@@ -25,6 +25,10 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(from, max_entries, max_bytes)| { Request::Read { from, max_entries, max_bytes } }),
         any::<u64>().prop_map(|from| Request::Tail { from }),
         Just(Request::Status),
+        (any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(from, max_entries, max_bytes)| { Request::ReadLinearizable { from, max_entries, max_bytes } }),
+        any::<u64>().prop_map(|to| Request::Transfer { to }),
+        (any::<bool>(), bytes()).prop_map(|(linearizable, query)| Request::Query { linearizable, query }),
     ]
 }
 
@@ -67,6 +71,7 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<Option<u64>>(), proptest::option::of(".{0,20}"))
             .prop_map(|(leader, addr)| Response::Redirect { leader, addr }),
         (code(), ".{0,40}").prop_map(|(code, message)| Response::Error { code, message }),
+        (any::<u64>(), bytes()).prop_map(|(applied_slot, data)| Response::QueryResult { applied_slot, data }),
     ]
 }
 

@@ -514,6 +514,38 @@ impl Client {
         }
     }
 
+    /// Queries the replicated state machine (replicas that embed one). Linearizable:
+    /// answered by the leader from a state that includes every append acknowledged
+    /// before this call. Otherwise any replica answers from what it applied. Returns
+    /// the last slot applied to the answering state, and the answer.
+    pub fn query(&mut self, query: &[u8], linearizable: bool) -> Result<(u64, Bytes), ClientError> {
+        let req = Request::Query { linearizable, query: Bytes::copy_from_slice(query) };
+        match self.call(&req, "query")? {
+            Response::QueryResult { applied_slot, data } => Ok((applied_slot, data)),
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a query with {other:?}"),
+            }),
+        }
+    }
+
+    /// One replica's (possibly stale) answer to `query`, on a connection of its own,
+    /// without retries or redirects.
+    pub fn query_of(
+        addr: SocketAddr,
+        cluster_id: u64,
+        timeout: Duration,
+        query: &[u8],
+    ) -> Result<(u64, Bytes), ClientError> {
+        let mut c = Conn::open(addr, cluster_id, timeout, MAX_FRAME)?;
+        let req = Request::Query { linearizable: false, query: Bytes::copy_from_slice(query) };
+        match c.call(&req, "query", Some(timeout))? {
+            Response::QueryResult { applied_slot, data } => Ok((applied_slot, data)),
+            Response::Error { code, message } => Err(ClientError::Server { server: addr, op: "query", code, message }),
+            other => Err(ClientError::Protocol { server: addr, detail: format!("answered a query with {other:?}") }),
+        }
+    }
+
     /// Asks the leader to hand leadership to replica `to` (0: the most caught-up other
     /// voter). Returns the leader's status once the transfer started; the new leader
     /// takes over within about a round trip (or the transfer is abandoned after an

@@ -64,6 +64,8 @@ pub mod kind {
     pub const READ_LINEARIZABLE: u8 = 0x06;
     /// [`super::Request::Transfer`].
     pub const TRANSFER: u8 = 0x07;
+    /// [`super::Request::Query`].
+    pub const QUERY: u8 = 0x08;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -76,6 +78,8 @@ pub mod kind {
     pub const REDIRECT: u8 = 0x45;
     /// [`super::Response::Error`].
     pub const ERROR: u8 = 0x46;
+    /// [`super::Response::QueryResult`].
+    pub const QUERY_RESULT: u8 = 0x47;
 }
 
 /// Bytes one entry costs in an `Append` or `Entries` payload beyond its own length.
@@ -141,6 +145,16 @@ pub enum Request {
         /// The replica to lead next (0: any).
         to: u64,
     },
+    /// A read-only query of the replicated state machine (replicas that embed one,
+    /// e.g. `state_machine = "kv"`). `linearizable`: served by the leader once it
+    /// confirmed its leadership and applied everything committed at arrival (others
+    /// answer `Redirect`); else served by any replica from what it applied.
+    Query {
+        /// Whether the answer must be linearizable.
+        linearizable: bool,
+        /// The query, as the state machine understands it.
+        query: Bytes,
+    },
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -166,6 +180,9 @@ impl fmt::Debug for Request {
                 write!(f, "ReadLinearizable{{from: {from}, max_entries: {max_entries}, max_bytes: {max_bytes}}}")
             }
             Request::Transfer { to } => write!(f, "Transfer{{to: {to}}}"),
+            Request::Query { linearizable, query } => {
+                write!(f, "Query{{linearizable: {linearizable}, {}B}}", query.len())
+            }
             Request::Disconnected => write!(f, "Disconnected"),
         }
     }
@@ -292,6 +309,13 @@ pub enum Response {
         /// The client address of the leader, if known (`host:port`).
         addr: Option<String>,
     },
+    /// The answer to `Query`, from the state after applying slot `applied_slot`.
+    QueryResult {
+        /// The last slot applied to the state that answered.
+        applied_slot: u64,
+        /// The state machine's answer.
+        data: Bytes,
+    },
     /// The request failed.
     Error {
         /// Why.
@@ -317,6 +341,9 @@ impl fmt::Debug for Response {
                 write!(f, "Redirect{{leader: {leader:?}, addr: {addr:?}}}")
             }
             Response::Error { code, message } => write!(f, "Error{{{code}: {message}}}"),
+            Response::QueryResult { applied_slot, data } => {
+                write!(f, "QueryResult{{applied_slot: {applied_slot}, {}B}}", data.len())
+            }
         }
     }
 }
@@ -448,6 +475,11 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             w.u64(*to);
             kind::TRANSFER
         }
+        Request::Query { linearizable, query } => {
+            w.u8(*linearizable as u8);
+            w.bytes(query)?;
+            kind::QUERY
+        }
         Request::Disconnected => return Err(ProtoError::NotOnWire),
     };
     finish(kind, w, out)
@@ -509,6 +541,11 @@ pub fn encode_response(req_id: u64, resp: &Response, out: &mut Vec<u8>) -> Resul
             w.u16(code.to_u16());
             w.bytes(message.as_bytes())?;
             kind::ERROR
+        }
+        Response::QueryResult { applied_slot, data } => {
+            w.u64(*applied_slot);
+            w.bytes(data)?;
+            kind::QUERY_RESULT
         }
     };
     finish(kind, w, out)
@@ -625,6 +662,7 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
             max_bytes: r.u32("max bytes")?,
         },
         kind::TRANSFER => Request::Transfer { to: r.u64("transfer target")? },
+        kind::QUERY => Request::Query { linearizable: r.bool("linearizable")?, query: r.bytes("query")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;
@@ -691,6 +729,9 @@ pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
             let code = ErrorCode::from_u16(c)
                 .ok_or_else(|| ProtoError::Invalid { field: "error code", detail: format!("unknown code {c}") })?;
             Response::Error { code, message: r.string("error message")? }
+        }
+        kind::QUERY_RESULT => {
+            Response::QueryResult { applied_slot: r.u64("applied slot")?, data: r.bytes("query result")? }
         }
         k => return Err(ProtoError::UnknownKind(k)),
     };
