@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 /// but in the snapshot methods).
 pub trait StateMachine: Send {
     /// Applies one committed client entry, in position order, exactly once. `token` is
-    /// the token given to [`crate::node::NodeHandle::replicate`] when this replica
+    /// the token given to [`crate::embed::ReplicaHandle::replicate`] when this replica
     /// proposed the entry (`None` for entries proposed elsewhere or by a remote
     /// client). The returned bytes answer the proposer.
     fn apply(&mut self, position: Position, payload: &[u8], token: Option<u64>) -> Bytes;

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod embed;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -21,6 +21,7 @@
 
 use crate::app::AppHost;
 use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status};
+use crate::embed::{Local, LocalReply, LOCAL_CONN};
 use crate::metrics::Metrics;
 use crate::snapshot;
 use crate::store::PaxosStore;
@@ -122,6 +123,8 @@ pub struct Node<T: Transport> {
     app_slot: Slot,
     /// Snapshot transfer frames to send.
     frames: Vec<(NodeId, Vec<u8>)>,
+    /// In-process requests (see [`crate::embed`]): where their answers go.
+    local: Local,
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
@@ -194,6 +197,7 @@ impl<T: Transport> Node<T> {
             app,
             app_slot,
             frames: Vec::new(),
+            local: Local::default(),
             cache: None,
             tails: Vec::new(),
             lin_reads: HashMap::new(),
@@ -202,6 +206,12 @@ impl<T: Transport> Node<T> {
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
         })
+    }
+
+    /// Answers in-process requests (see [`crate::embed`]) through `local`.
+    pub fn with_local(mut self, local: Local) -> Self {
+        self.local = local;
+        self
     }
 
     fn now(&self) -> Nanos {
@@ -418,13 +428,20 @@ impl<T: Transport> Node<T> {
             }
             Action::Aborted(cmds) => {
                 let leader = self.replica.leader();
+                let mut tokens = Vec::new();
                 for c in cmds {
                     if let Some((conn, req_id, _)) = self.waiters.remove(&(c.client, c.seq)) {
+                        if conn == LOCAL_CONN {
+                            tokens.extend(self.local.lock().tokens.get(&req_id).copied());
+                        }
                         if self.appends.remove(&(conn, req_id)).is_some() {
                             let resp = self.redirect(leader);
                             self.reply(conn, req_id, resp);
                         }
                     }
+                }
+                if let (Some(a), false) = (self.app.as_mut(), tokens.is_empty()) {
+                    a.sm().proposals_aborted(&tokens);
                 }
             }
             Action::SendSnapshot { to } => {
@@ -461,11 +478,19 @@ impl<T: Transport> Node<T> {
             if !e.duplicate {
                 debug_assert_eq!(e.position, self.index_base + self.index.len() as u64 + 1);
                 self.index.push((slot, i as u32));
-                if let Some(a) = self.app.as_mut() {
-                    a.apply(e.position, &e.command.payload, None);
-                }
             }
             let key = (e.command.client, e.command.seq);
+            if !e.duplicate {
+                if let Some(a) = self.app.as_mut() {
+                    // The proposer's token, when this replica proposed it in-process.
+                    let w = self.waiters.get(&key).copied().filter(|w| w.0 == LOCAL_CONN);
+                    let token = w.and_then(|(_, req_id, _)| self.local.lock().tokens.get(&req_id).copied());
+                    let result = a.apply(e.position, &e.command.payload, token);
+                    if let Some((_, req_id, _)) = w {
+                        self.local.lock().results.entry(req_id).or_default().push(result);
+                    }
+                }
+            }
             if let Some((conn, req_id, idx)) = self.waiters.remove(&key) {
                 let done = match self.appends.get_mut(&(conn, req_id)) {
                     Some(p) => {
@@ -492,6 +517,14 @@ impl<T: Transport> Node<T> {
     fn reply(&self, conn: ConnId, req_id: u64, response: Response) {
         if let Response::Error { code, .. } = &response {
             self.metrics.inc_client_errors(&format!("{code:?}"));
+        }
+        if conn == LOCAL_CONN {
+            let mut l = self.local.lock();
+            let results = l.results.remove(&req_id).unwrap_or_default();
+            if let Some(tx) = l.replies.remove(&req_id) {
+                let _ = tx.send(LocalReply { response, results });
+            }
+            return;
         }
         self.responder.send(Outbound::Reply { conn, req_id, response });
     }

@@ -2,9 +2,10 @@
 //! TCP transport to the peers, the client port, the metrics endpoint and the node
 //! driver on the calling thread.
 
-use crate::app::{AppHost, KvMachine};
+use crate::app::{AppHost, KvMachine, StateMachine};
 use crate::client::{ClientServer, ClientServerConfig};
 use crate::config::{ServeConfig, StateMachineKind, TransportKind};
+use crate::embed::{Local, ReplicaHandle};
 use crate::metrics::{Metrics, MetricsServer};
 use crate::node::{Node, NodeError, NodeOptions};
 use crate::snapshot::SnapshotStore;
@@ -69,6 +70,17 @@ pub fn open_store(cfg: &ServeConfig) -> Result<PaxosStore, ServeError> {
 
 /// Runs one replica until `stop` is set.
 pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
+    serve_embedded(cfg, stop, None, None)
+}
+
+/// Runs one replica until `stop` is set, driving `sm` if given (else the state machine
+/// the configuration names), and hands a [`ReplicaHandle`] to `handle` once started.
+pub fn serve_embedded(
+    cfg: ServeConfig,
+    stop: Arc<AtomicBool>,
+    sm: Option<Box<dyn StateMachine>>,
+    handle: Option<std::sync::mpsc::Sender<ReplicaHandle>>,
+) -> Result<(), ServeError> {
     if cfg.transport != TransportKind::Tcp {
         return Err(ServeError::Transport(cfg.transport));
     }
@@ -76,14 +88,19 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     let store = open_store(&cfg)?;
     let durability = format!("{:?}", store.durability()).to_lowercase();
     info!(node = cfg.id, dir = %cfg.data_dir.display(), %durability, "store opened");
-    let app = match cfg.app.state_machine {
-        StateMachineKind::Log => None,
-        StateMachineKind::Kv => {
+    let sm: Option<Box<dyn StateMachine>> = match (sm, cfg.app.state_machine) {
+        (Some(sm), _) => Some(sm),
+        (None, StateMachineKind::Log) => None,
+        (None, StateMachineKind::Kv) => Some(Box::new(KvMachine::default())),
+    };
+    let app = match sm {
+        None => None,
+        Some(sm) => {
             let dir = (cfg.store_mode() != Mode::Memory).then(|| cfg.data_dir.join("snapshots"));
             let snaps = SnapshotStore::open(dir, cfg.cluster_id).map_err(NodeError::from)?;
             let policy = cfg.app.policy(cfg.limits.max_frame_bytes);
-            info!(node = cfg.id, ?policy, "state machine: kv");
-            Some(AppHost::new(Box::new(KvMachine::default()), snaps, policy))
+            info!(node = cfg.id, ?policy, "embedded state machine");
+            Some(AppHost::new(sm, snaps, policy))
         }
     };
 
@@ -113,6 +130,9 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
     })?;
     let (tx, rx) = std::sync::mpsc::channel();
     let waker = transport.waker();
+    let local = Local::default();
+    let local_tx = tx.clone();
+    let local_waker = transport.waker();
     let mut ccfg = ClientServerConfig::new(cfg.cluster_id, cfg.id);
     ccfg.max_connections = cfg.limits.max_client_connections as usize;
     ccfg.max_frame = cfg.limits.max_frame_bytes.min(u32::MAX as u64) as u32;
@@ -165,8 +185,13 @@ pub fn serve(cfg: ServeConfig, stop: Arc<AtomicBool>) -> Result<(), ServeError> 
         max_frame_bytes: cfg.limits.max_frame_bytes as usize,
         durability,
     };
-    let result =
-        Node::with_app(opts, store, transport, rx, clients.responder(), metrics, app).and_then(|node| node.run(stop));
+    let result = Node::with_app(opts, store, transport, rx, clients.responder(), metrics, app).and_then(|node| {
+        if let Some(h) = handle {
+            let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || local_waker.wake());
+            let _ = h.send(ReplicaHandle::new(local_tx, wake, local.clone()));
+        }
+        node.with_local(local).run(stop)
+    });
     clients.shutdown();
     if let Some(m) = metrics_server {
         m.shutdown();
