@@ -38,6 +38,7 @@ fn main() {
         .allowlist_function("rte_lcore_.*")
         .allowlist_function("rte_strerror|rte_socket_id|rte_version|rte_get_main_lcore|rte_get_tsc_hz|rte_rdtsc")
         .allowlist_function("dpdk_sys_.*")
+        .allowlist_function("rte_dev_probe")
         .allowlist_var("RTE_MBUF_.*|RTE_PKTMBUF_.*|RTE_ETHER_.*|RTE_ETH_.*|RTE_MAX_.*|RTE_MEMPOOL_.*")
         .allowlist_var("SOCKET_ID_ANY|LCORE_ID_ANY|RTE_VER_.*")
         .allowlist_type("rte_mbuf|rte_mempool|rte_ether_hdr|rte_ether_addr|rte_eth_conf|rte_eth_dev_info|rte_eth_stats")

@@ -41,6 +41,8 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod envelope;
 pub mod faults;
 pub mod mem;

@@ -1,5 +1,6 @@
 /* The DPDK headers dpdk-sys binds. Compiled with pkg-config's own cflags for libdpdk
  * (which include `-include rte_config.h` and `-march=...`). */
+#include <rte_dev.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
