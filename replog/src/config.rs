@@ -33,6 +33,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+#[path = "config_dpdk.rs"]
+mod dpdk;
+pub use dpdk::{DpdkMember, DpdkSection};
+
 use crate::store::format::{max_payload, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
 use crate::store::{Mode, StoreConfig};
 
@@ -55,7 +59,8 @@ pub struct ServeConfig {
     /// The cluster's id, non-zero; every peer and client handshake carries it and a
     /// mismatch is refused.
     pub cluster_id: u64,
-    /// The transport between replicas. Only [`TransportKind::Tcp`] is built now.
+    /// The transport between replicas: TCP, or DPDK in a binary built with the
+    /// `dpdk` feature.
     #[serde(default)]
     pub transport: TransportKind,
     /// How the log is made durable.
@@ -83,6 +88,10 @@ pub struct ServeConfig {
     /// The replicated application and its snapshots.
     #[serde(default, skip_serializing_if = "AppConfig::is_default")]
     pub app: AppConfig,
+    /// The DPDK transport's settings (with `transport = "dpdk"`; see
+    /// [`DpdkSection`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpdk: Option<DpdkSection>,
     /// Every replica of the cluster, voters and learners, this one included. All
     /// replicas must list the same members.
     pub members: Vec<Member>,
@@ -117,7 +126,7 @@ pub enum TransportKind {
     Tcp,
     /// RDMA verbs (not built in this binary yet).
     Rdma,
-    /// DPDK (not built in this binary yet).
+    /// DPDK Ethernet frames (built with the `dpdk` feature; needs a `[dpdk]` section).
     Dpdk,
 }
 
@@ -516,7 +525,16 @@ impl ServeConfig {
                 "every member is a learner: the cluster needs at least one voter",
             ));
         }
-        if self.transport != TransportKind::Tcp {
+        if self.transport == TransportKind::Dpdk && cfg!(feature = "dpdk") {
+            let Some(d) = &self.dpdk else {
+                return Err(ConfigError::at(
+                    "dpdk".to_string(),
+                    "transport = \"dpdk\" needs a [dpdk] section (the port, EAL arguments and every member's MAC)",
+                ));
+            };
+            let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+            d.validate(&ids)?;
+        } else if self.transport != TransportKind::Tcp {
             let name = self.transport.as_str();
             return Err(ConfigError::at(
                 "transport".to_string(),
@@ -775,6 +793,7 @@ impl ServeConfig {
                 log: LogConfig::default(),
                 security: Security::default(),
                 app: AppConfig::default(),
+                dpdk: None,
             })
             .collect()
     }
@@ -799,8 +818,13 @@ impl ServeConfig {
     /// The digest of the member list (ids, addresses, roles) that peers compare in
     /// their handshake: a replica started with another list is refused as stale.
     pub fn config_digest(&self) -> u64 {
+        let mac = |id: u64| match (&self.dpdk, self.transport) {
+            (Some(d), TransportKind::Dpdk) => d.mac_of(id).map(|m| format!(" {m:02x?}")).unwrap_or_default(),
+            _ => String::new(),
+        };
         fallback_tcp::wire::config_digest(self.members.iter().map(|m| {
-            (m.id, format!("{} {} {}", m.peer_addr, m.client_addr, if m.learner { "learner" } else { "voter" }))
+            let role = if m.learner { "learner" } else { "voter" };
+            (m.id, format!("{} {} {role}{}", m.peer_addr, m.client_addr, mac(m.id)))
         }))
     }
 

@@ -1,6 +1,6 @@
 //! `replog serve`: one replica process, wired from its configuration: the store, the
-//! TCP transport to the peers, the client port, the metrics endpoint and the node
-//! driver on the calling thread.
+//! transport to the peers (TCP, or DPDK with the `dpdk` feature), the client port, the
+//! metrics endpoint and the node driver on the calling thread.
 
 use crate::app::{AppHost, KvMachine, StateMachine};
 use crate::client::{ClientServer, ClientServerConfig};
@@ -41,7 +41,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The transport in the configuration is not built into this binary.
-    #[error("transport {0:?} is not available in this build (only tcp is)")]
+    #[error("transport {0:?} is not available in this build")]
     Transport(TransportKind),
     /// The secret file cannot be used.
     #[error("security: {0}")]
@@ -49,6 +49,10 @@ pub enum ServeError {
     /// Sizes that do not fit together.
     #[error("limits: {0}")]
     Limits(String),
+    /// The DPDK transport could not start.
+    #[cfg(feature = "dpdk")]
+    #[error("dpdk transport: {0}")]
+    Dpdk(#[from] transport::dpdk::DpdkError),
     /// The node stopped with an error.
     #[error(transparent)]
     Node(#[from] NodeError),
@@ -81,9 +85,77 @@ pub fn serve_embedded(
     sm: Option<Box<dyn StateMachine>>,
     handle: Option<std::sync::mpsc::Sender<ReplicaHandle>>,
 ) -> Result<(), ServeError> {
-    if cfg.transport != TransportKind::Tcp {
-        return Err(ServeError::Transport(cfg.transport));
+    match cfg.transport {
+        TransportKind::Tcp => {
+            let transport = tcp_transport(&cfg)?;
+            run(cfg, transport, stop, sm, handle)
+        }
+        #[cfg(feature = "dpdk")]
+        TransportKind::Dpdk => {
+            let transport = dpdk_transport(&cfg)?;
+            run(cfg, transport, stop, sm, handle)
+        }
+        other => Err(ServeError::Transport(other)),
     }
+}
+
+fn tcp_transport(cfg: &ServeConfig) -> Result<TcpTransport, ServeError> {
+    let me = cfg.me();
+    let peers: BTreeMap<u64, std::net::SocketAddr> =
+        cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
+    let secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
+    let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
+    tcfg.secret = secret;
+    tcfg.config_digest = cfg.config_digest();
+    info!(node = cfg.id, authenticated = tcfg.secret.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
+    tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
+    tcfg.seed = cfg.id;
+    // Redial a lost peer at least every few election timeouts: a restarted replica
+    // rejoins (and can vote again) quickly.
+    tcfg.reconnect_max = std::time::Duration::from_nanos(cfg.timing.election_timeout_ns() * 4)
+        .clamp(std::time::Duration::from_millis(50), tcfg.reconnect_max);
+    TcpTransport::bind(tcfg).map_err(|source| ServeError::Bind { what: "peer", addr: me.peer_addr.to_string(), source })
+}
+
+/// Starts EAL and opens the port the `[dpdk]` section names.
+#[cfg(feature = "dpdk")]
+fn dpdk_transport(cfg: &ServeConfig) -> Result<transport::dpdk::DpdkTransport, ServeError> {
+    use transport::dpdk::{DpdkConfig, DpdkTransport, Eal, EalConfig};
+    let d =
+        cfg.dpdk.as_ref().ok_or_else(|| ServeError::Limits("transport = \"dpdk\" needs a [dpdk] section".into()))?;
+    let eal = EalConfig {
+        lcores: d.lcores.clone(),
+        memory_mb: d.memory_mb,
+        no_huge: d.no_huge,
+        in_memory: d.in_memory,
+        no_shconf: d.no_shconf,
+        file_prefix: d.file_prefix.clone(),
+        vdevs: d.vdevs.clone(),
+        pci: d.pci.clone(),
+        extra: d.eal_args.clone(),
+    };
+    let eal = Eal::init(&eal)?;
+    let peers = cfg.peers().filter_map(|m| d.mac_of(m.id).map(|mac| (m.id, mac))).collect();
+    let mut dcfg = DpdkConfig::new(cfg.cluster_id, cfg.id, &d.port, peers);
+    dcfg.local_mac = d.mac_of(cfg.id);
+    dcfg.mtu = d.mtu as usize;
+    dcfg.mbufs = d.mbufs;
+    dcfg.drop_probability = d.drop_probability;
+    dcfg.max_payload = cfg.limits.max_frame_bytes as usize;
+    dcfg.seed = cfg.id;
+    dcfg.secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
+    dcfg.config_digest = cfg.config_digest();
+    info!(node = cfg.id, authenticated = dcfg.secret.is_some(), config_digest = %format_args!("{:016x}", dcfg.config_digest), eal = %eal.args().join(" "), "peer links over DPDK");
+    Ok(DpdkTransport::new(eal, dcfg)?)
+}
+
+fn run<T: Transport>(
+    cfg: ServeConfig,
+    transport: T,
+    stop: Arc<AtomicBool>,
+    sm: Option<Box<dyn StateMachine>>,
+    handle: Option<std::sync::mpsc::Sender<ReplicaHandle>>,
+) -> Result<(), ServeError> {
     let me = cfg.me().clone();
     let store = open_store(&cfg)?;
     let durability = format!("{:?}", store.durability()).to_lowercase();
@@ -103,25 +175,6 @@ pub fn serve_embedded(
             Some(AppHost::new(sm, snaps, policy))
         }
     };
-
-    let peers: BTreeMap<u64, std::net::SocketAddr> =
-        cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
-    let secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
-    let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
-    tcfg.secret = secret;
-    tcfg.config_digest = cfg.config_digest();
-    info!(node = cfg.id, authenticated = tcfg.secret.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
-    tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
-    tcfg.seed = cfg.id;
-    // Redial a lost peer at least every few election timeouts: a restarted replica
-    // rejoins (and can vote again) quickly.
-    tcfg.reconnect_max = std::time::Duration::from_nanos(cfg.timing.election_timeout_ns() * 4)
-        .clamp(std::time::Duration::from_millis(50), tcfg.reconnect_max);
-    let transport = TcpTransport::bind(tcfg).map_err(|source| ServeError::Bind {
-        what: "peer",
-        addr: me.peer_addr.to_string(),
-        source,
-    })?;
 
     let listener = TcpListener::bind(me.client_addr).map_err(|source| ServeError::Bind {
         what: "client",

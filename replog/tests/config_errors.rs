@@ -157,7 +157,17 @@ fn backends_not_built_are_refused_clearly() {
         &with("transport = \"tcp\"", "transport = \"rdma\""),
         &["replog.toml: transport: \"rdma\": the RDMA backend is not built in this binary yet"],
     );
-    expect(&with("transport = \"tcp\"", "transport = \"dpdk\""), &["the DPDK backend is not built in this binary yet"]);
+    if cfg!(feature = "dpdk") {
+        expect(
+            &with("transport = \"tcp\"", "transport = \"dpdk\""),
+            &["dpdk: transport = \"dpdk\" needs a [dpdk] section"],
+        );
+    } else {
+        expect(
+            &with("transport = \"tcp\"", "transport = \"dpdk\""),
+            &["the DPDK backend is not built in this binary yet"],
+        );
+    }
 }
 
 #[test]

@@ -333,6 +333,11 @@ impl DpdkConfig {
     }
 }
 
+/// The directory EAL loads poll-mode drivers from (found when `dpdk-sys` was built).
+pub fn pmd_dir() -> &'static str {
+    dpdk_sys::PMD_DIR
+}
+
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn mac_str(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
