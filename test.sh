@@ -36,6 +36,28 @@ cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 test_rc=${PIPESTATUS[0]}
 set -e
 
+echo "== DPDK: unit tests, transport conformance and replica processes on af_packet vdevs (--features dpdk)"
+# cargo test --workspace enables no features: the DPDK backend builds and runs here.
+dpdk_log=$(mktemp)
+dpdk_rc=0
+set +e
+cargo clippy -p transport -p replog --all-targets --features transport/dpdk,replog/dpdk -- -D warnings || dpdk_rc=1
+(
+    rc=0
+    cargo test -p transport --features transport/dpdk --no-fail-fast --lib -- dpdk:: || rc=1
+    cargo test -p transport --features transport/dpdk --no-fail-fast --test dpdk_conformance || rc=1
+    cargo test -p replog --features replog/dpdk --no-fail-fast --test config_dpdk --test process_dpdk || rc=1
+    exit $rc
+) 2>&1 | tee "$dpdk_log"
+[ "${PIPESTATUS[0]}" = 0 ] || dpdk_rc=1
+set -e
+dpdk_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$dpdk_log" | awk '{s+=$4} END {print s+0}')
+dpdk_failed=$(grep -Eo '[0-9]+ failed;' "$dpdk_log" | awk '{s+=$1} END {print s+0}')
+rm -f "$dpdk_log"
+dpdk_run=$((dpdk_passed + dpdk_failed))
+echo "dpdk tests: $dpdk_run run, $dpdk_passed passed"
+if [ "$dpdk_run" = 0 ] || { [ "$dpdk_rc" != 0 ] && [ "$dpdk_failed" = 0 ]; }; then dpdk_failed=$((dpdk_failed + 1)); fi
+
 sim_passed=0
 sim_failed=0
 sim() { # one simulator run; it exits non-zero on any violation (or an uncaught bug)
@@ -65,5 +87,6 @@ passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4}
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed"
 if [ "$test_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
-echo "summary: $((passed + sim_passed)) passed, $((failed + sim_failed)) failed"
-[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ]
+echo "dpdk tests: $dpdk_run run, $dpdk_passed passed, $dpdk_failed failed"
+echo "summary: $((passed + sim_passed + dpdk_passed)) passed, $((failed + sim_failed + dpdk_failed)) failed"
+[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$dpdk_failed" = 0 ]
