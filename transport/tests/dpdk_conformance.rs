@@ -10,8 +10,10 @@
 //! `rte_dev_probe`) on its interface; the previous one was stopped and closed when its
 //! transport was dropped.
 //!
-//! Also: EAL refusing its arguments is a typed error ([`DpdkError::Eal`]) with
-//! `rte_strerror`'s text.
+//! Also, in their own child processes and namespaces: the handshake refuses a peer
+//! with a wrong or missing cluster secret or another member list (no link, nothing
+//! accepted), and EAL refusing its arguments is a typed error ([`DpdkError::Eal`])
+//! with `rte_strerror`'s text.
 //!
 //! Needs root, iproute2 and the af_packet PMD: without them the tests say why and
 //! skip, unless `REPLOG_REQUIRE_ALL` is set, when they fail.
@@ -194,6 +196,23 @@ fn dpdk_transport_conformance_suite() {
 }
 
 #[test]
+fn handshake_refuses_a_wrong_secret_and_a_stale_member_list() {
+    const TEST: &str = "handshake_refuses_a_wrong_secret_and_a_stale_member_list";
+    if let Some(why) = missing_prerequisite() {
+        return cannot_run(TEST, &why);
+    }
+    let ns = match Ns::create(&format!("{}h", std::process::id())) {
+        Ok(ns) => ns,
+        Err(why) => return cannot_run(TEST, &format!("cannot create the namespace and veth pairs: {why}")),
+    };
+    let (ok, out) = run_child("auth", Some(&ns.name), &ns.prefix);
+    println!("{out}");
+    assert!(ok, "the handshake checks failed in the child; its output:\n{out}");
+    assert!(out.contains("AUTH-DONE"), "the child did not finish:\n{out}");
+    say("dpdk handshake: a wrong secret, a missing secret and a stale member list are refused; a match links up");
+}
+
+#[test]
 fn eal_refusing_its_arguments_is_a_typed_error() {
     let prefix = format!("rdpc{}-bad", std::process::id());
     let (ok, out) = run_child("bad-args", None, &prefix);
@@ -232,11 +251,12 @@ fn child() {
             }
         }
         "suite" => suite(&prefix),
+        "auth" => auth(&prefix),
         other => panic!("unknown role {other}"),
     }
 }
 
-fn suite(prefix: &str) {
+fn test_eal(prefix: &str) -> std::sync::Arc<Eal> {
     let cfg = EalConfig {
         no_huge: true,
         memory_mb: Some(512),
@@ -245,25 +265,78 @@ fn suite(prefix: &str) {
         extra: vec!["--log-level=lib.eal:notice".into()],
         ..EalConfig::default()
     };
-    let eal = Eal::init(&cfg).unwrap_or_else(|e| panic!("{e}"));
-    static NEXT_VDEV: AtomicU32 = AtomicU32::new(0);
+    Eal::init(&cfg).unwrap_or_else(|e| panic!("{e}"))
+}
+
+static NEXT_VDEV: AtomicU32 = AtomicU32::new(0);
+
+/// Endpoint `id` of a cluster of `ids` on a fresh vdev over interface `c<id>`.
+fn endpoint(
+    eal: &std::sync::Arc<Eal>,
+    id: PeerId,
+    ids: &[PeerId],
+    secret: Option<&[u8]>,
+    digest: u64,
+) -> DpdkTransport {
+    let k = NEXT_VDEV.fetch_add(1, Ordering::Relaxed);
+    let name = format!("net_af_packet{k}");
+    eal.probe(&format!("{name},iface=c{id}")).unwrap_or_else(|e| panic!("probe {name}: {e}"));
+    let peers: BTreeMap<PeerId, [u8; 6]> = ids.iter().filter(|&&p| p != id).map(|&p| (p, mac(p as usize))).collect();
+    let mut c = DpdkConfig::new(0xd9d4, id, &name, peers);
+    c.local_mac = Some(mac(id as usize));
+    c.mbufs = 4095;
+    c.ring = 512;
+    c.secret = secret.map(<[u8]>::to_vec);
+    c.config_digest = digest;
+    DpdkTransport::new(eal.clone(), c).unwrap_or_else(|e| panic!("endpoint {id}: {e}"))
+}
+
+/// Polls both endpoints for `d` (or until both report the link up); whether both did.
+fn link_up_within(a: &mut DpdkTransport, b: &mut DpdkTransport, d: Duration) -> bool {
+    let (mut up_a, mut up_b) = (false, false);
+    let t0 = Instant::now();
+    let mut events = Vec::new();
+    while t0.elapsed() < d && !(up_a && up_b) {
+        for (t, up) in [(&mut *a, &mut up_a), (&mut *b, &mut up_b)] {
+            events.clear();
+            t.poll(&mut events, Some(Duration::from_millis(2))).expect("poll");
+            *up |= events.iter().any(|e| matches!(e, transport::Event::PeerUp { .. }));
+        }
+    }
+    up_a && up_b
+}
+
+fn auth(prefix: &str) {
+    let eal = test_eal(prefix);
+    let ids = [1, 2];
+    let quiet = Duration::from_millis(1500);
+    let refused = [
+        ("a wrong secret", Some(&b"secret one"[..]), Some(&b"secret two"[..]), 42, 42),
+        ("a missing secret", Some(&b"secret one"[..]), None, 42, 42),
+        ("a stale member list", Some(&b"secret one"[..]), Some(&b"secret one"[..]), 42, 43),
+    ];
+    for (what, s1, s2, d1, d2) in refused {
+        let mut a = endpoint(&eal, 1, &ids, s1, d1);
+        let mut b = endpoint(&eal, 2, &ids, s2, d2);
+        assert!(!link_up_within(&mut a, &mut b, quiet), "{what}: the link must not come up");
+        assert!(!a.is_up(2) && !b.is_up(1), "{what}: neither side is up");
+        assert_eq!(a.send(2, b"x"), Err(transport::SendError::LinkDown(2)), "{what}: nothing is accepted");
+        assert!(a.stats().rejected + b.stats().rejected > 0, "{what}: HELLOs were refused");
+        println!("refused {what}");
+    }
+    let mut a = endpoint(&eal, 1, &ids, Some(b"secret one"), 42);
+    let mut b = endpoint(&eal, 2, &ids, Some(b"secret one"), 42);
+    assert!(link_up_within(&mut a, &mut b, Duration::from_secs(10)), "matching secret and digest link up");
+    drop((a, b));
+    drop(eal);
+    println!("AUTH-DONE");
+}
+
+fn suite(prefix: &str) {
+    let eal = test_eal(prefix);
     transport::conformance::run_all(|ids: &[PeerId]| {
         ids.iter()
-            .map(|&id| {
-                let k = NEXT_VDEV.fetch_add(1, Ordering::Relaxed);
-                let name = format!("net_af_packet{k}");
-                eal.probe(&format!("{name},iface=c{id}")).unwrap_or_else(|e| panic!("probe {name}: {e}"));
-                let peers: BTreeMap<PeerId, [u8; 6]> =
-                    ids.iter().filter(|&&p| p != id).map(|&p| (p, mac(p as usize))).collect();
-                let mut c = DpdkConfig::new(0xd9d4, id, &name, peers);
-                c.local_mac = Some(mac(id as usize));
-                c.mbufs = 4095;
-                c.ring = 512;
-                c.secret = Some(b"conformance secret".to_vec());
-                c.config_digest = 42;
-                let t = DpdkTransport::new(eal.clone(), c).unwrap_or_else(|e| panic!("endpoint {id}: {e}"));
-                Box::new(t) as Box<dyn Transport>
-            })
+            .map(|&id| Box::new(endpoint(&eal, id, ids, Some(b"conformance secret"), 42)) as Box<dyn Transport>)
             .collect()
     });
     drop(eal);
