@@ -323,6 +323,15 @@ impl DpdkConfig {
         if self.max_payload == 0 || self.max_payload > 1 << 30 {
             return bad("max_payload must be from 1 byte to 1 GiB".into());
         }
+        let max_record = (self.mtu - wire::HEADER_LEN) * u16::MAX as usize;
+        if self.max_payload + wire::MAX_META > max_record {
+            return bad(format!(
+                "max_payload {} does not fit {} fragments of {} bytes (raise mtu or lower max_payload)",
+                self.max_payload,
+                u16::MAX,
+                self.mtu - wire::HEADER_LEN
+            ));
+        }
         if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
             return bad("the cluster secret must not be empty".into());
         }
@@ -1170,5 +1179,57 @@ impl Transport for DpdkTransport {
 
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DpdkConfig {
+        DpdkConfig::new(7, 1, "net_af_packet0", BTreeMap::from([(2, [2, 0, 0, 0, 0, 2]), (3, [2, 0, 0, 0, 0, 3])]))
+    }
+
+    #[test]
+    fn config_is_checked_before_eal_is_touched() {
+        assert!(cfg().validate().is_ok());
+        let bad = |f: &dyn Fn(&mut DpdkConfig), want: &str| {
+            let mut c = cfg();
+            f(&mut c);
+            let e = c.validate().expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(&|c| c.local = 0, "node id 0");
+        bad(&|c| c.local = 2, "contains the local node id 2");
+        bad(&|c| c.peers = BTreeMap::from([(2, [2; 6]), (3, [2; 6])]), "share a MAC");
+        bad(&|c| c.mtu = 100, "mtu 100");
+        bad(&|c| c.drop_probability = 1.0, "drop_probability");
+        bad(&|c| c.window_frames = 0, "window_frames");
+        bad(&|c| c.secret = Some(Vec::new()), "secret");
+        bad(&|c| c.max_payload = 1 << 30, "does not fit");
+        bad(&|c| c.mbufs = 100, "too few");
+    }
+
+    #[test]
+    fn eal_arguments_and_macs() {
+        let e = EalConfig {
+            no_huge: true,
+            memory_mb: Some(256),
+            file_prefix: Some("p".into()),
+            vdevs: vec!["net_af_packet0,iface=eth0".into()],
+            ..EalConfig::default()
+        };
+        let a = e.args();
+        assert_eq!(a[0], "replog");
+        for want in ["--no-huge", "--file-prefix=p", "--vdev=net_af_packet0,iface=eth0", "--no-pci", "256"] {
+            assert!(a.iter().any(|x| x == want), "{want} in {a:?}");
+        }
+        let pci = EalConfig { pci: vec!["0000:3b:00.1".into()], ..EalConfig::default() }.args();
+        assert!(!pci.iter().any(|x| x == "--no-pci") && pci.windows(2).any(|w| w == ["-a", "0000:3b:00.1"]));
+        assert_eq!(parse_mac("02:00:00:77:FE:0a"), Some([2, 0, 0, 0x77, 0xfe, 0x0a]));
+        assert_eq!(mac_str(&[2, 0, 0, 0x77, 0xfe, 0x0a]), "02:00:00:77:fe:0a");
+        for bad in ["", "02:00:00:77:fe", "02:00:00:77:fe:0a:01", "2:00:00:77:fe:0a", "zz:00:00:77:fe:0a"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 }
