@@ -44,6 +44,8 @@ pub mod conformance;
 pub mod envelope;
 pub mod faults;
 pub mod mem;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 use bytes::Bytes;
 use std::sync::Arc;
