@@ -11,9 +11,12 @@ cd "$(dirname "$0")"
 export REPLOG_REQUIRE_ALL=1
 export CARGO_TERM_COLOR=never
 
-# System packages the suite needs. (The RDMA issue adds rdma-core and qemu here when its
-# tests land.) DPDK: dpdk-sys builds against libdpdk-dev with bindgen (libclang-dev).
-PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config)
+# System packages the suite needs. DPDK: dpdk-sys builds against libdpdk-dev with bindgen
+# (libclang-dev). RDMA: rdma-sys builds against libibverbs-dev and librdmacm-dev with
+# bindgen; its tests run in the soft-RoCE VM (qemu; `hw-setup/rxe-vm.sh setup` below
+# fetches the kernel and the rest of what the VM needs).
+PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config
+    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -29,6 +32,7 @@ trap 'rm -f "$log"' EXIT
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p transport --features rdma --all-targets -- -D warnings
 
 echo "== unit, integration, property and crash tests (contracts on)"
 set +e
@@ -61,9 +65,34 @@ echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; che
 bench_out=$(mktemp -d)
 if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
 
+echo "== RDMA: the transport's tests inside the soft-RoCE VM (one boot)"
+# Zero tests run, a build or VM failure, or any failed test counts as a failure.
+rdma_run=0
+rdma_passed=0
+rdma_log=$(mktemp)
+rdma_bin=""
+if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
+    rdma_bin=$(cargo test -p transport --features rdma --test rdma --no-run --message-format=json 2>/dev/null |
+        grep '"name":"rdma"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+else
+    tail -20 "$rdma_log"
+    echo "FAILED: hw-setup/rxe-vm.sh setup"
+fi
+if [ -n "$rdma_bin" ]; then
+    hw-setup/rxe-vm.sh run -- "$rdma_bin" --test-threads 1 2>&1 | tee "$rdma_log" | grep -E '^test |panicked|rxe-vm.sh' || true
+    rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
+    rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
+else
+    echo "FAILED: no RDMA test binary (cargo test -p transport --features rdma --test rdma --no-run)"
+fi
+rm -f "$rdma_log"
+echo "rdma tests: $rdma_run run, $rdma_passed passed"
+rdma_failed=$((rdma_run - rdma_passed))
+if [ "$rdma_run" = 0 ]; then rdma_failed=1; fi
+
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed"
 if [ "$test_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
-echo "summary: $((passed + sim_passed)) passed, $((failed + sim_failed)) failed"
-[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ]
+echo "summary: $((passed + sim_passed + rdma_passed)) passed, $((failed + sim_failed + rdma_failed)) failed"
+[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$rdma_failed" = 0 ]
