@@ -43,6 +43,9 @@ pub enum ServeError {
     /// The transport in the configuration is not built into this binary.
     #[error("transport {0:?} is not available in this build (only tcp is)")]
     Transport(TransportKind),
+    /// The RDMA transport could not start.
+    #[error("rdma transport: {0}")]
+    Rdma(String),
     /// The secret file cannot be used.
     #[error("security: {0}")]
     Security(String),
@@ -81,7 +84,12 @@ pub fn serve_embedded(
     sm: Option<Box<dyn StateMachine>>,
     handle: Option<std::sync::mpsc::Sender<ReplicaHandle>>,
 ) -> Result<(), ServeError> {
-    if cfg.transport != TransportKind::Tcp {
+    let built = match cfg.transport {
+        TransportKind::Tcp => true,
+        TransportKind::Rdma => cfg!(feature = "rdma"),
+        TransportKind::Dpdk => false,
+    };
+    if !built {
         return Err(ServeError::Transport(cfg.transport));
     }
     let me = cfg.me().clone();
@@ -104,6 +112,12 @@ pub fn serve_embedded(
         }
     };
 
+    #[cfg(feature = "rdma")]
+    if cfg.transport == TransportKind::Rdma {
+        let transport = crate::rdma_agent::open(&cfg)?;
+        return serve_with(cfg, store, durability, transport, app, handle, stop);
+    }
+
     let peers: BTreeMap<u64, std::net::SocketAddr> =
         cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
     let secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
@@ -122,6 +136,21 @@ pub fn serve_embedded(
         addr: me.peer_addr.to_string(),
         source,
     })?;
+    serve_with(cfg, store, durability, transport, app, handle, stop)
+}
+
+/// Runs one replica over `transport` (already bound) until `stop` is set: the client
+/// port, the metrics endpoint and the node driver.
+fn serve_with<T: Transport>(
+    cfg: ServeConfig,
+    store: PaxosStore,
+    durability: String,
+    transport: T,
+    app: Option<AppHost>,
+    handle: Option<std::sync::mpsc::Sender<ReplicaHandle>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), ServeError> {
+    let me = cfg.me().clone();
 
     let listener = TcpListener::bind(me.client_addr).map_err(|source| ServeError::Bind {
         what: "client",
@@ -166,12 +195,13 @@ pub fn serve_embedded(
     // Every remote write and read answer must fit a transport payload: bound the slots
     // per access by the largest slot a batch can make.
     let mut paxos = cfg.paxos_config();
-    let max_payload = cfg.limits.max_frame_bytes as usize;
+    // (The TCP transport's limit is max_frame_bytes; RDMA's is also bounded by a cell.)
+    let max_payload = transport.max_payload().min(cfg.limits.max_frame_bytes as usize);
     let per_slot = paxos.max_batch_bytes + paxos.max_batch_entries * 24 + 64;
     if per_slot + 64 > max_payload {
         return Err(ServeError::Limits(format!(
             "a batch of up to {} bytes in {} entries does not fit a frame of {max_payload} bytes \
-             (raise limits.max_frame_bytes or lower limits.max_batch_bytes)",
+             (raise limits.max_frame_bytes, and rdma.cell_bytes over RDMA, or lower limits.max_batch_bytes)",
             paxos.max_batch_bytes, paxos.max_batch_entries
         )));
     }
