@@ -889,7 +889,12 @@ impl RdmaTransport {
             kind::QP_RENEW if link.dialer => {
                 let (gen, _) = side::decode_gen("QP_RENEW", &f.payload, 0)?;
                 if gen == link.gen {
-                    self.fail_qp(peer, "the peer's queue pair failed", None, events);
+                    // Take the completions that explain the failure first (a denied
+                    // write reports Denied rather than LinkFailed).
+                    self.poll_cq(events);
+                    if self.links[&peer].gen == gen && self.links[&peer].qp.is_some() {
+                        self.fail_qp(peer, "the peer's queue pair failed", None, events);
+                    }
                 }
             }
             k => return Err(SideError::Unexpected { kind: k, when: "on an established side channel" }),
@@ -1033,6 +1038,9 @@ impl RdmaTransport {
             }
         }
         self.incoming = keep;
+        // Completions before side-channel news, so that a failure is reported with
+        // its own status where the completion queue already has it.
+        self.poll_cq(events);
         // Established and dialing side channels.
         for &id in &ids {
             let link = self.links.get_mut(&id).expect("id");
