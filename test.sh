@@ -32,7 +32,7 @@ trap 'rm -f "$log"' EXIT
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy -p transport --features rdma --all-targets -- -D warnings
+cargo clippy -p transport -p replog --features rdma --all-targets -- -D warnings
 
 echo "== unit, integration, property and crash tests (contracts on)"
 set +e
@@ -65,25 +65,33 @@ echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; che
 bench_out=$(mktemp -d)
 if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
 
-echo "== RDMA: the transport's tests inside the soft-RoCE VM (one boot)"
+echo "== RDMA: transport tests and a 3-replica cluster over rxe0, inside the soft-RoCE VM (one boot)"
 # Zero tests run, a build or VM failure, or any failed test counts as a failure.
 rdma_run=0
 rdma_passed=0
 rdma_log=$(mktemp)
 rdma_bin=""
+rdma_cluster_bin=""
+test_bin() { # package, test target: the test binary's path
+    cargo test -p "$1" --features rdma --test "$2" --no-run --message-format=json 2>/dev/null |
+        grep "\"name\":\"$2\"" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
 if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
-    rdma_bin=$(cargo test -p transport --features rdma --test rdma --no-run --message-format=json 2>/dev/null |
-        grep '"name":"rdma"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    rdma_bin=$(test_bin transport rdma)
+    rdma_cluster_bin=$(test_bin replog process_rdma)
 else
     tail -20 "$rdma_log"
     echo "FAILED: hw-setup/rxe-vm.sh setup"
 fi
-if [ -n "$rdma_bin" ]; then
-    hw-setup/rxe-vm.sh run -- "$rdma_bin" --test-threads 1 2>&1 | tee "$rdma_log" | grep -E '^test |panicked|rxe-vm.sh' || true
+if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ]; then
+    # shellcheck disable=SC2016 # expanded inside the VM
+    hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture' \
+        "$rdma_bin" "$rdma_cluster_bin" 2>&1 | tee "$rdma_log" |
+        grep -E '^test |panicked|^rdma: |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
     rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
 else
-    echo "FAILED: no RDMA test binary (cargo test -p transport --features rdma --test rdma --no-run)"
+    echo "FAILED: no RDMA test binaries (cargo test -p transport/-p replog --features rdma --no-run)"
 fi
 rm -f "$rdma_log"
 echo "rdma tests: $rdma_run run, $rdma_passed passed"
