@@ -465,7 +465,8 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
     let cell = usize::try_from(r.cell_bytes).map_err(|_| ServeError::Rdma("rdma.cell_bytes too large".into()))?;
     // A message (a read answer) may be as large as a frame; a write is one cell.
     rc.max_payload = (cfg.limits.max_frame_bytes as usize).max(cell) + OVERHEAD;
-    rc.staging_per_peer = rc.max_payload * 4;
+    // Staging holds one access of the largest size plus a few cells in flight.
+    rc.staging_per_peer = rc.max_payload + 4 * cell;
     rc.secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     rc.config_digest = cfg.config_digest();
     rc.reconnect_max =
