@@ -19,8 +19,8 @@
 //!   access error: the writer's `WriteDone` is [`AccessError::Denied`] (detail empty).
 //!   An access error moves both queue pairs to the error state; they are renewed like a
 //!   failed link (below).
-//! - A **TCP side channel** per pair of replicas (dialed by the lower id, see
-//!   [`side`](self) docs in the source): it authenticates the peer (cluster id, member-list
+//! - A **TCP side channel** per pair of replicas (dialed by the lower id; its frames are
+//!   listed in `side.rs`): it authenticates the peer (cluster id, member-list
 //!   digest and the cluster secret's HMAC challenge-response, the scheme of
 //!   `fallback-tcp`), exchanges the queue-pair bootstrap (QPN, PSN, GID/LID, region
 //!   address, rkey and length) and its renewals, and carries the **control-plane
