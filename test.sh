@@ -11,9 +11,12 @@ cd "$(dirname "$0")"
 export REPLOG_REQUIRE_ALL=1
 export CARGO_TERM_COLOR=never
 
-# System packages the suite needs. (The RDMA issue adds rdma-core and qemu here when its
-# tests land.) DPDK: dpdk-sys builds against libdpdk-dev with bindgen (libclang-dev).
-PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config)
+# System packages the suite needs. DPDK: dpdk-sys builds against libdpdk-dev with bindgen
+# (libclang-dev). RDMA: rdma-sys builds against libibverbs-dev and librdmacm-dev with
+# bindgen; its tests run in the soft-RoCE VM (qemu; `hw-setup/rxe-vm.sh setup` below
+# fetches the kernel and the rest of what the VM needs).
+PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config
+    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -29,6 +32,7 @@ trap 'rm -f "$log"' EXIT
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p transport -p replog --features rdma --all-targets -- -D warnings
 
 echo "== unit, integration, property and crash tests (contracts on)"
 set +e
@@ -83,10 +87,43 @@ echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; che
 bench_out=$(mktemp -d)
 if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
 
+echo "== RDMA: transport tests and a 3-replica cluster over rxe0, inside the soft-RoCE VM (one boot)"
+# Zero tests run, a build or VM failure, or any failed test counts as a failure.
+rdma_run=0
+rdma_passed=0
+rdma_log=$(mktemp)
+rdma_bin=""
+rdma_cluster_bin=""
+test_bin() { # package, test target: the test binary's path
+    cargo test -p "$1" --features rdma --test "$2" --no-run --message-format=json 2>/dev/null |
+        grep "\"name\":\"$2\"" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
+if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
+    rdma_bin=$(test_bin transport rdma)
+    rdma_cluster_bin=$(test_bin replog process_rdma)
+else
+    tail -20 "$rdma_log"
+    echo "FAILED: hw-setup/rxe-vm.sh setup"
+fi
+if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ]; then
+    # shellcheck disable=SC2016 # expanded inside the VM
+    hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture' \
+        "$rdma_bin" "$rdma_cluster_bin" 2>&1 | tee "$rdma_log" |
+        grep -E '^test |panicked|^rdma: |rxe-vm.sh' || true
+    rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
+    rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
+else
+    echo "FAILED: no RDMA test binaries (cargo test -p transport/-p replog --features rdma --no-run)"
+fi
+rm -f "$rdma_log"
+echo "rdma tests: $rdma_run run, $rdma_passed passed"
+rdma_failed=$((rdma_run - rdma_passed))
+if [ "$rdma_run" = 0 ]; then rdma_failed=1; fi
+
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed"
 if [ "$test_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
 echo "dpdk tests: $dpdk_run run, $dpdk_passed passed, $dpdk_failed failed"
-echo "summary: $((passed + sim_passed + dpdk_passed)) passed, $((failed + sim_failed + dpdk_failed)) failed"
-[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$dpdk_failed" = 0 ]
+echo "summary: $((passed + sim_passed + dpdk_passed + rdma_passed)) passed, $((failed + sim_failed + dpdk_failed + rdma_failed)) failed"
+[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$dpdk_failed" = 0 ] && [ "$rdma_failed" = 0 ]

@@ -92,6 +92,9 @@ pub struct ServeConfig {
     /// [`DpdkSection`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpdk: Option<DpdkSection>,
+    /// The RDMA transport's settings (used with `transport = "rdma"`).
+    #[serde(default, skip_serializing_if = "RdmaSection::is_default")]
+    pub rdma: RdmaSection,
     /// Every replica of the cluster, voters and learners, this one included. All
     /// replicas must list the same members.
     pub members: Vec<Member>,
@@ -124,7 +127,7 @@ pub enum TransportKind {
     /// TCP (the fallback that runs anywhere).
     #[default]
     Tcp,
-    /// RDMA verbs (not built in this binary yet).
+    /// RDMA verbs (in a build with the `rdma` feature; see `[rdma]`).
     Rdma,
     /// DPDK Ethernet frames (built with the `dpdk` feature; needs a `[dpdk]` section).
     Dpdk,
@@ -334,6 +337,41 @@ impl AppConfig {
     }
 }
 
+/// The RDMA transport (`[rdma]`, used with `transport = "rdma"`; needs a build with the
+/// `rdma` feature). Replicas reach each other's side channel at `peer_addr` (TCP: the
+/// queue-pair bootstrap, authentication and control messages); log writes go one-sided
+/// into the follower's registered region, a ring of `cell_bytes` cells (see
+/// `replog::rdma_region`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdmaSection {
+    /// The RDMA device (`ibv_devices`: e.g. `mlx5_0`, `rxe0`); empty: the first one.
+    pub device: String,
+    /// The device port. Default 1.
+    pub port: u8,
+    /// The GID index (RoCE v2: the IPv4-mapped GID of the interface; `show_gids`).
+    /// Default 1.
+    pub gid_index: u8,
+    /// The registered log region's size in bytes. Default 128 MiB.
+    pub region_bytes: u64,
+    /// The size of one cell of the region's ring (one remote write each; larger writes
+    /// are refused, and the slots per write are bounded to fit; it must hold one slot of
+    /// `limits.max_batch_bytes`). Default 2 MiB.
+    pub cell_bytes: u64,
+}
+
+impl Default for RdmaSection {
+    fn default() -> Self {
+        RdmaSection { device: String::new(), port: 1, gid_index: 1, region_bytes: 128 << 20, cell_bytes: 2 << 20 }
+    }
+}
+
+impl RdmaSection {
+    fn is_default(&self) -> bool {
+        *self == RdmaSection::default()
+    }
+}
+
 /// Logging.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -534,6 +572,23 @@ impl ServeConfig {
             };
             let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
             d.validate(&ids)?;
+        } else if self.transport == TransportKind::Rdma && cfg!(feature = "rdma") {
+            let r = &self.rdma;
+            if r.cell_bytes < 4096 || !r.cell_bytes.is_multiple_of(8) || r.cell_bytes > r.region_bytes {
+                return Err(ConfigError::at(
+                    "rdma.cell_bytes".to_string(),
+                    format!(
+                        "{} must be a multiple of 8, at least 4096 and at most rdma.region_bytes ({})",
+                        r.cell_bytes, r.region_bytes
+                    ),
+                ));
+            }
+            if r.region_bytes / r.cell_bytes < 4 {
+                return Err(ConfigError::at(
+                    "rdma.region_bytes".to_string(),
+                    format!("{} holds fewer than 4 cells of rdma.cell_bytes ({})", r.region_bytes, r.cell_bytes),
+                ));
+            }
         } else if self.transport != TransportKind::Tcp {
             let name = self.transport.as_str();
             return Err(ConfigError::at(
@@ -794,6 +849,7 @@ impl ServeConfig {
                 security: Security::default(),
                 app: AppConfig::default(),
                 dpdk: None,
+                rdma: RdmaSection::default(),
             })
             .collect()
     }

@@ -6,6 +6,9 @@ pub mod config;
 pub mod embed;
 pub mod metrics;
 pub mod node;
+#[cfg(feature = "rdma")]
+pub mod rdma_agent;
+pub mod rdma_region;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use replog::client::{Client, ClientConfig};
-use replog::config::{DurabilityKind, ServeConfig};
+use replog::config::{DurabilityKind, ServeConfig, TransportKind};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,12 @@ const DEFAULT_BASE_PORT: u16 = 7400;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UpTransport {
+    Tcp,
+    Rdma,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +97,10 @@ enum Cmd {
         /// Durability mode.
         #[arg(long, value_enum, default_value = "fsync")]
         durability: Durability,
+        /// Transport between the replicas (`rdma` needs a build with the `rdma` feature
+        /// and an RDMA device; see hw-setup/rdma.md).
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: UpTransport,
     },
     /// Append entries (each argument is one entry; with none, one entry per stdin line).
     Append {
@@ -159,7 +169,13 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => serve(&config),
-        Cmd::Up { dir, nodes, base_port, durability } => up(&dir, nodes, base_port, durability.into()),
+        Cmd::Up { dir, nodes, base_port, durability, transport } => {
+            let transport = match transport {
+                UpTransport::Tcp => TransportKind::Tcp,
+                UpTransport::Rdma => TransportKind::Rdma,
+            };
+            up(&dir, nodes, base_port, durability.into(), transport)
+        }
         Cmd::Append { target, entries } => append(&target, entries),
         Cmd::Read { target, from, max, stale } => read(&target, from, max, stale),
         Cmd::Transfer { target, to } => transfer(&target, to),
@@ -226,7 +242,7 @@ fn ensure_secret_file(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Result<()> {
+fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transport: TransportKind) -> Result<()> {
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -236,6 +252,11 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
     let secret_path = ensure_secret_file(&dir)?;
     for c in &mut cfgs {
         c.security.secret_file = Some(secret_path.clone());
+        c.transport = transport;
+        if transport == TransportKind::Rdma {
+            // Three replicas on one host share one device: keep the pinned memory small.
+            c.rdma.region_bytes = 32 << 20;
+        }
     }
     let exe = std::env::current_exe().context("finding the replog binary")?;
     install_signal_handlers();
@@ -248,7 +269,11 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind) -> Resul
         children.push((c.id, child));
     }
     let servers: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
-    println!("replog: {n} replicas over TCP on 127.0.0.1, data in {}", dir.display());
+    let over = match transport {
+        TransportKind::Rdma => "RDMA (side channels on 127.0.0.1)",
+        _ => "TCP on 127.0.0.1",
+    };
+    println!("replog: {n} replicas over {over}, data in {}", dir.display());
     println!("  peer links authenticated with the cluster secret in {}", secret_path.display());
     for c in &cfgs {
         let m = c.me();

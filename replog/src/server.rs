@@ -43,6 +43,9 @@ pub enum ServeError {
     /// The transport in the configuration is not built into this binary.
     #[error("transport {0:?} is not available in this build")]
     Transport(TransportKind),
+    /// The RDMA transport could not start.
+    #[error("rdma transport: {0}")]
+    Rdma(String),
     /// The secret file cannot be used.
     #[error("security: {0}")]
     Security(String),
@@ -95,6 +98,12 @@ pub fn serve_embedded(
             let transport = dpdk_transport(&cfg)?;
             run(cfg, transport, stop, sm, handle)
         }
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => {
+            let transport = crate::rdma_agent::open(&cfg)?;
+            run(cfg, transport, stop, sm, handle)
+        }
+        #[allow(unreachable_patterns)]
         other => Err(ServeError::Transport(other)),
     }
 }
@@ -219,12 +228,13 @@ fn run<T: Transport>(
     // Every remote write and read answer must fit a transport payload: bound the slots
     // per access by the largest slot a batch can make.
     let mut paxos = cfg.paxos_config();
-    let max_payload = cfg.limits.max_frame_bytes as usize;
+    // (The TCP transport's limit is max_frame_bytes; RDMA's is also bounded by a cell.)
+    let max_payload = transport.max_payload().min(cfg.limits.max_frame_bytes as usize);
     let per_slot = paxos.max_batch_bytes + paxos.max_batch_entries * 24 + 64;
     if per_slot + 64 > max_payload {
         return Err(ServeError::Limits(format!(
             "a batch of up to {} bytes in {} entries does not fit a frame of {max_payload} bytes \
-             (raise limits.max_frame_bytes or lower limits.max_batch_bytes)",
+             (raise limits.max_frame_bytes, and rdma.cell_bytes over RDMA, or lower limits.max_batch_bytes)",
             paxos.max_batch_bytes, paxos.max_batch_entries
         )));
     }

@@ -46,6 +46,8 @@ pub mod dpdk;
 pub mod envelope;
 pub mod faults;
 pub mod mem;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -1,0 +1,554 @@
+//! The RDMA transport on a real (or soft-RoCE) device: one-sided writes and reads,
+//! permission switching through queue-pair access flags, queue-pair errors and
+//! reconnection, a killed peer, and the parts of the shared conformance suite that apply
+//! to a transport without a receiver-side agent.
+//!
+//! They need an RDMA device with an active port (the soft-RoCE VM of `hw-setup/rxe-vm.sh`
+//! provides `rxe0`; `RXE_DEV`, `RXE_GID_INDEX` and `RXE_IP` pick the device, GID index and
+//! side-channel address). Without one each test prints why and passes, unless
+//! `REPLOG_REQUIRE_ALL=1`, where it fails.
+#![cfg(feature = "rdma")]
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+use transport::conformance;
+use transport::rdma::{probe_device, RdmaConfig, RdmaTransport};
+use transport::{AccessError, Event, PeerId, SendError, Token, Transport};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Whether an RDMA device is usable; fails under REPLOG_REQUIRE_ALL=1 when not.
+fn rdma_available(test: &str) -> bool {
+    match probe_device() {
+        Ok(_) => true,
+        Err(e) => {
+            let why = format!(
+                "{test}: no RDMA device ({e}); run it in the soft-RoCE VM: hw-setup/rxe-vm.sh run -- <test binary>"
+            );
+            if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
+                panic!("{why} (REPLOG_REQUIRE_ALL=1)");
+            }
+            eprintln!("SKIP {why}");
+            false
+        }
+    }
+}
+
+fn ip() -> IpAddr {
+    std::env::var("RXE_IP").ok().and_then(|s| s.parse().ok()).unwrap_or([127, 0, 0, 1].into())
+}
+
+fn base_config(id: PeerId, listen: SocketAddr, peers: BTreeMap<PeerId, SocketAddr>) -> RdmaConfig {
+    let mut c = RdmaConfig::new(77, id, listen, peers);
+    c.device = std::env::var("RXE_DEV").ok();
+    c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    c.region_len = 1 << 20;
+    c.max_payload = 256 << 10;
+    c.staging_per_peer = 1 << 20;
+    c
+}
+
+/// Listeners for `ids` on ephemeral ports, and their addresses.
+fn listeners(ids: &[PeerId]) -> (Vec<TcpListener>, BTreeMap<PeerId, SocketAddr>) {
+    let ls: Vec<TcpListener> = ids.iter().map(|_| TcpListener::bind((ip(), 0)).expect("bind side channel")).collect();
+    let addrs = ids.iter().zip(&ls).map(|(&id, l)| (id, l.local_addr().expect("addr"))).collect();
+    (ls, addrs)
+}
+
+fn open_cluster(ids: &[PeerId], tweak: impl Fn(&mut RdmaConfig)) -> (Vec<RdmaTransport>, BTreeMap<PeerId, SocketAddr>) {
+    let (ls, addrs) = listeners(ids);
+    let eps = ids
+        .iter()
+        .zip(ls)
+        .map(|(&id, l)| {
+            let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
+            let mut c = base_config(id, addrs[&id], peers);
+            tweak(&mut c);
+            RdmaTransport::with_listener(c, l).expect("open RDMA transport")
+        })
+        .collect();
+    (eps, addrs)
+}
+
+/// Endpoints driven from the test thread, with what they reported.
+struct Net {
+    ids: Vec<PeerId>,
+    eps: Vec<Option<RdmaTransport>>,
+    inbox: Vec<VecDeque<Event>>,
+}
+
+impl Net {
+    fn new(ids: &[PeerId], eps: Vec<RdmaTransport>) -> Net {
+        Net {
+            ids: ids.to_vec(),
+            inbox: ids.iter().map(|_| VecDeque::new()).collect(),
+            eps: eps.into_iter().map(Some).collect(),
+        }
+    }
+
+    fn open(ids: &[PeerId]) -> Net {
+        let (eps, _) = open_cluster(ids, |_| {});
+        let mut net = Net::new(ids, eps);
+        net.wait_all_up();
+        net
+    }
+
+    fn i(&self, id: PeerId) -> usize {
+        self.ids.iter().position(|&x| x == id).expect("known id")
+    }
+
+    fn ep(&mut self, id: PeerId) -> &mut RdmaTransport {
+        let i = self.i(id);
+        self.eps[i].as_mut().expect("endpoint is open")
+    }
+
+    fn pump(&mut self) {
+        for (i, ep) in self.eps.iter_mut().enumerate() {
+            if let Some(ep) = ep {
+                let mut ev = Vec::new();
+                ep.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll");
+                self.inbox[i].extend(ev);
+            }
+        }
+    }
+
+    fn take(&mut self, at: PeerId, what: &str, mut pred: impl FnMut(&Event) -> bool) -> Event {
+        let i = self.i(at);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(pos) = self.inbox[i].iter().position(&mut pred) {
+                return self.inbox[i].remove(pos).expect("valid position");
+            }
+            assert!(Instant::now() < deadline, "endpoint {at} waited {WAIT:?} for {what}; it has {:?}", self.inbox[i]);
+            self.pump();
+        }
+    }
+
+    /// Waits until every endpoint reported PeerUp for every other.
+    fn wait_all_up(&mut self) {
+        let ids = self.ids.clone();
+        for &a in &ids {
+            for &b in &ids {
+                if a != b && self.eps[self.i(a)].is_some() && self.eps[self.i(b)].is_some() {
+                    self.take(a, &format!("PeerUp {b}"), |e| matches!(e, Event::PeerUp { peer } if *peer == b));
+                }
+            }
+        }
+    }
+
+    /// Runs `op`, retrying LinkDown and Backpressure while pumping.
+    fn retry<R>(
+        &mut self,
+        at: PeerId,
+        what: &str,
+        mut op: impl FnMut(&mut RdmaTransport) -> Result<R, SendError>,
+    ) -> R {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match op(self.ep(at)) {
+                Ok(r) => return r,
+                Err(SendError::LinkDown(_) | SendError::Backpressure(_)) if Instant::now() < deadline => self.pump(),
+                Err(e) => panic!("endpoint {at}: {what}: {e}"),
+            }
+        }
+    }
+
+    fn write(&mut self, from: PeerId, to: PeerId, offset: u64, data: &[u8]) -> Token {
+        self.retry(from, "write", |t| t.write(to, offset, data))
+    }
+
+    fn write_done(&mut self, at: PeerId, token: Token) -> Result<Bytes, AccessError> {
+        match self.take(
+            at,
+            &format!("WriteDone {token}"),
+            |e| matches!(e, Event::WriteDone { token: t, .. } if *t == token),
+        ) {
+            Event::WriteDone { result, .. } => result,
+            _ => unreachable!(),
+        }
+    }
+
+    fn read_done(&mut self, at: PeerId, token: Token) -> Result<Bytes, AccessError> {
+        match self.take(
+            at,
+            &format!("ReadDone {token}"),
+            |e| matches!(e, Event::ReadDone { token: t, .. } if *t == token),
+        ) {
+            Event::ReadDone { result, .. } => result,
+            _ => unreachable!(),
+        }
+    }
+
+    fn region(&mut self, id: PeerId, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.ep(id).read_region(offset, &mut b).expect("read own region");
+        b
+    }
+
+    /// Writes until one succeeds (a permission change renews the queue pair; writes in
+    /// the renewal window fail with LinkDown or LinkFailed).
+    fn write_until_ok(&mut self, from: PeerId, to: PeerId, offset: u64, data: &[u8]) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let t = self.write(from, to, offset, data);
+            match self.write_done(from, t) {
+                Ok(_) => return,
+                Err(AccessError::LinkFailed(_)) if Instant::now() < deadline => self.pump(),
+                Err(e) => panic!("write {from} -> {to} after grant: {e:?}"),
+            }
+        }
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn assert_denied(r: Result<Bytes, AccessError>, what: &str) {
+    assert!(matches!(r, Err(AccessError::Denied { .. })), "{what}: expected Denied, got {r:?}");
+}
+
+#[test]
+fn write_lands_in_the_region_and_read_returns_it() {
+    if !rdma_available("write_lands_in_the_region_and_read_returns_it") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2]);
+    net.ep(2).grant(1);
+    let cases: Vec<(u64, Vec<u8>)> =
+        vec![(4096, pattern(1, 1000)), (64, pattern(2, 16)), (8192, pattern(3, 256 << 10)), (100, Vec::new())];
+    for (off, data) in &cases {
+        let t = net.write(1, 2, *off, data);
+        assert_eq!(net.write_done(1, t), Ok(Bytes::new()), "write of {} bytes at {off}", data.len());
+        assert!(net.region(2, *off, data.len()) == *data, "region of 2 at {off} holds what 1 wrote");
+    }
+    // The owner writes locally; the peer reads it back (no permission needed).
+    net.ep(2).write_region(300_000, b"owner's own bytes").expect("local write");
+    let t = net.retry(1, "read", |e| e.read(2, 300_000, 17));
+    assert_eq!(net.read_done(1, t).expect("read"), Bytes::from_static(b"owner's own bytes"));
+    let t = net.retry(1, "read", |e| e.read(2, 8192, 256 << 10));
+    assert!(net.read_done(1, t).expect("large read") == cases[2].1, "a 256 KiB read returns what was written");
+    // Outside the peer's region: refused locally, exactly once, link untouched.
+    let t = net.retry(1, "read", |e| e.read(2, (1 << 20) - 4, 8));
+    assert_denied(net.read_done(1, t), "read past the region's end");
+    let t = net.write(1, 2, u64::MAX - 1, b"xx");
+    assert_denied(net.write_done(1, t), "write at u64::MAX - 1");
+    let t = net.write(1, 2, 0, b"still fine");
+    assert_eq!(net.write_done(1, t), Ok(Bytes::new()));
+    // Too large and unknown peers are refused at issue.
+    let big = vec![0u8; (256 << 10) + 1];
+    assert!(matches!(net.ep(1).write(2, 0, &big), Err(SendError::TooLarge { .. })));
+    assert_eq!(net.ep(1).write(9, 0, b"x").map(|_| ()), Err(SendError::UnknownPeer(9)));
+}
+
+fn revoke_then_grant(by_reset: bool) {
+    let (eps, _) = open_cluster(&[1, 2, 3], |c| c.permission_by_reset = by_reset);
+    let mut net = Net::new(&[1, 2, 3], eps);
+    net.wait_all_up();
+    // No holder yet: denied, nothing lands.
+    let t = net.write(1, 2, 0, b"no permission");
+    assert_denied(net.write_done(1, t), "write without any grant");
+    assert_eq!(net.region(2, 0, 13), vec![0u8; 13], "a denied write must not land");
+
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 0, b"granted");
+    assert_eq!(net.region(2, 0, 7), b"granted");
+
+    net.ep(2).revoke(1);
+    assert_eq!(net.ep(2).permission_holder(), None);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = net.write(1, 2, 64, b"after revoke");
+        match net.write_done(1, t) {
+            Err(AccessError::Denied { .. }) => break,
+            // The reset path cuts the link first; the next write is the denied one.
+            Err(AccessError::LinkFailed(_)) if by_reset && Instant::now() < deadline => continue,
+            other => panic!("write after revoke must be Denied, got {other:?}"),
+        }
+    }
+    assert_eq!(net.region(2, 64, 12), vec![0u8; 12], "a write after revoke must not land");
+
+    // Grant to 3: 1 stays denied, 3 writes.
+    net.ep(2).grant(3);
+    net.write_until_ok(3, 2, 128, b"from 3");
+    assert_eq!(net.region(2, 128, 6), b"from 3");
+    let t = net.write(1, 2, 256, b"old holder");
+    assert_denied(net.write_done(1, t), "write from 1 while 3 holds");
+
+    // Grant back to 1: it writes again, 3 is denied.
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 512, b"granted again");
+    assert_eq!(net.region(2, 512, 13), b"granted again");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = net.write(3, 2, 1024, b"3 revoked");
+        match net.write_done(3, t) {
+            Err(AccessError::Denied { .. }) => break,
+            Err(AccessError::LinkFailed(_)) if Instant::now() < deadline => continue,
+            other => panic!("write from 3 after grant(1) must be Denied, got {other:?}"),
+        }
+    }
+    assert_eq!(net.region(2, 1024, 9), vec![0u8; 9]);
+    let resets = net.ep(2).permission_resets();
+    if by_reset {
+        assert!(resets >= 5, "every permission change cycles the queue pair when forced ({resets})");
+    } else {
+        assert_eq!(resets, 0, "ibv_modify_qp of the access flags must have worked in place");
+    }
+}
+
+#[test]
+fn revoke_denies_and_grant_restores_by_modifying_access_flags() {
+    if !rdma_available("revoke_denies_and_grant_restores_by_modifying_access_flags") {
+        return;
+    }
+    revoke_then_grant(false);
+}
+
+#[test]
+fn revoke_denies_and_grant_restores_by_cycling_the_queue_pair() {
+    if !rdma_available("revoke_denies_and_grant_restores_by_cycling_the_queue_pair") {
+        return;
+    }
+    revoke_then_grant(true);
+}
+
+/// Accesses in flight when the queue pair breaks each complete exactly once (Ok or
+/// LinkFailed); PeerDown then PeerUp are reported; the link works again.
+#[test]
+fn queue_pair_error_fails_in_flight_and_reconnects() {
+    if !rdma_available("queue_pair_error_fails_in_flight_and_reconnects") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2]);
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 0, b"before");
+    let mut tokens = Vec::new();
+    for i in 0..100u64 {
+        tokens.push(net.write(1, 2, i * 64, &pattern(i, 64)));
+    }
+    net.ep(1).break_link(2).expect("force the queue pair to ERR");
+    let mut failed = 0;
+    for &t in &tokens {
+        match net.write_done(1, t) {
+            Ok(_) => {}
+            Err(AccessError::LinkFailed(_)) => failed += 1,
+            Err(e) => panic!("write {t}: {e:?}"),
+        }
+    }
+    net.take(1, "PeerDown 2", |e| matches!(e, Event::PeerDown { peer: 2, .. }));
+    net.take(1, "PeerUp 2 again", |e| matches!(e, Event::PeerUp { peer: 2 }));
+    eprintln!("queue pair error: {failed} of {} writes in flight failed", tokens.len());
+    net.write_until_ok(1, 2, 4096, b"after reconnect");
+    assert_eq!(net.region(2, 4096, 15), b"after reconnect");
+    for _ in 0..50 {
+        net.pump();
+    }
+    let i = net.i(1);
+    assert!(
+        !net.inbox[i].iter().any(|e| matches!(e, Event::WriteDone { .. })),
+        "no access completes twice: {:?}",
+        net.inbox[i]
+    );
+}
+
+/// The target process goes away with writes in flight: they complete with LinkFailed,
+/// PeerDown is reported; a new process on the same address is reconnected (PeerUp).
+#[test]
+fn killed_peer_fails_in_flight_and_a_restarted_one_reconnects() {
+    if !rdma_available("killed_peer_fails_in_flight_and_a_restarted_one_reconnects") {
+        return;
+    }
+    let (eps, addrs) = open_cluster(&[1, 2], |_| {});
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 0, b"first life");
+    let tokens: Vec<Token> = (0..50u64).map(|i| net.write(1, 2, i * 128, &pattern(i, 128))).collect();
+    // Push them onto the wire, then drop the target (its queue pair, region, side channel).
+    let mut ev = Vec::new();
+    net.ep(1).poll(&mut ev, Some(Duration::from_millis(0))).expect("poll");
+    let i1 = net.i(1);
+    net.inbox[i1].extend(ev);
+    let i2 = net.i(2);
+    net.eps[i2] = None;
+    for &t in &tokens {
+        let r = net.write_done(1, t);
+        assert!(matches!(r, Ok(_) | Err(AccessError::LinkFailed(_))), "write {t}: {r:?}");
+    }
+    net.take(1, "PeerDown 2", |e| matches!(e, Event::PeerDown { peer: 2, .. }));
+    // Restart 2 on the same address.
+    let peers = [(1, addrs[&1])].into_iter().collect();
+    let c = base_config(2, addrs[&2], peers);
+    let deadline = Instant::now() + WAIT;
+    let ep = loop {
+        match RdmaTransport::open(c.clone()) {
+            Ok(ep) => break ep,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("reopen: {e}");
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("reopen endpoint 2: {e}"),
+        }
+    };
+    net.eps[i2] = Some(ep);
+    net.inbox[i2].clear();
+    net.take(1, "PeerUp 2 after restart", |e| matches!(e, Event::PeerUp { peer: 2 }));
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 64, b"second life");
+    assert_eq!(net.region(2, 64, 11), b"second life");
+}
+
+/// Many writes and reads in flight, a revoke in the middle: every access completes
+/// exactly once; writes before the revoke land, none after it does.
+#[test]
+fn every_access_completes_exactly_once() {
+    if !rdma_available("every_access_completes_exactly_once") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2, 3]);
+    net.ep(3).grant(1);
+    net.write_until_ok(1, 3, 0, b"warm");
+    let n = 3000usize;
+    let mut expected: HashMap<Token, (PeerId, bool, u64)> = HashMap::new();
+    let mut done: HashMap<Token, Result<Bytes, AccessError>> = HashMap::new();
+    let mut issued = 0;
+    let mut denied_non_holder = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while done.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} accesses completed ({issued} issued)", done.len());
+        while issued < n {
+            let from = if issued % 5 == 4 { 2 } else { 1 };
+            let read = issued % 3 == 2;
+            let off = (issued as u64 % 4096) * 8;
+            let r = if read {
+                net.ep(from).read(3, off, 8)
+            } else {
+                net.ep(from).write(3, off, &(issued as u64).to_le_bytes())
+            };
+            match r {
+                Ok(t) => {
+                    assert!(expected.insert(t, (from, read, off)).is_none(), "token {t} issued twice");
+                    issued += 1;
+                    if issued == n / 2 {
+                        net.ep(3).revoke(1);
+                    }
+                }
+                Err(SendError::Backpressure(_) | SendError::LinkDown(_)) => break,
+                Err(e) => panic!("access {issued}: {e}"),
+            }
+        }
+        net.pump();
+        for at in [1, 2] {
+            let i = net.i(at);
+            for e in std::mem::take(&mut net.inbox[i]) {
+                let (t, r) = match e {
+                    Event::WriteDone { token, result, .. } | Event::ReadDone { token, result, .. } => (token, result),
+                    _ => continue,
+                };
+                let Some(&(from, read, _)) = expected.get(&t) else { panic!("completion of unknown token {t}") };
+                assert_eq!(from, at, "completion {t} at the wrong endpoint");
+                if from == 2 && !read {
+                    // Denied at the NIC; LinkFailed when the target's renewal of the
+                    // broken queue pair reached 2 before its completion did. Never Ok.
+                    assert!(r.is_err(), "write {t} from non-holder 2 must fail: {r:?}");
+                    if matches!(r, Err(AccessError::Denied { .. })) {
+                        denied_non_holder += 1;
+                    }
+                }
+                if read {
+                    assert!(matches!(&r, Ok(b) if b.len() == 8) || r.is_err(), "read {t}: {r:?}");
+                }
+                assert!(done.insert(t, r).is_none(), "access {t} completed twice");
+            }
+        }
+    }
+    for _ in 0..50 {
+        net.pump();
+    }
+    for at in [1, 2] {
+        let i = net.i(at);
+        assert!(
+            !net.inbox[i].iter().any(|e| matches!(e, Event::WriteDone { .. } | Event::ReadDone { .. })),
+            "a completion after all {n} completed"
+        );
+    }
+    let ok = done.values().filter(|r| r.is_ok()).count();
+    eprintln!(
+        "every_access_completes_exactly_once: {n} accesses, {ok} ok, {denied_non_holder} non-holder writes Denied"
+    );
+    assert!(denied_non_holder > 0, "at least one write of the non-holder must be reported Denied");
+    assert!(ok > n / 4, "most accesses before the revoke must succeed ({ok} of {n})");
+}
+
+/// A peer with the wrong cluster secret or another member list never comes up.
+#[test]
+fn side_channel_refuses_wrong_secret_and_stale_member_list() {
+    if !rdma_available("side_channel_refuses_wrong_secret_and_stale_member_list") {
+        return;
+    }
+    for (what, tweak) in [
+        (
+            "wrong secret",
+            (|id: PeerId, c: &mut RdmaConfig| c.secret = Some(format!("secret-{id}").into_bytes())) as fn(_, &mut _),
+        ),
+        ("stale member list", |id: PeerId, c: &mut RdmaConfig| c.config_digest = id),
+    ] {
+        let (ls, addrs) = listeners(&[1, 2]);
+        let eps: Vec<RdmaTransport> = [1u64, 2]
+            .into_iter()
+            .zip(ls)
+            .map(|(id, l)| {
+                let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
+                let mut c = base_config(id, addrs[&id], peers);
+                tweak(id, &mut c);
+                RdmaTransport::with_listener(c, l).expect("open")
+            })
+            .collect();
+        let mut net = Net::new(&[1, 2], eps);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            net.pump();
+            let _ = net.ep(1).send(2, b"let me in");
+        }
+        for at in [1, 2] {
+            let i = net.i(at);
+            assert!(
+                !net.inbox[i].iter().any(|e| matches!(e, Event::PeerUp { .. } | Event::Message { .. })),
+                "{what}: endpoint {at} must not come up or receive: {:?}",
+                net.inbox[i]
+            );
+        }
+        // With the same secret and list they do come up.
+    }
+    let (eps, _) = open_cluster(&[1, 2], |c| c.secret = Some(b"shared".to_vec()));
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+}
+
+/// The conformance checks that apply to a transport without a receiver-side agent
+/// (messages, limits, unknown peers, the waker). The agent checks (WriteArrived,
+/// ReadArrived) do not apply: their RDMA counterparts are the tests above.
+#[test]
+fn conformance_messages_limits_and_waker() {
+    if !rdma_available("conformance_messages_limits_and_waker") {
+        return;
+    }
+    let mut make = |ids: &[PeerId]| -> Vec<Box<dyn Transport>> {
+        open_cluster(ids, |_| {}).0.into_iter().map(|t| Box::new(t) as Box<dyn Transport>).collect()
+    };
+    conformance::messages_in_order_and_intact(&mut make);
+    conformance::too_large_is_refused(&mut make);
+    conformance::unknown_peer_is_refused(&mut make);
+    conformance::waker_interrupts_poll(&mut make);
+}
