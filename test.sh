@@ -79,8 +79,8 @@ sim --seeds 1000 --start 1000000 --hunting
 
 echo "== simulator: every planted bug must be caught"
 for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum \
-    leader-votes-before-sync ignore-trimmed-promiser; do
-    sim --seeds 5000 --hunting --no-permission-check --bug "$bug"
+    leader-votes-before-sync ignore-trimmed-promiser early-new-quorum; do
+    sim --seeds 10000 --hunting --no-permission-check --bug "$bug"
 done
 
 echo "== bench: short mode (3 replicas memory + fsync, etcd peer, baselines; checks the harness)"

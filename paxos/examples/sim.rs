@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             "--no-permission-check" => check_permission = false,
             "-h" | "--help" => {
                 println!("usage: sim [--seeds N] [--start S] [--seed S] [--bug NAME] [--hunting] [--no-permission-check] [-v]");
+                println!("  (SIMTRACE=1 traces role changes and membership changes to stderr)");
                 return ExitCode::SUCCESS;
             }
             other => {

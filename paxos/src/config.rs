@@ -26,6 +26,9 @@ pub enum PlantedBug {
     /// A candidate takes a promise from an acceptor that trimmed slots the candidate
     /// has not learned, and fills them as if they were empty.
     IgnoreTrimmedPromiser,
+    /// A leader counts the new membership's quorum from the membership change's own
+    /// slot on, and keeps opening slots before the change is chosen.
+    EarlyNewQuorum,
 }
 
 /// Configuration of one replica. Every member of a cluster must agree on `voters`
@@ -37,6 +40,8 @@ pub struct Config {
     /// The voting members (acceptors), this replica included if it votes.
     pub voters: Vec<NodeId>,
     /// Non-voting members that receive the log (never counted in a quorum, never lead).
+    /// A replica that is neither voter nor learner starts passive (as a learner) and
+    /// waits to be added by a membership change.
     pub learners: Vec<NodeId>,
     /// How often a leader sends heartbeats (carrying the commit index).
     pub heartbeat_interval: Nanos,
@@ -93,9 +98,6 @@ pub enum ConfigError {
     /// A node is listed twice.
     #[error("node {0} is listed more than once among voters and learners")]
     Duplicate(NodeId),
-    /// This replica is neither a voter nor a learner.
-    #[error("replica {0} is not a member (neither voter nor learner)")]
-    NotMember(NodeId),
     /// A timing or size value is out of range.
     #[error("{0}")]
     Invalid(&'static str),
@@ -145,9 +147,6 @@ impl Config {
         if all.first() == Some(&0) {
             return Err(ConfigError::ZeroId);
         }
-        if !all.contains(&self.id) {
-            return Err(ConfigError::NotMember(self.id));
-        }
         if self.heartbeat_interval == 0 || self.election_timeout == 0 || self.retransmit_timeout == 0 {
             return Err(ConfigError::Invalid("timeouts must be non-zero"));
         }
@@ -171,6 +170,11 @@ impl Config {
     /// Whether this replica votes.
     pub fn is_voter(&self) -> bool {
         self.voters.contains(&self.id)
+    }
+
+    /// The membership in force.
+    pub fn membership(&self) -> crate::types::Membership {
+        crate::types::Membership::new(self.voters.clone(), self.learners.clone())
     }
 
     /// Every member but this replica: voters, then learners.

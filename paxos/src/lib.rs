@@ -14,10 +14,11 @@ pub mod types;
 pub use config::{Config, ConfigError, PlantedBug};
 pub use message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
 pub use replica::{
-    Action, Applied, AppliedEntry, Error, PeerProgress, ProposeError, Replica, Role, SnapshotMeta, TransferError,
+    Action, Applied, AppliedEntry, Error, MembershipError, PeerProgress, ProposeError, Replica, Role, SnapshotMeta,
+    TransferError,
 };
 pub use storage::{MemStorage, Storage, StorageError};
-pub use types::{Ballot, Command, Entry, Nanos, NodeId, Position, Slot, Value};
+pub use types::{Ballot, Command, Entry, Membership, Nanos, NodeId, Position, Slot, Value};
 
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -76,6 +76,48 @@ impl fmt::Debug for Command {
     }
 }
 
+/// A cluster membership: who votes and who only receives the log.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Membership {
+    /// The voting members (acceptors), sorted, no duplicates.
+    pub voters: Vec<NodeId>,
+    /// Members that receive the log without voting (new members catch up as learners
+    /// before they vote), sorted, no duplicates, disjoint from `voters`.
+    pub learners: Vec<NodeId>,
+}
+
+impl Membership {
+    /// A membership of `voters` and `learners` (sorted and de-duplicated here).
+    pub fn new(mut voters: Vec<NodeId>, mut learners: Vec<NodeId>) -> Self {
+        voters.sort_unstable();
+        voters.dedup();
+        learners.sort_unstable();
+        learners.dedup();
+        learners.retain(|l| !voters.contains(l));
+        Membership { voters, learners }
+    }
+
+    /// Whether it is usable: at least one voter, no node 0.
+    pub fn is_valid(&self) -> bool {
+        !self.voters.is_empty() && !self.voters.contains(&0) && !self.learners.contains(&0)
+    }
+
+    /// Votes needed for a quorum: a strict majority of the voters.
+    pub fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    /// Whether `n` votes.
+    pub fn is_voter(&self, n: NodeId) -> bool {
+        self.voters.contains(&n)
+    }
+
+    /// Whether `n` is a voter or a learner.
+    pub fn contains(&self, n: NodeId) -> bool {
+        self.voters.contains(&n) || self.learners.contains(&n)
+    }
+}
+
 /// The value agreed on in one slot.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum Value {
@@ -83,13 +125,16 @@ pub enum Value {
     Noop,
     /// A batch of client entries, applied in order.
     Batch(Vec<Command>),
+    /// A membership change: slots after this one (once it is chosen) belong to the new
+    /// membership. A leader opens no slot after a membership change until it is chosen.
+    Config(Membership),
 }
 
 impl Value {
     /// Payload bytes carried (for batching limits and statistics).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Value::Noop => 0,
+            Value::Noop | Value::Config(_) => 0,
             Value::Batch(cmds) => cmds.iter().map(|c| c.payload.len()).sum(),
         }
     }
@@ -97,7 +142,7 @@ impl Value {
     /// Number of client entries carried.
     pub fn len(&self) -> usize {
         match self {
-            Value::Noop => 0,
+            Value::Noop | Value::Config(_) => 0,
             Value::Batch(cmds) => cmds.len(),
         }
     }

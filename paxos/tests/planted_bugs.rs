@@ -41,7 +41,8 @@ fn catches_a_vote_counted_twice() {
 
 #[test]
 fn catches_acknowledging_before_sync() {
-    hunt(PlantedBug::AckBeforeSync);
+    // Needs a crash that loses an acknowledged write, then an election without it.
+    hunt_within(PlantedBug::AckBeforeSync, 3000);
 }
 
 #[test]
@@ -53,7 +54,7 @@ fn catches_commit_without_quorum() {
 fn catches_a_leader_voting_before_its_own_sync() {
     // Needs a crash of the leader between its remote writes and its own sync, then an
     // election without the followers that hold the slot: rarer, so more seeds.
-    hunt_within(PlantedBug::LeaderVotesBeforeSync, 4000);
+    hunt_within(PlantedBug::LeaderVotesBeforeSync, 10_000);
 }
 
 #[test]
@@ -64,6 +65,14 @@ fn catches_a_candidate_that_ignores_a_trimmed_log() {
 }
 
 #[test]
+fn catches_a_new_membership_counted_too_early() {
+    // The leader counts the new membership's quorum from the change's own slot and keeps
+    // opening slots before the change is chosen; the simulator's nemesis splits the
+    // leader and the new voters from the other old voters when a change is made.
+    hunt(PlantedBug::EarlyNewQuorum);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
-    assert_eq!(ALL_BUGS.len(), 7);
+    assert_eq!(ALL_BUGS.len(), 8);
 }

@@ -396,7 +396,9 @@ fn configurations_are_validated() {
     use paxos::ConfigError;
     assert_eq!(Config::new(0, vec![1]).validate(), Err(ConfigError::ZeroId));
     assert_eq!(Config::new(1, vec![]).validate(), Err(ConfigError::NoVoters));
-    assert_eq!(Config::new(4, vec![1, 2, 3]).validate(), Err(ConfigError::NotMember(4)));
+    // A replica outside the membership starts passive, waiting to be added.
+    let spare = Replica::new(Config::new(4, vec![1, 2, 3]), MemStorage::new(), 0).unwrap();
+    assert_eq!(spare.role(), Role::Learner);
     assert_eq!(Config::new(1, vec![1, 2, 2]).validate(), Err(ConfigError::Duplicate(2)));
     let mut c = Config::new(1, vec![1, 2, 3]);
     c.election_timeout = c.heartbeat_interval;
@@ -568,4 +570,66 @@ fn a_leader_serves_linearizable_reads_under_its_lease_and_by_a_quorum_round() {
     let f = [1, 2, 3].into_iter().find(|&n| net.nodes[&n].role() == Role::Follower).unwrap();
     assert!(net.nodes[&f].can_serve_stale_read(now, 10 * MS));
     assert!(!net.nodes[&f].can_serve_stale_read(now + 100 * MS, 10 * MS));
+}
+
+#[test]
+fn membership_grows_from_three_to_five_and_shrinks_to_three_without_the_old_leader() {
+    use paxos::{Membership, MembershipError};
+    // 4 and 5 start outside the membership (passive) and join as learners first.
+    let mut net = Net::new(&[1, 2, 3], &[]);
+    for id in [4u64, 5] {
+        net.nodes.insert(id, Replica::new(Config::new(id, vec![1, 2, 3]), MemStorage::new(), 0).unwrap());
+    }
+    net.run_until(100 * MS);
+    let l = net.leader();
+    assert!(l <= 3);
+    for seq in 1..=20 {
+        net.propose(1, seq, b"before").unwrap();
+    }
+    net.run_until(120 * MS);
+    let now = net.now;
+    // A stranger cannot be made a voter directly.
+    let r = net.nodes.get_mut(&l).unwrap().change_membership(now, Membership::new(vec![1, 2, 3, 4], vec![]));
+    assert!(matches!(r, Err(MembershipError::Refused(_))), "{r:?}");
+    net.nodes.get_mut(&l).unwrap().change_membership(now, Membership::new(vec![1, 2, 3], vec![4, 5])).unwrap();
+    // A second change waits for the first.
+    let r = net.nodes.get_mut(&l).unwrap().change_membership(now, Membership::new(vec![1, 2, 3], vec![]));
+    assert_eq!(r, Err(MembershipError::Busy));
+    net.drain(l);
+    net.run_until(200 * MS);
+    for id in 1..=5 {
+        assert_eq!(net.nodes[&id].membership(), Membership::new(vec![1, 2, 3], vec![4, 5]), "replica {id}");
+        assert_eq!(net.log(id).len(), 20, "learner {id} caught up");
+    }
+    // Grow to five voters in one step (both learners are caught up).
+    let now = net.now;
+    net.nodes.get_mut(&l).unwrap().change_membership(now, Membership::new(vec![1, 2, 3, 4, 5], vec![])).unwrap();
+    net.drain(l);
+    net.run_until(300 * MS);
+    assert_eq!(net.nodes[&4].role(), Role::Follower, "a promoted learner votes");
+    for seq in 21..=40 {
+        net.propose(1, seq, b"five").unwrap();
+    }
+    net.run_until(350 * MS);
+    // Shrink to three, removing the leader and one other: the leader commits its own
+    // removal, hands over to a remaining voter, and the log goes on.
+    let other = if l == 1 { 2 } else { 1 };
+    let keep: Vec<NodeId> = (1..=5).filter(|&x| x != l && x != other).collect();
+    let now = net.now;
+    net.nodes.get_mut(&l).unwrap().change_membership(now, Membership::new(keep.clone(), vec![])).unwrap();
+    net.drain(l);
+    net.run_until(600 * MS);
+    let l2 = net.leader();
+    assert!(keep.contains(&l2), "the new leader {l2} is in the new membership {keep:?}");
+    for seq in 41..=60 {
+        net.propose(1, seq, b"three").unwrap();
+    }
+    net.run_until(700 * MS);
+    let expect: Vec<_> = (1..=60).map(|s| (s, 1, s, false)).collect();
+    for &id in &keep {
+        assert_eq!(net.log(id), expect, "replica {id}");
+        assert_eq!(net.nodes[&id].membership(), Membership::new(keep.clone(), vec![]));
+    }
+    assert_ne!(net.nodes[&l].role(), Role::Leader);
+    assert_eq!(net.nodes[&l].role(), Role::Learner, "a removed replica goes quiet");
 }

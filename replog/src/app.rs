@@ -499,7 +499,12 @@ mod tests {
         for i in 0..200u64 {
             leader.apply(i + 1, format!("set k{i} value-{i}").as_bytes(), None);
         }
-        let meta = SnapshotMeta { slot: 77, last_position: 200, clients: vec![(1, vec![(5, 200)])] };
+        let meta = SnapshotMeta {
+            slot: 77,
+            last_position: 200,
+            clients: vec![(1, vec![(5, 200)])],
+            membership: paxos::Membership::new(vec![1, 2, 3], vec![]),
+        };
         leader.take_snapshot(7, &meta).unwrap();
         let store = SnapshotStore::open(Some(dir.path().join("b")), 7).unwrap();
         let mut follower = AppHost::new(Box::new(KvMachine::default()), store, policy);

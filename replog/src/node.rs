@@ -474,6 +474,12 @@ impl<T: Transport> Node<T> {
     fn on_apply(&mut self, applied: Applied) {
         let slot = applied.slot;
         self.app_slot = slot;
+        if let Some(m) = &applied.membership {
+            info!(slot, voters = ?m.voters, learners = ?m.learners, "membership changed");
+            if let Some(a) = self.app.as_mut() {
+                a.sm().configuration_changed(&m.voters, &m.learners);
+            }
+        }
         for (i, e) in applied.entries.into_iter().enumerate() {
             if !e.duplicate {
                 debug_assert_eq!(e.position, self.index_base + self.index.len() as u64 + 1);

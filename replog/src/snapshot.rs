@@ -12,6 +12,7 @@
 //! 20   8  slot
 //! 28   8  last position
 //! 36   4  number of clients C, then per client: id u64, count N u32, N x (seq u64, position u64)
+//!  ..  4  voters V, V x u64; 4 learners W, W x u64 (the membership after `slot`; V = 0: unknown)
 //!  ..  8  application state length L, then L bytes
 //!  ..  4  CRC32C of everything before
 //! ```
@@ -28,7 +29,7 @@
 //! core asks again.
 
 use bytes::Bytes;
-use paxos::{Slot, SnapshotMeta};
+use paxos::{Membership, Slot, SnapshotMeta};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -93,6 +94,12 @@ pub fn encode(cluster_id: u64, meta: &SnapshotMeta, app: &[u8]) -> Vec<u8> {
         for (seq, pos) in seqs {
             out.extend_from_slice(&seq.to_le_bytes());
             out.extend_from_slice(&pos.to_le_bytes());
+        }
+    }
+    for ids in [&meta.membership.voters, &meta.membership.learners] {
+        out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for id in ids.iter() {
+            out.extend_from_slice(&id.to_le_bytes());
         }
     }
     out.extend_from_slice(&(app.len() as u64).to_le_bytes());
@@ -162,12 +169,27 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         }
         clients.push((client, seqs));
     }
+    let mut lists = [Vec::new(), Vec::new()];
+    for l in lists.iter_mut() {
+        let n = r.u32()? as usize;
+        if n > r.0.len() / 8 {
+            return Err(SnapshotError::Invalid("member count exceeds the data"));
+        }
+        for _ in 0..n {
+            l.push(r.u64()?);
+        }
+    }
+    let [voters, learners] = lists;
+    let membership = Membership::new(voters.clone(), learners.clone());
+    if membership.voters != voters || membership.learners != learners {
+        return Err(SnapshotError::Invalid("membership not sorted or duplicated"));
+    }
     let len = r.u64()?;
     if len != r.0.len() as u64 {
         return Err(SnapshotError::Invalid("application state length mismatch"));
     }
     let app = Bytes::copy_from_slice(r.0);
-    Ok(Snapshot { cluster_id, meta: SnapshotMeta { slot, last_position, clients }, app })
+    Ok(Snapshot { cluster_id, meta: SnapshotMeta { slot, last_position, clients, membership }, app })
 }
 
 /// The snapshots of one replica: a directory, or memory for the `memory` durability
@@ -365,7 +387,12 @@ mod tests {
     use super::*;
 
     fn meta() -> SnapshotMeta {
-        SnapshotMeta { slot: 42, last_position: 100, clients: vec![(7, vec![(1, 99), (2, 100)]), (9, vec![])] }
+        SnapshotMeta {
+            slot: 42,
+            last_position: 100,
+            clients: vec![(7, vec![(1, 99), (2, 100)]), (9, vec![])],
+            membership: Membership::new(vec![1, 2, 3], vec![4]),
+        }
     }
 
     #[test]

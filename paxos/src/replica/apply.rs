@@ -6,7 +6,7 @@
 use super::{Action, Error, Replica};
 use crate::contracts::{ensure, invariant, require};
 use crate::storage::Storage;
-use crate::types::{Command, Position, Slot, Value};
+use crate::types::{Command, Membership, Position, Slot, Value};
 use std::collections::{BTreeMap, HashMap};
 
 /// How many recent sequence numbers per client are remembered for de-duplication.
@@ -31,8 +31,11 @@ pub struct AppliedEntry {
 pub struct Applied {
     /// The slot.
     pub slot: Slot,
-    /// Its client entries in order (empty for a no-op).
+    /// Its client entries in order (empty for a no-op or a membership change).
     pub entries: Vec<AppliedEntry>,
+    /// The membership this slot changed to, if it is a membership change (in force for
+    /// every later slot).
+    pub membership: Option<Membership>,
 }
 
 /// The core's part of a snapshot taken after applying `slot`: the client
@@ -47,6 +50,8 @@ pub struct SnapshotMeta {
     pub last_position: Position,
     /// Per client (sorted by id): its remembered sequence numbers and their positions.
     pub clients: Vec<(u64, Vec<(u64, Position)>)>,
+    /// The membership in force after `slot` (empty: the configured one).
+    pub membership: Membership,
 }
 
 #[derive(Debug, Default)]
@@ -70,7 +75,7 @@ impl ApplyState {
         let mut clients: Vec<(u64, Vec<(u64, Position)>)> =
             self.clients.iter().map(|(&c, r)| (c, r.seqs.iter().map(|(&s, &p)| (s, p)).collect())).collect();
         clients.sort_unstable_by_key(|c| c.0);
-        SnapshotMeta { slot, last_position: self.last_position, clients }
+        SnapshotMeta { slot, last_position: self.last_position, clients, membership: Membership::default() }
     }
 
     pub(crate) fn restore(meta: &SnapshotMeta) -> Self {
@@ -80,9 +85,10 @@ impl ApplyState {
     }
 
     fn apply(&mut self, slot: Slot, value: Value) -> Applied {
-        let cmds = match value {
-            Value::Noop => Vec::new(),
-            Value::Batch(c) => c,
+        let (cmds, membership) = match value {
+            Value::Noop => (Vec::new(), None),
+            Value::Batch(c) => (c, None),
+            Value::Config(m) => (Vec::new(), Some(m)),
         };
         let mut entries = Vec::with_capacity(cmds.len());
         for command in cmds {
@@ -102,7 +108,7 @@ impl ApplyState {
                 }
             }
         }
-        Applied { slot, entries }
+        Applied { slot, entries, membership }
     }
 }
 
@@ -123,7 +129,11 @@ impl<S: Storage> Replica<S> {
             let applied = self.apply_state.apply(slot, entry.value);
             ensure!(self.apply_state.last_position() >= before);
             self.applied = slot;
+            let changed = applied.membership.clone();
             self.emit(Action::Apply(applied));
+            if let Some(m) = changed {
+                self.apply_membership(m);
+            }
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::config::PlantedBug;
 use crate::contracts::{ensure, invariant, require};
 use crate::message::{Message, ReadRequest, ReadResult};
 use crate::storage::Storage;
-use crate::types::{Ballot, Entry, Nanos, NodeId, Slot, Value};
+use crate::types::{Ballot, Entry, Membership, Nanos, NodeId, Slot, Value};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 impl<S: Storage> Replica<S> {
@@ -91,12 +91,21 @@ impl<S: Storage> Replica<S> {
     }
 
     pub(super) fn on_pre_vote(&mut self, from: NodeId, round: u64, chosen: Slot) -> Result<(), Error> {
-        if !self.cfg.is_voter() || !self.cfg.voters.contains(&from) {
-            return Ok(());
+        // Answered whatever our (possibly stale) view of the membership says: a grant
+        // changes nothing here, and the pre-candidate counts only its voters. (A
+        // replica that missed its promotion must still help elect a leader.)
+        if Ballot::new(round, from) <= self.promised {
+            // Tell the pre-candidate how far rounds went, or it may never catch up.
+            let (ballot, promised) = (Ballot::new(round, from), self.promised);
+            self.send(from, Message::Reject { ballot, promised });
         }
-        let granted = Ballot::new(round, from) > self.promised
-            && !self.lease_active(from)
-            && (chosen >= self.storage.trimmed() || self.bug(PlantedBug::IgnoreTrimmedPromiser));
+        let behind = chosen < self.storage.trimmed() && !self.bug(PlantedBug::IgnoreTrimmedPromiser);
+        if behind {
+            // It cannot lead before it has our snapshot: send it (there may be no
+            // leader to do so, e.g. when it is the only other replica that may lead).
+            self.emit(Action::SendSnapshot { to: from });
+        }
+        let granted = Ballot::new(round, from) > self.promised && !self.lease_active(from) && !behind;
         self.send(from, Message::PreVoteReply { round, granted });
         Ok(())
     }
@@ -136,9 +145,13 @@ impl<S: Storage> Replica<S> {
         let from = self.chosen + 1;
         let last = self.storage.last_slot();
         let own = if last >= from { self.storage.entries(from, last)? } else { Vec::new() };
+        let stage = self.cfg.membership();
         self.cand = Some(CandidateState {
             ballot,
             from,
+            configs: BTreeMap::from([(from, stage.clone())]),
+            stage,
+            asked: BTreeSet::new(),
             promised: BTreeMap::from([(self.cfg.id, (self.chosen, last))]),
             read: BTreeMap::from([(self.cfg.id, own)]),
             partial: BTreeMap::new(),
@@ -159,7 +172,10 @@ impl<S: Storage> Replica<S> {
 
     /// Phase 1b at an acceptor.
     pub(super) fn on_prepare(&mut self, from: NodeId, ballot: Ballot, transfer: bool) -> Result<(), Error> {
-        if !self.cfg.is_voter() || ballot.node != from || !self.cfg.voters.contains(&from) {
+        // Learners answer too: a candidate may be collecting a quorum of a newer
+        // membership in which they vote, before they applied it. A promise binds only
+        // the promiser; the candidate counts only the voters of the membership at hand.
+        if ballot.node != from {
             return Ok(());
         }
         self.max_round = self.max_round.max(ballot.round);
@@ -225,7 +241,7 @@ impl<S: Storage> Replica<S> {
         last: Slot,
         trimmed: Slot,
     ) -> Result<(), Error> {
-        if self.role != Role::Candidate || !self.cfg.voters.contains(&from) {
+        if self.role != Role::Candidate {
             return Ok(());
         }
         let double = self.bug(PlantedBug::DoubleCountVote);
@@ -236,9 +252,9 @@ impl<S: Storage> Replica<S> {
         }
         if trimmed >= cand.from && !ignore_trim {
             // The promiser dropped slots we have not learned (they are chosen, and live
-            // on in its snapshot): we cannot adopt them, so we cannot lead. A replica
-            // that has them will; we catch up from it.
-            self.become_follower(None);
+            // on in its snapshot): its tail cannot tell us their values, so it does not
+            // count towards our quorum. (Pre-vote normally keeps such a candidate from
+            // starting, and sends it the snapshot.)
             return Ok(());
         }
         cand.promise_msgs += 1;
@@ -304,17 +320,21 @@ impl<S: Storage> Replica<S> {
         self.maybe_adopt()
     }
 
-    /// With the tails of a quorum read, adopt values and become leader.
-    fn maybe_adopt(&mut self) -> Result<(), Error> {
-        let double = self.bug(PlantedBug::DoubleCountVote);
-        let cand = self.cand.as_ref().expect("candidate state");
-        let reads = if double { cand.read_msgs } else { cand.read.len() };
-        if reads < self.cfg.quorum() {
-            return Ok(());
+    /// The memberships by the first slot they govern, from the candidate's start, as
+    /// the adopted values change them.
+    fn membership_walk(cand: &CandidateState, adopt: &BTreeMap<Slot, (Ballot, Value)>) -> BTreeMap<Slot, Membership> {
+        let mut walk = BTreeMap::from([(cand.from, cand.stage.clone())]);
+        for (&k, (_, v)) in adopt.range(cand.from..) {
+            if let Value::Config(m) = v {
+                walk.insert(k + 1, m.clone());
+            }
         }
-        let ballot = cand.ballot;
-        let from = cand.from;
-        // The Paxos rule: for each open slot, the value accepted under the highest ballot.
+        walk
+    }
+
+    /// The Paxos rule over every tail read so far: for each slot, the value accepted
+    /// under the highest ballot.
+    fn adopted(cand: &CandidateState) -> BTreeMap<Slot, (Ballot, Value)> {
         let mut adopt: BTreeMap<Slot, (Ballot, Value)> = BTreeMap::new();
         for entries in cand.read.values() {
             for e in entries {
@@ -330,7 +350,54 @@ impl<S: Storage> Replica<S> {
                 }
             }
         }
+        adopt
+    }
+
+    /// With the tails of a quorum read (of every membership the adopted values lead
+    /// to), adopt values and become leader.
+    fn maybe_adopt(&mut self) -> Result<(), Error> {
+        let double = self.bug(PlantedBug::DoubleCountVote);
+        let cand = self.cand.as_ref().expect("candidate state");
+        let reads_of = |m: &Membership| cand.read.keys().filter(|id| m.is_voter(**id)).count();
+        let base_reads = if double { cand.read_msgs } else { reads_of(&cand.stage) };
+        if base_reads < cand.stage.quorum() {
+            return Ok(());
+        }
+        // Every membership the adopted values lead to governs the slots after its
+        // change: each needs a quorum of its voters read too. (The adopted values may
+        // change as more tails arrive, so the walk is recomputed each time.)
+        let adopt = Self::adopted(cand);
+        let walk = Self::membership_walk(cand, &adopt);
+        let missing: Vec<NodeId> = walk
+            .values()
+            .filter(|m| reads_of(m) < m.quorum())
+            .flat_map(|m| m.voters.iter().copied())
+            .filter(|v| !cand.promised.contains_key(v) && !cand.asked.contains(v))
+            .collect();
+        let complete = walk.values().all(|m| reads_of(m) >= m.quorum());
+        if !complete {
+            let ballot = cand.ballot;
+            for v in missing {
+                self.cand.as_mut().expect("candidate state").asked.insert(v);
+                self.send(v, Message::Prepare { ballot, transfer: false });
+            }
+            return Ok(());
+        }
+        self.cand.as_mut().expect("candidate state").configs = walk;
+        let cand = self.cand.as_ref().expect("candidate state");
+        let ballot = cand.ballot;
+        let from = cand.from;
+        let configs = cand.configs.clone();
+        let mut adopt = Self::adopted(cand);
         let max_slot = adopt.keys().next_back().copied().unwrap_or(0).max(from - 1);
+        // The last membership change adopted, if it is not committed yet, holds the
+        // pipeline (nothing after it is opened until it is chosen).
+        let config_slot = adopt
+            .iter()
+            .rev()
+            .find(|(_, (_, v))| matches!(v, Value::Config(_)))
+            .map(|(&k, _)| k)
+            .filter(|&k| k <= max_slot);
         let promisers: BTreeMap<NodeId, (Slot, Slot)> = cand.promised.clone();
         let skip_adoption = self.bug(PlantedBug::SkipValueAdoption);
         for slot in from..=max_slot {
@@ -384,11 +451,17 @@ impl<S: Storage> Replica<S> {
             reads: VecDeque::new(),
             term_start: max_slot,
             synced: self.chosen,
+            configs,
+            config_slot,
+            pending_config: None,
+            last_handover: None,
         });
+        self.sync_peers();
         self.note_role();
         self.heartbeat_tick()?;
         self.try_advance_commit()?;
-        ensure!(self.role == Role::Leader && self.promised == ballot);
+        // (A leader that committed its own removal at once has handed over already.)
+        ensure!(self.promised == ballot && (self.role == Role::Leader || !self.cfg.is_voter()));
         Ok(())
     }
 
@@ -412,9 +485,16 @@ impl<S: Storage> Replica<S> {
     fn check_quorum(&mut self) -> bool {
         let now = self.now;
         let window = self.cfg.election_timeout;
-        let quorum = self.cfg.quorum();
+        let early = self.bug(PlantedBug::EarlyNewQuorum);
         let l = self.lead.as_mut().expect("leader state");
-        let heard = l.peers.values().filter(|p| p.voter && p.last_heard.is_some_and(|t| t + window >= now)).count() + 1;
+        // The membership in force (the planted bug: the newest one, even uncommitted).
+        let m = if early { l.configs.values().next_back().cloned() } else { None };
+        let m = m.unwrap_or_else(|| self.cfg.membership());
+        let quorum = m.quorum();
+        let me = self.cfg.id;
+        let recent = |p: &Progress| p.last_heard.is_some_and(|t| t + window >= now);
+        let heard =
+            l.peers.iter().filter(|(id, p)| m.is_voter(**id) && recent(p)).count() + usize::from(m.is_voter(me));
         l.quorum_check_due = now + window;
         if heard < quorum {
             self.become_follower(None);

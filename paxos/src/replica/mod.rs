@@ -11,6 +11,7 @@
 
 mod apply;
 mod election;
+mod membership;
 mod reads;
 mod replication;
 mod snapshot;
@@ -20,10 +21,11 @@ use crate::contracts::{ensure, invariant, require};
 use crate::message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult};
 use crate::rng::Rng;
 use crate::storage::{Storage, StorageError};
-use crate::types::{Ballot, Command, Entry, Nanos, NodeId, Position, Slot};
+use crate::types::{Ballot, Command, Entry, Membership, Nanos, NodeId, Position, Slot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use apply::{Applied, AppliedEntry};
+pub use membership::MembershipError;
 pub use snapshot::SnapshotMeta;
 
 /// A replica's role.
@@ -112,9 +114,10 @@ pub enum Action {
     },
     /// Linearizable reads that will not complete here (this replica stopped leading).
     ReadsAborted(Vec<u64>),
-    /// Leader side: follower `to` needs log slots this replica has trimmed: send it
-    /// the latest snapshot (in chunks); it then calls [`Replica::install_snapshot`].
-    /// Repeated at most once per election timeout while the follower stays behind.
+    /// Replica `to` needs log slots this replica has trimmed (a leader's follower, or a
+    /// pre-candidate behind our trim point): send it the latest snapshot (in chunks);
+    /// it then calls [`Replica::install_snapshot`]. A leader repeats it at most once per
+    /// election timeout while the follower stays behind.
     SendSnapshot {
         /// The follower.
         to: NodeId,
@@ -225,6 +228,14 @@ struct CandidateState {
     /// Promisers whose tail is being read in parts: the next slot to read, and the
     /// entries so far.
     partial: BTreeMap<NodeId, (Slot, Vec<Entry>)>,
+    /// The membership in force at `from` (as of this replica's applied prefix).
+    stage: Membership,
+    /// Memberships by the first slot they govern, as the adopted values change them
+    /// (slots past a chosen change belong to the new membership, so their values must
+    /// be read from a quorum of it too).
+    configs: BTreeMap<Slot, Membership>,
+    /// Voters of later memberships asked to promise.
+    asked: BTreeSet<NodeId>,
     /// Message counters for the planted `DoubleCountVote` bug.
     #[allow(dead_code)]
     promise_msgs: usize,
@@ -289,6 +300,16 @@ struct LeaderState {
     /// Every slot up to here is durable in this leader's own storage: its own vote
     /// counts for these only.
     synced: Slot,
+    /// Memberships by the first slot they govern (the one in force at the commit index,
+    /// and the one after a membership change not yet committed).
+    configs: BTreeMap<Slot, Membership>,
+    /// The slot of a membership change not yet committed: no slot is opened after it
+    /// until it is.
+    config_slot: Option<Slot>,
+    /// A membership change asked for, waiting for its slot.
+    pending_config: Option<Membership>,
+    /// The voter last asked to take over from this leader after its removal.
+    last_handover: Option<NodeId>,
 }
 
 /// A leadership transfer in progress.
@@ -353,7 +374,12 @@ impl<S: Storage> Replica<S> {
     /// Restarts a replica from the application's latest snapshot (`snap`, whose state
     /// the application has loaded) and `storage`. Slots up to `snap.slot` are applied;
     /// later ones the storage knows chosen are applied again.
-    pub fn restore(cfg: Config, mut storage: S, now: Nanos, snap: SnapshotMeta) -> Result<Self, Error> {
+    pub fn restore(mut cfg: Config, mut storage: S, now: Nanos, snap: SnapshotMeta) -> Result<Self, Error> {
+        if snap.membership.is_valid() {
+            // The membership the snapshot's prefix ended with is the one in force.
+            cfg.voters = snap.membership.voters.clone();
+            cfg.learners = snap.membership.learners.clone();
+        }
         cfg.validate()?;
         if snap.slot > 0 {
             // The snapshot is durable: entries it covers are not needed.
@@ -791,8 +817,14 @@ impl<S: Storage> Replica<S> {
         }
     }
 
+    /// Whether messages from `n` are taken. Any real node's are: which processes may
+    /// talk to a replica at all is the transport's business (it authenticates peers
+    /// with the cluster secret), and memberships change, so a replica cannot tell
+    /// from its own, possibly stale, view who belongs (a member added while it was
+    /// down, or a removed leader that must finish its last change). Safety never
+    /// depends on who proposes: a proposer that follows the protocol is safe.
     pub(crate) fn is_member(&self, n: NodeId) -> bool {
-        self.cfg.voters.contains(&n) || self.cfg.learners.contains(&n)
+        n != 0
     }
 
     /// Queues an action: released at once if nothing is waiting for a sync, else after
@@ -942,6 +974,18 @@ impl<S: Storage> Replica<S> {
                 invariant!(l.commit < l.next_slot, "commit {} >= next slot {}", l.commit, l.next_slot);
                 invariant!(l.synced < l.next_slot, "synced {} >= next slot {}", l.synced, l.next_slot);
                 invariant!(self.storage.trimmed() <= l.commit, "leader trimmed beyond its commit");
+                invariant!(
+                    l.configs.range(..=l.commit + 1).next().is_some(),
+                    "no membership in force after the commit index"
+                );
+                if let Some(k) = l.config_slot.filter(|&k| k > l.commit) {
+                    // Slots after it are only those adopted in phase 1, never new ones.
+                    invariant!(
+                        l.next_slot <= k.max(l.term_start) + 1 || self.bug(crate::config::PlantedBug::EarlyNewQuorum),
+                        "slot {} opened after the uncommitted membership change at {k}",
+                        l.next_slot - 1
+                    );
+                }
                 for (id, p) in &l.peers {
                     invariant!(p.matched < p.next, "peer {id}: matched {} >= next {}", p.matched, p.next);
                     invariant!(p.base <= p.matched, "peer {id}: base > matched");

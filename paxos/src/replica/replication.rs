@@ -20,10 +20,16 @@ impl<S: Storage> Replica<S> {
         let max_n = self.cfg.max_batch_entries;
         let max_bytes = self.cfg.max_batch_bytes;
         loop {
+            if self.lead.as_ref().is_none_or(|l| l.next_slot > l.commit + window || l.transfer.is_some()) {
+                return Ok(());
+            }
+            if !self.place_pending_config()? {
+                return Ok(());
+            }
             let Some(l) = self.lead.as_mut() else {
                 return Ok(());
             };
-            if l.pending.is_empty() || l.next_slot > l.commit + window || l.transfer.is_some() {
+            if l.pending.is_empty() || l.next_slot > l.commit + window {
                 return Ok(());
             }
             let mut batch: Vec<Command> = Vec::new();
@@ -74,7 +80,10 @@ impl<S: Storage> Replica<S> {
                 return Ok(());
             };
             let (ballot, commit, next_slot) = (l.ballot, l.commit, l.next_slot);
-            let p = l.peers.get_mut(&id).expect("peer");
+            // (A membership change may have removed the peer meanwhile.)
+            let Some(p) = l.peers.get_mut(&id) else {
+                return Ok(());
+            };
             let limit = (p.matched + window + 1).min(next_slot);
             if p.next >= limit {
                 return Ok(());
@@ -120,7 +129,9 @@ impl<S: Storage> Replica<S> {
             self.send(id, Message::Heartbeat { ballot, commit, seq });
             self.send_writes(id)?;
         }
-        self.check_transfer()
+        self.check_transfer()?;
+        // A leader no longer voting retries its hand-over after a failed transfer.
+        self.hand_over_after_removal()
     }
 
     /// A leadership transfer: once the target holds every slot, tell it to start an
@@ -271,15 +282,19 @@ impl<S: Storage> Replica<S> {
 
     /// Advances the commit index over slots acknowledged by a quorum, then applies.
     pub(super) fn try_advance_commit(&mut self) -> Result<(), Error> {
-        let quorum = if self.bug(PlantedBug::CommitWithoutQuorum) { 1 } else { self.cfg.quorum() };
+        let no_quorum = self.bug(PlantedBug::CommitWithoutQuorum);
         let votes_early = self.bug(PlantedBug::LeaderVotesBeforeSync);
+        let me = self.cfg.id;
         let l = self.lead.as_mut().expect("leader state");
         let before = l.commit;
         while l.commit + 1 < l.next_slot {
             let s = l.commit + 1;
+            // Each slot is decided by the membership in force at it.
+            let m = l.configs.range(..=s).next_back().map(|(_, m)| m).expect("a membership in force");
+            let quorum = if no_quorum { 1 } else { m.quorum() };
             // Our own vote counts once our acceptance of `s` is durable.
-            let own = usize::from(s <= l.synced || votes_early);
-            let votes = own + l.peers.values().filter(|p| p.voter && p.matched >= s).count();
+            let own = usize::from(m.is_voter(me) && (s <= l.synced || votes_early));
+            let votes = own + l.peers.iter().filter(|(id, p)| m.is_voter(**id) && p.matched >= s).count();
             if votes < quorum {
                 break;
             }
@@ -293,7 +308,14 @@ impl<S: Storage> Replica<S> {
         if commit > self.chosen {
             self.chosen = commit;
             self.apply_ready()?;
+            if self.role == Role::Leader && !self.cfg.is_voter() {
+                // A membership change removed this leader from the voters and is now
+                // chosen: hand over to a voter of the new membership.
+                self.hand_over_after_removal()?;
+            }
             self.check_reads()?;
+            // A committed membership change lets the pipeline open again.
+            self.fill_slots()?;
         }
         Ok(())
     }
@@ -344,6 +366,16 @@ impl<S: Storage> Replica<S> {
             let now = self.now;
             self.candidate_contact = Some(now);
             self.reset_election_timer(now);
+        }
+        if req.from <= self.storage.trimmed() {
+            // Slots the reader asks for were trimmed since we promised (a snapshot was
+            // taken meanwhile): our tail cannot tell it their values. Answer an empty
+            // range, which the reader does not count (it must not mistake the missing
+            // entries for empty slots).
+            let result =
+                ReadResult { ballot: req.ballot, from: req.from, to: req.from.saturating_sub(1), entries: Vec::new() };
+            self.emit(Action::ReadCompletion { to: from, result });
+            return Ok(());
         }
         // Answer at most `max_read_slots` slots; the reader asks for the rest.
         let to = req.to.min(req.from.saturating_add(self.cfg.max_read_slots - 1));

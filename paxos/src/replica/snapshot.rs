@@ -25,7 +25,9 @@ impl<S: Storage> Replica<S> {
     /// The core's part of a snapshot of the state after applying every slot up to
     /// [`Replica::applied`] (take the application's snapshot at the same point).
     pub fn snapshot_meta(&self) -> SnapshotMeta {
-        self.apply_state.snapshot(self.applied)
+        let mut m = self.apply_state.snapshot(self.applied);
+        m.membership = self.cfg.membership();
+        m
     }
 
     /// The application durably saved a snapshot covering every slot up to `upto`
@@ -80,6 +82,9 @@ impl<S: Storage> Replica<S> {
         self.chosen = slot;
         self.applied = slot;
         self.apply_state = super::apply::ApplyState::restore(&meta);
+        if meta.membership.is_valid() && meta.membership != self.cfg.membership() {
+            self.apply_membership(meta.membership.clone());
+        }
         self.storage.set_chosen_hint(slot)?;
         self.dirty = true;
         // Entries above the snapshot may already be known chosen.

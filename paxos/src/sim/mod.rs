@@ -103,6 +103,16 @@ pub struct SimConfig {
     /// Slots kept in the log behind a snapshot (followers that lag less catch up from
     /// the log).
     pub snapshot_keep: u64,
+    /// Extra replicas outside the initial membership, that membership changes add.
+    pub spares: usize,
+    /// Membership changes asked of the leader during the fault phase (add a spare as a
+    /// learner, promote learners, demote or remove voters, replace voters), mixed with
+    /// the other faults.
+    pub reconfigs: usize,
+    /// A nemesis for membership changes: when a change makes quorums of the old and the
+    /// new membership that need not intersect, cut the leader and the new voters off
+    /// from the other old voters for a while, at once.
+    pub reconfig_split: bool,
 }
 
 impl SimConfig {
@@ -140,6 +150,9 @@ impl SimConfig {
             // Drawn apart so that the draws above stay what they were for old seeds.
             snapshot_every: [0, 0, 4, 25][(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % 4],
             snapshot_keep: [0, 1, 8][(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) >> 60) as usize % 3],
+            spares: [0, 2, 2][(seed.wrapping_mul(0x94D0_49BB_1331_11EB) >> 60) as usize % 3],
+            reconfigs: [0, 4, 10][(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 60) as usize % 3],
+            reconfig_split: false,
         }
     }
 
@@ -160,6 +173,12 @@ impl SimConfig {
             c.read_ratio = c.read_ratio.max(0.3);
         }
         c.slow_max = c.slow_max.max(150 * MS);
+        // Membership churn on a quarter of the seeds: many changes, two spares.
+        if r.chance(0.25) {
+            c.spares = 2;
+            c.reconfigs = 60;
+            c.reconfig_split = true;
+        }
         c
     }
 
@@ -191,6 +210,8 @@ pub struct SimReport {
     pub crashes: u64,
     /// Leadership transfers asked of a leader.
     pub transfers: u64,
+    /// Membership changes committed.
+    pub reconfigs: u64,
     /// Snapshots taken (and the log trimmed behind them).
     pub snapshots_taken: u64,
     /// Snapshots received from a leader and installed.
@@ -222,6 +243,8 @@ pub struct SimTotals {
     pub crashes: u64,
     /// Leadership transfers asked.
     pub transfers: u64,
+    /// Membership changes committed.
+    pub reconfigs: u64,
     /// Snapshots taken.
     pub snapshots_taken: u64,
     /// Snapshots installed by transfer.
@@ -243,6 +266,7 @@ impl SimTotals {
         self.crashes += r.crashes;
         self.transfers += r.transfers;
         self.snapshots_taken += r.snapshots_taken;
+        self.reconfigs += r.reconfigs;
         self.snapshots_installed += r.snapshots_installed;
         self.worst_recovery = self.worst_recovery.max(r.recovery_after_heal.unwrap_or(0));
     }
@@ -253,8 +277,8 @@ impl fmt::Display for SimTotals {
         write!(
             f,
             "{} events, {} slots chosen, {} entries applied, {} client ops ({} acknowledged appends), \
-             {} elections, {} crashes, {} leadership transfers, {} snapshots taken, {} installed by transfer; \
-             worst recovery after healing {:.1}ms",
+             {} elections, {} crashes, {} leadership transfers, {} membership changes, {} snapshots taken, \
+             {} installed by transfer; worst recovery after healing {:.1}ms",
             self.events,
             self.slots_chosen,
             self.entries_applied,
@@ -263,6 +287,7 @@ impl fmt::Display for SimTotals {
             self.elections,
             self.crashes,
             self.transfers,
+            self.reconfigs,
             self.snapshots_taken,
             self.snapshots_installed,
             self.worst_recovery as f64 / 1e6
@@ -332,11 +357,12 @@ pub fn bug_name(b: PlantedBug) -> &'static str {
         PlantedBug::CommitWithoutQuorum => "commit-without-quorum",
         PlantedBug::LeaderVotesBeforeSync => "leader-votes-before-sync",
         PlantedBug::IgnoreTrimmedPromiser => "ignore-trimmed-promiser",
+        PlantedBug::EarlyNewQuorum => "early-new-quorum",
     }
 }
 
 /// Every planted bug.
-pub const ALL_BUGS: [PlantedBug; 7] = [
+pub const ALL_BUGS: [PlantedBug; 8] = [
     PlantedBug::SkipValueAdoption,
     PlantedBug::AcceptLowerBallot,
     PlantedBug::DoubleCountVote,
@@ -344,6 +370,7 @@ pub const ALL_BUGS: [PlantedBug; 7] = [
     PlantedBug::CommitWithoutQuorum,
     PlantedBug::LeaderVotesBeforeSync,
     PlantedBug::IgnoreTrimmedPromiser,
+    PlantedBug::EarlyNewQuorum,
 ];
 
 /// Parses a planted bug's command-line name.

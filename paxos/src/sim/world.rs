@@ -8,7 +8,7 @@ use crate::message::{Message, ReadRequest, ReadResult, WriteRequest, WriteResult
 use crate::replica::{Action, Applied, ProposeError, Replica, Role, SnapshotMeta};
 use crate::rng::Rng;
 use crate::storage::MemStorage;
-use crate::types::{Ballot, Command, Nanos, NodeId, Slot, Value};
+use crate::types::{Ballot, Command, Membership, Nanos, NodeId, Slot, Value};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -47,6 +47,7 @@ enum Event {
     ClientResend { client: usize, seq: u64, attempt: u32 },
     Crash { node: NodeId },
     Transfer { to: NodeId },
+    Reconfigure { pick: u64 },
     Restart { node: NodeId },
     Cut { id: u64, links: Vec<(NodeId, NodeId)> },
     Uncut { id: u64 },
@@ -137,8 +138,10 @@ impl World {
         let mut rng = Rng::new(cfg.seed);
         let voters: Vec<NodeId> = (1..=cfg.voters as u64).collect();
         let learners: Vec<NodeId> = (0..cfg.learners as u64).map(|i| cfg.voters as u64 + 1 + i).collect();
+        let spares: Vec<NodeId> =
+            (0..cfg.spares as u64).map(|i| cfg.voters as u64 + cfg.learners as u64 + 1 + i).collect();
         let mut nodes = BTreeMap::new();
-        for &id in voters.iter().chain(&learners) {
+        for &id in voters.iter().chain(&learners).chain(&spares) {
             let spread = cfg.clock_spread;
             let rate = if spread > 0.0 {
                 let lo = 1e6 / (1.0 + spread);
@@ -226,6 +229,11 @@ impl World {
             if at + len < ft {
                 self.schedule(at + len, Event::Uncut { id });
             }
+        }
+        for _ in 0..self.cfg.reconfigs {
+            let at = self.rng.below(ft);
+            let pick = self.rng.next_u64();
+            self.schedule(at, Event::Reconfigure { pick });
         }
         for _ in 0..self.cfg.transfers {
             let at = self.rng.below(ft);
@@ -397,9 +405,11 @@ impl World {
             return "no leader".into();
         };
         let target = leader.chosen();
+        let members = leader.membership();
         let lagging: Vec<NodeId> = self
             .nodes
             .values()
+            .filter(|n| members.contains(n.id))
             .filter(|n| n.replica.as_ref().is_none_or(|r| r.applied() != target || r.needs_flush()))
             .map(|n| n.id)
             .collect();
@@ -462,6 +472,7 @@ impl World {
                 }
             }
             Event::Restart { node } => self.restart(node),
+            Event::Reconfigure { pick } => self.reconfigure(pick),
             Event::Cut { id, links } => {
                 if !self.healed {
                     self.cuts.insert(id, links);
@@ -596,6 +607,101 @@ impl World {
         }
     }
 
+    /// Asks the leader for a membership change drawn from `pick`: add a spare as a
+    /// learner, promote one or two learners, demote or remove a voter, or replace a
+    /// voter by a learner (all in one step). Voters stay between 2 and 5.
+    fn reconfigure(&mut self, pick: u64) {
+        if self.healed {
+            return;
+        }
+        let Some(leader) =
+            self.nodes.values().find(|n| n.replica.as_ref().is_some_and(|r| r.role() == Role::Leader)).map(|n| n.id)
+        else {
+            return;
+        };
+        let cur = self.nodes[&leader].replica.as_ref().expect("leader").membership();
+        let all = self.all_nodes();
+        let outside: Vec<NodeId> = all.iter().copied().filter(|n| !cur.contains(*n)).collect();
+        let (mut v, mut l) = (cur.voters.clone(), cur.learners.clone());
+        let choose = |xs: &[NodeId], k: u64| xs[(k % xs.len() as u64) as usize];
+        let k = pick >> 8;
+        // Under the nemesis, half of the changes are the ones whose old and new quorums
+        // need not intersect (two voters added, or one replaced).
+        let op = match () {
+            _ if !self.cfg.reconfig_split || pick & 0x80 == 0 => pick % 6,
+            _ if l.is_empty() => 0,
+            _ if v.len() > 3 => 3,
+            _ if l.len() >= 2 && pick & 0x40 != 0 => 2,
+            _ => 4,
+        };
+        match op {
+            0 if !outside.is_empty() => l.push(choose(&outside, k)),
+            1 if !l.is_empty() && v.len() < 5 => {
+                let n = choose(&l, k);
+                l.retain(|&x| x != n);
+                v.push(n);
+            }
+            2 if l.len() >= 2 && v.len() <= 3 => {
+                v.extend(l.drain(..2));
+            }
+            3 if v.len() > 2 => {
+                let n = choose(&v, k);
+                v.retain(|&x| x != n);
+                if k & 1 == 0 {
+                    l.push(n);
+                }
+            }
+            4 if !l.is_empty() && v.len() > 2 => {
+                let out = choose(&v, k);
+                let inn = choose(&l, k >> 8);
+                v.retain(|&x| x != out);
+                l.retain(|&x| x != inn);
+                v.push(inn);
+                l.push(out);
+            }
+            5 if !l.is_empty() => {
+                let n = choose(&l, k);
+                l.retain(|&x| x != n);
+            }
+            _ => return,
+        }
+        let m = Membership::new(v, l);
+        // Keep a voter that may lead (the simulator's may-never-lead replica alone
+        // could never elect anyone).
+        let cannot = self.cfg.one_cannot_lead.then(|| *self.voters.last().expect("voters"));
+        if m.voters.iter().all(|&x| Some(x) == cannot) {
+            return;
+        }
+        // The nemesis: {leader and new voters} | {other old voters}, when each side
+        // could form a quorum (of the new and of the old membership respectively), cut
+        // before the change is proposed so the old voters never see it.
+        let a: Vec<NodeId> = m.voters.iter().copied().filter(|&x| x == leader || !cur.is_voter(x)).collect();
+        let b: Vec<NodeId> = cur.voters.iter().copied().filter(|&x| x != leader).collect();
+        let id = 1_000_000 + pick;
+        let split = self.cfg.reconfig_split && a.len() >= m.quorum() && b.len() >= cur.quorum();
+        if split {
+            let links: Vec<(NodeId, NodeId)> =
+                a.iter().flat_map(|&x| b.iter().flat_map(move |&y| [(x, y), (y, x)])).collect();
+            self.cuts.insert(id, links);
+        }
+        let local = self.local_time(leader);
+        let mut accepted = false;
+        self.with_replica(leader, |r| {
+            let res = r.change_membership(local, m.clone());
+            if std::env::var("SIMTRACE").is_ok() {
+                eprintln!("{:>9.3} n{leader} change to {m:?}: {res:?}", local as f64 / 1e6);
+            }
+            accepted = res.is_ok();
+            Ok(())
+        });
+        if split && accepted {
+            let at = self.now + self.rng.range(50, 400) * MS;
+            self.schedule(at, Event::Uncut { id });
+        } else if split {
+            self.cuts.remove(&id);
+        }
+    }
+
     /// Every `snapshot_every` slots, once the application has consumed every slot the
     /// replica applied, save a snapshot durably and let the replica trim its log.
     fn maybe_snapshot(&mut self, node: NodeId) {
@@ -647,7 +753,22 @@ impl World {
                     n.permission = None;
                 }
             }
-            Action::Apply(applied) => self.apply(node, applied),
+            Action::Apply(applied) => {
+                if applied.membership.is_some() && std::env::var("SIMTRACE").is_ok() {
+                    eprintln!(
+                        "{:>9.3} n{node} applied slot {} {:?}",
+                        self.now as f64 / 1e6,
+                        applied.slot,
+                        applied.membership
+                    );
+                }
+                if applied.membership.is_some()
+                    && self.nodes[&node].replica.as_ref().is_some_and(|r| r.role() == Role::Leader)
+                {
+                    self.report.reconfigs += 1;
+                }
+                self.apply(node, applied)
+            }
             Action::ReadReady { id, index } => {
                 let n = self.nodes.get_mut(&node).expect("node");
                 if let Some((client, session, seq)) = n.read_waiters.remove(&id) {
@@ -681,6 +802,16 @@ impl World {
                 } else {
                     let msg = format!("replica {node} asked to send a snapshot it never took");
                     self.violate(ViolationKind::Contract, msg);
+                }
+            }
+            Action::RoleChanged { role, ballot, leader } if std::env::var("SIMTRACE").is_ok() => {
+                let r = self.nodes[&node]
+                    .replica
+                    .as_ref()
+                    .map(|r| (r.membership(), r.chosen(), crate::storage::Storage::last_slot(r.storage())));
+                eprintln!("{:>9.3} n{node} {role:?} {ballot:?} leader={leader:?} {r:?}", self.now as f64 / 1e6);
+                if role == Role::Leader {
+                    self.report.elections += 1;
                 }
             }
             Action::RoleChanged { role, .. } => {
@@ -730,7 +861,11 @@ impl World {
     fn apply(&mut self, node: NodeId, applied: Applied) {
         // Agreement.
         let value = Value::Batch(applied.entries.iter().map(|e| e.command.clone()).collect());
-        let value = if applied.entries.is_empty() { Value::Noop } else { value };
+        let value = match &applied.membership {
+            Some(m) => Value::Config(m.clone()),
+            None if applied.entries.is_empty() => Value::Noop,
+            None => value,
+        };
         let slot = applied.slot;
         match self.chosen.get(&slot) {
             Some(v) if *v != value => {
@@ -813,8 +948,19 @@ impl World {
     }
 
     fn final_checks(&mut self) {
-        // Every replica holds the same log (they all applied up to the leader's commit).
-        let logs: Vec<(NodeId, Vec<u64>)> = self.nodes.values().map(|n| (n.id, n.sm.values.clone())).collect();
+        // Every member holds the same log (they all applied up to the leader's commit).
+        let members = self
+            .nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref())
+            .find(|r| r.role() == Role::Leader)
+            .map(|r| r.membership());
+        let logs: Vec<(NodeId, Vec<u64>)> = self
+            .nodes
+            .values()
+            .filter(|n| members.as_ref().is_none_or(|m| m.contains(n.id)))
+            .map(|n| (n.id, n.sm.values.clone()))
+            .collect();
         let reference = logs[0].1.clone();
         for (id, l) in &logs {
             if *l != reference {

@@ -1,7 +1,8 @@
 //! The compact encoding of a [`paxos::Value`] in an entry record's payload.
 //!
 //! ```text
-//!  u8  tag        0 = Noop, 1 = Batch
+//!  u8  tag        0 = Noop, 1 = Batch, 2 = Config
+//!  Config only: u32 voters, voters x u64, u32 learners, learners x u64
 //!  Batch only:
 //!  u32 count      number of commands
 //!  count times:
@@ -15,10 +16,11 @@
 //! rejects trailing bytes; it never panics on any input.
 
 use bytes::Bytes;
-use paxos::{Command, Value};
+use paxos::{Command, Membership, Value};
 
 const TAG_NOOP: u8 = 0;
 const TAG_BATCH: u8 = 1;
+const TAG_CONFIG: u8 = 2;
 const CMD_FIXED: usize = 8 + 8 + 4;
 
 /// Bytes `value` takes encoded.
@@ -26,6 +28,7 @@ pub fn encoded_len(value: &Value) -> usize {
     match value {
         Value::Noop => 1,
         Value::Batch(cmds) => 5 + cmds.iter().map(|c| CMD_FIXED + c.payload.len()).sum::<usize>(),
+        Value::Config(m) => 9 + 8 * (m.voters.len() + m.learners.len()),
     }
 }
 
@@ -42,6 +45,15 @@ pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
                 out.extend_from_slice(&c.seq.to_le_bytes());
                 out.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
                 out.extend_from_slice(&c.payload);
+            }
+        }
+        Value::Config(m) => {
+            out.push(TAG_CONFIG);
+            for ids in [&m.voters, &m.learners] {
+                out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.to_le_bytes());
+                }
             }
         }
     }
@@ -91,6 +103,24 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
             }
             Value::Batch(cmds)
         }
+        TAG_CONFIG => {
+            let mut lists = [Vec::new(), Vec::new()];
+            for l in lists.iter_mut() {
+                let n = r.u32()? as usize;
+                if n > r.b.len() / 8 {
+                    return Err("member count exceeds the value's length");
+                }
+                for _ in 0..n {
+                    l.push(r.u64()?);
+                }
+            }
+            let [voters, learners] = lists;
+            let m = Membership::new(voters.clone(), learners.clone());
+            if m.voters != voters || m.learners != learners || !m.is_valid() {
+                return Err("membership not sorted, duplicated or without voters");
+            }
+            Value::Config(m)
+        }
         _ => return Err("unknown value tag"),
     };
     if !r.b.is_empty() {
@@ -114,6 +144,8 @@ mod tests {
             .prop_map(|v| Value::Batch(
                 v.into_iter().map(|(client, seq, p)| Command { client, seq, payload: Bytes::from(p) }).collect()
             )),
+            (proptest::collection::vec(1u64..20, 1..6), proptest::collection::vec(1u64..20, 0..4))
+                .prop_map(|(v, l)| Value::Config(Membership::new(v, l))),
         ]
     }
 
