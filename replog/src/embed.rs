@@ -189,6 +189,11 @@ impl ReplicaHandle {
         self.call(Request::Transfer { to }, None).map(|_| ())
     }
 
+    /// Changes the membership (on the leader; see [`paxos::Replica::change_membership`]).
+    pub fn change_membership(&self, voters: Vec<u64>, learners: Vec<u64>) -> Result<(), HandleError> {
+        self.call(Request::ChangeMembership { voters, learners }, None).map(|_| ())
+    }
+
     /// Steps down in favour of the most caught-up other voter (on the leader).
     pub fn step_down(&self) -> Result<(), HandleError> {
         self.transfer_leadership(0)

@@ -151,6 +151,18 @@ enum Cmd {
         #[arg(long)]
         stale: bool,
     },
+    /// Change the membership: which configured members vote and which only learn
+    /// (promote a member only after it caught up as a learner).
+    Members {
+        #[command(flatten)]
+        target: Target,
+        /// The voters, e.g. `1,2,3,4,5`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        voters: Vec<u64>,
+        /// The learners, e.g. `4,5`.
+        #[arg(long, value_delimiter = ',')]
+        learners: Vec<u64>,
+    },
     /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
     Status {
         #[command(flatten)]
@@ -181,6 +193,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Transfer { target, to } => transfer(&target, to),
         Cmd::Tail { target, from } => tail(&target, from),
         Cmd::Status { target } => status(&target),
+        Cmd::Members { target, voters, learners } => {
+            let mut c = client(&target)?;
+            let st = c.change_membership(voters.clone(), learners.clone()).context("changing the membership")?;
+            println!("replica {} proposed voters {voters:?}, learners {learners:?}", st.node);
+            Ok(())
+        }
         Cmd::Query { target, query: words, stale } => query(&target, &words.join(" "), stale),
     }
 }

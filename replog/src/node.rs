@@ -647,6 +647,34 @@ impl<T: Transport> Node<T> {
                 let s = self.status();
                 self.reply(conn, req_id, Response::Status(s));
             }
+            Request::ChangeMembership { voters, learners } => {
+                // Only configured members: the transport has links to them alone.
+                let unknown = voters.iter().chain(&learners).find(|id| !self.opts.client_addrs.contains_key(id));
+                let m = paxos::Membership::new(voters.clone(), learners.clone());
+                let resp = match unknown {
+                    Some(id) => Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: format!(
+                            "replica {id} is not in the configured member list (the transport has no link to it)"
+                        ),
+                    },
+                    None => match self.replica.change_membership(now, m) {
+                        Ok(()) => {
+                            info!(?voters, ?learners, "membership change proposed");
+                            Response::Status(self.status())
+                        }
+                        Err(paxos::MembershipError::NotLeader { leader }) => self.redirect(leader),
+                        Err(e @ (paxos::MembershipError::Busy | paxos::MembershipError::Transferring { .. })) => {
+                            Response::Error { code: ErrorCode::Busy, message: format!("membership change: {e}; retry") }
+                        }
+                        Err(e) => Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message: format!("membership change refused: {e}"),
+                        },
+                    },
+                };
+                self.reply(conn, req_id, resp);
+            }
             Request::Query { linearizable, query } => {
                 if self.app.is_none() {
                     let message = "this replica embeds no state machine to query".to_string();

@@ -29,6 +29,8 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(from, max_entries, max_bytes)| { Request::ReadLinearizable { from, max_entries, max_bytes } }),
         any::<u64>().prop_map(|to| Request::Transfer { to }),
         (any::<bool>(), bytes()).prop_map(|(linearizable, query)| Request::Query { linearizable, query }),
+        (proptest::collection::vec(any::<u64>(), 0..6), proptest::collection::vec(any::<u64>(), 0..6))
+            .prop_map(|(voters, learners)| Request::ChangeMembership { voters, learners }),
     ]
 }
 

@@ -546,6 +546,19 @@ impl Client {
         }
     }
 
+    /// Asks the leader to change the membership to `voters` and `learners` (each a
+    /// configured member; a new voter must have caught up as a learner first). Returns
+    /// the leader's status once the change is proposed; it takes effect when committed.
+    pub fn change_membership(&mut self, voters: Vec<u64>, learners: Vec<u64>) -> Result<Status, ClientError> {
+        match self.call(&Request::ChangeMembership { voters, learners }, "membership change")? {
+            Response::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a membership change with {other:?}"),
+            }),
+        }
+    }
+
     /// Asks the leader to hand leadership to replica `to` (0: the most caught-up other
     /// voter). Returns the leader's status once the transfer started; the new leader
     /// takes over within about a round trip (or the transfer is abandoned after an

@@ -66,6 +66,8 @@ pub mod kind {
     pub const TRANSFER: u8 = 0x07;
     /// [`super::Request::Query`].
     pub const QUERY: u8 = 0x08;
+    /// [`super::Request::ChangeMembership`].
+    pub const CHANGE_MEMBERSHIP: u8 = 0x09;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -155,6 +157,15 @@ pub enum Request {
         /// The query, as the state machine understands it.
         query: Bytes,
     },
+    /// Ask the leader to change the membership to these voters and learners (every one
+    /// a configured member). Answered with the leader's `Status` once the change is
+    /// proposed; it takes effect when committed. Other replicas answer `Redirect`.
+    ChangeMembership {
+        /// The voters.
+        voters: Vec<u64>,
+        /// The learners.
+        learners: Vec<u64>,
+    },
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -182,6 +193,9 @@ impl fmt::Debug for Request {
             Request::Transfer { to } => write!(f, "Transfer{{to: {to}}}"),
             Request::Query { linearizable, query } => {
                 write!(f, "Query{{linearizable: {linearizable}, {}B}}", query.len())
+            }
+            Request::ChangeMembership { voters, learners } => {
+                write!(f, "ChangeMembership{{voters: {voters:?}, learners: {learners:?}}}")
             }
             Request::Disconnected => write!(f, "Disconnected"),
         }
@@ -480,6 +494,15 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             w.bytes(query)?;
             kind::QUERY
         }
+        Request::ChangeMembership { voters, learners } => {
+            for ids in [voters, learners] {
+                w.len(ids.len())?;
+                for id in ids {
+                    w.u64(*id);
+                }
+            }
+            kind::CHANGE_MEMBERSHIP
+        }
         Request::Disconnected => return Err(ProtoError::NotOnWire),
     };
     finish(kind, w, out)
@@ -663,6 +686,17 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
         },
         kind::TRANSFER => Request::Transfer { to: r.u64("transfer target")? },
         kind::QUERY => Request::Query { linearizable: r.bool("linearizable")?, query: r.bytes("query")? },
+        kind::CHANGE_MEMBERSHIP => {
+            let mut lists = [Vec::new(), Vec::new()];
+            for l in lists.iter_mut() {
+                let n = r.count(8, "members")?;
+                for _ in 0..n {
+                    l.push(r.u64("member id")?);
+                }
+            }
+            let [voters, learners] = lists;
+            Request::ChangeMembership { voters, learners }
+        }
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

@@ -227,7 +227,10 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
                 .map(|i| PeerStatus { id: i as u64 + 1, matched_slot: st.log.len() as u64, lag: 0, connected: true })
                 .collect(),
         })),
-        Request::ReadLinearizable { .. } | Request::Transfer { .. } | Request::Query { .. } => reply(Response::Error {
+        Request::ReadLinearizable { .. }
+        | Request::Transfer { .. }
+        | Request::Query { .. }
+        | Request::ChangeMembership { .. } => reply(Response::Error {
             code: ErrorCode::BadRequest,
             message: "not supported by the fake node (test support)".into(),
         }),
