@@ -5,7 +5,8 @@
 //! leader of the moment (it hands over). Afterwards every replica holds the same log,
 //! every acknowledged append is in it exactly once at its position, and the positions
 //! respect real time (an append called after another returned got a later position:
-//! the history of appends is linearizable).
+//! the history of appends is linearizable), and linearizable reads issued throughout
+//! always see the newest acknowledged append.
 
 mod support;
 
@@ -88,6 +89,31 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
         }));
     }
 
+    // A reader: a linearizable read of the newest acknowledged append's position, called
+    // after that append returned, must see exactly that entry.
+    let reads_checked = Arc::new(AtomicU64::new(0));
+    {
+        let mut client = cluster.client();
+        let (stop, results, reads_checked) = (stop.clone(), results.clone(), reads_checked.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let last = results.lock().unwrap().0.last().map(|a| (a.0.clone(), a.1));
+                let Some((payload, pos)) = last else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                match client.read_linearizable(pos, 1) {
+                    Ok(got) => {
+                        assert_eq!(got.first().map(|(p, d)| (*p, d.to_vec())), Some((pos, payload)), "stale read");
+                        reads_checked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => eprintln!("reader: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }));
+    }
+
     wait_acks(&acked, 500);
     change(&cluster, &[1, 2, 3, 4, 5], &[]);
     let leader = cluster.wait_leader(Duration::from_secs(20));
@@ -136,6 +162,9 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
         (r.0.clone(), r.1.clone())
     };
     println!("{} appends acknowledged, {} with unknown outcome", acks.len(), unknown.len());
+    let reads = reads_checked.load(Ordering::SeqCst);
+    println!("{reads} linearizable reads saw the newest acknowledged append");
+    assert!(reads > 50, "too few reads checked: {reads}");
 
     // Every replica (voter or learner) converges on one log holding every
     // acknowledged append once, at its position.
