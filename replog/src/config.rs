@@ -265,11 +265,16 @@ pub struct Security {
     /// Unset (the default): peers are not authenticated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
+    /// A file holding the client secret (same format). Set: every client connection
+    /// must prove it knows it (an HMAC-SHA256 challenge, see `replog::client::proto`)
+    /// before any request. Unset (the default): clients are not authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
 }
 
 impl Security {
     fn is_unset(&self) -> bool {
-        self.secret_file.is_none()
+        self.secret_file.is_none() && self.client_secret_file.is_none()
     }
 }
 
@@ -857,18 +862,13 @@ impl ServeConfig {
     /// The cluster secret from `security.secret_file` (`None` when unset). An
     /// unreadable file, or one holding nothing but whitespace, is an error naming it.
     pub fn read_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
-        let Some(path) = &self.security.secret_file else {
-            return Ok(None);
-        };
-        let origin = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| {
-            ConfigError::at("security.secret_file", format!("cannot read the secret file {origin}: {e}"))
-        })?;
-        let trimmed = bytes.trim_ascii();
-        if trimmed.is_empty() {
-            return Err(ConfigError::at("security.secret_file", format!("the secret file {origin} is empty")));
-        }
-        Ok(Some(trimmed.to_vec()))
+        read_secret_at("security.secret_file", self.security.secret_file.as_deref())
+    }
+
+    /// The client secret from `security.client_secret_file` (`None` when unset), read
+    /// like [`read_secret`](Self::read_secret).
+    pub fn read_client_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        read_secret_at("security.client_secret_file", self.security.client_secret_file.as_deref())
     }
 
     /// The digest of the member list (ids, addresses, roles) that peers compare in
@@ -907,6 +907,20 @@ impl ServeConfig {
         }
         out
     }
+}
+
+fn read_secret_at(key: &str, path: Option<&Path>) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let origin = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| ConfigError::at(key, format!("cannot read the secret file {origin}: {e}")))?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() {
+        return Err(ConfigError::at(key, format!("the secret file {origin} is empty")));
+    }
+    Ok(Some(trimmed.to_vec()))
 }
 
 /// Installs the global `tracing` subscriber: lines on standard error, as text or

@@ -57,6 +57,11 @@ struct Target {
     /// How long to wait for an answer, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// The client secret file, for a cluster that requires client credentials (default:
+    /// $REPLOG_CLIENT_SECRET_FILE, else, without --servers, replog-data/client-secret if
+    /// it exists: the one `replog up` writes).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 impl Target {
@@ -72,7 +77,32 @@ impl Target {
         };
         (servers, self.cluster_id.unwrap_or(defaults[0].cluster_id))
     }
+
+    /// The client secret to present, if any (see `secret_file`).
+    fn secret(&self) -> Result<Option<Vec<u8>>> {
+        let path = match (&self.secret_file, std::env::var_os("REPLOG_CLIENT_SECRET_FILE")) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(p)) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => Some(Path::new("replog-data").join(CLIENT_SECRET)).filter(|p| self.servers.is_empty() && p.exists()),
+        };
+        match path {
+            Some(p) => Ok(Some(replog::client::read_secret_file(&p)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A client configuration for `servers` with this target's cluster id, timeout and secret.
+    fn config(&self, servers: Vec<SocketAddr>) -> Result<ClientConfig> {
+        let (_, cluster_id) = self.resolve();
+        let mut cfg = ClientConfig::new(cluster_id, servers);
+        cfg.timeout = Duration::from_millis(self.timeout_ms);
+        cfg.secret = self.secret()?;
+        Ok(cfg)
+    }
 }
+
+/// The file name of the client secret `replog up` writes in its data directory.
+const CLIENT_SECRET: &str = "client-secret";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -235,13 +265,13 @@ fn serve(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The cluster secret of a local cluster: `dir/secret`, created (32 random bytes from
-/// the OS, hex, readable by the owner only) unless it exists, so that a restarted `up`
-/// keeps the secret its replicas were started with.
-fn ensure_secret_file(dir: &Path) -> Result<PathBuf> {
+/// A secret of a local cluster: `dir/name`, created (32 random bytes from the OS, hex,
+/// readable by the owner only) unless it exists, so that a restarted `up` keeps the
+/// secret its replicas were started with.
+fn ensure_secret_file(dir: &Path, name: &str) -> Result<PathBuf> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("secret");
+    let path = dir.join(name);
     if path.exists() {
         return Ok(path);
     }
@@ -267,7 +297,8 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let mut cfgs = ServeConfig::local_cluster(n, base_port, &dir, durability);
-    let secret_path = ensure_secret_file(&dir)?;
+    let secret_path = ensure_secret_file(&dir, "secret")?;
+    let client_secret_path = ensure_secret_file(&dir, CLIENT_SECRET)?;
     for c in &mut cfgs {
         c.security.secret_file = Some(secret_path.clone());
         c.transport = transport;
@@ -275,7 +306,9 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
             // Three replicas on one host share one device: keep the pinned memory small.
             c.rdma.region_bytes = 32 << 20;
         }
+        c.security.client_secret_file = Some(client_secret_path.clone());
     }
+    let client_secret = replog::client::read_secret_file(&client_secret_path)?;
     let exe = std::env::current_exe().context("finding the replog binary")?;
     install_signal_handlers();
     let mut children: Vec<(u64, Child)> = Vec::new();
@@ -293,6 +326,12 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     };
     println!("replog: {n} replicas over {over}, data in {}", dir.display());
     println!("  peer links authenticated with the cluster secret in {}", secret_path.display());
+    println!(
+        "  clients must present the client secret in {} (the CLI finds it there when run from {}; \
+         elsewhere give --secret-file)",
+        client_secret_path.display(),
+        dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    );
     for c in &cfgs {
         let m = c.me();
         println!(
@@ -310,7 +349,10 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     let mut leader = None;
     while t0.elapsed() < Duration::from_secs(20) && leader.is_none() && !STOP.load(Ordering::SeqCst) {
         for a in &addrs {
-            if let Ok(s) = Client::status_of(*a, cfgs[0].cluster_id, Duration::from_millis(500)) {
+            let mut cc = ClientConfig::new(cfgs[0].cluster_id, vec![*a]);
+            cc.timeout = Duration::from_millis(500);
+            cc.secret = Some(client_secret.clone());
+            if let Ok(s) = Client::status_at(*a, &cc) {
                 if s.leader.is_some() {
                     leader = s.leader;
                 }
@@ -388,11 +430,13 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
 
 /// `servers` with the current leader first (reads from the leader see every
 /// acknowledged append at once; a follower may be a round trip behind).
-fn leader_first(servers: Vec<SocketAddr>, cluster_id: u64) -> Vec<SocketAddr> {
+fn leader_first(servers: Vec<SocketAddr>, cfg: &ClientConfig) -> Vec<SocketAddr> {
     let mut leader = None;
     let mut by_node = Vec::new();
+    let mut probe = cfg.clone();
+    probe.timeout = Duration::from_millis(300);
     for &s in &servers {
-        if let Ok(st) = Client::status_of(s, cluster_id, Duration::from_millis(300)) {
+        if let Ok(st) = Client::status_at(s, &probe) {
             if st.role == "leader" {
                 leader = Some(s);
                 break;
@@ -447,13 +491,23 @@ fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
 }
 
 fn client(t: &Target) -> Result<Client> {
-    let (servers, cluster_id) = t.resolve();
-    let servers = leader_first(servers, cluster_id);
-    let mut cfg = ClientConfig::new(cluster_id, servers.clone());
-    cfg.timeout = Duration::from_millis(t.timeout_ms);
-    Client::connect(cfg).with_context(|| {
+    let (servers, _) = t.resolve();
+    let mut cfg = t.config(servers.clone())?;
+    let servers = leader_first(servers, &cfg);
+    cfg.servers = servers.clone();
+    Client::connect(cfg).map_err(|e| {
         let list: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
-        format!("connecting to the cluster (servers {}); is it running (replog up)?", list.join(","))
+        let hint = match &e {
+            replog::client::ClientError::CredentialRequired { .. } => {
+                "the cluster requires a client credential: give --secret-file (replog up writes \
+                 replog-data/client-secret)"
+            }
+            replog::client::ClientError::Unauthorized { .. } => {
+                "the cluster refused the client secret: is --secret-file the cluster's client secret?"
+            }
+            _ => "is it running (replog up)?",
+        };
+        anyhow::Error::new(e).context(format!("connecting to the cluster (servers {}); {hint}", list.join(",")))
     })
 }
 
@@ -539,10 +593,11 @@ fn tail(t: &Target, from: u64) -> Result<()> {
 }
 
 fn status(t: &Target) -> Result<()> {
-    let (servers, cluster_id) = t.resolve();
+    let (servers, _) = t.resolve();
+    let cfg = t.config(servers.clone())?;
     let mut any = false;
     for s in servers {
-        match Client::status_of(s, cluster_id, Duration::from_millis(t.timeout_ms)) {
+        match Client::status_at(s, &cfg) {
             Ok(st) => {
                 any = true;
                 println!(

@@ -706,7 +706,7 @@ impl<T: Transport> Node<T> {
                 self.lin_reads.retain(|_, r| r.conn != conn);
                 self.appends.retain(|(c, _), _| *c != conn);
             }
-            Request::Hello { .. } => {}
+            Request::Hello { .. } | Request::Auth { .. } => {}
         }
         Ok(())
     }

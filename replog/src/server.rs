@@ -16,7 +16,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tracing::info;
+use tracing::{info, warn};
 use transport::Transport;
 
 /// Why a replica could not start or stopped.
@@ -198,6 +198,12 @@ fn run<T: Transport>(
     let mut ccfg = ClientServerConfig::new(cfg.cluster_id, cfg.id);
     ccfg.max_connections = cfg.limits.max_client_connections as usize;
     ccfg.max_frame = cfg.limits.max_frame_bytes.min(u32::MAX as u64) as u32;
+    ccfg.client_secret = cfg.read_client_secret().map_err(|e| ServeError::Security(e.to_string()))?;
+    if ccfg.client_secret.is_none() {
+        warn!(node = cfg.id, "client port: no client_secret_file, clients are not authenticated");
+    } else {
+        info!(node = cfg.id, "client port: clients must prove the client secret");
+    }
     let clients = ClientServer::start(listener, ccfg, tx, Arc::new(move || waker.wake()))
         .map_err(|source| ServeError::Bind { what: "client", addr: me.client_addr.to_string(), source })?;
 

@@ -20,6 +20,7 @@ fn good_client_works(fake: &FakeCluster) {
         servers: fake.addrs(),
         timeout: Duration::from_secs(5),
         retries: 2,
+        secret: None,
     })
     .unwrap();
     let p = c.append("still serving").unwrap();
@@ -94,12 +95,26 @@ fn truncated_frame_then_eof() {
 fn oversized_length() {
     capture_logs();
     let fake = FakeCluster::start_with(1, |c| c.max_frame = 1 << 20);
-    // A header announcing 1 GiB: refused from the header alone.
+    // A header announcing 1 GiB: refused from the header alone (before Hello the limit
+    // is the handshake's, HANDSHAKE_MAX_FRAME).
     let mut h = envelope::header(kind::APPEND, &[]);
     h[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
     let got = refused(&fake, &h, false, "exceeds the limit");
     let msg = only_error(&got, ErrorCode::TooLarge);
-    assert!(msg.contains("1073741824") && msg.contains("1048576"), "{msg}");
+    let small = replog::client::server::HANDSHAKE_MAX_FRAME.to_string();
+    assert!(msg.contains("1073741824") && msg.contains(&small), "{msg}");
+    // After Hello the configured limit applies.
+    let mut b = hello();
+    let mut h = envelope::header(kind::APPEND, &[]);
+    h[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    b.extend_from_slice(&h);
+    let got = refused(&fake, &b, false, "exceeds the limit");
+    match &got[1].1 {
+        Response::Error { code: ErrorCode::TooLarge, message } => {
+            assert!(message.contains("1073741824") && message.contains("1048576"), "{message}")
+        }
+        other => panic!("after Hello a 1 GiB header got {other:?}"),
+    }
     // A real append just above the limit, after Hello.
     let mut b = hello();
     b.extend(frame(2, &Request::Append { client: 1, seq: 1, entries: vec![vec![0u8; 1 << 20].into()] }));

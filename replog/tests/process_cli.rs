@@ -20,6 +20,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_replog");
+
+thread_local! {
+    /// Where this test's short commands run (`None`: the current directory), as a user
+    /// who runs `replog up` in a directory then types the commands there.
+    static CWD: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+fn cli_cwd() -> PathBuf {
+    CWD.with(|c| c.borrow().clone()).unwrap_or_else(|| std::env::current_dir().unwrap())
+}
 /// `replog up`'s default first port and the ports its 3 replicas take from there.
 const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 7400..=7408;
 /// How long `replog up` may take to print its leader line.
@@ -83,7 +93,7 @@ impl Background {
 
     /// Starts a long-running `replog <args>` (such as `tail`) in the current directory.
     fn start_plain(args: &[&str]) -> Background {
-        let cwd = std::env::current_dir().unwrap();
+        let cwd = cli_cwd();
         let none = std::env::temp_dir().join("replog-cli-test-no-replicas");
         Background::start(args, &cwd, &none)
     }
@@ -225,6 +235,8 @@ fn replog(args: &[&str]) -> Run {
     println!("$ replog {}", args.join(" "));
     let mut child = Command::new(BIN)
         .args(args)
+        .current_dir(cli_cwd())
+        .env_remove("REPLOG_CLIENT_SECRET_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -371,11 +383,17 @@ fn up_append_read_status_with_explicit_servers() {
     let want: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
     assert_eq!(servers, want.join(","));
     let cid = LOCAL_CLUSTER_ID.to_string();
+    // `replog up` made a client secret its replicas require.
+    let secret = data.join("client-secret").to_string_lossy().into_owned();
 
-    use_the_cluster(&["hello"], &["--servers", &servers, "--cluster-id", &cid]);
+    use_the_cluster(&["hello"], &["--servers", &servers, "--cluster-id", &cid, "--secret-file", &secret]);
     // The cluster id defaults to `replog up`'s.
-    let r = replog(&["append", "world", "--servers", &servers]);
+    let r = replog(&["append", "world", "--servers", &servers, "--secret-file", &secret]);
     assert!(r.status.success(), "{}", r.stderr);
+    // Without the secret the cluster refuses, saying why.
+    let r = replog(&["append", "nope", "--servers", &servers, "--timeout-ms", "2000"]);
+    assert!(!r.status.success(), "an append without the client secret succeeded");
+    assert!(r.stderr.contains("requires a client credential"), "{}", r.stderr);
     // The data directory holds what `replog up` says it does.
     for i in 1..=3 {
         assert!(data.join(format!("node-{i}.toml")).is_file());
@@ -402,6 +420,9 @@ fn up_append_read_status_with_the_defaults_as_the_readme_shows() {
     assert!(data.is_dir(), "replog up did not create ./replog-data");
     // Our replicas are the ones listening (not someone else's that grabbed the ports).
     assert_eq!(up.replicas().len(), 3, "{}", up.output());
+    // The commands, typed in the directory `replog up` runs in, find its client secret
+    // in ./replog-data.
+    CWD.with(|c| *c.borrow_mut() = Some(dir.path().to_path_buf()));
     use_the_cluster(&["hello", "world"], &[]);
     // The README's metrics endpoint.
     let m = http_get_metrics("127.0.0.1:7402");

@@ -21,6 +21,12 @@
 //! connection error, a timeout, `Busy` or `Unavailable` counts as a failure: the client
 //! backs off (10 ms doubling up to 100 ms) and tries again, on the next server unless
 //! the answer was `Busy`, at most `retries` times.
+//!
+//! # Credentials
+//! A cluster whose replicas have a client secret (`[security] client_secret_file`)
+//! serves only clients that prove they know it: set [`ClientConfig::secret`] (see
+//! [`read_secret_file`]). A client without one gets [`ClientError::CredentialRequired`],
+//! one with a wrong secret [`ClientError::Unauthorized`]; neither is retried.
 
 pub mod proto;
 pub mod server;
@@ -32,12 +38,13 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use transport::envelope::{Decoder, HEADER_LEN};
 
 /// How to reach a cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The cluster's id (a server of another cluster refuses the connection).
     pub cluster_id: u64,
@@ -47,14 +54,42 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// How many failed attempts a request may retry.
     pub retries: u32,
+    /// The client secret, for a cluster that requires client credentials (`None`: present
+    /// none; a server that requires one then refuses with [`ClientError::CredentialRequired`]).
+    pub secret: Option<Vec<u8>>,
 }
 
 impl ClientConfig {
     /// `servers` of cluster `cluster_id` with a 5 s timeout and 30 retries (with the
     /// backoff capped at 100 ms, enough to ride out a leader election).
     pub fn new(cluster_id: u64, servers: Vec<SocketAddr>) -> Self {
-        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 30 }
+        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 30, secret: None }
     }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("cluster_id", &self.cluster_id)
+            .field("servers", &self.servers)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Reads a secret file: its bytes with surrounding whitespace removed (the format
+/// `replog up` writes and the replicas' `client_secret_file` reads). An unreadable or
+/// empty file is [`ClientError::SecretFile`].
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, ClientError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ClientError::SecretFile { path: path.to_path_buf(), detail: format!("cannot read it: {e}") })?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.is_empty() {
+        return Err(ClientError::SecretFile { path: path.to_path_buf(), detail: "it is empty".into() });
+    }
+    Ok(trimmed.to_vec())
 }
 
 /// What went wrong, and where.
@@ -137,6 +172,28 @@ pub enum ClientError {
         /// The limit.
         max: u32,
     },
+    /// The server requires a client credential and this client has none.
+    #[error("{server} requires a client credential and none is configured (give the client secret file)")]
+    CredentialRequired {
+        /// The server.
+        server: SocketAddr,
+    },
+    /// The server refused this client's credential.
+    #[error("{server} refused the client credential: {message}")]
+    Unauthorized {
+        /// The server.
+        server: SocketAddr,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A secret file cannot be used.
+    #[error("client secret file {}: {detail}", path.display())]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Retries (or redirects) used up.
     #[error("{op}: gave up after {attempts} attempt(s); last error: {last}")]
     Exhausted {
@@ -162,7 +219,12 @@ impl ClientError {
             ClientError::Server { code, .. } => {
                 matches!(code, ErrorCode::Busy | ErrorCode::Unavailable)
             }
-            ClientError::NoServers | ClientError::TooLarge { .. } | ClientError::Exhausted { .. } => false,
+            ClientError::NoServers
+            | ClientError::TooLarge { .. }
+            | ClientError::Exhausted { .. }
+            | ClientError::CredentialRequired { .. }
+            | ClientError::Unauthorized { .. }
+            | ClientError::SecretFile { .. } => false,
         }
     }
 }
@@ -204,7 +266,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(server: SocketAddr, cluster_id: u64, timeout: Duration, max_frame: u32) -> Result<Conn, ClientError> {
+    fn open(
+        server: SocketAddr,
+        cluster_id: u64,
+        secret: Option<&[u8]>,
+        timeout: Duration,
+        max_frame: u32,
+    ) -> Result<Conn, ClientError> {
         let stream =
             TcpStream::connect_timeout(&server, timeout).map_err(|source| ClientError::Connect { server, source })?;
         let _ = stream.set_nodelay(true);
@@ -218,10 +286,21 @@ impl Conn {
             max_frame,
             node: 0,
         };
-        match c.call(&Request::Hello { cluster_id }, "hello", Some(timeout))? {
+        let mut answer = c.call(&Request::Hello { cluster_id }, "hello", Some(timeout))?;
+        if let Response::Challenge { nonce } = answer {
+            let Some(secret) = secret else {
+                return Err(ClientError::CredentialRequired { server });
+            };
+            let proof = proto::client_proof(secret, cluster_id, &nonce);
+            answer = c.call(&Request::Auth { proof }, "authenticate", Some(timeout))?;
+        }
+        match answer {
             Response::HelloOk { node } => {
                 c.node = node;
                 Ok(c)
+            }
+            Response::Error { code: ErrorCode::Unauthorized, message } => {
+                Err(ClientError::Unauthorized { server, message })
             }
             Response::Error { code, message } => Err(ClientError::Server { server, op: "hello", code, message }),
             other => Err(ClientError::Protocol { server, detail: format!("answered Hello with {other:?}") }),
@@ -376,7 +455,7 @@ impl Client {
             Some(a) => a,
             None => self.cfg.servers[self.next_server],
         };
-        let c = Conn::open(target, self.cfg.cluster_id, self.cfg.timeout, self.max_frame)?;
+        let c = Conn::open(target, self.cfg.cluster_id, self.cfg.secret.as_deref(), self.cfg.timeout, self.max_frame)?;
         self.conn = Some(c);
         Ok(())
     }
@@ -605,9 +684,19 @@ impl Client {
         }
     }
 
-    /// One server's view of the cluster, on a connection of its own, without retries.
+    /// One server's view of the cluster, on a connection of its own, without retries
+    /// (and without a credential: see [`Client::status_at`]).
     pub fn status_of(addr: SocketAddr, cluster_id: u64, timeout: Duration) -> Result<Status, ClientError> {
-        let mut c = Conn::open(addr, cluster_id, timeout, MAX_FRAME)?;
+        let mut cfg = ClientConfig::new(cluster_id, vec![addr]);
+        cfg.timeout = timeout;
+        Client::status_at(addr, &cfg)
+    }
+
+    /// One server's view of the cluster, on a connection of its own, without retries,
+    /// with `cfg`'s cluster id, secret and timeout.
+    pub fn status_at(addr: SocketAddr, cfg: &ClientConfig) -> Result<Status, ClientError> {
+        let timeout = cfg.timeout;
+        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), timeout, MAX_FRAME)?;
         match c.call(&Request::Status, "status", Some(timeout))? {
             Response::Status(s) => Ok(s),
             Response::Error { code, message } => Err(ClientError::Server { server: addr, op: "status", code, message }),
@@ -623,6 +712,7 @@ pub struct Tail {
     conn: Conn,
     req_id: u64,
     cluster_id: u64,
+    secret: Option<Vec<u8>>,
     connect_timeout: Duration,
     /// Next position expected (0 until the first entry arrives, for `from` = 0).
     next: u64,
@@ -634,12 +724,13 @@ pub struct Tail {
 
 impl Tail {
     fn start(server: SocketAddr, cfg: &ClientConfig, max_frame: u32, from: u64) -> Result<Tail, ClientError> {
-        let mut conn = Conn::open(server, cfg.cluster_id, cfg.timeout, max_frame)?;
+        let mut conn = Conn::open(server, cfg.cluster_id, cfg.secret.as_deref(), cfg.timeout, max_frame)?;
         let req_id = conn.send(&Request::Tail { from }, "tail")?;
         Ok(Tail {
             conn,
             req_id,
             cluster_id: cfg.cluster_id,
+            secret: cfg.secret.clone(),
             connect_timeout: cfg.timeout,
             next: from,
             buf: VecDeque::new(),
@@ -675,7 +766,8 @@ impl Tail {
                 detail: format!("tail redirected without a usable address ({addr:?}, redirect {})", self.redirects),
             });
         };
-        let mut conn = Conn::open(target, self.cluster_id, self.connect_timeout, self.conn.max_frame)?;
+        let mut conn =
+            Conn::open(target, self.cluster_id, self.secret.as_deref(), self.connect_timeout, self.conn.max_frame)?;
         self.req_id = conn.send(&Request::Tail { from: self.next }, "tail")?;
         self.conn = conn;
         Ok(())

@@ -14,6 +14,11 @@
 //! 0x03  Read         from u64, max_entries u32, max_bytes u32
 //! 0x04  Tail         from u64
 //! 0x05  Status       (nothing)
+//! 0x06  ReadLinear.  from u64, max_entries u32, max_bytes u32
+//! 0x07  Transfer     to u64
+//! 0x08  Query        linearizable u8, query bytes (len u32, bytes)
+//! 0x09  ChangeMemb.  count u32, count × voter u64, count u32, count × learner u64
+//! 0x0A  Auth         proof [32]
 //! 0x41  HelloOk      node u64
 //! 0x42  Appended     count u32, count × position u64
 //! 0x43  Entries      from u64, last_committed u64, count u32, count × (len u32, bytes)
@@ -22,6 +27,8 @@
 //!                    count u32, count × (id u64, matched_slot u64, lag u64, connected u8)
 //! 0x45  Redirect     leader opt<u64>, addr opt<str>
 //! 0x46  Error        code u16, message str
+//! 0x47  QueryResult  applied_slot u64, data (len u32, bytes)
+//! 0x48  Challenge    nonce [32]
 //!
 //! str      = len u32, UTF-8 bytes
 //! opt<T>   = 0u8 (none) | 1u8, T
@@ -29,6 +36,17 @@
 //!
 //! A connection starts with `Hello` (anything else first is refused and the connection
 //! closed); the server answers `HelloOk` or `Error { WrongCluster }` and closes.
+//!
+//! # Client credentials
+//! A server configured with a client secret answers `Hello` with `Challenge { nonce }`
+//! (32 fresh random bytes) instead of `HelloOk`; the client must answer
+//! `Auth { proof }` with `proof = HMAC-SHA256(secret, "replog-client" || cluster_id u64
+//! || nonce)` ([`client_proof`]) before anything else. A right proof gets `HelloOk`;
+//! anything else (a wrong proof, another request) gets `Error { Unauthorized }` and the
+//! connection is closed. The secret never crosses the wire and a proof is good for one
+//! nonce only (no replay). Only the client is authenticated (the server proves nothing
+//! back), and frames after the handshake are not authenticated: that is TLS's job.
+//!
 //! [`Request::Disconnected`] has no kind: it is never sent on the wire.
 //!
 //! Decoding never panics: any malformed payload (unknown kind, truncated field, bad
@@ -68,6 +86,8 @@ pub mod kind {
     pub const QUERY: u8 = 0x08;
     /// [`super::Request::ChangeMembership`].
     pub const CHANGE_MEMBERSHIP: u8 = 0x09;
+    /// [`super::Request::Auth`].
+    pub const AUTH: u8 = 0x0A;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -82,6 +102,32 @@ pub mod kind {
     pub const ERROR: u8 = 0x46;
     /// [`super::Response::QueryResult`].
     pub const QUERY_RESULT: u8 = 0x47;
+    /// [`super::Response::Challenge`].
+    pub const CHALLENGE: u8 = 0x48;
+}
+
+/// Bytes of a challenge nonce and of a proof.
+pub const AUTH_LEN: usize = 32;
+
+/// The proof a client holding `secret` gives for the server's challenge `nonce` in
+/// cluster `cluster_id`: HMAC-SHA256(secret, "replog-client" || cluster_id (u64 LE) || nonce).
+pub fn client_proof(secret: &[u8], cluster_id: u64, nonce: &[u8; AUTH_LEN]) -> [u8; AUTH_LEN] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(b"replog-client");
+    m.update(&cluster_id.to_le_bytes());
+    m.update(nonce);
+    m.finalize().into_bytes().into()
+}
+
+/// Whether `proof` is the right one for `nonce` (compared in constant time).
+pub fn verify_client_proof(secret: &[u8], cluster_id: u64, nonce: &[u8; AUTH_LEN], proof: &[u8; AUTH_LEN]) -> bool {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(b"replog-client");
+    m.update(&cluster_id.to_le_bytes());
+    m.update(nonce);
+    m.verify_slice(proof).is_ok()
 }
 
 /// Bytes one entry costs in an `Append` or `Entries` payload beyond its own length.
@@ -166,6 +212,11 @@ pub enum Request {
         /// The learners.
         learners: Vec<u64>,
     },
+    /// The answer to a server's `Challenge`: the client's [`client_proof`].
+    Auth {
+        /// HMAC-SHA256 of the challenge under the client secret.
+        proof: [u8; AUTH_LEN],
+    },
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -197,6 +248,7 @@ impl fmt::Debug for Request {
             Request::ChangeMembership { voters, learners } => {
                 write!(f, "ChangeMembership{{voters: {voters:?}, learners: {learners:?}}}")
             }
+            Request::Auth { .. } => write!(f, "Auth"),
             Request::Disconnected => write!(f, "Disconnected"),
         }
     }
@@ -219,6 +271,8 @@ pub enum ErrorCode {
     NotFound,
     /// A bug or an unexpected failure on the server.
     Internal,
+    /// The client did not present a valid credential (see the module docs).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -232,6 +286,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 5,
             ErrorCode::NotFound => 6,
             ErrorCode::Internal => 7,
+            ErrorCode::Unauthorized => 8,
         }
     }
 
@@ -245,6 +300,7 @@ impl ErrorCode {
             5 => ErrorCode::Unavailable,
             6 => ErrorCode::NotFound,
             7 => ErrorCode::Internal,
+            8 => ErrorCode::Unauthorized,
             _ => return None,
         })
     }
@@ -337,6 +393,11 @@ pub enum Response {
         /// A human-readable explanation.
         message: String,
     },
+    /// The server wants a client credential: answer with `Auth` (see the module docs).
+    Challenge {
+        /// Fresh random bytes to prove the secret against.
+        nonce: [u8; AUTH_LEN],
+    },
 }
 
 impl fmt::Debug for Response {
@@ -358,6 +419,7 @@ impl fmt::Debug for Response {
             Response::QueryResult { applied_slot, data } => {
                 write!(f, "QueryResult{{applied_slot: {applied_slot}, {}B}}", data.len())
             }
+            Response::Challenge { .. } => write!(f, "Challenge"),
         }
     }
 }
@@ -503,6 +565,10 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             }
             kind::CHANGE_MEMBERSHIP
         }
+        Request::Auth { proof } => {
+            w.0.extend_from_slice(proof);
+            kind::AUTH
+        }
         Request::Disconnected => return Err(ProtoError::NotOnWire),
     };
     finish(kind, w, out)
@@ -570,6 +636,10 @@ pub fn encode_response(req_id: u64, resp: &Response, out: &mut Vec<u8>) -> Resul
             w.bytes(data)?;
             kind::QUERY_RESULT
         }
+        Response::Challenge { nonce } => {
+            w.0.extend_from_slice(nonce);
+            kind::CHALLENGE
+        }
     };
     finish(kind, w, out)
 }
@@ -610,6 +680,12 @@ impl R {
         let mut a = [0u8; 8];
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
+    }
+    fn arr32(&mut self, what: &'static str) -> Result<[u8; AUTH_LEN], ProtoError> {
+        let s = self.take(AUTH_LEN, what)?;
+        let mut a = [0u8; AUTH_LEN];
+        a.copy_from_slice(s);
+        Ok(a)
     }
     fn bool(&mut self, what: &'static str) -> Result<bool, ProtoError> {
         match self.u8(what)? {
@@ -697,6 +773,7 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
             let [voters, learners] = lists;
             Request::ChangeMembership { voters, learners }
         }
+        kind::AUTH => Request::Auth { proof: r.arr32("proof")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;
@@ -767,6 +844,7 @@ pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
         kind::QUERY_RESULT => {
             Response::QueryResult { applied_slot: r.u64("applied slot")?, data: r.bytes("query result")? }
         }
+        kind::CHALLENGE => Response::Challenge { nonce: r.arr32("nonce")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

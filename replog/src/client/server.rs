@@ -21,11 +21,16 @@
 //! Hello's id) and the connection is closed: the error is flushed, the write side shut
 //! down, and what the client still sends is drained for at most [`LINGER`] so that the
 //! error is not lost to a reset. A connection that ends inside a frame is closed (there
-//! is no one left to tell). A connection beyond `max_connections` gets
+//! is no one left to tell). With a client secret configured, `Hello` is answered with a
+//! `Challenge` and only a right `Auth` proof completes it; a wrong proof, any other
+//! request before it, or a close without one is logged naming the client and why (a
+//! wrong proof and an early request also get `Error { Unauthorized }`). Until `Hello`
+//! completes, frames above [`HANDSHAKE_MAX_FRAME`] are refused, so an unauthenticated
+//! client cannot make the server buffer a large frame. A connection beyond `max_connections` gets
 //! `Error { Busy }` and is closed. A client whose unsent responses exceed
 //! `max_queued_bytes_per_conn` is closed at once. Everyone else keeps being served.
 
-use super::proto::{self, ConnId, ErrorCode, Request, Response, MAX_FRAME};
+use super::proto::{self, ConnId, ErrorCode, Request, Response, AUTH_LEN, MAX_FRAME};
 use bytes::BytesMut;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -38,6 +43,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use transport::envelope::{Decoder, HEADER_LEN};
+
+/// The largest frame payload accepted before `Hello` (and `Auth`) completed.
+pub const HANDSHAKE_MAX_FRAME: u32 = 1024;
 
 /// How long a connection being closed with an error keeps draining input.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -93,6 +101,10 @@ pub struct ClientServerConfig {
     /// A client whose unsent responses exceed this many bytes is disconnected (keep it
     /// a few times `max_frame`: one large answer to a slow socket must fit).
     pub max_queued_bytes_per_conn: usize,
+    /// The client secret: with one, every connection must prove it knows it (see
+    /// [`proto`](super::proto)'s client credentials) before any request. `None`: clients
+    /// are not authenticated.
+    pub client_secret: Option<Vec<u8>>,
 }
 
 impl ClientServerConfig {
@@ -104,6 +116,7 @@ impl ClientServerConfig {
             max_frame: MAX_FRAME,
             max_connections: 1024,
             max_queued_bytes_per_conn: 64 << 20,
+            client_secret: None,
         }
     }
 }
@@ -155,6 +168,7 @@ impl ClientServer {
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             decoder: Decoder::new(cfg.max_frame),
+            hello_decoder: Decoder::new(HANDSHAKE_MAX_FRAME.min(cfg.max_frame)),
             cfg,
             poll,
             listener,
@@ -212,8 +226,11 @@ struct Conn {
     rbuf: BytesMut,
     out: Vec<u8>,
     written: usize,
-    /// Completed `Hello`: the node may know this connection.
+    /// Completed `Hello` (and `Auth` when a client secret is set): the node may know
+    /// this connection.
     hello: bool,
+    /// The nonce of the challenge sent, until the client answers it.
+    challenge: Option<[u8; AUTH_LEN]>,
     /// Being closed: flush, shut down writing, drain input until EOF or this deadline.
     closing: Option<Instant>,
     write_shut: bool,
@@ -258,6 +275,8 @@ enum Fate {
 struct Worker {
     cfg: ClientServerConfig,
     decoder: Decoder,
+    /// For connections that have not completed `Hello`.
+    hello_decoder: Decoder,
     poll: Poll,
     listener: TcpListener,
     conns: HashMap<ConnId, Conn>,
@@ -390,6 +409,7 @@ impl Worker {
                 out: Vec::new(),
                 written: 0,
                 hello: false,
+                challenge: None,
                 closing: None,
                 write_shut: false,
             };
@@ -448,7 +468,13 @@ impl Worker {
                 reads += 1;
                 match c.stream.read(&mut self.scratch) {
                     Ok(0) => {
-                        if c.closing.is_none() && !c.rbuf.is_empty() {
+                        if c.closing.is_none() && c.challenge.is_some() {
+                            warn!(
+                                peer = %c.peer,
+                                "client {}: closed without authenticating (no client credential presented)",
+                                c.peer
+                            );
+                        } else if c.closing.is_none() && !c.rbuf.is_empty() {
                             warn!(
                                 peer = %c.peer,
                                 "client {}: connection ended inside a frame ({} bytes of it received); closing",
@@ -493,7 +519,8 @@ impl Worker {
     /// Decodes and dispatches every whole frame in `c.rbuf`.
     fn frames(&mut self, id: ConnId, c: &mut Conn) {
         while c.closing.is_none() {
-            let frame = match self.decoder.decode(&mut c.rbuf) {
+            let decoder = if c.hello { &self.decoder } else { &self.hello_decoder };
+            let frame = match decoder.decode(&mut c.rbuf) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
                 Err(e) => {
@@ -514,16 +541,43 @@ impl Worker {
             };
             match req {
                 Request::Hello { cluster_id } => {
-                    if c.hello {
+                    if c.hello || c.challenge.is_some() {
                         self.fail(c, req_id, ErrorCode::BadRequest, "second Hello".into());
                     } else if cluster_id != self.cfg.cluster_id {
                         let msg = format!("cluster id {cluster_id}, this cluster is {}", self.cfg.cluster_id);
                         self.fail(c, req_id, ErrorCode::WrongCluster, msg);
+                    } else if self.cfg.client_secret.is_some() {
+                        let mut nonce = [0u8; AUTH_LEN];
+                        if let Err(e) = getrandom::fill(&mut nonce) {
+                            let msg = format!("no randomness for a challenge: {e}");
+                            self.fail(c, req_id, ErrorCode::Internal, msg);
+                            continue;
+                        }
+                        c.challenge = Some(nonce);
+                        let _ = proto::encode_response(req_id, &Response::Challenge { nonce }, &mut c.out);
                     } else {
                         c.hello = true;
                         let ok = Response::HelloOk { node: self.cfg.node };
                         let _ = proto::encode_response(req_id, &ok, &mut c.out);
                     }
+                }
+                Request::Auth { proof } => match (c.challenge.take(), &self.cfg.client_secret) {
+                    (Some(nonce), Some(secret)) => {
+                        if proto::verify_client_proof(secret, self.cfg.cluster_id, &nonce, &proof) {
+                            debug!("client {}: authenticated", c.peer);
+                            c.hello = true;
+                            let ok = Response::HelloOk { node: self.cfg.node };
+                            let _ = proto::encode_response(req_id, &ok, &mut c.out);
+                        } else {
+                            let msg = "authentication failed: the proof does not match the client secret".to_string();
+                            self.fail(c, req_id, ErrorCode::Unauthorized, msg);
+                        }
+                    }
+                    _ => self.fail(c, req_id, ErrorCode::BadRequest, "Auth without a challenge".into()),
+                },
+                other if c.challenge.is_some() => {
+                    let msg = format!("unauthorized: {other:?} before authenticating (no client credential presented)");
+                    self.fail(c, req_id, ErrorCode::Unauthorized, msg);
                 }
                 other if !c.hello => {
                     let msg = format!("{other:?} before Hello");

@@ -238,7 +238,7 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
             st.subs.retain(|s| !(s.0 == server && s.1 == conn));
             st.disconnected.push((server, conn));
         }
-        Request::Hello { .. } => panic!("the server must not pass Hello on"),
+        Request::Hello { .. } | Request::Auth { .. } => panic!("the server must not pass Hello or Auth on"),
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub cfgs: Vec<ServeConfig>,
     pub procs: Vec<Option<Child>>,
+    /// The client secret the replicas require (from their `client_secret_file`), which
+    /// this harness's clients present.
+    pub client_secret: Option<Vec<u8>>,
 }
 
 impl Cluster {
@@ -36,7 +39,7 @@ impl Cluster {
     pub fn start(dir: &Path, n: usize, durability: DurabilityKind) -> Cluster {
         let base = free_ports(3 * n as u16 + 3);
         let cfgs = ServeConfig::local_cluster(n, base, dir, durability);
-        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new() };
+        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret: None };
         for i in 0..n {
             let p = c.spawn(i);
             c.procs.push(Some(p));
@@ -61,6 +64,7 @@ impl Cluster {
         let mut cfg = ClientConfig::new(self.cluster_id(), self.client_addrs());
         cfg.timeout = Duration::from_secs(2);
         cfg.retries = 60;
+        cfg.secret = self.client_secret.clone();
         Client::connect(cfg).expect("connect to the cluster")
     }
 
@@ -68,11 +72,16 @@ impl Cluster {
     pub fn client_of(&self, i: usize) -> Client {
         let mut cfg = ClientConfig::new(self.cluster_id(), vec![self.cfgs[i].me().client_addr]);
         cfg.timeout = Duration::from_secs(2);
+        cfg.secret = self.client_secret.clone();
         Client::connect(cfg).expect("connect to a replica")
     }
 
     pub fn status(&self, i: usize) -> Option<Status> {
-        Client::status_of(self.cfgs[i].me().client_addr, self.cluster_id(), Duration::from_millis(500)).ok()
+        let addr = self.cfgs[i].me().client_addr;
+        let mut cfg = ClientConfig::new(self.cluster_id(), vec![addr]);
+        cfg.timeout = Duration::from_millis(500);
+        cfg.secret = self.client_secret.clone();
+        Client::status_at(addr, &cfg).ok()
     }
 
     /// The index of the replica that says it leads, waiting up to `timeout`.
@@ -261,7 +270,8 @@ impl Cluster {
         let base = free_ports(3 * n as u16 + 3);
         let mut cfgs = ServeConfig::local_cluster(n, base, dir, durability);
         cfgs.iter_mut().for_each(&tweak);
-        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new() };
+        let client_secret = cfgs[0].read_client_secret().expect("the client secret file");
+        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret };
         for i in 0..n {
             let p = c.spawn(i);
             c.procs.push(Some(p));
