@@ -236,6 +236,12 @@ pub struct Limits {
     pub max_client_connections: u64,
     /// The largest client-protocol frame payload accepted (default 16 MiB).
     pub max_frame_bytes: u64,
+    /// Most requests one client connection may have in flight (sent, not answered);
+    /// beyond it requests are answered busy (default 64).
+    pub max_inflight_per_client: u64,
+    /// Most bytes of client requests in flight at a replica over all connections;
+    /// beyond it requests are answered busy (default 256 MiB).
+    pub max_inflight_bytes: u64,
 }
 
 impl Default for Limits {
@@ -250,6 +256,8 @@ impl Default for Limits {
             max_pending_entries: 1 << 16,
             max_client_connections: 1024,
             max_frame_bytes: crate::client::MAX_FRAME as u64,
+            max_inflight_per_client: 64,
+            max_inflight_bytes: 256 << 20,
         }
     }
 }
@@ -715,6 +723,8 @@ impl ServeConfig {
             ("max_pending_entries", l.max_pending_entries),
             ("max_client_connections", l.max_client_connections),
             ("max_frame_bytes", l.max_frame_bytes),
+            ("max_inflight_per_client", l.max_inflight_per_client),
+            ("max_inflight_bytes", l.max_inflight_bytes),
         ] {
             if v == 0 {
                 return Err(ConfigError::at(format!("limits.{k}"), "must be non-zero"));

@@ -198,6 +198,8 @@ fn run<T: Transport>(
     let mut ccfg = ClientServerConfig::new(cfg.cluster_id, cfg.id);
     ccfg.max_connections = cfg.limits.max_client_connections as usize;
     ccfg.max_frame = cfg.limits.max_frame_bytes.min(u32::MAX as u64) as u32;
+    ccfg.max_inflight_per_conn = cfg.limits.max_inflight_per_client as usize;
+    ccfg.max_inflight_bytes = cfg.limits.max_inflight_bytes as usize;
     ccfg.client_secret = cfg.read_client_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     if ccfg.client_secret.is_none() {
         warn!(node = cfg.id, "client port: no client_secret_file, clients are not authenticated");

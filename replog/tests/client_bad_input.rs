@@ -264,3 +264,51 @@ fn slow_reader_is_disconnected() {
     good_client_works(&fake);
     fake.shutdown();
 }
+
+#[test]
+fn requests_in_flight_beyond_the_limits_are_answered_busy_and_the_connection_stays() {
+    capture_logs();
+    let fake = FakeCluster::start_with(1, |c| {
+        c.max_inflight_per_conn = 2;
+        c.max_inflight_bytes = 1 << 20;
+    });
+    fake.state.lock().unwrap().hold_appends = true;
+    let mut s = raw(fake.addr(0));
+    s.write_all(&hello()).unwrap();
+    assert!(matches!(read_one(&mut s), (1, Response::HelloOk { .. })));
+    // Two appends the node holds, then a third: Busy at once, naming the limit.
+    for id in [2u64, 3, 4] {
+        let e = format!("entry {id}");
+        s.write_all(&frame(id, &Request::Append { client: 9, seq: id, entries: vec![e.into()] })).unwrap();
+    }
+    match read_one(&mut s) {
+        (4, Response::Error { code: ErrorCode::Busy, message }) => {
+            assert!(message.contains("2 requests in flight on this connection (limit 2)"), "{message}")
+        }
+        other => panic!("the third append in flight got {other:?}"),
+    }
+    assert!(wait_for_log(&["overloaded", "answered Busy"], Duration::from_secs(5)).is_some());
+    // Another connection fills the replica-wide byte budget: a request above it is Busy.
+    let mut t = raw(fake.addr(0));
+    t.write_all(&hello()).unwrap();
+    assert!(matches!(read_one(&mut t), (1, Response::HelloOk { .. })));
+    let big = frame(2, &Request::Append { client: 10, seq: 1, entries: vec![vec![7u8; 1 << 20].into()] });
+    t.write_all(&big).unwrap();
+    match read_one(&mut t) {
+        (2, Response::Error { code: ErrorCode::Busy, message }) => {
+            assert!(message.contains("bytes of requests in flight at this replica (limit 1048576)"), "{message}")
+        }
+        other => panic!("an append above the byte budget got {other:?}"),
+    }
+    assert_eq!(fake.log().len(), 2, "only the two admitted appends reached the node");
+    // Once the node answers, the connection is served again.
+    fake.state.lock().unwrap().hold_appends = false;
+    let mut got: Vec<u64> = (0..2).map(|_| read_one(&mut s).0).collect();
+    got.sort();
+    assert_eq!(got, vec![2, 3]);
+    s.write_all(&frame(5, &Request::Append { client: 9, seq: 5, entries: vec!["after".into()] })).unwrap();
+    assert!(matches!(read_one(&mut s), (5, Response::Appended { .. })));
+    t.write_all(&big).unwrap();
+    assert!(matches!(read_one(&mut t), (2, Response::Appended { .. })));
+    fake.shutdown();
+}

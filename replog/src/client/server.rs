@@ -29,6 +29,17 @@
 //! client cannot make the server buffer a large frame. A connection beyond `max_connections` gets
 //! `Error { Busy }` and is closed. A client whose unsent responses exceed
 //! `max_queued_bytes_per_conn` is closed at once. Everyone else keeps being served.
+//!
+//! # Backpressure (answered `Error { Busy }`, the connection stays open)
+//! The queue to the node is bounded: a request is passed on only while its connection
+//! has fewer than `max_inflight_per_conn` requests the node has not answered yet, and
+//! while the requests in flight from every connection hold fewer than
+//! `max_inflight_bytes` bytes (one request is always admitted when none is in flight).
+//! Otherwise it is answered `Busy` at once (the client backs off and retries). Tails
+//! count apart: at most [`MAX_TAILS_PER_CONN`] per connection, and a tail may not share
+//! its request id with another request in flight (`BadRequest`), since the tail's
+//! answers carry that id. A node that never answers a
+//! request keeps its slot until the connection closes.
 
 use super::proto::{self, ConnId, ErrorCode, Request, Response, AUTH_LEN, MAX_FRAME};
 use bytes::BytesMut;
@@ -46,6 +57,9 @@ use transport::envelope::{Decoder, HEADER_LEN};
 
 /// The largest frame payload accepted before `Hello` (and `Auth`) completed.
 pub const HANDSHAKE_MAX_FRAME: u32 = 1024;
+
+/// Most tail subscriptions one connection may hold; more are answered `Busy`.
+pub const MAX_TAILS_PER_CONN: usize = 16;
 
 /// How long a connection being closed with an error keeps draining input.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -105,10 +119,16 @@ pub struct ClientServerConfig {
     /// [`proto`](super::proto)'s client credentials) before any request. `None`: clients
     /// are not authenticated.
     pub client_secret: Option<Vec<u8>>,
+    /// Most requests of one connection the node has not answered; beyond it, `Busy`.
+    pub max_inflight_per_conn: usize,
+    /// Most bytes of requests (frames) all connections have in flight at the node;
+    /// beyond it, `Busy`.
+    pub max_inflight_bytes: usize,
 }
 
 impl ClientServerConfig {
-    /// The defaults: [`MAX_FRAME`], 1024 connections, 64 MiB queued per connection.
+    /// The defaults: [`MAX_FRAME`], 1024 connections, 64 MiB queued per connection, 64
+    /// requests in flight per connection, 256 MiB of requests in flight in all.
     pub fn new(cluster_id: u64, node: u64) -> Self {
         ClientServerConfig {
             cluster_id,
@@ -117,6 +137,8 @@ impl ClientServerConfig {
             max_connections: 1024,
             max_queued_bytes_per_conn: 64 << 20,
             client_secret: None,
+            max_inflight_per_conn: 64,
+            max_inflight_bytes: 256 << 20,
         }
     }
 }
@@ -181,6 +203,9 @@ impl ClientServer {
             rx,
             scratch: vec![0; SCRATCH],
             again: Vec::new(),
+            inflight_bytes: 0,
+            last_busy_log: None,
+            busy_since_log: 0,
         };
         let thread =
             std::thread::Builder::new().name(format!("client-port-{}", addr.port())).spawn(move || worker.run())?;
@@ -231,6 +256,11 @@ struct Conn {
     hello: bool,
     /// The nonce of the challenge sent, until the client answers it.
     challenge: Option<[u8; AUTH_LEN]>,
+    /// Requests passed to the node and not answered yet: (request id, frame bytes), in
+    /// order (ids may repeat; an answer settles the oldest with its id).
+    inflight: Vec<(u64, usize)>,
+    /// Request ids of this connection's tails.
+    tails: Vec<u64>,
     /// Being closed: flush, shut down writing, drain input until EOF or this deadline.
     closing: Option<Instant>,
     write_shut: bool,
@@ -289,6 +319,11 @@ struct Worker {
     scratch: Vec<u8>,
     /// Connections that used their read budget and may have more to read.
     again: Vec<ConnId>,
+    /// Bytes of requests in flight at the node, over all connections.
+    inflight_bytes: usize,
+    /// When a `Busy` refusal was last logged, and how many since (logged once a second).
+    last_busy_log: Option<Instant>,
+    busy_since_log: u64,
 }
 
 impl Worker {
@@ -410,6 +445,8 @@ impl Worker {
                 written: 0,
                 hello: false,
                 challenge: None,
+                inflight: Vec::new(),
+                tails: Vec::new(),
                 closing: None,
                 write_shut: false,
             };
@@ -583,9 +620,58 @@ impl Worker {
                     let msg = format!("{other:?} before Hello");
                     self.fail(c, req_id, ErrorCode::BadRequest, msg);
                 }
-                other => self.push(id, req_id, other),
+                other => self.admit(id, c, req_id, other, HEADER_LEN + frame.payload.len()),
             }
         }
+    }
+
+    /// Passes a request to the node, or answers it `Busy` (see the module docs).
+    fn admit(&mut self, id: ConnId, c: &mut Conn, req_id: u64, req: Request, size: usize) {
+        let is_tail = matches!(req, Request::Tail { .. });
+        if c.tails.contains(&req_id) || (is_tail && c.inflight.iter().any(|(r, _)| *r == req_id)) {
+            let message = format!("request id {req_id} is in use by a tail or a request in flight");
+            debug!("client {}: {message}", c.peer);
+            let _ =
+                proto::encode_response(req_id, &Response::Error { code: ErrorCode::BadRequest, message }, &mut c.out);
+            return;
+        }
+        let busy = if is_tail {
+            (c.tails.len() >= MAX_TAILS_PER_CONN)
+                .then(|| format!("busy: {} tails on this connection (limit {MAX_TAILS_PER_CONN})", c.tails.len()))
+        } else if c.inflight.len() >= self.cfg.max_inflight_per_conn {
+            Some(format!(
+                "busy: {} requests in flight on this connection (limit {}); retry",
+                c.inflight.len(),
+                self.cfg.max_inflight_per_conn
+            ))
+        } else if self.inflight_bytes > 0 && self.inflight_bytes + size > self.cfg.max_inflight_bytes {
+            Some(format!(
+                "busy: {} bytes of requests in flight at this replica (limit {}); retry",
+                self.inflight_bytes, self.cfg.max_inflight_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = busy {
+            self.busy_since_log += 1;
+            if self.last_busy_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                warn!(
+                    "client port: overloaded, {} request(s) answered Busy in the last second (latest: client {}: {message})",
+                    self.busy_since_log, c.peer
+                );
+                self.last_busy_log = Some(Instant::now());
+                self.busy_since_log = 0;
+            }
+            let _ = proto::encode_response(req_id, &Response::Error { code: ErrorCode::Busy, message }, &mut c.out);
+            return;
+        }
+        if is_tail {
+            c.tails.push(req_id);
+        } else {
+            c.inflight.push((req_id, size));
+            self.inflight_bytes += size;
+        }
+        self.push(id, req_id, req);
     }
 
     fn on_out(&mut self, out: Outbound) {
@@ -594,6 +680,9 @@ impl Worker {
                 let Some(mut c) = self.conns.remove(&conn) else {
                     return;
                 };
+                if let Some(i) = c.inflight.iter().position(|(r, _)| *r == req_id) {
+                    self.inflight_bytes -= c.inflight.remove(i).1;
+                }
                 if c.closing.is_some() {
                     self.conns.insert(conn, c);
                     return;
@@ -654,6 +743,7 @@ impl Worker {
 
     /// Drops a connection that is out of the map; tells the node if it knew it.
     fn finish(&mut self, id: ConnId, mut c: Conn) {
+        self.inflight_bytes -= c.inflight.iter().map(|(_, n)| n).sum::<usize>();
         let _ = self.poll.registry().deregister(&mut c.stream);
         if c.hello {
             self.push(id, 0, Request::Disconnected);

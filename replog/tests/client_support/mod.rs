@@ -42,6 +42,10 @@ pub struct State {
     pub disconnected: Vec<(usize, ConnId)>,
     /// Tail subscriptions: (server, conn, req_id, next position to send).
     pub subs: Vec<(usize, ConnId, u64, u64)>,
+    /// Apply appends but hold their answers (sent once this is false again).
+    pub hold_appends: bool,
+    /// Answers held: (server, conn, req_id, response).
+    pub held: Vec<(usize, ConnId, u64, Response)>,
 }
 
 /// A wake-up flag for the fake node (what `wake_node` sets).
@@ -144,6 +148,14 @@ fn node_loop(
 ) {
     while !stop.load(Ordering::SeqCst) {
         let mut any = false;
+        {
+            let mut st = state.lock().unwrap();
+            if !st.hold_appends {
+                for (server, conn, req_id, response) in std::mem::take(&mut st.held) {
+                    responders[server].send(Outbound::Reply { conn, req_id, response });
+                }
+            }
+        }
         for (i, rx) in rxs.iter().enumerate() {
             while let Ok(inb) = rx.try_recv() {
                 any = true;
@@ -190,6 +202,8 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
             feed_tails(st, responders);
             if std::mem::take(&mut st.drop_next_append) {
                 responders[server].send(Outbound::Close { conn });
+            } else if st.hold_appends {
+                st.held.push((server, conn, req_id, Response::Appended { positions }));
             } else {
                 reply(Response::Appended { positions });
             }
