@@ -31,11 +31,12 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<bool>(), bytes()).prop_map(|(linearizable, query)| Request::Query { linearizable, query }),
         (proptest::collection::vec(any::<u64>(), 0..6), proptest::collection::vec(any::<u64>(), 0..6))
             .prop_map(|(voters, learners)| Request::ChangeMembership { voters, learners }),
+        any::<[u8; 32]>().prop_map(|proof| Request::Auth { proof }),
     ]
 }
 
 fn code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=7).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+    (1u16..=8).prop_map(|c| ErrorCode::from_u16(c).unwrap())
 }
 
 fn status() -> impl Strategy<Value = Status> {
@@ -74,6 +75,7 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(leader, addr)| Response::Redirect { leader, addr }),
         (code(), ".{0,40}").prop_map(|(code, message)| Response::Error { code, message }),
         (any::<u64>(), bytes()).prop_map(|(applied_slot, data)| Response::QueryResult { applied_slot, data }),
+        any::<[u8; 32]>().prop_map(|nonce| Response::Challenge { nonce }),
     ]
 }
 
