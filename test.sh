@@ -14,9 +14,10 @@ export CARGO_TERM_COLOR=never
 # System packages the suite needs. DPDK: dpdk-sys builds against libdpdk-dev with bindgen
 # (libclang-dev). RDMA: rdma-sys builds against libibverbs-dev and librdmacm-dev with
 # bindgen; its tests run in the soft-RoCE VM (qemu; `hw-setup/rxe-vm.sh setup` below
-# fetches the kernel and the rest of what the VM needs).
+# fetches the kernel and the rest of what the VM needs). Fuzzing: libfuzzer-sys compiles
+# libFuzzer (C++) with g++.
 PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config
-    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86)
+    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86 g++)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -120,10 +121,21 @@ echo "rdma tests: $rdma_run run, $rdma_passed passed"
 rdma_failed=$((rdma_run - rdma_passed))
 if [ "$rdma_run" = 0 ]; then rdma_failed=1; fi
 
+echo "== fuzz: every decoder of network and disk input, 20 s each (fuzz/run.sh; a crash is a failure)"
+fuzz_log=$(mktemp)
+set +e
+fuzz/run.sh 20 2>&1 | tee "$fuzz_log"
+fuzz_rc=${PIPESTATUS[0]}
+set -e
+fuzz_passed=$(grep -c '^fuzz [a-z_]*: ok' "$fuzz_log" || true)
+fuzz_failed=$(grep -c '^fuzz [a-z_]*: CRASH' "$fuzz_log" || true)
+if [ "$fuzz_rc" != 0 ] && [ "$fuzz_failed" = 0 ]; then fuzz_failed=1; echo "FAILED: fuzz/run.sh (exit $fuzz_rc)"; fi
+rm -f "$fuzz_log"
+
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
-echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed"
+echo "cargo test: $passed passed, $failed failed (exit $test_rc); simulator and bench runs: $sim_passed passed, $sim_failed failed; fuzz targets: $fuzz_passed passed, $fuzz_failed failed"
 if [ "$test_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
 echo "dpdk tests: $dpdk_run run, $dpdk_passed passed, $dpdk_failed failed"
-echo "summary: $((passed + sim_passed + dpdk_passed + rdma_passed)) passed, $((failed + sim_failed + dpdk_failed + rdma_failed)) failed"
-[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$dpdk_failed" = 0 ] && [ "$rdma_failed" = 0 ]
+echo "summary: $((passed + sim_passed + dpdk_passed + rdma_passed + fuzz_passed)) passed, $((failed + sim_failed + dpdk_failed + rdma_failed + fuzz_failed)) failed"
+[ "$test_rc" = 0 ] && [ "$sim_failed" = 0 ] && [ "$dpdk_failed" = 0 ] && [ "$rdma_failed" = 0 ] && [ "$fuzz_failed" = 0 ]
