@@ -106,9 +106,9 @@ fn write_seeds() {
     // Peer messages.
     let b = Ballot::new(4, 2);
     let msgs = [
-        Message::PreVote { round: 3 },
+        Message::PreVote { round: 3, chosen: 2 },
         Message::Prepare { ballot: b, transfer: true },
-        Message::Promise { ballot: b, chosen: 10, last: 12 },
+        Message::Promise { ballot: b, chosen: 10, last: 12, trimmed: 4 },
         Message::Heartbeat { ballot: b, commit: 99, seq: 7 },
         Message::HeartbeatReply { ballot: b, chosen: 98, last: 99, seq: 7 },
     ];
@@ -184,4 +184,17 @@ fn write_seeds() {
     cfgs[0].security.secret_file = Some("/etc/replog/secret".into());
     cfgs[0].security.client_secret_file = Some("/etc/replog/client-secret".into());
     put("config_toml", "local", cfgs[0].to_toml().as_bytes());
+    // Snapshot files (the body: the check appends the checksum) and transfer frames.
+    let meta = paxos::SnapshotMeta { slot: 9, last_position: 20, clients: vec![(7, vec![(1, 19), (2, 20)])] };
+    let file = replog::snapshot::encode(0xC1, &meta, b"app state");
+    put("snapshots", "file-body", &file[..file.len() - 4]);
+    let mut chunk = Vec::new();
+    replog::snapshot::encode_chunk(
+        &replog::snapshot::Chunk { slot: 9, total: 100, offset: 10, data: Bytes::from_static(b"0123456789") },
+        &mut chunk,
+    );
+    put("snapshots", "chunk", &chunk);
+    let mut ack = Vec::new();
+    replog::snapshot::encode_ack(&replog::snapshot::ChunkAck { slot: 9, next: 20 }, &mut ack);
+    put("snapshots", "ack", &ack);
 }

@@ -13,15 +13,12 @@ fn ballot() -> impl Strategy<Value = Ballot> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        any::<u64>().prop_map(|round| Message::PreVote { round }),
+        (any::<u64>(), any::<u64>()).prop_map(|(round, chosen)| Message::PreVote { round, chosen }),
         (any::<u64>(), any::<bool>()).prop_map(|(round, granted)| Message::PreVoteReply { round, granted }),
         (ballot(), any::<bool>()).prop_map(|(ballot, transfer)| Message::Prepare { ballot, transfer }),
         ballot().prop_map(|ballot| Message::TimeoutNow { ballot }),
-        (ballot(), any::<u64>(), any::<u64>()).prop_map(|(ballot, chosen, last)| Message::Promise {
-            ballot,
-            chosen,
-            last
-        }),
+        (ballot(), any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(ballot, chosen, last, trimmed)| Message::Promise { ballot, chosen, last, trimmed }),
         (ballot(), ballot()).prop_map(|(ballot, promised)| Message::Reject { ballot, promised }),
         (ballot(), any::<u64>(), any::<u64>()).prop_map(|(ballot, commit, seq)| Message::Heartbeat {
             ballot,

@@ -609,14 +609,22 @@ impl Client {
     }
 
     /// One replica's (possibly stale) answer to `query`, on a connection of its own,
-    /// without retries or redirects.
+    /// without retries or redirects (and without a credential: see [`Client::query_at`]).
     pub fn query_of(
         addr: SocketAddr,
         cluster_id: u64,
         timeout: Duration,
         query: &[u8],
     ) -> Result<(u64, Bytes), ClientError> {
-        let mut c = Conn::open(addr, cluster_id, timeout, MAX_FRAME)?;
+        let mut cfg = ClientConfig::new(cluster_id, vec![addr]);
+        cfg.timeout = timeout;
+        Client::query_at(addr, &cfg, query)
+    }
+
+    /// Like [`Client::query_of`], with `cfg`'s cluster id, secret and timeout.
+    pub fn query_at(addr: SocketAddr, cfg: &ClientConfig, query: &[u8]) -> Result<(u64, Bytes), ClientError> {
+        let timeout = cfg.timeout;
+        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), timeout, MAX_FRAME)?;
         let req = Request::Query { linearizable: false, query: Bytes::copy_from_slice(query) };
         match c.call(&req, "query", Some(timeout))? {
             Response::QueryResult { applied_slot, data } => Ok((applied_slot, data)),
