@@ -453,7 +453,7 @@ impl Log {
                     let active = g.active();
                     let file = active.file_for_sync().expect("fsync mode uses files");
                     let path = active.display_path();
-                    let r = MutexGuard::unlocked(&mut g, || file.sync_data());
+                    let r = MutexGuard::unlocked(&mut g, || super::fault::sync_data(&file, &path));
                     g.syncing = false;
                     match r {
                         Ok(()) => {

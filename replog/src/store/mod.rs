@@ -26,6 +26,7 @@
 pub mod codec;
 pub mod conformance;
 mod error;
+pub mod fault;
 pub mod format;
 pub mod log;
 mod paxos_store;

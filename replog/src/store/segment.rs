@@ -310,7 +310,8 @@ impl Segment {
     pub(crate) fn sync(&mut self) -> Result<()> {
         match &self.backing {
             Backing::File(f) => {
-                f.sync_data().map_err(|e| StoreError::io("fdatasync", self.path.as_deref().unwrap_or(Path::new("")), e))
+                let path = self.path.as_deref().unwrap_or(Path::new(""));
+                super::fault::sync_data(f, path).map_err(|e| StoreError::io("fdatasync", path, e))
             }
             Backing::Map { .. } => {
                 self.persist_mapped(self.write_off);
