@@ -278,11 +278,21 @@ pub struct Security {
     /// before any request. Unset (the default): clients are not authenticated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
+    /// The client port's TLS certificate chain (PEM). With `tls_key_file`, the client
+    /// port speaks TLS only (see `replog::client::tls`). Unset (the default): plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM). Both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Security {
     fn is_unset(&self) -> bool {
-        self.secret_file.is_none() && self.client_secret_file.is_none()
+        self.secret_file.is_none()
+            && self.client_secret_file.is_none()
+            && self.tls_cert_file.is_none()
+            && self.tls_key_file.is_none()
     }
 }
 

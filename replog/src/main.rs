@@ -62,6 +62,12 @@ struct Target {
     /// it exists: the one `replog up` writes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Speak TLS to the client port, trusting the certificate(s) in this PEM file.
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// The name the servers' TLS certificate must carry (with --tls-ca-file).
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
 }
 
 impl Target {
@@ -97,6 +103,9 @@ impl Target {
         let mut cfg = ClientConfig::new(cluster_id, servers);
         cfg.timeout = Duration::from_millis(self.timeout_ms);
         cfg.secret = self.secret()?;
+        if let Some(ca) = &self.tls_ca_file {
+            cfg.tls = Some(replog::client::TlsClientConfig::from_ca_file(ca, &self.tls_server_name)?);
+        }
         Ok(cfg)
     }
 }

@@ -201,6 +201,19 @@ fn run<T: Transport>(
     ccfg.max_inflight_per_conn = cfg.limits.max_inflight_per_client as usize;
     ccfg.max_inflight_bytes = cfg.limits.max_inflight_bytes as usize;
     ccfg.client_secret = cfg.read_client_secret().map_err(|e| ServeError::Security(e.to_string()))?;
+    ccfg.tls = match (&cfg.security.tls_cert_file, &cfg.security.tls_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let t = crate::client::tls::server_config(cert, key).map_err(|e| ServeError::Security(e.to_string()))?;
+            info!(node = cfg.id, cert = %cert.display(), "client port: TLS");
+            Some(t)
+        }
+        _ => {
+            return Err(ServeError::Security(
+                "security.tls_cert_file and security.tls_key_file go together: give both or neither".into(),
+            ))
+        }
+    };
     if ccfg.client_secret.is_none() {
         warn!(node = cfg.id, "client port: no client_secret_file, clients are not authenticated");
     } else {

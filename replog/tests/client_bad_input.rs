@@ -21,6 +21,7 @@ fn good_client_works(fake: &FakeCluster) {
         timeout: Duration::from_secs(5),
         retries: 2,
         secret: None,
+        tls: None,
     })
     .unwrap();
     let p = c.append("still serving").unwrap();

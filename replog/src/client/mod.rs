@@ -30,9 +30,11 @@
 
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use proto::{ConnId, ErrorCode, PeerStatus, ProtoError, Request, Response, Status, MAX_FRAME};
 pub use server::{ClientServer, ClientServerConfig, Inbound, Outbound, Responder};
+pub use tls::{TlsClientConfig, TlsError};
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -57,13 +59,15 @@ pub struct ClientConfig {
     /// The client secret, for a cluster that requires client credentials (`None`: present
     /// none; a server that requires one then refuses with [`ClientError::CredentialRequired`]).
     pub secret: Option<Vec<u8>>,
+    /// Speak TLS, verifying the servers' certificates (`None`: plain TCP).
+    pub tls: Option<TlsClientConfig>,
 }
 
 impl ClientConfig {
     /// `servers` of cluster `cluster_id` with a 5 s timeout and 30 retries (with the
     /// backoff capped at 100 ms, enough to ride out a leader election).
     pub fn new(cluster_id: u64, servers: Vec<SocketAddr>) -> Self {
-        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 30, secret: None }
+        ClientConfig { cluster_id, servers, timeout: Duration::from_secs(5), retries: 30, secret: None, tls: None }
     }
 }
 
@@ -75,6 +79,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -252,9 +257,48 @@ pub fn new_client_id() -> u64 {
     id.max(1)
 }
 
+/// A connection's byte stream: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
 /// One connection that completed Hello.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     server: SocketAddr,
     rbuf: BytesMut,
     decoder: Decoder,
@@ -270,12 +314,24 @@ impl Conn {
         server: SocketAddr,
         cluster_id: u64,
         secret: Option<&[u8]>,
+        tls: Option<&TlsClientConfig>,
         timeout: Duration,
         max_frame: u32,
     ) -> Result<Conn, ClientError> {
-        let stream =
+        let tcp =
             TcpStream::connect_timeout(&server, timeout).map_err(|source| ClientError::Connect { server, source })?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(t) => {
+                // Bound the handshake (it runs inside the first write).
+                let _ = tcp.set_read_timeout(Some(timeout));
+                let conn = rustls::ClientConnection::new(t.config.clone(), t.server_name.clone()).map_err(|e| {
+                    ClientError::Protocol { server, detail: format!("cannot start a TLS session: {e}") }
+                })?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+            }
+        };
         let mut c = Conn {
             stream,
             server,
@@ -317,7 +373,7 @@ impl Conn {
             return Err(ClientError::TooLarge { op, len: out.len() - HEADER_LEN, max: self.max_frame });
         }
         let server = self.server;
-        let _ = self.stream.set_write_timeout(None);
+        let _ = self.stream.tcp().set_write_timeout(None);
         self.stream.write_all(&out).map_err(|source| ClientError::Io { server, op, source })?;
         Ok(id)
     }
@@ -344,7 +400,7 @@ impl Conn {
                     Some(left)
                 }
             };
-            let _ = self.stream.set_read_timeout(wait);
+            let _ = self.stream.tcp().set_read_timeout(wait);
             match self.stream.read(&mut self.scratch) {
                 Ok(0) => return Err(ClientError::Closed { server, op }),
                 Ok(n) => self.rbuf.extend_from_slice(&self.scratch[..n]),
@@ -455,7 +511,14 @@ impl Client {
             Some(a) => a,
             None => self.cfg.servers[self.next_server],
         };
-        let c = Conn::open(target, self.cfg.cluster_id, self.cfg.secret.as_deref(), self.cfg.timeout, self.max_frame)?;
+        let c = Conn::open(
+            target,
+            self.cfg.cluster_id,
+            self.cfg.secret.as_deref(),
+            self.cfg.tls.as_ref(),
+            self.cfg.timeout,
+            self.max_frame,
+        )?;
         self.conn = Some(c);
         Ok(())
     }
@@ -624,7 +687,7 @@ impl Client {
     /// Like [`Client::query_of`], with `cfg`'s cluster id, secret and timeout.
     pub fn query_at(addr: SocketAddr, cfg: &ClientConfig, query: &[u8]) -> Result<(u64, Bytes), ClientError> {
         let timeout = cfg.timeout;
-        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), timeout, MAX_FRAME)?;
+        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), cfg.tls.as_ref(), timeout, MAX_FRAME)?;
         let req = Request::Query { linearizable: false, query: Bytes::copy_from_slice(query) };
         match c.call(&req, "query", Some(timeout))? {
             Response::QueryResult { applied_slot, data } => Ok((applied_slot, data)),
@@ -704,7 +767,7 @@ impl Client {
     /// with `cfg`'s cluster id, secret and timeout.
     pub fn status_at(addr: SocketAddr, cfg: &ClientConfig) -> Result<Status, ClientError> {
         let timeout = cfg.timeout;
-        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), timeout, MAX_FRAME)?;
+        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), cfg.tls.as_ref(), timeout, MAX_FRAME)?;
         match c.call(&Request::Status, "status", Some(timeout))? {
             Response::Status(s) => Ok(s),
             Response::Error { code, message } => Err(ClientError::Server { server: addr, op: "status", code, message }),
@@ -721,6 +784,7 @@ pub struct Tail {
     req_id: u64,
     cluster_id: u64,
     secret: Option<Vec<u8>>,
+    tls: Option<TlsClientConfig>,
     connect_timeout: Duration,
     /// Next position expected (0 until the first entry arrives, for `from` = 0).
     next: u64,
@@ -732,13 +796,15 @@ pub struct Tail {
 
 impl Tail {
     fn start(server: SocketAddr, cfg: &ClientConfig, max_frame: u32, from: u64) -> Result<Tail, ClientError> {
-        let mut conn = Conn::open(server, cfg.cluster_id, cfg.secret.as_deref(), cfg.timeout, max_frame)?;
+        let mut conn =
+            Conn::open(server, cfg.cluster_id, cfg.secret.as_deref(), cfg.tls.as_ref(), cfg.timeout, max_frame)?;
         let req_id = conn.send(&Request::Tail { from }, "tail")?;
         Ok(Tail {
             conn,
             req_id,
             cluster_id: cfg.cluster_id,
             secret: cfg.secret.clone(),
+            tls: cfg.tls.clone(),
             connect_timeout: cfg.timeout,
             next: from,
             buf: VecDeque::new(),
@@ -774,8 +840,14 @@ impl Tail {
                 detail: format!("tail redirected without a usable address ({addr:?}, redirect {})", self.redirects),
             });
         };
-        let mut conn =
-            Conn::open(target, self.cluster_id, self.secret.as_deref(), self.connect_timeout, self.conn.max_frame)?;
+        let mut conn = Conn::open(
+            target,
+            self.cluster_id,
+            self.secret.as_deref(),
+            self.tls.as_ref(),
+            self.connect_timeout,
+            self.conn.max_frame,
+        )?;
         self.req_id = conn.send(&Request::Tail { from: self.next }, "tail")?;
         self.conn = conn;
         Ok(())

@@ -119,6 +119,9 @@ pub struct ClientServerConfig {
     /// [`proto`](super::proto)'s client credentials) before any request. `None`: clients
     /// are not authenticated.
     pub client_secret: Option<Vec<u8>>,
+    /// TLS: with a server configuration the port speaks TLS only (see
+    /// [`tls`](super::tls)). `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Most requests of one connection the node has not answered; beyond it, `Busy`.
     pub max_inflight_per_conn: usize,
     /// Most bytes of requests (frames) all connections have in flight at the node;
@@ -137,6 +140,7 @@ impl ClientServerConfig {
             max_connections: 1024,
             max_queued_bytes_per_conn: 64 << 20,
             client_secret: None,
+            tls: None,
             max_inflight_per_conn: 64,
             max_inflight_bytes: 256 << 20,
         }
@@ -264,6 +268,8 @@ struct Conn {
     /// Being closed: flush, shut down writing, drain input until EOF or this deadline.
     closing: Option<Instant>,
     write_shut: bool,
+    /// The TLS session, when the port speaks TLS (`out` and `rbuf` hold plaintext).
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 impl Conn {
@@ -271,21 +277,77 @@ impl Conn {
         self.out.len() - self.written
     }
 
+    /// Whether a flush has something to do (plaintext queued, or TLS records).
+    fn needs_flush(&self) -> bool {
+        self.queued() > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Reads plaintext: `Ok(0)` at the end, `WouldBlock` when nothing is there now.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.read(buf);
+        };
+        for _ in 0..READ_BUDGET {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Best effort: tell the client why (an alert) before closing.
+                let _ = tls.write_tls(&mut self.stream);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+            }
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
     /// Writes what it can. `Err`: the connection is broken.
     fn flush(&mut self) -> io::Result<()> {
-        while self.written < self.out.len() {
-            match self.stream.write(&self.out[self.written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        if let Some(tls) = self.tls.as_mut() {
+            // Plaintext into the session (it bounds what it buffers), records out.
+            while self.written < self.out.len() {
+                match tls.writer().write(&self.out[self.written..]) {
+                    Ok(0) => break,
+                    Ok(n) => self.written += n,
+                    Err(e) => return Err(e),
+                }
+            }
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            while self.written < self.out.len() {
+                match self.stream.write(&self.out[self.written..]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => self.written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
             if self.closing.is_some() && !self.write_shut {
+                if let Some(tls) = self.tls.as_mut() {
+                    tls.send_close_notify();
+                    while tls.wants_write() {
+                        if tls.write_tls(&mut self.stream).is_err() {
+                            break;
+                        }
+                    }
+                }
                 self.write_shut = true;
                 let _ = self.stream.shutdown(Shutdown::Write);
             }
@@ -449,7 +511,18 @@ impl Worker {
                 tails: Vec::new(),
                 closing: None,
                 write_shut: false,
+                tls: None,
             };
+            if let Some(tcfg) = &self.cfg.tls {
+                match rustls::ServerConnection::new(tcfg.clone()) {
+                    Ok(t) => c.tls = Some(Box::new(t)),
+                    Err(e) => {
+                        warn!("client {peer}: cannot start a TLS session: {e}; closing");
+                        let _ = self.poll.registry().deregister(&mut c.stream);
+                        continue;
+                    }
+                }
+            }
             if open >= self.cfg.max_connections {
                 let msg = format!("too many connections ({open} open, limit {})", self.cfg.max_connections);
                 self.fail(&mut c, 0, ErrorCode::Busy, msg);
@@ -503,7 +576,7 @@ impl Worker {
                     break;
                 }
                 reads += 1;
-                match c.stream.read(&mut self.scratch) {
+                match c.read_plain(&mut self.scratch) {
                     Ok(0) => {
                         if c.closing.is_none() && c.challenge.is_some() {
                             warn!(
@@ -544,7 +617,7 @@ impl Worker {
                 }
             }
         }
-        if writable || c.queued() > 0 {
+        if writable || c.needs_flush() {
             if let Err(e) = c.flush() {
                 debug!("client {}: write error: {e}; closing", c.peer);
                 return Fate::Close;

@@ -32,6 +32,9 @@ pub struct Cluster {
     /// The client secret the replicas require (from their `client_secret_file`), which
     /// this harness's clients present.
     pub client_secret: Option<Vec<u8>>,
+    /// TLS for this harness's clients (trusting the replicas' `tls_cert_file` as a CA,
+    /// for the name `localhost`) when the replicas speak TLS.
+    pub client_tls: Option<replog::client::TlsClientConfig>,
 }
 
 impl Cluster {
@@ -39,7 +42,7 @@ impl Cluster {
     pub fn start(dir: &Path, n: usize, durability: DurabilityKind) -> Cluster {
         let base = free_ports(3 * n as u16 + 3);
         let cfgs = ServeConfig::local_cluster(n, base, dir, durability);
-        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret: None };
+        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret: None, client_tls: None };
         for i in 0..n {
             let p = c.spawn(i);
             c.procs.push(Some(p));
@@ -65,6 +68,7 @@ impl Cluster {
         cfg.timeout = Duration::from_secs(2);
         cfg.retries = 60;
         cfg.secret = self.client_secret.clone();
+        cfg.tls = self.client_tls.clone();
         Client::connect(cfg).expect("connect to the cluster")
     }
 
@@ -73,6 +77,7 @@ impl Cluster {
         let mut cfg = ClientConfig::new(self.cluster_id(), vec![self.cfgs[i].me().client_addr]);
         cfg.timeout = Duration::from_secs(2);
         cfg.secret = self.client_secret.clone();
+        cfg.tls = self.client_tls.clone();
         Client::connect(cfg).expect("connect to a replica")
     }
 
@@ -81,6 +86,7 @@ impl Cluster {
         let mut cfg = ClientConfig::new(self.cluster_id(), vec![addr]);
         cfg.timeout = Duration::from_millis(500);
         cfg.secret = self.client_secret.clone();
+        cfg.tls = self.client_tls.clone();
         Client::status_at(addr, &cfg).ok()
     }
 
@@ -271,7 +277,10 @@ impl Cluster {
         let mut cfgs = ServeConfig::local_cluster(n, base, dir, durability);
         cfgs.iter_mut().for_each(&tweak);
         let client_secret = cfgs[0].read_client_secret().expect("the client secret file");
-        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret };
+        let client_tls = cfgs[0].security.tls_cert_file.as_ref().map(|cert| {
+            replog::client::TlsClientConfig::from_ca_file(cert, "localhost").expect("the TLS certificate as a CA")
+        });
+        let mut c = Cluster { dir: dir.to_path_buf(), cfgs, procs: Vec::new(), client_secret, client_tls };
         for i in 0..n {
             let p = c.spawn(i);
             c.procs.push(Some(p));
