@@ -313,3 +313,45 @@ fn requests_in_flight_beyond_the_limits_are_answered_busy_and_the_connection_sta
     assert!(matches!(read_one(&mut t), (2, Response::Appended { .. })));
     fake.shutdown();
 }
+
+#[test]
+fn connections_that_do_not_complete_the_handshake_in_time_are_refused() {
+    capture_logs();
+    // Nothing at all: refused and closed, logged.
+    let fake = FakeCluster::start_with(1, |c| c.handshake_timeout = Duration::from_millis(300));
+    let got = refused(&fake, b"", false, "no Hello within 300ms");
+    assert!(only_error(&got, ErrorCode::BadRequest).contains("no Hello within"));
+    fake.shutdown();
+    // Hello, then no Auth for the challenge: refused, closed, logged.
+    let fake = FakeCluster::start_with(1, |c| {
+        c.handshake_timeout = Duration::from_millis(300);
+        c.client_secret = Some(b"s".to_vec());
+    });
+    let mut s = raw(fake.addr(0));
+    let me = s.local_addr().unwrap().to_string();
+    s.write_all(&hello()).unwrap();
+    let (got, closed) = read_until_closed(&mut s, CLOSE_WITHIN);
+    assert!(closed, "a stalled authentication was not closed");
+    assert!(matches!(got.first(), Some((1, Response::Challenge { .. }))), "{got:?}");
+    match got.get(1) {
+        Some((0, Response::Error { code: ErrorCode::Unauthorized, message })) => {
+            assert!(message.contains("no Auth within"), "{message}")
+        }
+        other => panic!("a stalled authentication got {other:?}"),
+    }
+    assert!(wait_for_log(&[&me, "no Auth within 300ms"], Duration::from_secs(5)).is_some());
+    // A client that authenticates in time is served past the deadline.
+    let mut s = raw(fake.addr(0));
+    s.write_all(&hello()).unwrap();
+    let nonce = match read_one(&mut s) {
+        (1, Response::Challenge { nonce }) => nonce,
+        other => panic!("{other:?}"),
+    };
+    let proof = replog::client::proto::client_proof(b"s", CLUSTER, &nonce);
+    s.write_all(&frame(2, &Request::Auth { proof })).unwrap();
+    assert!(matches!(read_one(&mut s), (2, Response::HelloOk { .. })));
+    std::thread::sleep(Duration::from_millis(600));
+    s.write_all(&frame(3, &Request::Status)).unwrap();
+    assert!(matches!(read_one(&mut s), (3, Response::Status(_))));
+    fake.shutdown();
+}

@@ -26,7 +26,9 @@
 //! request before it, or a close without one is logged naming the client and why (a
 //! wrong proof and an early request also get `Error { Unauthorized }`). Until `Hello`
 //! completes, frames above [`HANDSHAKE_MAX_FRAME`] are refused, so an unauthenticated
-//! client cannot make the server buffer a large frame. A connection beyond `max_connections` gets
+//! client cannot make the server buffer a large frame, and a connection that has not
+//! completed them within `handshake_timeout` (10 s) is refused and closed (logged), so
+//! that stalled unauthenticated connections cannot hold the connection slots. A connection beyond `max_connections` gets
 //! `Error { Busy }` and is closed. A client whose unsent responses exceed
 //! `max_queued_bytes_per_conn` is closed at once. Everyone else keeps being served.
 //!
@@ -122,6 +124,10 @@ pub struct ClientServerConfig {
     /// TLS: with a server configuration the port speaks TLS only (see
     /// [`tls`](super::tls)). `None`: plain TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A connection that has not completed `Hello` (and `Auth`, and the TLS handshake)
+    /// this long after connecting is refused and closed, so that idle or stalled
+    /// unauthenticated connections cannot hold the connection slots.
+    pub handshake_timeout: Duration,
     /// Most requests of one connection the node has not answered; beyond it, `Busy`.
     pub max_inflight_per_conn: usize,
     /// Most bytes of requests (frames) all connections have in flight at the node;
@@ -141,6 +147,7 @@ impl ClientServerConfig {
             max_queued_bytes_per_conn: 64 << 20,
             client_secret: None,
             tls: None,
+            handshake_timeout: Duration::from_secs(10),
             max_inflight_per_conn: 64,
             max_inflight_bytes: 256 << 20,
         }
@@ -260,6 +267,8 @@ struct Conn {
     hello: bool,
     /// The nonce of the challenge sent, until the client answers it.
     challenge: Option<[u8; AUTH_LEN]>,
+    /// Until `hello`: the connection is refused and closed if it is not done by then.
+    hello_by: Option<Instant>,
     /// Requests passed to the node and not answered yet: (request id, frame bytes), in
     /// order (ids may repeat; an answer settles the oldest with its id).
     inflight: Vec<(u64, usize)>,
@@ -393,7 +402,11 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         'outer: loop {
             let timeout = if self.again.is_empty() {
-                self.conns.values().filter_map(|c| c.closing).min().map(|d| d.saturating_duration_since(Instant::now()))
+                self.conns
+                    .values()
+                    .filter_map(|c| c.closing.or(c.hello_by))
+                    .min()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
             };
@@ -430,6 +443,30 @@ impl Worker {
                 if let Some(c) = self.conns.remove(&id) {
                     debug!("client {}: linger time over, closing", c.peer);
                     self.finish(id, c);
+                }
+            }
+            let slow: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.closing.is_none() && c.hello_by.is_some_and(|d| d <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in slow {
+                if let Some(mut c) = self.conns.remove(&id) {
+                    let t = self.cfg.handshake_timeout;
+                    let (code, msg) = if c.challenge.is_some() {
+                        (ErrorCode::Unauthorized, format!("unauthorized: no Auth within {t:?} of the challenge"))
+                    } else {
+                        (ErrorCode::BadRequest, format!("no Hello within {t:?} of connecting"))
+                    };
+                    self.fail(&mut c, 0, code, msg);
+                    c.hello_by = None;
+                    match c.flush() {
+                        Ok(()) => {
+                            self.conns.insert(id, c);
+                        }
+                        Err(_) => self.finish(id, c),
+                    }
                 }
             }
             self.wake();
@@ -507,6 +544,7 @@ impl Worker {
                 written: 0,
                 hello: false,
                 challenge: None,
+                hello_by: Some(Instant::now() + self.cfg.handshake_timeout),
                 inflight: Vec::new(),
                 tails: Vec::new(),
                 closing: None,
@@ -667,6 +705,7 @@ impl Worker {
                         let _ = proto::encode_response(req_id, &Response::Challenge { nonce }, &mut c.out);
                     } else {
                         c.hello = true;
+                        c.hello_by = None;
                         let ok = Response::HelloOk { node: self.cfg.node };
                         let _ = proto::encode_response(req_id, &ok, &mut c.out);
                     }
@@ -676,6 +715,7 @@ impl Worker {
                         if proto::verify_client_proof(secret, self.cfg.cluster_id, &nonce, &proof) {
                             debug!("client {}: authenticated", c.peer);
                             c.hello = true;
+                            c.hello_by = None;
                             let ok = Response::HelloOk { node: self.cfg.node };
                             let _ = proto::encode_response(req_id, &ok, &mut c.out);
                         } else {
