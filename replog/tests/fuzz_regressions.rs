@@ -139,6 +139,10 @@ fn write_seeds() {
     let mut v = Vec::new();
     replog::store::codec::encode_value(&Value::Batch(vec![cmd(1), cmd(2)]), &mut v);
     put("log_records", "value", &v);
+    let mut v = Vec::new();
+    let config = paxos::Membership { voters: vec![1, 2, 3], learners: vec![4] };
+    replog::store::codec::encode_value(&Value::Config(config), &mut v);
+    put("log_records", "config", &v);
     let dir = tempfile::tempdir().unwrap();
     {
         let cfg = replog::store::StoreConfig::new(replog::store::Mode::Fsync).with_segment_size(4096);
@@ -185,7 +189,12 @@ fn write_seeds() {
     cfgs[0].security.client_secret_file = Some("/etc/replog/client-secret".into());
     put("config_toml", "local", cfgs[0].to_toml().as_bytes());
     // Snapshot files (the body: the check appends the checksum) and transfer frames.
-    let meta = paxos::SnapshotMeta { slot: 9, last_position: 20, clients: vec![(7, vec![(1, 19), (2, 20)])] };
+    let meta = paxos::SnapshotMeta {
+        slot: 9,
+        last_position: 20,
+        clients: vec![(7, vec![(1, 19), (2, 20)])],
+        membership: paxos::Membership { voters: vec![1, 2, 3], learners: vec![4] },
+    };
     let file = replog::snapshot::encode(0xC1, &meta, b"app state");
     put("snapshots", "file-body", &file[..file.len() - 4]);
     let mut chunk = Vec::new();

@@ -39,6 +39,12 @@ fn value() -> impl Strategy<Value = Value> {
             0..5
         )
         .prop_map(Value::Batch),
+        (proptest::collection::btree_set(1u64..10, 1..5), proptest::collection::btree_set(10u64..20, 0..3)).prop_map(
+            |(v, l)| Value::Config(paxos::Membership {
+                voters: v.into_iter().collect(),
+                learners: l.into_iter().collect()
+            })
+        ),
     ]
 }
 
