@@ -62,6 +62,7 @@ fn write_seeds() {
         Request::ReadLinearizable { from: 1, max_entries: 5, max_bytes: 100 },
         Request::Transfer { to: 2 },
         Request::Auth { proof: [9; 32] },
+        Request::ChangeMembership { voters: vec![1, 2, 3], learners: vec![4] },
     ];
     let status = Status {
         node: 1,
