@@ -511,6 +511,9 @@ fn client(t: &Target) -> Result<Client> {
                 "the cluster requires a client credential: give --secret-file (replog up writes \
                  replog-data/client-secret)"
             }
+            replog::client::ClientError::TlsRequired { .. } => {
+                "the cluster's client port requires TLS: give --tls-ca-file (the CA of its certificate)"
+            }
             replog::client::ClientError::Unauthorized { .. } => {
                 "the cluster refused the client secret: is --secret-file the cluster's client secret?"
             }

@@ -82,6 +82,7 @@ fn tls_clients_are_served_and_plaintext_or_untrusting_clients_are_not() {
     plain.secret = c.client_secret.clone();
     let err = Client::connect(plain).err().expect("a plaintext client was served by a TLS port");
     println!("plaintext client: {err}");
+    assert!(matches!(err, replog::client::ClientError::TlsRequired { .. }), "{err:?}");
     assert!(
         c.wait_log_line(leader, &["WARN", "TLS"], Duration::from_secs(5)).is_some(),
         "no WARN line about the failed TLS handshake:\n{}",

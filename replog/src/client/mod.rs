@@ -191,6 +191,12 @@ pub enum ClientError {
         /// The server's explanation.
         message: String,
     },
+    /// The server speaks TLS and this client does not.
+    #[error("{server} speaks TLS on its client port and this client does not (configure TLS: a CA file)")]
+    TlsRequired {
+        /// The server.
+        server: SocketAddr,
+    },
     /// A secret file cannot be used.
     #[error("client secret file {}: {detail}", path.display())]
     SecretFile {
@@ -229,7 +235,8 @@ impl ClientError {
             | ClientError::Exhausted { .. }
             | ClientError::CredentialRequired { .. }
             | ClientError::Unauthorized { .. }
-            | ClientError::SecretFile { .. } => false,
+            | ClientError::SecretFile { .. }
+            | ClientError::TlsRequired { .. } => false,
         }
     }
 }
@@ -388,6 +395,12 @@ impl Conn {
                     return proto::decode_response(&frame).map_err(|source| ClientError::Frame { server, source })
                 }
                 Ok(None) => {}
+                Err(transport::envelope::FrameError::BadMagic(m))
+                    if matches!(self.stream, Stream::Plain(_)) && matches!(m, [0x15 | 0x16, 0x03, _, _]) =>
+                {
+                    // A TLS record (alert or handshake) where a frame should be.
+                    return Err(ClientError::TlsRequired { server });
+                }
                 Err(e) => return Err(ClientError::Frame { server, source: e.into() }),
             }
             let wait = match deadline {
