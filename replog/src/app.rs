@@ -148,6 +148,7 @@ pub struct AppHost {
     outgoing: HashMap<NodeId, Outgoing>,
     incoming: Option<Incoming>,
     stats: SnapshotStats,
+    requested: bool,
 }
 
 impl AppHost {
@@ -163,6 +164,7 @@ impl AppHost {
             outgoing: HashMap::new(),
             incoming: None,
             stats: SnapshotStats::default(),
+            requested: false,
         }
     }
 
@@ -197,10 +199,16 @@ impl AppHost {
         self.sm.apply(position, payload, token)
     }
 
-    /// Whether the policy asks for a snapshot now.
+    /// Asks for a snapshot at the next chance, whatever the policy says.
+    pub fn request_snapshot(&mut self) {
+        self.requested = true;
+    }
+
+    /// Whether the policy (or a request) asks for a snapshot now.
     pub fn snapshot_due(&self) -> bool {
         let p = &self.policy;
-        (p.every_entries > 0 && self.since_entries >= p.every_entries)
+        self.requested
+            || (p.every_entries > 0 && self.since_entries >= p.every_entries)
             || (p.every_bytes > 0 && self.since_bytes >= p.every_bytes)
             || (self.since_entries > 0 && p.interval.is_some_and(|i| self.since.elapsed() >= i))
     }
@@ -222,6 +230,7 @@ impl AppHost {
         self.since = Instant::now();
         self.stats.taken += 1;
         self.stats.last_slot = meta.slot;
+        self.requested = false;
         Ok(meta.slot.saturating_sub(self.policy.keep_slots))
     }
 

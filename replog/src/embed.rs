@@ -194,6 +194,12 @@ impl ReplicaHandle {
         self.call(Request::ChangeMembership { voters, learners }, None).map(|_| ())
     }
 
+    /// Snapshots the state machine now (on this replica) and trims the log behind it;
+    /// returns once the snapshot is saved and verified.
+    pub fn snapshot_now(&self) -> Result<(), HandleError> {
+        self.call(Request::Snapshot, None).map(|_| ())
+    }
+
     /// Steps down in favour of the most caught-up other voter (on the leader).
     pub fn step_down(&self) -> Result<(), HandleError> {
         self.transfer_leadership(0)

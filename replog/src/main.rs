@@ -202,6 +202,12 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         learners: Vec<u64>,
     },
+    /// Ask one replica (the first of --servers) to snapshot its state machine now and
+    /// trim its log behind the snapshot (replicas with a state machine).
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
     Status {
         #[command(flatten)]
@@ -232,6 +238,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Transfer { target, to } => transfer(&target, to),
         Cmd::Tail { target, from } => tail(&target, from),
         Cmd::Status { target } => status(&target),
+        Cmd::Snapshot { target } => {
+            let (servers, _) = target.resolve();
+            let cfg = target.config(servers.clone())?;
+            let at = servers[0];
+            let st = Client::snapshot_at(at, &cfg).with_context(|| format!("asking {at} for a snapshot"))?;
+            println!("replica {} at {at}: snapshot taken at slot {}", st.node, st.applied_slot);
+            Ok(())
+        }
         Cmd::Members { target, voters, learners } => {
             let mut c = client(&target)?;
             let st = c.change_membership(voters.clone(), learners.clone()).context("changing the membership")?;

@@ -125,6 +125,8 @@ pub struct Node<T: Transport> {
     frames: Vec<(NodeId, Vec<u8>)>,
     /// In-process requests (see [`crate::embed`]): where their answers go.
     local: Local,
+    /// Requests for a snapshot, answered once one is taken.
+    snapshot_waiters: Vec<(ConnId, u64)>,
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
@@ -198,6 +200,7 @@ impl<T: Transport> Node<T> {
             app_slot,
             frames: Vec::new(),
             local: Local::default(),
+            snapshot_waiters: Vec::new(),
             cache: None,
             tails: Vec::new(),
             lin_reads: HashMap::new(),
@@ -647,6 +650,16 @@ impl<T: Transport> Node<T> {
                 let s = self.status();
                 self.reply(conn, req_id, Response::Status(s));
             }
+            Request::Snapshot => match self.app.as_mut() {
+                None => {
+                    let message = "this replica embeds no state machine to snapshot".to_string();
+                    self.reply(conn, req_id, Response::Error { code: ErrorCode::BadRequest, message });
+                }
+                Some(a) => {
+                    a.request_snapshot();
+                    self.snapshot_waiters.push((conn, req_id));
+                }
+            },
             Request::ChangeMembership { voters, learners } => {
                 // Only configured members: the transport has links to them alone.
                 let unknown = voters.iter().chain(&learners).find(|id| !self.opts.client_addrs.contains_key(id));
@@ -858,6 +871,10 @@ impl<T: Transport> Node<T> {
             let upto = app.take_snapshot(self.opts.cluster_id, &meta)?;
             info!(slot = meta.slot, trim_to = upto, "snapshot taken");
             self.replica.compact(now, upto)?;
+            for (conn, req_id) in std::mem::take(&mut self.snapshot_waiters) {
+                let s = self.status();
+                self.reply(conn, req_id, Response::Status(s));
+            }
         }
         self.send_frames();
         Ok(())

@@ -31,6 +31,7 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<bool>(), bytes()).prop_map(|(linearizable, query)| Request::Query { linearizable, query }),
         (proptest::collection::vec(any::<u64>(), 0..6), proptest::collection::vec(any::<u64>(), 0..6))
             .prop_map(|(voters, learners)| Request::ChangeMembership { voters, learners }),
+        Just(Request::Snapshot),
         any::<[u8; 32]>().prop_map(|proof| Request::Auth { proof }),
     ]
 }

@@ -7,6 +7,7 @@
 //!   transfer, then replays the rest of the log, and answers with every key;
 //! - a replica restarted on its own directory starts from its newest snapshot; when
 //!   that file is corrupt, it is passed over (renamed aside) and an older one is used;
+//! - a snapshot can be asked for (`Request::Snapshot`) and is on disk when answered;
 //! - reads of trimmed log positions get a clear error; the key-value state agrees on
 //!   every replica, and linearizable queries at the leader see every acknowledged set.
 
@@ -54,7 +55,16 @@ fn wiped_replica_rejoins_by_snapshot_and_restarts_skip_corrupt_snapshots() {
     });
     let leader = cluster.wait_leader(Duration::from_secs(20));
     let mut client = cluster.client();
-    set_keys(&mut client, 0..1000);
+    // On request: a snapshot of a follower's state, well before the policy's 300.
+    set_keys(&mut client, 0..100);
+    let f = (leader + 1) % 3;
+    wait_answer(&cluster, f, "len", "100", Duration::from_secs(10));
+    let cfg = replog::client::ClientConfig::new(cluster.cluster_id(), vec![cluster.cfgs[f].me().client_addr]);
+    let st = Client::snapshot_at(cluster.cfgs[f].me().client_addr, &cfg).expect("snapshot on request");
+    assert!(st.applied_slot > 0);
+    let snaps = std::fs::read_dir(cluster.cfgs[f].data_dir.join("snapshots")).expect("snapshot directory");
+    assert_eq!(snaps.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "rsnap")).count(), 1);
+    set_keys(&mut client, 100..1000);
     assert!(
         cluster.wait_log_line(leader, &["snapshot taken"], Duration::from_secs(10)).is_some(),
         "the leader took no snapshot"

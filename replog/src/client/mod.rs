@@ -776,6 +776,21 @@ impl Client {
         Client::status_at(addr, &cfg)
     }
 
+    /// Asks the replica at `addr` (a connection of its own, `cfg`'s credentials) to
+    /// snapshot its state machine now and trim its log behind it; returns its status
+    /// once the snapshot is saved and verified.
+    pub fn snapshot_at(addr: SocketAddr, cfg: &ClientConfig) -> Result<Status, ClientError> {
+        let timeout = cfg.timeout;
+        let mut c = Conn::open(addr, cfg.cluster_id, cfg.secret.as_deref(), cfg.tls.as_ref(), timeout, MAX_FRAME)?;
+        match c.call(&Request::Snapshot, "snapshot", Some(timeout))? {
+            Response::Status(s) => Ok(s),
+            Response::Error { code, message } => {
+                Err(ClientError::Server { server: addr, op: "snapshot", code, message })
+            }
+            other => Err(ClientError::Protocol { server: addr, detail: format!("answered a snapshot with {other:?}") }),
+        }
+    }
+
     /// One server's view of the cluster, on a connection of its own, without retries,
     /// with `cfg`'s cluster id, secret and timeout.
     pub fn status_at(addr: SocketAddr, cfg: &ClientConfig) -> Result<Status, ClientError> {

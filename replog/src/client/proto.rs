@@ -19,6 +19,7 @@
 //! 0x08  Query        linearizable u8, query bytes (len u32, bytes)
 //! 0x09  ChangeMemb.  count u32, count × voter u64, count u32, count × learner u64
 //! 0x0A  Auth         proof [32]
+//! 0x0B  Snapshot     (nothing)
 //! 0x41  HelloOk      node u64
 //! 0x42  Appended     count u32, count × position u64
 //! 0x43  Entries      from u64, last_committed u64, count u32, count × (len u32, bytes)
@@ -88,6 +89,8 @@ pub mod kind {
     pub const CHANGE_MEMBERSHIP: u8 = 0x09;
     /// [`super::Request::Auth`].
     pub const AUTH: u8 = 0x0A;
+    /// [`super::Request::Snapshot`].
+    pub const SNAPSHOT: u8 = 0x0B;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -217,6 +220,10 @@ pub enum Request {
         /// HMAC-SHA256 of the challenge under the client secret.
         proof: [u8; AUTH_LEN],
     },
+    /// Ask this replica to snapshot its state machine now (replicas that embed one) and
+    /// trim its log behind the snapshot. Answered with its `Status` once the snapshot is
+    /// saved and verified.
+    Snapshot,
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -248,6 +255,7 @@ impl fmt::Debug for Request {
             Request::ChangeMembership { voters, learners } => {
                 write!(f, "ChangeMembership{{voters: {voters:?}, learners: {learners:?}}}")
             }
+            Request::Snapshot => write!(f, "Snapshot"),
             Request::Auth { .. } => write!(f, "Auth"),
             Request::Disconnected => write!(f, "Disconnected"),
         }
@@ -565,6 +573,7 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             }
             kind::CHANGE_MEMBERSHIP
         }
+        Request::Snapshot => kind::SNAPSHOT,
         Request::Auth { proof } => {
             w.0.extend_from_slice(proof);
             kind::AUTH
@@ -774,6 +783,7 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
             Request::ChangeMembership { voters, learners }
         }
         kind::AUTH => Request::Auth { proof: r.arr32("proof")? },
+        kind::SNAPSHOT => Request::Snapshot,
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

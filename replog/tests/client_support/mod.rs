@@ -244,7 +244,8 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
         Request::ReadLinearizable { .. }
         | Request::Transfer { .. }
         | Request::Query { .. }
-        | Request::ChangeMembership { .. } => reply(Response::Error {
+        | Request::ChangeMembership { .. }
+        | Request::Snapshot => reply(Response::Error {
             code: ErrorCode::BadRequest,
             message: "not supported by the fake node (test support)".into(),
         }),
