@@ -323,9 +323,20 @@ mount --bind "$MODTREE" /run/rxe-modules || bad "cannot bind-mount the module tr
 printf '#!/bin/sh\nexec /sbin/modprobe -d /run/rxe-modules "$@"\n' >/run/rxe-modprobe
 chmod 0755 /run/rxe-modprobe
 echo /run/rxe-modprobe >/proc/sys/kernel/modprobe
+# The working directory (and the binaries in it) may live under /tmp or /var/tmp, which
+# get a tmpfs below: keep the host's view of it and put it back at the same path.
+case "$CWD/" in
+/tmp/* | /var/tmp/*)
+    mkdir -p /run/rxe-cwd
+    mount --bind "$CWD" /run/rxe-cwd || bad "cannot bind-mount the working directory $CWD"
+    ;;
+esac
 for d in /tmp /var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs "$d" || bad "cannot mount a tmpfs on $d"
 done
+if mountpoint -q /run/rxe-cwd 2>/dev/null; then
+    mkdir -p "$CWD" && mount --bind /run/rxe-cwd "$CWD" || bad "cannot restore the working directory $CWD"
+fi
 for d in "${WRITABLE[@]}"; do
     [ -d "$d" ] || bad "RXE_WRITABLE: $d is not a directory on the host"
     mount -t tmpfs tmpfs "$d" || bad "cannot mount a tmpfs on $d"
