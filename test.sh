@@ -51,7 +51,7 @@ cargo clippy -p transport -p replog --all-targets --features transport/dpdk,repl
     rc=0
     cargo test -p transport --features transport/dpdk --no-fail-fast --lib -- dpdk:: || rc=1
     cargo test -p transport --features transport/dpdk --no-fail-fast --test dpdk_conformance || rc=1
-    cargo test -p replog --features replog/dpdk --no-fail-fast --test config_dpdk --test process_dpdk || rc=1
+    cargo test -p replog --features replog/dpdk --no-fail-fast --test config_dpdk --test process_dpdk --test process_up_dpdk || rc=1
     exit $rc
 ) 2>&1 | tee "$dpdk_log"
 [ "${PIPESTATUS[0]}" = 0 ] || dpdk_rc=1

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod up_dpdk;
+
 /// Default first port of `replog up` (each replica takes a few ports from there).
 const DEFAULT_BASE_PORT: u16 = 7400;
 
@@ -27,6 +29,7 @@ struct Cli {
 enum UpTransport {
     Tcp,
     Rdma,
+    Dpdk,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,8 +124,9 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Start a local cluster over TCP on 127.0.0.1 (one process per replica) and keep it
-    /// running until interrupted.
+    /// Start a local cluster (one process per replica) and keep it running until
+    /// interrupted: over TCP on 127.0.0.1, RDMA, or DPDK (each replica in its own network
+    /// namespace on a bridge, 10.77.255.0/24).
     Up {
         /// Data directory (each replica uses a subdirectory; configs and logs go here too).
         #[arg(long, default_value = "replog-data")]
@@ -137,7 +141,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "fsync")]
         durability: Durability,
         /// Transport between the replicas (`rdma` needs a build with the `rdma` feature
-        /// and an RDMA device; see hw-setup/rdma.md).
+        /// and an RDMA device; see hw-setup/rdma.md; `dpdk` needs a build with the `dpdk`
+        /// feature, root and iproute2, see hw-setup/dpdk.md).
         #[arg(long, value_enum, default_value = "tcp")]
         transport: UpTransport,
     },
@@ -230,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             let transport = match transport {
                 UpTransport::Tcp => TransportKind::Tcp,
                 UpTransport::Rdma => TransportKind::Rdma,
+                UpTransport::Dpdk => TransportKind::Dpdk,
             };
             up(&dir, nodes, base_port, durability.into(), transport)
         }
@@ -317,11 +323,20 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     if n == 0 {
         bail!("--nodes must be at least 1");
     }
+    // DPDK: a namespace per replica on a bridge (checks root, iproute2 and the build
+    // first; deletes a previous run's leftovers). Dropped (deleted) when `up` returns.
+    let net = match transport {
+        TransportKind::Dpdk => Some(up_dpdk::UpNet::create(n)?),
+        _ => None,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let mut cfgs = ServeConfig::local_cluster(n, base_port, &dir, durability);
     let secret_path = ensure_secret_file(&dir, "secret")?;
     let client_secret_path = ensure_secret_file(&dir, CLIENT_SECRET)?;
+    if let Some(net) = &net {
+        net.configure(&mut cfgs);
+    }
     for c in &mut cfgs {
         c.security.secret_file = Some(secret_path.clone());
         c.transport = transport;
@@ -339,13 +354,19 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
         c.validate().context("local cluster configuration")?;
         let path = dir.join(format!("node-{}.toml", c.id));
         std::fs::write(&path, c.to_toml()).with_context(|| format!("writing {}", path.display()))?;
-        let child = spawn_replica(&exe, &dir, c.id)?;
+        let child = spawn_replica(&exe, &dir, c.id, net.as_ref())?;
         children.push((c.id, child));
     }
     let servers: Vec<String> = cfgs.iter().map(|c| c.me().client_addr.to_string()).collect();
     let over = match transport {
-        TransportKind::Rdma => "RDMA (side channels on 127.0.0.1)",
-        _ => "TCP on 127.0.0.1",
+        TransportKind::Rdma => "RDMA (side channels on 127.0.0.1)".to_string(),
+        TransportKind::Dpdk => format!(
+            "DPDK (af_packet on veths; namespaces {p}1..{p}{n}, bridge {b} with {h}/24 on the host)",
+            p = up_dpdk::NS_PREFIX,
+            b = up_dpdk::BRIDGE,
+            h = up_dpdk::HOST_ADDR
+        ),
+        _ => "TCP on 127.0.0.1".to_string(),
     };
     println!("replog: {n} replicas over {over}, data in {}", dir.display());
     println!("  peer links authenticated with the cluster secret in {}", secret_path.display());
@@ -370,7 +391,8 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     let addrs: Vec<SocketAddr> = cfgs.iter().map(|c| c.me().client_addr).collect();
     let t0 = Instant::now();
     let mut leader = None;
-    while t0.elapsed() < Duration::from_secs(20) && leader.is_none() && !STOP.load(Ordering::SeqCst) {
+    let wait = if net.is_some() { Duration::from_secs(40) } else { Duration::from_secs(20) };
+    while t0.elapsed() < wait && leader.is_none() && !STOP.load(Ordering::SeqCst) {
         for a in &addrs {
             let mut cc = ClientConfig::new(cfgs[0].cluster_id, vec![*a]);
             cc.timeout = Duration::from_millis(500);
@@ -386,10 +408,18 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
         }
     }
     match leader {
-        Some(l) => {
+        Some(l) if net.is_none() => {
             println!("leader: replica {l}. Try: replog append hello; replog read 0 (servers {})", servers.join(","))
         }
+        Some(l) => println!("leader: replica {l}"),
         None => println!("no leader yet; see the replica logs"),
+    }
+    if net.is_some() {
+        // Not the default servers: give them (and then the client secret) explicitly.
+        let target = format!("--servers {} --secret-file {}", servers.join(","), client_secret_path.display());
+        println!("clients: replog append {target} hello");
+        println!("         replog read {target} 0");
+        println!("         replog status {target}");
     }
     println!("press Ctrl-C to stop the cluster");
     // Supervise: a replica that exits (killed to try a failover, say) is restarted on
@@ -417,7 +447,7 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
                 break;
             }
             let id = children[i].0;
-            match spawn_replica(&exe, &dir, id) {
+            match spawn_replica(&exe, &dir, id, net.as_ref()) {
                 Ok(c) => {
                     println!("replica {id} restarted");
                     children[i].1 = c;
@@ -447,6 +477,10 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
         }
         let _ = c.kill();
         let _ = c.wait();
+    }
+    if let Some(net) = net {
+        drop(net);
+        println!("deleted the namespaces {}* and the bridge {}", up_dpdk::NS_PREFIX, up_dpdk::BRIDGE);
     }
     result
 }
@@ -481,8 +515,9 @@ fn leader_first(servers: Vec<SocketAddr>, cfg: &ClientConfig) -> Vec<SocketAddr>
     out
 }
 
-/// Starts `replog serve` for replica `id` of a cluster written by `up` in `dir`.
-fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
+/// Starts `replog serve` for replica `id` of a cluster written by `up` in `dir` (in its
+/// namespace of `net`, if given).
+fn spawn_replica(exe: &Path, dir: &Path, id: u64, net: Option<&up_dpdk::UpNet>) -> Result<Child> {
     let path = dir.join(format!("node-{id}.toml"));
     let log_path = dir.join(format!("node-{id}.log"));
     let log = std::fs::OpenOptions::new()
@@ -490,7 +525,16 @@ fn spawn_replica(exe: &Path, dir: &Path, id: u64) -> Result<Child> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match net {
+        // `ip netns exec` execs the program: the child's pid (and PDEATHSIG) is the replica's.
+        Some(net) => {
+            let w = net.wrapper(id);
+            let mut c = Command::new(&w[0]);
+            c.args(&w[1..]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child:
     // if `replog up` dies (even by SIGKILL), its replicas get SIGTERM instead of
     // lingering on the cluster's ports.
