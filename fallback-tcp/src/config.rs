@@ -58,6 +58,10 @@ pub struct TcpConfig {
     /// with, sent in HELLO; a peer whose digest differs is refused as a stale
     /// configuration. Default 0 (every replica that leaves it at 0 agrees).
     pub config_digest: u64,
+    /// TLS on every peer link (see [`crate::PeerTls`]): the TLS handshake runs first,
+    /// then the HELLO handshake and all frames inside TLS. Both sides of a link must
+    /// agree on having it. Default `None` (plaintext).
+    pub tls: Option<crate::PeerTls>,
 }
 
 impl std::fmt::Debug for TcpConfig {
@@ -77,6 +81,7 @@ impl std::fmt::Debug for TcpConfig {
             .field("seed", &self.seed)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("config_digest", &format_args!("{:016x}", self.config_digest))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -99,6 +104,7 @@ impl TcpConfig {
             seed: cluster_id.rotate_left(17) ^ local.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             secret: None,
             config_digest: 0,
+            tls: None,
         }
     }
 }

@@ -121,6 +121,26 @@ pub(crate) enum ReadOutcome {
     WouldBlock,
     /// The peer closed its side.
     Eof,
+    /// The TLS layer failed (handshake or record): why.
+    Tls(String),
+}
+
+/// Hands plaintext to a TLS connection; `WouldBlock` when its buffer is full.
+struct PlainSink<'a>(&'a mut rustls::Connection);
+
+impl Write for PlainSink<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(b)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.0.writer().write_vectored(bufs)? {
+            0 if bufs.iter().any(|b| !b.is_empty()) => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A connection.
@@ -141,6 +161,8 @@ pub(crate) struct Conn {
     pub(crate) dirty: bool,
     /// The challenge-response in progress (with a cluster secret).
     pub(crate) auth: Option<Box<AuthState>>,
+    /// The TLS session (with [`crate::TcpConfig::tls`]): frames go through it.
+    pub(crate) tls: Option<Box<rustls::Connection>>,
 }
 
 /// Handshake state of a connection authenticating with the cluster secret.
@@ -164,6 +186,7 @@ impl Conn {
             role,
             connected,
             auth: None,
+            tls: None,
             established: false,
             deadline: Some(deadline),
             rbuf: BytesMut::new(),
@@ -172,8 +195,45 @@ impl Conn {
         }
     }
 
+    /// Whether there is anything to write: queued frames, or TLS records.
+    pub(crate) fn has_output(&self) -> bool {
+        self.out.queued() > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Writes as much as the socket takes (through TLS when set). `Ok(true)`: all
+    /// written.
+    pub(crate) fn flush(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.out.flush(&mut self.stream);
+        };
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Frames wait in the queue (counted for backpressure) until the handshake
+            // is done; the read side marks the connection dirty when it is.
+            if self.out.queued() == 0 || tls.is_handshaking() {
+                return Ok(self.out.queued() == 0);
+            }
+            let before = self.out.queued();
+            self.out.flush(&mut PlainSink(tls))?;
+            if self.out.queued() == before && !tls.wants_write() {
+                return Ok(false);
+            }
+        }
+    }
+
     /// One `read` into `scratch`, appended to the receive buffer.
     pub(crate) fn read_once(&mut self, scratch: &mut [u8]) -> io::Result<ReadOutcome> {
+        if self.tls.is_some() {
+            return self.read_tls_once(scratch);
+        }
         loop {
             match self.stream.read(scratch) {
                 Ok(0) => return Ok(ReadOutcome::Eof),
@@ -185,6 +245,59 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+impl Conn {
+    /// [`Conn::read_once`] through TLS: one socket read into the session, then all the
+    /// plaintext it yields. Edge-triggered readiness: `more` whenever the socket gave
+    /// bytes, so the caller reads on until `WouldBlock`.
+    fn read_tls_once(&mut self, scratch: &mut [u8]) -> io::Result<ReadOutcome> {
+        let tls = self.tls.as_deref_mut().expect("a TLS connection");
+        let mut got_raw = 0;
+        let mut eof = false;
+        loop {
+            match tls.read_tls(&mut self.stream) {
+                Ok(0) => eof = true,
+                Ok(n) => got_raw = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            break;
+        }
+        if let Err(e) = tls.process_new_packets() {
+            let what = if tls.is_handshaking() { "TLS handshake failed" } else { "TLS error" };
+            // Best effort: tell the peer (an alert is queued).
+            let _ = tls.write_tls(&mut self.stream);
+            return Ok(ReadOutcome::Tls(format!("{what}: {e}")));
+        }
+        let mut plain = 0;
+        loop {
+            match tls.reader().read(scratch) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&scratch[..n]);
+                    plain += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    eof = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if got_raw > 0 || plain > 0 {
+            Ok(ReadOutcome::Data { n: got_raw.max(plain), more: true })
+        } else if eof {
+            Ok(ReadOutcome::Eof)
+        } else {
+            Ok(ReadOutcome::WouldBlock)
         }
     }
 }

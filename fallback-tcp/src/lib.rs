@@ -26,6 +26,11 @@
 //!   know the secret cannot join, and a replica configured with another member list
 //!   ([`TcpConfig::config_digest`]) is refused as stale. Every refusal is a `tracing` warning naming the remote address and the
 //!   reason, and closes the connection; the transport goes on serving.
+//! - **TLS** (optional, [`TcpConfig::tls`], see [`PeerTls`]): every connection runs a
+//!   rustls handshake first (mutual, against the cluster CA), non-blocking inside
+//!   `poll`; the HELLO handshake and every frame then travel inside TLS. A failed TLS
+//!   handshake is a warning naming the remote and rustls' reason; the link is retried
+//!   like any failed link.
 //! - **reconnect**: a failed dial or a dropped outgoing connection is retried after an
 //!   exponential, jittered (seeded) delay between [`TcpConfig::reconnect_min`] and
 //!   [`TcpConfig::reconnect_max`]. [`Event::PeerUp`] follows each successful
@@ -55,9 +60,13 @@
 
 mod config;
 mod conn;
+mod tls;
 pub mod wire;
 
 pub use config::TcpConfig;
+/// The rustls version the TLS settings are built with.
+pub use rustls;
+pub use tls::{PeerTls, TlsSetupError};
 pub use wire::ProtocolError;
 
 use config::Rng;
@@ -339,6 +348,16 @@ impl TcpTransport {
             debug!(peer, remote = %addr, "dead-link detection: {e}");
         }
         let mut conn = Conn::new(stream, addr, Role::Outgoing(peer), false, now + self.cfg.handshake_timeout);
+        if let Some(tls) = &self.cfg.tls {
+            match rustls::ClientConnection::new(tls.client.clone(), tls.name_of(peer, addr)) {
+                Ok(c) => conn.tls = Some(Box::new(c.into())),
+                Err(e) => {
+                    warn!(peer, remote = %addr, "not dialing: TLS session: {e}");
+                    self.schedule_redial(peer, now);
+                    return;
+                }
+            }
+        }
         let mut dialer_nonce = [0u8; wire::NONCE_LEN];
         if self.cfg.secret.is_some() {
             match nonce() {
@@ -384,7 +403,16 @@ impl TcpTransport {
                         debug!(remote = %addr, "dead-link detection: {e}");
                     }
                     let deadline = Instant::now() + self.cfg.handshake_timeout;
-                    let conn = Conn::new(stream, addr, Role::Incoming(None), true, deadline);
+                    let mut conn = Conn::new(stream, addr, Role::Incoming(None), true, deadline);
+                    if let Some(tls) = &self.cfg.tls {
+                        match rustls::ServerConnection::new(tls.server.clone()) {
+                            Ok(s) => conn.tls = Some(Box::new(s.into())),
+                            Err(e) => {
+                                warn!(remote = %addr, "refusing a peer connection: TLS session: {e}");
+                                continue;
+                            }
+                        }
+                    }
                     match self.add_conn(conn) {
                         Ok(id) => debug!(remote = %addr, conn = id, "accepted"),
                         Err(e) => warn!(remote = %addr, "registering a socket failed: {e}"),
@@ -408,8 +436,8 @@ impl TcpTransport {
             return;
         };
         // Best effort: a REJECT or last answers may still be queued.
-        if conn.connected && conn.out.queued() > 0 {
-            let _ = conn.out.flush(&mut conn.stream);
+        if conn.connected && conn.has_output() {
+            let _ = conn.flush();
         }
         let _ = self.poll.registry().deregister(&mut conn.stream);
         let now = Instant::now();
@@ -459,7 +487,7 @@ impl TcpTransport {
         let reason = err.to_string();
         match role {
             Role::Incoming(peer) => {
-                if !matches!(err, ProtocolError::Truncated(_) | ProtocolError::Replaced) {
+                if !matches!(err, ProtocolError::Truncated(_) | ProtocolError::Replaced | ProtocolError::Tls(_)) {
                     conn.out.push_frame(kind::REJECT, &[], wire::reject_payload(&reason));
                 }
                 warn!(local = self.cfg.local, remote = %addr, peer = ?peer,
@@ -478,10 +506,10 @@ impl TcpTransport {
             return;
         };
         conn.dirty = false;
-        if !conn.connected || conn.out.queued() == 0 {
+        if !conn.connected || !conn.has_output() {
             return;
         }
-        if let Err(e) = conn.out.flush(&mut conn.stream) {
+        if let Err(e) = conn.flush() {
             let (addr, role) = (conn.addr, conn.role);
             info!(local = self.cfg.local, remote = %addr, role = ?role, "write failed: {e}");
             self.close(id, &format!("write failed: {e}"), events);
@@ -561,6 +589,9 @@ impl TcpTransport {
             let res = conn.read_once(&mut scratch);
             match res {
                 Ok(ReadOutcome::Data { n, more }) => {
+                    if conn.tls.is_some() && conn.has_output() {
+                        self.mark_dirty(id);
+                    }
                     if !self.decode_frames(id, events) {
                         break;
                     }
@@ -575,7 +606,18 @@ impl TcpTransport {
                         break;
                     }
                 }
-                Ok(ReadOutcome::WouldBlock) => break,
+                Ok(ReadOutcome::WouldBlock) => {
+                    if conn.tls.is_some() && conn.has_output() {
+                        // The TLS session has handshake records to send, or finished
+                        // its handshake and may now carry the queued frames.
+                        self.mark_dirty(id);
+                    }
+                    break;
+                }
+                Ok(ReadOutcome::Tls(why)) => {
+                    self.fail(id, ProtocolError::Tls(why), events);
+                    break;
+                }
                 Ok(ReadOutcome::Eof) => {
                     let (addr, role, left) = (conn.addr, conn.role, conn.rbuf.len());
                     if left > 0 {

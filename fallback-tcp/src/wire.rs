@@ -234,6 +234,9 @@ pub enum ProtocolError {
     /// The peer left the configuration.
     #[error("peer removed from the configuration")]
     Removed,
+    /// The TLS layer refused the connection (handshake or record error).
+    #[error("{0}")]
+    Tls(String),
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -285,6 +285,20 @@ pub struct Security {
     /// The private key of `tls_cert_file` (PEM). Both or neither.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// This replica's certificate chain for the peer links (PEM). With
+    /// `peer_tls_key_file` and `peer_tls_ca_file` (all three or none), every peer link
+    /// (TCP transport) runs mutual TLS (see `fallback_tcp::PeerTls`): the certificate,
+    /// signed by the cluster CA, must be good for server and client authentication and
+    /// carry the IP address of this member's `peer_addr`. Unset (the default): peer
+    /// frames travel in plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_tls_cert_file: Option<PathBuf>,
+    /// The private key of `peer_tls_cert_file` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_tls_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM): peers' certificates must chain to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_tls_ca_file: Option<PathBuf>,
 }
 
 impl Security {
@@ -293,6 +307,30 @@ impl Security {
             && self.client_secret_file.is_none()
             && self.tls_cert_file.is_none()
             && self.tls_key_file.is_none()
+            && self.peer_tls_cert_file.is_none()
+            && self.peer_tls_key_file.is_none()
+            && self.peer_tls_ca_file.is_none()
+    }
+
+    /// The peer TLS files (certificate, key, CA), all three or none.
+    fn peer_tls_files(&self) -> Result<Option<(&Path, &Path, &Path)>, ConfigError> {
+        match (&self.peer_tls_cert_file, &self.peer_tls_key_file, &self.peer_tls_ca_file) {
+            (None, None, None) => Ok(None),
+            (Some(c), Some(k), Some(a)) => Ok(Some((c, k, a))),
+            (c, k, a) => {
+                let names = [("peer_tls_cert_file", c), ("peer_tls_key_file", k), ("peer_tls_ca_file", a)];
+                let missing: Vec<String> =
+                    names.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| format!("security.{n}")).collect();
+                Err(ConfigError::at(
+                    "security".to_string(),
+                    format!(
+                        "peer TLS needs peer_tls_cert_file, peer_tls_key_file and peer_tls_ca_file together: \
+                         {} missing",
+                        missing.join(" and ")
+                    ),
+                ))
+            }
+        }
     }
 }
 
@@ -639,6 +677,15 @@ impl ServeConfig {
                 format!("{seg} must be a multiple of 8 from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE}"),
             ));
         }
+        if self.security.peer_tls_files()?.is_some() && self.transport != TransportKind::Tcp {
+            return Err(ConfigError::at(
+                "security".to_string(),
+                format!(
+                    "peer_tls_* files are for the tcp transport; transport = \"{}\" does not run TLS",
+                    self.transport.as_str()
+                ),
+            ));
+        }
         self.validate_timing()?;
         self.validate_limits()?;
         self.validate_log()?;
@@ -883,6 +930,17 @@ impl ServeConfig {
     /// unreadable file, or one holding nothing but whitespace, is an error naming it.
     pub fn read_secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
         read_secret_at("security.secret_file", self.security.secret_file.as_deref())
+    }
+
+    /// The peer-link TLS settings from `security.peer_tls_*_file` (`None` when unset):
+    /// the files are read and checked here.
+    pub fn peer_tls(&self) -> Result<Option<fallback_tcp::PeerTls>, ConfigError> {
+        let Some((cert, key, ca)) = self.security.peer_tls_files()? else {
+            return Ok(None);
+        };
+        fallback_tcp::PeerTls::from_pem_files(cert, key, ca)
+            .map(Some)
+            .map_err(|e| ConfigError::at("security".to_string(), e.to_string()))
     }
 
     /// The client secret from `security.client_secret_file` (`None` when unset), read

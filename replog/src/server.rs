@@ -115,8 +115,9 @@ fn tcp_transport(cfg: &ServeConfig) -> Result<TcpTransport, ServeError> {
     let secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
     tcfg.secret = secret;
+    tcfg.tls = cfg.peer_tls().map_err(|e| ServeError::Security(e.to_string()))?;
     tcfg.config_digest = cfg.config_digest();
-    info!(node = cfg.id, authenticated = tcfg.secret.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
+    info!(node = cfg.id, authenticated = tcfg.secret.is_some(), tls = tcfg.tls.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
     tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
     tcfg.seed = cfg.id;
     // Redial a lost peer at least every few election timeouts: a restarted replica

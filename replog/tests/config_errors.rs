@@ -214,3 +214,18 @@ fn log_levels() {
         expect(&format!("{BASE}\n[log]\nlevel = \"{bad}\"\n"), &["log.level: invalid filter"]);
     }
 }
+
+#[test]
+fn peer_tls_files_go_together() {
+    let m = err(&format!("{BASE}\n[security]\npeer_tls_cert_file = \"a.crt\"\npeer_tls_key_file = \"a.key\"\n"));
+    assert!(m.contains("peer_tls_cert_file, peer_tls_key_file and peer_tls_ca_file together"), "{m}");
+    assert!(m.contains("security.peer_tls_ca_file missing"), "{m}");
+    let m = err(&format!("{BASE}\n[security]\npeer_tls_ca_file = \"ca.crt\"\n"));
+    assert!(m.contains("security.peer_tls_cert_file and security.peer_tls_key_file missing"), "{m}");
+    let all =
+        "[security]\npeer_tls_cert_file = \"a.crt\"\npeer_tls_key_file = \"a.key\"\npeer_tls_ca_file = \"ca.crt\"\n";
+    let cfg = ServeConfig::from_toml(&format!("{BASE}\n{all}"), "replog.toml").unwrap();
+    // The files are read when the transport is built: missing ones are named.
+    let e = cfg.peer_tls().expect_err("no such files").to_string();
+    assert!(e.contains("peer TLS certificate file a.crt: cannot read it"), "{e}");
+}
