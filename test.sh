@@ -17,7 +17,7 @@ export CARGO_TERM_COLOR=never
 # fetches the kernel and the rest of what the VM needs). Fuzzing: libfuzzer-sys compiles
 # libFuzzer (C++) with g++.
 PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config
-    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86 g++)
+    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86 g++ openssl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
