@@ -283,3 +283,21 @@ fn corrupt_middle_names_file_and_offset() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn a_data_directory_that_disappears_stops_acknowledging() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let log = Log::open(&data, fsync_cfg(64 * 1024)).unwrap();
+    log.append(&payload(1, 100)).unwrap();
+    log.sync().unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    // Writes to the unlinked files still succeed in the kernel, but nothing of them
+    // would survive a restart: the store must say so and poison itself.
+    let r = log.append(&payload(2, 100)).and_then(|_| log.sync());
+    let e = r.expect_err("a sync into a removed data directory was reported durable");
+    assert!(e.to_string().contains("gone from the data directory"), "{e}");
+    assert!(log.poisoned().is_some());
+    assert!(log.append(&payload(3, 100)).is_err(), "a poisoned store takes no more appends");
+}

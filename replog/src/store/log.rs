@@ -453,7 +453,19 @@ impl Log {
                     let active = g.active();
                     let file = active.file_for_sync().expect("fsync mode uses files");
                     let path = active.display_path();
-                    let r = MutexGuard::unlocked(&mut g, || super::fault::sync_data(&file, &path));
+                    let r = MutexGuard::unlocked(&mut g, || {
+                        super::fault::sync_data(&file, &path)?;
+                        // Synced data of a file no longer in the data directory (the
+                        // directory was removed or replaced) is lost at the next start:
+                        // it must not count as durable.
+                        match std::fs::symlink_metadata(&path) {
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "the segment file is gone from the data directory (was the directory removed?)",
+                            )),
+                            _ => Ok(()),
+                        }
+                    });
                     g.syncing = false;
                     match r {
                         Ok(()) => {
