@@ -109,6 +109,10 @@ fn u64_at(b: &[u8], i: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
 }
 
+fn u32_at(b: &[u8], i: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
+}
+
 impl RdmaAgent {
     /// Wraps `inner`, whose log region is divided into cells of `cell_size` bytes (a
     /// multiple of 8, at least 128, at most the region).
@@ -233,8 +237,8 @@ impl RdmaAgent {
         match tag {
             TAG_MSG => events.push(Event::Message { from, payload: body }),
             TAG_ACK | TAG_READ_RESP if body.len() >= 9 => {
-                let token = u64_at(&body, 0).expect("length checked");
-                let result = match body[8] {
+                let (Some(token), Some(&status)) = (u64_at(&body, 0), body.get(8)) else { return };
+                let result = match status {
                     STATUS_OK => Ok(body.slice(9..)),
                     STATUS_DENIED => Err(AccessError::Denied { detail: body.slice(9..) }),
                     s => {
@@ -254,9 +258,10 @@ impl RdmaAgent {
                 }
             }
             TAG_READ if body.len() == 20 => {
-                let their = u64_at(&body, 0).expect("length checked");
-                let offset = u64_at(&body, 8).expect("length checked");
-                let len = u32::from_le_bytes(body[16..20].try_into().expect("4 bytes"));
+                let (Some(their), Some(offset), Some(len)) = (u64_at(&body, 0), u64_at(&body, 8), u32_at(&body, 16))
+                else {
+                    return;
+                };
                 let ours = self.token();
                 self.arrived_reads.insert(ours, (from, their));
                 events.push(Event::ReadArrived { from, token: ours, offset, len });

@@ -110,19 +110,20 @@ pub fn decode_header(b: &[u8], cell_size: usize) -> Option<CellHeader> {
     if b.len() < HEADER_LEN || b[0..4] != MAGIC {
         return None;
     }
-    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-    let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+    let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+    let len = u32_at(4)?;
     if len as usize > capacity(cell_size) {
         return None;
     }
     Some(CellHeader {
         len,
-        writer: u64_at(8),
-        epoch: (u64_at(16), u64_at(24)),
-        seq: u64_at(32),
-        first: u64_at(40),
-        token: u64_at(48),
-        crc: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
+        writer: u64_at(8)?,
+        epoch: (u64_at(16)?, u64_at(24)?),
+        seq: u64_at(32)?,
+        first: u64_at(40)?,
+        token: u64_at(48)?,
+        crc: u32_at(56)?,
     })
 }
 
@@ -148,7 +149,7 @@ mod tests {
         let h = decode_header(&out, 4096).expect("header");
         assert_eq!((h.len, h.writer, h.epoch, h.seq, h.first, h.token), (15, 3, (7, 1), 5, 42, 99));
         let c = canary_offset(h.len);
-        assert_eq!(u64::from_le_bytes(out[c..c + 8].try_into().unwrap()), canary(5));
+        assert_eq!(out.get(c..c + 8), Some(&canary(5).to_le_bytes()[..]));
         assert!(check(&out[..HEADER_LEN], &h, &out[HEADER_LEN..HEADER_LEN + 15]));
     }
 

@@ -865,10 +865,9 @@ impl DpdkTransport {
         p.last_rx = now;
         self.mark_up(id, now, events);
         let p = self.peers.get_mut(&id).expect("peer");
-        let sack = if h.kind == wire::kind::ACK && payload.len() >= 8 {
-            u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"))
-        } else {
-            0
+        let sack = match payload.get(..8) {
+            Some(b) if h.kind == wire::kind::ACK => b.try_into().map(u64::from_le_bytes).unwrap_or(0),
+            _ => 0,
         };
         if let Err(e) = p.link.on_ack(h.ack, sack) {
             return self.reset(id, &format!("protocol error: {e}"), events);

@@ -190,21 +190,22 @@ pub(crate) struct Hello {
     pub(crate) nonce_d: [u8; NONCE_LEN],
 }
 
-pub(crate) fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+pub(crate) fn u64_at(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
 }
 
 /// Parses a HELLO payload.
 pub(crate) fn decode_hello(p: &[u8]) -> Result<Hello, SideError> {
+    let bad = || SideError::Malformed { what: "HELLO", len: p.len() };
     if p.len() != HELLO_LEN {
-        return Err(SideError::Malformed { what: "HELLO", len: p.len() });
+        return Err(bad());
     }
     Ok(Hello {
-        cluster: u64_at(p, 0),
-        dialer: u64_at(p, 8),
-        acceptor: u64_at(p, 16),
-        digest: u64_at(p, 24),
-        nonce_d: p[32..].try_into().expect("32 bytes"),
+        cluster: u64_at(p, 0).ok_or_else(bad)?,
+        dialer: u64_at(p, 8).ok_or_else(bad)?,
+        acceptor: u64_at(p, 16).ok_or_else(bad)?,
+        digest: u64_at(p, 24).ok_or_else(bad)?,
+        nonce_d: decode32("HELLO", p.get(32..).unwrap_or_default())?,
     })
 }
 
@@ -216,10 +217,10 @@ pub(crate) fn decode32(what: &'static str, p: &[u8]) -> Result<[u8; NONCE_LEN], 
 /// Parses a payload made of a generation number and optionally more bytes of exactly
 /// `rest` length.
 pub(crate) fn decode_gen<'a>(what: &'static str, p: &'a [u8], rest: usize) -> Result<(u64, &'a [u8]), SideError> {
-    if p.len() != 8 + rest {
-        return Err(SideError::Malformed { what, len: p.len() });
+    match (u64_at(p, 0), p.get(8..)) {
+        (Some(gen), Some(tail)) if p.len() == 8 + rest => Ok((gen, tail)),
+        _ => Err(SideError::Malformed { what, len: p.len() }),
     }
-    Ok((u64_at(p, 0), &p[8..]))
 }
 
 /// A REJECT payload: the reason, cut to its limit on a character boundary.

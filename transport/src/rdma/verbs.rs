@@ -51,16 +51,16 @@ impl Endpoint {
         if b.len() != ENDPOINT_LEN {
             return None;
         }
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
         Some(Endpoint {
-            qpn: u32_at(0),
-            psn: u32_at(4) & 0x00ff_ffff,
-            lid: u16::from_le_bytes([b[8], b[9]]),
-            gid: b[10..26].try_into().expect("16 bytes"),
-            addr: u64_at(26),
-            rkey: u32_at(34),
-            len: u64_at(38),
+            qpn: u32_at(0)?,
+            psn: u32_at(4)? & 0x00ff_ffff,
+            lid: u16::from_le_bytes(b.get(8..10)?.try_into().ok()?),
+            gid: b.get(10..26)?.try_into().ok()?,
+            addr: u64_at(26)?,
+            rkey: u32_at(34)?,
+            len: u64_at(38)?,
         })
     }
 }
