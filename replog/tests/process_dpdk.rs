@@ -228,21 +228,7 @@ impl DpdkCluster {
     }
 
     fn read_all(&self, i: usize) -> Vec<(u64, Vec<u8>)> {
-        let mut c = self.client_of(&[i]);
-        let mut out = Vec::new();
-        let mut from = 1;
-        for _ in 0..100_000 {
-            let batch = c.read(from, 4096).expect("read");
-            if batch.is_empty() {
-                break;
-            }
-            for (p, d) in batch {
-                assert_eq!(p, from, "positions are consecutive");
-                from += 1;
-                out.push((p, d.to_vec()));
-            }
-        }
-        out
+        support::read_log(&mut self.client_of(&[i]))
     }
 
     fn log_of(&self, i: usize) -> String {

@@ -255,21 +255,7 @@ impl NetCluster {
 
     /// The whole log as replica `i` serves it (call from a namespace that reaches it).
     pub fn read_all(&self, i: usize) -> Vec<(u64, Vec<u8>)> {
-        let mut c = self.client_of(vec![self.client_addr(i)], Duration::from_secs(2), 5);
-        let mut out = Vec::new();
-        let mut from = 1;
-        for _ in 0..100_000 {
-            let batch = c.read(from, 4096).expect("read");
-            if batch.is_empty() {
-                break;
-            }
-            for (p, d) in batch {
-                assert_eq!(p, from, "positions are consecutive");
-                from += 1;
-                out.push((p, d.to_vec()));
-            }
-        }
-        out
+        crate::support::read_log(&mut self.client_of(vec![self.client_addr(i)], Duration::from_secs(2), 5))
     }
 
     /// Whether every replica process still runs; panics naming the one that exited.

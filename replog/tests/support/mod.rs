@@ -142,26 +142,31 @@ impl Cluster {
 
     /// The whole log as replica `i` serves it.
     pub fn read_all(&self, i: usize) -> Vec<(u64, Vec<u8>)> {
-        let mut c = self.client_of(i);
-        let mut out = Vec::new();
-        let mut from = 1;
-        for _ in 0..100_000 {
-            let batch = c.read(from, 4096).expect("read");
-            if batch.is_empty() {
-                break;
-            }
-            for (p, d) in batch {
-                assert_eq!(p, from, "positions are consecutive");
-                from += 1;
-                out.push((p, d.to_vec()));
-            }
-        }
-        out
+        read_log(&mut self.client_of(i))
     }
 
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.cfgs[i].id))).unwrap_or_default()
     }
+}
+
+/// The whole log as `c`'s replica serves it, from position 1, checking that positions
+/// are consecutive.
+pub fn read_log(c: &mut Client) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    for _ in 0..100_000 {
+        let batch = c.read(from, 4096).expect("read");
+        if batch.is_empty() {
+            break;
+        }
+        for (p, d) in batch {
+            assert_eq!(p, from, "positions are consecutive");
+            from += 1;
+            out.push((p, d.to_vec()));
+        }
+    }
+    out
 }
 
 impl Drop for Cluster {
