@@ -80,7 +80,7 @@ sim --seeds 1000 --start 1000000 --hunting
 
 echo "== simulator: every planted bug must be caught"
 for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum \
-    leader-votes-before-sync ignore-trimmed-promiser early-new-quorum; do
+    leader-votes-before-sync ignore-trimmed-promiser early-new-quorum trim-at-applied; do
     sim --seeds 10000 --hunting --no-permission-check --bug "$bug"
 done
 

@@ -29,6 +29,11 @@ pub enum PlantedBug {
     /// A leader counts the new membership's quorum from the membership change's own
     /// slot on, and keeps opening slots before the change is chosen.
     EarlyNewQuorum,
+    /// A log-service trim snapshots the state after the slot before the trim (the
+    /// current de-duplication table and position counter) but labels it with the
+    /// earlier slot it trims to, so a replica that installs it replays entries it
+    /// already counts.
+    TrimAtApplied,
 }
 
 /// Configuration of one replica. Every member of a cluster must agree on `voters`

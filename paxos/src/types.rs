@@ -128,13 +128,18 @@ pub enum Value {
     /// A membership change: slots after this one (once it is chosen) belong to the new
     /// membership. A leader opens no slot after a membership change until it is chosen.
     Config(Membership),
+    /// Trims the log service's prefix: once applied, every replica may drop the slots
+    /// whose client entries all lie at positions up to this one (rounded down to a slot
+    /// boundary) behind a snapshot of the core's state there. See
+    /// [`crate::Replica::propose_trim`].
+    Trim(Position),
 }
 
 impl Value {
     /// Payload bytes carried (for batching limits and statistics).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Value::Noop | Value::Config(_) => 0,
+            Value::Noop | Value::Config(_) | Value::Trim(_) => 0,
             Value::Batch(cmds) => cmds.iter().map(|c| c.payload.len()).sum(),
         }
     }
@@ -142,7 +147,7 @@ impl Value {
     /// Number of client entries carried.
     pub fn len(&self) -> usize {
         match self {
-            Value::Noop | Value::Config(_) => 0,
+            Value::Noop | Value::Config(_) | Value::Trim(_) => 0,
             Value::Batch(cmds) => cmds.len(),
         }
     }

@@ -36,7 +36,9 @@ fn catches_accepting_a_lower_ballot() {
 
 #[test]
 fn catches_a_vote_counted_twice() {
-    hunt(PlantedBug::DoubleCountVote);
+    // Needs a duplicated promise or read completion that makes a minority look like a
+    // quorum, then a conflicting choice: first caught at seed 1433 of the hunting mix.
+    hunt_within(PlantedBug::DoubleCountVote, 3000);
 }
 
 #[test]
@@ -73,6 +75,13 @@ fn catches_a_new_membership_counted_too_early() {
 }
 
 #[test]
+fn catches_a_trim_snapshot_labelled_with_an_earlier_slot() {
+    // A log-service trim whose snapshot carries the de-duplication table and position
+    // counter of a later slot: needs a replica behind the trim that installs it.
+    hunt(PlantedBug::TrimAtApplied);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
-    assert_eq!(ALL_BUGS.len(), 8);
+    assert_eq!(ALL_BUGS.len(), 9);
 }

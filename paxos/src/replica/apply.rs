@@ -36,6 +36,12 @@ pub struct Applied {
     /// The membership this slot changed to, if it is a membership change (in force for
     /// every later slot).
     pub membership: Option<Membership>,
+    /// For a chosen [`Value::Trim`]: the core's snapshot of the prefix to drop (its
+    /// slot is the last slot whose entries all lie at or below the trim position, and
+    /// before the trim's own slot), when that moves past the last snapshot. The driver
+    /// saves it durably, then calls [`crate::Replica::compact_to`]. Every replica gets
+    /// the same one at the same point of the log.
+    pub trim: Option<SnapshotMeta>,
 }
 
 /// The core's part of a snapshot taken after applying `slot`: the client
@@ -89,6 +95,7 @@ impl ApplyState {
             Value::Noop => (Vec::new(), None),
             Value::Batch(c) => (c, None),
             Value::Config(m) => (Vec::new(), Some(m)),
+            Value::Trim(_) => (Vec::new(), None),
         };
         let mut entries = Vec::with_capacity(cmds.len());
         for command in cmds {
@@ -108,7 +115,7 @@ impl ApplyState {
                 }
             }
         }
-        Applied { slot, entries, membership }
+        Applied { slot, entries, membership, trim: None }
     }
 }
 
@@ -125,8 +132,13 @@ impl<S: Storage> Replica<S> {
             invariant!(entry.is_some(), "chosen slot {slot} missing from storage");
             let Some(entry) = entry else { break };
             require!(entry.slot == slot);
+            let trim = match entry.value {
+                Value::Trim(p) => self.trim_meta(p, slot)?,
+                _ => None,
+            };
             let before = self.apply_state.last_position();
-            let applied = self.apply_state.apply(slot, entry.value);
+            let mut applied = self.apply_state.apply(slot, entry.value);
+            applied.trim = trim;
             ensure!(self.apply_state.last_position() >= before);
             self.applied = slot;
             let changed = applied.membership.clone();
@@ -136,5 +148,72 @@ impl<S: Storage> Replica<S> {
             }
         }
         Ok(())
+    }
+}
+
+impl<S: Storage> Replica<S> {
+    /// The core's snapshot after the last slot before `trim_slot` whose entries all lie
+    /// at or below `position`, if that is past the last snapshot ([`Replica::base`]).
+    /// Called while applying `trim_slot`, so the apply state is the one after
+    /// `trim_slot - 1`; an earlier point is replayed from the last snapshot over the
+    /// stored entries (which is why the log service's snapshots are taken exactly at the
+    /// slot they trim to).
+    fn trim_meta(&self, position: Position, trim_slot: Slot) -> Result<Option<SnapshotMeta>, Error> {
+        require!(self.applied + 1 == trim_slot);
+        let base = &self.base;
+        if position <= base.last_position || trim_slot <= base.slot + 1 {
+            return Ok(None);
+        }
+        let wrong_point = self.bug(crate::config::PlantedBug::TrimAtApplied);
+        if position >= self.apply_state.last_position() || wrong_point {
+            let mut m = self.snapshot_meta();
+            if wrong_point {
+                // The planted bug: the state after `trim_slot - 1`, labelled with an
+                // earlier slot.
+                m.slot = self.trim_stop(position, trim_slot)?.unwrap_or(m.slot);
+            }
+            ensure!(m.slot == trim_slot - 1 || wrong_point);
+            return Ok(Some(m).filter(|m| m.slot > base.slot));
+        }
+        if self.storage.trimmed() > base.slot {
+            // The entries after the last snapshot are gone (an application snapshot
+            // compacted them): the prefix cannot be replayed, so it is not trimmed.
+            return Ok(None);
+        }
+        let Some(last) = self.trim_stop(position, trim_slot)? else { return Ok(None) };
+        // Replay the last snapshot's state up to `last`.
+        let mut state = ApplyState::restore(base);
+        let mut membership = base.membership.clone();
+        for s in base.slot + 1..=last {
+            let Some(e) = self.storage.entry(s)? else {
+                invariant!(false, "applied slot {s} missing from storage");
+                return Ok(None);
+            };
+            if let Value::Config(m) = &e.value {
+                membership = m.clone();
+            }
+            state.apply(s, e.value);
+        }
+        let mut m = state.snapshot(last);
+        m.membership = membership;
+        ensure!(m.last_position <= position && m.slot < trim_slot);
+        Ok(Some(m))
+    }
+
+    /// The last slot after the last snapshot and before `trim_slot` whose entries all
+    /// lie at or below `position` (`None`: no slot after the snapshot qualifies).
+    fn trim_stop(&self, position: Position, trim_slot: Slot) -> Result<Option<Slot>, Error> {
+        let base = &self.base;
+        let mut state = ApplyState::restore(base);
+        let mut last = None;
+        for s in base.slot + 1..trim_slot {
+            let Some(e) = self.storage.entry(s)? else { break };
+            state.apply(s, e.value);
+            if state.last_position() > position {
+                break;
+            }
+            last = Some(s);
+        }
+        Ok(last)
     }
 }

@@ -455,6 +455,7 @@ impl<S: Storage> Replica<S> {
             config_slot,
             pending_config: None,
             last_handover: None,
+            pending_trim: None,
         });
         self.sync_peers();
         self.note_role();

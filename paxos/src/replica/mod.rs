@@ -310,6 +310,8 @@ struct LeaderState {
     pending_config: Option<Membership>,
     /// The voter last asked to take over from this leader after its removal.
     last_handover: Option<NodeId>,
+    /// A log-service trim asked for, waiting for its slot.
+    pending_trim: Option<Position>,
 }
 
 /// A leadership transfer in progress.
@@ -351,6 +353,9 @@ pub struct Replica<S: Storage> {
     applied: Slot,
     /// Client de-duplication and positions.
     apply_state: apply::ApplyState,
+    /// The core's state at the last snapshot this replica restored, installed or
+    /// trimmed to ([`Replica::compact_to`]): log-service trims replay from it.
+    base: SnapshotMeta,
     pre: Option<PreVoteState>,
     cand: Option<CandidateState>,
     lead: Option<LeaderState>,
@@ -403,6 +408,7 @@ impl<S: Storage> Replica<S> {
             chosen: snap.slot,
             applied: snap.slot,
             apply_state: apply::ApplyState::restore(&snap),
+            base: snap,
             pre: None,
             cand: None,
             lead: None,
@@ -416,8 +422,12 @@ impl<S: Storage> Replica<S> {
         // entries it covers): apply them again without waiting for a leader.
         // (Unless entries above the snapshot were trimmed: a newer snapshot was lost;
         // the leader will send one.)
-        if r.storage.trimmed() <= snap.slot {
+        if r.storage.trimmed() <= r.base.slot {
             r.chosen = r.chosen.max(r.storage.chosen_hint().min(r.storage.last_slot()));
+        }
+        if !r.base.membership.is_valid() {
+            // Spelled out, so that trims replaying from here agree with the others.
+            r.base.membership = r.cfg.membership();
         }
         r.apply_ready()?;
         if !promised.is_zero() {
@@ -637,6 +647,32 @@ impl<S: Storage> Replica<S> {
             return Err(ProposeError::Busy);
         }
         lead.pending.extend(cmds);
+        if self.enter(now).is_err() {
+            return Err(ProposeError::Stopped);
+        }
+        let r = self.fill_slots().and_then(|_| self.send_writes_all()).and_then(|_| self.try_advance_commit());
+        self.leave(r).map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Proposes a trim of the log service's prefix: every replica drops the slots whose
+    /// client entries all lie at positions up to `position` (rounded down to a slot
+    /// boundary), behind a snapshot of the core's state there (see
+    /// [`Applied::trim`](crate::Applied)). Only for a log whose application keeps no
+    /// state of its own beyond the log: an application with a state machine snapshots
+    /// it instead ([`Replica::compact`]). A trim already waiting is raised to the
+    /// larger position.
+    pub fn propose_trim(&mut self, now: Nanos, position: Position) -> Result<(), ProposeError> {
+        if self.stopped.is_some() {
+            return Err(ProposeError::Stopped);
+        }
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        let lead = self.lead.as_mut().expect("leader state");
+        if let Some(t) = lead.transfer {
+            return Err(ProposeError::Transferring { to: t.to });
+        }
+        lead.pending_trim = Some(lead.pending_trim.map_or(position, |p| p.max(position)));
         if self.enter(now).is_err() {
             return Err(ProposeError::Stopped);
         }

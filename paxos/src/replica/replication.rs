@@ -29,6 +29,13 @@ impl<S: Storage> Replica<S> {
             let Some(l) = self.lead.as_mut() else {
                 return Ok(());
             };
+            if let Some(p) = l.pending_trim.take() {
+                let (slot, ballot) = (l.next_slot, l.ballot);
+                l.next_slot += 1;
+                require!(self.storage.entry(slot)?.is_none_or(|e| e.ballot < ballot));
+                self.accept_local(Entry { slot, ballot, value: Value::Trim(p) })?;
+                continue;
+            }
             if l.pending.is_empty() || l.next_slot > l.commit + window {
                 return Ok(());
             }

@@ -49,6 +49,31 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
+    /// The driver durably saved the snapshot `meta` of a log-service trim
+    /// ([`Applied::trim`](crate::Applied)): drop the slots it covers. It becomes the
+    /// base later trims replay from, and the snapshot a lagging follower is sent.
+    pub fn compact_to(&mut self, now: Nanos, meta: SnapshotMeta) -> Result<(), Error> {
+        self.enter(now)?;
+        let r = self.compact_to_inner(meta);
+        self.leave(r)
+    }
+
+    fn compact_to_inner(&mut self, meta: SnapshotMeta) -> Result<(), Error> {
+        require!(meta.slot <= self.applied, "trim to {} beyond applied {}", meta.slot, self.applied);
+        if meta.slot <= self.base.slot {
+            return Ok(());
+        }
+        self.compact_inner(meta.slot)?;
+        self.base = meta;
+        ensure!(self.storage.trimmed() >= self.base.slot);
+        Ok(())
+    }
+
+    /// The core's state at the last snapshot restored, installed or trimmed to.
+    pub fn base(&self) -> &SnapshotMeta {
+        &self.base
+    }
+
     /// Whether a snapshot covering slots up to `slot` would move this replica forward:
     /// it is not leading and has not applied that far. Check before loading a received
     /// snapshot into the application.
@@ -82,6 +107,7 @@ impl<S: Storage> Replica<S> {
         self.chosen = slot;
         self.applied = slot;
         self.apply_state = super::apply::ApplyState::restore(&meta);
+        self.base = meta.clone();
         if meta.membership.is_valid() && meta.membership != self.cfg.membership() {
             self.apply_membership(meta.membership.clone());
         }

@@ -113,6 +113,11 @@ pub struct SimConfig {
     /// new membership that need not intersect, cut the leader and the new voters off
     /// from the other old voters for a while, at once.
     pub reconfig_split: bool,
+    /// The leader proposes a log-service trim ([`crate::Replica::propose_trim`]) every
+    /// this many applied slots, to a position somewhat behind its applied one (0:
+    /// never). Every replica snapshots the core's state at the trim point and drops the
+    /// prefix; a replica behind it catches up by snapshot transfer.
+    pub trim_every: u64,
 }
 
 impl SimConfig {
@@ -153,6 +158,7 @@ impl SimConfig {
             spares: [0, 2, 2][(seed.wrapping_mul(0x94D0_49BB_1331_11EB) >> 60) as usize % 3],
             reconfigs: [0, 4, 10][(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 60) as usize % 3],
             reconfig_split: false,
+            trim_every: [0, 0, 6, 20][(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 60) as usize % 4],
         }
     }
 
@@ -216,6 +222,9 @@ pub struct SimReport {
     pub snapshots_taken: u64,
     /// Snapshots received from a leader and installed.
     pub snapshots_installed: u64,
+    /// Log-service trims applied (a snapshot of the core's state saved, the prefix
+    /// dropped), over all replicas.
+    pub trims: u64,
     /// Virtual time from healing to the first commit after it.
     pub recovery_after_heal: Option<Nanos>,
     /// Virtual time simulated.
@@ -249,6 +258,8 @@ pub struct SimTotals {
     pub snapshots_taken: u64,
     /// Snapshots installed by transfer.
     pub snapshots_installed: u64,
+    /// Log-service trims applied.
+    pub trims: u64,
     /// The longest time from healing to the first commit after it.
     pub worst_recovery: Nanos,
 }
@@ -268,6 +279,7 @@ impl SimTotals {
         self.snapshots_taken += r.snapshots_taken;
         self.reconfigs += r.reconfigs;
         self.snapshots_installed += r.snapshots_installed;
+        self.trims += r.trims;
         self.worst_recovery = self.worst_recovery.max(r.recovery_after_heal.unwrap_or(0));
     }
 }
@@ -278,7 +290,7 @@ impl fmt::Display for SimTotals {
             f,
             "{} events, {} slots chosen, {} entries applied, {} client ops ({} acknowledged appends), \
              {} elections, {} crashes, {} leadership transfers, {} membership changes, {} snapshots taken, \
-             {} installed by transfer; worst recovery after healing {:.1}ms",
+             {} installed by transfer, {} log trims; worst recovery after healing {:.1}ms",
             self.events,
             self.slots_chosen,
             self.entries_applied,
@@ -290,6 +302,7 @@ impl fmt::Display for SimTotals {
             self.reconfigs,
             self.snapshots_taken,
             self.snapshots_installed,
+            self.trims,
             self.worst_recovery as f64 / 1e6
         )
     }
@@ -358,11 +371,12 @@ pub fn bug_name(b: PlantedBug) -> &'static str {
         PlantedBug::LeaderVotesBeforeSync => "leader-votes-before-sync",
         PlantedBug::IgnoreTrimmedPromiser => "ignore-trimmed-promiser",
         PlantedBug::EarlyNewQuorum => "early-new-quorum",
+        PlantedBug::TrimAtApplied => "trim-at-applied",
     }
 }
 
 /// Every planted bug.
-pub const ALL_BUGS: [PlantedBug; 8] = [
+pub const ALL_BUGS: [PlantedBug; 9] = [
     PlantedBug::SkipValueAdoption,
     PlantedBug::AcceptLowerBallot,
     PlantedBug::DoubleCountVote,
@@ -371,6 +385,7 @@ pub const ALL_BUGS: [PlantedBug; 8] = [
     PlantedBug::LeaderVotesBeforeSync,
     PlantedBug::IgnoreTrimmedPromiser,
     PlantedBug::EarlyNewQuorum,
+    PlantedBug::TrimAtApplied,
 ];
 
 /// Parses a planted bug's command-line name.

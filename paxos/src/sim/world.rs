@@ -60,9 +60,37 @@ enum Event {
 struct StateMachine {
     values: Vec<u64>,
     digest: u64,
-    results: HashMap<(u64, u64), LogOutput>,
+    /// (client, seq) -> its result, and the slot that applied it.
+    results: HashMap<(u64, u64), (LogOutput, Slot)>,
     positions: u64,
     last_slot: Slot,
+    /// After each applied slot: (slot, positions, values, digest), so that the state at
+    /// an earlier slot can be rebuilt for a log-service trim's snapshot.
+    journal: Vec<(Slot, u64, usize, u64)>,
+}
+
+impl StateMachine {
+    fn empty() -> Self {
+        StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() }
+    }
+
+    /// The state right after applying `slot` (`None`: not in the journal).
+    fn at(&self, slot: Slot) -> Option<StateMachine> {
+        if slot == self.last_slot {
+            return Some(self.clone());
+        }
+        let i = self.journal.binary_search_by_key(&slot, |j| j.0).ok()?;
+        let (_, positions, values, digest) = self.journal[i];
+        let results = self.results.iter().filter(|(_, (_, s))| *s <= slot).map(|(k, v)| (*k, *v)).collect();
+        Some(StateMachine {
+            values: self.values[..values].to_vec(),
+            digest,
+            results,
+            positions,
+            last_slot: slot,
+            journal: self.journal[..=i].to_vec(),
+        })
+    }
 }
 
 struct Node {
@@ -85,6 +113,11 @@ struct Node {
     read_waiters: BTreeMap<u64, (usize, u64, u64)>,
     /// The latest snapshot, saved durably (it survives crashes).
     snapshot: Option<(SnapshotMeta, StateMachine)>,
+    /// A log-service trim applied here, to save and compact to once the actions that
+    /// released it are executed.
+    pending_trim: Option<SnapshotMeta>,
+    /// The applied slot at which this replica, leading, last proposed a trim.
+    trim_proposed_at: Slot,
 }
 
 struct ClientOp {
@@ -123,6 +156,8 @@ pub struct World {
     history: Vec<Operation<LogInput, LogOutput>>,
     /// slot -> value applied there (agreement).
     chosen: HashMap<Slot, Value>,
+    /// trim slot -> the trim snapshot applied there (agreement on trims).
+    trims: HashMap<Slot, SnapshotMeta>,
     /// (client, seq) -> result (state-machine agreement).
     results: HashMap<(u64, u64), LogOutput>,
     report: SimReport,
@@ -161,11 +196,13 @@ impl World {
                     timer_at: None,
                     flush_at: None,
                     incarnation: 0,
-                    sm: StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() },
+                    sm: StateMachine::empty(),
                     waiters: BTreeMap::new(),
                     permission: None,
                     read_waiters: BTreeMap::new(),
                     snapshot: None,
+                    pending_trim: None,
+                    trim_proposed_at: 0,
                 },
             );
         }
@@ -191,6 +228,7 @@ impl World {
             settling: false,
             history: Vec::new(),
             chosen: HashMap::new(),
+            trims: HashMap::new(),
             results: HashMap::new(),
             report,
             heal_commit_mark: None,
@@ -510,7 +548,8 @@ impl World {
         n.waiters.clear();
         n.read_waiters.clear();
         n.permission = None;
-        n.sm = StateMachine { digest: lin::DIGEST_EMPTY, ..Default::default() };
+        n.pending_trim = None;
+        n.sm = StateMachine::empty();
     }
 
     fn restart(&mut self, node: NodeId) {
@@ -589,6 +628,7 @@ impl World {
             self.execute(node, a);
         }
         self.maybe_snapshot(node);
+        self.maybe_trim(node);
         if needs_flush && self.nodes[&node].flush_at.is_none() {
             let (lo, hi) = self.cfg.disk_latency;
             let at = self.now + self.rng.range(lo, hi);
@@ -724,6 +764,45 @@ impl World {
         if let Err(e) = r.compact(local, upto) {
             self.violate(ViolationKind::Contract, format!("replica {node} stopped: {e}"));
         }
+    }
+
+    /// Saves a pending log-service trim's snapshot (the core's meta with the state
+    /// machine as it was after that slot) and lets the replica drop the prefix; on a
+    /// leader, proposes a trim every `trim_every` applied slots.
+    fn maybe_trim(&mut self, node: NodeId) {
+        let local = self.local_time(node);
+        let n = self.nodes.get_mut(&node).expect("node");
+        let Some(r) = n.replica.as_mut() else { return };
+        if let Some(meta) = n.pending_trim.take() {
+            // (Not behind a newer application snapshot: the two kinds mix only here.)
+            let newer = n.snapshot.as_ref().is_some_and(|(m, _)| m.slot >= meta.slot);
+            if meta.slot > r.base().slot && !newer {
+                let Some(sm) = n.sm.at(meta.slot) else {
+                    let msg = format!("replica {node}: no state for trim slot {} (at {})", meta.slot, n.sm.last_slot);
+                    self.violate(ViolationKind::StateMachine, msg);
+                    return;
+                };
+                n.snapshot = Some((meta.clone(), sm));
+                self.report.trims += 1;
+                if let Err(e) = r.compact_to(local, meta) {
+                    self.violate(ViolationKind::Contract, format!("replica {node} stopped: {e}"));
+                    return;
+                }
+            }
+        }
+        let every = self.cfg.trim_every;
+        if every == 0 || r.role() != Role::Leader || r.applied() < n.trim_proposed_at + every {
+            return;
+        }
+        n.trim_proposed_at = r.applied();
+        // Drawn apart from the world's generator, so that trims perturb the schedule
+        // of a seed as little as they can.
+        let behind = (self.cfg.seed ^ r.applied()).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        let position = r.applied_position().saturating_sub(behind);
+        self.with_replica(node, |r| {
+            let _ = r.propose_trim(local, position); // refused while not leading: fine
+            Ok(())
+        });
     }
 
     fn execute(&mut self, node: NodeId, a: Action) {
@@ -891,7 +970,7 @@ impl World {
             let key = (e.command.client, e.command.seq);
             let out = if e.duplicate {
                 match n.sm.results.get(&key) {
-                    Some(o) => *o,
+                    Some((o, _)) => *o,
                     None => {
                         problems.push(format!("replica {node}: duplicate {key:?} of an entry never applied"));
                         continue;
@@ -917,7 +996,7 @@ impl World {
                         continue;
                     }
                 };
-                n.sm.results.insert(key, out);
+                n.sm.results.insert(key, (out, slot));
                 out
             };
             if let Some(client) = n.waiters.remove(&key) {
@@ -933,6 +1012,20 @@ impl World {
                 }
             }
             self.report.entries_applied += 1;
+        }
+        n.sm.journal.push((slot, n.sm.positions, n.sm.values.len(), n.sm.digest));
+        if let Some(meta) = applied.trim {
+            // Every replica computes the same trim snapshot at the same slot.
+            match self.trims.get(&slot) {
+                Some(m) if *m != meta => {
+                    problems.push(format!("slot {slot}: replica {node} trims to {meta:?}, another to {m:?}"));
+                }
+                Some(_) => {}
+                None => {
+                    self.trims.insert(slot, meta.clone());
+                }
+            }
+            self.nodes.get_mut(&node).expect("node").pending_trim = Some(meta);
         }
         if let Some(p) = problems.into_iter().next() {
             self.violate(ViolationKind::StateMachine, p);
@@ -1111,7 +1204,7 @@ impl World {
         let local = self.local_time(node);
         let n = self.nodes.get_mut(&node).expect("node");
         let Some(r) = n.replica.as_mut() else { return };
-        let reply = if let Some(out) = n.sm.results.get(&key).copied() {
+        let reply = if let Some((out, _)) = n.sm.results.get(&key).copied() {
             Some(Reply::Done(out))
         } else {
             match r.propose(local, vec![cmd]) {
