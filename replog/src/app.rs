@@ -2,7 +2,13 @@
 //! policy, and the chunked snapshot transfer to followers that fell behind the log.
 //!
 //! A replica without a state machine is the plain replicated log service: its state is
-//! the log itself, so it never snapshots or trims. With one, every committed client
+//! the log itself, so it never snapshots by policy; it drops a prefix only when a client
+//! asks ([`crate::client::Request::Trim`]). The trim is a log value, so every replica
+//! drops the same prefix at the same point; each saves the core's state there (the
+//! de-duplication table, position counter and membership: [`SnapshotMeta`]) as a
+//! snapshot with an empty application part ([`AppHost::log_service`]), and a replica
+//! behind the trim is sent that snapshot and continues from the log after it. With one,
+//! every committed client
 //! entry is applied to it in order, exactly once (retries are filtered by the core's
 //! de-duplication, which travels inside snapshots); every `every_entries` entries (or
 //! `every_bytes` bytes, or `interval`) the replica saves a snapshot beside its log
@@ -149,6 +155,8 @@ pub struct AppHost {
     incoming: Option<Incoming>,
     stats: SnapshotStats,
     requested: bool,
+    /// The plain log service (see [`AppHost::log_service`]).
+    log_service: bool,
 }
 
 impl AppHost {
@@ -158,6 +166,7 @@ impl AppHost {
             sm,
             store,
             policy,
+            log_service: false,
             since_entries: 0,
             since_bytes: 0,
             since: Instant::now(),
@@ -166,6 +175,33 @@ impl AppHost {
             stats: SnapshotStats::default(),
             requested: false,
         }
+    }
+
+    /// The plain log service's host: no state machine of its own (its state is the
+    /// log), no snapshots by policy; it saves the snapshots of trims
+    /// ([`AppHost::save_trim`]) and sends them to replicas behind a trim.
+    pub fn log_service(store: SnapshotStore, policy: SnapshotPolicy) -> Self {
+        let never = SnapshotPolicy { every_entries: 0, every_bytes: 0, interval: None, keep_slots: 0, ..policy };
+        let mut h = AppHost::new(Box::new(LogService), store, never);
+        h.log_service = true;
+        h
+    }
+
+    /// Whether this hosts the plain log service (no state machine of the user's).
+    pub fn is_log_service(&self) -> bool {
+        self.log_service
+    }
+
+    /// The plain log service: saves (and verifies) the snapshot of a trim at
+    /// `meta.slot`, which may be behind what was applied (the log service's own state is
+    /// the log, so the snapshot is the core's state alone).
+    pub fn save_trim(&mut self, cluster_id: u64, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+        debug_assert!(self.log_service);
+        let bytes = Bytes::from(snapshot::encode(cluster_id, meta, &[]));
+        self.store.save(meta.slot, bytes)?;
+        self.stats.taken += 1;
+        self.stats.last_slot = meta.slot;
+        Ok(())
     }
 
     /// The state machine.
@@ -381,7 +417,31 @@ impl AppHost {
     }
 }
 
-/// A replicated key-value map: the example state machine.
+/// The plain log service's stand-in state machine: its state is the log, which the
+/// node serves from the store, so it applies nothing and its snapshot part is empty.
+#[derive(Debug, Default)]
+struct LogService;
+
+impl StateMachine for LogService {
+    fn apply(&mut self, _position: Position, _payload: &[u8], _token: Option<u64>) -> Bytes {
+        Bytes::new()
+    }
+
+    fn save_snapshot(&mut self, _out: &mut Vec<u8>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn load_snapshot(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            Ok(())
+        } else {
+            let msg = format!("a log-service snapshot carries no application state, this one {} bytes", data.len());
+            Err(io::Error::new(io::ErrorKind::InvalidData, msg))
+        }
+    }
+}
+
+/// A replicated key-value map, the example state machine (`state_machine = "kv"`).
 ///
 /// Commands (payloads): `set <key> <value>` and `del <key>`; answers `ok`, or the
 /// previous value for `set`/`del` when there was one. Queries: `get <key>` answers the

@@ -213,6 +213,15 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Discard the log's entries up to a position on every replica (the plain log
+    /// service; the cut is rounded down to a batch boundary). Prints the first position
+    /// still readable.
+    Trim {
+        #[command(flatten)]
+        target: Target,
+        /// The last position that may be discarded.
+        upto: u64,
+    },
     /// Show each replica's view: role, leader, ballot, commit index, per-peer lag.
     Status {
         #[command(flatten)]
@@ -259,6 +268,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Query { target, query: words, stale } => query(&target, &words.join(" "), stale),
+        Cmd::Trim { target, upto } => {
+            let mut c = client(&target)?;
+            let first = c.trim(upto).with_context(|| format!("trimming the log up to position {upto}"))?;
+            println!("trimmed: the first readable position is {first}");
+            Ok(())
+        }
     }
 }
 

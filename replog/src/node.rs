@@ -127,6 +127,10 @@ pub struct Node<T: Transport> {
     local: Local,
     /// Requests for a snapshot, answered once one is taken.
     snapshot_waiters: Vec<(ConnId, u64)>,
+    /// A log-service trim applied, to save and compact to (see [`Node::trim_housekeeping`]).
+    pending_trim: Option<SnapshotMeta>,
+    /// Trim requests proposed here, answered once a trim is applied (or leadership lost).
+    trim_waiters: Vec<(ConnId, u64)>,
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
@@ -201,6 +205,8 @@ impl<T: Transport> Node<T> {
             frames: Vec::new(),
             local: Local::default(),
             snapshot_waiters: Vec::new(),
+            pending_trim: None,
+            trim_waiters: Vec::new(),
             cache: None,
             tails: Vec::new(),
             lin_reads: HashMap::new(),
@@ -467,6 +473,11 @@ impl<T: Transport> Node<T> {
                 }
                 if role == Role::Leader {
                     self.metrics.inc_elections();
+                } else {
+                    for (conn, req_id) in std::mem::take(&mut self.trim_waiters) {
+                        let resp = self.redirect(leader);
+                        self.reply(conn, req_id, resp);
+                    }
                 }
                 self.metrics.set_role(role_name(role));
                 self.metrics.set_ballot(ballot.round, ballot.node);
@@ -477,6 +488,9 @@ impl<T: Transport> Node<T> {
     fn on_apply(&mut self, applied: Applied) {
         let slot = applied.slot;
         self.app_slot = slot;
+        if let Some(meta) = applied.trim {
+            self.pending_trim = Some(meta);
+        }
         if let Some(m) = &applied.membership {
             info!(slot, voters = ?m.voters, learners = ?m.learners, "membership changed");
             if let Some(a) = self.app.as_mut() {
@@ -650,9 +664,11 @@ impl<T: Transport> Node<T> {
                 let s = self.status();
                 self.reply(conn, req_id, Response::Status(s));
             }
-            Request::Snapshot => match self.app.as_mut() {
+            Request::Snapshot => match self.app.as_mut().filter(|a| !a.is_log_service()) {
                 None => {
-                    let message = "this replica embeds no state machine to snapshot".to_string();
+                    let message =
+                    "this replica embeds no state machine to snapshot (the plain log service is trimmed with `trim`)"
+                        .to_string();
                     self.reply(conn, req_id, Response::Error { code: ErrorCode::BadRequest, message });
                 }
                 Some(a) => {
@@ -689,7 +705,7 @@ impl<T: Transport> Node<T> {
                 self.reply(conn, req_id, resp);
             }
             Request::Query { linearizable, query } => {
-                if self.app.is_none() {
+                if !self.embeds_app() {
                     let message = "this replica embeds no state machine to query".to_string();
                     self.reply(conn, req_id, Response::Error { code: ErrorCode::BadRequest, message });
                 } else if !linearizable {
@@ -714,12 +730,86 @@ impl<T: Transport> Node<T> {
                     }
                 }
             }
+            Request::Trim { upto } => self.on_trim(now, conn, req_id, upto),
             Request::Disconnected => {
                 self.tails.retain(|t| t.conn != conn);
                 self.lin_reads.retain(|_, r| r.conn != conn);
                 self.appends.retain(|(c, _), _| *c != conn);
             }
             Request::Hello { .. } | Request::Auth { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Whether a state machine of the user's is embedded (not the plain log service).
+    fn embeds_app(&self) -> bool {
+        self.app.as_ref().is_some_and(|a| !a.is_log_service())
+    }
+
+    /// A client asks the leader of the plain log service to trim up to `upto`.
+    fn on_trim(&mut self, now: Nanos, conn: ConnId, req_id: u64, upto: Position) {
+        let refuse = |message: String| Response::Error { code: ErrorCode::BadRequest, message };
+        if !self.app.as_ref().is_some_and(|a| a.is_log_service()) {
+            let why = "trim is for the plain log service; a replica with a state machine trims its log behind \
+                       its snapshots ([app] snapshot_* settings, `replog snapshot`)";
+            self.reply(conn, req_id, refuse(why.to_string()));
+            return;
+        }
+        if self.replica.role() != Role::Leader {
+            let resp = self.redirect(self.replica.leader());
+            self.reply(conn, req_id, resp);
+            return;
+        }
+        let last = self.last_position();
+        if upto > last {
+            let why = format!("cannot trim to position {upto}: the last committed position is {last}");
+            self.reply(conn, req_id, refuse(why));
+            return;
+        }
+        if upto < self.first_readable() {
+            let first_position = self.first_readable();
+            self.reply(conn, req_id, Response::Trimmed { first_position });
+            return;
+        }
+        match self.replica.propose_trim(now, upto) {
+            Ok(()) => {
+                info!(upto, "trim proposed");
+                self.trim_waiters.push((conn, req_id));
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                let resp = self.redirect(leader);
+                self.reply(conn, req_id, resp);
+            }
+            Err(e) => {
+                let message = format!("trim refused: {e}");
+                self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+            }
+        }
+    }
+
+    /// Saves the snapshot of a log-service trim applied here and drops the prefix it
+    /// covers (store, position index); answers the trim requests waiting.
+    fn trim_housekeeping(&mut self, now: Nanos) -> Result<(), NodeError> {
+        let Some(meta) = self.pending_trim.take() else { return Ok(()) };
+        let Some(app) = self.app.as_mut().filter(|a| a.is_log_service()) else {
+            warn!(slot = meta.slot, "trim in the log ignored: this replica embeds a state machine");
+            return Ok(());
+        };
+        if meta.slot > self.replica.base().slot {
+            app.save_trim(self.opts.cluster_id, &meta)?;
+            let (slot, last_position) = (meta.slot, meta.last_position);
+            self.replica.compact_to(now, meta)?;
+            // Positions up to the snapshot's are gone from the index too.
+            let drop = self.index.iter().take_while(|&&(s, _)| s <= slot).count();
+            self.index.drain(..drop);
+            self.index_base += drop as Position;
+            debug_assert_eq!(self.index_base, last_position);
+            self.cache = None;
+            info!(slot, first_position = last_position + 1, "log trimmed");
+        }
+        let first_position = self.first_readable();
+        for (conn, req_id) in std::mem::take(&mut self.trim_waiters) {
+            self.reply(conn, req_id, Response::Trimmed { first_position });
         }
         Ok(())
     }
@@ -808,7 +898,7 @@ impl<T: Transport> Node<T> {
 
     fn query(&mut self, q: &[u8]) -> Response {
         let applied_slot = self.app_slot;
-        match self.app.as_mut() {
+        match self.app.as_mut().filter(|a| !a.is_log_service()) {
             Some(a) => Response::QueryResult { applied_slot, data: a.sm().query(q) },
             None => {
                 let message = "this replica embeds no state machine to query".to_string();
@@ -863,6 +953,7 @@ impl<T: Transport> Node<T> {
     /// Snapshots by policy (when the application has applied exactly what the core
     /// applied), and resumes stalled snapshot transfers.
     fn app_housekeeping(&mut self, now: Nanos) -> Result<(), NodeError> {
+        self.trim_housekeeping(now)?;
         let Some(app) = self.app.as_mut() else { return Ok(()) };
         let resume = Duration::from_nanos(self.opts.paxos.election_timeout);
         app.tick(resume, &mut self.frames);

@@ -175,16 +175,18 @@ fn run<T: Transport>(
         (None, StateMachineKind::Log) => None,
         (None, StateMachineKind::Kv) => Some(Box::new(KvMachine::default())),
     };
+    let dir = (cfg.store_mode() != Mode::Memory).then(|| cfg.data_dir.join("snapshots"));
+    let snaps = SnapshotStore::open(dir, cfg.cluster_id).map_err(NodeError::from)?;
+    let policy = cfg.app.policy(cfg.limits.max_frame_bytes);
     let app = match sm {
-        None => None,
+        // The plain log service: snapshots only of trims.
+        None => AppHost::log_service(snaps, policy),
         Some(sm) => {
-            let dir = (cfg.store_mode() != Mode::Memory).then(|| cfg.data_dir.join("snapshots"));
-            let snaps = SnapshotStore::open(dir, cfg.cluster_id).map_err(NodeError::from)?;
-            let policy = cfg.app.policy(cfg.limits.max_frame_bytes);
             info!(node = cfg.id, ?policy, "embedded state machine");
-            Some(AppHost::new(sm, snaps, policy))
+            AppHost::new(sm, snaps, policy)
         }
     };
+    let app = Some(app);
 
     let listener = TcpListener::bind(me.client_addr).map_err(|source| ServeError::Bind {
         what: "client",

@@ -32,6 +32,7 @@ fn request() -> impl Strategy<Value = Request> {
         (proptest::collection::vec(any::<u64>(), 0..6), proptest::collection::vec(any::<u64>(), 0..6))
             .prop_map(|(voters, learners)| Request::ChangeMembership { voters, learners }),
         Just(Request::Snapshot),
+        any::<u64>().prop_map(|upto| Request::Trim { upto }),
         any::<[u8; 32]>().prop_map(|proof| Request::Auth { proof }),
     ]
 }
@@ -77,6 +78,7 @@ fn response() -> impl Strategy<Value = Response> {
         (code(), ".{0,40}").prop_map(|(code, message)| Response::Error { code, message }),
         (any::<u64>(), bytes()).prop_map(|(applied_slot, data)| Response::QueryResult { applied_slot, data }),
         any::<[u8; 32]>().prop_map(|nonce| Response::Challenge { nonce }),
+        any::<u64>().prop_map(|first_position| Response::Trimmed { first_position }),
     ]
 }
 

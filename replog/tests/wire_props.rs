@@ -33,6 +33,7 @@ fn message() -> impl Strategy<Value = Message> {
 fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(Value::Noop),
+        any::<u64>().prop_map(Value::Trim),
         proptest::collection::vec(
             (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40))
                 .prop_map(|(client, seq, p)| Command { client, seq, payload: Bytes::from(p) }),

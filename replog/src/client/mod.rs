@@ -722,6 +722,19 @@ impl Client {
         }
     }
 
+    /// Asks the leader of a plain log service to discard the entries at positions up to
+    /// `upto` on every replica (rounded down to a slot boundary; see
+    /// [`Request::Trim`]). Returns the first position still readable.
+    pub fn trim(&mut self, upto: u64) -> Result<u64, ClientError> {
+        match self.call(&Request::Trim { upto }, "trim")? {
+            Response::Trimmed { first_position } => Ok(first_position),
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a trim with {other:?}"),
+            }),
+        }
+    }
+
     /// Asks the leader to hand leadership to replica `to` (0: the most caught-up other
     /// voter). Returns the leader's status once the transfer started; the new leader
     /// takes over within about a round trip (or the transfer is abandoned after an

@@ -20,6 +20,7 @@
 //! 0x09  ChangeMemb.  count u32, count × voter u64, count u32, count × learner u64
 //! 0x0A  Auth         proof [32]
 //! 0x0B  Snapshot     (nothing)
+//! 0x0C  Trim         upto u64
 //! 0x41  HelloOk      node u64
 //! 0x42  Appended     count u32, count × position u64
 //! 0x43  Entries      from u64, last_committed u64, count u32, count × (len u32, bytes)
@@ -30,6 +31,7 @@
 //! 0x46  Error        code u16, message str
 //! 0x47  QueryResult  applied_slot u64, data (len u32, bytes)
 //! 0x48  Challenge    nonce [32]
+//! 0x49  Trimmed      first_position u64
 //!
 //! str      = len u32, UTF-8 bytes
 //! opt<T>   = 0u8 (none) | 1u8, T
@@ -91,6 +93,8 @@ pub mod kind {
     pub const AUTH: u8 = 0x0A;
     /// [`super::Request::Snapshot`].
     pub const SNAPSHOT: u8 = 0x0B;
+    /// [`super::Request::Trim`].
+    pub const TRIM: u8 = 0x0C;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -107,6 +111,8 @@ pub mod kind {
     pub const QUERY_RESULT: u8 = 0x47;
     /// [`super::Response::Challenge`].
     pub const CHALLENGE: u8 = 0x48;
+    /// [`super::Response::Trimmed`].
+    pub const TRIMMED: u8 = 0x49;
 }
 
 /// Bytes of a challenge nonce and of a proof.
@@ -224,6 +230,16 @@ pub enum Request {
     /// trim its log behind the snapshot. Answered with its `Status` once the snapshot is
     /// saved and verified.
     Snapshot,
+    /// Ask the leader of a plain log service (`state_machine = "log"`) to discard the
+    /// entries at positions up to `upto` on every replica. The cut is rounded down to a
+    /// slot boundary (a batch of entries is trimmed whole or not at all), so a few
+    /// entries at or below `upto` may stay readable. Answered with `Trimmed` once the
+    /// leader applied the trim; other replicas answer `Redirect`. A position beyond the
+    /// last committed one is refused.
+    Trim {
+        /// The last position that may be discarded.
+        upto: u64,
+    },
     /// Never on the wire: the server tells the node that the connection closed (so it
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
@@ -256,6 +272,7 @@ impl fmt::Debug for Request {
                 write!(f, "ChangeMembership{{voters: {voters:?}, learners: {learners:?}}}")
             }
             Request::Snapshot => write!(f, "Snapshot"),
+            Request::Trim { upto } => write!(f, "Trim{{upto: {upto}}}"),
             Request::Auth { .. } => write!(f, "Auth"),
             Request::Disconnected => write!(f, "Disconnected"),
         }
@@ -401,6 +418,12 @@ pub enum Response {
         /// A human-readable explanation.
         message: String,
     },
+    /// The answer to `Trim`: entries before `first_position` are gone on the leader
+    /// (and on every replica once it applies the trim).
+    Trimmed {
+        /// The first position still readable.
+        first_position: u64,
+    },
     /// The server wants a client credential: answer with `Auth` (see the module docs).
     Challenge {
         /// Fresh random bytes to prove the secret against.
@@ -428,6 +451,7 @@ impl fmt::Debug for Response {
                 write!(f, "QueryResult{{applied_slot: {applied_slot}, {}B}}", data.len())
             }
             Response::Challenge { .. } => write!(f, "Challenge"),
+            Response::Trimmed { first_position } => write!(f, "Trimmed{{first_position: {first_position}}}"),
         }
     }
 }
@@ -574,6 +598,10 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             kind::CHANGE_MEMBERSHIP
         }
         Request::Snapshot => kind::SNAPSHOT,
+        Request::Trim { upto } => {
+            w.u64(*upto);
+            kind::TRIM
+        }
         Request::Auth { proof } => {
             w.0.extend_from_slice(proof);
             kind::AUTH
@@ -648,6 +676,10 @@ pub fn encode_response(req_id: u64, resp: &Response, out: &mut Vec<u8>) -> Resul
         Response::Challenge { nonce } => {
             w.0.extend_from_slice(nonce);
             kind::CHALLENGE
+        }
+        Response::Trimmed { first_position } => {
+            w.u64(*first_position);
+            kind::TRIMMED
         }
     };
     finish(kind, w, out)
@@ -784,6 +816,7 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
         }
         kind::AUTH => Request::Auth { proof: r.arr32("proof")? },
         kind::SNAPSHOT => Request::Snapshot,
+        kind::TRIM => Request::Trim { upto: r.u64("trim position")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;
@@ -855,6 +888,7 @@ pub fn decode_response(frame: &Frame) -> Result<(u64, Response), ProtoError> {
             Response::QueryResult { applied_slot: r.u64("applied slot")?, data: r.bytes("query result")? }
         }
         kind::CHALLENGE => Response::Challenge { nonce: r.arr32("nonce")? },
+        kind::TRIMMED => Response::Trimmed { first_position: r.u64("first position")? },
         k => return Err(ProtoError::UnknownKind(k)),
     };
     r.end()?;

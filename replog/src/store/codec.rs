@@ -1,7 +1,8 @@
 //! The compact encoding of a [`paxos::Value`] in an entry record's payload.
 //!
 //! ```text
-//!  u8  tag        0 = Noop, 1 = Batch, 2 = Config
+//!  u8  tag        0 = Noop, 1 = Batch, 2 = Config, 3 = Trim
+//!  Trim only: u64 position
 //!  Config only: u32 voters, voters x u64, u32 learners, learners x u64
 //!  Batch only:
 //!  u32 count      number of commands
@@ -21,6 +22,7 @@ use paxos::{Command, Membership, Value};
 const TAG_NOOP: u8 = 0;
 const TAG_BATCH: u8 = 1;
 const TAG_CONFIG: u8 = 2;
+const TAG_TRIM: u8 = 3;
 const CMD_FIXED: usize = 8 + 8 + 4;
 
 /// Bytes `value` takes encoded.
@@ -29,6 +31,7 @@ pub fn encoded_len(value: &Value) -> usize {
         Value::Noop => 1,
         Value::Batch(cmds) => 5 + cmds.iter().map(|c| CMD_FIXED + c.payload.len()).sum::<usize>(),
         Value::Config(m) => 9 + 8 * (m.voters.len() + m.learners.len()),
+        Value::Trim(_) => 9,
     }
 }
 
@@ -56,6 +59,10 @@ pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
                 }
             }
         }
+        Value::Trim(p) => {
+            out.push(TAG_TRIM);
+            out.extend_from_slice(&p.to_le_bytes());
+        }
     }
 }
 
@@ -76,10 +83,10 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, &'static str> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+        self.take(4)?.try_into().map(u32::from_le_bytes).map_err(|_| "value truncated")
     }
     fn u64(&mut self) -> Result<u64, &'static str> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+        self.take(8)?.try_into().map(u64::from_le_bytes).map_err(|_| "value truncated")
     }
 }
 
@@ -121,6 +128,7 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
             }
             Value::Config(m)
         }
+        TAG_TRIM => Value::Trim(r.u64()?),
         _ => return Err("unknown value tag"),
     };
     if !r.b.is_empty() {
@@ -137,6 +145,7 @@ mod tests {
     fn arb_value() -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Noop),
+            any::<u64>().prop_map(Value::Trim),
             proptest::collection::vec(
                 (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..40)),
                 0..6

@@ -245,6 +245,7 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
         | Request::Transfer { .. }
         | Request::Query { .. }
         | Request::ChangeMembership { .. }
+        | Request::Trim { .. }
         | Request::Snapshot => reply(Response::Error {
             code: ErrorCode::BadRequest,
             message: "not supported by the fake node (test support)".into(),
