@@ -127,6 +127,9 @@ pub struct Log {
     /// convoy through the main lock.
     wait_lock: Mutex<()>,
     wait_cv: Condvar,
+    /// Threads inside [`Log::wait_event`]: `publish` skips the wake-up when there are
+    /// none (the common case of one appender in a mapped or memory mode).
+    sleepers: AtomicU64,
     mode: Mode,
     segment_size: u64,
     dir: Option<PathBuf>,
@@ -223,6 +226,7 @@ impl Log {
             events: AtomicU64::new(0),
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
+            sleepers: AtomicU64::new(0),
             mode: cfg.mode,
             segment_size: size,
             dir: (cfg.mode != Mode::Memory).then(|| dir.to_path_buf()),
@@ -328,26 +332,34 @@ impl Log {
     /// Publishes `g.durable` and wakes every waiter. Called with `inner` held.
     fn publish(&self, g: &Inner) {
         self.durable_pub.store(g.durable, Ordering::Release);
-        self.events.fetch_add(1, Ordering::AcqRel);
-        let _w = self.wait_lock.lock();
-        self.wait_cv.notify_all();
+        // SeqCst on `events` and `sleepers` on both sides (Dekker): either a waiter sees
+        // the new `events` before sleeping, or this sees the waiter and wakes it.
+        self.events.fetch_add(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _w = self.wait_lock.lock();
+            self.wait_cv.notify_all();
+        }
     }
 
     /// Sleeps until `events` moves past `seen` or `deadline` passes. Returns false on
     /// timeout.
     fn wait_event(&self, seen: u64, deadline: Option<Instant>) -> bool {
         let mut w = self.wait_lock.lock();
-        while self.events.load(Ordering::Acquire) == seen {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let mut moved = true;
+        while self.events.load(Ordering::SeqCst) == seen {
             match deadline {
                 None => self.wait_cv.wait(&mut w),
                 Some(d) => {
                     if self.wait_cv.wait_until(&mut w, d).timed_out() {
-                        return self.events.load(Ordering::Acquire) != seen;
+                        moved = self.events.load(Ordering::SeqCst) != seen;
+                        break;
                     }
                 }
             }
         }
-        true
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        moved
     }
 
     fn write(&self, g: &mut Inner, kind: RecordKind, slot: u64, ballot: Ballot, payload: &[u8]) -> Result<Position> {
