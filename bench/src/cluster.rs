@@ -49,14 +49,22 @@ pub struct ReplogCluster {
 
 impl ReplogCluster {
     /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
-    /// (up to 20 s) for a leader.
-    pub fn start(replog: &Path, n: usize, durability: DurabilityKind, parent: &Path) -> Result<ReplogCluster> {
+    /// (up to 20 s) for a leader. `spin_us`: the replicas' spin-then-block waits
+    /// (`[timing] spin_us`; 0 blocks at once).
+    pub fn start(
+        replog: &Path,
+        n: usize,
+        durability: DurabilityKind,
+        spin_us: u64,
+        parent: &Path,
+    ) -> Result<ReplogCluster> {
         let dir = TempDir::new(parent, "replog-bench")?;
         let base = free_ports(3 * n as u16 + 3)?;
         let mut cfgs = ServeConfig::local_cluster(n, base, dir.path(), durability);
         for c in &mut cfgs {
             // Logging at info costs CPU on the hot path of a 2-core machine.
             c.log.level = "warn".to_string();
+            c.timing.spin_us = spin_us;
         }
         let mut cluster = ReplogCluster { cfgs, procs: Vec::new(), dir };
         for i in 0..n {

@@ -93,6 +93,11 @@ struct Args {
     /// Open loop: offered appends/s of all clients together (comma-separated).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<f64>>,
+    /// Spin-then-block waits, in microseconds, of the replicas' polling threads and of
+    /// the clients (comma-separated; 0 blocks at once): runs each replog configuration
+    /// once per value. The standard suite runs 1 client at 0 and 50.
+    #[arg(long, value_delimiter = ',')]
+    spin_us: Option<Vec<u64>>,
     /// Skip the etcd peer.
     #[arg(long)]
     no_etcd: bool,
@@ -110,14 +115,19 @@ struct Spec {
     size: usize,
     batch: usize,
     mode: Loop,
+    /// Spin-then-block waits of replicas and clients (µs; replog only).
+    spin_us: u64,
 }
 
 impl Spec {
     fn replog(d: DurabilityKind, clients: usize, size: usize, batch: usize, mode: Loop) -> Spec {
-        Spec { durability: Some(d), clients, size, batch, mode }
+        Spec { durability: Some(d), clients, size, batch, mode, spin_us: 0 }
     }
     fn etcd(clients: usize, size: usize, batch: usize, mode: Loop) -> Spec {
-        Spec { durability: None, clients, size, batch, mode }
+        Spec { durability: None, clients, size, batch, mode, spin_us: 0 }
+    }
+    fn spinning(self, spin_us: u64) -> Spec {
+        Spec { spin_us, ..self }
     }
     fn label(&self) -> String {
         let sys = match self.durability {
@@ -128,7 +138,8 @@ impl Spec {
             Loop::Closed => "closed".to_string(),
             Loop::Open { rate } => format!("open @{}/s", fmt_rate(rate)),
         };
-        format!("{sys} {mode} c={} {}B b={}", self.clients, self.size, self.batch)
+        let spin = if self.spin_us > 0 { format!(" spin={}us", self.spin_us) } else { String::new() };
+        format!("{sys} {mode} c={} {}B b={}{spin}", self.clients, self.size, self.batch)
     }
 }
 
@@ -142,6 +153,7 @@ fn short_plan() -> Vec<Spec> {
             p.push(Spec::replog(d, c, 64, 1, Loop::Closed));
         }
     }
+    p.push(Spec::replog(MEM, 1, 64, 1, Loop::Closed).spinning(50));
     p.push(Spec::replog(MEM, 2, 64, 16, Loop::Closed));
     p.push(Spec::replog(MEM, 2, 64, 1, Loop::Open { rate: 1000.0 }));
     for c in [1, 4] {
@@ -157,6 +169,10 @@ fn full_plan() -> Vec<Spec> {
     for d in [MEM, FSYNC] {
         for c in clients {
             p.push(Spec::replog(d, c, 64, 1, Loop::Closed));
+        }
+        // Spinning against blocking waits (with more busy threads than cores at 4).
+        for c in [1, 4] {
+            p.push(Spec::replog(d, c, 64, 1, Loop::Closed).spinning(50));
         }
     }
     // Batching: the throughput target.
@@ -205,6 +221,7 @@ fn custom_plan(a: &Args) -> Result<Vec<Spec>> {
     let clients = a.clients.clone().unwrap_or(vec![1, 4]);
     let sizes = a.sizes.clone().unwrap_or(vec![64]);
     let batches = a.batch.clone().unwrap_or(vec![1]);
+    let spins = a.spin_us.clone().unwrap_or(vec![0]);
     let mode = a.mode.unwrap_or(if a.rates.is_some() { ModeArg::Open } else { ModeArg::Closed });
     let rates = a.rates.clone().unwrap_or_default();
     if mode != ModeArg::Closed && rates.is_empty() {
@@ -230,7 +247,13 @@ fn custom_plan(a: &Args) -> Result<Vec<Spec>> {
             for &b in &batches {
                 for &c in &clients {
                     for &l in &loops {
-                        p.push(Spec { durability: sys, clients: c, size: z, batch: b, mode: l });
+                        if sys.is_none() {
+                            p.push(Spec { durability: sys, clients: c, size: z, batch: b, mode: l, spin_us: 0 });
+                            continue;
+                        }
+                        for &spin_us in &spins {
+                            p.push(Spec { durability: sys, clients: c, size: z, batch: b, mode: l, spin_us });
+                        }
                     }
                 }
             }
@@ -248,6 +271,9 @@ fn validate(spec: &Spec) -> Result<()> {
     }
     if spec.size * spec.batch > 8 << 20 {
         bail!("a request of {} x {} B exceeds 8 MiB", spec.batch, spec.size);
+    }
+    if spec.spin_us > 100_000 {
+        bail!("--spin-us {} exceeds 100000 (the replicas' limit)", spec.spin_us);
     }
     if spec.durability.is_none() && spec.batch > 128 {
         bail!("etcd refuses transactions of more than 128 operations (--max-txn-ops)");
@@ -283,7 +309,8 @@ fn run(args: Args) -> Result<i32> {
         || args.sizes.is_some()
         || args.batch.is_some()
         || args.mode.is_some()
-        || args.rates.is_some();
+        || args.rates.is_some()
+        || args.spin_us.is_some();
     let mut plan = if args.short {
         short_plan()
     } else if custom {
@@ -416,6 +443,13 @@ fn run(args: Args) -> Result<i32> {
     } else if want_etcd {
         println!("replog/etcd comparison: none (etcd not measured)");
     }
+    let spins = report::spin_pairs(&runs);
+    if !spins.is_empty() {
+        println!("spinning against blocking waits (same configuration otherwise):");
+        for l in &spins {
+            println!("  {l}");
+        }
+    }
     let targets = report::targets(&runs, &baselines, &comparisons);
     println!("issue 7 targets:");
     for t in &targets {
@@ -523,6 +557,7 @@ fn measure(
     pb: &ProgressBar,
 ) -> Result<RunResult> {
     let load = Load { clients: spec.clients, size: spec.size, batch: spec.batch, mode: spec.mode, warmup, duration };
+    let spin = Duration::from_micros(spec.spin_us);
     let progress = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     // Live rate on the progress bar.
@@ -544,8 +579,9 @@ fn measure(
         match spec.durability {
             Some(d) => {
                 let bin = replog_bin.context("no replog binary")?;
-                let mut cluster = ReplogCluster::start(bin, args.replicas, d, data_dir)?;
-                let cfg = cluster.client_config()?;
+                let mut cluster = ReplogCluster::start(bin, args.replicas, d, spin.as_micros() as u64, data_dir)?;
+                let mut cfg = cluster.client_config()?;
+                cfg.spin = spin;
                 let out = load::run(
                     &load,
                     |_| Ok(Box::new(ReplogDriver::connect(cfg.clone())?) as Box<dyn Driver>),
@@ -588,6 +624,7 @@ fn measure(
         clients: spec.clients,
         size: spec.size,
         batch: spec.batch,
+        spin_us: spec.spin_us,
         offered_rate: match spec.mode {
             Loop::Closed => None,
             Loop::Open { rate } => Some(rate),

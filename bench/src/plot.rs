@@ -95,7 +95,10 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut cdf: Vec<Series> = runs
         .iter()
         .filter(|r| r.mode == "closed" && r.clients == 1 && r.batch == 1 && r.size == 64)
-        .map(|r| (format!("{} {} {} (commit)", r.system, r.transport, r.durability), r.cdf.clone()))
+        .map(|r| {
+            let spin = if r.spin_us > 0 { format!(", spin {} us", r.spin_us) } else { String::new() };
+            (format!("{} {} {}{spin} (commit)", r.system, r.transport, r.durability), r.cdf.clone())
+        })
         .collect();
     cdf.push(("baseline: TCP loopback RTT 64 B".into(), report.baselines.tcp_rtt_cdf.clone()));
     cdf.push(("baseline: 4 KiB pwrite+fdatasync".into(), report.baselines.fdatasync_cdf.clone()));
@@ -106,7 +109,7 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     // 2. Throughput against clients: closed loop, 64 B, per system/durability/batch.
     let mut keys: Vec<(String, String, usize)> = runs
         .iter()
-        .filter(|r| r.mode == "closed" && r.size == 64)
+        .filter(|r| r.mode == "closed" && r.size == 64 && r.spin_us == 0)
         .map(|r| (r.system.clone(), r.durability.clone(), r.batch))
         .collect();
     keys.sort();
@@ -116,7 +119,14 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|(s, d, b)| {
             let mut pts: Vec<(f64, f64)> = runs
                 .iter()
-                .filter(|r| r.mode == "closed" && r.size == 64 && &r.system == s && &r.durability == d && r.batch == *b)
+                .filter(|r| {
+                    r.mode == "closed"
+                        && r.size == 64
+                        && r.spin_us == 0
+                        && &r.system == s
+                        && &r.durability == d
+                        && r.batch == *b
+                })
                 .map(|r| (r.clients as f64, r.throughput))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));

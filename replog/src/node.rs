@@ -54,6 +54,9 @@ pub struct NodeOptions {
     pub max_frame_bytes: usize,
     /// The durability mode in force, as reported by the store.
     pub durability: String,
+    /// After any activity, poll without sleeping for this long before blocking
+    /// (`[timing] spin_us`).
+    pub spin: Duration,
 }
 
 /// Why a node stopped.
@@ -231,6 +234,9 @@ impl<T: Transport> Node<T> {
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         info!(node = self.opts.paxos.id, durability = %self.opts.durability, "replica started");
         let mut events = Vec::with_capacity(256);
+        // Spin-then-block: after activity, poll without sleeping for `spin`.
+        let spin = self.opts.spin;
+        let mut active_at = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let now = self.now();
             let wait = match self.replica.poll_timeout() {
@@ -238,17 +244,25 @@ impl<T: Transport> Node<T> {
                 Some(t) => Duration::from_nanos(t - now).min(Duration::from_millis(50)),
                 None => Duration::from_millis(50),
             };
+            let wait = if !spin.is_zero() && active_at.elapsed() < spin { Duration::ZERO } else { wait };
             events.clear();
             self.transport.poll(&mut events, Some(wait))?;
             let now = self.now();
+            let mut active = !events.is_empty();
             for ev in events.drain(..) {
                 self.on_event(now, ev)?;
             }
             for _ in 0..4096 {
                 match self.inbound.try_recv() {
-                    Ok(inb) => self.on_client(now, inb)?,
+                    Ok(inb) => {
+                        active = true;
+                        self.on_client(now, inb)?
+                    }
                     Err(_) => break,
                 }
+            }
+            if active {
+                active_at = Instant::now();
             }
             if self.replica.poll_timeout().is_some_and(|t| t <= now) {
                 self.replica.handle_timeout(now)?;

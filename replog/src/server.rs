@@ -203,6 +203,7 @@ fn run<T: Transport>(
     ccfg.max_frame = cfg.limits.max_frame_bytes.min(u32::MAX as u64) as u32;
     ccfg.max_inflight_per_conn = cfg.limits.max_inflight_per_client as usize;
     ccfg.max_inflight_bytes = cfg.limits.max_inflight_bytes as usize;
+    ccfg.spin = cfg.timing.spin();
     ccfg.client_secret = cfg.read_client_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     ccfg.tls = match (&cfg.security.tls_cert_file, &cfg.security.tls_key_file) {
         (None, None) => None,
@@ -271,6 +272,7 @@ fn run<T: Transport>(
         max_entry_bytes: cfg.limits.max_entry_bytes as usize,
         max_frame_bytes: cfg.limits.max_frame_bytes as usize,
         durability,
+        spin: cfg.timing.spin(),
     };
     let result = Node::with_app(opts, store, transport, rx, clients.responder(), metrics, app).and_then(|node| {
         if let Some(h) = handle {

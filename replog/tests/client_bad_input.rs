@@ -15,15 +15,7 @@ use transport::envelope;
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 fn good_client_works(fake: &FakeCluster) {
-    let mut c = Client::connect(ClientConfig {
-        cluster_id: CLUSTER,
-        servers: fake.addrs(),
-        timeout: Duration::from_secs(5),
-        retries: 2,
-        secret: None,
-        tls: None,
-    })
-    .unwrap();
+    let mut c = Client::connect(ClientConfig { retries: 2, ..ClientConfig::new(CLUSTER, fake.addrs()) }).unwrap();
     let p = c.append("still serving").unwrap();
     assert_eq!(c.read(p, 1).unwrap()[0].0, p);
 }

@@ -9,7 +9,7 @@ use replog::client::{Client, ClientConfig, ClientError, ErrorCode};
 use std::time::{Duration, Instant};
 
 fn cfg(servers: Vec<std::net::SocketAddr>) -> ClientConfig {
-    ClientConfig { cluster_id: CLUSTER, servers, timeout: Duration::from_secs(5), retries: 4, secret: None, tls: None }
+    ClientConfig { retries: 4, ..ClientConfig::new(CLUSTER, servers) }
 }
 
 #[test]

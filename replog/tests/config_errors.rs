@@ -110,6 +110,10 @@ fn heartbeat_must_be_below_half_the_election_timeout() {
         &["replog.toml: timing.heartbeat_ms: 25 must be below half of timing.election_timeout_ms (50)"],
     );
     expect(&with("retransmit_ms = 20", "retransmit_ms = 0"), &["timing.retransmit_ms: 0 is out of range"]);
+    expect(
+        &with("retransmit_ms = 20", "retransmit_ms = 20\nspin_us = 200000"),
+        &["timing.spin_us: 200000 is out of range: give microseconds from 0 to 100000"],
+    );
     expect(&with("retransmit_ms = 20", "retransmit_ms = nan"), &["timing.retransmit_ms: NaN is out of range"]);
     expect(
         &with("heartbeat_ms = 5", "heartbeat_ms = \"5\""),

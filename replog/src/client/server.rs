@@ -133,6 +133,9 @@ pub struct ClientServerConfig {
     /// Most bytes of requests (frames) all connections have in flight at the node;
     /// beyond it, `Busy`.
     pub max_inflight_bytes: usize,
+    /// After any activity, poll without sleeping for this long before blocking
+    /// (`[timing] spin_us`; zero: block at once).
+    pub spin: Duration,
 }
 
 impl ClientServerConfig {
@@ -150,6 +153,7 @@ impl ClientServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_inflight_per_conn: 64,
             max_inflight_bytes: 256 << 20,
+            spin: Duration::ZERO,
         }
     }
 }
@@ -400,8 +404,11 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
+        // Spin-then-block: after activity, poll without sleeping for `cfg.spin`.
+        let mut active_at = Instant::now();
         'outer: loop {
-            let timeout = if self.again.is_empty() {
+            let spinning = !self.cfg.spin.is_zero() && active_at.elapsed() < self.cfg.spin;
+            let timeout = if self.again.is_empty() && !spinning {
                 self.conns
                     .values()
                     .filter_map(|c| c.closing.or(c.hello_by))
@@ -415,6 +422,9 @@ impl Worker {
                     warn!("client port: poll failed: {e}; stopping");
                     break;
                 }
+            }
+            if !events.is_empty() {
+                active_at = Instant::now();
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -431,7 +441,10 @@ impl Worker {
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(Ctl::Out(out)) => self.on_out(out),
+                    Ok(Ctl::Out(out)) => {
+                        active_at = Instant::now();
+                        self.on_out(out)
+                    }
                     Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => break 'outer,
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
