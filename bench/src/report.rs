@@ -149,14 +149,7 @@ pub struct Comparison {
 pub fn compare(runs: &[RunResult]) -> Vec<Comparison> {
     let mut out = Vec::new();
     for r in runs.iter().filter(|r| r.system == "replog" && r.durability == "fsync" && r.spin_us == 0) {
-        let same = |e: &&RunResult| {
-            e.system == "etcd"
-                && e.mode == r.mode
-                && e.clients == r.clients
-                && e.size == r.size
-                && e.batch == r.batch
-                && e.offered_rate == r.offered_rate
-        };
+        let same = |e: &&RunResult| e.system == "etcd" && same_load(e, r);
         if let Some(e) = runs.iter().find(same) {
             let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
             let mut config = format!("{} c={} {}B b={}", r.mode, r.clients, r.size, r.batch);
@@ -360,21 +353,22 @@ pub fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
+/// Whether two runs offered the same load (loop, clients, entry size, batch, rate).
+fn same_load(a: &RunResult, b: &RunResult) -> bool {
+    a.mode == b.mode
+        && a.clients == b.clients
+        && a.size == b.size
+        && a.batch == b.batch
+        && a.offered_rate == b.offered_rate
+}
+
 /// Each replog run with spinning waits beside the same configuration with blocking
 /// waits: p50, p99 and throughput of both, and which wins on p50.
 pub fn spin_pairs(runs: &[RunResult]) -> Vec<String> {
     let mut out = Vec::new();
     for s in runs.iter().filter(|r| r.system == "replog" && r.spin_us > 0) {
-        let same = |b: &&RunResult| {
-            b.system == s.system
-                && b.spin_us == 0
-                && b.durability == s.durability
-                && b.mode == s.mode
-                && b.clients == s.clients
-                && b.size == s.size
-                && b.batch == s.batch
-                && b.offered_rate == s.offered_rate
-        };
+        let same =
+            |b: &&RunResult| b.system == s.system && b.spin_us == 0 && b.durability == s.durability && same_load(b, s);
         if let Some(b) = runs.iter().find(same) {
             let better = if s.latency.p50_us < b.latency.p50_us { "spinning" } else { "blocking" };
             out.push(format!(

@@ -566,6 +566,15 @@ impl<T: Transport> Node<T> {
         self.responder.send(Outbound::Reply { conn, req_id, response });
     }
 
+    /// The answer to a request the core refused: a redirect to the leader, or
+    /// `Unavailable` with the reason.
+    fn refused(&self, what: &str, e: ProposeError) -> Response {
+        match e {
+            ProposeError::NotLeader { leader } => self.redirect(leader),
+            e => Response::Error { code: ErrorCode::Unavailable, message: format!("{what} refused: {e}") },
+        }
+    }
+
     fn redirect(&self, leader: Option<NodeId>) -> Response {
         let leader = leader.filter(|&l| l != self.opts.paxos.id);
         let addr = leader.and_then(|l| self.opts.client_addrs.get(&l).cloned());
@@ -646,13 +655,9 @@ impl<T: Transport> Node<T> {
                         };
                         self.lin_reads.insert(id, r);
                     }
-                    Err(ProposeError::NotLeader { leader }) => {
-                        let resp = self.redirect(leader);
-                        self.reply(conn, req_id, resp);
-                    }
                     Err(e) => {
-                        let message = format!("linearizable read refused: {e}");
-                        self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                        let resp = self.refused("linearizable read", e);
+                        self.reply(conn, req_id, resp);
                     }
                 }
             }
@@ -733,13 +738,9 @@ impl<T: Transport> Node<T> {
                             let r = LinRead { conn, req_id, from: 0, max_entries: 0, max_bytes: 0, query: Some(query) };
                             self.lin_reads.insert(id, r);
                         }
-                        Err(ProposeError::NotLeader { leader }) => {
-                            let resp = self.redirect(leader);
-                            self.reply(conn, req_id, resp);
-                        }
                         Err(e) => {
-                            let message = format!("linearizable query refused: {e}");
-                            self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                            let resp = self.refused("linearizable query", e);
+                            self.reply(conn, req_id, resp);
                         }
                     }
                 }
@@ -790,13 +791,9 @@ impl<T: Transport> Node<T> {
                 info!(upto, "trim proposed");
                 self.trim_waiters.push((conn, req_id));
             }
-            Err(ProposeError::NotLeader { leader }) => {
-                let resp = self.redirect(leader);
-                self.reply(conn, req_id, resp);
-            }
             Err(e) => {
-                let message = format!("trim refused: {e}");
-                self.reply(conn, req_id, Response::Error { code: ErrorCode::Unavailable, message });
+                let resp = self.refused("trim", e);
+                self.reply(conn, req_id, resp);
             }
         }
     }

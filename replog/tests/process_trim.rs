@@ -53,21 +53,7 @@ fn append_concurrently(cluster: &Cluster, tag: &str, per_client: usize) -> BTree
 
 /// The log replica `i` serves from position `from` on.
 fn read_from(cluster: &Cluster, i: usize, from: u64) -> Vec<(u64, Vec<u8>)> {
-    let mut c = cluster.client_of(i);
-    let mut out = Vec::new();
-    let mut next = from;
-    for _ in 0..10_000 {
-        let batch = c.read(next, 4096).unwrap_or_else(|e| panic!("replica {i}: read from {next}: {e}"));
-        if batch.is_empty() {
-            break;
-        }
-        for (p, d) in batch {
-            assert_eq!(p, next, "positions are consecutive");
-            next += 1;
-            out.push((p, d.to_vec()));
-        }
-    }
-    out
+    support::read_log_from(&mut cluster.client_of(i), from)
 }
 
 /// Replica `i` refuses to read `position` as trimmed.

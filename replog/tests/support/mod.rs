@@ -153,8 +153,14 @@ impl Cluster {
 /// The whole log as `c`'s replica serves it, from position 1, checking that positions
 /// are consecutive.
 pub fn read_log(c: &mut Client) -> Vec<(u64, Vec<u8>)> {
+    read_log_from(c, 1)
+}
+
+/// The log as `c`'s replica serves it from position `from` on, checking that positions
+/// are consecutive.
+pub fn read_log_from(c: &mut Client, from: u64) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
-    let mut from = 1;
+    let mut from = from;
     for _ in 0..100_000 {
         let batch = c.read(from, 4096).expect("read");
         if batch.is_empty() {
