@@ -50,12 +50,14 @@ pub struct ReplogCluster {
 impl ReplogCluster {
     /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
     /// (up to 20 s) for a leader. `spin_us`: the replicas' spin-then-block waits
-    /// (`[timing] spin_us`; 0 blocks at once).
+    /// (`[timing] spin_us`; 0 blocks at once); `client_port_thread`: `[timing]
+    /// client_port_thread`.
     pub fn start(
         replog: &Path,
         n: usize,
         durability: DurabilityKind,
         spin_us: u64,
+        client_port_thread: bool,
         parent: &Path,
     ) -> Result<ReplogCluster> {
         let dir = TempDir::new(parent, "replog-bench")?;
@@ -65,6 +67,7 @@ impl ReplogCluster {
             // Logging at info costs CPU on the hot path of a 2-core machine.
             c.log.level = "warn".to_string();
             c.timing.spin_us = spin_us;
+            c.timing.client_port_thread = client_port_thread;
         }
         let mut cluster = ReplogCluster { cfgs, procs: Vec::new(), dir };
         for i in 0..n {

@@ -98,6 +98,10 @@ struct Args {
     /// once per value. The standard suite runs 1 client at 0 and 50.
     #[arg(long, value_delimiter = ',')]
     spin_us: Option<Vec<u64>>,
+    /// Serve each replica's client port on a thread of its own (`[timing]
+    /// client_port_thread`) instead of the replica's polling thread, to compare.
+    #[arg(long)]
+    client_port_thread: bool,
     /// Skip the etcd peer.
     #[arg(long)]
     no_etcd: bool,
@@ -579,7 +583,14 @@ fn measure(
         match spec.durability {
             Some(d) => {
                 let bin = replog_bin.context("no replog binary")?;
-                let mut cluster = ReplogCluster::start(bin, args.replicas, d, spin.as_micros() as u64, data_dir)?;
+                let mut cluster = ReplogCluster::start(
+                    bin,
+                    args.replicas,
+                    d,
+                    spin.as_micros() as u64,
+                    args.client_port_thread,
+                    data_dir,
+                )?;
                 let mut cfg = cluster.client_config()?;
                 cfg.spin = spin;
                 let out = load::run(

@@ -86,6 +86,8 @@ use wire::{kind, Hello, HelloOk};
 
 const LISTENER: MioToken = MioToken(0);
 const WAKER: MioToken = MioToken(1);
+/// A descriptor of the caller's ([`Transport::watch_fd`]).
+const WATCH: MioToken = MioToken(usize::MAX - 1);
 const FIRST_CONN: usize = 2;
 /// Size of the reusable read buffer (one `read` call at most).
 const SCRATCH: usize = 64 * 1024;
@@ -1054,7 +1056,7 @@ impl Transport for TcpTransport {
             for ev in mio_events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_all(),
-                    WAKER => woken = true,
+                    WAKER | WATCH => woken = true,
                     MioToken(id) => {
                         let closed = ev.is_read_closed() || ev.is_error();
                         let ready = (ev.is_readable(), ev.is_writable() || ev.is_error(), closed);
@@ -1076,6 +1078,11 @@ impl Transport for TcpTransport {
 
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
+    }
+
+    fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), WATCH, mio::Interest::READABLE)?;
+        Ok(true)
     }
 }
 

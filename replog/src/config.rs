@@ -193,11 +193,21 @@ pub struct Timing {
     /// (tens of microseconds on a VM) when there are spare cores, and costs throughput
     /// when busy threads outnumber the cores: `bench --spin-us 0,50` measures both.
     pub spin_us: u64,
+    /// Serve the client port on a thread of its own (default false: on the replica's
+    /// polling thread, where the transport can wait on both, which saves two thread
+    /// wake-ups per request; the TCP transport can, RDMA and DPDK use a thread).
+    pub client_port_thread: bool,
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { heartbeat_ms: 10.0, election_timeout_ms: 150.0, retransmit_ms: 40.0, spin_us: 0 }
+        Timing {
+            heartbeat_ms: 10.0,
+            election_timeout_ms: 150.0,
+            retransmit_ms: 40.0,
+            spin_us: 0,
+            client_port_thread: false,
+        }
     }
 }
 

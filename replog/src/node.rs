@@ -20,6 +20,7 @@
 //! (its completion action is released by `flush`).
 
 use crate::app::AppHost;
+use crate::client::server::ClientPort;
 use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status};
 use crate::embed::{Local, LocalReply, LOCAL_CONN};
 use crate::metrics::Metrics;
@@ -134,6 +135,8 @@ pub struct Node<T: Transport> {
     pending_trim: Option<SnapshotMeta>,
     /// Trim requests proposed here, answered once a trim is applied (or leadership lost).
     trim_waiters: Vec<(ConnId, u64)>,
+    /// The client port, when it is served on this thread (see [`Node::with_client_port`]).
+    client_port: Option<ClientPort>,
     /// The last decoded slot (reads usually walk consecutive positions).
     cache: Option<(Slot, Arc<Vec<Command>>)>,
     tails: Vec<TailSub>,
@@ -210,6 +213,7 @@ impl<T: Transport> Node<T> {
             snapshot_waiters: Vec::new(),
             pending_trim: None,
             trim_waiters: Vec::new(),
+            client_port: None,
             cache: None,
             tails: Vec::new(),
             lin_reads: HashMap::new(),
@@ -218,6 +222,13 @@ impl<T: Transport> Node<T> {
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
         })
+    }
+
+    /// Serves the client port on this node's thread: `port`'s descriptor must be one the
+    /// transport's `poll` watches ([`transport::Transport::watch_fd`]).
+    pub fn with_client_port(mut self, port: Option<ClientPort>) -> Self {
+        self.client_port = port;
+        self
     }
 
     /// Answers in-process requests (see [`crate::embed`]) through `local`.
@@ -245,8 +256,15 @@ impl<T: Transport> Node<T> {
                 None => Duration::from_millis(50),
             };
             let wait = if !spin.is_zero() && active_at.elapsed() < spin { Duration::ZERO } else { wait };
+            let wait = match self.client_port.as_ref().and_then(|p| p.next_timeout()) {
+                Some(t) => wait.min(t),
+                None => wait,
+            };
             events.clear();
             self.transport.poll(&mut events, Some(wait))?;
+            if let Some(p) = self.client_port.as_mut() {
+                p.turn();
+            }
             let now = self.now();
             let mut active = !events.is_empty();
             for ev in events.drain(..) {
@@ -281,6 +299,10 @@ impl<T: Transport> Node<T> {
             }
             self.app_housekeeping(now)?;
             self.serve_tails();
+            if let Some(p) = self.client_port.as_mut() {
+                // Send the answers queued in this turn.
+                p.turn();
+            }
             if self.last_metrics.elapsed() >= Duration::from_millis(100) {
                 self.update_metrics();
             }

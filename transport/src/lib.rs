@@ -221,4 +221,13 @@ pub trait Transport {
 
     /// A handle to interrupt `poll` from another thread.
     fn waker(&self) -> Arc<dyn Wake>;
+
+    /// Also return from [`Transport::poll`] when the descriptor `fd` (an epoll instance
+    /// of the caller's own sockets, say) becomes readable, so that one thread waits on
+    /// both. Returns whether this transport does so; the default does not (the caller
+    /// then serves `fd` from a thread of its own).
+    fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        let _ = fd;
+        Ok(false)
+    }
 }

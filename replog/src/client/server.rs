@@ -168,15 +168,53 @@ enum Ctl {
 pub struct Responder {
     tx: mpsc::Sender<Ctl>,
     waker: Arc<Waker>,
+    /// The port runs on the node's thread ([`ClientPort`]): it sends the queue on its
+    /// next turn, so there is no thread to wake.
+    inline: bool,
 }
 
 impl Responder {
     /// Queues `out` for the server thread and wakes it. Does nothing once the server
     /// has shut down.
     pub fn send(&self, out: Outbound) {
-        if self.tx.send(Ctl::Out(out)).is_ok() {
+        if self.tx.send(Ctl::Out(out)).is_ok() && !self.inline {
             let _ = self.waker.wake();
         }
+    }
+}
+
+/// The client port served on the caller's thread ([`ClientServer::start_inline`]):
+/// the node calls [`ClientPort::turn`] after each wait and after answering, and waits
+/// on [`ClientPort::fd`] together with its transport ([`transport::Transport::watch_fd`]).
+pub struct ClientPort {
+    worker: Worker,
+    events: Events,
+}
+
+impl ClientPort {
+    /// The descriptor that becomes readable when the port has work (its epoll
+    /// instance).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.worker.poll.as_raw_fd()
+    }
+
+    /// Serves whatever is ready, without waiting: accepts, reads requests (pushed to the
+    /// node's queue), sends queued answers, expires handshakes.
+    pub fn turn(&mut self) {
+        self.worker.turn(&mut self.events, Some(Duration::ZERO));
+    }
+
+    /// How long the caller may wait before the next turn (zero: at once; `None`:
+    /// until `fd` is readable).
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.worker.next_timeout()
+    }
+}
+
+impl Drop for ClientPort {
+    fn drop(&mut self) {
+        self.worker.close_all();
     }
 }
 
@@ -196,8 +234,35 @@ impl ClientServer {
         inbound: mpsc::Sender<Inbound>,
         wake_node: Arc<dyn Fn() + Send + Sync>,
     ) -> io::Result<ClientServer> {
+        let (worker, responder) = Self::worker(listener, cfg, inbound, wake_node, false)?;
+        let addr = worker.listener.local_addr()?;
+        let thread =
+            std::thread::Builder::new().name(format!("client-port-{}", addr.port())).spawn(move || worker.run())?;
+        Ok(ClientServer { addr, responder, thread: Some(thread) })
+    }
+
+    /// The same port served on the caller's thread: no thread of its own, no wake-ups
+    /// between it and the node (two fewer per request). The caller drives the returned
+    /// [`ClientPort`].
+    pub fn start_inline(
+        listener: std::net::TcpListener,
+        cfg: ClientServerConfig,
+        inbound: mpsc::Sender<Inbound>,
+    ) -> io::Result<(ClientServer, ClientPort)> {
+        let (worker, responder) = Self::worker(listener, cfg, inbound, Arc::new(|| {}), true)?;
+        let addr = worker.listener.local_addr()?;
+        let port = ClientPort { worker, events: Events::with_capacity(256) };
+        Ok((ClientServer { addr, responder, thread: None }, port))
+    }
+
+    fn worker(
+        listener: std::net::TcpListener,
+        cfg: ClientServerConfig,
+        inbound: mpsc::Sender<Inbound>,
+        wake_node: Arc<dyn Fn() + Send + Sync>,
+        inline: bool,
+    ) -> io::Result<(Worker, Responder)> {
         listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let mut listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -221,10 +286,10 @@ impl ClientServer {
             inflight_bytes: 0,
             last_busy_log: None,
             busy_since_log: 0,
+            active_at: Instant::now(),
+            busy: false,
         };
-        let thread =
-            std::thread::Builder::new().name(format!("client-port-{}", addr.port())).spawn(move || worker.run())?;
-        Ok(ClientServer { addr, responder: Responder { tx, waker }, thread: Some(thread) })
+        Ok((worker, Responder { tx, waker, inline }))
     }
 
     /// The address the client port listens on.
@@ -399,91 +464,112 @@ struct Worker {
     /// When a `Busy` refusal was last logged, and how many since (logged once a second).
     last_busy_log: Option<Instant>,
     busy_since_log: u64,
+    /// The last activity (for the spin window).
+    active_at: Instant,
+    /// The last poll filled the events buffer.
+    busy: bool,
 }
 
 impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
-        // Spin-then-block: after activity, poll without sleeping for `cfg.spin`.
-        let mut active_at = Instant::now();
-        'outer: loop {
-            let spinning = !self.cfg.spin.is_zero() && active_at.elapsed() < self.cfg.spin;
-            let timeout = if self.again.is_empty() && !spinning {
-                self.conns
-                    .values()
-                    .filter_map(|c| c.closing.or(c.hello_by))
-                    .min()
-                    .map(|d| d.saturating_duration_since(Instant::now()))
-            } else {
-                Some(Duration::ZERO)
-            };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("client port: poll failed: {e}; stopping");
-                    break;
-                }
-            }
-            if !events.is_empty() {
-                active_at = Instant::now();
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    WAKER => {}
-                    Token(t) => {
-                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                        self.on_conn(t as ConnId, readable, ev.is_writable());
-                    }
-                }
-            }
-            for id in std::mem::take(&mut self.again) {
-                self.on_conn(id, true, false);
-            }
-            loop {
-                match self.rx.try_recv() {
-                    Ok(Ctl::Out(out)) => {
-                        active_at = Instant::now();
-                        self.on_out(out)
-                    }
-                    Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => break 'outer,
-                    Err(mpsc::TryRecvError::Empty) => break,
-                }
-            }
-            let now = Instant::now();
-            let expired: Vec<ConnId> =
-                self.conns.iter().filter(|(_, c)| c.closing.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
-            for id in expired {
-                if let Some(c) = self.conns.remove(&id) {
-                    debug!("client {}: linger time over, closing", c.peer);
-                    self.finish(id, c);
-                }
-            }
-            let slow: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.closing.is_none() && c.hello_by.is_some_and(|d| d <= now))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in slow {
-                if let Some(mut c) = self.conns.remove(&id) {
-                    let t = self.cfg.handshake_timeout;
-                    let (code, msg) = if c.challenge.is_some() {
-                        (ErrorCode::Unauthorized, format!("unauthorized: no Auth within {t:?} of the challenge"))
-                    } else {
-                        (ErrorCode::BadRequest, format!("no Hello within {t:?} of connecting"))
-                    };
-                    self.fail(&mut c, 0, code, msg);
-                    c.hello_by = None;
-                    match c.flush() {
-                        Ok(()) => {
-                            self.conns.insert(id, c);
-                        }
-                        Err(_) => self.finish(id, c),
-                    }
-                }
-            }
-            self.wake();
+        while self.turn(&mut events, self.next_timeout()) {}
+        self.close_all();
+        debug!("client port {:?} stopped", self.listener.local_addr());
+    }
+
+    /// How long the next poll may wait: zero while connections have more to read or
+    /// the spin window is open, else until the next handshake or linger deadline.
+    fn next_timeout(&self) -> Option<Duration> {
+        let spinning = !self.cfg.spin.is_zero() && self.active_at.elapsed() < self.cfg.spin;
+        if self.again.is_empty() && !spinning && !self.busy {
+            self.conns
+                .values()
+                .filter_map(|c| c.closing.or(c.hello_by))
+                .min()
+                .map(|d| d.saturating_duration_since(Instant::now()))
+        } else {
+            Some(Duration::ZERO)
         }
+    }
+
+    /// One turn: waits up to `timeout` for socket events, serves them, sends the
+    /// node's queued answers, and expires handshakes and lingering connections.
+    /// Returns false once asked to shut down.
+    fn turn(&mut self, events: &mut Events, timeout: Option<Duration>) -> bool {
+        if let Err(e) = self.poll.poll(events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                warn!("client port: poll failed: {e}; stopping");
+                return false;
+            }
+        }
+        if !events.is_empty() {
+            self.active_at = Instant::now();
+        }
+        // A full buffer may have left events behind: look again at once.
+        self.busy = events.iter().count() >= events.capacity();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                WAKER => {}
+                Token(t) => {
+                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    self.on_conn(t as ConnId, readable, ev.is_writable());
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.again) {
+            self.on_conn(id, true, false);
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(Ctl::Out(out)) => {
+                    self.active_at = Instant::now();
+                    self.on_out(out)
+                }
+                Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+        let now = Instant::now();
+        let expired: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| c.closing.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(c) = self.conns.remove(&id) {
+                debug!("client {}: linger time over, closing", c.peer);
+                self.finish(id, c);
+            }
+        }
+        let slow: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.closing.is_none() && c.hello_by.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in slow {
+            if let Some(mut c) = self.conns.remove(&id) {
+                let t = self.cfg.handshake_timeout;
+                let (code, msg) = if c.challenge.is_some() {
+                    (ErrorCode::Unauthorized, format!("unauthorized: no Auth within {t:?} of the challenge"))
+                } else {
+                    (ErrorCode::BadRequest, format!("no Hello within {t:?} of connecting"))
+                };
+                self.fail(&mut c, 0, code, msg);
+                c.hello_by = None;
+                match c.flush() {
+                    Ok(()) => {
+                        self.conns.insert(id, c);
+                    }
+                    Err(_) => self.finish(id, c),
+                }
+            }
+        }
+        self.wake();
+        true
+    }
+
+    /// Closes every connection (each reported to the node as `Disconnected`).
+    fn close_all(&mut self) {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(c) = self.conns.remove(&id) {
@@ -491,7 +577,6 @@ impl Worker {
             }
         }
         self.wake();
-        debug!("client port {:?} stopped", self.listener.local_addr());
     }
 
     fn wake(&mut self) {
