@@ -296,7 +296,8 @@ fn read_shows(args: &[&str], want: &[String]) -> usize {
 
 /// On a fresh cluster: `append <entries>` prints positions 1, 2, ...; `read 0` shows
 /// `pos<TAB>entry` for each; `tail 0` shows them too and then a later append; `status`
-/// shows one leader among three replicas. `target` holds the flags (none: defaults).
+/// shows one leader among three replicas; `trim` to the last entry makes `read 0` fail
+/// as trimmed. `target` holds the flags (none: defaults).
 fn use_the_cluster(entries: &[&str], target: &[&str]) {
     let with = |cmd: &[&str]| -> Vec<String> { cmd.iter().chain(target).map(|s| s.to_string()).collect() };
     let args = with(&[&["append"], entries].concat());
@@ -336,6 +337,15 @@ fn use_the_cluster(entries: &[&str], target: &[&str]) {
     let leaders: Vec<&str> = r.stdout.lines().filter(|l| l.contains(": leader leader=")).collect();
     assert_eq!(leaders.len(), 1, "status shows one leader: {}", r.stdout);
     assert_eq!(r.stdout.lines().filter(|l| l.starts_with("replica ")).count(), 3, "every replica answers");
+
+    // `trim` up to the last entry: reading from the start is then refused as trimmed.
+    let args = with(&["trim", &p.to_string()]);
+    let r = replog(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "replog trim failed: {}", r.stderr);
+    assert_eq!(r.stdout.trim(), format!("trimmed: the first readable position is {}", p + 1));
+    let args = with(&["read", "0"]);
+    let r = replog(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!r.status.success() && r.stderr.contains("trimmed"), "read after trim: {} / {}", r.stdout, r.stderr);
 }
 
 /// `GET /metrics` over plain HTTP/1.0; returns the whole response.
