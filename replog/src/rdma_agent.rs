@@ -13,11 +13,29 @@
 //!   Mu), takes each newly landed, checksummed cell of the permission holder in order and
 //!   reports it as [`Event::WriteArrived`]; the node hands it to the core, which checks
 //!   the ballot, persists it per the durability mode and, after the covering sync,
-//!   answers through [`Transport::complete_write`], which sends the acknowledgement to
-//!   the writer as a message on the RDMA transport's side channel. (The end state
-//!   is a one-sided write of the acknowledgement into the leader's region; a message is
-//!   the first step, and is what `fsync` durability needs anyway: the follower's CPU must
-//!   sync before it may acknowledge.)
+//!   answers through [`Transport::complete_write`].
+//! - **acknowledgements** go back by a **one-sided RDMA WRITE** of an acknowledgement
+//!   record (layout and checks in [`crate::rdma_region`]) into the writer's
+//!   acknowledgement area for this follower, on the transport's acknowledgement queue
+//!   pair (a second protection domain that cannot reach any log region: see
+//!   `transport::rdma`). The follower's CPU writes it after the covering sync, so under
+//!   `fsync` the record means "durable here". The writer's `poll` finds acknowledgements
+//!   by reading its own memory, as the follower finds cells: for each write outstanding in
+//!   the stream's current epoch it looks at that write's slot and completes the write when
+//!   the record there is whole (canary, CRC) and names that epoch, seq and token. The
+//!   **fallback** is the side-channel message (tag 1 below), used when the reply does not
+//!   fit a record ([`cells::ACK_REPLY_MAX`]), when there is no connected acknowledgement
+//!   queue pair (the peer has no acknowledgement area, or the link is being renewed), or
+//!   when the RDMA WRITE of the record failed (the record may or may not have landed:
+//!   the message repeats it).
+//! - **exactly once**: a write completes once, by whichever comes first of its record,
+//!   its message, its NIC error, or the restart of its stream (a failed or renewed link,
+//!   a new term: the writer opens a new epoch and fails what was outstanding with
+//!   `LinkFailed`); later arrivals for it find no pending write and are dropped. A record
+//!   or message of an older epoch never completes a write of the new one: records name
+//!   the epoch, and tokens are never reused. The writer keeps its outstanding seqs
+//!   within one window of both rings (`min(cells, acknowledgement slots)`), so a slot is
+//!   never rewritten before its record was taken.
 //! - **reads** (catch-up, a candidate reading a log tail) go as a request and an answer
 //!   over the side channel: the core reads slots, which the follower serves from its store,
 //!   not from the ring.
@@ -27,13 +45,13 @@
 //! 3 a read answer (`token u64, status u8, bytes`). Decoding never panics; malformed
 //! frames are dropped.
 
-use crate::rdma_region::{self as cells, CellHeader};
+use crate::rdma_region::{self as cells, AckRecord, CellHeader};
 use bytes::Bytes;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use transport::rdma::RdmaTransport;
 use transport::{AccessError, Event, PeerId, SendError, Token, Transport, Wake};
 
@@ -49,14 +67,42 @@ const OVERHEAD: usize = 1 + 8 + 8 + 4;
 const SCAN_SLICE: Duration = Duration::from_micros(200);
 /// Cells taken per look.
 const MAX_CELLS_PER_SCAN: usize = 256;
+/// How long `poll` sleeps between looks at the acknowledgement areas while writes wait
+/// for their acknowledgements.
+const ACK_SCAN_SLICE: Duration = Duration::from_micros(20);
+/// How often the acknowledgement counts are logged (when they changed).
+const ACK_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// How acknowledgements travelled, counted by this agent since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckStats {
+    /// Follower: acknowledgements written into the writer's memory (RDMA WRITE completed).
+    pub sent_rdma: u64,
+    /// Follower: acknowledgements sent as side-channel messages (fallback).
+    pub sent_side: u64,
+    /// Writer: writes completed by a record found in its acknowledgement area.
+    pub taken_rdma: u64,
+    /// Writer: writes completed by a side-channel acknowledgement message.
+    pub taken_side: u64,
+}
 
 /// One writer-to-follower cell stream (leader side).
 #[derive(Debug, Default)]
 struct Stream {
     epoch: (u64, u64),
     next_seq: u64,
-    /// Writes issued in this epoch and not yet acknowledged.
-    unacked: BTreeSet<Token>,
+    /// Writes issued in this epoch and not yet acknowledged: seq -> our token.
+    unacked: BTreeMap<u64, Token>,
+}
+
+/// A cell taken by the follower and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Arrived {
+    writer: PeerId,
+    epoch: (u64, u64),
+    seq: u64,
+    /// The writer's token.
+    theirs: Token,
 }
 
 struct AgentWaker {
@@ -91,9 +137,15 @@ pub struct RdmaAgent {
     next_seq: u64,
     /// The last epoch taken from each writer.
     seen: HashMap<PeerId, (u64, u64)>,
-    /// Arrived writes and reads: our token -> (writer, its token).
-    arrived_writes: HashMap<Token, (PeerId, Token)>,
+    /// Arrived writes: our token -> the cell it came in.
+    arrived_writes: HashMap<Token, Arrived>,
+    /// Arrived reads: our token -> (reader, its token).
     arrived_reads: HashMap<Token, (PeerId, Token)>,
+    /// Acknowledgement records being written: the transport's token -> the message to
+    /// send instead if the write fails.
+    ack_writes: HashMap<Token, (PeerId, Token, bool, Vec<u8>)>,
+    stats: AckStats,
+    logged: (AckStats, Instant),
     waker: Arc<AgentWaker>,
     buf: Vec<u8>,
     scratch: Vec<Event>,
@@ -140,6 +192,9 @@ impl RdmaAgent {
             seen: HashMap::new(),
             arrived_writes: HashMap::new(),
             arrived_reads: HashMap::new(),
+            ack_writes: HashMap::new(),
+            stats: AckStats::default(),
+            logged: (AckStats::default(), Instant::now()),
             waker,
             buf: Vec::new(),
             scratch: Vec::new(),
@@ -156,6 +211,93 @@ impl RdmaAgent {
         &self.inner
     }
 
+    /// How acknowledgements travelled so far.
+    pub fn ack_stats(&self) -> AckStats {
+        self.stats
+    }
+
+    /// The most writes to `peer` outstanding at once: one window of the cell ring and of
+    /// this node's acknowledgement area for `peer`.
+    fn window(&self) -> u64 {
+        let slots = cells::ack_slots(self.inner.ack_area_len() as u64);
+        if slots == 0 {
+            self.cells as u64
+        } else {
+            slots.min(self.cells as u64)
+        }
+    }
+
+    /// Completes our write `token` to `to` once (later calls find nothing).
+    fn finish_write(&mut self, to: PeerId, token: Token, result: Result<(), AccessError>, events: &mut Vec<Event>) {
+        if self.pending_writes.remove(&token).is_none() {
+            return;
+        }
+        if let Some(s) = self.streams.get_mut(&to) {
+            s.unacked.retain(|_, t| *t != token);
+        }
+        events.push(Event::WriteDone { to, token, result: result.map(|()| Bytes::new()) });
+    }
+
+    /// Writer: takes the acknowledgement records that landed in our memory.
+    fn scan_acks(&mut self, events: &mut Vec<Event>) {
+        let slots = cells::ack_slots(self.inner.ack_area_len() as u64);
+        if slots == 0 {
+            return;
+        }
+        let mut done = Vec::new();
+        let mut rec = [0u8; cells::ACK_SLOT];
+        for (&peer, s) in &self.streams {
+            for (&seq, &token) in &s.unacked {
+                let off = cells::ack_offset(seq, slots);
+                let want = cells::ack_canary(seq, token);
+                if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok() != Some(want) {
+                    continue;
+                }
+                if self.inner.read_ack_area(peer, off, &mut rec).is_err() {
+                    continue;
+                }
+                match cells::decode_ack(&rec) {
+                    Some(r) if r.epoch == s.epoch && r.seq == seq && r.token == token => done.push((peer, token, r)),
+                    _ => {} // still landing, torn or stale: looked at again next time
+                }
+            }
+        }
+        for (peer, token, r) in done {
+            let result = if r.ok { Ok(()) } else { Err(AccessError::Denied { detail: Bytes::from(r.reply) }) };
+            if self.pending_writes.contains_key(&token) {
+                self.stats.taken_rdma += 1;
+            }
+            self.finish_write(peer, token, result, events);
+        }
+    }
+
+    fn awaiting_acks(&self) -> bool {
+        self.streams.values().any(|s| !s.unacked.is_empty())
+    }
+
+    /// Logs the acknowledgement counts when they changed (at most every [`ACK_LOG_EVERY`]).
+    fn log_stats(&mut self) {
+        let now = Instant::now();
+        if self.stats != self.logged.0 && now.duration_since(self.logged.1) >= ACK_LOG_EVERY {
+            let s = self.stats;
+            info!(
+                sent_rdma = s.sent_rdma,
+                sent_side = s.sent_side,
+                taken_rdma = s.taken_rdma,
+                taken_side = s.taken_side,
+                "rdma acknowledgements"
+            );
+            self.logged = (s, now);
+        }
+    }
+
+    /// Follower: the side-channel acknowledgement (the fallback).
+    fn ack_by_message(&mut self, writer: PeerId, theirs: Token, ok: bool, body: &[u8]) -> Result<(), SendError> {
+        self.stats.sent_side += 1;
+        let result = if ok { Ok(body) } else { Err(body) };
+        self.answer(writer, TAG_ACK, theirs, result)
+    }
+
     fn token(&mut self) -> Token {
         let t = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(1);
@@ -168,7 +310,7 @@ impl RdmaAgent {
         let epoch = if round > s.epoch.0 { (round, 0) } else { (s.epoch.0, s.epoch.1 + 1) };
         s.epoch = epoch;
         s.next_seq = 1;
-        for token in std::mem::take(&mut s.unacked) {
+        for (_, token) in std::mem::take(&mut s.unacked) {
             if self.pending_writes.remove(&token).is_some() {
                 let result = Err(AccessError::LinkFailed(format!("cell stream restarted: {why}")));
                 events.push(Event::WriteDone { to: peer, token, result });
@@ -198,15 +340,22 @@ impl RdmaAgent {
         match ev {
             Event::Message { from, payload } => self.on_message(from, payload, events),
             Event::WriteDone { to, token, result } => {
+                if let Some((writer, theirs, ok, body)) = self.ack_writes.remove(&token) {
+                    match result {
+                        Ok(_) => self.stats.sent_rdma += 1,
+                        Err(e) => {
+                            debug!(peer = writer, error = %e, "acknowledgement write failed; sent as a message");
+                            if let Err(e) = self.ack_by_message(writer, theirs, ok, &body) {
+                                debug!(peer = writer, error = %e, "acknowledgement not delivered");
+                            }
+                        }
+                    }
+                    return;
+                }
                 let Some((_, ours)) = self.inner_writes.remove(&token) else { return };
                 if let Err(e) = result {
                     // The cell did not land (or may not have): the stream has a hole.
-                    if self.pending_writes.remove(&ours).is_some() {
-                        if let Some(s) = self.streams.get_mut(&to) {
-                            s.unacked.remove(&ours);
-                        }
-                        events.push(Event::WriteDone { to, token: ours, result: Err(e.clone()) });
-                    }
+                    self.finish_write(to, ours, Err(e.clone()), events);
                     self.restart(to, 0, &e.to_string(), events);
                 }
                 // Ok: the cell is in the follower's memory; its acknowledgement completes it.
@@ -247,12 +396,10 @@ impl RdmaAgent {
                     }
                 };
                 if tag == TAG_ACK {
-                    if self.pending_writes.remove(&token).is_some() {
-                        if let Some(s) = self.streams.get_mut(&from) {
-                            s.unacked.remove(&token);
-                        }
-                        events.push(Event::WriteDone { to: from, token, result: result.map(|_| Bytes::new()) });
+                    if self.pending_writes.contains_key(&token) {
+                        self.stats.taken_side += 1;
                     }
+                    self.finish_write(from, token, result.map(|_| ()), events);
                 } else if self.pending_reads.remove(&token).is_some() {
                     events.push(Event::ReadDone { from, token, result });
                 }
@@ -327,7 +474,7 @@ impl RdmaAgent {
             }
             let Some(data) = self.payload(idx, &h, &raw) else { break };
             let ours = self.token();
-            self.arrived_writes.insert(ours, (writer, h.token));
+            self.arrived_writes.insert(ours, Arrived { writer, epoch, seq: h.seq, theirs: h.token });
             self.seen.insert(writer, epoch);
             self.next_seq += 1;
             events.push(Event::WriteArrived { from: writer, token: ours, offset: h.first, data });
@@ -371,8 +518,11 @@ impl Transport for RdmaAgent {
             self.restart(to, round, "new term", &mut events);
             self.scratch.extend(events);
         }
+        let window = self.window();
         let s = self.streams.get(&to).expect("stream exists");
-        if s.unacked.len() + 1 >= self.cells {
+        // The cell (and acknowledgement slot) of this seq must not hold one still unanswered.
+        let span = s.unacked.first_key_value().map_or(0, |(&first, _)| s.next_seq - first);
+        if s.unacked.len() + 1 >= self.cells || span + 1 >= window {
             return Err(SendError::Backpressure(to));
         }
         let (epoch, seq) = (s.epoch, s.next_seq);
@@ -386,7 +536,7 @@ impl Transport for RdmaAgent {
         let inner_token = r?;
         let s = self.streams.get_mut(&to).expect("stream exists");
         s.next_seq += 1;
-        s.unacked.insert(token);
+        s.unacked.insert(seq, token);
         self.inner_writes.insert(inner_token, (to, token));
         self.pending_writes.insert(token, to);
         Ok(token)
@@ -400,9 +550,29 @@ impl Transport for RdmaAgent {
     }
 
     fn complete_write(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
-        let Some((writer, theirs)) = self.arrived_writes.remove(&token) else { return Ok(()) };
-        debug_assert_eq!(writer, from);
-        self.answer(writer, TAG_ACK, theirs, result)
+        let Some(a) = self.arrived_writes.remove(&token) else { return Ok(()) };
+        debug_assert_eq!(a.writer, from);
+        let (ok, body) = match result {
+            Ok(b) => (true, b),
+            Err(d) => (false, d),
+        };
+        let slots = self.inner.peer_ack_area_len(a.writer).map_or(0, cells::ack_slots);
+        let rec = AckRecord { epoch: a.epoch, seq: a.seq, token: a.theirs, ok, reply: body.to_vec() };
+        let mut buf = std::mem::take(&mut self.buf);
+        let fits = slots > 0 && cells::encode_ack(&rec, &mut buf);
+        let r = if fits { Some(self.inner.write_ack(a.writer, cells::ack_offset(a.seq, slots), &buf)) } else { None };
+        self.buf = buf;
+        match r {
+            Some(Ok(t)) => {
+                self.ack_writes.insert(t, (a.writer, a.theirs, ok, rec.reply));
+                Ok(())
+            }
+            Some(Err(e)) => {
+                debug!(peer = a.writer, error = %e, "acknowledgement write not issued; sent as a message");
+                self.ack_by_message(a.writer, a.theirs, ok, body)
+            }
+            None => self.ack_by_message(a.writer, a.theirs, ok, body),
+        }
     }
 
     fn complete_read(&mut self, from: PeerId, token: Token, result: Result<&[u8], &[u8]>) -> Result<(), SendError> {
@@ -430,6 +600,8 @@ impl Transport for RdmaAgent {
         loop {
             events.append(&mut self.scratch);
             self.scan(events);
+            self.scan_acks(events);
+            self.log_stats();
             let woken = self.waker.woken.swap(false, Ordering::AcqRel);
             if events.len() > start || woken {
                 return Ok(());
@@ -439,7 +611,13 @@ impl Transport for RdmaAgent {
                 return Ok(());
             }
             let remaining = deadline.map_or(Duration::from_secs(3600), |d| d - now);
-            let wait = if self.inner.permission_holder().is_some() { remaining.min(SCAN_SLICE) } else { remaining };
+            let wait = if self.awaiting_acks() {
+                remaining.min(ACK_SCAN_SLICE)
+            } else if self.inner.permission_holder().is_some() {
+                remaining.min(SCAN_SLICE)
+            } else {
+                remaining
+            };
             inner_events.clear();
             self.inner.poll(&mut inner_events, Some(wait))?;
             for ev in inner_events.drain(..) {
@@ -474,6 +652,9 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
     rc.staging_per_peer = rc.max_payload + 4 * cell;
     rc.secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
     rc.config_digest = cfg.config_digest();
+    // One acknowledgement slot per cell of the ring (a peer's region is as large as ours).
+    let ring = (rc.region_len / cell.max(1)).max(1);
+    rc.ack_area_len = cells::ACK_AREA_HEADER + ring * cells::ACK_SLOT;
     rc.reconnect_max =
         Duration::from_nanos(cfg.timing.election_timeout_ns() * 4).clamp(Duration::from_millis(50), rc.reconnect_max);
     let inner =

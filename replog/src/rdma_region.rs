@@ -35,6 +35,40 @@
 //! header read per poll and make wrap-around trivial; a write larger than a cell is
 //! refused at issue (`TooLarge`), and `replog serve` bounds the slots per write so that
 //! the core never builds one (see `server.rs`).
+//!
+//! ## Acknowledgement records
+//!
+//! The follower acknowledges a cell with a one-sided RDMA WRITE of one fixed-size
+//! **acknowledgement record** into the writer's acknowledgement area for it (the
+//! transport's second protection domain: see `transport::rdma`). The area starts with a
+//! reserved 64-byte header; then come [`ACK_SLOT`]-byte slots, the record of the cell of
+//! seq `s` going to slot `(s - 1) % slots`:
+//!
+//! ```text
+//! offset size field
+//!  0     4    magic     b"RPAK"
+//!  4     1    status    0 ok, 1 denied (the core's answer)
+//!  5     1    zero
+//!  6     2    len       reply bytes (at most ACK_REPLY_MAX = 72)
+//!  8     8    round     the cell's epoch, first part
+//! 16     8    restart   the cell's epoch, second part
+//! 24     8    seq       the cell's seq
+//! 32     8    token     the writer's token from the cell header
+//! 40     4    crc       CRC32C of bytes 0..40 and of the reply bytes
+//! 44     4    zero
+//! 48     len  reply     the core's reply (ok: empty; denied: the promised ballot)
+//!  ..    pad  zeros up to byte 120
+//! 120    8    canary    ack_canary(seq, token), the last word written
+//! ```
+//!
+//! The writer looks for the record of each unacknowledged cell of its current epoch at
+//! that cell's slot, and takes it only if the canary is the one of that seq and token,
+//! the CRC matches and magic, epoch, seq and token are the expected ones: a record still
+//! landing or torn, one of an earlier epoch (the stream restarted, the queue pair was
+//! renewed) or of the cell `slots` seqs back is never taken, and the writer never has a
+//! cell outstanding whose slot holds a record it has not taken yet (it keeps the seqs
+//! it has outstanding within one window of the ring). A reply longer than
+//! [`ACK_REPLY_MAX`] goes as a side-channel message instead.
 
 /// The cell magic.
 pub const MAGIC: [u8; 4] = *b"RPCL";
@@ -44,6 +78,119 @@ pub const HEADER_LEN: usize = 64;
 pub const CANARY_MIX: u64 = 0x5a5a_c3c3_a5a5_3c3c;
 
 const _: () = assert!(HEADER_LEN.is_multiple_of(8));
+
+/// Bytes of one acknowledgement record slot.
+pub const ACK_SLOT: usize = 128;
+/// Bytes reserved at the start of an acknowledgement area before the first slot.
+pub const ACK_AREA_HEADER: usize = 64;
+/// The acknowledgement record magic.
+pub const ACK_MAGIC: [u8; 4] = *b"RPAK";
+/// Offset of the reply bytes in a record.
+const ACK_REPLY_AT: usize = 48;
+/// Offset of the canary in a record.
+const ACK_CANARY_AT: usize = ACK_SLOT - 8;
+/// The longest reply an acknowledgement record carries.
+pub const ACK_REPLY_MAX: usize = ACK_CANARY_AT - ACK_REPLY_AT;
+/// Mixed into the acknowledgement canary.
+const ACK_CANARY_MIX: u64 = 0x3c3c_a5a5_c3c3_5a5a;
+
+const _: () = assert!(ACK_SLOT.is_multiple_of(8) && ACK_AREA_HEADER.is_multiple_of(8));
+const _: () = assert!(ACK_REPLY_MAX == 72);
+
+/// A decoded acknowledgement record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckRecord {
+    /// The acknowledged cell's epoch.
+    pub epoch: (u64, u64),
+    /// Its seq.
+    pub seq: u64,
+    /// The writer's token from its header.
+    pub token: u64,
+    /// The core accepted the write.
+    pub ok: bool,
+    /// The core's reply bytes.
+    pub reply: Vec<u8>,
+}
+
+/// The canary of the acknowledgement record of `seq` and `token`.
+pub fn ack_canary(seq: u64, token: u64) -> u64 {
+    seq.rotate_left(32) ^ token ^ ACK_CANARY_MIX
+}
+
+/// Slots in an acknowledgement area of `area_len` bytes.
+pub fn ack_slots(area_len: u64) -> u64 {
+    area_len.saturating_sub(ACK_AREA_HEADER as u64) / ACK_SLOT as u64
+}
+
+/// Offset of the record of the cell of `seq` (from 1) in an area of `slots` slots (> 0).
+pub fn ack_offset(seq: u64, slots: u64) -> u64 {
+    ACK_AREA_HEADER as u64 + (seq.wrapping_sub(1) % slots.max(1)) * ACK_SLOT as u64
+}
+
+/// Offset of the canary within a record.
+pub fn ack_canary_offset() -> u64 {
+    ACK_CANARY_AT as u64
+}
+
+fn ack_crc(record: &[u8], reply: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(record.get(..40).unwrap_or_default()), reply)
+}
+
+/// Encodes a whole record into `out` (cleared first; [`ACK_SLOT`] bytes). False (and
+/// `out` empty) when the reply is longer than [`ACK_REPLY_MAX`].
+pub fn encode_ack(r: &AckRecord, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if r.reply.len() > ACK_REPLY_MAX {
+        return false;
+    }
+    out.extend_from_slice(&ACK_MAGIC);
+    out.push(if r.ok { 0 } else { 1 });
+    out.push(0);
+    out.extend_from_slice(&(r.reply.len() as u16).to_le_bytes());
+    for x in [r.epoch.0, r.epoch.1, r.seq, r.token] {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    let crc = ack_crc(out, &r.reply);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&r.reply);
+    out.resize(ACK_CANARY_AT, 0);
+    out.extend_from_slice(&ack_canary(r.seq, r.token).to_le_bytes());
+    true
+}
+
+/// Parses one [`ACK_SLOT`]-byte record: `None` unless the magic, status, length,
+/// canary (of the record's own seq and token) and CRC all check. Never panics. The
+/// caller still compares epoch, seq and token with what it expects.
+pub fn decode_ack(b: &[u8]) -> Option<AckRecord> {
+    if b.len() != ACK_SLOT || b.get(0..4)? != ACK_MAGIC {
+        return None;
+    }
+    let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+    let ok = match b.get(4)? {
+        0 => true,
+        1 => false,
+        _ => return None,
+    };
+    let len = u16::from_le_bytes(b.get(6..8)?.try_into().ok()?) as usize;
+    if len > ACK_REPLY_MAX {
+        return None;
+    }
+    let (seq, token) = (u64_at(24)?, u64_at(32)?);
+    if u64_at(ACK_CANARY_AT)? != ack_canary(seq, token) {
+        return None;
+    }
+    let reply = b.get(ACK_REPLY_AT..ACK_REPLY_AT + len)?;
+    // The bytes the CRC does not cover must be zeros.
+    if b.get(44..48)?.iter().chain(b.get(ACK_REPLY_AT + len..ACK_CANARY_AT)?).any(|&x| x != 0) {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b.get(40..44)?.try_into().ok()?);
+    if ack_crc(b, reply) != crc {
+        return None;
+    }
+    Some(AckRecord { epoch: (u64_at(8)?, u64_at(16)?), seq, token, ok, reply: reply.to_vec() })
+}
 
 /// A cell's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,5 +314,76 @@ mod tests {
         }
         assert!(decode_header(&[0u8; 64], 4096).is_none(), "a zeroed cell has no magic");
         assert_ne!(canary(0), 0, "a zeroed canary never matches");
+    }
+
+    fn ack(seq: u64) -> AckRecord {
+        AckRecord { epoch: (7, 2), seq, token: 1000 + seq, ok: false, reply: b"promised 9.2".to_vec() }
+    }
+
+    #[test]
+    fn ack_records_round_trip_and_fit_their_slot() {
+        let mut out = Vec::new();
+        assert!(encode_ack(&ack(5), &mut out));
+        assert_eq!(out.len(), ACK_SLOT);
+        assert_eq!(decode_ack(&out), Some(ack(5)));
+        let ok = AckRecord { ok: true, reply: Vec::new(), ..ack(6) };
+        assert!(encode_ack(&ok, &mut out));
+        assert_eq!(decode_ack(&out), Some(ok));
+        let long = AckRecord { reply: vec![1; ACK_REPLY_MAX + 1], ..ack(1) };
+        assert!(!encode_ack(&long, &mut out), "a reply beyond the record goes by message");
+        assert!(out.is_empty());
+        let full = AckRecord { reply: vec![1; ACK_REPLY_MAX], ..ack(1) };
+        assert!(encode_ack(&full, &mut out));
+        assert_eq!(decode_ack(&out), Some(full));
+        // Slots wrap after the header.
+        assert_eq!(ack_slots(64 + 4 * 128), 4);
+        assert_eq!(ack_offset(1, 4), 64);
+        assert_eq!(ack_offset(5, 4), 64);
+        assert_eq!(ack_offset(4, 4), 64 + 3 * 128);
+    }
+
+    #[test]
+    fn torn_stale_or_corrupt_ack_records_are_never_taken() {
+        let mut good = Vec::new();
+        assert!(encode_ack(&ack(3), &mut good));
+        // Torn: any prefix of the record landed over a zeroed slot (the canary last).
+        for landed in 0..ACK_SLOT {
+            let mut slot = vec![0u8; ACK_SLOT];
+            slot[..landed].copy_from_slice(&good[..landed]);
+            assert_eq!(decode_ack(&slot), None, "a record torn after {landed} bytes");
+        }
+        // Torn the other way: the tail of the record of seq 7 landed over the record of
+        // seq 3 in the same slot (a 4-slot ring). Whatever prefix landed, the slot reads as
+        // nothing, as the whole older record (which the writer, waiting for seq 7, does not
+        // take), or as the whole newer one: never a mix.
+        let newer_rec = AckRecord { ok: true, reply: Vec::new(), ..ack(7) };
+        let mut newer = Vec::new();
+        assert!(encode_ack(&newer_rec, &mut newer));
+        for landed in 1..=ACK_SLOT {
+            let mut slot = good.clone();
+            slot[ACK_SLOT - landed..].copy_from_slice(&newer[ACK_SLOT - landed..]);
+            let d = decode_ack(&slot);
+            assert!(d.is_none() || d == Some(ack(3)) || d == Some(newer_rec.clone()), "after {landed} bytes: {d:?}");
+        }
+        // Any single flipped bit.
+        for byte in 0..ACK_SLOT {
+            let mut bad = good.clone();
+            bad[byte] ^= 0x10;
+            assert_eq!(decode_ack(&bad), None, "byte {byte} flipped");
+        }
+        // A record of another seq or token in the slot: its canary is not the expected one.
+        let mut other = Vec::new();
+        assert!(encode_ack(&ack(3 + 4), &mut other));
+        let d = decode_ack(&other).expect("well formed");
+        assert_ne!((d.seq, d.token), (3, 1003), "the caller sees it is not the record it waits for");
+        assert_ne!(ack_canary(3, 1003), ack_canary(7, 1007));
+        // An older epoch decodes, and the caller refuses it by comparing the epoch.
+        let mut stale = Vec::new();
+        assert!(encode_ack(&AckRecord { epoch: (7, 1), ..ack(3) }, &mut stale));
+        assert_ne!(decode_ack(&stale).map(|r| r.epoch), Some((7, 2)));
+        for len in 0..300 {
+            let _ = decode_ack(&vec![0xffu8; len]);
+            let _ = decode_ack(&vec![0u8; len]);
+        }
     }
 }

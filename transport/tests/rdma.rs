@@ -552,3 +552,136 @@ fn conformance_messages_limits_and_waker() {
     conformance::unknown_peer_is_refused(&mut make);
     conformance::waker_interrupts_poll(&mut make);
 }
+
+impl Net {
+    fn ack_area(&mut self, at: PeerId, writer: PeerId, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.ep(at).read_ack_area(writer, offset, &mut b).expect("read own acknowledgement area");
+        b
+    }
+
+    fn write_ack(&mut self, from: PeerId, to: PeerId, offset: u64, data: &[u8]) -> Token {
+        self.retry(from, "write_ack", |t| t.write_ack(to, offset, data))
+    }
+}
+
+/// Acknowledgement writes land in the target's acknowledgement area for the writer, with
+/// or without log permission; each peer has its own area; out-of-range or oversized ones
+/// are refused at issue; and the acknowledgement queue pair cannot reach the log region
+/// (another protection domain): such a write fails at the NIC, leaves the region as it
+/// was, and the link is renewed with both queue pairs working again.
+#[test]
+fn acknowledgement_writes_reach_only_the_acknowledgement_area() {
+    if !rdma_available("acknowledgement_writes_reach_only_the_acknowledgement_area") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2, 3]);
+    let area = net.ep(1).ack_area_len() as u64;
+    assert_eq!(area, 64 << 10);
+    assert_eq!(net.ep(2).peer_ack_area_len(1), Some(area));
+    // No permission granted anywhere: acknowledgements still go.
+    let t = net.write_ack(2, 1, 64, b"ack from 2");
+    assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
+    let t = net.write_ack(3, 1, 64, b"ack from 3");
+    assert_eq!(net.write_done(3, t), Ok(Bytes::new()));
+    assert_eq!(net.ack_area(1, 2, 64, 10), b"ack from 2");
+    assert_eq!(net.ack_area(1, 3, 64, 10), b"ack from 3", "each peer writes its own area");
+    assert_eq!(net.ep(1).load_ack_u64(2, 64).expect("load"), u64::from_le_bytes(*b"ack from"));
+    // With 1 holding permission on 2, and after it was revoked: unchanged.
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 0, b"cell");
+    let t = net.write_ack(2, 1, area - 8, &7u64.to_le_bytes());
+    assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
+    assert_eq!(net.ep(1).load_ack_u64(2, area - 8).expect("load"), 7);
+    net.ep(2).revoke(1);
+    let t = net.write_ack(3, 1, 128, &pattern(9, 256));
+    assert_eq!(net.write_done(3, t), Ok(Bytes::new()));
+    assert!(net.ack_area(1, 3, 128, 256) == pattern(9, 256));
+    // Refused at issue: past the area, larger than an acknowledgement write, unknown peer.
+    assert!(matches!(net.ep(2).write_ack(1, area - 4, b"12345678"), Err(SendError::TooLarge { .. })));
+    assert!(matches!(net.ep(2).write_ack(1, u64::MAX - 2, b"1234"), Err(SendError::TooLarge { .. })));
+    let big = vec![0u8; transport::rdma::ACK_MAX_WRITE + 1];
+    assert!(matches!(net.ep(2).write_ack(1, 0, &big), Err(SendError::TooLarge { .. })));
+    assert_eq!(net.ep(2).write_ack(9, 0, b"x").map(|_| ()), Err(SendError::UnknownPeer(9)));
+
+    // Isolation: 3 aims its acknowledgement queue pair at 1's log region.
+    let before = net.region(1, 0, 64);
+    let t = net.retry(3, "intrusion", |e| e.write_log_region_through_ack_qp(1, b"intruder writes the log"));
+    let r = net.write_done(3, t);
+    assert!(r.is_err(), "the NIC must refuse a write into another protection domain: {r:?}");
+    eprintln!("acknowledgement queue pair aimed at the log region: {r:?}");
+    net.take(3, "PeerDown 1", |e| matches!(e, Event::PeerDown { peer: 1, .. }));
+    net.take(3, "PeerUp 1 again", |e| matches!(e, Event::PeerUp { peer: 1 }));
+    for _ in 0..20 {
+        net.pump();
+    }
+    assert_eq!(net.region(1, 0, 64), before, "the log region is unchanged");
+    // Both paths work again after the renewal, and nothing completed twice.
+    let t = net.write_ack(3, 1, 64, b"ack again");
+    assert_eq!(net.write_done(3, t), Ok(Bytes::new()));
+    assert_eq!(net.ack_area(1, 3, 64, 9), b"ack again");
+    let i = net.i(3);
+    assert!(!net.inbox[i].iter().any(|e| matches!(e, Event::WriteDone { .. })), "{:?}", net.inbox[i]);
+}
+
+/// Acknowledgement writes in flight when the link fails complete once each (Ok or
+/// LinkFailed); after the renewal the acknowledgement queue pair is connected again.
+#[test]
+fn acknowledgement_writes_in_flight_complete_once_across_a_link_failure() {
+    if !rdma_available("acknowledgement_writes_in_flight_complete_once_across_a_link_failure") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2]);
+    let mut tokens = Vec::new();
+    for i in 0..200u64 {
+        tokens.push(net.write_ack(2, 1, 64 + (i % 400) * 128, &pattern(i, 128)));
+        if i == 120 {
+            net.ep(2).break_link(1).expect("force the log queue pair to ERR");
+        }
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for &t in &tokens {
+        match net.write_done(2, t) {
+            Ok(_) => ok += 1,
+            Err(AccessError::LinkFailed(_)) => failed += 1,
+            Err(e) => panic!("acknowledgement write {t}: {e:?}"),
+        }
+    }
+    eprintln!("acknowledgement writes across a link failure: {ok} ok, {failed} failed");
+    assert!(ok >= 1);
+    net.take(2, "PeerUp 1 again", |e| matches!(e, Event::PeerUp { peer: 1 }));
+    let t = net.write_ack(2, 1, 64, b"after renewal");
+    assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
+    assert_eq!(net.ack_area(1, 2, 64, 13), b"after renewal");
+    for _ in 0..50 {
+        net.pump();
+    }
+    let i = net.i(2);
+    assert!(!net.inbox[i].iter().any(|e| matches!(e, Event::WriteDone { .. })), "{:?}", net.inbox[i]);
+}
+
+/// A replica without an acknowledgement area (`ack_area_len = 0`, or an older peer that
+/// sends the version-0 bootstrap) connects the log queue pair only: writes work, and
+/// `write_ack` answers LinkDown both ways (the agent then acknowledges by message).
+#[test]
+fn a_peer_without_an_acknowledgement_area_connects_the_log_queue_pair_only() {
+    if !rdma_available("a_peer_without_an_acknowledgement_area_connects_the_log_queue_pair_only") {
+        return;
+    }
+    for without in [1, 2] {
+        let (eps, _) = open_cluster(&[1, 2], |c| {
+            if c.local == without {
+                c.ack_area_len = 0;
+            }
+        });
+        let mut net = Net::new(&[1, 2], eps);
+        net.wait_all_up();
+        assert_eq!(net.ep(1).peer_ack_area_len(2), None);
+        assert_eq!(net.ep(2).peer_ack_area_len(1), None);
+        assert_eq!(net.ep(1).write_ack(2, 64, b"x").map(|_| ()), Err(SendError::LinkDown(2)));
+        assert_eq!(net.ep(2).write_ack(1, 64, b"x").map(|_| ()), Err(SendError::LinkDown(1)));
+        net.ep(2).grant(1);
+        net.write_until_ok(1, 2, 0, b"log path works");
+        assert_eq!(net.region(2, 0, 14), b"log path works");
+    }
+}

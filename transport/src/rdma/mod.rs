@@ -30,6 +30,33 @@
 //!   receive buffers, no credit scheme and no RNR handling; a queue-pair renewal (after
 //!   a permission change or an error) does not lose messages either. The replication
 //!   fast path (writes and reads) never touches the side channel.
+//! - An **acknowledgement path** beside the log (unless [`RdmaConfig::ack_area_len`] is
+//!   0): per peer an **acknowledgement area** of `ack_area_len` bytes in this replica's
+//!   memory, which that peer (and only it: it alone learns the area's address and rkey)
+//!   writes with one-sided RDMA WRITE ([`RdmaTransport::write_ack`]) over a second RC
+//!   queue pair, the **acknowledgement queue pair**. The owner finds what landed by
+//!   reading its own memory ([`RdmaTransport::read_ack_area`],
+//!   [`RdmaTransport::load_ack_u64`]); what the bytes mean (records, canary, CRC) is the
+//!   caller's (the replog agent's) business, as with the log region.
+//!
+//! ## Why a second protection domain for acknowledgements
+//! Write permission on the log region is the log queue pair's access flags, granted to
+//! one peer at a time. Acknowledgements must flow from every follower to the leader
+//! whoever holds that permission, so their queue pair always allows remote write. Were
+//! it in the log region's protection domain, that flag together with the log region's
+//! rkey (which every peer learns in the bootstrap) would let any peer write the log
+//! region on its acknowledgement queue pair, bypassing the permission scheme. So the
+//! acknowledgement areas, their staging memory and the acknowledgement queue pairs live
+//! in a **second protection domain** that holds nothing else: the NIC refuses any access
+//! from a queue pair to a memory region of another protection domain, so an
+//! acknowledgement queue pair can reach the acknowledgement areas and never the log
+//! region, and revoking log permission never touches the acknowledgement path. One area
+//! (and memory region) per peer, rather than one shared area, means a peer learns the
+//! rkey of its own area only. The price is one more queue pair per peer; both queue
+//! pairs are bootstrapped by the same QP_OFFER/QP_ACCEPT exchange (the frames'
+//! versioned acknowledgement extension, `side.rs`), live and die together (a failure of
+//! either is a failed link: both are torn down and renewed), and share the completion
+//! queue.
 //!
 //! ## Writes and reads
 //! `write`/`read` copy into (or reserve) a per-peer registered staging ring and queue a
@@ -44,7 +71,8 @@
 //! A queue pair in the error state (an error completion, a failed post, or the periodic
 //! state check) is a failed link: it is destroyed, every access in flight to that peer
 //! completes with `LinkFailed` (or `Denied`, for writes after a remote access error: the
-//! target's queue pair refused them all), [`Event::PeerDown`] is reported, and a new
+//! target's queue pair refused them all; acknowledgement writes fail as `LinkFailed`),
+//! [`Event::PeerDown`] is reported, and a new
 //! queue pair is negotiated over the side channel; [`Event::PeerUp`] follows when it is
 //! ready. A side channel that fails takes its queue pair down the same way and is
 //! redialed with backoff. Every access completes exactly once.
@@ -73,7 +101,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use verbs::{Device, Endpoint, Qp, Region};
+use verbs::{AckEndpoint, Device, Endpoint, Pd, Qp, Region};
 
 /// Why the RDMA transport could not start (or a region access was refused).
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +187,10 @@ pub struct RdmaConfig {
     /// its access flags in place (the fallback path, forced; for tests and devices whose
     /// modify is unreliable). Default false.
     pub permission_by_reset: bool,
+    /// Bytes of the acknowledgement area this replica keeps for each peer (written by
+    /// that peer with [`RdmaTransport::write_ack`]); a multiple of 8. 0: no
+    /// acknowledgement queue pairs at all. Default 64 KiB.
+    pub ack_area_len: usize,
     /// The cluster secret (the side channel's HMAC challenge-response). Default `None`.
     pub secret: Option<Vec<u8>>,
     /// Digest of the member list (a peer with another one is refused as stale). Default 0.
@@ -178,6 +210,7 @@ impl std::fmt::Debug for RdmaConfig {
             .field("region_len", &self.region_len)
             .field("max_payload", &self.max_payload)
             .field("depth", &self.depth)
+            .field("ack_area_len", &self.ack_area_len)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("config_digest", &format_args!("{:016x}", self.config_digest))
             .finish_non_exhaustive()
@@ -208,6 +241,7 @@ impl RdmaConfig {
             reconnect_max: Duration::from_secs(1),
             health_interval: Duration::from_millis(50),
             permission_by_reset: false,
+            ack_area_len: 64 << 10,
             secret: None,
             config_digest: 0,
         }
@@ -316,6 +350,22 @@ struct Link {
     ring: Ring,
     /// Base of this peer's ring in the staging region.
     stage_base: usize,
+    /// The acknowledgement queue pair (acknowledgement protection domain); `None` when
+    /// this side or the peer has no acknowledgement path. Created, connected and torn
+    /// down with `qp`.
+    ack_qp: Option<Qp>,
+    /// Our first PSN on `ack_qp`.
+    ack_psn: u32,
+    /// The peer's acknowledgement area for us, once `ack_qp` is connected.
+    ack_remote: Option<AckEndpoint>,
+    /// Acknowledgement writes posted on `ack_qp` (each signalled), in order.
+    ack_posted: VecDeque<Token>,
+    /// Acknowledgement writes posted so far (picks the staging slot).
+    ack_count: u64,
+    /// Our acknowledgement area that this peer writes (acknowledgement protection domain).
+    ack_in: Option<Region>,
+    /// Staging of outgoing acknowledgement writes: `depth` slots of [`ACK_MAX_WRITE`] bytes.
+    ack_stage: Option<Region>,
 }
 
 impl Link {
@@ -360,8 +410,9 @@ pub struct RdmaTransport {
     listener: TcpListener,
     holder: Option<PeerId>,
     next_token: Token,
-    /// Current queue pair numbers to their peer.
-    qpns: HashMap<u32, PeerId>,
+    /// Current queue pair numbers to their peer, and whether it is the acknowledgement
+    /// queue pair.
+    qpns: HashMap<u32, (PeerId, bool)>,
     pending_events: Vec<Event>,
     next_health: Instant,
     /// Permission changes that had to cycle a queue pair (modify failed or forced).
@@ -383,6 +434,9 @@ impl std::fmt::Debug for RdmaTransport {
             .finish_non_exhaustive()
     }
 }
+
+/// The most bytes one [`RdmaTransport::write_ack`] carries.
+pub const ACK_MAX_WRITE: usize = 256;
 
 const REMOTE_READ: u32 = ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
 const REMOTE_WRITE: u32 = ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
@@ -446,6 +500,42 @@ fn sockaddr(addr: SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::soc
     }
 }
 
+fn check_range(r: &Region, offset: u64, len: usize) -> Result<usize, RdmaError> {
+    let region = r.len();
+    match usize::try_from(offset) {
+        Ok(o) if o.checked_add(len).is_some_and(|end| end <= region) => Ok(o),
+        _ => Err(RdmaError::OutOfRange { offset, len, region }),
+    }
+}
+
+fn local_read(r: &Region, offset: u64, buf: &mut [u8]) -> Result<(), RdmaError> {
+    let o = check_range(r, offset, buf.len())?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+    // SAFETY: the range is inside the mapping; a byte copy of memory the NIC may be
+    // writing yields some bytes, which the caller validates (CRC, canary).
+    unsafe { std::ptr::copy_nonoverlapping(r.ptr().add(o), buf.as_mut_ptr(), buf.len()) };
+    Ok(())
+}
+
+fn local_write(r: &Region, offset: u64, data: &[u8]) -> Result<(), RdmaError> {
+    let o = check_range(r, offset, data.len())?;
+    // SAFETY: the range is inside the mapping.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), r.ptr().add(o), data.len()) };
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    Ok(())
+}
+
+fn local_load_u64(r: &Region, offset: u64) -> Result<u64, RdmaError> {
+    let o = check_range(r, offset, 8)?;
+    if o % 8 != 0 {
+        return Err(RdmaError::OutOfRange { offset, len: 8, region: r.len() });
+    }
+    // SAFETY: in range and aligned (the mapping is page-aligned).
+    let v = unsafe { std::ptr::read_volatile(r.ptr().add(o).cast::<u64>()) };
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+    Ok(u64::from_le(v))
+}
+
 impl RdmaTransport {
     /// Opens the device, registers the log region and the staging memory, and listens
     /// for the side channel. Peers are dialed from the first [`Transport::poll`].
@@ -475,19 +565,34 @@ impl RdmaTransport {
         if cfg.depth == 0 || cfg.signal_every == 0 {
             return bad("depth and signal_every must be at least 1".into());
         }
+        if !cfg.ack_area_len.is_multiple_of(8) {
+            return bad(format!("ack_area_len {} must be a multiple of 8", cfg.ack_area_len));
+        }
         listener.set_nonblocking(true)?;
         let npeers = cfg.peers.len().max(1);
-        let cq_depth = (cfg.depth as usize * npeers + 64).min(i32::MAX as usize) as i32;
+        // Log and acknowledgement queue pairs share the completion queue.
+        let cq_depth = (2 * cfg.depth as usize * npeers + 64).min(i32::MAX as usize) as i32;
         let dev = Device::open(cfg.device.as_deref(), cfg.port, cfg.gid_index, cq_depth)?;
-        let region = Region::new(&dev, cfg.region_len, LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ)?;
+        let region = Region::new(&dev, Pd::Log, cfg.region_len, LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ)?;
         let per_peer = cfg.staging_per_peer.div_ceil(8) * 8;
-        let staging = Region::new(&dev, per_peer * npeers, LOCAL_WRITE)?;
+        let staging = Region::new(&dev, Pd::Log, per_peer * npeers, LOCAL_WRITE)?;
         let now = Instant::now();
+        let mut ack_regions = Vec::new();
+        for _ in 0..cfg.peers.len() {
+            ack_regions.push(if cfg.ack_area_len > 0 {
+                let area = Region::new(&dev, Pd::Ack, cfg.ack_area_len, LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ)?;
+                let stage = Region::new(&dev, Pd::Ack, cfg.depth as usize * ACK_MAX_WRITE, LOCAL_WRITE)?;
+                (Some(area), Some(stage))
+            } else {
+                (None, None)
+            });
+        }
         let links = cfg
             .peers
             .iter()
+            .zip(ack_regions)
             .enumerate()
-            .map(|(i, (&id, &addr))| {
+            .map(|(i, ((&id, &addr), (ack_in, ack_stage)))| {
                 let link = Link {
                     id,
                     addr,
@@ -509,6 +614,13 @@ impl RdmaTransport {
                     unsignaled: 0,
                     ring: Ring { cap: per_peer, head: 0, used: 0 },
                     stage_base: i * per_peer,
+                    ack_qp: None,
+                    ack_psn: 0,
+                    ack_remote: None,
+                    ack_posted: VecDeque::new(),
+                    ack_count: 0,
+                    ack_in,
+                    ack_stage,
                 };
                 (id, link)
             })
@@ -565,45 +677,147 @@ impl RdmaTransport {
         self.region.ptr()
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<usize, RdmaError> {
-        let region = self.region.len();
-        match usize::try_from(offset) {
-            Ok(o) if o.checked_add(len).is_some_and(|end| end <= region) => Ok(o),
-            _ => Err(RdmaError::OutOfRange { offset, len, region }),
-        }
-    }
-
     /// Copies `buf.len()` bytes at `offset` of the log region into `buf` (after an
     /// acquire fence: a canary read before with [`RdmaTransport::load_u64`] orders it).
     pub fn read_region(&self, offset: u64, buf: &mut [u8]) -> Result<(), RdmaError> {
-        let o = self.check_range(offset, buf.len())?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        // SAFETY: the range is inside the mapping; a byte copy of memory the NIC may be
-        // writing yields some bytes, which the caller validates (CRC, canary).
-        unsafe { std::ptr::copy_nonoverlapping(self.region.ptr().add(o), buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+        local_read(&self.region, offset, buf)
     }
 
     /// Copies `data` into the log region at `offset` (the owner's own writes).
     pub fn write_region(&mut self, offset: u64, data: &[u8]) -> Result<(), RdmaError> {
-        let o = self.check_range(offset, data.len())?;
-        // SAFETY: the range is inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.region.ptr().add(o), data.len()) };
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        Ok(())
+        local_write(&self.region, offset, data)
     }
 
     /// A volatile load of the little-endian u64 at `offset` (8-byte aligned), followed
     /// by an acquire fence: poll a canary with it, then read what it guards.
     pub fn load_u64(&self, offset: u64) -> Result<u64, RdmaError> {
-        let o = self.check_range(offset, 8)?;
-        if o % 8 != 0 {
-            return Err(RdmaError::OutOfRange { offset, len: 8, region: self.region.len() });
+        local_load_u64(&self.region, offset)
+    }
+
+    /// Bytes of the acknowledgement area this replica keeps for each peer (0: none).
+    pub fn ack_area_len(&self) -> usize {
+        self.cfg.ack_area_len
+    }
+
+    /// Length of `peer`'s acknowledgement area for this replica, once the
+    /// acknowledgement queue pair to it is connected: [`RdmaTransport::write_ack`]
+    /// works while this is `Some`.
+    pub fn peer_ack_area_len(&self, peer: PeerId) -> Option<u64> {
+        let link = self.links.get(&peer)?;
+        if !link.ready || link.ack_qp.is_none() {
+            return None;
         }
-        // SAFETY: in range and aligned (the mapping is page-aligned).
-        let v = unsafe { std::ptr::read_volatile(self.region.ptr().add(o).cast::<u64>()) };
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(u64::from_le(v))
+        link.ack_remote.map(|a| a.len)
+    }
+
+    fn ack_in(&self, peer: PeerId) -> Result<&Region, RdmaError> {
+        self.links
+            .get(&peer)
+            .and_then(|l| l.ack_in.as_ref())
+            .ok_or_else(|| RdmaError::Config(format!("no acknowledgement area for peer {peer}")))
+    }
+
+    /// Copies `buf.len()` bytes at `offset` of the acknowledgement area that `peer`
+    /// writes into `buf` (after an acquire fence, as [`RdmaTransport::read_region`]).
+    pub fn read_ack_area(&self, peer: PeerId, offset: u64, buf: &mut [u8]) -> Result<(), RdmaError> {
+        local_read(self.ack_in(peer)?, offset, buf)
+    }
+
+    /// A volatile load of the little-endian u64 at `offset` (8-byte aligned) of the
+    /// acknowledgement area that `peer` writes, followed by an acquire fence.
+    pub fn load_ack_u64(&self, peer: PeerId, offset: u64) -> Result<u64, RdmaError> {
+        local_load_u64(self.ack_in(peer)?, offset)
+    }
+
+    /// Copies `data` into the acknowledgement area that `peer` writes, at `offset` (the
+    /// owner's own writes, e.g. clearing it).
+    pub fn write_ack_area(&mut self, peer: PeerId, offset: u64, data: &[u8]) -> Result<(), RdmaError> {
+        local_write(self.ack_in(peer)?, offset, data)
+    }
+
+    /// Writes `data` (at most [`ACK_MAX_WRITE`] bytes) at `offset` of `to`'s
+    /// acknowledgement area for this replica with a one-sided RDMA WRITE on the
+    /// acknowledgement queue pair, posted at once and signalled. It completes exactly
+    /// once with [`Event::WriteDone`] under the returned token: `Ok` when the bytes are
+    /// in `to`'s memory, `LinkFailed` when the link failed first (the bytes may or may
+    /// not have landed). `LinkDown` when there is no connected acknowledgement queue pair
+    /// (see [`RdmaTransport::peer_ack_area_len`]); `Denied` is never the answer: the
+    /// acknowledgement path has no permission to lose.
+    pub fn write_ack(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
+        self.post_ack(to, Some(offset), data)
+    }
+
+    /// Isolation check (tests): posts `data` on the acknowledgement queue pair to `to`
+    /// aimed at `to`'s **log region** (its address and rkey from the bootstrap), as a
+    /// faulty or malicious peer would. The acknowledgement queue pair is in another
+    /// protection domain, so the NIC must refuse it: the write completes with an error
+    /// (and the link is renewed), and `to`'s log region is unchanged.
+    pub fn write_log_region_through_ack_qp(&mut self, to: PeerId, data: &[u8]) -> Result<Token, SendError> {
+        self.post_ack(to, None, data)
+    }
+
+    /// Posts one signalled write on the acknowledgement queue pair to `to`: at `offset`
+    /// of its acknowledgement area, or (`None`) at the start of its log region.
+    fn post_ack(&mut self, to: PeerId, offset: Option<u64>, data: &[u8]) -> Result<Token, SendError> {
+        if data.len() > ACK_MAX_WRITE {
+            return Err(SendError::TooLarge { size: data.len(), limit: ACK_MAX_WRITE });
+        }
+        let depth = self.cfg.depth as usize;
+        let token = self.token();
+        let link = self.links.get_mut(&to).ok_or(SendError::UnknownPeer(to))?;
+        let (Some(qp), Some(area), Some(log), Some(stage), true) =
+            (link.ack_qp.as_ref(), link.ack_remote, link.remote, link.ack_stage.as_ref(), link.ready)
+        else {
+            return Err(SendError::LinkDown(to));
+        };
+        let (remote_addr, rkey) = match offset {
+            Some(offset) => {
+                if offset.checked_add(data.len() as u64).is_none_or(|end| end > area.len) {
+                    let limit = area.len.saturating_sub(offset) as usize;
+                    return Err(SendError::TooLarge { size: data.len(), limit });
+                }
+                (area.addr + offset, area.rkey)
+            }
+            None => (log.addr, log.rkey),
+        };
+        if link.ack_posted.len() >= depth {
+            return Err(SendError::Backpressure(to));
+        }
+        // At most `depth` writes are posted and they complete in order, so the slot of
+        // the write `depth` back is free again.
+        let slot = (link.ack_count % depth as u64) as usize * ACK_MAX_WRITE;
+        // SAFETY: the slot lies inside the staging region (depth slots of ACK_MAX_WRITE).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), stage.ptr().add(slot), data.len()) };
+        let mut sge = ibv_sge { addr: stage.ptr() as u64 + slot as u64, length: data.len() as u32, lkey: stage.lkey() };
+        // SAFETY: an all-zero work request is valid; fields set below.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = token;
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.num_sge = if data.is_empty() { 0 } else { 1 };
+        wr.sg_list = &raw mut sge;
+        let mut flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        if data.len() as u32 <= qp.max_inline {
+            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        wr.send_flags = flags;
+        wr.wr.rdma = rdma_sys::rdma_t { remote_addr, rkey };
+        // SAFETY: one work request whose SGE points into registered staging memory of the
+        // acknowledgement protection domain, which outlives the queue pair.
+        let r = unsafe { qp.post(&raw mut wr) };
+        match r {
+            Ok(()) => {
+                link.ack_count += 1;
+                link.ack_posted.push_back(token);
+                Ok(token)
+            }
+            Err((rc, _)) => {
+                let why = format!("ibv_post_send (ack) failed: {}", io::Error::from_raw_os_error(rc.abs()));
+                let mut events = std::mem::take(&mut self.pending_events);
+                self.fail_qp(to, &why, None, &mut events);
+                self.pending_events = events;
+                Err(SendError::LinkDown(to))
+            }
+        }
     }
 
     /// How many permission changes cycled a queue pair through reset instead of
@@ -682,6 +896,15 @@ impl RdmaTransport {
             self.qpns.remove(&qp.qpn);
             drop(qp);
         }
+        if let Some(qp) = link.ack_qp.take() {
+            let _ = qp.to_error();
+            self.qpns.remove(&qp.qpn);
+            drop(qp);
+        }
+        link.ack_remote = None;
+        for token in link.ack_posted.drain(..) {
+            events.push(Event::WriteDone { to: peer, token, result: Err(AccessError::LinkFailed(why.to_string())) });
+        }
         let ops: Vec<Op> = link.posted.drain(..).chain(link.pending.drain(..)).collect();
         for op in ops {
             let r = if denied.is_some() && !op.read {
@@ -733,9 +956,26 @@ impl RdmaTransport {
         let dev = self.dev.clone();
         let (depth, inline) = (self.cfg.depth, self.cfg.max_inline);
         let link = self.links.get_mut(&peer).expect("offer to a known peer");
-        let qp = Qp::new(&dev, depth, inline)
+        let qp = Qp::new(&dev, Pd::Log, depth, inline)
             .and_then(|qp| qp.init(access).map(|()| qp))
             .map_err(|e| SideError::Io(io::Error::other(e.to_string())))?;
+        let ack_qp = match &link.ack_in {
+            Some(area) => {
+                let q = Qp::new(&dev, Pd::Ack, depth, inline)
+                    .and_then(|q| q.init(REMOTE_WRITE | REMOTE_READ).map(|()| q))
+                    .map_err(|e| SideError::Io(io::Error::other(e.to_string())))?;
+                link.ack_psn = random_psn();
+                let a = AckEndpoint {
+                    qpn: q.qpn,
+                    psn: link.ack_psn,
+                    addr: area.ptr() as u64,
+                    rkey: area.rkey(),
+                    len: area.len() as u64,
+                };
+                Some((q, a))
+            }
+            None => None,
+        };
         link.gen += 1;
         link.psn = random_psn();
         let ep = Endpoint {
@@ -747,10 +987,14 @@ impl RdmaTransport {
             rkey: ep_base.1,
             len: ep_base.2,
         };
-        self.qpns.insert(qp.qpn, peer);
+        self.qpns.insert(qp.qpn, (peer, false));
         link.qp = Some(qp);
-        let mut p = link.gen.to_le_bytes().to_vec();
-        ep.encode(&mut p);
+        let ack_ep = ack_qp.map(|(q, a)| {
+            self.qpns.insert(q.qpn, (peer, true));
+            link.ack_qp = Some(q);
+            a
+        });
+        let p = side::encode_bootstrap(link.gen, &ep, ack_ep.as_ref());
         link.conn.as_mut().map_or(Ok(()), |c| c.push(kind::QP_OFFER, &[&p]))
     }
 
@@ -760,6 +1004,7 @@ impl RdmaTransport {
         peer: PeerId,
         gen: u64,
         remote: Endpoint,
+        ack_remote: Option<AckEndpoint>,
         events: &mut Vec<Event>,
     ) -> Result<(), SideError> {
         if self.links[&peer].qp.is_some() {
@@ -771,20 +1016,46 @@ impl RdmaTransport {
         let ep_base = (self.region.ptr() as u64, self.region.rkey(), self.region.len() as u64);
         let link = self.links.get_mut(&peer).expect("known peer");
         let psn = random_psn();
-        let qp = Qp::new(&dev, depth, inline)
+        let io_err = |e: RdmaError| SideError::Io(io::Error::other(e.to_string()));
+        let qp = Qp::new(&dev, Pd::Log, depth, inline)
             .and_then(|qp| qp.init(access).map(|()| qp))
             .and_then(|qp| qp.connect(&remote, psn).map(|()| qp))
-            .map_err(|e| SideError::Io(io::Error::other(e.to_string())))?;
+            .map_err(io_err)?;
+        // The acknowledgement queue pair, when both sides have an acknowledgement area.
+        let ack = match (&link.ack_in, ack_remote) {
+            (Some(area), Some(theirs)) => {
+                let ack_psn = random_psn();
+                let q = Qp::new(&dev, Pd::Ack, depth, inline)
+                    .and_then(|q| q.init(REMOTE_WRITE | REMOTE_READ).map(|()| q))
+                    .and_then(|q| q.connect(&theirs.endpoint(&remote), ack_psn).map(|()| q))
+                    .map_err(io_err)?;
+                let ours = AckEndpoint {
+                    qpn: q.qpn,
+                    psn: ack_psn,
+                    addr: area.ptr() as u64,
+                    rkey: area.rkey(),
+                    len: area.len() as u64,
+                };
+                Some((q, ours, theirs))
+            }
+            _ => None,
+        };
         let ep =
             Endpoint { qpn: qp.qpn, psn, lid: dev.lid, gid: dev.gid, addr: ep_base.0, rkey: ep_base.1, len: ep_base.2 };
-        self.qpns.insert(qp.qpn, peer);
+        self.qpns.insert(qp.qpn, (peer, false));
         link.qp = Some(qp);
         link.gen = gen;
         link.psn = psn;
         link.remote = Some(remote);
         link.ready = false;
-        let mut p = gen.to_le_bytes().to_vec();
-        ep.encode(&mut p);
+        let ack_ep = ack.map(|(q, ours, theirs)| {
+            self.qpns.insert(q.qpn, (peer, true));
+            link.ack_qp = Some(q);
+            link.ack_psn = ours.psn;
+            link.ack_remote = Some(theirs);
+            ours
+        });
+        let p = side::encode_bootstrap(gen, &ep, ack_ep.as_ref());
         link.conn.as_mut().map_or(Ok(()), |c| c.push(kind::QP_ACCEPT, &[&p]))
     }
 
@@ -852,24 +1123,37 @@ impl RdmaTransport {
         match f.kind {
             kind::MSG => events.push(Event::Message { from: peer, payload: f.payload }),
             kind::QP_OFFER if !link.dialer => {
-                let (gen, rest) = side::decode_gen("QP_OFFER", &f.payload, verbs::ENDPOINT_LEN)?;
-                let ep =
-                    Endpoint::decode(rest).ok_or(SideError::Malformed { what: "QP_OFFER", len: f.payload.len() })?;
+                let (gen, ep, ack) = side::decode_bootstrap("QP_OFFER", &f.payload)?;
                 if gen > link.gen || link.qp.is_none() {
-                    self.accept_offer(peer, gen, ep, events)?;
+                    self.accept_offer(peer, gen, ep, ack, events)?;
                 }
             }
             kind::QP_ACCEPT if link.dialer => {
-                let (gen, rest) = side::decode_gen("QP_ACCEPT", &f.payload, verbs::ENDPOINT_LEN)?;
-                let ep =
-                    Endpoint::decode(rest).ok_or(SideError::Malformed { what: "QP_ACCEPT", len: f.payload.len() })?;
+                let (gen, ep, ack) = side::decode_bootstrap("QP_ACCEPT", &f.payload)?;
                 if gen == link.gen && !link.ready {
                     if let Some(qp) = link.qp.as_ref() {
-                        if let Err(e) = qp.connect(&ep, link.psn) {
+                        let mut r = qp.connect(&ep, link.psn);
+                        let ack_ep = match (link.ack_qp.as_ref(), ack) {
+                            (Some(q), Some(a)) => {
+                                if r.is_ok() {
+                                    r = q.connect(&a.endpoint(&ep), link.ack_psn);
+                                }
+                                Some(a)
+                            }
+                            _ => None,
+                        };
+                        if let Err(e) = r {
                             let why = format!("queue pair connect failed: {e}");
                             self.fail_qp(peer, &why, None, events);
                             return Ok(());
                         }
+                        if ack_ep.is_none() {
+                            // The peer has no acknowledgement path: ours goes unused.
+                            if let Some(q) = link.ack_qp.take() {
+                                self.qpns.remove(&q.qpn);
+                            }
+                        }
+                        link.ack_remote = ack_ep;
                         link.remote = Some(ep);
                         link.ready = true;
                         link.up = true;
@@ -1091,11 +1375,11 @@ impl RdmaTransport {
         if now >= self.next_health {
             self.next_health = now + self.cfg.health_interval;
             for &id in &ids {
-                let bad = self.links[&id]
-                    .qp
-                    .as_ref()
-                    .map(|qp| matches!(qp.state(), Ok(ibv_qp_state::IBV_QPS_ERR) | Err(_)))
-                    .unwrap_or(false);
+                let link = &self.links[&id];
+                let bad = [link.qp.as_ref(), link.ack_qp.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|qp| matches!(qp.state(), Ok(ibv_qp_state::IBV_QPS_ERR) | Err(_)));
                 if bad {
                     self.fail_qp(id, "queue pair in error state", None, events);
                 }
@@ -1169,7 +1453,11 @@ impl RdmaTransport {
             let n = self.dev.poll_cq(&mut self.wcs).unwrap_or_default();
             for i in 0..n {
                 let (token, status, qpn) = (self.wcs[i].wr_id, self.wcs[i].status, self.wcs[i].qp_num);
-                let Some(&peer) = self.qpns.get(&qpn) else { continue };
+                let Some(&(peer, is_ack)) = self.qpns.get(&qpn) else { continue };
+                if is_ack {
+                    self.ack_completion(peer, token, status, events);
+                    continue;
+                }
                 let staging = &self.staging;
                 let link = self.links.get_mut(&peer).expect("mapped peer");
                 let Some(pos) = link.posted.iter().position(|op| op.token == token) else { continue };
@@ -1204,8 +1492,25 @@ impl RdmaTransport {
         }
     }
 
+    /// A completion on `peer`'s acknowledgement queue pair (every request is signalled).
+    fn ack_completion(&mut self, peer: PeerId, token: Token, status: ibv_wc_status::Type, events: &mut Vec<Event>) {
+        let Some(link) = self.links.get_mut(&peer) else { return };
+        let Some(pos) = link.ack_posted.iter().position(|&t| t == token) else { return };
+        for t in link.ack_posted.drain(..pos) {
+            events.push(Event::WriteDone { to: peer, token: t, result: Ok(Bytes::new()) });
+        }
+        link.ack_posted.pop_front();
+        if status == ibv_wc_status::IBV_WC_SUCCESS {
+            events.push(Event::WriteDone { to: peer, token, result: Ok(Bytes::new()) });
+            return;
+        }
+        let why = format!("acknowledgement queue pair error: {}", verbs::status_str(status));
+        events.push(Event::WriteDone { to: peer, token, result: Err(AccessError::LinkFailed(why.clone())) });
+        self.fail_qp(peer, &why, None, events);
+    }
+
     fn in_flight(&self) -> bool {
-        self.links.values().any(|l| l.ready && l.in_flight() > 0)
+        self.links.values().any(|l| l.ready && (l.in_flight() > 0 || !l.ack_posted.is_empty()))
     }
 
     /// Waits for side-channel readiness or a wake-up for at most `wait`.

@@ -1,5 +1,13 @@
-//! Owners of the verbs objects the RDMA transport uses: the device (context, protection
-//! domain, one completion queue), memory regions and reliable-connected queue pairs.
+//! Owners of the verbs objects the RDMA transport uses: the device (context, two
+//! protection domains, one completion queue), memory regions and reliable-connected
+//! queue pairs.
+//!
+//! The two protection domains ([`Pd`]) keep the acknowledgement path away from the log
+//! region: the log region and the log queue pairs live in [`Pd::Log`]; the
+//! acknowledgement areas, their staging memory and the acknowledgement queue pairs live
+//! in [`Pd::Ack`]. A queue pair can reach only memory registered in its own protection
+//! domain (whatever rkey it presents), so an acknowledgement queue pair, whose access
+//! flags always allow remote write, can never write the log region.
 //!
 //! This module is the only one that calls into libibverbs. Each owner frees its object
 //! on drop; memory regions and queue pairs hold an `Arc` of the device so that the
@@ -65,6 +73,55 @@ impl Endpoint {
     }
 }
 
+/// The acknowledgement half of the queue-pair bootstrap (bootstrap extension version 1):
+/// the acknowledgement queue pair and the acknowledgement area the peer may write into.
+/// The GID and LID are the [`Endpoint`]'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AckEndpoint {
+    /// Queue pair number of the acknowledgement queue pair.
+    pub(crate) qpn: u32,
+    /// Its first packet sequence number.
+    pub(crate) psn: u32,
+    /// Virtual address of the acknowledgement area the receiver of this endpoint writes into.
+    pub(crate) addr: u64,
+    /// Its remote key (registered in the acknowledgement protection domain).
+    pub(crate) rkey: u32,
+    /// Its length in bytes.
+    pub(crate) len: u64,
+}
+
+/// Encoded length of an [`AckEndpoint`].
+pub(crate) const ACK_ENDPOINT_LEN: usize = 4 + 4 + 8 + 4 + 8;
+
+impl AckEndpoint {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.qpn.to_le_bytes());
+        out.extend_from_slice(&self.psn.to_le_bytes());
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.rkey.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    /// Parses the first [`ACK_ENDPOINT_LEN`] bytes of `b`; `None` if `b` is shorter.
+    pub(crate) fn decode(b: &[u8]) -> Option<AckEndpoint> {
+        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+        Some(AckEndpoint {
+            qpn: u32_at(0)?,
+            psn: u32_at(4)? & 0x00ff_ffff,
+            addr: u64_at(8)?,
+            rkey: u32_at(16)?,
+            len: u64_at(20)?,
+        })
+    }
+
+    /// The endpoint to connect the acknowledgement queue pair to: `main`'s address
+    /// (GID, LID) with this queue pair number and PSN.
+    pub(crate) fn endpoint(&self, main: &Endpoint) -> Endpoint {
+        Endpoint { qpn: self.qpn, psn: self.psn, addr: self.addr, rkey: self.rkey, len: self.len, ..*main }
+    }
+}
+
 fn verbs_err(call: &'static str, rc: i32) -> RdmaError {
     // Verbs calls return an errno (positive or negative) or -1 with errno set.
     let code = if rc == -1 || rc == 0 { io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { rc.abs() };
@@ -75,11 +132,21 @@ fn null_err(call: &'static str) -> RdmaError {
     RdmaError::Verbs { call, source: io::Error::last_os_error() }
 }
 
-/// An opened RDMA device with its protection domain and the transport's one completion
-/// queue.
+/// Which of the device's protection domains an object belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pd {
+    /// The log region, the staging memory of writes and reads, the log queue pairs.
+    Log,
+    /// The acknowledgement areas, their staging memory and the acknowledgement queue pairs.
+    Ack,
+}
+
+/// An opened RDMA device with its two protection domains and the transport's one
+/// completion queue.
 pub(crate) struct Device {
     ctx: *mut ibv_context,
     pd: *mut ibv_pd,
+    ack_pd: *mut ibv_pd,
     cq: *mut ibv_cq,
     /// The device's name (e.g. `rxe0`).
     pub(crate) name: String,
@@ -140,6 +207,7 @@ impl Device {
         let mut dev = Device {
             ctx,
             pd: ptr::null_mut(),
+            ack_pd: ptr::null_mut(),
             cq: ptr::null_mut(),
             name: String::new(),
             port,
@@ -185,12 +253,24 @@ impl Device {
         if dev.pd.is_null() {
             return Err(null_err("ibv_alloc_pd"));
         }
+        // SAFETY: valid context.
+        dev.ack_pd = unsafe { ibv_alloc_pd(ctx) };
+        if dev.ack_pd.is_null() {
+            return Err(null_err("ibv_alloc_pd(ack)"));
+        }
         // SAFETY: valid context; no completion channel (the transport polls).
         dev.cq = unsafe { ibv_create_cq(ctx, cq_depth, ptr::null_mut(), ptr::null_mut(), 0) };
         if dev.cq.is_null() {
             return Err(null_err("ibv_create_cq"));
         }
         Ok(Arc::new(dev))
+    }
+
+    fn pd(&self, which: Pd) -> *mut ibv_pd {
+        match which {
+            Pd::Log => self.pd,
+            Pd::Ack => self.ack_pd,
+        }
     }
 
     /// Takes up to `wcs.len()` completions off the completion queue.
@@ -211,6 +291,9 @@ impl Drop for Device {
         unsafe {
             if !self.cq.is_null() {
                 ibv_destroy_cq(self.cq);
+            }
+            if !self.ack_pd.is_null() {
+                ibv_dealloc_pd(self.ack_pd);
             }
             if !self.pd.is_null() {
                 ibv_dealloc_pd(self.pd);
@@ -235,8 +318,8 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// Maps `len` zeroed bytes and registers them with `access` (`ibv_access_flags` bits).
-    pub(crate) fn new(dev: &Arc<Device>, len: usize, access: u32) -> Result<Region, RdmaError> {
+    /// Maps `len` zeroed bytes and registers them in `pd` with `access` (`ibv_access_flags` bits).
+    pub(crate) fn new(dev: &Arc<Device>, pd: Pd, len: usize, access: u32) -> Result<Region, RdmaError> {
         let page = 4096;
         let map_len = len.max(1).div_ceil(page) * page;
         // SAFETY: an anonymous private mapping with no address hint.
@@ -254,7 +337,7 @@ impl Region {
             return Err(RdmaError::Verbs { call: "mmap", source: io::Error::last_os_error() });
         }
         // SAFETY: the PD is valid; `buf` maps `map_len` bytes that outlive the MR.
-        let mr = unsafe { ibv_reg_mr(dev.pd, buf, map_len, access as i32) };
+        let mr = unsafe { ibv_reg_mr(dev.pd(pd), buf, map_len, access as i32) };
         if mr.is_null() {
             let e = io::Error::last_os_error();
             // SAFETY: unmapping what was just mapped.
@@ -308,8 +391,8 @@ pub(crate) struct Qp {
 unsafe impl Send for Qp {}
 
 impl Qp {
-    /// Creates a queue pair in RESET with room for `depth` send work requests.
-    pub(crate) fn new(dev: &Arc<Device>, depth: u32, max_inline: u32) -> Result<Qp, RdmaError> {
+    /// Creates a queue pair in `pd`, in RESET, with room for `depth` send work requests.
+    pub(crate) fn new(dev: &Arc<Device>, pd: Pd, depth: u32, max_inline: u32) -> Result<Qp, RdmaError> {
         // SAFETY: a zeroed init attribute is valid; fields set below.
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = dev.cq;
@@ -322,7 +405,7 @@ impl Qp {
         init.cap.max_recv_sge = 1;
         init.cap.max_inline_data = max_inline;
         // SAFETY: valid PD and init attribute.
-        let qp = unsafe { ibv_create_qp(dev.pd, &mut init) };
+        let qp = unsafe { ibv_create_qp(dev.pd(pd), &mut init) };
         if qp.is_null() {
             return Err(null_err("ibv_create_qp"));
         }
