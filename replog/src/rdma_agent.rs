@@ -36,6 +36,13 @@
 //!   the epoch, and tokens are never reused. The writer keeps its outstanding seqs
 //!   within one window of both rings (`min(cells, acknowledgement slots)`), so a slot is
 //!   never rewritten before its record was taken.
+//! - **liveness**: [`open`] sets the transport's heartbeat timeout to four election
+//!   timeouts (0.5 s to 5 s): each replica reads its peers' heartbeat counters (bumped by
+//!   their poll loops) with one-sided RDMA READs, and a peer whose counter stalled is a
+//!   failed link (`PeerDown`, streams restarted, queue pairs renewed once it polls
+//!   again). Without it a hung follower whose NIC still lands cells would hold the
+//!   leader's writes unacknowledged until the core gives up on them. Every `poll` runs
+//!   the transport once, so the counter moves while the node's loop runs.
 //! - **reads** (catch-up, a candidate reading a log tail) go as a request and an answer
 //!   over the side channel: the core reads slots, which the follower serves from its store,
 //!   not from the ring.
@@ -597,6 +604,13 @@ impl Transport for RdmaAgent {
         let start = events.len();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut inner_events = Vec::new();
+        // One pass of the transport on every call, even when the rings already have
+        // events: its completions (acknowledgement writes), side channels and heartbeat
+        // counter must not wait for a call that finds the rings empty.
+        self.inner.poll(&mut inner_events, Some(Duration::ZERO))?;
+        for ev in inner_events.drain(..) {
+            self.on_inner(ev, events);
+        }
         loop {
             events.append(&mut self.scratch);
             self.scan(events);
@@ -657,6 +671,12 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
     rc.ack_area_len = cells::ACK_AREA_HEADER + ring * cells::ACK_SLOT;
     rc.reconnect_max =
         Duration::from_nanos(cfg.timing.election_timeout_ns() * 4).clamp(Duration::from_millis(50), rc.reconnect_max);
+    // A peer whose poll loop has not run for this long (heartbeat counter read by RDMA
+    // READ) is a failed link: a hung follower stops taking writes that its NIC still lands.
+    rc.heartbeat_timeout = Some(
+        Duration::from_nanos(cfg.timing.election_timeout_ns() * 4)
+            .clamp(Duration::from_millis(500), Duration::from_secs(5)),
+    );
     let inner =
         RdmaTransport::open(rc).map_err(|e| ServeError::Rdma(format!("{e} (peer address {})", me.peer_addr)))?;
     tracing::info!(

@@ -636,7 +636,7 @@ fn acknowledgement_writes_in_flight_complete_once_across_a_link_failure() {
     for i in 0..200u64 {
         tokens.push(net.write_ack(2, 1, 64 + (i % 400) * 128, &pattern(i, 128)));
         if i == 120 {
-            net.ep(2).break_link(1).expect("force the log queue pair to ERR");
+            net.ep(2).break_link(1).expect("force both queue pairs to ERR");
         }
     }
     let (mut ok, mut failed) = (0, 0);
@@ -648,7 +648,8 @@ fn acknowledgement_writes_in_flight_complete_once_across_a_link_failure() {
         }
     }
     eprintln!("acknowledgement writes across a link failure: {ok} ok, {failed} failed");
-    assert!(ok >= 1);
+    assert!(ok >= 1, "those completed before the failure are Ok");
+    assert!(failed >= 1, "those posted on the broken queue pair fail (flushed)");
     net.take(2, "PeerUp 1 again", |e| matches!(e, Event::PeerUp { peer: 1 }));
     let t = net.write_ack(2, 1, 64, b"after renewal");
     assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
@@ -684,4 +685,57 @@ fn a_peer_without_an_acknowledgement_area_connects_the_log_queue_pair_only() {
         net.write_until_ok(1, 2, 0, b"log path works");
         assert_eq!(net.region(2, 0, 14), b"log path works");
     }
+}
+
+/// The heartbeat counter: while both sides poll, each reads the other's moving counter
+/// by RDMA READ and nobody goes down; when one side stops polling (a hung process whose
+/// NIC and TCP side channel stay up), the other takes the link down within the timeout
+/// plus a read interval, and the link comes back once the stalled side polls again.
+#[test]
+fn a_peer_whose_poll_loop_stalls_is_taken_down_by_its_heartbeat_counter() {
+    if !rdma_available("a_peer_whose_poll_loop_stalls_is_taken_down_by_its_heartbeat_counter") {
+        return;
+    }
+    let timeout = Duration::from_millis(400);
+    let (eps, _) = open_cluster(&[1, 2], |c| c.heartbeat_timeout = Some(timeout));
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout * 4 {
+        net.pump();
+    }
+    for id in [1, 2] {
+        let i = net.i(id);
+        assert!(!net.inbox[i].iter().any(|e| matches!(e, Event::PeerDown { .. })), "{id}: {:?}", net.inbox[i]);
+    }
+    let (a, b) = (net.ep(1).peer_heartbeat(2), net.ep(2).peer_heartbeat(1));
+    assert!(a.is_some_and(|v| v > 0) && b.is_some_and(|v| v > 0), "counters read: {a:?} {b:?}");
+    assert_eq!(net.ep(1).heartbeat_failures(), 0);
+
+    // 2 stops polling; only 1 runs.
+    let stalled = Instant::now();
+    let i = net.i(1);
+    let reason = loop {
+        assert!(stalled.elapsed() < WAIT, "1 never took 2 down: {:?}", net.inbox[i]);
+        let mut ev = Vec::new();
+        net.ep(1).poll(&mut ev, Some(Duration::from_millis(1))).expect("poll");
+        if let Some(Event::PeerDown { reason, .. }) = ev.iter().find(|e| matches!(e, Event::PeerDown { peer: 2, .. })) {
+            break reason.clone();
+        }
+    };
+    let after = stalled.elapsed();
+    eprintln!("heartbeat: 2 taken down {after:?} after it stopped polling: {reason}");
+    assert!(reason.contains("heartbeat counter"), "{reason}");
+    assert!(after >= timeout, "taken down after {after:?}, before the {timeout:?} timeout");
+    assert_eq!(net.ep(1).heartbeat_failures(), 1);
+    // 2 polls again: the link is renewed and stays up.
+    net.take(1, "PeerUp 2 after the stall", |e| matches!(e, Event::PeerUp { peer: 2 }));
+    let t = net.write_ack(2, 1, 64, b"back");
+    assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout * 3 {
+        net.pump();
+    }
+    assert!(!net.inbox[i].iter().any(|e| matches!(e, Event::PeerDown { .. })), "{:?}", net.inbox[i]);
+    assert_eq!(net.ep(1).heartbeat_failures(), 1);
 }

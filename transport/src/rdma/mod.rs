@@ -38,6 +38,16 @@
 //!   reading its own memory ([`RdmaTransport::read_ack_area`],
 //!   [`RdmaTransport::load_ack_u64`]); what the bytes mean (records, canary, CRC) is the
 //!   caller's (the replog agent's) business, as with the log region.
+//! - A **heartbeat counter**: the first 8 bytes of each acknowledgement area are the
+//!   owner's counter, bumped on every pass of its `poll` loop (the caller's acknowledgement
+//!   layout must leave them alone). With [`RdmaConfig::heartbeat_timeout`] set, each
+//!   side reads its peers' counters with a one-sided **RDMA READ** on the acknowledgement
+//!   queue pair every quarter of the timeout, and a peer whose counter has not moved for
+//!   the timeout is a failed link (see Failures). This catches what neither the NIC nor
+//!   the side channel see: a peer process that hangs or is stopped while its NIC keeps
+//!   accepting one-sided writes and its kernel keeps the TCP side channel open, so that
+//!   a leader's cells would land and never be acknowledged. The peer can write its own
+//!   view of our counter (it has write access to that area), which only fools itself.
 //!
 //! ## Why a second protection domain for acknowledgements
 //! Write permission on the log region is the log queue pair's access flags, granted to
@@ -75,7 +85,9 @@
 //! [`Event::PeerDown`] is reported, and a new
 //! queue pair is negotiated over the side channel; [`Event::PeerUp`] follows when it is
 //! ready. A side channel that fails takes its queue pair down the same way and is
-//! redialed with backoff. Every access completes exactly once.
+//! redialed with backoff. A stalled heartbeat counter fails the link the same way
+//! (reason `heartbeat counter ... has not moved`); its renewal completes when the peer
+//! polls again. Every access completes exactly once.
 //!
 //! ## Polling
 //! Completions are taken by polling the completion queue from `poll` (no interrupts).
@@ -191,6 +203,10 @@ pub struct RdmaConfig {
     /// that peer with [`RdmaTransport::write_ack`]); a multiple of 8. 0: no
     /// acknowledgement queue pairs at all. Default 64 KiB.
     pub ack_area_len: usize,
+    /// Take a peer whose heartbeat counter has not moved for this long as a failed link
+    /// (checked by RDMA READ every quarter of it; needs the acknowledgement path on both
+    /// sides). `None`: not checked (the counter still moves). Default `None`.
+    pub heartbeat_timeout: Option<Duration>,
     /// The cluster secret (the side channel's HMAC challenge-response). Default `None`.
     pub secret: Option<Vec<u8>>,
     /// Digest of the member list (a peer with another one is refused as stale). Default 0.
@@ -211,6 +227,7 @@ impl std::fmt::Debug for RdmaConfig {
             .field("max_payload", &self.max_payload)
             .field("depth", &self.depth)
             .field("ack_area_len", &self.ack_area_len)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("config_digest", &format_args!("{:016x}", self.config_digest))
             .finish_non_exhaustive()
@@ -242,6 +259,7 @@ impl RdmaConfig {
             health_interval: Duration::from_millis(50),
             permission_by_reset: false,
             ack_area_len: 64 << 10,
+            heartbeat_timeout: None,
             secret: None,
             config_digest: 0,
         }
@@ -358,8 +376,12 @@ struct Link {
     ack_psn: u32,
     /// The peer's acknowledgement area for us, once `ack_qp` is connected.
     ack_remote: Option<AckEndpoint>,
-    /// Acknowledgement writes posted on `ack_qp` (each signalled), in order.
-    ack_posted: VecDeque<Token>,
+    /// Operations posted on `ack_qp` (each signalled), in order.
+    ack_posted: VecDeque<AckOp>,
+    /// The heartbeat read in flight.
+    hb_read: Option<Token>,
+    /// The peer's heartbeat counter as last read, and when it last moved.
+    hb_seen: Option<(u64, Instant)>,
     /// Acknowledgement writes posted so far (picks the staging slot).
     ack_count: u64,
     /// Our acknowledgement area that this peer writes (acknowledgement protection domain).
@@ -372,6 +394,16 @@ impl Link {
     fn in_flight(&self) -> usize {
         self.pending.len() + self.posted.len()
     }
+}
+
+/// An operation on an acknowledgement queue pair.
+#[derive(Debug, Clone, Copy)]
+struct AckOp {
+    token: Token,
+    /// A heartbeat read (internal; its result lands in the staging slot).
+    heartbeat: bool,
+    /// Offset of its staging slot.
+    slot: usize,
 }
 
 /// An incoming side channel whose dialer is not identified yet.
@@ -417,6 +449,12 @@ pub struct RdmaTransport {
     next_health: Instant,
     /// Permission changes that had to cycle a queue pair (modify failed or forced).
     permission_resets: u64,
+    /// This replica's heartbeat counter.
+    heartbeat: u64,
+    /// When the peers' heartbeat counters are read next.
+    next_heartbeat_read: Instant,
+    /// Links failed because a peer's heartbeat counter stalled.
+    heartbeat_failures: u64,
     waker: Arc<EventFdWaker>,
     wcs: Vec<ibv_wc>,
     // Drop order: links (queue pairs) above, then the regions, then the device.
@@ -618,6 +656,8 @@ impl RdmaTransport {
                     ack_psn: 0,
                     ack_remote: None,
                     ack_posted: VecDeque::new(),
+                    hb_read: None,
+                    hb_seen: None,
                     ack_count: 0,
                     ack_in,
                     ack_stage,
@@ -647,6 +687,9 @@ impl RdmaTransport {
             pending_events: Vec::new(),
             next_health: now,
             permission_resets: 0,
+            heartbeat: 0,
+            next_heartbeat_read: now,
+            heartbeat_failures: 0,
             waker,
             // SAFETY: an all-zero work completion is valid.
             wcs: (0..32).map(|_| unsafe { std::mem::zeroed() }).collect(),
@@ -744,7 +787,18 @@ impl RdmaTransport {
     /// (see [`RdmaTransport::peer_ack_area_len`]); `Denied` is never the answer: the
     /// acknowledgement path has no permission to lose.
     pub fn write_ack(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
-        self.post_ack(to, Some(offset), data)
+        self.post_ack(to, Some(offset), data, false)
+    }
+
+    /// `peer`'s heartbeat counter as last read by RDMA READ (with
+    /// [`RdmaConfig::heartbeat_timeout`] set), since its link last came up.
+    pub fn peer_heartbeat(&self, peer: PeerId) -> Option<u64> {
+        self.links.get(&peer)?.hb_seen.map(|(v, _)| v)
+    }
+
+    /// How many links were failed because the peer's heartbeat counter stalled.
+    pub fn heartbeat_failures(&self) -> u64 {
+        self.heartbeat_failures
     }
 
     /// Isolation check (tests): posts `data` on the acknowledgement queue pair to `to`
@@ -753,12 +807,15 @@ impl RdmaTransport {
     /// protection domain, so the NIC must refuse it: the write completes with an error
     /// (and the link is renewed), and `to`'s log region is unchanged.
     pub fn write_log_region_through_ack_qp(&mut self, to: PeerId, data: &[u8]) -> Result<Token, SendError> {
-        self.post_ack(to, None, data)
+        self.post_ack(to, None, data, false)
     }
 
-    /// Posts one signalled write on the acknowledgement queue pair to `to`: at `offset`
-    /// of its acknowledgement area, or (`None`) at the start of its log region.
-    fn post_ack(&mut self, to: PeerId, offset: Option<u64>, data: &[u8]) -> Result<Token, SendError> {
+    /// Posts one signalled operation on the acknowledgement queue pair to `to`: a write
+    /// of `data` at `offset` of its acknowledgement area, or (`None`) at the start of its
+    /// log region; or (`heartbeat`) an RDMA READ of the 8-byte heartbeat counter at
+    /// `offset` (0) of its acknowledgement area into the staging slot (`data` unused).
+    fn post_ack(&mut self, to: PeerId, offset: Option<u64>, data: &[u8], heartbeat: bool) -> Result<Token, SendError> {
+        let data = if heartbeat { &[0u8; 8][..] } else { data };
         if data.len() > ACK_MAX_WRITE {
             return Err(SendError::TooLarge { size: data.len(), limit: ACK_MAX_WRITE });
         }
@@ -786,17 +843,19 @@ impl RdmaTransport {
         // At most `depth` writes are posted and they complete in order, so the slot of
         // the write `depth` back is free again.
         let slot = (link.ack_count % depth as u64) as usize * ACK_MAX_WRITE;
-        // SAFETY: the slot lies inside the staging region (depth slots of ACK_MAX_WRITE).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), stage.ptr().add(slot), data.len()) };
+        if !heartbeat {
+            // SAFETY: the slot lies inside the staging region (depth slots of ACK_MAX_WRITE).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), stage.ptr().add(slot), data.len()) };
+        }
         let mut sge = ibv_sge { addr: stage.ptr() as u64 + slot as u64, length: data.len() as u32, lkey: stage.lkey() };
         // SAFETY: an all-zero work request is valid; fields set below.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = token;
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.opcode = if heartbeat { ibv_wr_opcode::IBV_WR_RDMA_READ } else { ibv_wr_opcode::IBV_WR_RDMA_WRITE };
         wr.num_sge = if data.is_empty() { 0 } else { 1 };
         wr.sg_list = &raw mut sge;
         let mut flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-        if data.len() as u32 <= qp.max_inline {
+        if !heartbeat && data.len() as u32 <= qp.max_inline {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
         wr.send_flags = flags;
@@ -807,7 +866,7 @@ impl RdmaTransport {
         match r {
             Ok(()) => {
                 link.ack_count += 1;
-                link.ack_posted.push_back(token);
+                link.ack_posted.push_back(AckOp { token, heartbeat, slot });
                 Ok(token)
             }
             Err((rc, _)) => {
@@ -826,12 +885,18 @@ impl RdmaTransport {
         self.permission_resets
     }
 
-    /// Fault injection: moves the queue pair to `peer` to the error state, as a failing
-    /// NIC or cable would. The transport notices (error completions or its periodic
-    /// check) and handles it as a failed link.
+    /// Fault injection: moves the queue pairs to `peer` (log and acknowledgement) to the
+    /// error state, as a failing NIC or cable would. The transport notices (error
+    /// completions or its periodic check) and handles it as a failed link.
     pub fn break_link(&mut self, peer: PeerId) -> Result<(), RdmaError> {
-        match self.links.get(&peer).and_then(|l| l.qp.as_ref()) {
-            Some(qp) => qp.to_error(),
+        let link = self.links.get(&peer);
+        match link.and_then(|l| l.qp.as_ref()) {
+            Some(qp) => {
+                if let Some(ack) = link.and_then(|l| l.ack_qp.as_ref()) {
+                    ack.to_error()?;
+                }
+                qp.to_error()
+            }
             None => Err(RdmaError::Config(format!("no queue pair to peer {peer}"))),
         }
     }
@@ -902,8 +967,13 @@ impl RdmaTransport {
             drop(qp);
         }
         link.ack_remote = None;
-        for token in link.ack_posted.drain(..) {
-            events.push(Event::WriteDone { to: peer, token, result: Err(AccessError::LinkFailed(why.to_string())) });
+        link.hb_read = None;
+        link.hb_seen = None;
+        for op in link.ack_posted.drain(..) {
+            if !op.heartbeat {
+                let result = Err(AccessError::LinkFailed(why.to_string()));
+                events.push(Event::WriteDone { to: peer, token: op.token, result });
+            }
         }
         let ops: Vec<Op> = link.posted.drain(..).chain(link.pending.drain(..)).collect();
         for op in ops {
@@ -1370,6 +1440,7 @@ impl RdmaTransport {
                 self.fail_qp(id, &why, None, events);
             }
         }
+        self.heartbeat(now, events);
         self.poll_cq(events);
         // Queue pairs that went to error with nothing in flight.
         if now >= self.next_health {
@@ -1495,18 +1566,76 @@ impl RdmaTransport {
     /// A completion on `peer`'s acknowledgement queue pair (every request is signalled).
     fn ack_completion(&mut self, peer: PeerId, token: Token, status: ibv_wc_status::Type, events: &mut Vec<Event>) {
         let Some(link) = self.links.get_mut(&peer) else { return };
-        let Some(pos) = link.ack_posted.iter().position(|&t| t == token) else { return };
-        for t in link.ack_posted.drain(..pos) {
-            events.push(Event::WriteDone { to: peer, token: t, result: Ok(Bytes::new()) });
+        let Some(pos) = link.ack_posted.iter().position(|op| op.token == token) else { return };
+        // Every operation is signalled, so `pos` is 0 but for a lost completion; those
+        // before it completed (a queue pair completes in order).
+        let mut done: Vec<AckOp> = link.ack_posted.drain(..=pos).collect();
+        let last = done.pop().expect("drained through pos");
+        let timeout = self.cfg.heartbeat_timeout;
+        let mut stalled = None;
+        for op in done.into_iter().chain((status == ibv_wc_status::IBV_WC_SUCCESS).then_some(last)) {
+            if !op.heartbeat {
+                events.push(Event::WriteDone { to: peer, token: op.token, result: Ok(Bytes::new()) });
+                continue;
+            }
+            link.hb_read = None;
+            let Some(stage) = link.ack_stage.as_ref() else { continue };
+            let Ok(v) = local_load_u64(stage, op.slot as u64) else { continue };
+            let now = Instant::now();
+            match link.hb_seen {
+                Some((old, since)) if old == v => {
+                    if timeout.is_some_and(|t| now.duration_since(since) >= t) {
+                        stalled = Some(now.duration_since(since));
+                    }
+                }
+                _ => link.hb_seen = Some((v, now)),
+            }
         }
-        link.ack_posted.pop_front();
-        if status == ibv_wc_status::IBV_WC_SUCCESS {
-            events.push(Event::WriteDone { to: peer, token, result: Ok(Bytes::new()) });
+        if status != ibv_wc_status::IBV_WC_SUCCESS {
+            let why = format!("acknowledgement queue pair error: {}", verbs::status_str(status));
+            if !last.heartbeat {
+                let result = Err(AccessError::LinkFailed(why.clone()));
+                events.push(Event::WriteDone { to: peer, token, result });
+            }
+            self.fail_qp(peer, &why, None, events);
+        } else if let Some(for_) = stalled {
+            self.heartbeat_failures += 1;
+            let why = format!("heartbeat counter of peer {peer} has not moved for {} ms", for_.as_millis());
+            self.fail_qp(peer, &why, None, events);
+        }
+    }
+
+    /// Bumps our heartbeat counter in every acknowledgement area and, when due, reads the
+    /// peers' counters.
+    fn heartbeat(&mut self, now: Instant, events: &mut Vec<Event>) {
+        self.heartbeat += 1;
+        let word = self.heartbeat.to_le_bytes();
+        for link in self.links.values() {
+            if let Some(area) = &link.ack_in {
+                let _ = local_write(area, 0, &word);
+            }
+        }
+        let Some(timeout) = self.cfg.heartbeat_timeout else { return };
+        if now < self.next_heartbeat_read {
             return;
         }
-        let why = format!("acknowledgement queue pair error: {}", verbs::status_str(status));
-        events.push(Event::WriteDone { to: peer, token, result: Err(AccessError::LinkFailed(why.clone())) });
-        self.fail_qp(peer, &why, None, events);
+        self.next_heartbeat_read = now + timeout / 4;
+        let due: Vec<PeerId> = self
+            .links
+            .values()
+            .filter(|l| l.ready && l.ack_qp.is_some() && l.ack_remote.is_some() && l.hb_read.is_none())
+            .map(|l| l.id)
+            .collect();
+        for peer in due {
+            match self.post_ack(peer, Some(0), &[], true) {
+                Ok(t) => {
+                    if let Some(l) = self.links.get_mut(&peer) {
+                        l.hb_read = Some(t);
+                    }
+                }
+                Err(_) => events.append(&mut self.pending_events),
+            }
+        }
     }
 
     fn in_flight(&self) -> bool {
@@ -1555,6 +1684,9 @@ impl RdmaTransport {
         let mut next = now + Duration::from_secs(1);
         if self.links.values().any(|l| l.qp.is_some()) {
             next = next.min(self.next_health);
+        }
+        if self.cfg.heartbeat_timeout.is_some() && self.links.values().any(|l| l.ack_remote.is_some()) {
+            next = next.min(self.next_heartbeat_read);
         }
         for l in self.links.values() {
             if l.dialer && l.conn.is_none() {
