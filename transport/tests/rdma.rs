@@ -632,10 +632,17 @@ fn acknowledgement_writes_in_flight_complete_once_across_a_link_failure() {
         return;
     }
     let mut net = Net::open(&[1, 2]);
+    // A first batch completes while the link is up.
+    let first: Vec<Token> = (0..100u64).map(|i| net.write_ack(2, 1, 64 + i * 128, &pattern(i, 128))).collect();
+    for &t in &first {
+        assert_eq!(net.write_done(2, t), Ok(Bytes::new()), "acknowledgement write {t} before the failure");
+    }
+    // A second one with the link broken under it: those not completed by then are
+    // flushed (posting on a queue pair in error is allowed), none is lost or doubled.
     let mut tokens = Vec::new();
-    for i in 0..200u64 {
-        tokens.push(net.write_ack(2, 1, 64 + (i % 400) * 128, &pattern(i, 128)));
-        if i == 120 {
+    for i in 0..100u64 {
+        tokens.push(net.write_ack(2, 1, 64 + i * 128, &pattern(i + 100, 128)));
+        if i == 20 {
             net.ep(2).break_link(1).expect("force both queue pairs to ERR");
         }
     }
@@ -648,8 +655,7 @@ fn acknowledgement_writes_in_flight_complete_once_across_a_link_failure() {
         }
     }
     eprintln!("acknowledgement writes across a link failure: {ok} ok, {failed} failed");
-    assert!(ok >= 1, "those completed before the failure are Ok");
-    assert!(failed >= 1, "those posted on the broken queue pair fail (flushed)");
+    assert!(failed >= 79, "those posted on the broken queue pair fail (flushed): {failed}");
     net.take(2, "PeerUp 1 again", |e| matches!(e, Event::PeerUp { peer: 1 }));
     let t = net.write_ack(2, 1, 64, b"after renewal");
     assert_eq!(net.write_done(2, t), Ok(Bytes::new()));
@@ -738,4 +744,69 @@ fn a_peer_whose_poll_loop_stalls_is_taken_down_by_its_heartbeat_counter() {
     }
     assert!(!net.inbox[i].iter().any(|e| matches!(e, Event::PeerDown { .. })), "{:?}", net.inbox[i]);
     assert_eq!(net.ep(1).heartbeat_failures(), 1);
+}
+
+/// Measures (and prints) the acknowledgement round trip the replog agent relies on, both
+/// ways it can go, in one run: 1 writes a cell into 2's region; 2, polling its memory,
+/// sees it and acknowledges either by RDMA WRITE into 1's acknowledgement area (which 1
+/// finds by reading its own memory) or by a side-channel message (which 1 receives from
+/// its poll). Both must complete every round; the numbers are printed, not asserted
+/// (soft-RoCE under emulation says little about a real NIC).
+#[test]
+fn acknowledgement_round_trip_by_rdma_write_and_by_message() {
+    if !rdma_available("acknowledgement_round_trip_by_rdma_write_and_by_message") {
+        return;
+    }
+    let mut net = Net::open(&[1, 2]);
+    net.ep(2).grant(1);
+    net.write_until_ok(1, 2, 0, &0u64.to_le_bytes());
+    const ROUNDS: u64 = 300;
+    let mut ev = Vec::new();
+    for by_write in [true, false] {
+        let mut lat = Vec::new();
+        for round in 1..=ROUNDS {
+            let marker = if by_write { round } else { round + ROUNDS };
+            let t0 = Instant::now();
+            net.write(1, 2, 0, &marker.to_le_bytes());
+            // 2 polls its own memory for the cell.
+            while net.ep(2).load_u64(0).expect("load") != marker {
+                net.ep(2).poll(&mut ev, Some(Duration::ZERO)).expect("poll 2");
+                net.ep(1).poll(&mut ev, Some(Duration::ZERO)).expect("poll 1");
+                assert!(t0.elapsed() < WAIT, "round {round}: the cell never landed");
+            }
+            if by_write {
+                let _ = net.retry(2, "write_ack", |t| t.write_ack(1, 64, &marker.to_le_bytes()));
+                while net.ep(1).load_ack_u64(2, 64).expect("load") != marker {
+                    net.ep(1).poll(&mut ev, Some(Duration::ZERO)).expect("poll 1");
+                    net.ep(2).poll(&mut ev, Some(Duration::ZERO)).expect("poll 2");
+                    assert!(t0.elapsed() < WAIT, "round {round}: the acknowledgement record never landed");
+                }
+            } else {
+                net.retry(2, "send", |t| t.send(1, &marker.to_le_bytes()));
+                let want = Bytes::copy_from_slice(&marker.to_le_bytes());
+                let mut mine = Vec::new();
+                loop {
+                    net.ep(1).poll(&mut mine, Some(Duration::ZERO)).expect("poll 1");
+                    if mine.iter().any(|e| matches!(e, Event::Message { from: 2, payload } if *payload == want)) {
+                        break;
+                    }
+                    mine.clear();
+                    net.ep(2).poll(&mut ev, Some(Duration::ZERO)).expect("poll 2");
+                    assert!(t0.elapsed() < WAIT, "round {round}: the acknowledgement message never arrived");
+                }
+            }
+            lat.push(t0.elapsed());
+            ev.retain(|e| !matches!(e, Event::WriteDone { result: Ok(_), .. }));
+            assert!(ev.is_empty(), "unexpected events: {ev:?}");
+        }
+        lat.sort();
+        let us = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)].as_secs_f64() * 1e6;
+        println!(
+            "rdma: cell write + acknowledgement by {}: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us ({ROUNDS} rounds)",
+            if by_write { "RDMA WRITE into the writer's area" } else { "side-channel message" },
+            us(50),
+            us(90),
+            us(99)
+        );
+    }
 }
