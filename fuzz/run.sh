@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs=${1:-20}
 shift || true
-all=(client_frames peer_messages log_records store_recovery envelope peer_handshake config_toml snapshots)
+all=(client_frames peer_messages log_records store_recovery envelope peer_handshake config_toml snapshots rdma_records)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 

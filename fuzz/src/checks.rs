@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("peer_handshake", peer_handshake),
     ("config_toml", config_toml),
     ("snapshots", snapshots),
+    ("rdma_records", rdma_records),
 ];
 
 fn u64_of(b: &[u8]) -> u64 {
@@ -293,5 +294,30 @@ pub fn snapshots(data: &[u8]) {
     if let Ok(s) = snapshot::decode(&file) {
         let again = snapshot::encode(s.cluster_id, &s.meta, &s.app);
         assert_eq!(snapshot::decode(&again).expect("a re-encoded snapshot decodes"), s);
+    }
+}
+
+/// What RDMA peers write into this replica's memory (`replog::rdma_region`): cell
+/// headers and acknowledgement records, decoded at every 8-byte offset as a poll loop
+/// would meet them. An accepted acknowledgement record re-encodes to the same bytes; an
+/// accepted cell header whose payload checks re-encodes to a cell with the same header.
+pub fn rdma_records(data: &[u8]) {
+    use replog::rdma_region as r;
+    for start in (0..data.len()).step_by(8) {
+        let b = &data[start..];
+        if let Some(h) = r::decode_header(b, 4096) {
+            let payload = b.get(r::HEADER_LEN..r::HEADER_LEN + h.len as usize);
+            if let Some(p) = payload.filter(|p| r::check(b, &h, p)) {
+                let mut out = Vec::new();
+                r::encode(&h, p, &mut out);
+                assert_eq!(r::decode_header(&out, 4096), Some(h));
+                assert!(r::check(&out, &h, p), "a re-encoded cell checks");
+            }
+        }
+        if let Some(a) = b.get(..r::ACK_SLOT).and_then(r::decode_ack) {
+            let mut out = Vec::new();
+            assert!(r::encode_ack(&a, &mut out), "an accepted record's reply fits");
+            assert_eq!(&out[..], &b[..r::ACK_SLOT], "an accepted record is exactly its encoding");
+        }
     }
 }

@@ -48,7 +48,7 @@
 //!   not from the ring.
 //!
 //! Messages are tagged with one byte: 0 the core's message, 1 a write acknowledgement
-//! (`token u64, status u8, detail`), 2 a read request (`token u64, offset u64, len u32`),
+//! (the fallback: `token u64, status u8, detail`), 2 a read request (`token u64, offset u64, len u32`),
 //! 3 a read answer (`token u64, status u8, bytes`). Decoding never panics; malformed
 //! frames are dropped.
 
@@ -223,8 +223,8 @@ impl RdmaAgent {
         self.stats
     }
 
-    /// The most writes to `peer` outstanding at once: one window of the cell ring and of
-    /// this node's acknowledgement area for `peer`.
+    /// The most writes to one follower outstanding at once: one window of the cell ring
+    /// and of this node's acknowledgement area for that follower (all are as large).
     fn window(&self) -> u64 {
         let slots = cells::ack_slots(self.inner.ack_area_len() as u64);
         if slots == 0 {

@@ -207,4 +207,13 @@ fn write_seeds() {
     let mut ack = Vec::new();
     replog::snapshot::encode_ack(&replog::snapshot::ChunkAck { slot: 9, next: 20 }, &mut ack);
     put("snapshots", "ack", &ack);
+    // RDMA cells and acknowledgement records.
+    use replog::rdma_region as r;
+    let h = r::CellHeader { len: 0, writer: 2, epoch: (4, 1), seq: 3, first: 17, token: 99, crc: 0 };
+    let mut cell = Vec::new();
+    r::encode(&h, b"a remote write", &mut cell);
+    put("rdma_records", "cell", &cell);
+    let mut rec = Vec::new();
+    assert!(r::encode_ack(&r::AckRecord { epoch: (4, 1), seq: 3, token: 99, ok: false, reply: vec![1; 16] }, &mut rec));
+    put("rdma_records", "ack", &rec);
 }

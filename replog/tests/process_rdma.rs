@@ -192,6 +192,10 @@ fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
         );
         sum.add(&c);
     }
+    let stalls: usize = (0..3)
+        .map(|i| support::strip_ansi(&cluster.log_of(i)).lines().filter(|l| l.contains("heartbeat counter")).count())
+        .sum();
+    println!("rdma: links taken down by a stalled heartbeat counter: {stalls}");
     let taken = sum.taken_rdma + sum.taken_side;
     println!(
         "rdma: acknowledgements taken by leaders: {} by RDMA WRITE, {} by side channel ({:.1}% fast path)",

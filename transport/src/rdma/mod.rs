@@ -783,9 +783,11 @@ impl RdmaTransport {
     /// acknowledgement queue pair, posted at once and signalled. It completes exactly
     /// once with [`Event::WriteDone`] under the returned token: `Ok` when the bytes are
     /// in `to`'s memory, `LinkFailed` when the link failed first (the bytes may or may
-    /// not have landed). `LinkDown` when there is no connected acknowledgement queue pair
-    /// (see [`RdmaTransport::peer_ack_area_len`]); `Denied` is never the answer: the
-    /// acknowledgement path has no permission to lose.
+    /// not have landed). Refused at issue: `LinkDown` when there is no connected
+    /// acknowledgement queue pair (see [`RdmaTransport::peer_ack_area_len`]), `TooLarge`
+    /// past [`ACK_MAX_WRITE`] or past the end of the area, `Backpressure` with `depth`
+    /// operations in flight. `Denied` is never the answer: the acknowledgement path has
+    /// no permission to lose. The first 8 bytes of the area are `to`'s heartbeat counter.
     pub fn write_ack(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
         self.post_ack(to, Some(offset), data, false)
     }
