@@ -41,8 +41,14 @@
 //!   their poll loops) with one-sided RDMA READs, and a peer whose counter stalled is a
 //!   failed link (`PeerDown`, streams restarted, queue pairs renewed once it polls
 //!   again). Without it a hung follower whose NIC still lands cells would hold the
-//!   leader's writes unacknowledged until the core gives up on them. Every `poll` runs
-//!   the transport once, so the counter moves while the node's loop runs.
+//!   leader's writes unacknowledged until the core gives up on them. `poll` gives the
+//!   transport a pass at least every 200 us while it is called, so the counter moves
+//!   while the node's loop runs.
+//! - **polling cadence**: the writer looks at its acknowledgement areas as the follower
+//!   looks at its region: on every `poll`, sleeping at most 200 us between looks while
+//!   something is outstanding. With `[timing] spin_us` the node polls without sleeping
+//!   after activity, and the looks are continuous (the low-latency setting on dedicated
+//!   cores; on a shared, loaded machine blocking is kinder).
 //! - **reads** (catch-up, a candidate reading a log tail) go as a request and an answer
 //!   over the side channel: the core reads slots, which the follower serves from its store,
 //!   not from the ring.
@@ -70,13 +76,13 @@ const STATUS_OK: u8 = 0;
 const STATUS_DENIED: u8 = 1;
 /// Bytes a tag and its fixed fields add to a message.
 const OVERHEAD: usize = 1 + 8 + 8 + 4;
-/// How long `poll` sleeps between looks at the region while a writer holds permission.
+/// How long `poll` sleeps between looks at the region while a writer holds permission,
+/// and between looks at the acknowledgement areas while writes wait for their
+/// acknowledgements (a node that spins, `[timing] spin_us`, looks continuously). Also the
+/// longest the transport goes without a pass while `poll` is called.
 const SCAN_SLICE: Duration = Duration::from_micros(200);
 /// Cells taken per look.
 const MAX_CELLS_PER_SCAN: usize = 256;
-/// How long `poll` sleeps between looks at the acknowledgement areas while writes wait
-/// for their acknowledgements.
-const ACK_SCAN_SLICE: Duration = Duration::from_micros(20);
 /// How often the acknowledgement counts are logged (when they changed).
 const ACK_LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -153,6 +159,8 @@ pub struct RdmaAgent {
     ack_writes: HashMap<Token, (PeerId, Token, bool, Vec<u8>)>,
     stats: AckStats,
     logged: (AckStats, Instant),
+    /// When the transport last had a pass (`poll` of the inner transport).
+    last_inner: Instant,
     waker: Arc<AgentWaker>,
     buf: Vec<u8>,
     scratch: Vec<Event>,
@@ -202,6 +210,7 @@ impl RdmaAgent {
             ack_writes: HashMap::new(),
             stats: AckStats::default(),
             logged: (AckStats::default(), Instant::now()),
+            last_inner: Instant::now(),
             waker,
             buf: Vec::new(),
             scratch: Vec::new(),
@@ -604,12 +613,15 @@ impl Transport for RdmaAgent {
         let start = events.len();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut inner_events = Vec::new();
-        // One pass of the transport on every call, even when the rings already have
-        // events: its completions (acknowledgement writes), side channels and heartbeat
-        // counter must not wait for a call that finds the rings empty.
-        self.inner.poll(&mut inner_events, Some(Duration::ZERO))?;
-        for ev in inner_events.drain(..) {
-            self.on_inner(ev, events);
+        // A pass of the transport at least every SCAN_SLICE, even when the rings have
+        // events on every call: its completions (acknowledgement writes), side channels
+        // and heartbeat counter must not wait for a call that finds the rings empty.
+        if self.last_inner.elapsed() >= SCAN_SLICE {
+            self.last_inner = Instant::now();
+            self.inner.poll(&mut inner_events, Some(Duration::ZERO))?;
+            for ev in inner_events.drain(..) {
+                self.on_inner(ev, events);
+            }
         }
         loop {
             events.append(&mut self.scratch);
@@ -625,15 +637,11 @@ impl Transport for RdmaAgent {
                 return Ok(());
             }
             let remaining = deadline.map_or(Duration::from_secs(3600), |d| d - now);
-            let wait = if self.awaiting_acks() {
-                remaining.min(ACK_SCAN_SLICE)
-            } else if self.inner.permission_holder().is_some() {
-                remaining.min(SCAN_SLICE)
-            } else {
-                remaining
-            };
+            let scanning = self.awaiting_acks() || self.inner.permission_holder().is_some();
+            let wait = if scanning { remaining.min(SCAN_SLICE) } else { remaining };
             inner_events.clear();
             self.inner.poll(&mut inner_events, Some(wait))?;
+            self.last_inner = Instant::now();
             for ev in inner_events.drain(..) {
                 self.on_inner(ev, events);
             }
