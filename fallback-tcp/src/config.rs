@@ -58,6 +58,10 @@ pub struct TcpConfig {
     /// with, sent in HELLO; a peer whose digest differs is refused as a stale
     /// configuration. Default 0 (every replica that leaves it at 0 agrees).
     pub config_digest: u64,
+    /// The digest expected in the HELLO of particular peers (by id); a peer not listed
+    /// here must present `config_digest`. Replaced with
+    /// [`crate::TcpTransport::set_peer_digests`]. Default empty.
+    pub peer_digests: BTreeMap<PeerId, u64>,
     /// TLS on every peer link (see [`crate::PeerTls`]): the TLS handshake runs first,
     /// then the HELLO handshake and all frames inside TLS. Both sides of a link must
     /// agree on having it. Default `None` (plaintext).
@@ -81,6 +85,7 @@ impl std::fmt::Debug for TcpConfig {
             .field("seed", &self.seed)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("config_digest", &format_args!("{:016x}", self.config_digest))
+            .field("peer_digests", &self.peer_digests)
             .field("tls", &self.tls)
             .finish()
     }
@@ -104,6 +109,7 @@ impl TcpConfig {
             seed: cluster_id.rotate_left(17) ^ local.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             secret: None,
             config_digest: 0,
+            peer_digests: BTreeMap::new(),
             tls: None,
         }
     }

@@ -291,6 +291,13 @@ impl TcpTransport {
         Ok(())
     }
 
+    /// Replaces the digests expected of particular peers in their HELLO (see
+    /// [`TcpConfig::peer_digests`]). Links already up stay up; the new digests apply to
+    /// the next handshakes.
+    pub fn set_peer_digests(&mut self, digests: BTreeMap<PeerId, u64>) {
+        self.cfg.peer_digests = digests;
+    }
+
     /// Whether our link to `peer` is up (handshake done).
     pub fn is_up(&self, peer: PeerId) -> bool {
         self.peers.get(&peer).is_some_and(|p| p.up)
@@ -798,9 +805,10 @@ impl TcpTransport {
         }
     }
 
-    /// Refuses a dialer whose member list differs from ours.
+    /// Refuses a dialer whose digest is not the one expected of it (see
+    /// [`TcpConfig::peer_digests`]).
     fn check_digest(&self, node: PeerId, got: u64) -> Result<(), ProtocolError> {
-        let expected = self.cfg.config_digest;
+        let expected = self.cfg.peer_digests.get(&node).copied().unwrap_or(self.cfg.config_digest);
         if got != expected {
             return Err(ProtocolError::StaleConfig { node, got, expected });
         }
@@ -1083,6 +1091,29 @@ impl Transport for TcpTransport {
     fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<bool> {
         self.poll.registry().register(&mut mio::unix::SourceFd(&fd), WATCH, mio::Interest::READABLE)?;
         Ok(true)
+    }
+
+    /// Dials the new peers, closes the links of removed ones (and of peers whose
+    /// address changed), and expects each peer's digest in its next handshakes.
+    fn update_peers(&mut self, peers: &BTreeMap<PeerId, transport::PeerSpec>) -> Result<(), transport::PeersError> {
+        let mut addrs = BTreeMap::new();
+        for (&id, p) in peers {
+            let a: SocketAddr = p.addr.parse().map_err(|e| {
+                transport::PeersError::Invalid(format!("peer {id}: address {:?} is not host:port ({e})", p.addr))
+            })?;
+            addrs.insert(id, a);
+        }
+        self.set_peers(addrs).map_err(|e| transport::PeersError::Invalid(e.to_string()))?;
+        self.set_peer_digests(peers.iter().map(|(&id, p)| (id, p.digest)).collect());
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn dynamic_peers(&self) -> bool {
+        true
     }
 }
 

@@ -28,10 +28,15 @@
 //! A token is the dialer's: the acceptor echoes it in the answer.
 //!
 //! ## Configuration digest
-//! `config_digest` is [`config_digest`] of the member list the dialer was configured with
-//! (0 when the embedder does not set one). The acceptor refuses a digest other than its
-//! own as a *stale configuration*: a replica started with an old member list cannot
-//! join a cluster that has moved on (nor can a cluster with an old list take it in).
+//! `config_digest` is the dialer's [`crate::TcpConfig::config_digest`] (0 when the
+//! embedder does not set one). The acceptor expects of each peer the digest it was told
+//! for that peer ([`crate::TcpConfig::peer_digests`]), or its own digest when it was told
+//! none, and refuses any other as a *stale configuration*. With one digest of a shared
+//! member list everywhere, a replica started with another list cannot join; `replog`
+//! instead gives each replica a digest of its own identity (id and addresses) and tells
+//! every replica the digest it expects of each member from the replicated membership,
+//! so that a member added while serving is accepted and a process presenting itself
+//! with other addresses than the cluster knows for its id is refused.
 //!
 //! ## Authentication (cluster secret)
 //! Without a secret ([`crate::TcpConfig::secret`] is `None`) the handshake is HELLO ->
@@ -149,7 +154,7 @@ pub enum ProtocolError {
     WrongCluster {
         /// Received.
         got: u64,
-        /// Ours.
+        /// The one expected of it.
         expected: u64,
     },
     /// The HELLO's node id is not a configured peer.
@@ -194,17 +199,17 @@ pub enum ProtocolError {
     /// The acceptor asks for a proof but no cluster secret is configured here.
     #[error("the peer requires a cluster secret and none is configured on this node")]
     NoSecret,
-    /// The peer was configured with another member list.
+    /// The peer presented another configuration digest than the one expected of it.
     #[error(
-        "stale configuration: node {node} was configured with another member list \
-         (digest {got:016x}, this node's is {expected:016x})"
+        "stale configuration: node {node} was configured with another member list or other addresses \
+         than this node knows for it (digest {got:016x}, expected {expected:016x})"
     )]
     StaleConfig {
         /// The dialer.
         node: u64,
         /// The dialer's digest.
         got: u64,
-        /// Ours.
+        /// The one expected of it.
         expected: u64,
     },
     /// The OS gave no random bytes for a nonce.

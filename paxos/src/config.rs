@@ -48,6 +48,10 @@ pub struct Config {
     /// A replica that is neither voter nor learner starts passive (as a learner) and
     /// waits to be added by a membership change.
     pub learners: Vec<NodeId>,
+    /// Opaque per-member bytes of the membership in force ([`crate::Membership::addrs`]):
+    /// replicated with every membership change, never interpreted by the core. Empty at
+    /// the start of a cluster whose members are all configured.
+    pub addrs: std::collections::BTreeMap<NodeId, Vec<u8>>,
     /// How often a leader sends heartbeats (carrying the commit index).
     pub heartbeat_interval: Nanos,
     /// The minimum election timeout; each wait is drawn from `[t, 2t)`. Also the
@@ -116,6 +120,7 @@ impl Config {
             id,
             voters,
             learners: Vec::new(),
+            addrs: std::collections::BTreeMap::new(),
             heartbeat_interval: 1_000_000,
             election_timeout: 10_000_000,
             retransmit_timeout: 4_000_000,
@@ -164,6 +169,9 @@ impl Config {
         if self.max_batch_bytes == 0 || self.max_pending_entries == 0 {
             return Err(ConfigError::Invalid("max_batch_bytes and max_pending_entries must be non-zero"));
         }
+        if self.addrs.keys().any(|id| !self.voters.contains(id) && !self.learners.contains(id)) {
+            return Err(ConfigError::Invalid("addrs names a node that is neither voter nor learner"));
+        }
         Ok(())
     }
 
@@ -179,7 +187,7 @@ impl Config {
 
     /// The membership in force.
     pub fn membership(&self) -> crate::types::Membership {
-        crate::types::Membership::new(self.voters.clone(), self.learners.clone())
+        crate::types::Membership::new(self.voters.clone(), self.learners.clone()).with_addrs(self.addrs.clone())
     }
 
     /// Every member but this replica: voters, then learners.

@@ -1,6 +1,7 @@
 //! Identifiers and values the protocol agrees on.
 
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// A replica's identity in the cluster. Never 0 (0 marks "no node" in ballots).
@@ -84,6 +85,10 @@ pub struct Membership {
     /// Members that receive the log without voting (new members catch up as learners
     /// before they vote), sorted, no duplicates, disjoint from `voters`.
     pub learners: Vec<NodeId>,
+    /// Opaque per-member bytes replicated with the membership (the service keeps each
+    /// member's addresses here, so that every replica learns a new member's addresses
+    /// from the log or a snapshot). The core never interprets them; keys are members.
+    pub addrs: BTreeMap<NodeId, Vec<u8>>,
 }
 
 impl Membership {
@@ -94,12 +99,22 @@ impl Membership {
         learners.sort_unstable();
         learners.dedup();
         learners.retain(|l| !voters.contains(l));
-        Membership { voters, learners }
+        Membership { voters, learners, addrs: BTreeMap::new() }
+    }
+
+    /// The same membership carrying `addrs` (entries of non-members are dropped).
+    pub fn with_addrs(mut self, mut addrs: BTreeMap<NodeId, Vec<u8>>) -> Self {
+        addrs.retain(|id, _| self.contains(*id));
+        self.addrs = addrs;
+        self
     }
 
     /// Whether it is usable: at least one voter, no node 0.
     pub fn is_valid(&self) -> bool {
-        !self.voters.is_empty() && !self.voters.contains(&0) && !self.learners.contains(&0)
+        !self.voters.is_empty()
+            && !self.voters.contains(&0)
+            && !self.learners.contains(&0)
+            && self.addrs.keys().all(|&id| self.contains(id))
     }
 
     /// Votes needed for a quorum: a strict majority of the voters.

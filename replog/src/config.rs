@@ -95,8 +95,15 @@ pub struct ServeConfig {
     /// The RDMA transport's settings (used with `transport = "rdma"`).
     #[serde(default, skip_serializing_if = "RdmaSection::is_default")]
     pub rdma: RdmaSection,
-    /// Every replica of the cluster, voters and learners, this one included. All
-    /// replicas must list the same members.
+    /// This replica joins a running cluster (`replog members add` names it there):
+    /// `members` lists itself and the members to contact, and it starts as a passive
+    /// learner until the cluster's log adds it. Only with `transport = "tcp"` (the one
+    /// transport that adds peers while running). Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub join: bool,
+    /// The members this replica starts with, this one included: the cluster's bootstrap
+    /// membership (every founding replica lists the same), or with `join` the members to
+    /// contact. Members added or removed later are known from the replicated log.
     pub members: Vec<Member>,
 }
 
@@ -639,6 +646,22 @@ impl ServeConfig {
             let ids: Vec<String> = self.members.iter().map(|m| m.id.to_string()).collect();
             return Err(ConfigError::general(format!("id {} is not among members ({})", self.id, ids.join(", "))));
         }
+        if self.join && self.transport != TransportKind::Tcp {
+            return Err(ConfigError::at(
+                "join".to_string(),
+                format!(
+                    "joining a running cluster needs transport = \"tcp\" (the {} transport cannot add peers \
+                     while running: configure the member on every replica and restart them)",
+                    self.transport.as_str()
+                ),
+            ));
+        }
+        if self.join && !self.members.iter().any(|m| m.id != self.id && !m.learner) {
+            return Err(ConfigError::at(
+                "members".to_string(),
+                "join = true: list the cluster's current voters (to contact) besides this replica",
+            ));
+        }
         if self.members.iter().all(|m| m.learner) {
             return Err(ConfigError::at(
                 "members".to_string(),
@@ -880,10 +903,15 @@ impl ServeConfig {
     /// The protocol's configuration: voters are the non-learner members (in file
     /// order), learners the others; timings in nanoseconds; the limits; the seed of
     /// the election jitter is this replica's id.
+    ///
+    /// A joining replica (`join`) is in neither list: it starts passive and learns the
+    /// membership from the log.
     pub fn paxos_config(&self) -> paxos::Config {
-        let voters = self.members.iter().filter(|m| !m.learner).map(|m| m.id).collect();
-        let mut c = paxos::Config::new(self.id, voters);
-        c.learners = self.members.iter().filter(|m| m.learner).map(|m| m.id).collect();
+        let listed = |learner: bool| {
+            self.members.iter().filter(move |m| m.learner == learner && !(self.join && m.id == self.id)).map(|m| m.id)
+        };
+        let mut c = paxos::Config::new(self.id, listed(false).collect());
+        c.learners = listed(true).collect();
         c.heartbeat_interval = self.timing.heartbeat_ns();
         c.election_timeout = self.timing.election_timeout_ns();
         c.retransmit_timeout = self.timing.retransmit_ns();
@@ -937,6 +965,7 @@ impl ServeConfig {
             .map(|m| ServeConfig {
                 id: m.id,
                 cluster_id: LOCAL_CLUSTER_ID,
+                join: false,
                 members: members.clone(),
                 transport: TransportKind::Tcp,
                 durability,
@@ -976,8 +1005,26 @@ impl ServeConfig {
         read_secret_at("security.client_secret_file", self.security.client_secret_file.as_deref())
     }
 
+    /// The digest of this replica's identity (id, peer and client address) that it
+    /// presents in its TCP peer handshake (see [`crate::members`]).
+    pub fn identity_digest(&self) -> u64 {
+        let me = self.me();
+        crate::members::identity_digest(self.id, me.peer_addr, me.client_addr)
+    }
+
+    /// The members listed here, as a [`crate::members::Directory`].
+    pub fn directory(&self) -> crate::members::Directory {
+        crate::members::Directory::new(
+            self.members
+                .iter()
+                .map(|m| (m.id, crate::members::MemberAddrs { peer: m.peer_addr, client: m.client_addr }))
+                .collect(),
+        )
+    }
+
     /// The digest of the member list (ids, addresses, roles) that peers compare in
-    /// their handshake: a replica started with another list is refused as stale.
+    /// their handshake over DPDK and RDMA (whose peers are fixed at start): a replica
+    /// started with another list is refused as stale.
     pub fn config_digest(&self) -> u64 {
         let mac = |id: u64| match (&self.dpdk, self.transport) {
             (Some(d), TransportKind::Dpdk) => d.mac_of(id).map(|m| format!(" {m:02x?}")).unwrap_or_default(),

@@ -194,6 +194,13 @@ impl ReplicaHandle {
         self.call(Request::ChangeMembership { voters, learners }, None).map(|_| ())
     }
 
+    /// One membership step (on the leader): add a replica that no configuration lists
+    /// (with its addresses), promote a caught-up learner, or remove a member (see
+    /// [`crate::client::MemberOp`]).
+    pub fn member_change(&self, op: crate::client::MemberOp) -> Result<(), HandleError> {
+        self.call(Request::MemberChange(op), None).map(|_| ())
+    }
+
     /// Snapshots the state machine now (on this replica) and trims the log behind it;
     /// returns once the snapshot is saved and verified.
     pub fn snapshot_now(&self) -> Result<(), HandleError> {

@@ -4,6 +4,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod embed;
+pub mod members;
 pub mod metrics;
 pub mod node;
 #[cfg(feature = "rdma")]

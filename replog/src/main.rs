@@ -195,13 +195,20 @@ enum Cmd {
         #[arg(long)]
         stale: bool,
     },
-    /// Change the membership: which configured members vote and which only learn
-    /// (promote a member only after it caught up as a learner).
+    /// Change the membership while serving. One step at a time:
+    /// `members add ID --peer-addr A --client-addr B` adds a new replica (that no
+    /// configuration lists; start it with `join = true`) as a learner,
+    /// `members promote ID` makes a caught-up learner a voter, `members remove ID`
+    /// removes a member (replace a replica: add, promote, remove). Or give the whole
+    /// membership: `members --voters 1,2,3 --learners 4` (members with known addresses).
+    #[command(args_conflicts_with_subcommands = true)]
     Members {
+        #[command(subcommand)]
+        step: Option<Box<MemberStep>>,
         #[command(flatten)]
         target: Target,
         /// The voters, e.g. `1,2,3,4,5`.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',')]
         voters: Vec<u64>,
         /// The learners, e.g. `4,5`.
         #[arg(long, value_delimiter = ',')]
@@ -226,6 +233,37 @@ enum Cmd {
     Status {
         #[command(flatten)]
         target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberStep {
+    /// Add a new replica as a learner; every replica learns its addresses from the log.
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// The new replica's id (unused in the cluster).
+        id: u64,
+        /// Where the other replicas reach it (its `peer_addr`).
+        #[arg(long)]
+        peer_addr: SocketAddr,
+        /// Where clients reach it (its `client_addr`).
+        #[arg(long)]
+        client_addr: SocketAddr,
+    },
+    /// Make a learner that caught up a voter.
+    Promote {
+        #[command(flatten)]
+        target: Target,
+        /// The learner's id.
+        id: u64,
+    },
+    /// Remove a voter or a learner (its process may then be stopped).
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        /// The member's id.
+        id: u64,
     },
 }
 
@@ -261,7 +299,24 @@ fn run(cli: Cli) -> Result<()> {
             println!("replica {} at {at}: snapshot taken at slot {}", st.node, st.applied_slot);
             Ok(())
         }
-        Cmd::Members { target, voters, learners } => {
+        Cmd::Members { step: Some(step), .. } => {
+            use replog::client::MemberOp;
+            let (target, op) = match *step {
+                MemberStep::Add { target, id, peer_addr, client_addr } => {
+                    (target, MemberOp::Add { id, peer_addr, client_addr })
+                }
+                MemberStep::Promote { target, id } => (target, MemberOp::Promote { id }),
+                MemberStep::Remove { target, id } => (target, MemberOp::Remove { id }),
+            };
+            let mut c = client(&target)?;
+            let st = c.member_change(op.clone()).with_context(|| format!("asking the leader to {op}"))?;
+            println!("replica {} proposed to {op}", st.node);
+            Ok(())
+        }
+        Cmd::Members { step: None, target, voters, learners } => {
+            if voters.is_empty() {
+                bail!("give a step (members add|promote|remove ID) or the whole membership (--voters ...)");
+            }
             let mut c = client(&target)?;
             let st = c.change_membership(voters.clone(), learners.clone()).context("changing the membership")?;
             println!("replica {} proposed voters {voters:?}, learners {learners:?}", st.node);

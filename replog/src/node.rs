@@ -21,8 +21,10 @@
 
 use crate::app::AppHost;
 use crate::client::server::ClientPort;
+use crate::client::MemberOp;
 use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, Responder, Response, Status};
 use crate::embed::{Local, LocalReply, LOCAL_CONN};
+use crate::members::{Directory, MemberAddrs};
 use crate::metrics::Metrics;
 use crate::snapshot;
 use crate::store::PaxosStore;
@@ -38,7 +40,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
-use transport::{AccessError, Event, PeerId, Token, Transport};
+use transport::{AccessError, Event, PeerId, PeerSpec, Token, Transport};
 
 /// What the node needs besides the protocol configuration.
 #[derive(Clone, Debug)]
@@ -47,8 +49,12 @@ pub struct NodeOptions {
     pub paxos: Config,
     /// The cluster id (for status).
     pub cluster_id: u64,
-    /// Each member's client address, for redirects.
+    /// Each configured member's client address, for redirects (members added later are
+    /// found in `directory`).
     pub client_addrs: BTreeMap<NodeId, String>,
+    /// The configured members' addresses; the replicated membership adds and overrides
+    /// entries (see [`crate::members`]).
+    pub directory: Directory,
     /// Largest client entry accepted.
     pub max_entry_bytes: usize,
     /// Largest response frame (reads and tails are cut to fit).
@@ -144,6 +150,10 @@ pub struct Node<T: Transport> {
     lin_reads: HashMap<u64, LinRead>,
     next_read_id: u64,
     connected: BTreeMap<PeerId, bool>,
+    /// Where the members are: the configured ones and those the log added.
+    directory: Directory,
+    /// The peer set last given to the transport.
+    transport_peers: BTreeMap<PeerId, PeerSpec>,
     buf: Vec<u8>,
     last_metrics: Instant,
 }
@@ -190,7 +200,8 @@ impl<T: Transport> Node<T> {
         let (index_base, app_slot) = (meta.last_position, meta.slot);
         let replica = Replica::restore(paxos, store, 0, meta)?;
         let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
-        Ok(Node {
+        let directory = opts.directory.clone();
+        let mut node = Node {
             opts,
             replica,
             transport,
@@ -219,9 +230,63 @@ impl<T: Transport> Node<T> {
             lin_reads: HashMap::new(),
             next_read_id: 0,
             connected,
+            directory,
+            transport_peers: BTreeMap::new(),
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
-        })
+        };
+        node.sync_members();
+        Ok(node)
+    }
+
+    /// Follows the membership in force: learns the members' addresses it carries and
+    /// gives the transport a link to every member (and, while this replica is not a
+    /// member yet, to the members it was configured to contact; and to the known
+    /// leader). Links to replicas that left are closed.
+    fn sync_members(&mut self) {
+        let m = self.replica.membership();
+        for (id, why) in self.directory.learn(&m) {
+            warn!(member = id, %why, "replicated member addresses ignored");
+        }
+        let me = self.opts.paxos.id;
+        let mut ids: Vec<NodeId> = m.voters.iter().chain(&m.learners).copied().collect();
+        if !m.contains(me) {
+            ids.extend(self.opts.client_addrs.keys().copied().filter(|&id| self.directory.is_configured(id)));
+        }
+        ids.extend(self.replica.leader());
+        let mut peers = BTreeMap::new();
+        for id in ids.into_iter().filter(|&id| id != me) {
+            match self.directory.get(id) {
+                Some(a) => {
+                    peers.insert(id, PeerSpec { addr: a.peer.to_string(), digest: a.identity_digest(id) });
+                }
+                None => warn!(member = id, "no address known for this member: no link to it"),
+            }
+        }
+        if peers == self.transport_peers {
+            return;
+        }
+        match self.transport.update_peers(&peers) {
+            Ok(()) => {
+                let added: Vec<NodeId> =
+                    peers.keys().filter(|id| !self.transport_peers.contains_key(id)).copied().collect();
+                let removed: Vec<NodeId> =
+                    self.transport_peers.keys().filter(|id| !peers.contains_key(id)).copied().collect();
+                if !self.transport_peers.is_empty() && (!added.is_empty() || !removed.is_empty()) {
+                    info!(?added, ?removed, "peer links follow the membership");
+                }
+                self.connected.retain(|id, _| peers.contains_key(id));
+                for &id in peers.keys() {
+                    self.connected.entry(id).or_insert(false);
+                }
+                self.transport_peers = peers;
+            }
+            Err(e) => {
+                error!(error = %e, members = ?peers.keys().collect::<Vec<_>>(), "peer links cannot follow the membership");
+                // Do not retry on every change of the same set.
+                self.transport_peers = peers;
+            }
+        }
     }
 
     /// Serves the client port on this node's thread: `port`'s descriptor must be one the
@@ -500,6 +565,7 @@ impl<T: Transport> Node<T> {
             }
             Action::RoleChanged { role, ballot, leader } => {
                 info!(?role, %ballot, ?leader, "role changed");
+                self.sync_members();
                 if let Some(a) = self.app.as_mut() {
                     a.sm().leadership_changed(role == Role::Leader, leader);
                     let may = a.sm().may_lead();
@@ -532,6 +598,7 @@ impl<T: Transport> Node<T> {
             if let Some(a) = self.app.as_mut() {
                 a.sm().configuration_changed(&m.voters, &m.learners);
             }
+            self.sync_members();
         }
         for (i, e) in applied.entries.into_iter().enumerate() {
             if !e.duplicate {
@@ -599,7 +666,7 @@ impl<T: Transport> Node<T> {
 
     fn redirect(&self, leader: Option<NodeId>) -> Response {
         let leader = leader.filter(|&l| l != self.opts.paxos.id);
-        let addr = leader.and_then(|l| self.opts.client_addrs.get(&l).cloned());
+        let addr = leader.and_then(|l| self.directory.get(l)).map(|a| a.client.to_string());
         Response::Redirect { leader, addr }
     }
 
@@ -718,30 +785,34 @@ impl<T: Transport> Node<T> {
                 }
             },
             Request::ChangeMembership { voters, learners } => {
-                // Only configured members: the transport has links to them alone.
-                let unknown = voters.iter().chain(&learners).find(|id| !self.opts.client_addrs.contains_key(id));
+                // Every member must have known addresses (configured, or replicated
+                // when it was added); they travel with the change.
+                let unknown = voters.iter().chain(&learners).find(|&&id| self.directory.get(id).is_none());
                 let m = paxos::Membership::new(voters.clone(), learners.clone());
                 let resp = match unknown {
                     Some(id) => Response::Error {
                         code: ErrorCode::BadRequest,
                         message: format!(
-                            "replica {id} is not in the configured member list (the transport has no link to it)"
+                            "replica {id} is neither configured nor added with its addresses \
+                             (add it first: replog members add {id} --peer-addr HOST:PORT --client-addr HOST:PORT)"
                         ),
                     },
-                    None => match self.replica.change_membership(now, m) {
-                        Ok(()) => {
-                            info!(?voters, ?learners, "membership change proposed");
-                            Response::Status(self.status())
-                        }
-                        Err(paxos::MembershipError::NotLeader { leader }) => self.redirect(leader),
-                        Err(e @ (paxos::MembershipError::Busy | paxos::MembershipError::Transferring { .. })) => {
-                            Response::Error { code: ErrorCode::Busy, message: format!("membership change: {e}; retry") }
-                        }
-                        Err(e) => Response::Error {
-                            code: ErrorCode::BadRequest,
-                            message: format!("membership change refused: {e}"),
-                        },
-                    },
+                    None => {
+                        let addrs = self.directory.addrs_for(&m);
+                        let m = m.with_addrs(addrs);
+                        self.propose_membership(now, m, &format!("voters {voters:?}, learners {learners:?}"))
+                    }
+                };
+                self.reply(conn, req_id, resp);
+            }
+            Request::MemberChange(op) => {
+                let resp = if self.replica.role() != Role::Leader {
+                    self.redirect(self.replica.leader())
+                } else {
+                    match self.member_step(&op) {
+                        Ok(m) => self.propose_membership(now, m, &op.to_string()),
+                        Err(message) => Response::Error { code: ErrorCode::BadRequest, message },
+                    }
                 };
                 self.reply(conn, req_id, resp);
             }
@@ -848,6 +919,87 @@ impl<T: Transport> Node<T> {
     }
 
     /// The payload at `position` (1-based), from the store.
+    /// Proposes the membership `m` (what the client asked for: `what`) and says how it went.
+    fn propose_membership(&mut self, now: Nanos, m: paxos::Membership, what: &str) -> Response {
+        match self.replica.change_membership(now, m) {
+            Ok(()) => {
+                info!(change = what, "membership change proposed");
+                Response::Status(self.status())
+            }
+            Err(paxos::MembershipError::NotLeader { leader }) => self.redirect(leader),
+            Err(e @ (paxos::MembershipError::Busy | paxos::MembershipError::Transferring { .. })) => {
+                Response::Error { code: ErrorCode::Busy, message: format!("membership change ({what}): {e}; retry") }
+            }
+            Err(e) => Response::Error {
+                code: ErrorCode::BadRequest,
+                message: format!("membership change ({what}) refused: {e}"),
+            },
+        }
+    }
+
+    /// The membership one step `op` from the one in force, with every member's
+    /// addresses; or why the step makes no sense.
+    fn member_step(&self, op: &MemberOp) -> Result<paxos::Membership, String> {
+        let cur = self.replica.membership();
+        let (mut voters, mut learners) = (cur.voters.clone(), cur.learners.clone());
+        let mut dir = self.directory.clone();
+        let role = |id| if cur.is_voter(id) { "a voter" } else { "a learner" };
+        match *op {
+            MemberOp::Add { id, peer_addr, client_addr } => {
+                if id == 0 || id > crate::config::MAX_ID {
+                    return Err(format!("replica id {id} is not usable (ids are 1 to {})", crate::config::MAX_ID));
+                }
+                if cur.contains(id) {
+                    return Err(format!("replica {id} is already a member ({}): pick an unused id", role(id)));
+                }
+                if peer_addr == client_addr {
+                    return Err(format!("the peer and the client address are the same ({peer_addr})"));
+                }
+                for (what, a) in [("peer", peer_addr), ("client", client_addr)] {
+                    if a.ip().is_unspecified() || a.port() == 0 {
+                        return Err(format!("{what} address {a}: give an address and a port the others can reach"));
+                    }
+                    if let Some(other) = dir.owner_of(&cur, a, id) {
+                        return Err(format!("{what} address {a} is in use by replica {other}"));
+                    }
+                }
+                if !self.transport.dynamic_peers() {
+                    return Err(format!(
+                        "replicas cannot be added while running over the {} transport: configure replica {id} \
+                         on every replica and restart them",
+                        self.transport.name()
+                    ));
+                }
+                dir.insert(id, MemberAddrs { peer: peer_addr, client: client_addr });
+                learners.push(id);
+            }
+            MemberOp::Promote { id } => {
+                if cur.is_voter(id) {
+                    return Err(format!("replica {id} is already a voter"));
+                }
+                if !cur.contains(id) {
+                    return Err(format!("replica {id} is not a member: add it first (replog members add {id} ...)"));
+                }
+                learners.retain(|&x| x != id);
+                voters.push(id);
+            }
+            MemberOp::Remove { id } => {
+                if !cur.contains(id) {
+                    return Err(format!(
+                        "replica {id} is not a member (members: voters {voters:?}, learners {learners:?})"
+                    ));
+                }
+                if voters == [id] {
+                    return Err(format!("replica {id} is the last voter: add and promote another first"));
+                }
+                voters.retain(|&x| x != id);
+                learners.retain(|&x| x != id);
+            }
+        }
+        let m = paxos::Membership::new(voters, learners);
+        Ok(m.clone().with_addrs(dir.addrs_for(&m)))
+    }
+
     fn payload(&mut self, position: Position) -> Option<Bytes> {
         let &(slot, idx) = self.index.get(position.checked_sub(self.index_base + 1)? as usize)?;
         let cmds = match &self.cache {
@@ -979,6 +1131,9 @@ impl<T: Transport> Node<T> {
             self.index_base = base;
             self.app_slot = slot;
             self.cache = None;
+            // The snapshot carries the membership after its slot (with the members'
+            // addresses).
+            self.sync_members();
         }
         Ok(())
     }

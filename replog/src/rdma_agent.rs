@@ -651,6 +651,9 @@ impl Transport for RdmaAgent {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
 }
 
 /// The transport of `replog serve` with `transport = "rdma"`: opens the RDMA device

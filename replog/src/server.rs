@@ -116,7 +116,12 @@ fn tcp_transport(cfg: &ServeConfig) -> Result<TcpTransport, ServeError> {
     let mut tcfg = TcpConfig::new(cfg.cluster_id, cfg.id, me.peer_addr, peers);
     tcfg.secret = secret;
     tcfg.tls = cfg.peer_tls().map_err(|e| ServeError::Security(e.to_string()))?;
-    tcfg.config_digest = cfg.config_digest();
+    // Each replica presents its own identity; it expects of each peer the identity its
+    // directory holds (the configured one here, then the replicated one: see
+    // `crate::members`).
+    tcfg.config_digest = cfg.identity_digest();
+    tcfg.peer_digests =
+        cfg.peers().map(|m| (m.id, crate::members::identity_digest(m.id, m.peer_addr, m.client_addr))).collect();
     info!(node = cfg.id, authenticated = tcfg.secret.is_some(), tls = tcfg.tls.is_some(), config_digest = %format_args!("{:016x}", tcfg.config_digest), "peer links");
     tcfg.max_payload = cfg.limits.max_frame_bytes as usize;
     tcfg.seed = cfg.id;
@@ -284,6 +289,7 @@ fn run<T: Transport>(
         paxos,
         cluster_id: cfg.cluster_id,
         client_addrs: cfg.members.iter().map(|m| (m.id, m.client_addr.to_string())).collect(),
+        directory: cfg.directory(),
         max_entry_bytes: cfg.limits.max_entry_bytes as usize,
         max_frame_bytes: cfg.limits.max_frame_bytes as usize,
         durability,

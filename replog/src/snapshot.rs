@@ -7,12 +7,14 @@
 //!
 //! ```text
 //!  0   8  magic "RPLGSNP1"
-//!  8   4  format version (1)
+//!  8   4  format version (1, or 2 when the membership carries member addresses)
 //! 12   8  cluster id
 //! 20   8  slot
 //! 28   8  last position
 //! 36   4  number of clients C, then per client: id u64, count N u32, N x (seq u64, position u64)
 //!  ..  4  voters V, V x u64; 4 learners W, W x u64 (the membership after `slot`; V = 0: unknown)
+//!  ..  version 2 only: 4 count A, A x (id u64, len u32, len bytes): the members'
+//!          addresses ([`paxos::Membership::addrs`]), ids increasing, each a member
 //!  ..  8  application state length L, then L bytes
 //!  ..  4  CRC32C of everything before
 //! ```
@@ -36,6 +38,8 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RPLGSNP1";
 const VERSION: u32 = 1;
+/// The format with member addresses (written only when the membership has some).
+const VERSION_ADDRS: u32 = 2;
 const SUFFIX: &str = ".rsnap";
 
 /// Why a snapshot could not be written, read or decoded.
@@ -83,7 +87,8 @@ pub fn encode(cluster_id: u64, meta: &SnapshotMeta, app: &[u8]) -> Vec<u8> {
     let entries: usize = meta.clients.iter().map(|(_, s)| 12 + s.len() * 16).sum();
     let mut out = Vec::with_capacity(64 + entries + app.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let version = if meta.membership.addrs.is_empty() { VERSION } else { VERSION_ADDRS };
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&cluster_id.to_le_bytes());
     out.extend_from_slice(&meta.slot.to_le_bytes());
     out.extend_from_slice(&meta.last_position.to_le_bytes());
@@ -100,6 +105,14 @@ pub fn encode(cluster_id: u64, meta: &SnapshotMeta, app: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
         for id in ids.iter() {
             out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    if version == VERSION_ADDRS {
+        out.extend_from_slice(&(meta.membership.addrs.len() as u32).to_le_bytes());
+        for (id, a) in &meta.membership.addrs {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+            out.extend_from_slice(a);
         }
     }
     out.extend_from_slice(&(app.len() as u64).to_le_bytes());
@@ -121,14 +134,10 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     fn u32(&mut self) -> Result<u32, SnapshotError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)?.try_into().map(u32::from_le_bytes).map_err(|_| SnapshotError::Invalid("truncated"))
     }
     fn u64(&mut self) -> Result<u64, SnapshotError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+        self.take(8)?.try_into().map(u64::from_le_bytes).map_err(|_| SnapshotError::Invalid("truncated"))
     }
 }
 
@@ -145,7 +154,8 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     if r.take(8)? != MAGIC {
         return Err(SnapshotError::Invalid("bad magic"));
     }
-    if r.u32()? != VERSION {
+    let version = r.u32()?;
+    if version != VERSION && version != VERSION_ADDRS {
         return Err(SnapshotError::Invalid("unknown format version"));
     }
     let cluster_id = r.u64()?;
@@ -184,6 +194,25 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     if membership.voters != voters || membership.learners != learners {
         return Err(SnapshotError::Invalid("membership not sorted or duplicated"));
     }
+    let mut addrs = std::collections::BTreeMap::new();
+    if version == VERSION_ADDRS {
+        let n = r.u32()? as usize;
+        if n > r.0.len() / 12 {
+            return Err(SnapshotError::Invalid("member address count exceeds the data"));
+        }
+        for _ in 0..n {
+            let id = r.u64()?;
+            let len = r.u32()? as usize;
+            if len > crate::store::codec::MAX_MEMBER_BYTES {
+                return Err(SnapshotError::Invalid("member address too long"));
+            }
+            if addrs.last_key_value().is_some_and(|(&l, _)| l >= id) || !membership.contains(id) {
+                return Err(SnapshotError::Invalid("member addresses not sorted, duplicated or of a non-member"));
+            }
+            addrs.insert(id, r.take(len)?.to_vec());
+        }
+    }
+    let membership = membership.with_addrs(addrs);
     let len = r.u64()?;
     if len != r.0.len() as u64 {
         return Err(SnapshotError::Invalid("application state length mismatch"));
@@ -400,6 +429,22 @@ mod tests {
         let b = encode(5, &meta(), b"state");
         let s = decode(&b).unwrap();
         assert_eq!((s.cluster_id, s.meta, &s.app[..]), (5, meta(), &b"state"[..]));
+    }
+
+    #[test]
+    fn round_trip_with_member_addresses() {
+        let mut m = meta();
+        let addrs = [(1, b"a".to_vec()), (4, b"127.0.0.1:1 127.0.0.1:2".to_vec())].into_iter().collect();
+        m.membership = m.membership.with_addrs(addrs);
+        let b = encode(5, &m, b"state");
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), VERSION_ADDRS);
+        let s = decode(&b).unwrap();
+        assert_eq!(s.meta, m);
+        for n in 0..b.len() {
+            assert!(decode(&b[..n]).is_err(), "truncated to {n} accepted");
+        }
+        // Without addresses the format stays version 1 (readable by older builds).
+        assert_eq!(u32::from_le_bytes(encode(5, &meta(), b"")[8..12].try_into().unwrap()), VERSION);
     }
 
     #[test]

@@ -34,6 +34,15 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Snapshot),
         any::<u64>().prop_map(|upto| Request::Trim { upto }),
         any::<[u8; 32]>().prop_map(|proof| Request::Auth { proof }),
+        (any::<u64>(), any::<u8>(), any::<[u8; 16]>(), any::<u16>(), any::<u16>()).prop_map(|(id, op, ip, p1, p2)| {
+            let peer_addr = std::net::SocketAddr::from((ip, p1));
+            let client_addr = std::net::SocketAddr::from(([127, 0, 0, 1], p2));
+            Request::MemberChange(match op % 3 {
+                0 => replog::client::MemberOp::Add { id, peer_addr, client_addr },
+                1 => replog::client::MemberOp::Promote { id },
+                _ => replog::client::MemberOp::Remove { id },
+            })
+        }),
     ]
 }
 

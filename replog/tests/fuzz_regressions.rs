@@ -141,9 +141,13 @@ fn write_seeds() {
     replog::store::codec::encode_value(&Value::Batch(vec![cmd(1), cmd(2)]), &mut v);
     put("log_records", "value", &v);
     let mut v = Vec::new();
-    let config = paxos::Membership { voters: vec![1, 2, 3], learners: vec![4] };
-    replog::store::codec::encode_value(&Value::Config(config), &mut v);
+    let config = paxos::Membership::new(vec![1, 2, 3], vec![4]);
+    replog::store::codec::encode_value(&Value::Config(config.clone()), &mut v);
     put("log_records", "config", &v);
+    let mut v = Vec::new();
+    let with_addrs = config.with_addrs([(4, b"127.0.0.1:7010 127.0.0.1:7011".to_vec())].into_iter().collect());
+    replog::store::codec::encode_value(&Value::Config(with_addrs), &mut v);
+    put("log_records", "config-addrs", &v);
     let dir = tempfile::tempdir().unwrap();
     {
         let cfg = replog::store::StoreConfig::new(replog::store::Mode::Fsync).with_segment_size(4096);
@@ -194,7 +198,8 @@ fn write_seeds() {
         slot: 9,
         last_position: 20,
         clients: vec![(7, vec![(1, 19), (2, 20)])],
-        membership: paxos::Membership { voters: vec![1, 2, 3], learners: vec![4] },
+        membership: paxos::Membership::new(vec![1, 2, 3], vec![4])
+            .with_addrs([(4, b"127.0.0.1:7010 127.0.0.1:7011".to_vec())].into_iter().collect()),
     };
     let file = replog::snapshot::encode(0xC1, &meta, b"app state");
     put("snapshots", "file-body", &file[..file.len() - 4]);

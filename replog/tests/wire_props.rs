@@ -41,10 +41,15 @@ fn value() -> impl Strategy<Value = Value> {
         )
         .prop_map(Value::Batch),
         (proptest::collection::btree_set(1u64..10, 1..5), proptest::collection::btree_set(10u64..20, 0..3)).prop_map(
-            |(v, l)| Value::Config(paxos::Membership {
-                voters: v.into_iter().collect(),
-                learners: l.into_iter().collect()
-            })
+            |(v, l)| {
+                let addrs =
+                    v.iter().map(|&id| (id, format!("10.0.0.{id}:7000 10.0.0.{id}:7001").into_bytes())).collect();
+                Value::Config(paxos::Membership {
+                    voters: v.into_iter().collect(),
+                    learners: l.into_iter().collect(),
+                    addrs,
+                })
+            }
         ),
     ]
 }

@@ -103,6 +103,18 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn waker(&self) -> Arc<dyn Wake> {
         (**self).waker()
     }
+    fn update_peers(
+        &mut self,
+        peers: &std::collections::BTreeMap<PeerId, crate::PeerSpec>,
+    ) -> Result<(), crate::PeersError> {
+        (**self).update_peers(peers)
+    }
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn dynamic_peers(&self) -> bool {
+        (**self).dynamic_peers()
+    }
 }
 
 /// The faults one wrapper applies. All default to none.
@@ -677,5 +689,20 @@ impl<T: Transport> Transport for Faulty<T> {
 
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
+    }
+
+    fn update_peers(
+        &mut self,
+        peers: &std::collections::BTreeMap<PeerId, crate::PeerSpec>,
+    ) -> Result<(), crate::PeersError> {
+        self.inner.update_peers(peers)
+    }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn dynamic_peers(&self) -> bool {
+        self.inner.dynamic_peers()
     }
 }

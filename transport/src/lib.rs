@@ -169,6 +169,34 @@ pub enum SendError {
     Closed,
 }
 
+/// A peer as the cluster's (replicated) membership describes it, for
+/// [`Transport::update_peers`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Where to reach it, in the transport's address syntax (TCP: `host:port`).
+    pub addr: String,
+    /// The configuration digest it must present in its handshake (transports that
+    /// check one; see `fallback_tcp::TcpConfig::peer_digests`).
+    pub digest: u64,
+}
+
+/// Why [`Transport::update_peers`] refused a new peer set (the old one stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeersError {
+    /// The transport cannot add or remove peers while running.
+    #[error(
+        "changing the peer set while running is not supported on the {transport} transport: \
+         restart the replicas with the member configured"
+    )]
+    Unsupported {
+        /// The transport's name.
+        transport: &'static str,
+    },
+    /// A peer's id or address is not usable.
+    #[error("invalid peer set: {0}")]
+    Invalid(String),
+}
+
 /// Interrupts a [`Transport::poll`] blocked in another thread.
 pub trait Wake: Send + Sync {
     /// Makes the current or next `poll` return promptly.
@@ -229,5 +257,33 @@ pub trait Transport {
     fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
         let _ = fd;
         Ok(false)
+    }
+
+    /// Replaces the peer set while running (a membership change added or removed
+    /// replicas): new peers are connected, removed ones disconnected (their in-flight
+    /// accesses complete with [`AccessError::LinkFailed`]), and each peer's handshake
+    /// digest is the one given. Must not contain [`Transport::local`] or 0.
+    ///
+    /// The default accepts only the current peer ids (addresses and digests are not
+    /// changed) and answers [`PeersError::Unsupported`] for any other set: fabrics that
+    /// set up their peers at start (RDMA queue pairs, DPDK MAC tables) use it.
+    fn update_peers(&mut self, peers: &std::collections::BTreeMap<PeerId, PeerSpec>) -> Result<(), PeersError> {
+        let mut now = self.peers();
+        now.sort_unstable();
+        if peers.keys().copied().eq(now) {
+            Ok(())
+        } else {
+            Err(PeersError::Unsupported { transport: self.name() })
+        }
+    }
+
+    /// Whether [`Transport::update_peers`] can add and remove peers (default false).
+    fn dynamic_peers(&self) -> bool {
+        false
+    }
+
+    /// The transport's name for messages (`tcp`, `rdma`, `dpdk`, `memory`...).
+    fn name(&self) -> &'static str {
+        "this"
     }
 }

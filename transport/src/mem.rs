@@ -615,6 +615,9 @@ impl Transport for MemTransport {
     fn waker(&self) -> Arc<dyn Wake> {
         Arc::new(MemWaker { hub: self.net.hub.clone(), id: self.id, incarnation: self.incarnation })
     }
+    fn name(&self) -> &'static str {
+        "memory"
+    }
 }
 
 /// Wakes one [`MemTransport`]'s `poll`.

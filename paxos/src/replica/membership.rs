@@ -79,7 +79,7 @@ impl<S: Storage> Replica<S> {
         if self.role != Role::Leader {
             return Err(MembershipError::NotLeader { leader: self.leader });
         }
-        let m = Membership::new(m.voters, m.learners);
+        let m = Membership::new(m.voters, m.learners).with_addrs(m.addrs);
         if !m.is_valid() {
             return Err(MembershipError::Refused("the membership needs at least one voter and no node 0".into()));
         }
@@ -204,6 +204,7 @@ impl<S: Storage> Replica<S> {
         require!(m.is_valid(), "applied an invalid membership {m:?}");
         self.cfg.voters = m.voters.clone();
         self.cfg.learners = m.learners.clone();
+        self.cfg.addrs = m.addrs.clone();
         let applied = self.applied;
         match self.role {
             Role::Leader => {

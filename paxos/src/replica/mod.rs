@@ -384,6 +384,7 @@ impl<S: Storage> Replica<S> {
             // The membership the snapshot's prefix ended with is the one in force.
             cfg.voters = snap.membership.voters.clone();
             cfg.learners = snap.membership.learners.clone();
+            cfg.addrs = snap.membership.addrs.clone();
         }
         cfg.validate()?;
         if snap.slot > 0 {

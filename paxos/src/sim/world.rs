@@ -705,7 +705,10 @@ impl World {
             }
             _ => return,
         }
-        let m = Membership::new(v, l);
+        // Every change carries per-member bytes (the service's addresses) that differ
+        // from one change to the next: the final checks compare them across replicas.
+        let addrs = v.iter().chain(&l).map(|&n| (n, format!("node {n} as of change {pick}").into_bytes())).collect();
+        let m = Membership::new(v, l).with_addrs(addrs);
         // Keep a voter that may lead (the simulator's may-never-lead replica alone
         // could never elect anyone).
         let cannot = self.cfg.one_cannot_lead.then(|| *self.voters.last().expect("voters"));
@@ -1048,12 +1051,28 @@ impl World {
             .filter_map(|n| n.replica.as_ref())
             .find(|r| r.role() == Role::Leader)
             .map(|r| r.membership());
+        let leader_applied = self
+            .nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref())
+            .find(|r| r.role() == Role::Leader)
+            .map(|r| r.applied());
         let logs: Vec<(NodeId, Vec<u64>)> = self
             .nodes
             .values()
             .filter(|n| members.as_ref().is_none_or(|m| m.contains(n.id)))
             .map(|n| (n.id, n.sm.values.clone()))
             .collect();
+        if let Some(m) = &members {
+            for r in self.nodes.values().filter_map(|n| n.replica.as_ref()) {
+                if m.contains(r.id()) && Some(r.applied()) == leader_applied && r.membership() != *m {
+                    let msg =
+                        format!("replica {}'s membership {:?} differs from the leader's {m:?}", r.id(), r.membership());
+                    self.violate(ViolationKind::StateMachine, msg);
+                    return;
+                }
+            }
+        }
         let reference = logs[0].1.clone();
         for (id, l) in &logs {
             if *l != reference {

@@ -32,7 +32,7 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 
-pub use proto::{ConnId, ErrorCode, PeerStatus, ProtoError, Request, Response, Status, MAX_FRAME};
+pub use proto::{ConnId, ErrorCode, MemberOp, PeerStatus, ProtoError, Request, Response, Status, MAX_FRAME};
 pub use server::{ClientServer, ClientServerConfig, Inbound, Outbound, Responder};
 pub use tls::{TlsClientConfig, TlsError};
 
@@ -781,6 +781,21 @@ impl Client {
             other => Err(ClientError::Protocol {
                 server: self.server_for_errors(),
                 detail: format!("answered a trim with {other:?}"),
+            }),
+        }
+    }
+
+    /// Asks the leader for one membership step (add a new replica as a learner, promote
+    /// a caught-up learner, remove a member), computed from the membership in force.
+    /// Returns the leader's status once the change is proposed (it takes effect when
+    /// committed); refusals (unknown or duplicate id, an address in use, a learner not
+    /// caught up, another change in progress) are errors that say why.
+    pub fn member_change(&mut self, op: MemberOp) -> Result<Status, ClientError> {
+        match self.call(&Request::MemberChange(op), "membership change")? {
+            Response::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol {
+                server: self.server_for_errors(),
+                detail: format!("answered a membership change with {other:?}"),
             }),
         }
     }

@@ -21,6 +21,8 @@
 //! 0x0A  Auth         proof [32]
 //! 0x0B  Snapshot     (nothing)
 //! 0x0C  Trim         upto u64
+//! 0x10  MemberChange op u8 (1 add, 2 promote, 3 remove), id u64, add only: peer_addr str,
+//!                    client_addr str (each `host:port`)
 //! 0x41  HelloOk      node u64
 //! 0x42  Appended     count u32, count × position u64
 //! 0x43  Entries      from u64, last_committed u64, count u32, count × (len u32, bytes)
@@ -95,6 +97,8 @@ pub mod kind {
     pub const SNAPSHOT: u8 = 0x0B;
     /// [`super::Request::Trim`].
     pub const TRIM: u8 = 0x0C;
+    /// [`super::Request::MemberChange`].
+    pub const MEMBER_CHANGE: u8 = 0x10;
     /// [`super::Response::HelloOk`].
     pub const HELLO_OK: u8 = 0x41;
     /// [`super::Response::Appended`].
@@ -221,6 +225,11 @@ pub enum Request {
         /// The learners.
         learners: Vec<u64>,
     },
+    /// Ask the leader for one membership step, computed from the membership in force:
+    /// add a new replica as a learner (with its addresses, replicated to every member),
+    /// promote a caught-up learner to voter, or remove a member. Answered like
+    /// `ChangeMembership`.
+    MemberChange(MemberOp),
     /// The answer to a server's `Challenge`: the client's [`client_proof`].
     Auth {
         /// HMAC-SHA256 of the challenge under the client secret.
@@ -244,6 +253,42 @@ pub enum Request {
     /// can drop the connection's tail subscriptions). Sent exactly once for every
     /// connection that completed `Hello`, whatever closed it; its `req_id` is 0.
     Disconnected,
+}
+
+/// One membership step ([`Request::MemberChange`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberOp {
+    /// Add replica `id` (not a member yet) as a learner reached at these addresses.
+    Add {
+        /// The new replica's id (non-zero, unused).
+        id: u64,
+        /// Where replicas connect to it.
+        peer_addr: std::net::SocketAddr,
+        /// Where clients connect to it.
+        client_addr: std::net::SocketAddr,
+    },
+    /// Make learner `id` a voter (refused until it caught up).
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove member `id` (voter or learner).
+    Remove {
+        /// The member.
+        id: u64,
+    },
+}
+
+impl fmt::Display for MemberOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemberOp::Add { id, peer_addr, client_addr } => {
+                write!(f, "add replica {id} (peer {peer_addr}, client {client_addr}) as a learner")
+            }
+            MemberOp::Promote { id } => write!(f, "promote replica {id} to voter"),
+            MemberOp::Remove { id } => write!(f, "remove replica {id}"),
+        }
+    }
 }
 
 impl fmt::Debug for Request {
@@ -271,6 +316,7 @@ impl fmt::Debug for Request {
             Request::ChangeMembership { voters, learners } => {
                 write!(f, "ChangeMembership{{voters: {voters:?}, learners: {learners:?}}}")
             }
+            Request::MemberChange(op) => write!(f, "MemberChange{{{op:?}}}"),
             Request::Snapshot => write!(f, "Snapshot"),
             Request::Trim { upto } => write!(f, "Trim{{upto: {upto}}}"),
             Request::Auth { .. } => write!(f, "Auth"),
@@ -597,6 +643,25 @@ pub fn encode_request(req_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(
             }
             kind::CHANGE_MEMBERSHIP
         }
+        Request::MemberChange(op) => {
+            match op {
+                MemberOp::Add { id, peer_addr, client_addr } => {
+                    w.u8(1);
+                    w.u64(*id);
+                    w.bytes(peer_addr.to_string().as_bytes())?;
+                    w.bytes(client_addr.to_string().as_bytes())?;
+                }
+                MemberOp::Promote { id } => {
+                    w.u8(2);
+                    w.u64(*id);
+                }
+                MemberOp::Remove { id } => {
+                    w.u8(3);
+                    w.u64(*id);
+                }
+            }
+            kind::MEMBER_CHANGE
+        }
         Request::Snapshot => kind::SNAPSHOT,
         Request::Trim { upto } => {
             w.u64(*upto);
@@ -813,6 +878,21 @@ pub fn decode_request(frame: &Frame) -> Result<(u64, Request), ProtoError> {
             }
             let [voters, learners] = lists;
             Request::ChangeMembership { voters, learners }
+        }
+        kind::MEMBER_CHANGE => {
+            let op = r.u8("member change")?;
+            let id = r.u64("member id")?;
+            let mut addr = |what| {
+                r.string(what)?
+                    .parse()
+                    .map_err(|e: std::net::AddrParseError| ProtoError::Invalid { field: what, detail: e.to_string() })
+            };
+            Request::MemberChange(match op {
+                1 => MemberOp::Add { id, peer_addr: addr("peer address")?, client_addr: addr("client address")? },
+                2 => MemberOp::Promote { id },
+                3 => MemberOp::Remove { id },
+                v => return Err(ProtoError::Invalid { field: "member change", detail: format!("operation {v}") }),
+            })
         }
         kind::AUTH => Request::Auth { proof: r.arr32("proof")? },
         kind::SNAPSHOT => Request::Snapshot,

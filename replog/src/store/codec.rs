@@ -1,9 +1,13 @@
 //! The compact encoding of a [`paxos::Value`] in an entry record's payload.
 //!
 //! ```text
-//!  u8  tag        0 = Noop, 1 = Batch, 2 = Config, 3 = Trim
+//!  u8  tag        0 = Noop, 1 = Batch, 2 = Config, 3 = Trim, 4 = Config with addresses
 //!  Trim only: u64 position
 //!  Config only: u32 voters, voters x u64, u32 learners, learners x u64
+//!  Config with addresses (version 2 of Config: written only when the membership
+//!  carries per-member bytes, so logs without them read the same as before):
+//!    the Config fields, then u32 count, count x (u64 id, u32 len, len bytes),
+//!    ids strictly increasing, each one a voter or a learner
 //!  Batch only:
 //!  u32 count      number of commands
 //!  count times:
@@ -23,6 +27,9 @@ const TAG_NOOP: u8 = 0;
 const TAG_BATCH: u8 = 1;
 const TAG_CONFIG: u8 = 2;
 const TAG_TRIM: u8 = 3;
+const TAG_CONFIG_ADDRS: u8 = 4;
+/// Largest per-member bytes accepted (addresses are far shorter).
+pub const MAX_MEMBER_BYTES: usize = 1024;
 const CMD_FIXED: usize = 8 + 8 + 4;
 
 /// Bytes `value` takes encoded.
@@ -30,7 +37,10 @@ pub fn encoded_len(value: &Value) -> usize {
     match value {
         Value::Noop => 1,
         Value::Batch(cmds) => 5 + cmds.iter().map(|c| CMD_FIXED + c.payload.len()).sum::<usize>(),
-        Value::Config(m) => 9 + 8 * (m.voters.len() + m.learners.len()),
+        Value::Config(m) if m.addrs.is_empty() => 9 + 8 * (m.voters.len() + m.learners.len()),
+        Value::Config(m) => {
+            13 + 8 * (m.voters.len() + m.learners.len()) + m.addrs.values().map(|a| 12 + a.len()).sum::<usize>()
+        }
         Value::Trim(_) => 9,
     }
 }
@@ -51,11 +61,19 @@ pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
             }
         }
         Value::Config(m) => {
-            out.push(TAG_CONFIG);
+            out.push(if m.addrs.is_empty() { TAG_CONFIG } else { TAG_CONFIG_ADDRS });
             for ids in [&m.voters, &m.learners] {
                 out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
                 for id in ids {
                     out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
+            if !m.addrs.is_empty() {
+                out.extend_from_slice(&(m.addrs.len() as u32).to_le_bytes());
+                for (id, a) in &m.addrs {
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+                    out.extend_from_slice(a);
                 }
             }
         }
@@ -80,7 +98,7 @@ impl<'a> Reader<'a> {
         Ok(h)
     }
     fn u8(&mut self) -> Result<u8, &'static str> {
-        Ok(self.take(1)?[0])
+        self.take(1)?.first().copied().ok_or("value truncated")
     }
     fn u32(&mut self) -> Result<u32, &'static str> {
         self.take(4)?.try_into().map(u32::from_le_bytes).map_err(|_| "value truncated")
@@ -110,7 +128,7 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
             }
             Value::Batch(cmds)
         }
-        TAG_CONFIG => {
+        tag @ (TAG_CONFIG | TAG_CONFIG_ADDRS) => {
             let mut lists = [Vec::new(), Vec::new()];
             for l in lists.iter_mut() {
                 let n = r.u32()? as usize;
@@ -126,7 +144,27 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
             if m.voters != voters || m.learners != learners || !m.is_valid() {
                 return Err("membership not sorted, duplicated or without voters");
             }
-            Value::Config(m)
+            let mut addrs = std::collections::BTreeMap::new();
+            if tag == TAG_CONFIG_ADDRS {
+                let n = r.u32()? as usize;
+                if n == 0 || n > r.b.len() / 12 {
+                    return Err("member address count is zero or exceeds the value's length");
+                }
+                let mut last = None;
+                for _ in 0..n {
+                    let id = r.u64()?;
+                    let len = r.u32()? as usize;
+                    if len > MAX_MEMBER_BYTES {
+                        return Err("member address too long");
+                    }
+                    if last.is_some_and(|l| l >= id) || !m.contains(id) {
+                        return Err("member addresses not sorted, duplicated or of a non-member");
+                    }
+                    last = Some(id);
+                    addrs.insert(id, r.take(len)?.to_vec());
+                }
+            }
+            Value::Config(m.with_addrs(addrs))
         }
         TAG_TRIM => Value::Trim(r.u64()?),
         _ => return Err("unknown value tag"),
@@ -155,6 +193,12 @@ mod tests {
             )),
             (proptest::collection::vec(1u64..20, 1..6), proptest::collection::vec(1u64..20, 0..4))
                 .prop_map(|(v, l)| Value::Config(Membership::new(v, l))),
+            (
+                proptest::collection::vec(1u64..20, 1..6),
+                proptest::collection::vec(1u64..20, 0..4),
+                proptest::collection::btree_map(1u64..20, proptest::collection::vec(any::<u8>(), 0..30), 0..8)
+            )
+                .prop_map(|(v, l, a)| Value::Config(Membership::new(v, l).with_addrs(a))),
         ]
     }
 

@@ -246,6 +246,7 @@ fn handle(server: usize, inb: Inbound, responders: &[Responder], addrs: &[Socket
         | Request::Query { .. }
         | Request::ChangeMembership { .. }
         | Request::Trim { .. }
+        | Request::MemberChange(_)
         | Request::Snapshot => reply(Response::Error {
             code: ErrorCode::BadRequest,
             message: "not supported by the fake node (test support)".into(),

@@ -1179,6 +1179,9 @@ impl Transport for DpdkTransport {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+    fn name(&self) -> &'static str {
+        "dpdk"
+    }
 }
 
 #[cfg(test)]

@@ -1868,6 +1868,9 @@ impl Transport for RdmaTransport {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
 }
 
 #[cfg(test)]
