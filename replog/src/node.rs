@@ -152,6 +152,9 @@ pub struct Node<T: Transport> {
     connected: BTreeMap<PeerId, bool>,
     /// Where the members are: the configured ones and those the log added.
     directory: Directory,
+    /// The newest membership change in the log at start (see [`Node::with_app`]):
+    /// its members keep a link until this replica applied past its slot.
+    logged_config: Option<(Slot, paxos::Membership)>,
     /// The peer set last given to the transport.
     transport_peers: BTreeMap<PeerId, PeerSpec>,
     buf: Vec<u8>,
@@ -198,9 +201,19 @@ impl<T: Transport> Node<T> {
             paxos.can_lead = paxos.can_lead && a.sm().may_lead();
         }
         let (index_base, app_slot) = (meta.last_position, meta.slot);
+        let mut directory = opts.directory.clone();
+        // A restarted replica links at once to the members of the newest change in its
+        // log (it applies the log again only as it learns the commit index, and a
+        // member added since the start may be the one leading).
+        let logged = store.recovered_config().cloned();
+        if let Some((slot, m)) = &logged {
+            for (id, why) in directory.learn(m) {
+                warn!(member = id, %why, "logged member addresses ignored");
+            }
+            info!(slot, voters = ?m.voters, learners = ?m.learners, "newest membership change in the log");
+        }
         let replica = Replica::restore(paxos, store, 0, meta)?;
         let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
-        let directory = opts.directory.clone();
         let mut node = Node {
             opts,
             replica,
@@ -231,6 +244,7 @@ impl<T: Transport> Node<T> {
             next_read_id: 0,
             connected,
             directory,
+            logged_config: logged,
             transport_peers: BTreeMap::new(),
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
@@ -254,6 +268,12 @@ impl<T: Transport> Node<T> {
             ids.extend(self.opts.client_addrs.keys().copied().filter(|&id| self.directory.is_configured(id)));
         }
         ids.extend(self.replica.leader());
+        if self.logged_config.as_ref().is_some_and(|(slot, _)| self.replica.applied() >= *slot) {
+            self.logged_config = None;
+        }
+        if let Some((_, l)) = &self.logged_config {
+            ids.extend(l.voters.iter().chain(&l.learners));
+        }
         let mut peers = BTreeMap::new();
         for id in ids.into_iter().filter(|&id| id != me) {
             match self.directory.get(id) {

@@ -3,7 +3,8 @@
 //! 4, which no configuration file of the cluster lists (new id, new ports; it starts
 //! with `join = true`), through `replog members add`; it catches up as a learner, is
 //! promoted to voter, the leader of the moment is SIGKILLed, and the dead replica is
-//! removed (`replog members remove`): the replacement is done. Bad requests on the way
+//! removed (`replog members remove`): the replacement is done. An original replica then
+//! restarts from its unchanged file and rejoins. Bad requests on the way
 //! (duplicate id, an address in use, unknown ids) are refused with their reason.
 //! Afterwards every remaining replica holds the same log, and every acknowledged
 //! append is in it exactly once at its position.
@@ -180,6 +181,25 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
             d.display()
         );
     }
+    let n = acked.load(Ordering::SeqCst);
+    wait_acks(&acked, n + 300);
+
+    // An original replica restarts from its unchanged configuration file (which does
+    // not list replica 4): it links to replica 4 from the membership in its log, and
+    // catches up.
+    let restarted = keep[0];
+    assert!(cluster.cfgs[restarted].member(4).is_none());
+    cluster.kill(restarted);
+    let n = acked.load(Ordering::SeqCst);
+    wait_acks(&acked, n + 200);
+    cluster.restart(restarted);
+    assert!(
+        cluster
+            .wait_log_line(restarted, &["newest membership change in the log", &want], Duration::from_secs(20))
+            .is_some(),
+        "the restarted replica did not find the membership in its log; logs in {}",
+        d.display()
+    );
     let n = acked.load(Ordering::SeqCst);
     wait_acks(&acked, n + 300);
     stop.store(true, Ordering::SeqCst);

@@ -11,7 +11,7 @@ use super::error::{Result, StoreError};
 use super::format::RecordKind;
 use super::log::Log;
 use super::{Durability, StoreConfig};
-use paxos::{Ballot, Entry, Position, Slot, Storage, StorageError};
+use paxos::{Ballot, Entry, Membership, Position, Slot, Storage, StorageError, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -28,6 +28,8 @@ pub struct PaxosStore {
     chosen: Slot,
     /// Entries of slots up to here are dropped (covered by a snapshot).
     trimmed: Slot,
+    /// The membership change of the highest slot found at open, if any.
+    recovered_config: Option<(Slot, Membership)>,
 }
 
 impl PaxosStore {
@@ -43,15 +45,21 @@ impl PaxosStore {
         let mut trimmed = 0;
         let mut index: BTreeMap<Slot, (Position, Ballot)> = BTreeMap::new();
         let mut buf = Vec::new();
+        let mut recovered_config: Option<(Slot, Membership)> = None;
         let (first, next) = (log.first_pos(), log.next_pos());
         for pos in first..next {
             let meta = log.read_into(pos, &mut buf)?;
             match meta.kind {
                 RecordKind::Promise => promise = promise.max(meta.ballot),
                 RecordKind::Entry => {
-                    decode_value(&buf).map_err(|reason| StoreError::Decode { pos, reason })?;
+                    let value = decode_value(&buf).map_err(|reason| StoreError::Decode { pos, reason })?;
                     if meta.slot == 0 {
                         return Err(StoreError::Decode { pos, reason: "entry record at slot 0" });
+                    }
+                    if let Value::Config(m) = value {
+                        if recovered_config.as_ref().is_none_or(|(s, _)| *s <= meta.slot) {
+                            recovered_config = Some((meta.slot, m));
+                        }
                     }
                     index.insert(meta.slot, (pos, meta.ballot));
                 }
@@ -65,7 +73,14 @@ impl PaxosStore {
                 RecordKind::Data | RecordKind::End => {}
             }
         }
-        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen, trimmed })
+        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen, trimmed, recovered_config })
+    }
+
+    /// The membership change accepted at the highest slot of the log as it was opened
+    /// (chosen or not), with its slot: a restarted replica learns from it which
+    /// members to link to before it applied its log again.
+    pub fn recovered_config(&self) -> Option<&(Slot, Membership)> {
+        self.recovered_config.as_ref()
     }
 
     /// The underlying log.
