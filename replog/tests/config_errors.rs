@@ -233,3 +233,23 @@ fn peer_tls_files_go_together() {
     let e = cfg.peer_tls().expect_err("no such files").to_string();
     assert!(e.contains("peer TLS certificate file a.crt: cannot read it"), "{e}");
 }
+
+#[test]
+fn a_joining_replica_starts_in_no_membership_and_needs_a_voter_to_contact() {
+    // Replica 1 joins a cluster of 2 and 3: it is neither voter nor learner at start.
+    let cfg = ServeConfig::from_toml(&with("cluster_id = 42", "cluster_id = 42\njoin = true"), "replog.toml").unwrap();
+    let p = cfg.paxos_config();
+    assert_eq!((p.voters, p.learners), (vec![2, 3], vec![]));
+    assert_eq!(ServeConfig::from_toml(&cfg.to_toml(), "again").unwrap(), cfg);
+    // Alone, it has nobody to contact.
+    let alone = BASE.split("[[members]]").take(2).collect::<Vec<_>>().join("[[members]]");
+    expect(&alone.replacen("cluster_id = 42", "cluster_id = 42\njoin = true", 1), &["members", "current voters"]);
+    // Only over TCP.
+    let dpdk = with("cluster_id = 42", "cluster_id = 42\njoin = true").replacen(
+        "transport = \"tcp\"",
+        "transport = \"rdma\"",
+        1,
+    );
+    let m = err(&dpdk);
+    assert!(m.contains("join") || m.contains("rdma"), "{m}");
+}
