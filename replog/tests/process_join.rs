@@ -250,3 +250,88 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
         other => panic!("adding a voter again: {other:?}"),
     }
 }
+
+/// Asks for `op` through the client library until the leader takes it (it refuses while
+/// another change is in flight or the learner lags); panics on other refusals or after 60 s.
+fn member_change_until_ok(cluster: &Cluster, op: MemberOp) {
+    let t0 = Instant::now();
+    let mut c = cluster.client();
+    for _ in 0..600 {
+        match c.member_change(op.clone()) {
+            Ok(_) => return,
+            Err(e) => {
+                let text = e.to_string();
+                let retry = e.is_retryable() || text.contains("not caught up") || text.contains("in progress");
+                assert!(retry && t0.elapsed() < Duration::from_secs(60), "{op}: {text}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    panic!("{op}: kept failing");
+}
+
+/// The log from `from` on as replica `i` serves it.
+fn read_from(cluster: &Cluster, i: usize, from: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut c = cluster.client_of(i);
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut next = from;
+    for _ in 0..10_000 {
+        let batch = c.read(next, 4096).unwrap_or_else(|e| panic!("replica {i}: read from {next}: {e}"));
+        let Some((last, _)) = batch.last() else { break };
+        next = last + 1;
+        out.extend(batch.into_iter().map(|(p, d)| (p, d.to_vec())));
+    }
+    out
+}
+
+#[test]
+fn a_new_replica_catches_up_through_the_trim_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut cluster = Cluster::start(d, 3, DurabilityKind::Fsync);
+    cluster.wait_leader(Duration::from_secs(20));
+    let mut client = cluster.client();
+    for i in 0..600 {
+        client.append(format!("entry {i}").into_bytes()).expect("append");
+    }
+    let first = client.trim(400).expect("trim");
+    assert!(first > 1, "nothing trimmed: {first}");
+
+    let base = free_ports(2);
+    let (peer4, client4) = (SocketAddr::from(([127, 0, 0, 1], base)), SocketAddr::from(([127, 0, 0, 1], base + 1)));
+    let mut cfg4 = cluster.cfgs[0].clone();
+    cfg4.id = 4;
+    cfg4.join = true;
+    cfg4.data_dir = d.join("node-4");
+    cfg4.members.push(Member { id: 4, peer_addr: peer4, client_addr: client4, metrics_addr: None, learner: false });
+    let p4 = serve_command(d, "node-4", &cfg4, &[]).spawn().expect("start replica 4");
+    cluster.cfgs.push(cfg4);
+    cluster.procs.push(Some(p4));
+    member_change_until_ok(&cluster, MemberOp::Add { id: 4, peer_addr: peer4, client_addr: client4 });
+    assert!(
+        cluster.wait_log_line(3, &["snapshot installed"], Duration::from_secs(30)).is_some(),
+        "replica 4 did not catch up by the trim's snapshot; logs in {}",
+        d.display()
+    );
+    member_change_until_ok(&cluster, MemberOp::Promote { id: 4 });
+    assert!(cluster
+        .wait_log_line(3, &["membership changed", "voters=[1, 2, 3, 4]"], Duration::from_secs(30))
+        .is_some());
+    for i in 600..800 {
+        client.append(format!("entry {i}").into_bytes()).expect("append");
+    }
+    // Replica 4 serves the same log from the cut on, and nothing below it.
+    let t0 = Instant::now();
+    while cluster.status(3).map(|s| s.last_position) != Some(800) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "replica 4 did not catch up: {:?}", cluster.status(3));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(20));
+    let reference = read_from(&cluster, leader, first);
+    assert_eq!(reference.len() as u64, 800 - first + 1);
+    assert_eq!(read_from(&cluster, 3, first), reference);
+    match cluster.client_of(3).read(1, 1) {
+        Err(ClientError::Server { message, .. }) => assert!(message.contains("trimmed"), "{message}"),
+        other => panic!("replica 4 read position 1: {other:?}"),
+    }
+}
