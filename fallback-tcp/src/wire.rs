@@ -157,8 +157,8 @@ pub enum ProtocolError {
         /// The one expected of it.
         expected: u64,
     },
-    /// The HELLO's node id is not a configured peer.
-    #[error("unknown node id {0} (not a configured peer)")]
+    /// The HELLO's node id is not one of the peers (configured, or given since with `set_peers`).
+    #[error("unknown node id {0} (not a member this node knows)")]
     UnknownNode(u64),
     /// The HELLO's node id is our own.
     #[error("node id {0} is this node's own id")]

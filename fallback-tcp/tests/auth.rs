@@ -205,3 +205,72 @@ fn an_empty_secret_is_refused() {
     let dbg = format!("{:?}", with_secret(1, Some(SECRET), 0));
     assert!(!dbg.contains("horse") && dbg.contains("redacted"), "{dbg}");
 }
+
+/// The digest each test node presents (its "identity").
+fn identity(id: u64) -> u64 {
+    1000 + id
+}
+
+fn spec(t: &TcpTransport, digest: u64) -> transport::PeerSpec {
+    transport::PeerSpec { addr: t.local_addr().to_string(), digest }
+}
+
+#[test]
+fn peers_added_and_removed_while_running_with_per_peer_digests() {
+    let (logs, _guard) = capture_logs();
+    // Nodes 1 and 2 know each other; node 3 is new and knows them; each presents its own
+    // identity digest and expects each peer's.
+    let mut ts = connect(vec![
+        with_secret(1, Some(SECRET), identity(1)),
+        with_secret(2, Some(SECRET), identity(2)),
+        with_secret(3, Some(SECRET), identity(3)),
+    ]);
+    for i in 0..3 {
+        let peers = (0..3).filter(|&j| j != i).map(|j| (j as u64 + 1, spec(&ts[j], identity(j as u64 + 1))));
+        let peers: std::collections::BTreeMap<u64, transport::PeerSpec> = peers.collect();
+        if i < 2 {
+            // 1 and 2 do not know 3 yet.
+            let old: std::collections::BTreeMap<u64, transport::PeerSpec> =
+                peers.into_iter().filter(|(id, _)| *id != 3).collect();
+            ts[i].update_peers(&old).unwrap();
+        } else {
+            ts[i].update_peers(&peers).unwrap();
+        }
+    }
+    let evs = pump_for(&mut ts, Duration::from_millis(400));
+    assert_eq!(ups(&evs[0]), vec![2], "{evs:?}");
+    assert!(ups(&evs[2]).is_empty(), "{evs:?}");
+    assert!(logs.text().contains("unknown node id 3 (not a member this node knows)"), "{}", logs.text());
+
+    // 1 and 2 learn of 3 (a membership change): every link comes up.
+    for i in 0..2 {
+        let peers = (0..3).filter(|&j| j != i).map(|j| (j as u64 + 1, spec(&ts[j], identity(j as u64 + 1)))).collect();
+        ts[i].update_peers(&peers).unwrap();
+    }
+    let mut evs = vec![Vec::new(); 3];
+    let t0 = Instant::now();
+    while !(ts[0].is_up(3) && ts[1].is_up(3) && ts[2].is_up(1) && ts[2].is_up(2)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "links to the new node did not come up: {evs:?}");
+        pump(&mut ts, &mut evs);
+    }
+    ts[0].send(3, b"welcome").unwrap();
+    pump_until(&mut ts, &mut evs, Duration::from_secs(5), |e| {
+        e[2].iter().any(|e| matches!(e, Event::Message { from: 1, payload } if &payload[..] == b"welcome"))
+    });
+
+    // Node 1 drops node 3 (removed from the membership): the link closes, sends fail.
+    let peers = [(2, spec(&ts[1], identity(2)))].into_iter().collect();
+    ts[0].update_peers(&peers).unwrap();
+    assert!(!ts[0].is_up(3));
+    assert!(matches!(ts[0].send(3, b"gone"), Err(transport::SendError::UnknownPeer(3))));
+    // A peer that presents another digest than the one expected of it is refused.
+    let peers = [(2, spec(&ts[1], identity(2))), (3, spec(&ts[2], 777))].into_iter().collect();
+    ts[0].update_peers(&peers).unwrap();
+    let _ = pump_for(&mut ts, Duration::from_millis(400));
+    assert!(!ts[0].is_up(3) || !ts[2].is_up(1));
+    assert!(logs.text().contains("stale configuration: node 3"), "{}", logs.text());
+    // Addresses that do not parse are refused, and the old set stays.
+    let bad = [(2, transport::PeerSpec { addr: "not an address".into(), digest: 1 })].into_iter().collect();
+    assert!(matches!(ts[0].update_peers(&bad), Err(transport::PeersError::Invalid(_))));
+    assert!(ts[0].peers().contains(&3));
+}
