@@ -157,6 +157,8 @@ pub struct Node<T: Transport> {
     logged_config: Option<(Slot, paxos::Membership)>,
     /// The peer set last given to the transport.
     transport_peers: BTreeMap<PeerId, PeerSpec>,
+    /// Whether this replica is in the membership in force.
+    member: bool,
     buf: Vec<u8>,
     last_metrics: Instant,
 }
@@ -246,9 +248,11 @@ impl<T: Transport> Node<T> {
             directory,
             logged_config: logged,
             transport_peers: BTreeMap::new(),
+            member: false,
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
         };
+        node.member = node.replica.membership().contains(node.opts.paxos.id);
         node.sync_members();
         Ok(node)
     }
@@ -618,6 +622,13 @@ impl<T: Transport> Node<T> {
             if let Some(a) = self.app.as_mut() {
                 a.sm().configuration_changed(&m.voters, &m.learners);
             }
+            let me = self.opts.paxos.id;
+            if self.member && !m.contains(me) {
+                warn!(slot, "this replica was removed from the membership: it no longer takes part; stop it");
+            } else if !self.member && m.contains(me) {
+                info!(slot, learner = !m.is_voter(me), "this replica is a member now");
+            }
+            self.member = m.contains(me);
             self.sync_members();
         }
         for (i, e) in applied.entries.into_iter().enumerate() {

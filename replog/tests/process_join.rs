@@ -284,6 +284,8 @@ fn read_from(cluster: &Cluster, i: usize, from: u64) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
+/// A new replica catches up through the trim's snapshot (the log below the cut is gone
+/// everywhere), is promoted, and an original replica is removed while it runs.
 #[test]
 fn a_new_replica_catches_up_through_the_trim_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,7 +319,24 @@ fn a_new_replica_catches_up_through_the_trim_snapshot() {
     assert!(cluster
         .wait_log_line(3, &["membership changed", "voters=[1, 2, 3, 4]"], Duration::from_secs(30))
         .is_some());
-    for i in 600..800 {
+    for i in 600..700 {
+        client.append(format!("entry {i}").into_bytes()).expect("append");
+    }
+    // Remove replica 1 while it runs (it may lead: it hands over), then stop it.
+    member_change_until_ok(&cluster, MemberOp::Remove { id: 1 });
+    for i in 1..4 {
+        assert!(
+            cluster.wait_log_line(i, &["membership changed", "voters=[2, 3, 4]"], Duration::from_secs(30)).is_some(),
+            "replica {} did not apply the removal of replica 1; logs in {}",
+            i + 1,
+            d.display()
+        );
+    }
+    let pid = cluster.procs[0].as_ref().map(|p| p.id()).expect("running");
+    cluster.kill(0);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the removed replica still runs");
+    let mut client = cluster.client();
+    for i in 700..800 {
         client.append(format!("entry {i}").into_bytes()).expect("append");
     }
     // Replica 4 serves the same log from the cut on, and nothing below it.
