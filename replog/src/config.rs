@@ -96,8 +96,9 @@ pub struct ServeConfig {
     #[serde(default, skip_serializing_if = "RdmaSection::is_default")]
     pub rdma: RdmaSection,
     /// This replica joins a running cluster (`replog members add` names it there):
-    /// `members` lists itself and the members to contact, and it starts as a passive
-    /// learner until the cluster's log adds it. Only with `transport = "tcp"` (the one
+    /// `members` lists itself and the cluster's current voters (until the log reaches
+    /// it, it accepts links only from members it knows, and the leader must be one),
+    /// and it starts as a passive learner until the cluster's log adds it. Only with `transport = "tcp"` (the one
     /// transport that adds peers while running). Default false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub join: bool,
