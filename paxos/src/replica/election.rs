@@ -497,7 +497,12 @@ impl<S: Storage> Replica<S> {
         let heard =
             l.peers.iter().filter(|(id, p)| m.is_voter(**id) && recent(p)).count() + usize::from(m.is_voter(me));
         l.quorum_check_due = now + window;
-        if heard < quorum {
+        // A leader its own change removed keeps leading until it has handed over (see
+        // `hand_over_after_removal`): stepping down could leave no replica to lead, when
+        // the new voters have not yet learned that they vote (they learn it from this
+        // leader) and the others may not lead. Paxos safety does not rest on
+        // check-quorum, and its lease reads need a quorum's recent answers anyway.
+        if heard < quorum && m.is_voter(me) {
             self.become_follower(None);
             return false;
         }
