@@ -205,8 +205,8 @@ pub fn envelope(data: &[u8]) {
     let (head, rest) = data.split_at(data.len().min(4));
     let max = (u64_of(head) as u32) % (1 << 20);
     let dec = Decoder::new(max);
-    if let Some(h) = rest.get(..HEADER_LEN) {
-        let _ = dec.check_header(h.try_into().expect("16 bytes"));
+    if let Some(h) = rest.get(..HEADER_LEN).and_then(|h| h.try_into().ok()) {
+        let _ = dec.check_header(h);
     }
     let mut buf = BytesMut::from(rest);
     for _ in 0..=rest.len() {

@@ -61,10 +61,10 @@ impl<'a> R<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+        self.take(4)?.try_into().map(u32::from_le_bytes).map_err(|_| WireError::Truncated)
     }
     fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+        self.take(8)?.try_into().map(u64::from_le_bytes).map_err(|_| WireError::Truncated)
     }
     fn ballot(&mut self) -> Result<Ballot, WireError> {
         Ok(Ballot::new(self.u64()?, self.u64()?))
