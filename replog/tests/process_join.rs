@@ -16,21 +16,8 @@ use replog::config::{DurabilityKind, Member};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{free_ports, serve_command, Cluster};
-
-/// Acknowledged appends (payload, position) and appends whose outcome is unknown.
-type Outcomes = (Vec<(Vec<u8>, u64)>, Vec<Vec<u8>>);
-
-fn wait_acks(acked: &AtomicU64, n: u64) {
-    let t0 = Instant::now();
-    while acked.load(Ordering::SeqCst) < n {
-        assert!(t0.elapsed() < Duration::from_secs(120), "appends stalled at {}", acked.load(Ordering::SeqCst));
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+use support::{free_ports, serve_command, Appenders, Cluster};
 
 /// Runs `replog members ARGS` against the cluster; (success, stdout + stderr).
 fn members_cli(cluster: &Cluster, servers: &[SocketAddr], args: &[&str]) -> (bool, String) {
@@ -72,32 +59,8 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
     let original: Vec<SocketAddr> = cluster.client_addrs();
 
     // The load: two clients appending continuously.
-    let acked = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let results: Arc<Mutex<Outcomes>> = Arc::default();
-    let mut threads = Vec::new();
-    for c in 0..2 {
-        let mut client = cluster.client();
-        let (acked, stop, results) = (acked.clone(), stop.clone(), results.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) && i < 50_000 {
-                let payload = format!("client{c}-entry{i}").into_bytes();
-                i += 1;
-                match client.append(payload.clone()) {
-                    Ok(pos) => {
-                        results.lock().unwrap().0.push((payload, pos));
-                        acked.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        eprintln!("client {c}: append outcome unknown: {e}");
-                        results.lock().unwrap().1.push(payload);
-                    }
-                }
-            }
-        }));
-    }
-    wait_acks(&acked, 300);
+    let load = Appenders::start(&cluster, 2, 50_000);
+    load.wait_more(300);
 
     // Replica 4: a new id on new ports, in no replica's configuration; its own file
     // names the members to contact and itself, with join = true.
@@ -140,8 +103,7 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
         "replica 4 did not learn it was added; logs in {}",
         d.display()
     );
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
     // Adding it twice is refused.
     let (ok, text) = members_cli(&cluster, &original, &["add", "4", "--peer-addr", &p4s, "--client-addr", &c4s]);
     assert!(!ok && text.contains("replica 4 is already a member (a learner)"), "{text}");
@@ -154,8 +116,7 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
         "replica 4 was not promoted; logs in {}",
         d.display()
     );
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
 
     // Kill the leader (an original replica, or replica 1 if replica 4 leads), and
     // replace it: remove it from the membership.
@@ -164,8 +125,7 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
     let gone_id = cluster.cfgs[gone].id;
     let pid = cluster.procs[gone].as_ref().map(|p| p.id()).expect("running");
     cluster.kill(gone);
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
     let mut servers = cluster.client_addrs();
     servers.remove(gone);
     let out = members_cli_until_ok(&cluster, &servers, &["remove", &gone_id.to_string()]);
@@ -181,8 +141,7 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
             d.display()
         );
     }
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
 
     // An original replica restarts from its unchanged configuration file (which does
     // not list replica 4): it links to replica 4 from the membership in its log, and
@@ -190,8 +149,7 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
     let restarted = keep[0];
     assert!(cluster.cfgs[restarted].member(4).is_none());
     cluster.kill(restarted);
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 200);
+    load.wait_more(200);
     cluster.restart(restarted);
     assert!(
         cluster
@@ -200,17 +158,8 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
         "the restarted replica did not find the membership in its log; logs in {}",
         d.display()
     );
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().expect("client thread");
-    }
-    let (acks, unknown) = {
-        let r = results.lock().unwrap();
-        (r.0.clone(), r.1.clone())
-    };
-    println!("{} appends acknowledged, {} with unknown outcome", acks.len(), unknown.len());
+    load.wait_more(300);
+    let acks = load.finish().acked;
 
     // The removed replica's process is gone.
     assert!(cluster.procs[gone].is_none());
@@ -236,7 +185,8 @@ fn a_replica_no_configuration_lists_replaces_a_killed_leader_under_load() {
     for (p, data) in &logs[0] {
         assert!(seen.insert(data.as_slice(), *p).is_none(), "entry {:?} appears twice", String::from_utf8_lossy(data));
     }
-    for (payload, pos) in &acks {
+    for a in &acks {
+        let (payload, pos) = (&a.payload, &a.pos);
         assert_eq!(seen.get(payload.as_slice()), Some(pos), "acknowledged {:?} lost", String::from_utf8_lossy(payload));
     }
 

@@ -13,13 +13,10 @@ mod support;
 use replog::client::ErrorCode;
 use replog::config::DurabilityKind;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::Cluster;
-
-/// (payload, position, called, returned) of each acknowledged append; unknown outcomes.
-type Outcomes = (Vec<(Vec<u8>, u64, Instant, Instant)>, Vec<Vec<u8>>);
+use support::{Acked, Appenders, Cluster};
 
 /// Asks for a membership change until the leader takes it (it refuses while another
 /// change is in flight, or while a promoted learner still lags).
@@ -44,14 +41,6 @@ fn change(cluster: &Cluster, voters: &[u64], learners: &[u64]) {
     }
 }
 
-fn wait_acks(acked: &AtomicU64, n: u64) {
-    let t0 = Instant::now();
-    while acked.load(Ordering::SeqCst) < n {
-        assert!(t0.elapsed() < Duration::from_secs(120), "appends stalled at {}", acked.load(Ordering::SeqCst));
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,42 +51,17 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
     let first = cluster.wait_leader(Duration::from_secs(20));
     assert!(first < 3, "a learner leads");
 
-    let acked = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let results: Arc<Mutex<Outcomes>> = Arc::default();
-    let mut threads = Vec::new();
-    for c in 0..3 {
-        let mut client = cluster.client();
-        let (acked, stop, results) = (acked.clone(), stop.clone(), results.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) && i < 20_000 {
-                let payload = format!("client{c}-entry{i}").into_bytes();
-                i += 1;
-                let call = Instant::now();
-                match client.append(payload.clone()) {
-                    Ok(pos) => {
-                        results.lock().unwrap().0.push((payload, pos, call, Instant::now()));
-                        acked.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        eprintln!("client {c}: append outcome unknown: {e}");
-                        results.lock().unwrap().1.push(payload);
-                    }
-                }
-            }
-        }));
-    }
+    let load = Appenders::start(&cluster, 3, 20_000);
 
     // A reader: a linearizable read of the newest acknowledged append's position, called
     // after that append returned, must see exactly that entry.
     let reads_checked = Arc::new(AtomicU64::new(0));
-    {
+    let reader = {
         let mut client = cluster.client();
-        let (stop, results, reads_checked) = (stop.clone(), results.clone(), reads_checked.clone());
-        threads.push(std::thread::spawn(move || {
+        let (stop, results, reads_checked) = (load.stop.clone(), load.results.clone(), reads_checked.clone());
+        std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let last = results.lock().unwrap().0.last().map(|a| (a.0.clone(), a.1));
+                let last = results.lock().unwrap().acked.last().map(|a| (a.payload.clone(), a.pos));
                 let Some((payload, pos)) = last else {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
@@ -111,10 +75,10 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
-        }));
-    }
+        })
+    };
 
-    wait_acks(&acked, 500);
+    load.wait_more(500);
     change(&cluster, &[1, 2, 3, 4, 5], &[]);
     let leader = cluster.wait_leader(Duration::from_secs(20));
     assert!(
@@ -124,17 +88,14 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
         "the growth to 5 voters was not applied; logs in {}",
         dir.path().display()
     );
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 500);
+    load.wait_more(500);
 
     // Kill the leader of five in the middle; four voters go on.
     let leader = cluster.wait_leader(Duration::from_secs(20));
     cluster.kill(leader);
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
     cluster.restart(leader);
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
+    load.wait_more(300);
 
     // Shrink to three voters, removing the current leader and one other.
     let leader = cluster.wait_leader(Duration::from_secs(20)) as u64 + 1;
@@ -151,17 +112,9 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
         std::thread::sleep(Duration::from_millis(50));
     };
     println!("after shrinking to {keep:?}: replica {new_leader} leads");
-    let n = acked.load(Ordering::SeqCst);
-    wait_acks(&acked, n + 300);
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().expect("client thread");
-    }
-    let (acks, unknown) = {
-        let r = results.lock().unwrap();
-        (r.0.clone(), r.1.clone())
-    };
-    println!("{} appends acknowledged, {} with unknown outcome", acks.len(), unknown.len());
+    load.wait_more(300);
+    let acks = load.finish().acked;
+    reader.join().expect("reader thread");
     let reads = reads_checked.load(Ordering::SeqCst);
     println!("{reads} linearizable reads saw the newest acknowledged append");
     assert!(reads > 50, "too few reads checked: {reads}");
@@ -178,22 +131,22 @@ fn three_to_five_to_three_voters_under_load_with_a_leader_kill() {
     for (p, d) in &logs[0] {
         assert!(seen.insert(d.as_slice(), *p).is_none(), "entry {:?} appears twice", String::from_utf8_lossy(d));
     }
-    for (payload, pos, _, _) in &acks {
+    for Acked { payload, pos, .. } in &acks {
         assert_eq!(seen.get(payload.as_slice()), Some(pos), "acknowledged {:?} lost", String::from_utf8_lossy(payload));
     }
     // Real-time order: sweeping calls in time order, every append returned before a
     // call has a lower position than the called one.
-    let mut by_return: Vec<&(Vec<u8>, u64, Instant, Instant)> = acks.iter().collect();
-    by_return.sort_by_key(|a| a.3);
-    let mut by_call: Vec<&(Vec<u8>, u64, Instant, Instant)> = acks.iter().collect();
-    by_call.sort_by_key(|a| a.2);
+    let mut by_return: Vec<&Acked> = acks.iter().collect();
+    by_return.sort_by_key(|a| a.returned);
+    let mut by_call: Vec<&Acked> = acks.iter().collect();
+    by_call.sort_by_key(|a| a.called);
     let (mut j, mut max_done) = (0, 0u64);
     for a in by_call {
-        while j < by_return.len() && by_return[j].3 < a.2 {
-            max_done = max_done.max(by_return[j].1);
+        while j < by_return.len() && by_return[j].returned < a.called {
+            max_done = max_done.max(by_return[j].pos);
             j += 1;
         }
-        assert!(a.1 > max_done, "append at {} was called after one at {max_done} returned", a.1);
+        assert!(a.pos > max_done, "append at {} was called after one at {max_done} returned", a.pos);
     }
     // The final membership is in force everywhere that applied it.
     let want = format!("voters={keep:?}");

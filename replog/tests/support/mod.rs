@@ -374,3 +374,94 @@ pub fn serve_command(dir: &Path, name: &str, cfg: &ServeConfig, wrapper: &[&str]
         .stderr(log);
     cmd
 }
+
+// ---------------------------------------------------------------------------------------
+// A continuous append load (for tests that change the cluster under load).
+
+/// One acknowledged append: payload, position, when it was called and when it returned.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub payload: Vec<u8>,
+    pub pos: u64,
+    pub called: Instant,
+    pub returned: Instant,
+}
+
+/// What the appenders saw: acknowledged appends, and appends whose outcome is unknown.
+#[derive(Clone, Debug, Default)]
+pub struct Outcomes {
+    pub acked: Vec<Acked>,
+    pub unknown: Vec<Vec<u8>>,
+}
+
+/// Clients appending `client<c>-entry<i>` one at a time, each on a thread of its own,
+/// until stopped (or `max_each` appends each).
+pub struct Appenders {
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub results: std::sync::Arc<std::sync::Mutex<Outcomes>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Appenders {
+    pub fn start(cluster: &Cluster, clients: usize, max_each: u64) -> Appenders {
+        use std::sync::atomic::Ordering;
+        let a = Appenders {
+            acked: Default::default(),
+            stop: Default::default(),
+            results: Default::default(),
+            threads: Vec::new(),
+        };
+        let mut threads = Vec::new();
+        for c in 0..clients {
+            let mut client = cluster.client();
+            let (acked, stop, results) = (a.acked.clone(), a.stop.clone(), a.results.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) && i < max_each {
+                    let payload = format!("client{c}-entry{i}").into_bytes();
+                    i += 1;
+                    let called = Instant::now();
+                    match client.append(payload.clone()) {
+                        Ok(pos) => {
+                            let returned = Instant::now();
+                            results.lock().unwrap().acked.push(Acked { payload, pos, called, returned });
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            eprintln!("client {c}: append outcome unknown: {e}");
+                            results.lock().unwrap().unknown.push(payload);
+                        }
+                    }
+                }
+            }));
+        }
+        Appenders { threads, ..a }
+    }
+
+    /// Waits until `more` appends beyond those acknowledged so far are acknowledged.
+    pub fn wait_more(&self, more: u64) {
+        use std::sync::atomic::Ordering;
+        let n = self.acked.load(Ordering::SeqCst) + more;
+        let t0 = Instant::now();
+        while self.acked.load(Ordering::SeqCst) < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "appends stalled at {}",
+                self.acked.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub fn finish(self) -> Outcomes {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("client thread");
+        }
+        let r = self.results.lock().unwrap().clone();
+        println!("{} appends acknowledged, {} with unknown outcome", r.acked.len(), r.unknown.len());
+        r
+    }
+}
