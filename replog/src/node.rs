@@ -389,8 +389,9 @@ impl<T: Transport> Node<T> {
             self.app_housekeeping(now)?;
             self.serve_tails();
             if let Some(p) = self.client_port.as_mut() {
-                // Send the answers queued in this turn.
-                p.turn();
+                // Send the answers queued in this pass (no socket poll: the next pass
+                // polls after the transport's wait).
+                p.send_answers();
             }
             if self.last_metrics.elapsed() >= Duration::from_millis(100) {
                 self.update_metrics();

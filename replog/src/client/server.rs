@@ -205,6 +205,11 @@ impl ClientPort {
         self.worker.turn(&mut self.events, Some(Duration::ZERO));
     }
 
+    /// Sends the answers queued since the last turn, without polling the sockets.
+    pub fn send_answers(&mut self) {
+        self.worker.send_answers();
+    }
+
     /// How long the caller may wait before the next turn (zero: at once; `None`:
     /// until `fd` is readable).
     pub fn next_timeout(&self) -> Option<Duration> {
@@ -521,15 +526,8 @@ impl Worker {
         for id in std::mem::take(&mut self.again) {
             self.on_conn(id, true, false);
         }
-        loop {
-            match self.rx.try_recv() {
-                Ok(Ctl::Out(out)) => {
-                    self.active_at = Instant::now();
-                    self.on_out(out)
-                }
-                Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
+        if !self.send_answers() {
+            return false;
         }
         let now = Instant::now();
         let expired: Vec<ConnId> =
@@ -566,6 +564,20 @@ impl Worker {
         }
         self.wake();
         true
+    }
+
+    /// Sends the answers the node queued. Returns false once asked to shut down.
+    fn send_answers(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Ctl::Out(out)) => {
+                    self.active_at = Instant::now();
+                    self.on_out(out)
+                }
+                Ok(Ctl::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => return true,
+            }
+        }
     }
 
     /// Closes every connection (each reported to the node as `Disconnected`).
