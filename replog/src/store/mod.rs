@@ -15,7 +15,7 @@
 //! | [`Mode`] | writes | an acknowledged append survives | reported [`Durability`] |
 //! | --- | --- | --- | --- |
 //! | `Pmem` | memcpy into a `MAP_SYNC` mapping, clwb/clflushopt/clflush, one sfence per batch | power loss | `Pmem` |
-//! | `Fsync` | `pwritev`, then one `fdatasync` shared by all waiting appenders | power loss | `Fsync` |
+//! | `Fsync` | memcpy into a buffer; per group commit one `pwrite` and one `fdatasync` shared by all waiting appenders | power loss | `Fsync` |
 //! | `MappedNotDurable` | the `Pmem` code on an ordinary shared mapping (tests) | a process crash only | `Memory` |
 //! | `Memory` | memory | nothing (a minority of replicas failing, at best) | `Memory` |
 //!
@@ -33,6 +33,7 @@ mod paxos_store;
 pub mod persist;
 pub mod recovery;
 mod segment;
+mod watch;
 
 pub use error::{Result, StoreError};
 pub use format::RecordKind;

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 /// Where a segment's bytes live and how they are written.
 pub(crate) enum Backing {
-    /// `fsync` mode: `pwritev`/`pread` on the file; durable after `fdatasync`.
+    /// `fsync` mode: records buffered in `Segment::pending`, then `pwrite`; `pread`;
+    /// durable after `fdatasync`.
     File(Arc<File>),
     /// `pmem` (with `MAP_SYNC`) or the non-durable mapped test mode: memcpy into a
     /// shared mapping; persisted by cache-line flushes and one fence per batch.
@@ -47,7 +48,38 @@ pub(crate) struct Segment {
     pub write_off: u64,
     /// Mapped backing: bytes before this offset have been flushed.
     pub flushed_off: u64,
+    /// File backing: records appended but not yet written to the file, which start at
+    /// `pending_off` (the file holds everything before). Appenders copy their record
+    /// here under the log's lock and the syncer writes the whole batch with one
+    /// `pwrite` before its fdatasync: one system call per group commit instead of one
+    /// per append, and a lock held for a memcpy instead of a system call.
+    pending: Vec<u8>,
+    pending_off: u64,
+    /// File backing: bytes from `pending_off` (or `write_off`) to here are zeros
+    /// written to the file, not just preallocated (see [`ZERO_AHEAD`]).
+    zeroed_to: u64,
 }
+
+/// Payloads of at least this size skip `pending` (a second copy would cost more than
+/// the system call it saves).
+const DIRECT_WRITE: usize = 64 * 1024;
+
+/// Zeros are written this far ahead of the last record (fsync mode), so that records
+/// overwrite blocks the filesystem already holds as written. A preallocated segment's
+/// blocks are "unwritten" extents: the first write into each converts it, a metadata
+/// change, and an fdatasync that carries one must commit the filesystem journal too:
+/// with 4 KiB records that was every fdatasync, about 1.5 times as slow as one that
+/// only writes data (measured on ext4 here). Writing zeros ahead converts a quarter
+/// MiB at once, in the same fdatasync as the records before it; the price is that
+/// every log byte is written twice. So only batches up to [`ZERO_AHEAD_MAX_BATCH`]
+/// bytes, which a journal commit slows most, write zeros ahead; larger batches (many
+/// appenders with big records) write into the preallocated blocks (with 64 appenders
+/// of 4 KiB records the zeros cost a third of the throughput).
+const ZERO_AHEAD: u64 = 256 * 1024;
+const ZERO_AHEAD_MAX_BATCH: usize = 16 * 1024;
+
+/// `pending` is written out when it reaches this size, even without a sync.
+const PENDING_LIMIT: usize = 1 << 20;
 
 /// The file name of segment `index`.
 pub(crate) fn segment_file_name(index: u64) -> String {
@@ -126,6 +158,17 @@ fn pwritev_all(file: &File, mut off: u64, parts: &[&[u8]]) -> io::Result<()> {
 
 static ZERO_CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
 
+/// Writes zeros to `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let mut o = from;
+    while o < to {
+        let n = ((to - o) as usize).min(ZERO_CHUNK.len());
+        file.write_all_at(&ZERO_CHUNK[..n], o)?;
+        o += n as u64;
+    }
+    Ok(())
+}
+
 impl Segment {
     /// Creates segment file `index` in `dir` crash-safely: written and synced under a
     /// temporary name, then renamed, then the directory synced. A crash leaves either
@@ -170,6 +213,9 @@ impl Segment {
             offsets: Vec::new(),
             write_off: SEGMENT_HEADER_LEN as u64,
             flushed_off: SEGMENT_HEADER_LEN as u64,
+            pending: Vec::new(),
+            pending_off: SEGMENT_HEADER_LEN as u64,
+            zeroed_to: SEGMENT_HEADER_LEN as u64,
         }
     }
 
@@ -198,7 +244,17 @@ impl Segment {
                 Backing::Map { _file: file, map, flush }
             }
         };
-        Ok(Segment { header, path: Some(path), backing, offsets, write_off, flushed_off: write_off })
+        Ok(Segment {
+            header,
+            path: Some(path),
+            backing,
+            offsets,
+            write_off,
+            flushed_off: write_off,
+            pending: Vec::new(),
+            pending_off: write_off,
+            zeroed_to: write_off,
+        })
     }
 
     /// The segment's file name for error messages.
@@ -223,7 +279,7 @@ impl Segment {
 
     /// Writes a record at the end. `hdr.crc` is computed here. Returns the offset.
     /// The commit word goes last: in memory after a release fence, in the file as the
-    /// last bytes of one `pwritev` (its order on disk does not matter: the CRC decides).
+    /// last bytes of one `pwrite` (its order on disk does not matter: the CRC decides).
     pub(crate) fn write_record(&mut self, mut hdr: RecordHeader, payload: &[u8]) -> Result<u64> {
         let off = self.write_off;
         let mut hb = hdr.encode();
@@ -236,9 +292,25 @@ impl Segment {
         let size = (RECORD_HEADER_LEN + payload.len() + tail.len()) as u64;
         debug_assert!(off + size <= self.header.segment_size);
         match &mut self.backing {
-            Backing::File(f) => {
-                let path = self.path.as_deref().unwrap_or(Path::new(""));
-                pwritev_all(f, off, &[&hb, payload, tail]).map_err(|e| StoreError::io("write record", path, e))?;
+            Backing::File(_) => {
+                if self.pending_off + self.pending.len() as u64 != off || payload.len() >= DIRECT_WRITE {
+                    self.flush_pending()?;
+                    self.pending_off = off;
+                }
+                if payload.len() >= DIRECT_WRITE {
+                    let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
+                        unreachable!("a file segment has a path")
+                    };
+                    pwritev_all(f, off, &[&hb, payload, tail]).map_err(|e| StoreError::io("write record", path, e))?;
+                    self.pending_off = off + size;
+                } else {
+                    self.pending.extend_from_slice(&hb);
+                    self.pending.extend_from_slice(payload);
+                    self.pending.extend_from_slice(tail);
+                    if self.pending.len() >= PENDING_LIMIT {
+                        self.flush_pending()?;
+                    }
+                }
             }
             Backing::Map { map, .. } => write_mem(map.as_mut_slice(), off as usize, &hb, payload, tail),
             Backing::Mem(buf) => write_mem(buf, off as usize, &hb, payload, tail),
@@ -252,6 +324,15 @@ impl Segment {
     /// Reads `buf.len()` bytes at `off`.
     pub(crate) fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         match &self.backing {
+            // Records are whole in `pending` or whole in the file.
+            Backing::File(_) if off >= self.pending_off && !self.pending.is_empty() => {
+                let from = (off - self.pending_off) as usize;
+                let src = self.pending.get(from..from + buf.len()).ok_or_else(|| {
+                    StoreError::Invalid(format!("read of {} bytes at {off} past the written end", buf.len()))
+                })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
             Backing::File(f) => f
                 .read_exact_at(buf, off)
                 .map_err(|e| StoreError::io("read record", self.path.as_deref().unwrap_or(Path::new("")), e)),
@@ -271,16 +352,10 @@ impl Segment {
         if from >= to {
             return Ok(());
         }
+        self.flush_pending()?;
         match &mut self.backing {
-            Backing::File(f) => {
-                let mut o = from;
-                while o < to {
-                    let n = ((to - o) as usize).min(ZERO_CHUNK.len());
-                    f.write_all_at(&ZERO_CHUNK[..n], o)
-                        .map_err(|e| StoreError::io("zero range", self.path.as_deref().unwrap_or(Path::new("")), e))?;
-                    o += n as u64;
-                }
-            }
+            Backing::File(f) => write_zeros(f, from, to)
+                .map_err(|e| StoreError::io("zero range", self.path.as_deref().unwrap_or(Path::new("")), e))?,
             Backing::Map { map, flush, .. } => {
                 let r = &mut map.as_mut_slice()[from as usize..to as usize];
                 r.fill(0);
@@ -305,12 +380,40 @@ impl Segment {
         }
     }
 
-    /// Makes everything written so far durable, per the backing (fdatasync, flush +
-    /// fence, or nothing). Runs under the log's lock.
+    /// Writes the records buffered in `pending` to the file (one `pwrite`). Called under
+    /// the log's lock before every fdatasync, before writes elsewhere in the file and
+    /// when the buffer grows past [`PENDING_LIMIT`].
+    pub(crate) fn flush_pending(&mut self) -> Result<()> {
+        let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
+            self.pending.clear();
+            return Ok(());
+        };
+        let batch = self.pending.len();
+        if batch > 0 {
+            pwritev_all(f, self.pending_off, &[&self.pending]).map_err(|e| StoreError::io("write records", path, e))?;
+            self.pending_off += batch as u64;
+            self.pending.clear();
+        }
+        // Keep zeros written ahead of small batches (see ZERO_AHEAD).
+        let ahead = self.pending_off + ZERO_AHEAD / 2 > self.zeroed_to && self.zeroed_to < self.header.segment_size;
+        if ahead && (1..=ZERO_AHEAD_MAX_BATCH).contains(&batch) {
+            let from = self.zeroed_to.max(self.pending_off);
+            let to = (from + ZERO_AHEAD).min(self.header.segment_size);
+            write_zeros(f, from, to).map_err(|e| StoreError::io("zero ahead of the log", path, e))?;
+            self.zeroed_to = to;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable, per the backing (write `pending` and
+    /// fdatasync, flush + fence, or nothing). Runs under the log's lock.
     pub(crate) fn sync(&mut self) -> Result<()> {
         match &self.backing {
-            Backing::File(f) => {
-                let path = self.path.as_deref().unwrap_or(Path::new(""));
+            Backing::File(_) => {
+                self.flush_pending()?;
+                let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
+                    unreachable!("a file segment has a path")
+                };
                 super::fault::sync_data(f, path).map_err(|e| StoreError::io("fdatasync", path, e))
             }
             Backing::Map { .. } => {
@@ -354,4 +457,13 @@ fn write_mem(dst: &mut [u8], off: usize, hb: &[u8], payload: &[u8], tail: &[u8])
     o += pad;
     atomic::fence(Ordering::Release);
     dst[o..o + COMMIT_LEN].copy_from_slice(&tail[pad..]);
+}
+
+impl Drop for Segment {
+    /// Writes what is still buffered, so that a log closed without a final sync leaves
+    /// its last appends in the file, as if they had been written at once (they were
+    /// never reported durable; recovery keeps whatever the kernel kept).
+    fn drop(&mut self) {
+        let _ = self.flush_pending();
+    }
 }
