@@ -1,10 +1,13 @@
 //! Store benchmark: appends/s and append latency per durability mode, for 64 B and
 //! 4 KiB records, at 1 and 64 concurrent appenders, next to the raw limits measured in
-//! the same run (pwrite+fdatasync loop; memcpy+flush+fence on a mapped file).
+//! the same run (pwrite+fdatasync loop on a written, synced file: the disk's best case;
+//! memcpy+flush+fence on a mapped file).
 //!
 //! Run: `cargo run --release -p replog --bin store-bench -- [DIR] [SECONDS_PER_RUN]`
 //! (DIR defaults to a fresh directory under /tmp, which is what "disk" means here;
-//! SECONDS_PER_RUN defaults to 2).
+//! SECONDS_PER_RUN defaults to 2). A third argument `MODE/SIZE/THREADS` (for example
+//! `fsync/64/64`) runs only that store configuration, without the raw loops: for
+//! profiling one case (`perf record -g -- store-bench DIR 3 fsync/64/64`).
 
 use replog::store::persist::{fence, FlushInstr, Mapping};
 use replog::store::{Log, Mode, StoreConfig, StoreError};
@@ -97,8 +100,14 @@ fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("raw-fdatasync");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    // The device's best case: a file whose blocks are all written (zeros) and synced,
+    // so that each fdatasync carries only the data, never a filesystem metadata change
+    // (block allocation or unwritten-extent conversion) and the journal commit it needs.
     let len = 64u64 << 20;
-    f.set_len(len).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for i in 0..len >> 20 {
+        f.write_all_at(&zeros, i << 20).unwrap();
+    }
     f.sync_all().unwrap();
     let buf = vec![7u8; size];
     let mut lat = Vec::new();
@@ -151,6 +160,24 @@ fn main() {
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let dur = Duration::from_secs_f64(secs);
     let flush = FlushInstr::detect().expect("a cache-line flush instruction");
+    if let Some(only) = args.get(3) {
+        let parts: Vec<&str> = only.split('/').collect();
+        let mode = match parts.first().copied() {
+            Some("fsync") => Mode::Fsync,
+            Some("mapped") => Mode::MappedNotDurable,
+            Some("memory") => Mode::Memory,
+            _ => panic!("configuration {only:?}: expected MODE/SIZE/THREADS, MODE one of fsync, mapped, memory"),
+        };
+        let num = |i: usize| -> usize {
+            parts.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("configuration {only:?}: bad number"))
+        };
+        let (size, threads) = (num(1), num(2));
+        match bench_store(&base.join("store"), mode, size, threads, dur) {
+            Ok(s) => print_row(only, size, threads, &s),
+            Err(e) => println!("{only}: ERROR {e}"),
+        }
+        return;
+    }
     println!("store-bench: dir {}, {secs} s per run, flush {flush:?}", base.display());
 
     match Log::open(base.join("pmem-probe"), StoreConfig::new(Mode::Pmem)) {
