@@ -3,6 +3,7 @@
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod dpdk_net;
 pub mod embed;
 pub mod members;
 pub mod metrics;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod up_dpdk;
+use replog::dpdk_net::{DpdkNet, UP as UP_NET};
 
 /// Default first port of `replog up` (each replica takes a few ports from there).
 const DEFAULT_BASE_PORT: u16 = 7400;
@@ -396,7 +396,7 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     // DPDK: a namespace per replica on a bridge (checks root, iproute2 and the build
     // first; deletes a previous run's leftovers). Dropped (deleted) when `up` returns.
     let net = match transport {
-        TransportKind::Dpdk => Some(up_dpdk::UpNet::create(n)?),
+        TransportKind::Dpdk => Some(DpdkNet::create(UP_NET, n)?),
         _ => None,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -432,9 +432,9 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
         TransportKind::Rdma => "RDMA (side channels on 127.0.0.1)".to_string(),
         TransportKind::Dpdk => format!(
             "DPDK (af_packet on veths; namespaces {p}1..{p}{n}, bridge {b} with {h}/24 on the host)",
-            p = up_dpdk::NS_PREFIX,
-            b = up_dpdk::BRIDGE,
-            h = up_dpdk::HOST_ADDR
+            p = UP_NET.prefix,
+            b = UP_NET.bridge,
+            h = UP_NET.host_addr()
         ),
         _ => "TCP on 127.0.0.1".to_string(),
     };
@@ -550,7 +550,7 @@ fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transpor
     }
     if let Some(net) = net {
         drop(net);
-        println!("deleted the namespaces {}* and the bridge {}", up_dpdk::NS_PREFIX, up_dpdk::BRIDGE);
+        println!("deleted the namespaces {}* and the bridge {}", UP_NET.prefix, UP_NET.bridge);
     }
     result
 }
@@ -587,7 +587,7 @@ fn leader_first(servers: Vec<SocketAddr>, cfg: &ClientConfig) -> Vec<SocketAddr>
 
 /// Starts `replog serve` for replica `id` of a cluster written by `up` in `dir` (in its
 /// namespace of `net`, if given).
-fn spawn_replica(exe: &Path, dir: &Path, id: u64, net: Option<&up_dpdk::UpNet>) -> Result<Child> {
+fn spawn_replica(exe: &Path, dir: &Path, id: u64, net: Option<&DpdkNet>) -> Result<Child> {
     let path = dir.join(format!("node-{id}.toml"));
     let log_path = dir.join(format!("node-{id}.log"));
     let log = std::fs::OpenOptions::new()

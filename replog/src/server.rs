@@ -132,9 +132,11 @@ fn tcp_transport(cfg: &ServeConfig) -> Result<TcpTransport, ServeError> {
     TcpTransport::bind(tcfg).map_err(|source| ServeError::Bind { what: "peer", addr: me.peer_addr.to_string(), source })
 }
 
-/// Starts EAL and opens the port the `[dpdk]` section names.
+/// Starts EAL and opens the port the `[dpdk]` section names: the transport a replica
+/// with `cfg` runs on (also used by `bench` for its raw DPDK ping-pong baseline, so that
+/// the baseline takes the replicas' own path).
 #[cfg(feature = "dpdk")]
-fn dpdk_transport(cfg: &ServeConfig) -> Result<transport::dpdk::DpdkTransport, ServeError> {
+pub fn dpdk_transport(cfg: &ServeConfig) -> Result<transport::dpdk::DpdkTransport, ServeError> {
     use transport::dpdk::{DpdkConfig, DpdkTransport, Eal, EalConfig};
     let d =
         cfg.dpdk.as_ref().ok_or_else(|| ServeError::Limits("transport = \"dpdk\" needs a [dpdk] section".into()))?;
