@@ -1,10 +1,13 @@
-//! A cluster of `replog serve` processes on loopback, stopped (and its data removed)
-//! when dropped, and the `replog` binary it runs.
+//! A cluster of `replog serve` processes, stopped (and its data removed) when dropped,
+//! and the `replog` binary it runs: over TCP on loopback, or over DPDK with each replica
+//! in its namespace of a [`DpdkNet`] (its client port on the namespace's address,
+//! reached from the host through the bridge, as `replog up --transport dpdk` does).
 
 use crate::proc::{free_ports, spawn_tied, stop, TempDir};
 use anyhow::{bail, Context, Result};
 use replog::client::{Client, ClientConfig};
 use replog::config::{DurabilityKind, ServeConfig};
+use replog::dpdk_net::DpdkNet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,7 +54,9 @@ impl ReplogCluster {
     /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
     /// (up to 20 s) for a leader. `spin_us`: the replicas' spin-then-block waits
     /// (`[timing] spin_us`; 0 blocks at once); `client_port_thread`: `[timing]
-    /// client_port_thread`.
+    /// client_port_thread`. `net`: run the replicas over DPDK in its namespaces (which
+    /// must be at least `n`), else over TCP on loopback.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         replog: &Path,
         n: usize,
@@ -59,10 +64,14 @@ impl ReplogCluster {
         spin_us: u64,
         client_port_thread: bool,
         parent: &Path,
+        net: Option<&DpdkNet>,
     ) -> Result<ReplogCluster> {
         let dir = TempDir::new(parent, "replog-bench")?;
         let base = free_ports(3 * n as u16 + 3)?;
         let mut cfgs = ServeConfig::local_cluster(n, base, dir.path(), durability);
+        if let Some(net) = net {
+            net.configure(&mut cfgs);
+        }
         for c in &mut cfgs {
             // Logging at info costs CPU on the hot path of a 2-core machine.
             c.log.level = "warn".to_string();
@@ -74,10 +83,21 @@ impl ReplogCluster {
             let cfg = &cluster.cfgs[i];
             let path = cluster.dir.path().join(format!("node-{}.toml", cfg.id));
             std::fs::write(&path, cfg.to_toml())?;
+            cfg.validate().with_context(|| format!("replica {}'s configuration", cfg.id))?;
             let log = std::fs::File::create(cluster.dir.path().join(format!("node-{}.log", cfg.id)))?;
+            // DPDK: `ip netns exec NS replog ...` execs the replica, so the child's pid
+            // (and PDEATHSIG) is the replica's.
+            let mut cmd = match net {
+                Some(net) => {
+                    let w = net.wrapper(cfg.id);
+                    let mut c = Command::new(&w[0]);
+                    c.args(&w[1..]).arg(replog);
+                    c
+                }
+                None => Command::new(replog),
+            };
             let child = spawn_tied(
-                Command::new(replog)
-                    .args(["serve", "--config"])
+                cmd.args(["serve", "--config"])
                     .arg(&path)
                     .env_remove("RUST_LOG")
                     .stdin(Stdio::null())
@@ -87,7 +107,8 @@ impl ReplogCluster {
             .with_context(|| format!("starting {} serve", replog.display()))?;
             cluster.procs.push(child);
         }
-        cluster.wait_leader(Duration::from_secs(20))?;
+        // EAL's start and the DPDK links' handshakes take longer than TCP's connects.
+        cluster.wait_leader(Duration::from_secs(if net.is_some() { 40 } else { 20 }))?;
         Ok(cluster)
     }
 

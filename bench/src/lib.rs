@@ -4,10 +4,13 @@
 //! of `replog serve` processes ([`cluster`]), measures the baselines of the same machine
 //! in the same run ([`baseline`]: TCP loopback round trip, fdatasync), drives the cluster
 //! and a 3-member etcd cluster ([`etcd`]) with one load generator ([`load`]), and writes
-//! JSON, CSV and SVG plots ([`report`], [`plot`]).
+//! JSON, CSV and SVG plots ([`report`], [`plot`]). With `--transport dpdk` the replicas
+//! run over DPDK in network namespaces and the raw DPDK ping-pong is measured too
+//! ([`dpdk`]).
 
 pub mod baseline;
 pub mod cluster;
+pub mod dpdk;
 pub mod etcd;
 pub mod load;
 pub mod plot;

@@ -4,6 +4,9 @@
 //! CARGO_TARGET_DIR=/work/target-bench cargo build --release -p replog -p bench
 //! /work/target-bench/release/bench --short            # CI: seconds, exits 0/1
 //! /work/target-bench/release/bench --out bench/results # the full suite (a few minutes)
+//! # Over DPDK (root; replicas in network namespaces on af_packet vdevs):
+//! CARGO_TARGET_DIR=/work/target-bench cargo build --release -p replog -p bench --features bench/dpdk
+//! /work/target-bench/release/bench --short --transport dpdk
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -12,8 +15,8 @@ use bench::etcd::{find_etcd, EtcdCluster};
 use bench::load::{self, Driver, EtcdDriver, Load, Loop, ReplogDriver};
 use bench::report::{self, Baselines, Machine, Report, RunResult};
 use bench::stats::{cdf, fmt_rate, Latency};
-use bench::{baseline, plot, proc};
-use clap::{Parser, ValueEnum};
+use bench::{baseline, dpdk, plot, proc};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use replog::config::DurabilityKind;
 use std::path::{Path, PathBuf};
@@ -47,16 +50,21 @@ enum ModeArg {
 /// any of --durability/--clients/--sizes/--batch/--rates/--mode runs their cross product
 /// instead (memory and fsync, 64 B, batch 1, closed loop where not given).
 #[derive(Parser, Debug)]
-#[command(name = "bench", version)]
+#[command(name = "bench", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// CI mode: a few seconds per configuration (3 replicas memory + fsync, 1 and 4
-    /// clients, 64 B; etcd 1 and 4 clients); checks the harness works; exits 0 or 1.
+    /// clients, 64 B; etcd 1 and 4 clients; with --transport dpdk: no etcd, fewer
+    /// configurations); checks the harness works; exits 0 or 1.
     #[arg(long)]
     short: bool,
     /// Replicas per cluster.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
-    /// Transport between replicas (only tcp is built yet).
+    /// Transport between replicas. dpdk: needs root, iproute2 and a build with
+    /// `--features bench/dpdk` (replicas in network namespaces on af_packet vdevs; the raw
+    /// DPDK ping-pong is measured as the baseline of the replicas' hop). rdma: not yet.
     #[arg(long, value_enum, default_value = "tcp")]
     transport: Transport,
     /// The replog binary (default: next to this one, in the same target directory).
@@ -110,6 +118,36 @@ struct Args {
     no_replog: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Internal: one side of the raw DPDK ping-pong baseline, run by `bench --transport
+    /// dpdk` inside a replica's namespace.
+    #[command(hide = true)]
+    DpdkPingpong {
+        /// ping (times round trips, prints `rtt_ns N` lines) or echo.
+        #[arg(long, value_enum)]
+        role: dpdk::Role,
+        /// A replica configuration with a `[dpdk]` section (its transport is opened).
+        #[arg(long)]
+        config: PathBuf,
+        /// The other side's member id.
+        #[arg(long)]
+        peer: u64,
+        /// Message bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Timed round trips.
+        #[arg(long, default_value_t = 10_000)]
+        iters: usize,
+        /// Untimed round trips first.
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+        /// Stop after this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        max_ms: u64,
+    },
+}
+
 /// One configuration to measure.
 #[derive(Clone, Debug)]
 struct Spec {
@@ -150,8 +188,18 @@ impl Spec {
 const MEM: DurabilityKind = DurabilityKind::Memory;
 const FSYNC: DurabilityKind = DurabilityKind::Fsync;
 
-fn short_plan() -> Vec<Spec> {
+fn short_plan(transport: Transport) -> Vec<Spec> {
     let mut p = Vec::new();
+    if transport == Transport::Dpdk {
+        // Starting EAL in every replica makes each configuration slower to set up:
+        // the four basic ones only (under a minute with the baselines).
+        for d in [MEM, FSYNC] {
+            for c in [1, 4] {
+                p.push(Spec::replog(d, c, 64, 1, Loop::Closed));
+            }
+        }
+        return p;
+    }
     for d in [MEM, FSYNC] {
         for c in [1, 4] {
             p.push(Spec::replog(d, c, 64, 1, Loop::Closed));
@@ -288,6 +336,14 @@ fn validate(spec: &Spec) -> Result<()> {
 fn main() {
     proc::install_signal_handlers();
     let args = Args::parse();
+    if let Some(Cmd::DpdkPingpong { role, config, peer, size, iters, warmup, max_ms }) = &args.cmd {
+        let r = dpdk::pingpong(*role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
+        if let Err(e) = r {
+            eprintln!("bench dpdk-pingpong ({role:?}): error: {e:#}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -299,12 +355,10 @@ fn main() {
 
 /// Runs the benchmark; returns the exit code.
 fn run(args: Args) -> Result<i32> {
-    if args.transport != Transport::Tcp {
-        bail!(
-            "transport {:?} is not built yet (only tcp is; the DPDK and RDMA backends are open issues)",
-            args.transport
-        );
+    if args.transport == Transport::Rdma {
+        bail!("bench --transport rdma is not built yet (tcp and dpdk are): the replicas need the soft-RoCE VM");
     }
+    let transport = if args.transport == Transport::Dpdk { "dpdk" } else { "tcp" };
     if args.replicas == 0 || args.replicas > 9 {
         bail!("--replicas must be 1..=9");
     }
@@ -316,7 +370,7 @@ fn run(args: Args) -> Result<i32> {
         || args.rates.is_some()
         || args.spin_us.is_some();
     let mut plan = if args.short {
-        short_plan()
+        short_plan(args.transport)
     } else if custom {
         custom_plan(&args)?
     } else {
@@ -337,6 +391,16 @@ fn run(args: Args) -> Result<i32> {
     std::fs::create_dir_all(&data_dir)?;
     let replog_bin =
         if plan.iter().any(|s| s.durability.is_some()) { Some(find_replog(args.replog.as_deref())?) } else { None };
+    // DPDK: the replicas' namespaces and bridge, for the whole run (the ping-pong
+    // baseline runs in two of them first). Deleted when `net` drops: on return, on an
+    // error, and after Ctrl-C (the loops below stop on the signal flag).
+    let net = match args.transport {
+        Transport::Dpdk => {
+            let n = args.replicas.max(2);
+            Some(dpdk::create_net(n).with_context(|| format!("creating the network of {n} DPDK replicas"))?)
+        }
+        _ => None,
+    };
     let machine = Machine::probe();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     println!(
@@ -350,8 +414,18 @@ fn run(args: Args) -> Result<i32> {
         machine.cpu, machine.cores, machine.kernel, machine.loadavg_before
     );
     if let Some(b) = &replog_bin {
+        let how = match &net {
+            Some(n) => format!(
+                "over DPDK (af_packet vdevs on veths, namespaces {p}1..{p}{r}, bridge {br} with {h}/24 for the clients)",
+                p = n.layout().prefix,
+                r = args.replicas,
+                br = n.layout().bridge,
+                h = n.layout().host_addr()
+            ),
+            None => "over TCP on loopback".to_string(),
+        };
         println!(
-            "replog: {}; transport tcp; {} replicas as processes; data in {}",
+            "replog: {}; {} replicas as processes {how}; data in {}",
             b.display(),
             args.replicas,
             data_dir.display()
@@ -362,15 +436,32 @@ fn run(args: Args) -> Result<i32> {
     let (iters, syncs) = if args.short { (5_000, 200) } else { (20_000, 1_000) };
     let rtt = baseline::tcp_rtt(64, iters, 1_000, Duration::from_secs(10)).context("TCP round-trip baseline")?;
     let sync = baseline::fdatasync(&data_dir, syncs, Duration::from_secs(10)).context("fdatasync baseline")?;
+    let dpdk_rtt = match &net {
+        Some(net) => {
+            let me = std::env::current_exe().context("locating the bench executable")?;
+            let h = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10))
+                .context("DPDK round-trip baseline (ping-pong between two replicas' namespaces)")?;
+            Some(h)
+        }
+        None => None,
+    };
     let baselines = Baselines {
         tcp_rtt: Latency::of(&rtt),
         tcp_rtt_cdf: cdf(&rtt),
         fdatasync: Latency::of(&sync),
         fdatasync_cdf: cdf(&sync),
         data_dir: data_dir.display().to_string(),
+        dpdk_rtt: dpdk_rtt.as_ref().map(Latency::of),
+        dpdk_rtt_cdf: dpdk_rtt.as_ref().map(cdf).unwrap_or_default(),
     };
     println!("baseline TCP loopback RTT 64 B (TcpStream, TCP_NODELAY): {}", baselines.tcp_rtt.line());
     println!("baseline 4 KiB pwrite+fdatasync on {}: {}", data_dir.display(), baselines.fdatasync.line());
+    if let Some(l) = &baselines.dpdk_rtt {
+        println!(
+            "baseline DPDK RTT 64 B (replog's DPDK transport, af_packet on veths, namespace 1 <-> 2 via the bridge): {}",
+            l.line()
+        );
+    }
 
     // etcd, started at its first configuration and stopped at the end (drop guard).
     let want_etcd = plan.iter().any(|s| s.durability.is_none());
@@ -418,8 +509,18 @@ fn run(args: Args) -> Result<i32> {
             pb.inc(1);
             continue;
         }
-        let r =
-            measure(spec, &args, replog_bin.as_deref(), &data_dir, etcd.as_mut(), &baselines, duration, warmup, &pb);
+        let r = measure(
+            spec,
+            &args,
+            replog_bin.as_deref(),
+            &data_dir,
+            etcd.as_mut(),
+            net.as_ref(),
+            &baselines,
+            duration,
+            warmup,
+            &pb,
+        );
         match r {
             Ok(res) => {
                 say(&pb, res.line(&baselines));
@@ -437,6 +538,8 @@ fn run(args: Args) -> Result<i32> {
     if let Some(mut c) = etcd.take() {
         c.stop();
     }
+    // Every cluster stopped already (each measurement stops its own).
+    drop(net);
 
     let comparisons = report::compare(&runs);
     if !comparisons.is_empty() {
@@ -470,6 +573,7 @@ fn run(args: Args) -> Result<i32> {
         date: report::utc_now(),
         machine,
         command,
+        transport: transport.to_string(),
         etcd_version,
         etcd_unavailable: etcd_unavailable.clone(),
         baselines,
@@ -491,7 +595,7 @@ fn run(args: Args) -> Result<i32> {
         println!("FAILED: {f}");
     }
     if args.short {
-        let checks = short_checks(&rep, &args.out, &plots, want_etcd);
+        let checks = short_checks(&rep, &args.out, &plots, want_etcd, transport);
         let bad: Vec<_> = checks.iter().filter(|c| !c.1).collect();
         for (name, ok) in &checks {
             println!("  check {}: {name}", if *ok { "ok" } else { "FAILED" });
@@ -513,16 +617,28 @@ fn say(pb: &ProgressBar, line: String) {
     }
 }
 
-fn short_checks(rep: &Report, out: &Path, plots: &[PathBuf], want_etcd: bool) -> Vec<(String, bool)> {
+fn short_checks(rep: &Report, out: &Path, plots: &[PathBuf], want_etcd: bool, transport: &str) -> Vec<(String, bool)> {
     let mut c = Vec::new();
     c.push(("TCP RTT baseline measured".to_string(), rep.baselines.tcp_rtt.count > 0));
     c.push(("fdatasync baseline measured".to_string(), rep.baselines.fdatasync.count > 0));
+    if transport == "dpdk" {
+        c.push((
+            "DPDK RTT baseline measured".to_string(),
+            rep.baselines.dpdk_rtt.as_ref().is_some_and(|l| l.count > 0) && !rep.baselines.dpdk_rtt_cdf.is_empty(),
+        ));
+    }
     for d in ["memory", "fsync"] {
         let rs: Vec<_> = rep.runs.iter().filter(|r| r.system == "replog" && r.durability == d).collect();
         c.push((
-            format!("replog {d}: every configuration ran with non-zero throughput ({} runs)", rs.len()),
-            !rs.is_empty() && rs.iter().all(|r| r.throughput > 0.0 && r.latency.count > 0),
+            format!("replog {transport} {d}: every configuration ran with non-zero throughput ({} runs)", rs.len()),
+            !rs.is_empty() && rs.iter().all(|r| r.throughput > 0.0 && r.latency.count > 0 && r.transport == transport),
         ));
+        if transport == "dpdk" {
+            c.push((
+                format!("replog dpdk {d}: p50 / DPDK RTT p50 computed"),
+                !rs.is_empty() && rs.iter().all(|r| r.p50_over_rtt > 0.0 && r.p50_over_rtt.is_finite()),
+            ));
+        }
     }
     if want_etcd {
         let es: Vec<_> = rep.runs.iter().filter(|r| r.system == "etcd").collect();
@@ -555,6 +671,7 @@ fn measure(
     replog_bin: Option<&Path>,
     data_dir: &Path,
     etcd: Option<&mut EtcdCluster>,
+    net: Option<&dpdk::DpdkNet>,
     baselines: &Baselines,
     duration: Duration,
     warmup: Duration,
@@ -590,6 +707,7 @@ fn measure(
                     spin.as_micros() as u64,
                     args.client_port_thread,
                     data_dir,
+                    net,
                 )?;
                 let mut cfg = cluster.client_config()?;
                 cfg.spin = spin;
@@ -621,11 +739,16 @@ fn measure(
     let (out, durability) = result?;
     let secs = out.elapsed.as_secs_f64();
     let lat = Latency::of(&out.hist);
-    let floor = if durability == "memory" { baselines.memory_floor_us() } else { baselines.fsync_floor_us() };
+    // etcd always runs over TCP; replog over the run's transport.
+    let transport = match (spec.durability, args.transport) {
+        (Some(_), Transport::Dpdk) => "dpdk",
+        _ => "tcp",
+    };
+    let floor = baselines.floor_us(transport, durability);
     let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     Ok(RunResult {
         system: if spec.durability.is_some() { "replog" } else { "etcd" }.to_string(),
-        transport: "tcp".to_string(),
+        transport: transport.to_string(),
         durability: durability.to_string(),
         mode: match spec.mode {
             Loop::Closed => "closed",
@@ -646,7 +769,7 @@ fn measure(
         throughput: out.entries as f64 / secs,
         request_rate: out.requests as f64 / secs,
         mb_per_s: out.entries as f64 * spec.size as f64 / secs / 1e6,
-        p50_over_rtt: div(lat.p50_us, baselines.tcp_rtt.p50_us),
+        p50_over_rtt: div(lat.p50_us, baselines.rtt_us(transport)),
         p50_over_floor: div(lat.p50_us, floor),
         latency: lat,
         errors: out.errors,

@@ -101,22 +101,25 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
         })
         .collect();
     cdf.push(("baseline: TCP loopback RTT 64 B".into(), report.baselines.tcp_rtt_cdf.clone()));
+    if !report.baselines.dpdk_rtt_cdf.is_empty() {
+        cdf.push(("baseline: DPDK af_packet RTT 64 B (netns)".into(), report.baselines.dpdk_rtt_cdf.clone()));
+    }
     cdf.push(("baseline: 4 KiB pwrite+fdatasync".into(), report.baselines.fdatasync_cdf.clone()));
     let p = dir.join("latency_cdf.svg");
     draw(&p, "Latency CDF: 1 client, 64 B entries, closed loop", "latency (us, log)", "quantile", &cdf, false)?;
     written.push(p);
 
-    // 2. Throughput against clients: closed loop, 64 B, per system/durability/batch.
-    let mut keys: Vec<(String, String, usize)> = runs
+    // 2. Throughput against clients: closed loop, 64 B, per system/transport/durability/batch.
+    let mut keys: Vec<(String, String, String, usize)> = runs
         .iter()
         .filter(|r| r.mode == "closed" && r.size == 64 && r.spin_us == 0)
-        .map(|r| (r.system.clone(), r.durability.clone(), r.batch))
+        .map(|r| (r.system.clone(), r.transport.clone(), r.durability.clone(), r.batch))
         .collect();
     keys.sort();
     keys.dedup();
     let tput: Vec<Series> = keys
         .iter()
-        .map(|(s, d, b)| {
+        .map(|(s, t, d, b)| {
             let mut pts: Vec<(f64, f64)> = runs
                 .iter()
                 .filter(|r| {
@@ -124,13 +127,14 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
                         && r.size == 64
                         && r.spin_us == 0
                         && &r.system == s
+                        && &r.transport == t
                         && &r.durability == d
                         && r.batch == *b
                 })
                 .map(|r| (r.clients as f64, r.throughput))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (format!("{s} {d} batch {b}"), pts)
+            (format!("{s} {t} {d} batch {b}"), pts)
         })
         .filter(|s| s.1.len() > 1)
         .collect();
@@ -139,20 +143,21 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     written.push(p);
 
     // 3. Latency against offered load: open loop, p50 and p99.
-    let mut keys: Vec<(String, String, usize, usize, usize)> = runs
+    let mut keys: Vec<(String, String, String, usize, usize, usize)> = runs
         .iter()
         .filter(|r| r.mode == "open")
-        .map(|r| (r.system.clone(), r.durability.clone(), r.clients, r.size, r.batch))
+        .map(|r| (r.system.clone(), r.transport.clone(), r.durability.clone(), r.clients, r.size, r.batch))
         .collect();
     keys.sort();
     keys.dedup();
     let mut lat: Vec<Series> = Vec::new();
-    for (s, d, c, z, b) in &keys {
+    for (s, t, d, c, z, b) in &keys {
         let mut sel: Vec<_> = runs
             .iter()
             .filter(|r| {
                 r.mode == "open"
                     && &r.system == s
+                    && &r.transport == t
                     && &r.durability == d
                     && r.clients == *c
                     && r.size == *z
@@ -160,7 +165,7 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
             })
             .collect();
         sel.sort_by(|a, b| a.offered_rate.unwrap_or(0.0).total_cmp(&b.offered_rate.unwrap_or(0.0)));
-        let name = format!("{s} {d} c={c} {z}B b={b}");
+        let name = format!("{s} {t} {d} c={c} {z}B b={b}");
         lat.push((
             format!("{name} p50"),
             sel.iter().map(|r| (r.offered_rate.unwrap_or(0.0), r.latency.p50_us)).collect(),

@@ -1,0 +1,263 @@
+//! `bench --transport dpdk`: the replicas' network ([`replog::dpdk_net`] with the
+//! [`BENCH`] layout: namespaces `rlbench-<i>` on the bridge `rlbench-br`, the host at
+//! 10.77.253.254) and the raw DPDK ping-pong baseline of the same path.
+//!
+//! The baseline: two processes (this `bench` binary again, subcommand `dpdk-pingpong`),
+//! one in replica 1's namespace and one in replica 2's, each opening the transport a
+//! replica with the same configuration opens ([`replog::server::dpdk_transport`]: EAL
+//! with `--no-huge`, an af_packet vdev on the namespace's `eth0`, the transport's
+//! framing, acknowledgements and idle naps), exchange `size`-byte messages one at a
+//! time. The ping side times each round trip (`send` to the echo's arrival) and prints
+//! the samples; the parent reads them into a histogram.
+
+use crate::proc::{spawn_tied, stop, TempDir};
+use crate::stats::new_hist;
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use replog::config::{DurabilityKind, ServeConfig};
+pub use replog::dpdk_net::{DpdkNet, BENCH};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The ping side's output line prefix of one round trip, in nanoseconds.
+const SAMPLE: &str = "rtt_ns ";
+
+/// What keeps `bench --transport dpdk` from running here, if anything.
+pub fn missing_prerequisite() -> Option<String> {
+    if !cfg!(feature = "dpdk") {
+        return Some(
+            "this bench was built without its `dpdk` feature: \
+             cargo build --release -p replog -p bench --features bench/dpdk"
+                .into(),
+        );
+    }
+    replog::dpdk_net::missing_prerequisite()
+}
+
+/// Creates the network for `n` replicas (after deleting a previous run's leftovers);
+/// deleted when dropped.
+pub fn create_net(n: usize) -> Result<DpdkNet> {
+    if let Some(why) = missing_prerequisite() {
+        bail!("bench --transport dpdk: {why}");
+    }
+    Ok(DpdkNet::create(BENCH, n)?)
+}
+
+/// The role of a `dpdk-pingpong` process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Times round trips and prints them.
+    Ping,
+    /// Sends every message back.
+    Echo,
+}
+
+/// The raw DPDK round trip of `size`-byte messages between replica 1's and replica 2's
+/// namespaces of `net`: `iters` timed after `warmup` untimed, stopping early after
+/// `max_time`. `bench` is this program (run again in the namespaces); `dir` holds the
+/// two processes' configurations.
+pub fn rtt(
+    net: &DpdkNet,
+    bench: &Path,
+    dir: &Path,
+    size: usize,
+    iters: usize,
+    warmup: usize,
+    max_time: Duration,
+) -> Result<Histogram<u64>> {
+    let tmp = TempDir::new(dir, "dpdk-pingpong")?;
+    // A two-member "cluster" on the replicas' network, with their EAL settings (file
+    // prefixes of their own, so nothing of the replicas' runtime state is shared).
+    let mut cfgs = ServeConfig::local_cluster(2, 7000, tmp.path(), DurabilityKind::Memory);
+    net.configure_with_prefix(&mut cfgs, "-pp");
+    let mut paths = Vec::new();
+    for c in &cfgs {
+        c.validate().context("ping-pong configuration")?;
+        let p = tmp.path().join(format!("pingpong-{}.toml", c.id));
+        std::fs::write(&p, c.to_toml()).with_context(|| format!("writing {}", p.display()))?;
+        paths.push(p);
+    }
+    let spawn = |id: u64, role: &str, out: Stdio| -> Result<std::process::Child> {
+        let w = net.wrapper(id);
+        let log = std::fs::File::create(tmp.path().join(format!("pingpong-{id}.log")))?;
+        spawn_tied(
+            Command::new(&w[0])
+                .args(&w[1..])
+                .arg(bench)
+                .args(["dpdk-pingpong", "--role", role, "--peer"])
+                .arg(if id == 1 { "2" } else { "1" })
+                .arg("--config")
+                .arg(&paths[id as usize - 1])
+                .args(["--size", &size.to_string(), "--iters", &iters.to_string()])
+                .args(["--warmup", &warmup.to_string(), "--max-ms", &max_time.as_millis().to_string()])
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(log),
+        )
+        .with_context(|| format!("starting {} dpdk-pingpong in {}", bench.display(), w[3]))
+    };
+    let log_of = |id: u64| {
+        let text = std::fs::read_to_string(tmp.path().join(format!("pingpong-{id}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    // Killed (SIGTERM, then SIGKILL) when this function returns, whatever happened.
+    let mut echo = Guard(spawn(2, "echo", Stdio::null())?);
+    let mut ping = Guard(spawn(1, "ping", Stdio::piped())?);
+    let out = ping.0.stdout.take().context("the ping process's stdout")?;
+    let mut h = new_hist();
+    let mut bad = 0usize;
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading the ping process's output")?;
+        if let Some(v) = line.strip_prefix(SAMPLE) {
+            match v.trim().parse::<u64>() {
+                Ok(ns) => crate::stats::record(&mut h, Duration::from_nanos(ns)),
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    // The ping side exits after its last sample (or on an error, with a message).
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = ping.0.try_wait()? {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    match status {
+        Some(s) if s.success() => {}
+        Some(s) => bail!("the ping side exited ({s}); its log:\n{}\necho's log:\n{}", log_of(1), log_of(2)),
+        None => bail!("the ping side did not exit 10 s after its output ended; its log:\n{}", log_of(1)),
+    }
+    stop(&mut echo.0, Duration::from_secs(3));
+    if bad > 0 || h.is_empty() {
+        bail!("the ping side printed {} samples ({bad} unreadable); its log:\n{}", h.len(), log_of(1));
+    }
+    Ok(h)
+}
+
+/// Stops the child when dropped.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        stop(&mut self.0, Duration::from_secs(3));
+    }
+}
+
+/// The `dpdk-pingpong` process (run inside a namespace by [`rtt`]).
+#[cfg(feature = "dpdk")]
+pub fn pingpong(
+    role: Role,
+    config: &Path,
+    peer: u64,
+    size: usize,
+    iters: usize,
+    warmup: usize,
+    max_time: Duration,
+) -> Result<()> {
+    use bytes::Bytes;
+    use std::io::Write;
+    use transport::{Event, Transport};
+    let cfg = ServeConfig::load(config)?;
+    let mut t = replog::server::dpdk_transport(&cfg).context("opening the DPDK transport")?;
+    let mut events: Vec<Event> = Vec::new();
+    // The link comes up after the handshake (HELLOs every 50 ms until the peer answers).
+    let up_by = Instant::now() + Duration::from_secs(30);
+    let mut up = false;
+    while !up && Instant::now() < up_by && !crate::proc::stopped() {
+        events.clear();
+        t.poll(&mut events, Some(Duration::from_millis(50)))?;
+        up = events.iter().any(|e| matches!(e, Event::PeerUp { peer: p } if *p == peer));
+    }
+    if !up {
+        bail!("the link to {peer} did not come up within 30 s");
+    }
+    // Message kinds: the first byte (1 = ping, 2 = bye).
+    const PING: u8 = 1;
+    const BYE: u8 = 2;
+    match role {
+        Role::Echo => {
+            // Until the ping side says bye (or it is time to give up).
+            let end = Instant::now() + max_time + Duration::from_secs(30);
+            let mut bye = false;
+            while !bye && Instant::now() < end && !crate::proc::stopped() {
+                events.clear();
+                t.poll(&mut events, Some(Duration::from_millis(100)))?;
+                for e in events.drain(..) {
+                    if let Event::Message { from, payload } = e {
+                        if payload.first() == Some(&BYE) {
+                            bye = true;
+                        } else {
+                            t.send(from, &payload).map_err(|e| anyhow::anyhow!("echo to {from}: {e}"))?;
+                        }
+                    }
+                }
+            }
+            // Let the last acknowledgements go out before the port closes.
+            let linger = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < linger {
+                events.clear();
+                t.poll(&mut events, Some(Duration::from_millis(10)))?;
+            }
+        }
+        Role::Ping => {
+            let mut msg = vec![0x5Au8; size.max(1)];
+            msg[0] = PING;
+            let msg = Bytes::from(msg);
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let end = Instant::now() + max_time;
+            for i in 0..warmup + iters {
+                let t0 = Instant::now();
+                t.send(peer, &msg).map_err(|e| anyhow::anyhow!("ping to {peer}: {e}"))?;
+                let give_up = t0 + Duration::from_secs(2);
+                let mut back = false;
+                while !back {
+                    let now = Instant::now();
+                    if now >= give_up {
+                        bail!("round trip {i}: no echo within 2 s");
+                    }
+                    events.clear();
+                    t.poll(&mut events, Some(give_up - now))?;
+                    back = events.iter().any(|e| matches!(e, Event::Message { from, payload } if *from == peer && payload.len() == msg.len()));
+                }
+                let took = t0.elapsed();
+                if i >= warmup {
+                    writeln!(out, "{SAMPLE}{}", took.as_nanos())?;
+                }
+                if t0 >= end || crate::proc::stopped() {
+                    break;
+                }
+            }
+            out.flush()?;
+            t.send(peer, &[BYE]).map_err(|e| anyhow::anyhow!("bye to {peer}: {e}"))?;
+            let linger = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < linger {
+                events.clear();
+                t.poll(&mut events, Some(Duration::from_millis(10)))?;
+            }
+        }
+    }
+    drop(t);
+    Ok(())
+}
+
+/// Without the `dpdk` feature there is no DPDK transport to measure.
+#[cfg(not(feature = "dpdk"))]
+pub fn pingpong(
+    _role: Role,
+    _config: &Path,
+    _peer: u64,
+    _size: usize,
+    _iters: usize,
+    _warmup: usize,
+    _max_time: Duration,
+) -> Result<()> {
+    bail!("{}", missing_prerequisite().unwrap_or_default())
+}
