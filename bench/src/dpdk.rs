@@ -8,7 +8,10 @@
 //! with `--no-huge`, an af_packet vdev on the namespace's `eth0`, the transport's
 //! framing, acknowledgements and idle naps), exchange `size`-byte messages one at a
 //! time. The ping side times each round trip (`send` to the echo's arrival) and prints
-//! the samples; the parent reads them into a histogram.
+//! the samples; the parent reads them into a histogram. Measured twice: waiting as a
+//! replica waits (`poll` with a timeout: the transport spins while frames come, then
+//! naps from 10 us up, as af_packet has no rx interrupt), and busy-polling (`poll` with
+//! a zero timeout in a loop, both sides: the path's floor without the naps).
 
 use crate::proc::{spawn_tied, stop, TempDir};
 use crate::stats::new_hist;
@@ -57,7 +60,8 @@ pub enum Role {
 /// The raw DPDK round trip of `size`-byte messages between replica 1's and replica 2's
 /// namespaces of `net`: `iters` timed after `warmup` untimed, stopping early after
 /// `max_time`. `bench` is this program (run again in the namespaces); `dir` holds the
-/// two processes' configurations.
+/// two processes' configurations. `busy`: both sides busy-poll instead of napping.
+#[allow(clippy::too_many_arguments)]
 pub fn rtt(
     net: &DpdkNet,
     bench: &Path,
@@ -66,6 +70,7 @@ pub fn rtt(
     iters: usize,
     warmup: usize,
     max_time: Duration,
+    busy: bool,
 ) -> Result<Histogram<u64>> {
     let tmp = TempDir::new(dir, "dpdk-pingpong")?;
     // A two-member "cluster" on the replicas' network, with their EAL settings (file
@@ -92,6 +97,7 @@ pub fn rtt(
                 .arg(&paths[id as usize - 1])
                 .args(["--size", &size.to_string(), "--iters", &iters.to_string()])
                 .args(["--warmup", &warmup.to_string(), "--max-ms", &max_time.as_millis().to_string()])
+                .args(if busy { &["--busy"][..] } else { &[][..] })
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(log),
@@ -152,7 +158,9 @@ impl Drop for Guard {
 
 /// The `dpdk-pingpong` process (run inside a namespace by [`rtt`]).
 #[cfg(feature = "dpdk")]
+#[allow(clippy::too_many_arguments)]
 pub fn pingpong(
+    busy: bool,
     role: Role,
     config: &Path,
     peer: u64,
@@ -167,28 +175,18 @@ pub fn pingpong(
     let cfg = ServeConfig::load(config)?;
     let mut t = replog::server::dpdk_transport(&cfg).context("opening the DPDK transport")?;
     let mut events: Vec<Event> = Vec::new();
-    // The link comes up after the handshake (HELLOs every 50 ms until the peer answers).
-    let up_by = Instant::now() + Duration::from_secs(30);
-    let mut up = false;
-    while !up && Instant::now() < up_by && !crate::proc::stopped() {
-        events.clear();
-        t.poll(&mut events, Some(Duration::from_millis(50)))?;
-        up = events.iter().any(|e| matches!(e, Event::PeerUp { peer: p } if *p == peer));
-    }
-    if !up {
-        bail!("the link to {peer} did not come up within 30 s");
-    }
     // Message kinds: the first byte (1 = ping, 2 = bye).
     const PING: u8 = 1;
     const BYE: u8 = 2;
     match role {
         Role::Echo => {
-            // Until the ping side says bye (or it is time to give up).
+            // Until the ping side says bye (or it is time to give up). No wait for the
+            // link first: the first ping may arrive in the same poll as the link's PeerUp.
             let end = Instant::now() + max_time + Duration::from_secs(30);
             let mut bye = false;
             while !bye && Instant::now() < end && !crate::proc::stopped() {
                 events.clear();
-                t.poll(&mut events, Some(Duration::from_millis(100)))?;
+                t.poll(&mut events, Some(if busy { Duration::ZERO } else { Duration::from_millis(100) }))?;
                 for e in events.drain(..) {
                     if let Event::Message { from, payload } = e {
                         if payload.first() == Some(&BYE) {
@@ -207,6 +205,18 @@ pub fn pingpong(
             }
         }
         Role::Ping => {
+            // The link comes up after the handshake (HELLOs every 50 ms until the peer
+            // answers); only then is a message sure to be delivered.
+            let up_by = Instant::now() + Duration::from_secs(30);
+            let mut up = false;
+            while !up && Instant::now() < up_by && !crate::proc::stopped() {
+                events.clear();
+                t.poll(&mut events, Some(Duration::from_millis(50)))?;
+                up = events.iter().any(|e| matches!(e, Event::PeerUp { peer: p } if *p == peer));
+            }
+            if !up {
+                bail!("the link to {peer} did not come up within 30 s");
+            }
             let mut msg = vec![0x5Au8; size.max(1)];
             msg[0] = PING;
             let msg = Bytes::from(msg);
@@ -224,7 +234,7 @@ pub fn pingpong(
                         bail!("round trip {i}: no echo within 2 s");
                     }
                     events.clear();
-                    t.poll(&mut events, Some(give_up - now))?;
+                    t.poll(&mut events, Some(if busy { Duration::ZERO } else { give_up - now }))?;
                     back = events.iter().any(|e| matches!(e, Event::Message { from, payload } if *from == peer && payload.len() == msg.len()));
                 }
                 let took = t0.elapsed();
@@ -250,7 +260,9 @@ pub fn pingpong(
 
 /// Without the `dpdk` feature there is no DPDK transport to measure.
 #[cfg(not(feature = "dpdk"))]
+#[allow(clippy::too_many_arguments)]
 pub fn pingpong(
+    _busy: bool,
     _role: Role,
     _config: &Path,
     _peer: u64,

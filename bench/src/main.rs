@@ -145,6 +145,9 @@ enum Cmd {
         /// Stop after this many milliseconds.
         #[arg(long, default_value_t = 10_000)]
         max_ms: u64,
+        /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
+        #[arg(long)]
+        busy: bool,
     },
 }
 
@@ -336,8 +339,8 @@ fn validate(spec: &Spec) -> Result<()> {
 fn main() {
     proc::install_signal_handlers();
     let args = Args::parse();
-    if let Some(Cmd::DpdkPingpong { role, config, peer, size, iters, warmup, max_ms }) = &args.cmd {
-        let r = dpdk::pingpong(*role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
+    if let Some(Cmd::DpdkPingpong { role, config, peer, size, iters, warmup, max_ms, busy }) = &args.cmd {
+        let r = dpdk::pingpong(*busy, *role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
         if let Err(e) = r {
             eprintln!("bench dpdk-pingpong ({role:?}): error: {e:#}");
             std::process::exit(1);
@@ -436,14 +439,16 @@ fn run(args: Args) -> Result<i32> {
     let (iters, syncs) = if args.short { (5_000, 200) } else { (20_000, 1_000) };
     let rtt = baseline::tcp_rtt(64, iters, 1_000, Duration::from_secs(10)).context("TCP round-trip baseline")?;
     let sync = baseline::fdatasync(&data_dir, syncs, Duration::from_secs(10)).context("fdatasync baseline")?;
-    let dpdk_rtt = match &net {
+    let (dpdk_rtt, dpdk_busy) = match &net {
         Some(net) => {
             let me = std::env::current_exe().context("locating the bench executable")?;
-            let h = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10))
+            let h = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), false)
                 .context("DPDK round-trip baseline (ping-pong between two replicas' namespaces)")?;
-            Some(h)
+            let b = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), true)
+                .context("DPDK round-trip baseline, busy-polling")?;
+            (Some(h), Some(b))
         }
-        None => None,
+        None => (None, None),
     };
     let baselines = Baselines {
         tcp_rtt: Latency::of(&rtt),
@@ -453,6 +458,8 @@ fn run(args: Args) -> Result<i32> {
         data_dir: data_dir.display().to_string(),
         dpdk_rtt: dpdk_rtt.as_ref().map(Latency::of),
         dpdk_rtt_cdf: dpdk_rtt.as_ref().map(cdf).unwrap_or_default(),
+        dpdk_rtt_busy: dpdk_busy.as_ref().map(Latency::of),
+        dpdk_rtt_busy_cdf: dpdk_busy.as_ref().map(cdf).unwrap_or_default(),
     };
     println!("baseline TCP loopback RTT 64 B (TcpStream, TCP_NODELAY): {}", baselines.tcp_rtt.line());
     println!("baseline 4 KiB pwrite+fdatasync on {}: {}", data_dir.display(), baselines.fdatasync.line());
@@ -461,6 +468,9 @@ fn run(args: Args) -> Result<i32> {
             "baseline DPDK RTT 64 B (replog's DPDK transport, af_packet on veths, namespace 1 <-> 2 via the bridge): {}",
             l.line()
         );
+    }
+    if let Some(l) = &baselines.dpdk_rtt_busy {
+        println!("baseline DPDK RTT 64 B, both sides busy-polling (the same path without idle naps): {}", l.line());
     }
 
     // etcd, started at its first configuration and stopped at the end (drop guard).
@@ -624,7 +634,9 @@ fn short_checks(rep: &Report, out: &Path, plots: &[PathBuf], want_etcd: bool, tr
     if transport == "dpdk" {
         c.push((
             "DPDK RTT baseline measured".to_string(),
-            rep.baselines.dpdk_rtt.as_ref().is_some_and(|l| l.count > 0) && !rep.baselines.dpdk_rtt_cdf.is_empty(),
+            rep.baselines.dpdk_rtt.as_ref().is_some_and(|l| l.count > 0)
+                && !rep.baselines.dpdk_rtt_cdf.is_empty()
+                && rep.baselines.dpdk_rtt_busy.as_ref().is_some_and(|l| l.count > 0),
         ));
     }
     for d in ["memory", "fsync"] {

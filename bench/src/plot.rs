@@ -104,6 +104,9 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     if !report.baselines.dpdk_rtt_cdf.is_empty() {
         cdf.push(("baseline: DPDK af_packet RTT 64 B (netns)".into(), report.baselines.dpdk_rtt_cdf.clone()));
     }
+    if !report.baselines.dpdk_rtt_busy_cdf.is_empty() {
+        cdf.push(("baseline: DPDK RTT 64 B, busy-polling".into(), report.baselines.dpdk_rtt_busy_cdf.clone()));
+    }
     cdf.push(("baseline: 4 KiB pwrite+fdatasync".into(), report.baselines.fdatasync_cdf.clone()));
     let p = dir.join("latency_cdf.svg");
     draw(&p, "Latency CDF: 1 client, 64 B entries, closed loop", "latency (us, log)", "quantile", &cdf, false)?;

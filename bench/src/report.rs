@@ -25,6 +25,11 @@ pub struct Baselines {
     pub dpdk_rtt: Option<Latency>,
     /// Its CDF (empty without it).
     pub dpdk_rtt_cdf: Vec<(f64, f64)>,
+    /// The same ping-pong with both sides busy-polling (`poll` with a zero timeout)
+    /// instead of napping when idle as the replicas do: the path's floor.
+    pub dpdk_rtt_busy: Option<Latency>,
+    /// Its CDF (empty without it).
+    pub dpdk_rtt_busy_cdf: Vec<(f64, f64)>,
 }
 
 impl Baselines {
@@ -444,13 +449,13 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let mut csv = String::from(
         "system,transport,durability,mode,clients,size,batch,spin_us,offered_rate,duration_s,requests,entries,\
          throughput,request_rate,mb_per_s,p50_us,p90_us,p99_us,p999_us,max_us,mean_us,errors,missed,\
-         p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us,dpdk_rtt_p50_us\n",
+         p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us,dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us\n",
     );
     for r in &report.runs {
         let l = &r.latency;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{}",
+            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{},{}",
             r.system,
             r.transport,
             r.durability,
@@ -478,7 +483,8 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
             r.p50_over_floor,
             report.baselines.tcp_rtt.p50_us,
             report.baselines.fdatasync.p50_us,
-            report.baselines.dpdk_rtt.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default()
+            report.baselines.dpdk_rtt.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
+            report.baselines.dpdk_rtt_busy.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default()
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
