@@ -46,7 +46,7 @@ echo "== DPDK: unit tests, transport conformance and replica processes on af_pac
 dpdk_log=$(mktemp)
 dpdk_rc=0
 set +e
-cargo clippy -p transport -p replog --all-targets --features transport/dpdk,replog/dpdk -- -D warnings || dpdk_rc=1
+cargo clippy -p transport -p replog -p bench --all-targets --features transport/dpdk,replog/dpdk,bench/dpdk -- -D warnings || dpdk_rc=1
 (
     rc=0
     cargo test -p transport --features transport/dpdk --no-fail-fast --lib -- dpdk:: || rc=1
@@ -59,6 +59,19 @@ set -e
 dpdk_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$dpdk_log" | awk '{s+=$4} END {print s+0}')
 dpdk_failed=$(grep -Eo '[0-9]+ failed;' "$dpdk_log" | awk '{s+=$1} END {print s+0}')
 rm -f "$dpdk_log"
+# The benchmark over DPDK, short: 3 replicas as processes in namespaces rlbench-1..3 on
+# af_packet vdevs (bridge rlbench-br), the raw DPDK ping-pong baseline, memory + fsync at
+# 1 and 4 clients; exits non-zero if anything could not run (root, iproute2, the build).
+echo "== DPDK: bench --short --transport dpdk (replicas over DPDK in namespaces, DPDK ping-pong baseline)"
+bench_dpdk_out=$(mktemp -d)
+if cargo build -q --release -p replog -p bench --features bench/dpdk &&
+    timeout 300 "${CARGO_TARGET_DIR:-target}/release/bench" --short --transport dpdk --out "$bench_dpdk_out" 2>&1 | tail -25; then
+    dpdk_passed=$((dpdk_passed + 1))
+else
+    dpdk_failed=$((dpdk_failed + 1))
+    echo "FAILED: bench --short --transport dpdk"
+fi
+rm -rf "$bench_dpdk_out"
 dpdk_run=$((dpdk_passed + dpdk_failed))
 echo "dpdk tests: $dpdk_run run, $dpdk_passed passed"
 if [ "$dpdk_run" = 0 ] || { [ "$dpdk_rc" != 0 ] && [ "$dpdk_failed" = 0 ]; }; then dpdk_failed=$((dpdk_failed + 1)); fi
