@@ -490,3 +490,105 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("results.csv"), csv)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lat(p50_us: f64) -> Latency {
+        Latency { count: 10, p50_us, ..Latency::default() }
+    }
+
+    fn run(transport: &str, durability: &str, p50_us: f64, b: &Baselines) -> RunResult {
+        RunResult {
+            system: "replog".into(),
+            transport: transport.into(),
+            durability: durability.into(),
+            mode: "closed".into(),
+            clients: 1,
+            size: 64,
+            batch: 1,
+            spin_us: 0,
+            offered_rate: None,
+            duration_s: 1.0,
+            requests: 10,
+            entries: 10,
+            throughput: 10.0,
+            request_rate: 10.0,
+            mb_per_s: 0.0,
+            latency: lat(p50_us),
+            errors: 0,
+            first_error: None,
+            missed: 0,
+            p50_over_rtt: p50_us / b.rtt_us(transport),
+            p50_over_floor: p50_us / b.floor_us(transport, durability),
+            cdf: vec![(p50_us, 0.5)],
+        }
+    }
+
+    fn baselines() -> Baselines {
+        Baselines {
+            tcp_rtt: lat(20.0),
+            fdatasync: lat(500.0),
+            dpdk_rtt: Some(lat(100.0)),
+            dpdk_rtt_cdf: vec![(100.0, 0.5)],
+            dpdk_rtt_busy: Some(lat(25.0)),
+            ..Baselines::default()
+        }
+    }
+
+    #[test]
+    fn dpdk_runs_are_judged_against_the_dpdk_round_trip() {
+        let b = baselines();
+        assert_eq!(b.rtt_us("tcp"), 20.0);
+        assert_eq!(b.rtt_us("dpdk"), 100.0);
+        // TCP: 2 TCP round trips; DPDK: the client's TCP hop + the replicas' DPDK hop.
+        assert_eq!(b.floor_us("tcp", "memory"), 40.0);
+        assert_eq!(b.floor_us("dpdk", "memory"), 120.0);
+        assert_eq!(b.floor_us("dpdk", "fsync"), 620.0);
+        assert_eq!(Baselines { dpdk_rtt: None, ..b.clone() }.rtt_us("dpdk"), 0.0);
+        let r = run("dpdk", "memory", 250.0, &b);
+        assert_eq!(r.label(), "replog dpdk memory closed c=1 64B b=1");
+        let line = r.line(&b);
+        assert!(line.contains("p50 / DPDK RTT p50 [100.0us] = 2.5x"), "{line}");
+        assert!(line.contains("(TCP RTT + DPDK RTT)"), "{line}");
+        let t = run("tcp", "memory", 50.0, &b);
+        assert_eq!(t.label(), "replog memory closed c=1 64B b=1");
+        assert!(t.line(&b).contains("p50 / TCP RTT p50 [20.0us] = 2.5x"), "{}", t.line(&b));
+        let targets = targets(&[r], &b, &[]);
+        assert!(targets.iter().any(|t| t.name.contains("3x DPDK RTT") && t.met == Some(true)), "{targets:?}");
+    }
+
+    #[test]
+    fn files_carry_the_transport_and_the_dpdk_baselines() {
+        let b = baselines();
+        let rep = Report {
+            date: utc_now(),
+            machine: Machine::default(),
+            command: "bench --transport dpdk".into(),
+            transport: "dpdk".into(),
+            etcd_version: None,
+            etcd_unavailable: None,
+            runs: vec![run("dpdk", "memory", 250.0, &b), run("dpdk", "fsync", 900.0, &b)],
+            baselines: b,
+            comparisons: vec![],
+            targets: vec![],
+        };
+        let dir = std::env::temp_dir().join(format!("bench-report-test-{}", std::process::id()));
+        write_files(&rep, &dir).expect("write");
+        let csv = std::fs::read_to_string(dir.join("results.csv")).expect("csv");
+        let json = std::fs::read_to_string(dir.join("results.json")).expect("json");
+        let plots = crate::plot::write_plots(&rep, &dir).expect("plots");
+        let cdf = std::fs::read_to_string(dir.join("latency_cdf.svg")).expect("cdf");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut lines = csv.lines();
+        let header = lines.next().expect("header");
+        assert!(header.ends_with("dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us"), "{header}");
+        for l in lines {
+            assert!(l.starts_with("replog,dpdk,") && l.ends_with(",100.00,25.00"), "{l}");
+        }
+        assert!(json.contains("\"transport\": \"dpdk\"") && json.contains("\"dpdk_rtt\""), "{json}");
+        assert!(!plots.is_empty());
+        assert!(cdf.contains("replog dpdk memory") && cdf.contains("DPDK af_packet RTT"), "CDF labels");
+    }
+}
