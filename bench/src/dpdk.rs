@@ -72,6 +72,9 @@ pub fn rtt(
     max_time: Duration,
     busy: bool,
 ) -> Result<Histogram<u64>> {
+    if crate::proc::stopped() {
+        bail!("stopped by a signal");
+    }
     let tmp = TempDir::new(dir, "dpdk-pingpong")?;
     // A two-member "cluster" on the replicas' network, with their EAL settings (file
     // prefixes of their own, so nothing of the replicas' runtime state is shared).
