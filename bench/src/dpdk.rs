@@ -105,7 +105,7 @@ pub fn rtt(
                 .stdout(out)
                 .stderr(log),
         )
-        .with_context(|| format!("starting {} dpdk-pingpong in {}", bench.display(), w[3]))
+        .with_context(|| format!("starting {} dpdk-pingpong in {}", bench.display(), net.layout().ns(id)))
     };
     let log_of = |id: u64| {
         let text = std::fs::read_to_string(tmp.path().join(format!("pingpong-{id}.log"))).unwrap_or_default();
