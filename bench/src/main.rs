@@ -782,6 +782,10 @@ fn measure(
         request_rate: out.requests as f64 / secs,
         mb_per_s: out.entries as f64 * spec.size as f64 / secs / 1e6,
         p50_over_rtt: div(lat.p50_us, baselines.rtt_us(transport)),
+        p50_over_busy_rtt: match (&baselines.dpdk_rtt_busy, transport) {
+            (Some(l), "dpdk") => Some(div(lat.p50_us, l.p50_us)),
+            _ => None,
+        },
         p50_over_floor: div(lat.p50_us, floor),
         latency: lat,
         errors: out.errors,

@@ -116,6 +116,8 @@ pub struct RunResult {
     /// p50 / the raw RTT p50 of its transport (tcp: the TCP loopback ping-pong; dpdk:
     /// the DPDK ping-pong, [`Baselines::dpdk_rtt`]).
     pub p50_over_rtt: f64,
+    /// dpdk only: p50 / the busy-polling DPDK RTT p50 ([`Baselines::dpdk_rtt_busy`]).
+    pub p50_over_busy_rtt: Option<f64>,
     /// p50 / the floor of its durability and transport ([`Baselines::floor_us`]).
     pub p50_over_floor: f64,
     /// CDF points `(us, quantile)`.
@@ -155,6 +157,9 @@ impl RunResult {
             fmt_us(floor),
             self.p50_over_floor
         );
+        if let (Some(x), Some(l)) = (self.p50_over_busy_rtt, &b.dpdk_rtt_busy) {
+            let _ = write!(s, "; p50 / busy-polling DPDK RTT p50 [{}] = {x:.1}x", fmt_us(l.p50_us));
+        }
         if self.errors > 0 {
             let _ = write!(s, "  [{} errors: {}]", self.errors, self.first_error.as_deref().unwrap_or(""));
         }
@@ -449,13 +454,14 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let mut csv = String::from(
         "system,transport,durability,mode,clients,size,batch,spin_us,offered_rate,duration_s,requests,entries,\
          throughput,request_rate,mb_per_s,p50_us,p90_us,p99_us,p999_us,max_us,mean_us,errors,missed,\
-         p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us,dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us\n",
+         p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us,dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us,\
+         p50_over_busy_rtt\n",
     );
     for r in &report.runs {
         let l = &r.latency;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{},{}",
+            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{},{},{}",
             r.system,
             r.transport,
             r.durability,
@@ -484,7 +490,8 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
             report.baselines.tcp_rtt.p50_us,
             report.baselines.fdatasync.p50_us,
             report.baselines.dpdk_rtt.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
-            report.baselines.dpdk_rtt_busy.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default()
+            report.baselines.dpdk_rtt_busy.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
+            r.p50_over_busy_rtt.map(|x| format!("{x:.3}")).unwrap_or_default()
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
@@ -521,6 +528,7 @@ mod tests {
             first_error: None,
             missed: 0,
             p50_over_rtt: p50_us / b.rtt_us(transport),
+            p50_over_busy_rtt: (transport == "dpdk").then(|| p50_us / 25.0),
             p50_over_floor: p50_us / b.floor_us(transport, durability),
             cdf: vec![(p50_us, 0.5)],
         }
@@ -552,6 +560,7 @@ mod tests {
         let line = r.line(&b);
         assert!(line.contains("p50 / DPDK RTT p50 [100.0us] = 2.5x"), "{line}");
         assert!(line.contains("(TCP RTT + DPDK RTT)"), "{line}");
+        assert!(line.contains("p50 / busy-polling DPDK RTT p50 [25.0us] = 10.0x"), "{line}");
         let t = run("tcp", "memory", 50.0, &b);
         assert_eq!(t.label(), "replog memory closed c=1 64B b=1");
         assert!(t.line(&b).contains("p50 / TCP RTT p50 [20.0us] = 2.5x"), "{}", t.line(&b));
@@ -583,9 +592,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut lines = csv.lines();
         let header = lines.next().expect("header");
-        assert!(header.ends_with("dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us"), "{header}");
+        assert!(header.ends_with("dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us,p50_over_busy_rtt"), "{header}");
         for l in lines {
-            assert!(l.starts_with("replog,dpdk,") && l.ends_with(",100.00,25.00"), "{l}");
+            assert!(l.starts_with("replog,dpdk,") && l.contains(",100.00,25.00,"), "{l}");
         }
         assert!(json.contains("\"transport\": \"dpdk\"") && json.contains("\"dpdk_rtt\""), "{json}");
         assert!(!plots.is_empty());
