@@ -31,6 +31,16 @@ enum Transport {
     Rdma,
 }
 
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Dpdk => "dpdk",
+            Transport::Rdma => "rdma",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Durability {
     Memory,
@@ -62,11 +72,13 @@ struct Args {
     /// Replicas per cluster.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
-    /// Transport between replicas. dpdk: needs root, iproute2 and a build with
-    /// `--features bench/dpdk` (replicas in network namespaces on af_packet vdevs; the raw
-    /// DPDK ping-pong is measured as the baseline of the replicas' hop). rdma: not yet.
-    #[arg(long, value_enum, default_value = "tcp")]
-    transport: Transport,
+    /// Transports between replicas (comma-separated: `tcp,dpdk` runs every replog
+    /// configuration over each, and plots them together). dpdk: needs root, iproute2 and
+    /// a build with `--features bench/dpdk` (replicas in network namespaces on af_packet
+    /// vdevs; the raw DPDK ping-pong is measured as the baseline of the replicas' hop).
+    /// rdma: not yet.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
+    transport: Vec<Transport>,
     /// The replog binary (default: next to this one, in the same target directory).
     #[arg(long)]
     replog: Option<PathBuf>,
@@ -162,22 +174,25 @@ struct Spec {
     mode: Loop,
     /// Spin-then-block waits of replicas and clients (µs; replog only).
     spin_us: u64,
+    /// Between the replicas (etcd: always tcp).
+    transport: Transport,
 }
 
 impl Spec {
     fn replog(d: DurabilityKind, clients: usize, size: usize, batch: usize, mode: Loop) -> Spec {
-        Spec { durability: Some(d), clients, size, batch, mode, spin_us: 0 }
+        Spec { durability: Some(d), clients, size, batch, mode, spin_us: 0, transport: Transport::Tcp }
     }
     fn etcd(clients: usize, size: usize, batch: usize, mode: Loop) -> Spec {
-        Spec { durability: None, clients, size, batch, mode, spin_us: 0 }
+        Spec { durability: None, clients, size, batch, mode, spin_us: 0, transport: Transport::Tcp }
     }
     fn spinning(self, spin_us: u64) -> Spec {
         Spec { spin_us, ..self }
     }
     fn label(&self) -> String {
-        let sys = match self.durability {
-            Some(d) => format!("replog {}", d.as_str()),
-            None => "etcd".to_string(),
+        let sys = match (self.durability, self.transport) {
+            (Some(d), Transport::Tcp) => format!("replog {}", d.as_str()),
+            (Some(d), t) => format!("replog {} {}", t.as_str(), d.as_str()),
+            (None, _) => "etcd".to_string(),
         };
         let mode = match self.mode {
             Loop::Closed => "closed".to_string(),
@@ -185,6 +200,15 @@ impl Spec {
         };
         let spin = if self.spin_us > 0 { format!(" spin={}us", self.spin_us) } else { String::new() };
         format!("{sys} {mode} c={} {}B b={}{spin}", self.clients, self.size, self.batch)
+    }
+}
+
+/// `spec` over `t` (replog only: etcd stays on TCP).
+fn with_transport(spec: Spec, t: Transport) -> Spec {
+    if spec.durability.is_some() {
+        Spec { transport: t, ..spec }
+    } else {
+        spec
     }
 }
 
@@ -302,12 +326,21 @@ fn custom_plan(a: &Args) -> Result<Vec<Spec>> {
             for &b in &batches {
                 for &c in &clients {
                     for &l in &loops {
+                        let spec = Spec {
+                            durability: sys,
+                            clients: c,
+                            size: z,
+                            batch: b,
+                            mode: l,
+                            spin_us: 0,
+                            transport: Transport::Tcp,
+                        };
                         if sys.is_none() {
-                            p.push(Spec { durability: sys, clients: c, size: z, batch: b, mode: l, spin_us: 0 });
+                            p.push(spec);
                             continue;
                         }
                         for &spin_us in &spins {
-                            p.push(Spec { durability: sys, clients: c, size: z, batch: b, mode: l, spin_us });
+                            p.push(Spec { spin_us, ..spec.clone() });
                         }
                     }
                 }
@@ -358,10 +391,20 @@ fn main() {
 
 /// Runs the benchmark; returns the exit code.
 fn run(args: Args) -> Result<i32> {
-    if args.transport == Transport::Rdma {
+    if args.transport.contains(&Transport::Rdma) {
         bail!("bench --transport rdma is not built yet (tcp and dpdk are): the replicas need the soft-RoCE VM");
     }
-    let transport = if args.transport == Transport::Dpdk { "dpdk" } else { "tcp" };
+    let mut transports: Vec<Transport> = Vec::new();
+    for &t in &args.transport {
+        if !transports.contains(&t) {
+            transports.push(t);
+        }
+    }
+    if transports.is_empty() {
+        bail!("--transport needs at least one of tcp, dpdk");
+    }
+    let dpdk_wanted = transports.contains(&Transport::Dpdk);
+    let transport_list = transports.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
     if args.replicas == 0 || args.replicas > 9 {
         bail!("--replicas must be 1..=9");
     }
@@ -373,11 +416,17 @@ fn run(args: Args) -> Result<i32> {
         || args.rates.is_some()
         || args.spin_us.is_some();
     let mut plan = if args.short {
-        short_plan(args.transport)
-    } else if custom {
-        custom_plan(&args)?
+        // The short plans differ: each transport's own, etcd once (with tcp's).
+        transports.iter().flat_map(|&t| short_plan(t).into_iter().map(move |s| with_transport(s, t))).collect()
     } else {
-        full_plan()
+        let base = if custom { custom_plan(&args)? } else { full_plan() };
+        // Every replog configuration once per transport; etcd once.
+        let mut p: Vec<Spec> = Vec::new();
+        for &t in &transports {
+            p.extend(base.iter().filter(|s| s.durability.is_some()).map(|s| with_transport(s.clone(), t)));
+        }
+        p.extend(base.into_iter().filter(|s| s.durability.is_none()));
+        p
     };
     if args.no_etcd {
         plan.retain(|s| s.durability.is_some());
@@ -397,12 +446,11 @@ fn run(args: Args) -> Result<i32> {
     // DPDK: the replicas' namespaces and bridge, for the whole run (the ping-pong
     // baseline runs in two of them first). Deleted when `net` drops: on return, on an
     // error, and after Ctrl-C (the loops below stop on the signal flag).
-    let net = match args.transport {
-        Transport::Dpdk => {
-            let n = args.replicas.max(2);
-            Some(dpdk::create_net(n).with_context(|| format!("creating the network of {n} DPDK replicas"))?)
-        }
-        _ => None,
+    let net = if dpdk_wanted && plan.iter().any(|s| s.durability.is_some()) {
+        let n = args.replicas.max(2);
+        Some(dpdk::create_net(n).with_context(|| format!("creating the network of {n} DPDK replicas"))?)
+    } else {
+        None
     };
     let machine = Machine::probe();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -417,16 +465,20 @@ fn run(args: Args) -> Result<i32> {
         machine.cpu, machine.cores, machine.kernel, machine.loadavg_before
     );
     if let Some(b) = &replog_bin {
-        let how = match &net {
-            Some(n) => format!(
+        let mut hows = Vec::new();
+        if transports.contains(&Transport::Tcp) {
+            hows.push("over TCP on loopback".to_string());
+        }
+        if let Some(n) = &net {
+            hows.push(format!(
                 "over DPDK (af_packet vdevs on veths, namespaces {p}1..{p}{r}, bridge {br} with {h}/24 for the clients)",
                 p = n.layout().prefix,
                 r = args.replicas,
                 br = n.layout().bridge,
                 h = n.layout().host_addr()
-            ),
-            None => "over TCP on loopback".to_string(),
-        };
+            ));
+        }
+        let how = hows.join(", and ");
         println!(
             "replog: {}; {} replicas as processes {how}; data in {}",
             b.display(),
@@ -583,7 +635,7 @@ fn run(args: Args) -> Result<i32> {
         date: report::utc_now(),
         machine,
         command,
-        transport: transport.to_string(),
+        transport: transport_list,
         etcd_version,
         etcd_unavailable: etcd_unavailable.clone(),
         baselines,
@@ -605,7 +657,7 @@ fn run(args: Args) -> Result<i32> {
         println!("FAILED: {f}");
     }
     if args.short {
-        let checks = short_checks(&rep, &args.out, &plots, want_etcd, transport);
+        let checks = short_checks(&rep, &args.out, &plots, want_etcd, &transports);
         let bad: Vec<_> = checks.iter().filter(|c| !c.1).collect();
         for (name, ok) in &checks {
             println!("  check {}: {name}", if *ok { "ok" } else { "FAILED" });
@@ -627,11 +679,17 @@ fn say(pb: &ProgressBar, line: String) {
     }
 }
 
-fn short_checks(rep: &Report, out: &Path, plots: &[PathBuf], want_etcd: bool, transport: &str) -> Vec<(String, bool)> {
+fn short_checks(
+    rep: &Report,
+    out: &Path,
+    plots: &[PathBuf],
+    want_etcd: bool,
+    transports: &[Transport],
+) -> Vec<(String, bool)> {
     let mut c = Vec::new();
     c.push(("TCP RTT baseline measured".to_string(), rep.baselines.tcp_rtt.count > 0));
     c.push(("fdatasync baseline measured".to_string(), rep.baselines.fdatasync.count > 0));
-    if transport == "dpdk" {
+    if transports.contains(&Transport::Dpdk) {
         c.push((
             "DPDK RTT baseline measured".to_string(),
             rep.baselines.dpdk_rtt.as_ref().is_some_and(|l| l.count > 0)
@@ -639,11 +697,13 @@ fn short_checks(rep: &Report, out: &Path, plots: &[PathBuf], want_etcd: bool, tr
                 && rep.baselines.dpdk_rtt_busy.as_ref().is_some_and(|l| l.count > 0),
         ));
     }
-    for d in ["memory", "fsync"] {
-        let rs: Vec<_> = rep.runs.iter().filter(|r| r.system == "replog" && r.durability == d).collect();
+    for (t, d) in transports.iter().flat_map(|t| ["memory", "fsync"].map(|d| (t.as_str(), d))) {
+        let transport = t;
+        let rs: Vec<_> =
+            rep.runs.iter().filter(|r| r.system == "replog" && r.durability == d && r.transport == t).collect();
         c.push((
             format!("replog {transport} {d}: every configuration ran with non-zero throughput ({} runs)", rs.len()),
-            !rs.is_empty() && rs.iter().all(|r| r.throughput > 0.0 && r.latency.count > 0 && r.transport == transport),
+            !rs.is_empty() && rs.iter().all(|r| r.throughput > 0.0 && r.latency.count > 0),
         ));
         if transport == "dpdk" {
             c.push((
@@ -712,6 +772,11 @@ fn measure(
         match spec.durability {
             Some(d) => {
                 let bin = replog_bin.context("no replog binary")?;
+                let net = if spec.transport == Transport::Dpdk {
+                    Some(net.context("no DPDK network (bench --transport dpdk creates it)")?)
+                } else {
+                    None
+                };
                 let mut cluster = ReplogCluster::start(
                     bin,
                     args.replicas,
@@ -751,11 +816,8 @@ fn measure(
     let (out, durability) = result?;
     let secs = out.elapsed.as_secs_f64();
     let lat = Latency::of(&out.hist);
-    // etcd always runs over TCP; replog over the run's transport.
-    let transport = match (spec.durability, args.transport) {
-        (Some(_), Transport::Dpdk) => "dpdk",
-        _ => "tcp",
-    };
+    // etcd always runs over TCP; replog over the configuration's transport.
+    let transport = spec.transport.as_str();
     let floor = baselines.floor_us(transport, durability);
     let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     Ok(RunResult {
