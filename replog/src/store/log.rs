@@ -88,8 +88,14 @@ struct Inner {
     gen: u64,
     /// Set by a fatal error; every later call fails with it.
     poison: Option<String>,
-    /// Appenders parked until a group commit covers their position (fsync mode).
-    waiters: Vec<(Position, std::thread::Thread)>,
+    /// Group commits started (fsync mode); the running one, if `syncing`, is this one.
+    sync_id: u64,
+    /// The last position the running group commit covers (`Position::MAX` until it
+    /// has written its batch: everything appended before then is in it).
+    sync_target: Position,
+    /// Appenders parked on [`Log::done`]`[id % 2]`, waiting for group commit `id`: the
+    /// running one (their record is in its batch) or the next.
+    parked: [u32; 2],
     /// Epoch of the newest segment.
     last_epoch: u64,
 }
@@ -125,21 +131,27 @@ pub struct Log {
     /// Mirrors `Inner::durable`, so that woken waiters need not take `inner`.
     durable_pub: AtomicU64,
     /// Bumped (under `inner`) whenever durability advances, a sync ends, the store is
-    /// poisoned or truncated: what waiters wait for, as a futex word. Waiters sleep on
-    /// it directly, not on `inner` or a condition variable, so a finished group commit
-    /// wakes every waiter at once with one `FUTEX_WAKE` instead of handing a mutex from
-    /// one woken thread to the next (64 hand-offs in a row on 2 cores).
+    /// poisoned or truncated: what tail waiters ([`Log::wait_for`]) wait for, as a
+    /// futex word.
     events: AtomicU32,
     /// Threads inside [`Log::wait_event`]: `publish` skips the wake-up when there are
     /// none (the common case of one appender).
     sleepers: AtomicU32,
+    /// Futex words of group-commit appenders (fsync mode): those waiting for commit
+    /// `id` sleep on `done[id % 2]`. When commit `id` ends, its word changes and one
+    /// `FUTEX_WAKE` wakes all of them (and nobody waiting for the next one, but one of
+    /// those, woken alone, to run it). Changed only under `inner`.
+    done: [AtomicU32; 2],
     mode: Mode,
     segment_size: u64,
     dir: Option<PathBuf>,
     flush: Option<FlushInstr>,
     report: RecoveryReport,
     /// Removals and renames in the data directory (fsync mode), drained by the syncer.
-    watch: Option<Mutex<DirWatch>>,
+    /// Made at the first group commit, not at open: closing an inotify descriptor waits
+    /// for an SRCU grace period (milliseconds), which a log opened only to be read (as
+    /// recovery tests do thousands of times) should not pay.
+    watch: Mutex<Option<DirWatch>>,
 }
 
 fn new_epoch(prev: u64) -> u64 {
@@ -220,8 +232,18 @@ impl Log {
             }
         }
         let next_pos = segs.back().expect("a segment").end_pos();
-        let mut inner =
-            Inner { segs, next_pos, durable: 0, syncing: false, gen: 0, poison: None, waiters: Vec::new(), last_epoch };
+        let mut inner = Inner {
+            segs,
+            next_pos,
+            durable: 0,
+            syncing: false,
+            gen: 0,
+            poison: None,
+            sync_id: 0,
+            sync_target: 0,
+            parked: [0, 0],
+            last_epoch,
+        };
         // What recovery read may still be only in the page cache (the previous process
         // died before its fsync): make it durable before vouching for it in hints.
         inner.active().sync()?;
@@ -231,12 +253,13 @@ impl Log {
             durable_pub: AtomicU64::new(next_pos - 1),
             events: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            done: [AtomicU32::new(0), AtomicU32::new(0)],
             mode: cfg.mode,
             segment_size: size,
             dir: (cfg.mode != Mode::Memory).then(|| dir.to_path_buf()),
             flush,
             report,
-            watch: (cfg.mode == Mode::Fsync).then(|| Mutex::new(DirWatch::new(dir))),
+            watch: Mutex::new(None),
         })
     }
 
@@ -334,38 +357,37 @@ impl Log {
         drop(self.publish(g)); // wakes under the lock: not the group-commit path
     }
 
-    /// Publishes `g.durable` and wakes every waiter it concerns. Called with `inner`
-    /// held; the group-commit appenders it returns are best woken after `inner` is
-    /// released (else they wake into a held lock), which dropping the result does.
-    fn publish(&self, g: &mut Inner) -> Wake {
+    /// Publishes `g.durable` and wakes every waiter it concerns: tail waiters, and
+    /// any parked group-commit appender (they re-check; this is not the group-commit
+    /// path, which is [`Log::end_group_commit`]). Called with `inner` held; dropping the
+    /// result (best after releasing `inner`) does the group-commit wake-ups.
+    fn publish(&self, g: &mut Inner) -> Wake<'_> {
         self.durable_pub.store(g.durable, Ordering::Release);
-        // Group-commit appenders: the ones now durable (all of them if the store is
-        // poisoned), each by its own wake-up, and when no sync runs the first one still
-        // waiting, to run the next sync. Nobody else is woken.
-        let mut wake = Wake(Vec::new());
-        if !g.waiters.is_empty() {
-            let (durable, poisoned) = (g.durable, g.poison.is_some());
-            let mut i = 0;
-            while i < g.waiters.len() {
-                if poisoned || g.waiters[i].0 <= durable {
-                    wake.0.push(g.waiters.swap_remove(i).1);
-                } else {
-                    i += 1;
-                }
-            }
-            if !g.syncing {
-                if let Some((_, t)) = g.waiters.first() {
-                    wake.0.push(t.clone());
-                }
-            }
+        let mut wake = Wake { words: &self.done, all: [false; 2], one: None };
+        for p in 0..2 {
+            self.wake_parked(g, p, &mut wake);
         }
+        self.wake_tail_waiters();
+        wake
+    }
+
+    /// Marks every appender parked on `done[p]` to be woken by `wake`.
+    fn wake_parked(&self, g: &mut Inner, p: usize, wake: &mut Wake<'_>) {
+        if g.parked[p] > 0 {
+            self.done[p].fetch_add(1, Ordering::Release);
+            wake.all[p] = true;
+            g.parked[p] = 0;
+        }
+    }
+
+    /// Wakes the threads in [`Log::wait_event`]. Called with `inner` held.
+    fn wake_tail_waiters(&self) {
         // SeqCst on `events` and `sleepers` on both sides (Dekker): either a waiter sees
         // the new `events` before sleeping, or this sees the waiter and wakes it.
         self.events.fetch_add(1, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             futex::wake_all(&self.events);
         }
-        wake
     }
 
     /// Sleeps until `events` moves past `seen` or `deadline` passes. Returns false on
@@ -454,6 +476,24 @@ impl Log {
         Ok(())
     }
 
+    /// Publishes the end of group commit `id`: wakes every appender parked for it (one
+    /// `FUTEX_WAKE`), and one of those parked for the next, to run it.
+    fn end_group_commit(&self, g: &mut Inner, id: u64) -> Wake<'_> {
+        self.durable_pub.store(g.durable, Ordering::Release);
+        let mut wake = Wake { words: &self.done, all: [false; 2], one: None };
+        let (p, q) = ((id % 2) as usize, ((id + 1) % 2) as usize);
+        self.wake_parked(g, p, &mut wake);
+        if g.parked[q] > 0 {
+            // Changed too, so that one parked but not yet asleep does not sleep through
+            // it (it re-checks, as the one woken does).
+            self.done[q].fetch_add(1, Ordering::Release);
+            wake.one = Some(q);
+            g.parked[q] -= 1;
+        }
+        self.wake_tail_waiters();
+        wake
+    }
+
     /// Waits until `pos` is durable. In fsync mode: one waiter runs fdatasync outside
     /// the lock for everything written so far; the others wait for it (group commit).
     fn make_durable<'a>(&'a self, mut g: MutexGuard<'a, Inner>, pos: Position) -> Result<()> {
@@ -475,31 +515,35 @@ impl Log {
                 }
                 Mode::Fsync => {
                     if g.syncing {
-                        // Wait for the running sync without holding `inner`, parked
-                        // until `publish` says we are durable, the store failed, or the
-                        // sync ended and we are next to run one. A spurious wake-up
-                        // finds its entry gone or still there and re-registers.
-                        let me = std::thread::current();
-                        let id = me.id();
-                        g.waiters.retain(|(_, t)| t.id() != id);
-                        g.waiters.push((pos, me));
+                        // Sleep without holding `inner` until the group commit that
+                        // covers us (the running one, or else the next) ends, the store
+                        // fails, or we are picked to run the next one.
+                        let id = if pos <= g.sync_target { g.sync_id } else { g.sync_id + 1 };
+                        let p = (id % 2) as usize;
+                        g.parked[p] += 1;
+                        let word = &self.done[p];
+                        let seen = word.load(Ordering::Acquire);
                         drop(g);
-                        std::thread::park();
+                        futex::wait(word, seen, None);
                         if self.durable_pub.load(Ordering::Acquire) >= pos {
                             return Ok(());
                         }
                         g = self.inner.lock();
-                        g.waiters.retain(|(_, t)| t.id() != id);
                         continue;
                     }
+                    g.syncing = true;
+                    g.sync_id += 1;
+                    g.sync_target = Position::MAX;
+                    let id = g.sync_id;
                     // The batch the appenders buffered goes to the file in one write,
                     // under the lock (a concurrent truncation must not race with it).
                     if let Err(e) = g.active().flush_pending() {
+                        g.syncing = false;
                         self.poison(&mut g, &e);
                         return Err(e);
                     }
-                    g.syncing = true;
                     let target = g.next_pos - 1;
+                    g.sync_target = target;
                     let gen = g.gen;
                     let active = g.active();
                     let file = active.file_for_sync().expect("fsync mode uses files");
@@ -511,7 +555,10 @@ impl Log {
                         // it must not count as durable. The directory's inotify events
                         // say when to ask (see `watch`); only this syncer drains them.
                         let name = path.file_name().map_or(&[][..], |n| n.as_bytes());
-                        let verdict = self.watch.as_ref().map_or(Verdict::Ask, |w| w.lock().drain(name));
+                        let verdict = match (&self.dir, &mut *self.watch.lock()) {
+                            (Some(dir), w) => w.get_or_insert_with(|| DirWatch::new(dir)).drain(name),
+                            (None, _) => Verdict::Ask,
+                        };
                         if verdict == Verdict::Untouched {
                             return Ok(());
                         }
@@ -529,7 +576,7 @@ impl Log {
                             if g.gen == gen && target > g.durable {
                                 g.durable = target;
                             }
-                            let wake = self.publish(&mut g);
+                            let wake = self.end_group_commit(&mut g, id);
                             drop(g);
                             drop(wake);
                             return Ok(());
@@ -790,14 +837,24 @@ impl Iterator for LogIter<'_> {
     }
 }
 
-/// Parked group-commit appenders to wake (see [`Log::publish`]); dropping it wakes them.
+/// Parked group-commit appenders to wake (see [`Log::done`]): all of those sleeping on
+/// a word, and one of another's. Dropping it wakes them; drop it after releasing `inner`.
 #[must_use = "dropping it wakes the appenders; drop it after releasing `inner`"]
-struct Wake(Vec<std::thread::Thread>);
+struct Wake<'a> {
+    words: &'a [AtomicU32; 2],
+    all: [bool; 2],
+    one: Option<usize>,
+}
 
-impl Drop for Wake {
+impl Drop for Wake<'_> {
     fn drop(&mut self) {
-        for t in self.0.drain(..) {
-            t.unpark();
+        for p in 0..2 {
+            if self.all[p] {
+                futex::wake(&self.words[p], i32::MAX);
+            }
+        }
+        if let Some(q) = self.one {
+            futex::wake(&self.words[q], 1);
         }
     }
 }
@@ -824,9 +881,14 @@ mod futex {
 
     /// Wakes every thread sleeping on `word`.
     pub(super) fn wake_all(word: &AtomicU32) {
+        wake(word, i32::MAX);
+    }
+
+    /// Wakes up to `n` threads sleeping on `word`.
+    pub(super) fn wake(word: &AtomicU32, n: i32) {
         // SAFETY: `word` is a live, aligned u32.
         unsafe {
-            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
+            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n);
         }
     }
 }

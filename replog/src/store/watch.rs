@@ -30,7 +30,8 @@ pub(crate) enum Verdict {
 }
 
 /// An inotify watch on a data directory (removals and renames of its entries, and of
-/// the directory itself).
+/// the directory itself). A watch made after the directory was removed has no
+/// descriptor, and so asks every time: the answer is then "gone".
 pub(crate) struct DirWatch {
     fd: Option<File>,
     buf: Vec<u8>,
