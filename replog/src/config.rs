@@ -448,11 +448,26 @@ pub struct RdmaSection {
     /// are refused, and the slots per write are bounded to fit; it must hold one slot of
     /// `limits.max_batch_bytes`). Default 2 MiB.
     pub cell_bytes: u64,
+    /// The accepted-entries read mirror's size in bytes (registered remote-read-only;
+    /// candidates read log tails from it by RDMA READ, see `replog::rdma_mirror`); 0: no
+    /// mirror, tails are read over the side channel. Default 1 MiB.
+    pub mirror_bytes: u64,
+    /// Bytes per mirror record (one slot each; a slot whose value does not fit is read
+    /// over the side channel). A multiple of 8, at least 64. Default 1 KiB.
+    pub mirror_record_bytes: u64,
 }
 
 impl Default for RdmaSection {
     fn default() -> Self {
-        RdmaSection { device: String::new(), port: 1, gid_index: 1, region_bytes: 128 << 20, cell_bytes: 2 << 20 }
+        RdmaSection {
+            device: String::new(),
+            port: 1,
+            gid_index: 1,
+            region_bytes: 128 << 20,
+            cell_bytes: 2 << 20,
+            mirror_bytes: 1 << 20,
+            mirror_record_bytes: 1 << 10,
+        }
     }
 }
 
@@ -694,6 +709,18 @@ impl ServeConfig {
                     "rdma.region_bytes".to_string(),
                     format!("{} holds fewer than 4 cells of rdma.cell_bytes ({})", r.region_bytes, r.cell_bytes),
                 ));
+            }
+            if r.mirror_bytes > 0 {
+                let (len, stride) = (r.mirror_bytes as usize, r.mirror_record_bytes as usize);
+                if let Err(e) = crate::rdma_mirror::geometry(len, stride) {
+                    return Err(ConfigError::at("rdma.mirror_record_bytes".to_string(), e.to_string()));
+                }
+                if !r.mirror_bytes.is_multiple_of(8) || r.mirror_bytes > u32::MAX as u64 {
+                    return Err(ConfigError::at(
+                        "rdma.mirror_bytes".to_string(),
+                        format!("{} must be a multiple of 8 below 4 GiB (0: no mirror)", r.mirror_bytes),
+                    ));
+                }
             }
         } else if self.transport != TransportKind::Tcp {
             let name = self.transport.as_str();

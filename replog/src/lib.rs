@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod node;
 #[cfg(feature = "rdma")]
 pub mod rdma_agent;
+pub mod rdma_mirror;
 pub mod rdma_region;
 pub mod server;
 pub mod snapshot;

@@ -21,6 +21,8 @@
 //! | `replog_appends_total` | counter | | client entries committed |
 //! | `replog_client_errors_total` | counter | `code` | errors answered to clients |
 //! | `replog_elections_total` | counter | | elections this replica started |
+//! | `replog_remote_reads_total` | counter | `path` | log-tail reads this replica issued, by how they were answered: `rdma_read` (one-sided, no peer CPU) or `side_channel` (the peer's CPU) |
+//! | `replog_remote_read_fallbacks_total` | counter | | reads that tried the peer's RDMA mirror and fell back to the side channel |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -77,6 +79,8 @@ pub struct Metrics {
     log_bytes: AtomicU64,
     appends: AtomicU64,
     elections: AtomicU64,
+    /// Remote reads answered by RDMA READ, by the side channel, and fallbacks.
+    remote_reads: [AtomicU64; 3],
     peers: Mutex<BTreeMap<u64, Peer>>,
     client_errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -97,6 +101,7 @@ impl Metrics {
             log_bytes: AtomicU64::new(0),
             appends: AtomicU64::new(0),
             elections: AtomicU64::new(0),
+            remote_reads: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             peers: Mutex::new(BTreeMap::new()),
             client_errors: Mutex::new(BTreeMap::new()),
         })
@@ -169,6 +174,19 @@ impl Metrics {
         }
     }
 
+    /// Sets the counts of remote reads by path (from the transport's own counts).
+    pub fn set_remote_reads(&self, rdma_read: u64, side_channel: u64, fallbacks: u64) {
+        self.remote_reads[0].store(rdma_read, Relaxed);
+        self.remote_reads[1].store(side_channel, Relaxed);
+        self.remote_reads[2].store(fallbacks, Relaxed);
+    }
+
+    /// Remote reads answered by RDMA READ, by the side channel, and the fallbacks among them.
+    pub fn remote_reads(&self) -> (u64, u64, u64) {
+        let r = &self.remote_reads;
+        (r[0].load(Relaxed), r[1].load(Relaxed), r[2].load(Relaxed))
+    }
+
     /// Counts one election started by this replica.
     pub fn inc_elections(&self) {
         self.elections.fetch_add(1, Relaxed);
@@ -224,6 +242,17 @@ impl Metrics {
         }
         header(&mut out, "replog_elections_total", "counter", "Elections this replica started.");
         let _ = writeln!(out, "replog_elections_total{{{nl}}} {}", self.elections.load(Relaxed));
+        let (rdma, side, fallbacks) = self.remote_reads();
+        header(&mut out, "replog_remote_reads_total", "counter", "Log-tail reads issued, by how they were answered.");
+        let _ = writeln!(out, "replog_remote_reads_total{{{nl},path=\"rdma_read\"}} {rdma}");
+        let _ = writeln!(out, "replog_remote_reads_total{{{nl},path=\"side_channel\"}} {side}");
+        header(
+            &mut out,
+            "replog_remote_read_fallbacks_total",
+            "counter",
+            "Reads that tried the peer's RDMA mirror and fell back to the side channel.",
+        );
+        let _ = writeln!(out, "replog_remote_read_fallbacks_total{{{nl}}} {fallbacks}");
 
         let peers: Vec<(u64, Peer)> = self.peers.lock().iter().map(|(k, v)| (*k, *v)).collect();
         header(&mut out, "replog_peer_lag_slots", "gauge", "Slots a peer trails the commit index by.");

@@ -161,6 +161,10 @@ pub struct Node<T: Transport> {
     member: bool,
     buf: Vec<u8>,
     last_metrics: Instant,
+    /// Publishes into the transport's one-sided read mirror, when it has one.
+    mirror: Option<crate::rdma_mirror::Publisher>,
+    /// The first slot changed since the last publication.
+    mirror_dirty: Option<Slot>,
 }
 
 impl<T: Transport> Node<T> {
@@ -216,6 +220,11 @@ impl<T: Transport> Node<T> {
         }
         let replica = Replica::restore(paxos, store, 0, meta)?;
         let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
+        let mirror = transport.mirror_geometry().and_then(|(len, stride)| {
+            crate::rdma_mirror::Publisher::new(len, stride)
+                .map_err(|e| warn!(error = %e, "read mirror not used; log-tail reads go over the side channel"))
+                .ok()
+        });
         let mut node = Node {
             opts,
             replica,
@@ -251,6 +260,8 @@ impl<T: Transport> Node<T> {
             member: false,
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
+            mirror,
+            mirror_dirty: None,
         };
         node.member = node.replica.membership().contains(node.opts.paxos.id);
         node.sync_members();
@@ -383,6 +394,9 @@ impl<T: Transport> Node<T> {
                 error!(error = %e, "storage failed: this replica stops acknowledging");
                 return Err(e.into());
             }
+            // What the sync covered goes into the read mirror before anything that waited
+            // for it (acknowledgements, promises) leaves.
+            self.publish_mirror();
             while let Some(a) = self.replica.poll_action() {
                 self.execute(a);
             }
@@ -415,6 +429,7 @@ impl<T: Transport> Node<T> {
             },
             Event::WriteArrived { from, token, offset, data } => match wire::decode_write(offset, &data) {
                 Ok(req) => {
+                    self.mirror_touch(req.first);
                     self.arrived_writes.entry(from).or_default().push_back(token);
                     self.replica.handle_remote_write(now, from, req)?;
                 }
@@ -479,6 +494,8 @@ impl<T: Transport> Node<T> {
                 }
             }
             Action::RemoteWrite { to, req } => {
+                // The leader's own log holds the same slots.
+                self.mirror_touch(req.first);
                 self.buf.clear();
                 let offset = wire::encode_write(&req, &mut self.buf);
                 match self.transport.write(to, offset, &self.buf) {
@@ -1220,8 +1237,47 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// Slots from `first` on may have changed in the store: the next publication
+    /// rewrites their mirror records.
+    fn mirror_touch(&mut self, first: Slot) {
+        if self.mirror.is_some() {
+            self.mirror_dirty = Some(self.mirror_dirty.map_or(first, |d| d.min(first)));
+        }
+    }
+
+    /// Publishes into the transport's read mirror (see [`crate::rdma_mirror`]) what the
+    /// store now holds durably and the mirror does not: called after each sync.
+    fn publish_mirror(&mut self) {
+        let Some(p) = self.mirror.as_mut() else { return };
+        let st = self.replica.storage();
+        let (trimmed, last) = (st.trimmed(), st.last_slot());
+        let Some(plan) = p.plan(trimmed, last, self.mirror_dirty.take()) else { return };
+        let entries = if plan.start <= plan.high {
+            match st.entries(plan.start, plan.high) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Published next time; readers meanwhile see the old range.
+                    warn!(error = %e, from = plan.start, to = plan.high, "read mirror not updated");
+                    self.mirror_dirty = Some(plan.start);
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let len = self.transport.mirror_geometry().map_or(0, |(len, _)| len);
+        let mut mem = TransportMirror(&mut self.transport, len);
+        if let Err(e) = p.publish(&mut mem, plan, trimmed, &entries) {
+            // The header stays odd: readers fall back to the side channel from now on.
+            error!(error = %e, "read mirror write failed; log-tail reads go over the side channel");
+            self.mirror = None;
+        }
+    }
+
     fn update_metrics(&mut self) {
         self.last_metrics = Instant::now();
+        let rp = self.transport.read_paths();
+        self.metrics.set_remote_reads(rp.one_sided, rp.side_channel, rp.fallbacks);
         let r = &self.replica;
         self.metrics.set_commit_index(r.commit_index());
         self.metrics.set_applied(r.applied(), self.index_base + self.index.len() as u64);
@@ -1232,6 +1288,18 @@ impl<T: Transport> Node<T> {
             let connected = self.connected.get(&p.id).copied().unwrap_or(false);
             self.metrics.set_peer_lag(p.id, commit.saturating_sub(p.matched), connected);
         }
+    }
+}
+
+/// The transport's read mirror as [`crate::rdma_mirror::MirrorMemory`].
+struct TransportMirror<'a, T: Transport>(&'a mut T, usize);
+
+impl<T: Transport> crate::rdma_mirror::MirrorMemory for TransportMirror<'_, T> {
+    fn mirror_len(&self) -> usize {
+        self.1
+    }
+    fn put(&mut self, offset: usize, data: &[u8]) -> Result<(), crate::rdma_mirror::MirrorError> {
+        self.0.put_mirror(offset, data).map_err(|why| crate::rdma_mirror::MirrorError::Write { offset, why })
     }
 }
 

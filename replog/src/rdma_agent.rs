@@ -49,15 +49,25 @@
 //!   something is outstanding. With `[timing] spin_us` the node polls without sleeping
 //!   after activity, and the looks are continuous (the low-latency setting on dedicated
 //!   cores; on a shared, loaded machine blocking is kinder).
-//! - **reads** (catch-up, a candidate reading a log tail) go as a request and an answer
-//!   over the side channel: the core reads slots, which the follower serves from its store,
-//!   not from the ring.
+//! - **reads** (a candidate reading a promiser's log tail) go by **one-sided RDMA READ**
+//!   of the peer's accepted-entries mirror (layout and checks in [`crate::rdma_mirror`];
+//!   the node publishes into its own mirror after each sync, through
+//!   [`Transport::put_mirror`]): the header, the records of the slots asked, the header
+//!   again (seqlock), each record checked whole (canary, CRC, slot). The answer is the
+//!   bytes the peer's CPU would have sent (`wire::encode_read_result`), so the node
+//!   cannot tell the paths apart. The **fallback** is the side channel (a request and an
+//!   answer that the peer's core serves from its store): used when the peer has no
+//!   mirror, the range is not in it (older than the ring, or not published yet), a check
+//!   fails (a read raced a rewrite or a wrap), a value is larger than a record, or a
+//!   mirror read fails. [`Transport::read_paths`] counts reads by path, logged as
+//!   `rdma reads` lines.
 //!
 //! Messages are tagged with one byte: 0 the core's message, 1 a write acknowledgement
 //! (the fallback: `token u64, status u8, detail`), 2 a read request (`token u64, offset u64, len u32`),
 //! 3 a read answer (`token u64, status u8, bytes`). Decoding never panics; malformed
 //! frames are dropped.
 
+use crate::rdma_mirror::{self as mirror, Fallback};
 use crate::rdma_region::{self as cells, AckRecord, CellHeader};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -66,7 +76,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use transport::rdma::RdmaTransport;
-use transport::{AccessError, Event, PeerId, SendError, Token, Transport, Wake};
+use transport::{AccessError, Event, PeerId, ReadPaths, SendError, Token, Transport, Wake};
 
 const TAG_MSG: u8 = 0;
 const TAG_ACK: u8 = 1;
@@ -97,6 +107,39 @@ pub struct AckStats {
     pub taken_rdma: u64,
     /// Writer: writes completed by a side-channel acknowledgement message.
     pub taken_side: u64,
+}
+
+/// Where a read of a peer's mirror is.
+#[derive(Debug)]
+enum MirrorStep {
+    /// The header read is in flight.
+    Header,
+    /// The records' read is in flight, under this header.
+    Records(mirror::Header),
+    /// The header's re-read is in flight; `answer` stands if its generation is the same.
+    Recheck(mirror::Header, Vec<u8>),
+}
+
+/// A read going by RDMA READ of the peer's mirror.
+#[derive(Debug)]
+struct MirrorRead {
+    peer: PeerId,
+    /// Our token (the node's read).
+    ours: Token,
+    /// First slot asked.
+    from: u64,
+    /// The reader's byte budget.
+    budget: u32,
+    step: MirrorStep,
+}
+
+/// A read of ours not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    peer: PeerId,
+    since: Instant,
+    /// Asked over the side channel (from the start or after a fallback).
+    side: bool,
 }
 
 /// One writer-to-follower cell stream (leader side).
@@ -135,6 +178,8 @@ impl Wake for AgentWaker {
 pub struct RdmaAgent {
     inner: RdmaTransport,
     cell_size: usize,
+    /// Bytes per record of this replica's mirror (0: no mirror).
+    mirror_stride: usize,
     cells: usize,
     next_token: Token,
     streams: HashMap<PeerId, Stream>,
@@ -142,8 +187,15 @@ pub struct RdmaAgent {
     inner_writes: HashMap<Token, (PeerId, Token)>,
     /// Our writes not completed yet, to their target.
     pending_writes: HashMap<Token, PeerId>,
-    /// Our reads not completed yet, to their target.
-    pending_reads: HashMap<Token, PeerId>,
+    /// Our reads not completed yet.
+    pending_reads: HashMap<Token, PendingRead>,
+    /// Reads going by RDMA READ of a peer's mirror: the transport's token -> the read.
+    mirror_reads: HashMap<Token, MirrorRead>,
+    /// How reads travelled.
+    read_paths: ReadPaths,
+    /// Fallbacks by reason.
+    fallbacks: BTreeMap<&'static str, u64>,
+    read_logged: (ReadPaths, Instant),
     // Follower side.
     /// The holder's stream being taken: (writer, epoch), and the next seq expected.
     current: Option<(PeerId, (u64, u64))>,
@@ -196,12 +248,17 @@ impl RdmaAgent {
         Ok(RdmaAgent {
             cells: region / cell_size,
             cell_size,
+            mirror_stride: 0,
             inner,
             next_token: first.max(1),
             streams: HashMap::new(),
             inner_writes: HashMap::new(),
             pending_writes: HashMap::new(),
             pending_reads: HashMap::new(),
+            mirror_reads: HashMap::new(),
+            read_paths: ReadPaths::default(),
+            fallbacks: BTreeMap::new(),
+            read_logged: (ReadPaths::default(), Instant::now()),
             current: None,
             next_seq: 1,
             seen: HashMap::new(),
@@ -215,6 +272,14 @@ impl RdmaAgent {
             buf: Vec::new(),
             scratch: Vec::new(),
         })
+    }
+
+    /// Publishes into this replica's read mirror with `stride`-byte records (see
+    /// [`crate::rdma_mirror`]); the transport must have been opened with a mirror.
+    pub fn with_mirror(mut self, stride: usize) -> Result<Self, String> {
+        mirror::geometry(self.inner.mirror_len(), stride).map_err(|e| e.to_string())?;
+        self.mirror_stride = stride;
+        Ok(self)
     }
 
     /// The payload capacity of one cell: the largest remote write.
@@ -305,6 +370,99 @@ impl RdmaAgent {
             );
             self.logged = (s, now);
         }
+        let r = self.read_paths;
+        if r != self.read_logged.0 && now.duration_since(self.read_logged.1) >= ACK_LOG_EVERY {
+            let fallbacks = format!("{:?}", self.fallbacks);
+            info!(
+                rdma_read = r.one_sided,
+                side_channel = r.side_channel,
+                fallback = r.fallbacks,
+                rdma_read_mean_us = r.one_sided_ns / r.one_sided.max(1) / 1000,
+                side_channel_mean_us = r.side_channel_ns / r.side_channel.max(1) / 1000,
+                fallbacks = %fallbacks,
+                "rdma reads"
+            );
+            self.read_logged = (r, now);
+        }
+    }
+
+    /// Asks `peer` for the read `ours` over the side channel (the peer's CPU answers).
+    fn read_by_message(&mut self, peer: PeerId, ours: Token, offset: u64, len: u32) -> Result<(), SendError> {
+        self.send_tagged(peer, TAG_READ, &[&ours.to_le_bytes(), &offset.to_le_bytes(), &len.to_le_bytes()])
+    }
+
+    /// A mirror read cannot answer `m`: count why and ask over the side channel.
+    fn fall_back(&mut self, m: MirrorRead, why: Fallback, detail: &str, events: &mut Vec<Event>) {
+        let Some(p) = self.pending_reads.get_mut(&m.ours) else { return };
+        debug_assert!(!p.side, "a read falls back once");
+        p.side = true;
+        self.read_paths.fallbacks += 1;
+        *self.fallbacks.entry(why.name()).or_default() += 1;
+        debug!(peer = m.peer, from = m.from, why = why.name(), detail, "mirror read falls back to the side channel");
+        if let Err(e) = self.read_by_message(m.peer, m.ours, m.from, m.budget) {
+            self.pending_reads.remove(&m.ours);
+            events.push(Event::ReadDone {
+                from: m.peer,
+                token: m.ours,
+                result: Err(AccessError::LinkFailed(e.to_string())),
+            });
+        }
+    }
+
+    /// Issues the next RDMA READ of `m` (at `offset`, `len` bytes) or falls back.
+    fn mirror_next(&mut self, m: MirrorRead, offset: u64, len: u32, events: &mut Vec<Event>) {
+        match self.inner.read_mirror(m.peer, offset, len) {
+            Ok(t) => {
+                self.mirror_reads.insert(t, m);
+            }
+            Err(e) => self.fall_back(m, Fallback::Header, &e.to_string(), events),
+        }
+    }
+
+    /// A read of a peer's mirror completed: the next step, the answer, or the fallback.
+    fn on_mirror_read(&mut self, mut m: MirrorRead, result: Result<Bytes, AccessError>, events: &mut Vec<Event>) {
+        if !self.pending_reads.contains_key(&m.ours) {
+            return; // already failed (the peer went down)
+        }
+        let data = match result {
+            Ok(d) => d,
+            Err(e) => return self.fall_back(m, Fallback::Header, &e.to_string(), events),
+        };
+        let Some(mlen) = self.inner.peer_mirror_len(m.peer) else {
+            return self.fall_back(m, Fallback::Header, "the peer's mirror went away", events);
+        };
+        let max = self.inner.mirror_read_max();
+        match std::mem::replace(&mut m.step, MirrorStep::Header) {
+            MirrorStep::Header => match mirror::decode_header(&data, mlen) {
+                Err(f) => self.fall_back(m, f, "header", events),
+                Ok(h) => match mirror::plan_read(&h, m.from, max) {
+                    Err(f) => self.fall_back(m, f, "range", events),
+                    Ok((off, len, _)) => {
+                        m.step = MirrorStep::Records(h);
+                        self.mirror_next(m, off, len, events);
+                    }
+                },
+            },
+            MirrorStep::Records(h) => {
+                let mut answer = Vec::new();
+                match mirror::assemble(&h, m.from, &data, m.budget as usize, &mut answer) {
+                    Err(f) => self.fall_back(m, f, "records", events),
+                    Ok(_) => {
+                        m.step = MirrorStep::Recheck(h, answer);
+                        self.mirror_next(m, 0, mirror::HEADER_LEN as u32, events);
+                    }
+                }
+            }
+            MirrorStep::Recheck(h, answer) => match mirror::recheck(&h, &data, mlen) {
+                Err(f) => self.fall_back(m, f, "recheck", events),
+                Ok(()) => {
+                    let Some(p) = self.pending_reads.remove(&m.ours) else { return };
+                    self.read_paths.one_sided += 1;
+                    self.read_paths.one_sided_ns += p.since.elapsed().as_nanos() as u64;
+                    events.push(Event::ReadDone { from: m.peer, token: m.ours, result: Ok(Bytes::from(answer)) });
+                }
+            },
+        }
     }
 
     /// Follower: the side-channel acknowledgement (the fallback).
@@ -378,7 +536,8 @@ impl RdmaAgent {
             }
             Event::PeerDown { peer, reason } => {
                 self.restart(peer, 0, &reason, events);
-                let lost: Vec<Token> = self.pending_reads.iter().filter(|(_, &p)| p == peer).map(|(&t, _)| t).collect();
+                let lost: Vec<Token> =
+                    self.pending_reads.iter().filter(|(_, p)| p.peer == peer).map(|(&t, _)| t).collect();
                 for token in lost {
                     self.pending_reads.remove(&token);
                     let result = Err(AccessError::LinkFailed(reason.clone()));
@@ -386,8 +545,13 @@ impl RdmaAgent {
                 }
                 events.push(Event::PeerDown { peer, reason });
             }
-            Event::ReadDone { .. } | Event::WriteArrived { .. } | Event::ReadArrived { .. } => {
-                // Reads go over messages; the RDMA transport never produces arrivals.
+            Event::ReadDone { token, result, .. } => {
+                if let Some(m) = self.mirror_reads.remove(&token) {
+                    self.on_mirror_read(m, result, events);
+                }
+            }
+            Event::WriteArrived { .. } | Event::ReadArrived { .. } => {
+                // The RDMA transport never produces arrivals: the agent finds them in memory.
             }
             other => events.push(other),
         }
@@ -416,8 +580,13 @@ impl RdmaAgent {
                         self.stats.taken_side += 1;
                     }
                     self.finish_write(from, token, result.map(|_| ()), events);
-                } else if self.pending_reads.remove(&token).is_some() {
-                    events.push(Event::ReadDone { from, token, result });
+                } else if let Some(p) = self.pending_reads.get(&token).copied() {
+                    if p.side && p.peer == from {
+                        self.pending_reads.remove(&token);
+                        self.read_paths.side_channel += 1;
+                        self.read_paths.side_channel_ns += p.since.elapsed().as_nanos() as u64;
+                        events.push(Event::ReadDone { from, token, result });
+                    }
                 }
             }
             TAG_READ if body.len() == 20 => {
@@ -559,9 +728,30 @@ impl Transport for RdmaAgent {
     }
 
     fn read(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
+        if !self.inner.peers().contains(&from) {
+            return Err(SendError::UnknownPeer(from));
+        }
         let token = self.token();
-        self.send_tagged(from, TAG_READ, &[&token.to_le_bytes(), &offset.to_le_bytes(), &len.to_le_bytes()])?;
-        self.pending_reads.insert(token, from);
+        let since = Instant::now();
+        // By RDMA READ of the peer's mirror when it has one; else over the side channel.
+        if offset >= 1 && self.inner.peer_mirror_len(from).is_some() {
+            match self.inner.read_mirror(from, 0, mirror::HEADER_LEN as u32) {
+                Ok(t) => {
+                    let step = MirrorStep::Header;
+                    self.mirror_reads
+                        .insert(t, MirrorRead { peer: from, ours: token, from: offset, budget: len, step });
+                    self.pending_reads.insert(token, PendingRead { peer: from, since, side: false });
+                    return Ok(token);
+                }
+                Err(e) => {
+                    debug!(peer = from, error = %e, "mirror read not issued; read over the side channel");
+                    self.read_paths.fallbacks += 1;
+                    *self.fallbacks.entry("not_issued").or_default() += 1;
+                }
+            }
+        }
+        self.read_by_message(from, token, offset, len)?;
+        self.pending_reads.insert(token, PendingRead { peer: from, since, side: true });
         Ok(token)
     }
 
@@ -654,6 +844,19 @@ impl Transport for RdmaAgent {
     fn name(&self) -> &'static str {
         "rdma"
     }
+
+    fn mirror_geometry(&self) -> Option<(usize, usize)> {
+        let len = self.inner.mirror_len();
+        (len > 0 && self.mirror_stride > 0).then_some((len, self.mirror_stride))
+    }
+
+    fn put_mirror(&mut self, offset: usize, data: &[u8]) -> Result<(), String> {
+        self.inner.write_mirror(offset as u64, data).map_err(|e| e.to_string())
+    }
+
+    fn read_paths(&self) -> ReadPaths {
+        self.read_paths
+    }
 }
 
 /// The transport of `replog serve` with `transport = "rdma"`: opens the RDMA device
@@ -680,6 +883,15 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
     // One acknowledgement slot per cell of the ring (a peer's region is as large as ours).
     let ring = (rc.region_len / cell.max(1)).max(1);
     rc.ack_area_len = cells::ACK_AREA_HEADER + ring * cells::ACK_SLOT;
+    // The accepted-entries mirror (remote READ only) and the staging a read of a peer's
+    // mirror lands in: at most a read answer's worth of records, at least one record.
+    let stride = usize::try_from(r.mirror_record_bytes).unwrap_or(usize::MAX);
+    rc.mirror_len =
+        usize::try_from(r.mirror_bytes).map_err(|_| ServeError::Rdma("rdma.mirror_bytes too large".into()))?;
+    if rc.mirror_len > 0 {
+        let records = rc.max_payload.div_ceil(stride.max(1)).clamp(1, 256);
+        rc.mirror_read_max = (records * stride).min(rc.mirror_len).max(mirror::HEADER_LEN);
+    }
     rc.reconnect_max =
         Duration::from_nanos(cfg.timing.election_timeout_ns() * 4).clamp(Duration::from_millis(50), rc.reconnect_max);
     // A peer whose poll loop has not run for this long (heartbeat counter read by RDMA
@@ -697,5 +909,10 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
         cell_bytes = cell,
         "rdma transport open"
     );
-    RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)
+    let agent = RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)?;
+    if r.mirror_bytes > 0 {
+        agent.with_mirror(stride).map_err(ServeError::Rdma)
+    } else {
+        Ok(agent)
+    }
 }

@@ -242,6 +242,24 @@ pub fn read_request(offset: u64) -> ReadRequest {
     ReadRequest { ballot: Ballot::ZERO, from: offset, to: u64::MAX }
 }
 
+/// Bytes of a read answer before its entries: `to u64, count u32`.
+pub const READ_RESULT_HEAD: usize = 12;
+/// Bytes of an encoded entry before its value: `slot u64, ballot (round u64, node u64),
+/// value length u32`.
+pub const ENTRY_HEAD: usize = 28;
+
+/// Appends one entry of a read answer: `slot u64, ballot, len u32, value` (the value in
+/// the store's encoding). The RDMA read mirror stores entries in exactly these bytes.
+pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
+    let at = out.len();
+    put_u64(out, e.slot);
+    put_ballot(out, e.ballot);
+    out.extend_from_slice(&[0; 4]);
+    encode_value(&e.value, out);
+    let len = (out.len() - at - ENTRY_HEAD) as u32;
+    out[at + 24..at + ENTRY_HEAD].copy_from_slice(&len.to_le_bytes());
+}
+
 /// Encodes a read's answer within `budget` bytes: whole entries only; if some do not
 /// fit, `to` is lowered to the slot before the first left out.
 pub fn encode_read_result(res: &ReadResult, budget: usize, out: &mut Vec<u8>) {
@@ -252,12 +270,7 @@ pub fn encode_read_result(res: &ReadResult, budget: usize, out: &mut Vec<u8>) {
     let mut to = res.to;
     for e in &res.entries {
         let at = out.len();
-        put_u64(out, e.slot);
-        put_ballot(out, e.ballot);
-        out.extend_from_slice(&[0; 4]);
-        encode_value(&e.value, out);
-        let len = (out.len() - at - 28) as u32;
-        out[at + 24..at + 28].copy_from_slice(&len.to_le_bytes());
+        encode_entry(e, out);
         if out.len() - start > budget && count > 0 {
             out.truncate(at);
             to = e.slot - 1;

@@ -286,4 +286,42 @@ pub trait Transport {
     fn name(&self) -> &'static str {
         "this"
     }
+
+    /// The one-sided **read mirror**: memory of this replica that peers read without its
+    /// CPU (RDMA READ), into which the caller publishes what it would answer to a
+    /// [`Transport::read`] (its layout is the caller's). `Some((bytes, record_bytes))`
+    /// when there is one; the default has none, and reads go as messages.
+    fn mirror_geometry(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Copies `data` into the read mirror at `offset`. The bytes of one call become
+    /// visible to remote readers no earlier than those of earlier calls. The default has
+    /// no mirror and refuses.
+    fn put_mirror(&mut self, offset: usize, data: &[u8]) -> Result<(), String> {
+        let _ = (offset, data);
+        Err(format!("the {} transport has no read mirror", self.name()))
+    }
+
+    /// How this transport's reads ([`Transport::read`]) travelled so far. The default:
+    /// all counts 0.
+    fn read_paths(&self) -> ReadPaths {
+        ReadPaths::default()
+    }
+}
+
+/// How reads travelled (see [`Transport::read_paths`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadPaths {
+    /// Reads answered by one-sided reads of the peer's read mirror (no peer CPU).
+    pub one_sided: u64,
+    /// Reads answered by the peer's CPU over messages (the side channel).
+    pub side_channel: u64,
+    /// Of those, reads that first tried the mirror and fell back (range not in the
+    /// mirror, a concurrent rewrite, a failed check or link).
+    pub fallbacks: u64,
+    /// Total nanoseconds from issue to answer of the one-sided reads.
+    pub one_sided_ns: u64,
+    /// Total nanoseconds from issue to answer of the side-channel reads.
+    pub side_channel_ns: u64,
 }

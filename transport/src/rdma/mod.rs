@@ -48,6 +48,14 @@
 //!   accepting one-sided writes and its kernel keeps the TCP side channel open, so that
 //!   a leader's cells would land and never be acknowledged. The peer can write its own
 //!   view of our counter (it has write access to that area), which only fools itself.
+//! - A **read mirror** (unless [`RdmaConfig::mirror_len`] is 0): one region of the
+//!   acknowledgement protection domain registered with `IBV_ACCESS_REMOTE_READ` only,
+//!   which every peer learns (bootstrap extension version 2) and may read with a one-sided
+//!   **RDMA READ** on the acknowledgement queue pair ([`RdmaTransport::read_mirror`]) but
+//!   never write: the NIC refuses a write to a region without remote-write access. The
+//!   owner fills it with its CPU ([`RdmaTransport::write_mirror`]); what the bytes mean
+//!   (the replog agent's accepted-entries mirror: seqlock header, records with CRC and
+//!   canary) is the caller's business. The owner's CPU takes no part in a read.
 //!
 //! ## Why a second protection domain for acknowledgements
 //! Write permission on the log region is the log queue pair's access flags, granted to
@@ -113,7 +121,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use verbs::{AckEndpoint, Device, Endpoint, Pd, Qp, Region};
+use verbs::{AckEndpoint, Device, Endpoint, MirrorEndpoint, Pd, Qp, Region};
 
 /// Why the RDMA transport could not start (or a region access was refused).
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +215,13 @@ pub struct RdmaConfig {
     /// (checked by RDMA READ every quarter of it; needs the acknowledgement path on both
     /// sides). `None`: not checked (the counter still moves). Default `None`.
     pub heartbeat_timeout: Option<Duration>,
+    /// Bytes of this replica's read mirror (registered remote-read-only; peers read it
+    /// with [`RdmaTransport::read_mirror`]); a multiple of 8. 0: none. Needs the
+    /// acknowledgement path (`ack_area_len` > 0). Default 0.
+    pub mirror_len: usize,
+    /// The largest single [`RdmaTransport::read_mirror`] (registered staging per peer).
+    /// Default 64 KiB.
+    pub mirror_read_max: usize,
     /// The cluster secret (the side channel's HMAC challenge-response). Default `None`.
     pub secret: Option<Vec<u8>>,
     /// Digest of the member list (a peer with another one is refused as stale). Default 0.
@@ -228,6 +243,7 @@ impl std::fmt::Debug for RdmaConfig {
             .field("depth", &self.depth)
             .field("ack_area_len", &self.ack_area_len)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("mirror_len", &self.mirror_len)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("config_digest", &format_args!("{:016x}", self.config_digest))
             .finish_non_exhaustive()
@@ -260,6 +276,8 @@ impl RdmaConfig {
             permission_by_reset: false,
             ack_area_len: 64 << 10,
             heartbeat_timeout: None,
+            mirror_len: 0,
+            mirror_read_max: 64 << 10,
             secret: None,
             config_digest: 0,
         }
@@ -388,6 +406,13 @@ struct Link {
     ack_in: Option<Region>,
     /// Staging of outgoing acknowledgement writes: `depth` slots of [`ACK_MAX_WRITE`] bytes.
     ack_stage: Option<Region>,
+    /// The peer's read mirror, once `ack_qp` is connected and the peer offered one.
+    mirror_remote: Option<MirrorEndpoint>,
+    /// Where a read of the peer's mirror lands ([`RdmaConfig::mirror_read_max`] bytes,
+    /// acknowledgement protection domain); one read at a time.
+    mirror_stage: Option<Region>,
+    /// The mirror read in flight.
+    mirror_read: Option<Token>,
 }
 
 impl Link {
@@ -396,13 +421,24 @@ impl Link {
     }
 }
 
+/// What an operation on an acknowledgement queue pair is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    /// An acknowledgement write (completes with `WriteDone`).
+    Write,
+    /// A heartbeat read (internal; its result lands in the staging slot).
+    Heartbeat,
+    /// A read of `len` bytes of the peer's mirror into the mirror staging (completes
+    /// with `ReadDone`).
+    MirrorRead { len: u32 },
+}
+
 /// An operation on an acknowledgement queue pair.
 #[derive(Debug, Clone, Copy)]
 struct AckOp {
     token: Token,
-    /// A heartbeat read (internal; its result lands in the staging slot).
-    heartbeat: bool,
-    /// Offset of its staging slot.
+    kind: AckKind,
+    /// Offset of its staging slot (heartbeats and writes).
     slot: usize,
 }
 
@@ -458,6 +494,8 @@ pub struct RdmaTransport {
     waker: Arc<EventFdWaker>,
     wcs: Vec<ibv_wc>,
     // Drop order: links (queue pairs) above, then the regions, then the device.
+    /// This replica's read mirror (remote read only), if configured.
+    mirror: Option<Region>,
     staging: Region,
     region: Region,
     dev: Arc<Device>,
@@ -606,6 +644,15 @@ impl RdmaTransport {
         if !cfg.ack_area_len.is_multiple_of(8) {
             return bad(format!("ack_area_len {} must be a multiple of 8", cfg.ack_area_len));
         }
+        if !cfg.mirror_len.is_multiple_of(8) || (cfg.mirror_len > 0 && cfg.ack_area_len == 0) {
+            return bad(format!(
+                "mirror_len {} must be a multiple of 8 and needs the acknowledgement path (ack_area_len {})",
+                cfg.mirror_len, cfg.ack_area_len
+            ));
+        }
+        if cfg.mirror_read_max == 0 || cfg.mirror_read_max > u32::MAX as usize {
+            return bad(format!("mirror_read_max {} must be from 1 byte to 4 GiB", cfg.mirror_read_max));
+        }
         listener.set_nonblocking(true)?;
         let npeers = cfg.peers.len().max(1);
         // Log and acknowledgement queue pairs share the completion queue.
@@ -615,14 +662,18 @@ impl RdmaTransport {
         let per_peer = cfg.staging_per_peer.div_ceil(8) * 8;
         let staging = Region::new(&dev, Pd::Log, per_peer * npeers, LOCAL_WRITE)?;
         let now = Instant::now();
+        // Remote READ only: no peer can write it, on any queue pair.
+        let mirror =
+            if cfg.mirror_len > 0 { Some(Region::new(&dev, Pd::Ack, cfg.mirror_len, REMOTE_READ)?) } else { None };
         let mut ack_regions = Vec::new();
         for _ in 0..cfg.peers.len() {
             ack_regions.push(if cfg.ack_area_len > 0 {
                 let area = Region::new(&dev, Pd::Ack, cfg.ack_area_len, LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ)?;
                 let stage = Region::new(&dev, Pd::Ack, cfg.depth as usize * ACK_MAX_WRITE, LOCAL_WRITE)?;
-                (Some(area), Some(stage))
+                let mstage = Region::new(&dev, Pd::Ack, cfg.mirror_read_max.div_ceil(8) * 8, LOCAL_WRITE)?;
+                (Some(area), Some(stage), Some(mstage))
             } else {
-                (None, None)
+                (None, None, None)
             });
         }
         let links = cfg
@@ -630,7 +681,7 @@ impl RdmaTransport {
             .iter()
             .zip(ack_regions)
             .enumerate()
-            .map(|(i, ((&id, &addr), (ack_in, ack_stage)))| {
+            .map(|(i, ((&id, &addr), (ack_in, ack_stage, mirror_stage)))| {
                 let link = Link {
                     id,
                     addr,
@@ -661,6 +712,9 @@ impl RdmaTransport {
                     ack_count: 0,
                     ack_in,
                     ack_stage,
+                    mirror_remote: None,
+                    mirror_stage,
+                    mirror_read: None,
                 };
                 (id, link)
             })
@@ -693,6 +747,7 @@ impl RdmaTransport {
             waker,
             // SAFETY: an all-zero work completion is valid.
             wcs: (0..32).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            mirror,
             staging,
             region,
             dev,
@@ -803,6 +858,93 @@ impl RdmaTransport {
         self.heartbeat_failures
     }
 
+    /// The largest single [`RdmaTransport::read_mirror`] ([`RdmaConfig::mirror_read_max`]).
+    pub fn mirror_read_max(&self) -> usize {
+        self.cfg.mirror_read_max
+    }
+
+    /// Length of this replica's read mirror (0: none).
+    pub fn mirror_len(&self) -> usize {
+        self.mirror.as_ref().map_or(0, Region::len)
+    }
+
+    /// Copies `data` into this replica's read mirror at `offset`, then a release fence:
+    /// stores issued by one call are visible to a later RDMA READ no earlier than those
+    /// of an earlier call (x86 stores are seen in program order, by the NIC's DMA too).
+    pub fn write_mirror(&mut self, offset: u64, data: &[u8]) -> Result<(), RdmaError> {
+        let m = self.mirror.as_ref().ok_or_else(|| RdmaError::Config("no read mirror configured".into()))?;
+        local_write(m, offset, data)
+    }
+
+    /// Copies bytes of this replica's own read mirror into `buf` (tests, checks).
+    pub fn read_own_mirror(&self, offset: u64, buf: &mut [u8]) -> Result<(), RdmaError> {
+        let m = self.mirror.as_ref().ok_or_else(|| RdmaError::Config("no read mirror configured".into()))?;
+        local_read(m, offset, buf)
+    }
+
+    /// Length of `peer`'s read mirror, while [`RdmaTransport::read_mirror`] to it can be
+    /// issued (the acknowledgement queue pair is connected and the peer offered one).
+    pub fn peer_mirror_len(&self, peer: PeerId) -> Option<u64> {
+        let link = self.links.get(&peer)?;
+        if !link.ready || link.ack_qp.is_none() {
+            return None;
+        }
+        link.mirror_remote.map(|m| m.len)
+    }
+
+    /// Reads `len` bytes at `offset` of `from`'s read mirror with a one-sided RDMA READ
+    /// on the acknowledgement queue pair (signalled, posted at once). It completes exactly
+    /// once with [`Event::ReadDone`] under the returned token: the bytes, or `LinkFailed`
+    /// (a failed link; the link is renewed). Refused at issue: `LinkDown` without a
+    /// connected acknowledgement queue pair or a peer mirror, `TooLarge` past
+    /// [`RdmaConfig::mirror_read_max`] or the mirror's end, `Backpressure` while a mirror
+    /// read to `from` is in flight (one at a time) or `depth` operations are.
+    pub fn read_mirror(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
+        let depth = self.cfg.depth as usize;
+        let max = self.cfg.mirror_read_max;
+        let token = self.token();
+        let link = self.links.get_mut(&from).ok_or(SendError::UnknownPeer(from))?;
+        let (Some(qp), Some(m), Some(stage), true) =
+            (link.ack_qp.as_ref(), link.mirror_remote, link.mirror_stage.as_ref(), link.ready)
+        else {
+            return Err(SendError::LinkDown(from));
+        };
+        if len as usize > max || offset.checked_add(u64::from(len)).is_none_or(|end| end > m.len) {
+            let limit = (m.len.saturating_sub(offset) as usize).min(max);
+            return Err(SendError::TooLarge { size: len as usize, limit });
+        }
+        if link.mirror_read.is_some() || link.ack_posted.len() >= depth {
+            return Err(SendError::Backpressure(from));
+        }
+        let mut sge = ibv_sge { addr: stage.ptr() as u64, length: len, lkey: stage.lkey() };
+        // SAFETY: an all-zero work request is valid; fields set below.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = token;
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+        wr.num_sge = if len == 0 { 0 } else { 1 };
+        wr.sg_list = &raw mut sge;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.wr.rdma = rdma_sys::rdma_t { remote_addr: m.addr + offset, rkey: m.rkey };
+        // SAFETY: one work request whose SGE points into this link's registered mirror
+        // staging (acknowledgement protection domain, `len` <= its size), which outlives
+        // the queue pair; one mirror read at a time, so nothing else lands there.
+        let r = unsafe { qp.post(&raw mut wr) };
+        match r {
+            Ok(()) => {
+                link.mirror_read = Some(token);
+                link.ack_posted.push_back(AckOp { token, kind: AckKind::MirrorRead { len }, slot: 0 });
+                Ok(token)
+            }
+            Err((rc, _)) => {
+                let why = format!("ibv_post_send (mirror read) failed: {}", io::Error::from_raw_os_error(rc.abs()));
+                let mut events = std::mem::take(&mut self.pending_events);
+                self.fail_qp(from, &why, None, &mut events);
+                self.pending_events = events;
+                Err(SendError::LinkDown(from))
+            }
+        }
+    }
+
     /// Isolation check (tests): posts `data` on the acknowledgement queue pair to `to`
     /// aimed at `to`'s **log region** (its address and rkey from the bootstrap), as a
     /// faulty or malicious peer would. The acknowledgement queue pair is in another
@@ -868,7 +1010,8 @@ impl RdmaTransport {
         match r {
             Ok(()) => {
                 link.ack_count += 1;
-                link.ack_posted.push_back(AckOp { token, heartbeat, slot });
+                let kind = if heartbeat { AckKind::Heartbeat } else { AckKind::Write };
+                link.ack_posted.push_back(AckOp { token, kind, slot });
                 Ok(token)
             }
             Err((rc, _)) => {
@@ -901,6 +1044,11 @@ impl RdmaTransport {
             }
             None => Err(RdmaError::Config(format!("no queue pair to peer {peer}"))),
         }
+    }
+
+    /// What the bootstrap offers of our read mirror.
+    fn mirror_endpoint(&self) -> Option<MirrorEndpoint> {
+        self.mirror.as_ref().map(|m| MirrorEndpoint { addr: m.ptr() as u64, rkey: m.rkey(), len: m.len() as u64 })
     }
 
     fn access_for(holder: Option<PeerId>, peer: PeerId) -> u32 {
@@ -969,12 +1117,18 @@ impl RdmaTransport {
             drop(qp);
         }
         link.ack_remote = None;
+        link.mirror_remote = None;
+        link.mirror_read = None;
         link.hb_read = None;
         link.hb_seen = None;
         for op in link.ack_posted.drain(..) {
-            if !op.heartbeat {
-                let result = Err(AccessError::LinkFailed(why.to_string()));
-                events.push(Event::WriteDone { to: peer, token: op.token, result });
+            let failed = AccessError::LinkFailed(why.to_string());
+            match op.kind {
+                AckKind::Write => events.push(Event::WriteDone { to: peer, token: op.token, result: Err(failed) }),
+                AckKind::MirrorRead { .. } => {
+                    events.push(Event::ReadDone { from: peer, token: op.token, result: Err(failed) })
+                }
+                AckKind::Heartbeat => {}
             }
         }
         let ops: Vec<Op> = link.posted.drain(..).chain(link.pending.drain(..)).collect();
@@ -1024,6 +1178,7 @@ impl RdmaTransport {
     /// Dialer: creates a queue pair of a new generation and offers it.
     fn offer(&mut self, peer: PeerId) -> Result<(), SideError> {
         let access = Self::access_for(self.holder, peer);
+        let mirror_ep = self.mirror_endpoint();
         let ep_base = (self.region.ptr() as u64, self.region.rkey(), self.region.len() as u64);
         let dev = self.dev.clone();
         let (depth, inline) = (self.cfg.depth, self.cfg.max_inline);
@@ -1066,7 +1221,7 @@ impl RdmaTransport {
             link.ack_qp = Some(q);
             a
         });
-        let p = side::encode_bootstrap(link.gen, &ep, ack_ep.as_ref());
+        let p = side::encode_bootstrap(link.gen, &ep, ack_ep.as_ref(), mirror_ep.as_ref());
         link.conn.as_mut().map_or(Ok(()), |c| c.push(kind::QP_OFFER, &[&p]))
     }
 
@@ -1077,8 +1232,10 @@ impl RdmaTransport {
         gen: u64,
         remote: Endpoint,
         ack_remote: Option<AckEndpoint>,
+        mirror_remote: Option<MirrorEndpoint>,
         events: &mut Vec<Event>,
     ) -> Result<(), SideError> {
+        let mirror_ep = self.mirror_endpoint();
         if self.links[&peer].qp.is_some() {
             self.fail_qp_quiet(peer, "queue pair renewed by the peer", events);
         }
@@ -1125,9 +1282,10 @@ impl RdmaTransport {
             link.ack_qp = Some(q);
             link.ack_psn = ours.psn;
             link.ack_remote = Some(theirs);
+            link.mirror_remote = mirror_remote;
             ours
         });
-        let p = side::encode_bootstrap(gen, &ep, ack_ep.as_ref());
+        let p = side::encode_bootstrap(gen, &ep, ack_ep.as_ref(), mirror_ep.as_ref());
         link.conn.as_mut().map_or(Ok(()), |c| c.push(kind::QP_ACCEPT, &[&p]))
     }
 
@@ -1195,13 +1353,13 @@ impl RdmaTransport {
         match f.kind {
             kind::MSG => events.push(Event::Message { from: peer, payload: f.payload }),
             kind::QP_OFFER if !link.dialer => {
-                let (gen, ep, ack) = side::decode_bootstrap("QP_OFFER", &f.payload)?;
+                let (gen, ep, ack, mirror) = side::decode_bootstrap("QP_OFFER", &f.payload)?;
                 if gen > link.gen || link.qp.is_none() {
-                    self.accept_offer(peer, gen, ep, ack, events)?;
+                    self.accept_offer(peer, gen, ep, ack, mirror, events)?;
                 }
             }
             kind::QP_ACCEPT if link.dialer => {
-                let (gen, ep, ack) = side::decode_bootstrap("QP_ACCEPT", &f.payload)?;
+                let (gen, ep, ack, mirror) = side::decode_bootstrap("QP_ACCEPT", &f.payload)?;
                 if gen == link.gen && !link.ready {
                     if let Some(qp) = link.qp.as_ref() {
                         let mut r = qp.connect(&ep, link.psn);
@@ -1225,6 +1383,7 @@ impl RdmaTransport {
                                 self.qpns.remove(&q.qpn);
                             }
                         }
+                        link.mirror_remote = if ack_ep.is_some() { mirror } else { None };
                         link.ack_remote = ack_ep;
                         link.remote = Some(ep);
                         link.ready = true;
@@ -1576,9 +1735,22 @@ impl RdmaTransport {
         let timeout = self.cfg.heartbeat_timeout;
         let mut stalled = None;
         for op in done.into_iter().chain((status == ibv_wc_status::IBV_WC_SUCCESS).then_some(last)) {
-            if !op.heartbeat {
-                events.push(Event::WriteDone { to: peer, token: op.token, result: Ok(Bytes::new()) });
-                continue;
+            match op.kind {
+                AckKind::Write => {
+                    events.push(Event::WriteDone { to: peer, token: op.token, result: Ok(Bytes::new()) });
+                    continue;
+                }
+                AckKind::MirrorRead { len } => {
+                    link.mirror_read = None;
+                    let Some(stage) = link.mirror_stage.as_ref() else { continue };
+                    let mut b = vec![0u8; len as usize];
+                    let result = local_read(stage, 0, &mut b)
+                        .map(|()| Bytes::from(b))
+                        .map_err(|e| AccessError::LinkFailed(e.to_string()));
+                    events.push(Event::ReadDone { from: peer, token: op.token, result });
+                    continue;
+                }
+                AckKind::Heartbeat => {}
             }
             link.hb_read = None;
             let Some(stage) = link.ack_stage.as_ref() else { continue };
@@ -1595,9 +1767,14 @@ impl RdmaTransport {
         }
         if status != ibv_wc_status::IBV_WC_SUCCESS {
             let why = format!("acknowledgement queue pair error: {}", verbs::status_str(status));
-            if !last.heartbeat {
-                let result = Err(AccessError::LinkFailed(why.clone()));
-                events.push(Event::WriteDone { to: peer, token, result });
+            let failed = AccessError::LinkFailed(why.clone());
+            match last.kind {
+                AckKind::Write => events.push(Event::WriteDone { to: peer, token, result: Err(failed) }),
+                AckKind::MirrorRead { .. } => {
+                    link.mirror_read = None;
+                    events.push(Event::ReadDone { from: peer, token, result: Err(failed) });
+                }
+                AckKind::Heartbeat => {}
             }
             self.fail_qp(peer, &why, None, events);
         } else if let Some(for_) = stalled {

@@ -17,8 +17,10 @@
 //! 20    QP_RENEW    acceptor -> dialer generation u64 (the acceptor's queue pair of that generation failed)
 //!
 //! endpoint = qpn u32, psn u32, lid u16, gid [16], region addr u64, rkey u32, region len u64
-//! ack extension = version u8 (1), ack qpn u32, ack psn u32, ack area addr u64,
-//!                 ack area rkey u32, ack area len u64 [, bytes of later versions]
+//! ack extension = version u8 (2), ack qpn u32, ack psn u32, ack area addr u64,
+//!                 ack area rkey u32, ack area len u64,
+//!                 (version >= 2) mirror addr u64, mirror rkey u32, mirror len u64 (0: none)
+//!                 [, bytes of later versions]
 //!
 //! proof(role) = HMAC-SHA256(secret, "replog-rdma" || role u8 || cluster_id u64 || dialer u64
 //!               || acceptor u64 || digest u64 || nonce_a || nonce_d)
@@ -34,13 +36,15 @@
 //! pair and the acknowledgement area the receiver of the frame may write into (see the
 //! transport's module docs). A bootstrap without it (an older peer, or a side with
 //! `ack_area_len = 0`) connects the log queue pair only, and acknowledgements then go as
-//! messages. Version 0 is invalid; a version above 1 must carry at least the version-1
-//! fields, which are read, and the bytes after them are ignored (room for later
-//! versions).
+//! messages. Version 2 adds the **read mirror** (a region the receiver may RDMA READ and
+//! not write; see the transport's module docs); a version-1 peer has none, and reads of
+//! it go as messages. Version 0 is invalid; a version above 2 must carry at least the
+//! version-2 fields, which are read, and the bytes after them are ignored (room for
+//! later versions).
 //!
 //! Every decoder checks lengths and returns [`SideError`]; none panics.
 
-use super::verbs::{AckEndpoint, Endpoint, ACK_ENDPOINT_LEN, ENDPOINT_LEN};
+use super::verbs::{AckEndpoint, Endpoint, MirrorEndpoint, ACK_ENDPOINT_LEN, ENDPOINT_LEN, MIRROR_ENDPOINT_LEN};
 use crate::envelope::{self, Decoder, FrameError};
 use bytes::BytesMut;
 use std::io::{self, Read, Write};
@@ -235,36 +239,49 @@ pub(crate) fn decode_gen<'a>(what: &'static str, p: &'a [u8], rest: usize) -> Re
 }
 
 /// Version of the bootstrap's acknowledgement extension this side writes.
-pub(crate) const ACK_EXT_VERSION: u8 = 1;
+pub(crate) const ACK_EXT_VERSION: u8 = 2;
 
-/// Encodes a QP_OFFER/QP_ACCEPT payload.
-pub(crate) fn encode_bootstrap(gen: u64, ep: &Endpoint, ack: Option<&AckEndpoint>) -> Vec<u8> {
-    let mut p = Vec::with_capacity(8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN);
+/// Encodes a QP_OFFER/QP_ACCEPT payload. The mirror rides on the acknowledgement
+/// extension (version 2): without an acknowledgement path there is no queue pair to read
+/// it on.
+pub(crate) fn encode_bootstrap(
+    gen: u64,
+    ep: &Endpoint,
+    ack: Option<&AckEndpoint>,
+    mirror: Option<&MirrorEndpoint>,
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN + MIRROR_ENDPOINT_LEN);
     p.extend_from_slice(&gen.to_le_bytes());
     ep.encode(&mut p);
     if let Some(a) = ack {
         p.push(ACK_EXT_VERSION);
         a.encode(&mut p);
+        mirror.copied().unwrap_or(MirrorEndpoint { addr: 0, rkey: 0, len: 0 }).encode(&mut p);
     }
     p
 }
 
+/// What a QP_OFFER/QP_ACCEPT carries: generation, endpoint, and from the extension the
+/// acknowledgement endpoint and the read mirror.
+pub(crate) type Bootstrap = (u64, Endpoint, Option<AckEndpoint>, Option<MirrorEndpoint>);
+
 /// Parses a QP_OFFER/QP_ACCEPT payload: generation, endpoint and the acknowledgement
 /// extension if present (see the module docs for the versioning rule).
-pub(crate) fn decode_bootstrap(
-    what: &'static str,
-    p: &[u8],
-) -> Result<(u64, Endpoint, Option<AckEndpoint>), SideError> {
+pub(crate) fn decode_bootstrap(what: &'static str, p: &[u8]) -> Result<Bootstrap, SideError> {
     let bad = || SideError::Malformed { what, len: p.len() };
     let gen = u64_at(p, 0).ok_or_else(bad)?;
     let ep = Endpoint::decode(p.get(8..8 + ENDPOINT_LEN).ok_or_else(bad)?).ok_or_else(bad)?;
     let ext = p.get(8 + ENDPOINT_LEN..).unwrap_or_default();
-    let Some((&version, body)) = ext.split_first() else { return Ok((gen, ep, None)) };
+    let Some((&version, body)) = ext.split_first() else { return Ok((gen, ep, None, None)) };
     if version == 0 || body.len() < ACK_ENDPOINT_LEN {
         return Err(bad());
     }
     let ack = AckEndpoint::decode(body).ok_or_else(bad)?;
-    Ok((gen, ep, Some(ack)))
+    if version == 1 {
+        return Ok((gen, ep, Some(ack), None));
+    }
+    let m = body.get(ACK_ENDPOINT_LEN..).and_then(MirrorEndpoint::decode).ok_or_else(bad)?;
+    Ok((gen, ep, Some(ack), (m.len > 0).then_some(m)))
 }
 
 /// A REJECT payload: the reason, cut to its limit on a character boundary.
@@ -389,24 +406,31 @@ mod tests {
     fn bootstrap_frames_are_versioned_and_bounds_checked() {
         let ep = Endpoint { qpn: 7, psn: 9, lid: 0, gid: [4; 16], addr: 0x1000, rkey: 0x55, len: 1 << 20 };
         let ack = AckEndpoint { qpn: 8, psn: 10, addr: 0x2000, rkey: 0x66, len: 65536 };
-        // Version 0 of the frame (no extension) and version 1 round-trip.
-        let v0 = encode_bootstrap(3, &ep, None);
+        let mirror = MirrorEndpoint { addr: 0x3000, rkey: 0x77, len: 4096 };
+        // No extension, and version 2 with and without a mirror, round-trip.
+        let v0 = encode_bootstrap(3, &ep, None, Some(&mirror));
         assert_eq!(v0.len(), 8 + ENDPOINT_LEN);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v0).expect("v0"), (3, ep, None));
-        let v1 = encode_bootstrap(4, &ep, Some(&ack));
-        assert_eq!(v1.len(), 8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v1).expect("v1"), (4, ep, Some(ack)));
-        // A later version with more fields: the version-1 fields are read, the rest ignored.
-        let mut v2 = v1.clone();
-        v2[8 + ENDPOINT_LEN] = 2;
-        v2.extend_from_slice(&[0xee; 17]);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v2).expect("v2"), (4, ep, Some(ack)));
+        assert_eq!(decode_bootstrap("QP_OFFER", &v0).expect("v0"), (3, ep, None, None));
+        let v2 = encode_bootstrap(4, &ep, Some(&ack), Some(&mirror));
+        assert_eq!(v2.len(), 8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN + MIRROR_ENDPOINT_LEN);
+        assert_eq!(decode_bootstrap("QP_OFFER", &v2).expect("v2"), (4, ep, Some(ack), Some(mirror)));
+        let v2_none = encode_bootstrap(4, &ep, Some(&ack), None);
+        assert_eq!(decode_bootstrap("QP_OFFER", &v2_none).expect("v2 without mirror"), (4, ep, Some(ack), None));
+        // Version 1 (an older peer): the acknowledgement fields only, no mirror.
+        let mut v1 = v2[..8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN].to_vec();
+        v1[8 + ENDPOINT_LEN] = 1;
+        assert_eq!(decode_bootstrap("QP_OFFER", &v1).expect("v1"), (4, ep, Some(ack), None));
+        // A later version with more fields: the version-2 fields are read, the rest ignored.
+        let mut v3 = v2.clone();
+        v3[8 + ENDPOINT_LEN] = 3;
+        v3.extend_from_slice(&[0xee; 17]);
+        assert_eq!(decode_bootstrap("QP_OFFER", &v3).expect("v3"), (4, ep, Some(ack), Some(mirror)));
         // Version 0 in the extension, and every truncation, are refused.
-        let mut bad = v1.clone();
+        let mut bad = v2.clone();
         bad[8 + ENDPOINT_LEN] = 0;
         assert!(decode_bootstrap("QP_OFFER", &bad).is_err());
-        for len in 0..v1.len() {
-            let r = decode_bootstrap("QP_ACCEPT", &v1[..len]);
+        for len in 0..v2.len() {
+            let r = decode_bootstrap("QP_ACCEPT", &v2[..len]);
             assert_eq!(r.is_ok(), len == v0.len(), "a {len}-byte prefix");
         }
         for len in 0..300 {

@@ -122,6 +122,39 @@ impl AckEndpoint {
     }
 }
 
+/// The read-only half of the queue-pair bootstrap (bootstrap extension version 2): the
+/// owner's **read mirror**, a memory region of the acknowledgement protection domain
+/// registered with `IBV_ACCESS_REMOTE_READ` only, which the receiver of this endpoint may
+/// RDMA READ on the acknowledgement queue pair and never write (the NIC refuses a write
+/// to a region without remote-write access). What its bytes mean is the caller's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MirrorEndpoint {
+    /// Virtual address of the mirror.
+    pub(crate) addr: u64,
+    /// Its remote key.
+    pub(crate) rkey: u32,
+    /// Its length in bytes (0: the owner has no mirror).
+    pub(crate) len: u64,
+}
+
+/// Encoded length of a [`MirrorEndpoint`].
+pub(crate) const MIRROR_ENDPOINT_LEN: usize = 8 + 4 + 8;
+
+impl MirrorEndpoint {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.addr.to_le_bytes());
+        out.extend_from_slice(&self.rkey.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    /// Parses the first [`MIRROR_ENDPOINT_LEN`] bytes of `b`; `None` if `b` is shorter.
+    pub(crate) fn decode(b: &[u8]) -> Option<MirrorEndpoint> {
+        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+        Some(MirrorEndpoint { addr: u64_at(0)?, rkey: u32_at(8)?, len: u64_at(12)? })
+    }
+}
+
 fn verbs_err(call: &'static str, rc: i32) -> RdmaError {
     // Verbs calls return an errno (positive or negative) or -1 with errno set.
     let code = if rc == -1 || rc == 0 { io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { rc.abs() };
