@@ -108,6 +108,7 @@ rdma_passed=0
 rdma_log=$(mktemp)
 rdma_bin=""
 rdma_cluster_bin=""
+rdma_read_bin=""
 test_bin() { # package, test target: the test binary's path
     cargo test -p "$1" --features rdma --test "$2" --no-run --message-format=json 2>/dev/null |
         grep "\"name\":\"$2\"" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
@@ -115,14 +116,15 @@ test_bin() { # package, test target: the test binary's path
 if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
     rdma_bin=$(test_bin transport rdma)
     rdma_cluster_bin=$(test_bin replog process_rdma)
+    rdma_read_bin=$(test_bin replog rdma_read)
 else
     tail -20 "$rdma_log"
     echo "FAILED: hw-setup/rxe-vm.sh setup"
 fi
-if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ]; then
+if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ]; then
     # shellcheck disable=SC2016 # expanded inside the VM
-    hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture' \
-        "$rdma_bin" "$rdma_cluster_bin" 2>&1 | tee "$rdma_log" |
+    hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture' \
+        "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" 2>&1 | tee "$rdma_log" |
         grep -E '^test |panicked|^rdma: |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
     rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')

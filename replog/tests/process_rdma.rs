@@ -203,6 +203,26 @@ fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
         sum.taken_side,
         100.0 * sum.taken_rdma as f64 / taken.max(1) as f64
     );
+    // How log-tail reads travelled (the candidates of the elections after the kill read
+    // their promisers' tails): by RDMA READ of the promiser's accepted-entries mirror,
+    // or over the side channel (the peer's CPU), and how many fell back.
+    let mut reads = ReadCounts::default();
+    for i in 0..3 {
+        let r = read_counts(&support::strip_ansi(&cluster.log_of(i)));
+        println!(
+            "rdma: replica {}: log-tail reads {} by RDMA READ, {} by side channel ({} fell back to it)",
+            i + 1,
+            r.rdma_read,
+            r.side_channel,
+            r.fallback
+        );
+        reads.add(&r);
+    }
+    println!(
+        "rdma: log-tail reads: {} by RDMA READ, {} by side channel, {} fallbacks",
+        reads.rdma_read, reads.side_channel, reads.fallback
+    );
+    assert!(reads.rdma_read > 0, "the elections after the kill read no log tail by RDMA READ: {reads:?}");
     assert!(taken >= 10_000, "the leaders took {taken} acknowledgements for 10,300 entries (two followers each)");
     assert!(sum.taken_rdma * 10 >= taken * 9, "at least 90% of the acknowledgements must go by RDMA WRITE: {sum:?}");
     assert!(sum.sent_rdma >= sum.taken_rdma * 9 / 10, "followers' and leaders' counts disagree: {sum:?}");
@@ -250,6 +270,50 @@ fn ack_counts(log: &str) -> AckCounts {
             sent_side: field(line, "sent_side"),
             taken_rdma: field(line, "taken_rdma"),
             taken_side: field(line, "taken_side"),
+        };
+        if !last.le(&c) {
+            total.add(&last);
+        }
+        last = c;
+    }
+    total.add(&last);
+    total
+}
+
+/// Log-tail read counts of one replica (summed over its process lives).
+#[derive(Debug, Default, Clone, Copy)]
+struct ReadCounts {
+    rdma_read: u64,
+    side_channel: u64,
+    fallback: u64,
+}
+
+impl ReadCounts {
+    fn add(&mut self, o: &ReadCounts) {
+        self.rdma_read += o.rdma_read;
+        self.side_channel += o.side_channel;
+        self.fallback += o.fallback;
+    }
+
+    fn le(&self, o: &ReadCounts) -> bool {
+        self.rdma_read <= o.rdma_read && self.side_channel <= o.side_channel && self.fallback <= o.fallback
+    }
+}
+
+/// The counts of the agent's "rdma reads" log lines (cumulative within one process life).
+fn read_counts(log: &str) -> ReadCounts {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (mut total, mut last) = (ReadCounts::default(), ReadCounts::default());
+    for line in log.lines().filter(|l| l.contains("rdma reads")) {
+        let c = ReadCounts {
+            rdma_read: field(line, "rdma_read"),
+            side_channel: field(line, "side_channel"),
+            fallback: field(line, "fallback"),
         };
         if !last.le(&c) {
             total.add(&last);

@@ -810,3 +810,47 @@ fn acknowledgement_round_trip_by_rdma_write_and_by_message() {
         );
     }
 }
+
+/// The read mirror: peers read it with RDMA READ (on the acknowledgement queue pair),
+/// reads past its end or larger than `mirror_read_max` are refused at issue, one read at
+/// a time per peer, and a peer's RDMA WRITE into it is refused by the NIC (registered for
+/// remote READ only): the mirror is unchanged and the link is renewed.
+#[test]
+fn the_read_mirror_is_read_by_rdma_read_and_refuses_writes() {
+    if !rdma_available("the_read_mirror_is_read_by_rdma_read_and_refuses_writes") {
+        return;
+    }
+    let (eps, _) = open_cluster(&[1, 2], |c| {
+        c.mirror_len = 4096;
+        c.mirror_read_max = 1024;
+    });
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    assert_eq!(net.ep(1).mirror_len(), 4096);
+    assert_eq!(net.ep(2).peer_mirror_len(1), Some(4096));
+    net.ep(1).write_mirror(512, &pattern(3, 300)).expect("write own mirror");
+    let t = net.retry(2, "read_mirror", |e| e.read_mirror(1, 512, 300));
+    assert!(net.ep(2).read_mirror(1, 0, 8) == Err(SendError::Backpressure(1)), "one mirror read at a time");
+    assert_eq!(net.read_done(2, t), Ok(Bytes::from(pattern(3, 300))));
+    assert!(matches!(net.ep(2).read_mirror(1, 4090, 8), Err(SendError::TooLarge { .. })));
+    assert!(matches!(net.ep(2).read_mirror(1, 0, 1025), Err(SendError::TooLarge { .. })));
+    assert_eq!(net.ep(2).read_mirror(9, 0, 8).map(|_| ()), Err(SendError::UnknownPeer(9)));
+
+    let before = {
+        let mut b = vec![0u8; 4096];
+        net.ep(1).read_own_mirror(0, &mut b).expect("read own mirror");
+        b
+    };
+    let t = net.retry(2, "intrusion", |e| e.write_mirror_through_ack_qp(1, b"a peer writes the mirror"));
+    let r = net.write_done(2, t);
+    assert!(r.is_err(), "the NIC must refuse a write into a remote-read-only region: {r:?}");
+    eprintln!("RDMA WRITE aimed at the read mirror: {r:?}");
+    net.take(2, "PeerDown 1", |e| matches!(e, Event::PeerDown { peer: 1, .. }));
+    net.take(2, "PeerUp 1 again", |e| matches!(e, Event::PeerUp { peer: 1 }));
+    let mut after = vec![0u8; 4096];
+    net.ep(1).read_own_mirror(0, &mut after).expect("read own mirror");
+    assert!(after == before, "the mirror is unchanged");
+    // Reads work again after the renewal.
+    let t = net.retry(2, "read_mirror again", |e| e.read_mirror(1, 512, 300));
+    assert_eq!(net.read_done(2, t), Ok(Bytes::from(pattern(3, 300))));
+}

@@ -433,6 +433,17 @@ enum AckKind {
     MirrorRead { len: u32 },
 }
 
+/// Where an operation on an acknowledgement queue pair is aimed.
+#[derive(Debug, Clone, Copy)]
+enum AckTarget {
+    /// This offset of the peer's acknowledgement area for us.
+    Area(u64),
+    /// The start of the peer's log region (isolation tests: the NIC refuses it).
+    LogRegion,
+    /// The start of the peer's read mirror (isolation tests: the NIC refuses a write).
+    Mirror,
+}
+
 /// An operation on an acknowledgement queue pair.
 #[derive(Debug, Clone, Copy)]
 struct AckOp {
@@ -844,7 +855,7 @@ impl RdmaTransport {
     /// operations in flight. `Denied` is never the answer: the acknowledgement path has
     /// no permission to lose. The first 8 bytes of the area are `to`'s heartbeat counter.
     pub fn write_ack(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
-        self.post_ack(to, Some(offset), data, false)
+        self.post_ack(to, AckTarget::Area(offset), data, false)
     }
 
     /// `peer`'s heartbeat counter as last read by RDMA READ (with
@@ -951,14 +962,23 @@ impl RdmaTransport {
     /// protection domain, so the NIC must refuse it: the write completes with an error
     /// (and the link is renewed), and `to`'s log region is unchanged.
     pub fn write_log_region_through_ack_qp(&mut self, to: PeerId, data: &[u8]) -> Result<Token, SendError> {
-        self.post_ack(to, None, data, false)
+        self.post_ack(to, AckTarget::LogRegion, data, false)
+    }
+
+    /// Isolation check (tests): posts an RDMA WRITE of `data` on the acknowledgement
+    /// queue pair to `to` aimed at `to`'s **read mirror** (its address and rkey from the
+    /// bootstrap). The mirror is registered for remote READ only, so the NIC must refuse
+    /// it: the write completes with an error (and the link is renewed), and the mirror is
+    /// unchanged.
+    pub fn write_mirror_through_ack_qp(&mut self, to: PeerId, data: &[u8]) -> Result<Token, SendError> {
+        self.post_ack(to, AckTarget::Mirror, data, false)
     }
 
     /// Posts one signalled operation on the acknowledgement queue pair to `to`: a write
     /// of `data` at `offset` of its acknowledgement area, or (`None`) at the start of its
     /// log region; or (`heartbeat`) an RDMA READ of the 8-byte heartbeat counter at
     /// `offset` (0) of its acknowledgement area into the staging slot (`data` unused).
-    fn post_ack(&mut self, to: PeerId, offset: Option<u64>, data: &[u8], heartbeat: bool) -> Result<Token, SendError> {
+    fn post_ack(&mut self, to: PeerId, target: AckTarget, data: &[u8], heartbeat: bool) -> Result<Token, SendError> {
         let data = if heartbeat { &[0u8; 8][..] } else { data };
         if data.len() > ACK_MAX_WRITE {
             return Err(SendError::TooLarge { size: data.len(), limit: ACK_MAX_WRITE });
@@ -971,15 +991,20 @@ impl RdmaTransport {
         else {
             return Err(SendError::LinkDown(to));
         };
-        let (remote_addr, rkey) = match offset {
-            Some(offset) => {
+        let mirror = link.mirror_remote;
+        let (remote_addr, rkey) = match target {
+            AckTarget::Area(offset) => {
                 if offset.checked_add(data.len() as u64).is_none_or(|end| end > area.len) {
                     let limit = area.len.saturating_sub(offset) as usize;
                     return Err(SendError::TooLarge { size: data.len(), limit });
                 }
                 (area.addr + offset, area.rkey)
             }
-            None => (log.addr, log.rkey),
+            AckTarget::LogRegion => (log.addr, log.rkey),
+            AckTarget::Mirror => match mirror {
+                Some(m) => (m.addr, m.rkey),
+                None => return Err(SendError::LinkDown(to)),
+            },
         };
         if link.ack_posted.len() >= depth {
             return Err(SendError::Backpressure(to));
@@ -1806,7 +1831,7 @@ impl RdmaTransport {
             .map(|l| l.id)
             .collect();
         for peer in due {
-            match self.post_ack(peer, Some(0), &[], true) {
+            match self.post_ack(peer, AckTarget::Area(0), &[], true) {
                 Ok(t) => {
                     if let Some(l) = self.links.get_mut(&peer) {
                         l.hb_read = Some(t);
