@@ -174,6 +174,58 @@ fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
     }
     println!("rdma: {total} entries on every replica, no acknowledged entry lost");
 
+    // Elections that must read log tails: under load, freeze the leader (SIGSTOP). The
+    // writes it posted still land (the NIC and the kernel's rxe carry them) and the
+    // followers accept them, but it commits nothing more: the followers hold an
+    // uncommitted tail, the next candidate reads it from its promiser by RDMA READ of
+    // the promiser's accepted-entries mirror. Then thaw it (it steps down). At most 4
+    // rounds, until a tail was read by RDMA READ.
+    let mut phase2 = Vec::new();
+    for round in 0..4 {
+        let load = support::Appenders::start(&cluster, 2, u64::MAX);
+        load.wait_more(200);
+        let frozen = cluster.wait_leader(Duration::from_secs(60));
+        let pid = cluster.pids()[frozen].expect("the leader runs") as libc::pid_t;
+        // SAFETY: signalling a child process of this test by its pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP the leader");
+        let t0 = Instant::now();
+        let next = loop {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no new leader within 60 s of freezing {}", frozen + 1);
+            let others: Vec<usize> = (0..3).filter(|&i| i != frozen).collect();
+            if let Some(&l) = others.iter().find(|&&i| cluster.status(i).is_some_and(|s| s.role == "leader")) {
+                break l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        load.wait_more(100);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT the old leader");
+        let out = load.finish();
+        phase2.extend(out.acked);
+        // The agents log their counts at most every second.
+        std::thread::sleep(Duration::from_millis(1500));
+        let r: u64 = (0..3).map(|i| read_counts(&support::strip_ansi(&cluster.log_of(i))).rdma_read).sum();
+        println!(
+            "rdma: freeze round {}: replica {} frozen, replica {} leads; log-tail reads by RDMA READ so far: {r}",
+            round + 1,
+            frozen + 1,
+            next + 1
+        );
+        if r > 0 {
+            break;
+        }
+    }
+    let total = cluster.wait_converged(total + phase2.len() as u64, Duration::from_secs(120));
+    let log = cluster.read_all(0);
+    let at: HashMap<&[u8], u64> = log.iter().map(|(p, d)| (d.as_slice(), *p)).collect();
+    for a in &phase2 {
+        assert_eq!(at.get(a.payload.as_slice()), Some(&a.pos), "acknowledged entry lost across the freezes");
+    }
+    for i in 1..3 {
+        assert!(cluster.read_all(i) == log, "replica {} differs from replica 1 after the freezes", i + 1);
+    }
+    println!("rdma: {} more appends across the freezes, {total} entries on every replica", phase2.len());
+
     // How the followers' acknowledgements travelled: RDMA WRITE into the leader's
     // acknowledgement area (the fast path) or side-channel message (the fallback). The
     // agents log their counts at most every second: give them time for the last line.
