@@ -320,4 +320,25 @@ pub fn rdma_records(data: &[u8]) {
             assert_eq!(&out[..], &b[..r::ACK_SLOT], "an accepted record is exactly its encoding");
         }
     }
+    read_mirror(data);
+}
+
+/// The accepted-entries mirror as a reader meets it (bytes from the network): header,
+/// read plan, records, re-check. Nothing panics; a header that decodes re-encodes to
+/// one that decodes the same; an answer that assembles covers the slot asked.
+fn read_mirror(data: &[u8]) {
+    use replog::rdma_mirror as m;
+    let len = data.len() as u64;
+    let Ok(h) = m::decode_header(data, len) else { return };
+    assert_eq!(m::decode_header(&m::encode_header(&h), len), Ok(h), "a decoded header re-encodes");
+    for from in [h.low, h.high, h.low.wrapping_add(1)] {
+        let Ok((off, n, count)) = m::plan_read(&h, from, 1 << 16) else { continue };
+        assert!(count >= 1 && from + count - 1 <= h.high, "a plan stays in the range held");
+        let Some(recs) = data.get(off as usize..(off as usize).saturating_add(n as usize)) else { continue };
+        let mut out = Vec::new();
+        if let Ok(to) = m::assemble(&h, from, recs, 1 << 16, &mut out) {
+            assert!(to >= from && to < from + count, "an answer covers the slot asked and no more");
+            assert!(m::recheck(&h, data, len).is_ok(), "the same header re-checks");
+        }
+    }
 }

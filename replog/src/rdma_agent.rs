@@ -456,6 +456,12 @@ impl RdmaAgent {
             MirrorStep::Recheck(h, answer) => match mirror::recheck(&h, &data, mlen) {
                 Err(f) => self.fall_back(m, f, "recheck", events),
                 Ok(()) => {
+                    // The values are whole (CRC) but were never decoded: an answer the
+                    // node could not decode would leave the read unanswered.
+                    let q = paxos::ReadRequest { ballot: paxos::Ballot::ZERO, from: m.from, to: u64::MAX };
+                    if let Err(e) = crate::wire::decode_read_result(&q, &answer) {
+                        return self.fall_back(m, Fallback::Record, &e.to_string(), events);
+                    }
                     let Some(p) = self.pending_reads.remove(&m.ours) else { return };
                     self.read_paths.one_sided += 1;
                     self.read_paths.one_sided_ns += p.since.elapsed().as_nanos() as u64;

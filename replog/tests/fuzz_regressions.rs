@@ -221,4 +221,21 @@ fn write_seeds() {
     let mut rec = Vec::new();
     assert!(r::encode_ack(&r::AckRecord { epoch: (4, 1), seq: 3, token: 99, ok: false, reply: vec![1; 16] }, &mut rec));
     put("rdma_records", "ack", &rec);
+    // An accepted-entries mirror of 4 records (slots 1..=6 published: 3..=6 held).
+    let mut mirror = vec![0u8; replog::rdma_mirror::HEADER_LEN + 4 * 128];
+    let mut p = replog::rdma_mirror::Publisher::new(mirror.len(), 128).unwrap();
+    let entries: Vec<paxos::Entry> = (1..=6)
+        .map(|slot| paxos::Entry {
+            slot,
+            ballot: paxos::Ballot { round: 2, node: 1 },
+            value: paxos::Value::Batch(vec![paxos::Command {
+                client: 1,
+                seq: slot,
+                payload: Bytes::from_static(b"v"),
+            }]),
+        })
+        .collect();
+    let plan = p.plan(0, 6, Some(1)).unwrap();
+    p.publish(&mut mirror, plan, 0, &entries[plan.start as usize - 1..]).unwrap();
+    put("rdma_records", "mirror", &mirror);
 }
