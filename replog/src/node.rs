@@ -1251,7 +1251,10 @@ impl<T: Transport> Node<T> {
         let Some(p) = self.mirror.as_mut() else { return };
         let st = self.replica.storage();
         let (trimmed, last) = (st.trimmed(), st.last_slot());
-        let Some(plan) = p.plan(trimmed, last, self.mirror_dirty.take()) else { return };
+        // Insurance against a change the hooks missed: with any change, the unchosen tail
+        // (the only slots whose accepted value may still change) is rewritten too.
+        let dirty = self.mirror_dirty.take().map(|d| d.min(self.replica.commit_index() + 1));
+        let Some(plan) = p.plan(trimmed, last, dirty) else { return };
         let entries = if plan.start <= plan.high {
             match st.entries(plan.start, plan.high) {
                 Ok(e) => e,

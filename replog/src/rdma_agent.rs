@@ -61,6 +61,10 @@
 //!   fails (a read raced a rewrite or a wrap), a value is larger than a record, or a
 //!   mirror read fails. [`Transport::read_paths`] counts reads by path, logged as
 //!   `rdma reads` lines.
+//!   One thing the side channel did that the mirror cannot: a promiser whose tail its
+//!   candidate reads takes the read as contact and holds off its own election; it does
+//!   not see an RDMA READ. Tail reads by RDMA READ finish in a few round trips, well
+//!   within an election timeout, and the candidate then writes or sends heartbeats.
 //!
 //! Messages are tagged with one byte: 0 the core's message, 1 a write acknowledgement
 //! (the fallback: `token u64, status u8, detail`), 2 a read request (`token u64, offset u64, len u32`),
@@ -180,6 +184,8 @@ pub struct RdmaAgent {
     cell_size: usize,
     /// Bytes per record of this replica's mirror (0: no mirror).
     mirror_stride: usize,
+    /// Reads try the peer's mirror first (default true).
+    mirror_reads_on: bool,
     cells: usize,
     next_token: Token,
     streams: HashMap<PeerId, Stream>,
@@ -249,6 +255,7 @@ impl RdmaAgent {
             cells: region / cell_size,
             cell_size,
             mirror_stride: 0,
+            mirror_reads_on: true,
             inner,
             next_token: first.max(1),
             streams: HashMap::new(),
@@ -280,6 +287,12 @@ impl RdmaAgent {
         mirror::geometry(self.inner.mirror_len(), stride).map_err(|e| e.to_string())?;
         self.mirror_stride = stride;
         Ok(self)
+    }
+
+    /// Whether reads try the peer's mirror by RDMA READ first (default) or go over the
+    /// side channel only (to measure one path against the other).
+    pub fn set_mirror_reads(&mut self, on: bool) {
+        self.mirror_reads_on = on;
     }
 
     /// The payload capacity of one cell: the largest remote write.
@@ -421,9 +434,10 @@ impl RdmaAgent {
 
     /// A read of a peer's mirror completed: the next step, the answer, or the fallback.
     fn on_mirror_read(&mut self, mut m: MirrorRead, result: Result<Bytes, AccessError>, events: &mut Vec<Event>) {
-        if !self.pending_reads.contains_key(&m.ours) {
+        let Some(p) = self.pending_reads.get(&m.ours) else {
             return; // already failed (the peer went down)
-        }
+        };
+        debug_assert!(p.peer == m.peer && !p.side, "a mirror read belongs to a pending read of that peer");
         let data = match result {
             Ok(d) => d,
             Err(e) => return self.fall_back(m, Fallback::Header, &e.to_string(), events),
@@ -740,7 +754,7 @@ impl Transport for RdmaAgent {
         let token = self.token();
         let since = Instant::now();
         // By RDMA READ of the peer's mirror when it has one; else over the side channel.
-        if offset >= 1 && self.inner.peer_mirror_len(from).is_some() {
+        if self.mirror_reads_on && offset >= 1 && self.inner.peer_mirror_len(from).is_some() {
             match self.inner.read_mirror(from, 0, mirror::HEADER_LEN as u32) {
                 Ok(t) => {
                     let step = MirrorStep::Header;

@@ -215,14 +215,26 @@ fn log_tail_reads_go_by_rdma_read_and_fall_back_when_older_than_the_ring() {
         let _ = read(&mut agents, &mut inbox, &log2, 20);
         side.push(t.elapsed());
     }
+    // The side channel alone (mirror reads off): the path the RDMA READs replace.
+    agents[1].set_mirror_reads(false);
+    let mut plain = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let _ = read(&mut agents, &mut inbox, &log2, 33);
+        plain.push(t.elapsed());
+    }
     let paths = agents[1].read_paths();
     assert_eq!(paths.one_sided, 1 + 1 + 200);
-    assert_eq!(paths.side_channel, 2 + 200);
+    assert_eq!(paths.side_channel, 2 + 200 + 200);
+    assert_eq!(paths.fallbacks, 2 + 200, "reads with mirror reads off are not fallbacks");
     println!(
-        "rdma: log-tail read latency over 200 reads each: rdma_read p50 {:?} p99 {:?}; \
-         side_channel (fallback, peer CPU) p50 {:?} p99 {:?}; counts {paths:?}",
+        "rdma: log-tail read latency, 200 reads each, same run: rdma_read (slots 33..=40) p50 {:?} p99 {:?}; \
+         side_channel only (slots 33..=40, peer CPU) p50 {:?} p99 {:?}; fallback (slot 20, older than the ring: \
+         header read, then side channel) p50 {:?} p99 {:?}; counts {paths:?}",
         percentile(&mut rdma, 0.5),
         percentile(&mut rdma, 0.99),
+        percentile(&mut plain, 0.5),
+        percentile(&mut plain, 0.99),
         percentile(&mut side, 0.5),
         percentile(&mut side, 0.99),
     );
