@@ -178,10 +178,10 @@ fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
     // writes it posted still land (the NIC and the kernel's rxe carry them) and the
     // followers accept them, but it commits nothing more: the followers hold an
     // uncommitted tail, the next candidate reads it from its promiser by RDMA READ of
-    // the promiser's accepted-entries mirror. Then thaw it (it steps down). At most 4
+    // the promiser's accepted-entries mirror. Then thaw it (it steps down). At most 8
     // rounds, until a tail was read by RDMA READ.
     let mut phase2 = Vec::new();
-    for round in 0..4 {
+    for round in 0..8 {
         let load = support::Appenders::start(&cluster, 2, u64::MAX);
         load.wait_more(200);
         let frozen = cluster.wait_leader(Duration::from_secs(60));
