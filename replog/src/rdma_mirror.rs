@@ -510,7 +510,10 @@ mod tests {
         // Slot 4 accepted nothing.
         let log: Vec<Entry> = (1..=10).filter(|&s| s != 4).map(|s| entry(s, 3, 20)).collect();
         publish(&mut p, &mut mem, &log, 0, Some(1));
-        let got = read(&mem, 2, 1 << 20).expect("rdma answer");
+        let got = match read(&mem, 2, 1 << 20) {
+            Ok(b) => b,
+            Err(f) => panic!("a published range must be answered from the mirror, fell back: {f:?}"),
+        };
         let res = paxos::ReadResult { ballot: Ballot::ZERO, from: 2, to: 10, entries: log[1..].to_vec() };
         let mut want = Vec::new();
         wire::encode_read_result(&res, 1 << 20, &mut want);
@@ -531,7 +534,10 @@ mod tests {
         assert_eq!(read(&mem, 21, 1 << 20), Err(Fallback::NotYet));
         assert!(read(&mem, 13, 1 << 20).is_ok());
         // Reads never cross the ring's end: slots 13..=15 fill its last records.
-        let h = decode_header(&mem, mem.len() as u64).expect("header");
+        let h = match decode_header(&mem, mem.len() as u64) {
+            Ok(h) => h,
+            Err(f) => panic!("a published header must decode: {f:?}"),
+        };
         assert_eq!(plan_read(&h, 13, 1 << 20).map(|(_, _, n)| n), Ok(3));
         // A header caught mid-rewrite (odd generation) or torn.
         let mut odd = mem.clone();
@@ -549,8 +555,14 @@ mod tests {
         let mut log2 = log.clone();
         log2.push(entry(21, 1, 10));
         publish(&mut p, &mut mem, &log2, 0, Some(21));
-        let h_old = decode_header(&stale, stale.len() as u64).expect("old header");
-        let (off, len, _) = plan_read(&h_old, 13, 1 << 20).expect("plan");
+        let h_old = match decode_header(&stale, stale.len() as u64) {
+            Ok(h) => h,
+            Err(f) => panic!("the earlier published header must decode: {f:?}"),
+        };
+        let (off, len, _) = match plan_read(&h_old, 13, 1 << 20) {
+            Ok(plan) => plan,
+            Err(f) => panic!("slot 13 is in the earlier header's range: {f:?}"),
+        };
         let recs = &mem[off as usize..(off + u64::from(len)) as usize];
         assert_eq!(assemble(&h_old, 13, recs, 1 << 20, &mut Vec::new()), Err(Fallback::Record));
         // The seqlock: records read under one generation, the header re-read under another.
