@@ -25,24 +25,9 @@ const LATENCY_SAMPLES: usize = 300;
 
 type Outcomes = (HashMap<Vec<u8>, u64>, Vec<Vec<u8>>);
 
-fn rdma_available() -> bool {
-    match transport::rdma::probe_device() {
-        Ok(_) => true,
-        Err(e) => {
-            let why =
-                format!("process_rdma: no RDMA device ({e}); run it in the soft-RoCE VM (hw-setup/rxe-vm.sh run)");
-            if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("{why} (REPLOG_REQUIRE_ALL=1)");
-            }
-            eprintln!("SKIP {why}");
-            false
-        }
-    }
-}
-
 #[test]
 fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
-    if !rdma_available() {
+    if !transport::rdma::testing::device_or_skip("process_rdma") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

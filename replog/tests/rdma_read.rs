@@ -13,9 +13,9 @@ use replog::rdma_agent::RdmaAgent;
 use replog::rdma_mirror::{MirrorError, MirrorMemory, Publisher, HEADER_LEN};
 use replog::wire;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use transport::rdma::{probe_device, RdmaConfig, RdmaTransport};
+use transport::rdma::{RdmaConfig, RdmaTransport};
 use transport::{Event, PeerId, SendError, Token, Transport};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,23 +23,7 @@ const STRIDE: usize = 256;
 const RECORDS: usize = 16;
 const BUDGET: u32 = 64 << 10;
 
-fn rdma_available(test: &str) -> bool {
-    match probe_device() {
-        Ok(_) => true,
-        Err(e) => {
-            let why = format!("{test}: no RDMA device ({e}); run it in the soft-RoCE VM (hw-setup/rxe-vm.sh run)");
-            if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("{why} (REPLOG_REQUIRE_ALL=1)");
-            }
-            eprintln!("SKIP {why}");
-            false
-        }
-    }
-}
-
-fn ip() -> IpAddr {
-    std::env::var("RXE_IP").ok().and_then(|s| s.parse().ok()).unwrap_or([127, 0, 0, 1].into())
-}
+use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
 
 fn open(ids: &[PeerId]) -> Vec<RdmaAgent> {
     let ls: Vec<TcpListener> = ids.iter().map(|_| TcpListener::bind((ip(), 0)).expect("bind side channel")).collect();

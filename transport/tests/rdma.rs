@@ -11,34 +11,16 @@
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 use transport::conformance;
-use transport::rdma::{probe_device, RdmaConfig, RdmaTransport};
+use transport::rdma::{RdmaConfig, RdmaTransport};
 use transport::{AccessError, Event, PeerId, SendError, Token, Transport};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Whether an RDMA device is usable; fails under REPLOG_REQUIRE_ALL=1 when not.
-fn rdma_available(test: &str) -> bool {
-    match probe_device() {
-        Ok(_) => true,
-        Err(e) => {
-            let why = format!(
-                "{test}: no RDMA device ({e}); run it in the soft-RoCE VM: hw-setup/rxe-vm.sh run -- <test binary>"
-            );
-            if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("{why} (REPLOG_REQUIRE_ALL=1)");
-            }
-            eprintln!("SKIP {why}");
-            false
-        }
-    }
-}
-
-fn ip() -> IpAddr {
-    std::env::var("RXE_IP").ok().and_then(|s| s.parse().ok()).unwrap_or([127, 0, 0, 1].into())
-}
+use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
 
 fn base_config(id: PeerId, listen: SocketAddr, peers: BTreeMap<PeerId, SocketAddr>) -> RdmaConfig {
     let mut c = RdmaConfig::new(77, id, listen, peers);

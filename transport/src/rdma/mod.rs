@@ -290,6 +290,35 @@ pub fn probe_device() -> Result<String, RdmaError> {
     Device::open(None, 1, 0, 1).map(|d| d.name.clone())
 }
 
+/// What the RDMA tests of every crate share: whether they can run here, and the
+/// addresses the soft-RoCE VM gives them (`hw-setup/rxe-vm.sh run` sets `RXE_*`).
+pub mod testing {
+    use std::net::IpAddr;
+
+    /// Whether an RDMA device is up. Without one a test is skipped with a line saying
+    /// why, or fails when `REPLOG_REQUIRE_ALL=1` (the full test command).
+    pub fn device_or_skip(test: &str) -> bool {
+        match super::probe_device() {
+            Ok(_) => true,
+            Err(e) => {
+                let why = format!(
+                    "{test}: no RDMA device ({e}); run it in the soft-RoCE VM: hw-setup/rxe-vm.sh run -- <test binary>"
+                );
+                if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
+                    panic!("{why} (REPLOG_REQUIRE_ALL=1)");
+                }
+                eprintln!("SKIP {why}");
+                false
+            }
+        }
+    }
+
+    /// The address of the RDMA interface (`RXE_IP` in the VM), else loopback.
+    pub fn side_channel_ip() -> IpAddr {
+        std::env::var("RXE_IP").ok().and_then(|s| s.parse().ok()).unwrap_or([127, 0, 0, 1].into())
+    }
+}
+
 /// One access, queued or posted.
 #[derive(Debug)]
 struct Op {
