@@ -4,7 +4,9 @@
 
 mod client_support;
 
-use client_support::{capture_logs, frame, raw, read_one, read_until_closed, wait_for_log, FakeCluster, CLUSTER};
+use client_support::{
+    capture_logs, frame, raw, read_n, read_one, read_until_closed, wait_for_log, FakeCluster, CLUSTER,
+};
 use replog::client::proto::kind;
 use replog::client::{Client, ClientConfig, ErrorCode, Request, Response};
 use std::io::Write;
@@ -296,7 +298,7 @@ fn requests_in_flight_beyond_the_limits_are_answered_busy_and_the_connection_sta
     assert_eq!(fake.log().len(), 2, "only the two admitted appends reached the node");
     // Once the node answers, the connection is served again.
     fake.state.lock().unwrap().hold_appends = false;
-    let mut got: Vec<u64> = (0..2).map(|_| read_one(&mut s).0).collect();
+    let mut got: Vec<u64> = read_n(&mut s, 2).into_iter().map(|(id, _)| id).collect();
     got.sort();
     assert_eq!(got, vec![2, 3]);
     s.write_all(&frame(5, &Request::Append { client: 9, seq: 5, entries: vec!["after".into()] })).unwrap();

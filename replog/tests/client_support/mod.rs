@@ -369,22 +369,42 @@ pub fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<(u64, Resp
     (got, closed)
 }
 
-/// Reads one response from `s` (within 5 s).
+/// Reads one response from `s` (within 5 s). Only for when exactly one is due: bytes
+/// after the first frame are dropped (use [`read_n`] for several).
 pub fn read_one(s: &mut TcpStream) -> (u64, Response) {
+    match read_n(s, 1).pop() {
+        Some(r) => r,
+        None => unreachable!("read_n returns the number asked for"),
+    }
+}
+
+/// Reads the next `n` responses from `s` (within 5 s), keeping what follows a frame in
+/// the same read for the next one (two answers sent together often come in one read).
+pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<(u64, Response)> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 4096];
     let dec = Decoder::new(replog::client::MAX_FRAME);
-    loop {
-        if let Some(f) = dec.decode(&mut buf).unwrap() {
-            return proto::decode_response(&f).unwrap();
+    let mut got = Vec::new();
+    while got.len() < n {
+        match dec.decode(&mut buf) {
+            Ok(Some(f)) => match proto::decode_response(&f) {
+                Ok(r) => {
+                    got.push(r);
+                    continue;
+                }
+                Err(e) => panic!("the server sent an undecodable response: {e}"),
+            },
+            Ok(None) => {}
+            Err(e) => panic!("the server sent a bad frame: {e}"),
         }
-        assert!(Instant::now() < deadline, "no response within 5 s");
+        assert!(Instant::now() < deadline, "{} of {n} responses within 5 s", got.len());
         match s.read(&mut chunk) {
             Ok(0) => panic!("connection closed"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("read: {e}"),
         }
     }
+    got
 }
