@@ -301,24 +301,22 @@ impl Segment {
         // flushed everything before its commit word itself.
         let mut flushed_to = None;
         match &mut self.backing {
+            Backing::File(_) if payload.len() >= DIRECT_WRITE => {
+                self.flush_pending()?;
+                let (f, path) = self.file()?;
+                pwritev_all(f, off, &[&hb, payload, tail]).map_err(|e| StoreError::io("write record", path, e))?;
+                self.pending_off = off + size;
+            }
             Backing::File(_) => {
-                if self.pending_off + self.pending.len() as u64 != off || payload.len() >= DIRECT_WRITE {
+                if self.pending_off + self.pending.len() as u64 != off {
                     self.flush_pending()?;
                     self.pending_off = off;
                 }
-                if payload.len() >= DIRECT_WRITE {
-                    let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
-                        unreachable!("a file segment has a path")
-                    };
-                    pwritev_all(f, off, &[&hb, payload, tail]).map_err(|e| StoreError::io("write record", path, e))?;
-                    self.pending_off = off + size;
-                } else {
-                    self.pending.extend_from_slice(&hb);
-                    self.pending.extend_from_slice(payload);
-                    self.pending.extend_from_slice(tail);
-                    if self.pending.len() >= PENDING_LIMIT {
-                        self.flush_pending()?;
-                    }
+                self.pending.extend_from_slice(&hb);
+                self.pending.extend_from_slice(payload);
+                self.pending.extend_from_slice(tail);
+                if self.pending.len() >= PENDING_LIMIT {
+                    self.flush_pending()?;
                 }
             }
             Backing::Map { map, flush, .. } if payload.len() >= STREAM_FROM => {
@@ -406,12 +404,21 @@ impl Segment {
         }
     }
 
+    /// The file and path of a file-backed segment.
+    fn file(&self) -> Result<(&File, &Path)> {
+        match (&self.backing, self.path.as_deref()) {
+            (Backing::File(f), Some(path)) => Ok((f, path)),
+            _ => Err(StoreError::Invalid(format!("segment {} is not a file", self.header.index))),
+        }
+    }
+
     /// Writes the records buffered in `pending` to the file (one `pwrite`). Called under
     /// the log's lock before every fdatasync, before writes elsewhere in the file and
     /// when the buffer grows past [`PENDING_LIMIT`].
     pub(crate) fn flush_pending(&mut self) -> Result<()> {
+        // Field by field (not `self.file()`): the fields below change while these are
+        // borrowed. Other backings buffer nothing.
         let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
-            self.pending.clear();
             return Ok(());
         };
         let batch = self.pending.len();
@@ -437,9 +444,7 @@ impl Segment {
         match &self.backing {
             Backing::File(_) => {
                 self.flush_pending()?;
-                let (Backing::File(f), Some(path)) = (&self.backing, self.path.as_deref()) else {
-                    unreachable!("a file segment has a path")
-                };
+                let (f, path) = self.file()?;
                 super::fault::sync_data(f, path).map_err(|e| StoreError::io("fdatasync", path, e))
             }
             Backing::Map { .. } => {
