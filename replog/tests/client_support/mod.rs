@@ -356,8 +356,15 @@ pub fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<(u64, Resp
             Ok(0) => break true,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                while let Ok(Some(f)) = dec.decode(&mut buf) {
-                    got.push(proto::decode_response(&f).unwrap());
+                loop {
+                    match dec.decode(&mut buf) {
+                        Ok(Some(f)) => match proto::decode_response(&f) {
+                            Ok(r) => got.push(r),
+                            Err(e) => panic!("the server sent an undecodable response: {e}"),
+                        },
+                        Ok(None) => break,
+                        Err(e) => panic!("the server sent a bad frame: {e}"),
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
