@@ -104,17 +104,32 @@ fn bench_store(dir: &Path, mode: Mode, size: usize, threads: usize, dur: Duratio
     Ok(Stats::from(all, secs, batch))
 }
 
-fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
+/// Where a raw pwrite+fdatasync loop writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Blocks {
+    /// A file whose blocks are all written (zeros) and synced: the device's best case,
+    /// each fdatasync carries only the data, never a filesystem metadata change (block
+    /// allocation or unwritten-extent conversion) and the journal commit it needs.
+    Written,
+    /// A preallocated file, as a store segment is: each fdatasync also converts the
+    /// unwritten extents it wrote (a journal commit).
+    Preallocated,
+}
+
+fn raw_fdatasync(dir: &Path, size: usize, dur: Duration, blocks: Blocks) -> Stats {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("raw-fdatasync");
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-    // The device's best case: a file whose blocks are all written (zeros) and synced,
-    // so that each fdatasync carries only the data, never a filesystem metadata change
-    // (block allocation or unwritten-extent conversion) and the journal commit it needs.
-    let len = 64u64 << 20;
-    let zeros = vec![0u8; 1 << 20];
-    for i in 0..len >> 20 {
-        f.write_all_at(&zeros, i << 20).unwrap();
+    let len = if blocks == Blocks::Written { 64u64 << 20 } else { 1 << 30 };
+    if blocks == Blocks::Written {
+        let zeros = vec![0u8; 1 << 20];
+        for i in 0..len >> 20 {
+            f.write_all_at(&zeros, i << 20).unwrap();
+        }
+    } else {
+        // SAFETY: fallocate on an open descriptor.
+        let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len as libc::off_t) };
+        assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
     }
     f.sync_all().unwrap();
     let buf = vec![7u8; size];
@@ -127,6 +142,9 @@ fn raw_fdatasync(dir: &Path, size: usize, dur: Duration) -> Stats {
         f.sync_data().unwrap();
         lat.push(t0.elapsed().as_nanos() as u64);
         off = (off + size as u64) % (len - size as u64);
+        if blocks == Blocks::Preallocated && off < size as u64 {
+            break; // written through: the rest would be written blocks
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
@@ -206,13 +224,24 @@ fn main() {
 
     for size in [64usize, 4096] {
         println!("\n== {size} B records ==");
-        let raw_sync = raw_fdatasync(&base, size, dur);
+        let raw_sync = raw_fdatasync(&base, size, dur, Blocks::Written);
         print_row("raw pwrite+fdatasync", size, 1, &raw_sync);
+        // What one fdatasync of a whole 64-appender batch costs: the disk's ceiling for
+        // group commit with 64 appenders (each commit carrying all 64 records), into
+        // written blocks and into preallocated ones (what a store segment has).
+        let rec = replog::store::format::record_size(size as u64) as usize;
+        let ceiling: Vec<(Stats, &str)> = [(Blocks::Written, "written"), (Blocks::Preallocated, "preallocated")]
+            .into_iter()
+            .map(|(b, what)| {
+                let s = raw_fdatasync(&base, 64 * rec, dur, b);
+                print_row(&format!("raw batch of 64 ({what})"), 64 * rec, 1, &s);
+                (s, what)
+            })
+            .collect();
         let raw_map = raw_mapped(&base, size, dur, flush);
         print_row("raw memcpy+flush+fence", size, 1, &raw_map);
         // The bytes a store record of this payload occupies (header, payload, padding,
         // commit word): what the store copies and flushes.
-        let rec = replog::store::format::record_size(size as u64) as usize;
         let raw_rec = raw_mapped(&base, rec, dur, flush);
         print_row("raw memcpy+flush+fence", rec, 1, &raw_rec);
         let mut fsync1 = None;
@@ -242,6 +271,14 @@ fn main() {
         if let Some(s) = &fsync64 {
             let r = s.rate() / raw_sync.rate();
             println!("ratio fsync 64 appenders / raw fdatasync rate: {r:.1}x (target >= 20x: {})", verdict(r >= 20.0));
+            for (c, what) in &ceiling {
+                let bound = 64.0 * c.rate();
+                println!(
+                    "  disk ceiling, batches of 64 into {what} blocks: {bound:.0} appends/s = {:.1}x raw; store at {:.0}% of it",
+                    bound / raw_sync.rate(),
+                    100.0 * s.rate() / bound
+                );
+            }
         }
         if let Some(s) = &fsync1 {
             let r = s.p50_us / raw_sync.p50_us;
