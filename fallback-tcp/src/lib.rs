@@ -1036,6 +1036,13 @@ impl Transport for TcpTransport {
         self.holder
     }
 
+    fn send_queued(&mut self) {
+        // A connection that fails here is reported by the next poll.
+        let mut events = std::mem::take(&mut self.pending_events);
+        self.flush_dirty(&mut events);
+        self.pending_events = events;
+    }
+
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let start = events.len();
         events.append(&mut self.pending_events);

@@ -390,6 +390,10 @@ impl<T: Transport> Node<T> {
             while let Some(a) = self.replica.poll_action() {
                 self.execute(a);
             }
+            if self.replica.needs_flush() {
+                // Out to the network now, not at the next poll: after the sync.
+                self.transport.send_queued();
+            }
             if let Err(e) = self.replica.flush() {
                 error!(error = %e, "storage failed: this replica stops acknowledging");
                 return Err(e.into());

@@ -819,6 +819,10 @@ impl Transport for RdmaAgent {
         self.inner.permission_holder()
     }
 
+    fn send_queued(&mut self) {
+        self.inner.send_queued()
+    }
+
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()> {
         let start = events.len();
         let deadline = timeout.map(|t| Instant::now() + t);

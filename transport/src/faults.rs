@@ -103,6 +103,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn waker(&self) -> Arc<dyn Wake> {
         (**self).waker()
     }
+    fn send_queued(&mut self) {
+        (**self).send_queued()
+    }
     fn update_peers(
         &mut self,
         peers: &std::collections::BTreeMap<PeerId, crate::PeerSpec>,
@@ -655,6 +658,10 @@ impl<T: Transport> Transport for Faulty<T> {
 
     fn permission_holder(&self) -> Option<PeerId> {
         self.inner.permission_holder()
+    }
+
+    fn send_queued(&mut self) {
+        self.inner.send_queued()
     }
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()> {

@@ -250,6 +250,14 @@ pub trait Transport {
     /// A handle to interrupt `poll` from another thread.
     fn waker(&self) -> Arc<dyn Wake>;
 
+    /// Hands what is queued for sending to the network now, without waiting for
+    /// anything (as [`Transport::poll`] does first). A caller about to block outside
+    /// `poll`, on a storage sync say, calls it so that its peers get what it just sent
+    /// meanwhile (a leader's remote writes: the followers sync while it does). What
+    /// fails is reported by the next `poll`. The default does nothing, for transports
+    /// that send at once.
+    fn send_queued(&mut self) {}
+
     /// Also return from [`Transport::poll`] when the descriptor `fd` (an epoll instance
     /// of the caller's own sockets, say) becomes readable, so that one thread waits on
     /// both. Returns whether this transport does so; the default does not (the caller

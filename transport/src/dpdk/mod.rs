@@ -453,6 +453,8 @@ pub struct DpdkTransport {
     txbuf: Vec<u8>,
     txlens: Vec<usize>,
     due: Vec<usize>,
+    /// Events of a [`Transport::send_queued`], reported by the next poll.
+    pending_events: Vec<Event>,
     records: Vec<Bytes>,
 }
 
@@ -545,6 +547,7 @@ impl DpdkTransport {
             txbuf: Vec::new(),
             txlens: Vec::new(),
             due: Vec::new(),
+            pending_events: Vec::new(),
             records: Vec::new(),
             cfg,
         })
@@ -1154,6 +1157,7 @@ impl Transport for DpdkTransport {
         let deadline = timeout.map(|t| Instant::now() + t);
         *self.waker.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
         let mut nap = Duration::from_micros(10);
+        events.append(&mut self.pending_events);
         loop {
             let now = Instant::now();
             let got = self.receive(now, events);
@@ -1179,6 +1183,13 @@ impl Transport for DpdkTransport {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+
+    fn send_queued(&mut self) {
+        let mut events = std::mem::take(&mut self.pending_events);
+        self.run_links(Instant::now(), &mut events);
+        self.pending_events = events;
+    }
+
     fn name(&self) -> &'static str {
         "dpdk"
     }

@@ -2064,6 +2064,19 @@ impl Transport for RdmaTransport {
         self.holder
     }
 
+    fn send_queued(&mut self) {
+        // Queued accesses are posted (a link that fails is reported by the next poll);
+        // side-channel messages leave at the next poll.
+        let mut events = std::mem::take(&mut self.pending_events);
+        let ids: Vec<PeerId> = self.links.keys().copied().collect();
+        for id in ids {
+            if let Err(why) = self.post_pending(id) {
+                self.fail_qp(id, &why, None, &mut events);
+            }
+        }
+        self.pending_events = events;
+    }
+
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let start = events.len();
         let begun = Instant::now();
