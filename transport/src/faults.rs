@@ -106,6 +106,18 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn send_queued(&mut self) {
         (**self).send_queued()
     }
+    fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        (**self).watch_fd(fd)
+    }
+    fn mirror_geometry(&self) -> Option<(usize, usize)> {
+        (**self).mirror_geometry()
+    }
+    fn put_mirror(&mut self, offset: usize, data: &[u8]) -> Result<(), String> {
+        (**self).put_mirror(offset, data)
+    }
+    fn read_paths(&self) -> crate::ReadPaths {
+        (**self).read_paths()
+    }
     fn update_peers(
         &mut self,
         peers: &std::collections::BTreeMap<PeerId, crate::PeerSpec>,
