@@ -609,24 +609,24 @@ impl Log {
         g.check()?;
         let si = g.seg_of(pos)?;
         let seg = &g.segs[si];
-        let off = seg.offsets[(pos - seg.base_pos()) as usize] as u64;
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        seg.read_at(off, &mut hb)?;
-        let h = RecordHeader::decode(&hb);
-        let size = record_size(h.payload_len as u64);
+        let i = (pos - seg.base_pos()) as usize;
+        let off = seg.offsets[i] as u64;
+        // Records are contiguous: this one ends where the next starts (or at the write
+        // point), so one read gets it whole.
+        let end = seg.offsets.get(i + 1).map_or(seg.write_off, |&o| o as u64);
         let corrupt = |reason: &str| StoreError::Corrupt {
             path: seg.display_path(),
             offset: off,
             pos,
             reason: reason.to_string(),
         };
-        if off + size > seg.write_off {
-            return Err(corrupt("record length runs past the end of the log"));
-        }
         buf.clear();
-        buf.resize(size as usize, 0);
+        buf.resize((end - off) as usize, 0);
         seg.read_at(off, buf)?;
         let (h, _) = check_record(buf, 0, seg.header.epoch, Some(pos)).map_err(|f| corrupt(f.as_str()))?;
+        if record_size(h.payload_len as u64) != end - off {
+            return Err(corrupt("record length does not match the record's place in the log"));
+        }
         let kind = RecordKind::from_u16(h.kind).expect("validated kind");
         buf.drain(..RECORD_HEADER_LEN);
         buf.truncate(h.payload_len as usize);
