@@ -30,7 +30,17 @@ pub struct PaxosStore {
     trimmed: Slot,
     /// The membership change of the highest slot found at open, if any.
     recovered_config: Option<(Slot, Membership)>,
+    /// The newest accepted entries as accepted, with their encoded sizes: reads of the
+    /// log's tail (what a leader sends its followers, what is applied next) are served
+    /// from here instead of read back from the log and decoded (an allocation per
+    /// command). Always the slot's newest entry record; at most [`CACHE_BYTES`] of
+    /// encoded values, the lowest slots dropped first.
+    cache: BTreeMap<Slot, (Entry, usize)>,
+    cache_bytes: usize,
 }
+
+/// Bound of [`PaxosStore`]'s entry cache (encoded bytes).
+const CACHE_BYTES: usize = 8 << 20;
 
 impl PaxosStore {
     /// Opens (recovering) or creates the store in `dir`.
@@ -73,7 +83,17 @@ impl PaxosStore {
                 RecordKind::Data | RecordKind::End => {}
             }
         }
-        Ok(PaxosStore { log, promise, index, scratch: Vec::new(), chosen, trimmed, recovered_config })
+        Ok(PaxosStore {
+            log,
+            promise,
+            index,
+            scratch: Vec::new(),
+            chosen,
+            trimmed,
+            recovered_config,
+            cache: BTreeMap::new(),
+            cache_bytes: 0,
+        })
     }
 
     /// The membership change accepted at the highest slot of the log as it was opened
@@ -94,6 +114,10 @@ impl PaxosStore {
     }
 
     fn read_entry(&self, slot: Slot, pos: Position) -> Result<Entry> {
+        if let Some((e, _)) = self.cache.get(&slot) {
+            debug_assert_eq!(self.index.get(&slot).map(|&(_, b)| b), Some(e.ballot), "cache holds the newest entry");
+            return Ok(e.clone());
+        }
         let rec = self.log.read(pos)?;
         if rec.meta.kind != RecordKind::Entry || rec.meta.slot != slot {
             return Err(StoreError::Decode { pos, reason: "index points at a record that is not this slot's entry" });
@@ -151,6 +175,17 @@ impl Storage for PaxosStore {
         encode_value(&entry.value, &mut self.scratch);
         let pos = self.log.append_record(RecordKind::Entry, entry.slot, entry.ballot, &self.scratch)?;
         self.index.insert(entry.slot, (pos, entry.ballot));
+        let size = self.scratch.len();
+        if let Some((_, old)) = self.cache.insert(entry.slot, (entry, size)) {
+            self.cache_bytes -= old;
+        }
+        self.cache_bytes += size;
+        while self.cache_bytes > CACHE_BYTES {
+            match self.cache.pop_first() {
+                Some((_, (_, n))) => self.cache_bytes -= n,
+                None => break,
+            }
+        }
         Ok(())
     }
 
@@ -181,6 +216,8 @@ impl Storage for PaxosStore {
         let at = self.log.append_record(RecordKind::Trimmed, upto, Ballot::ZERO, &[])?;
         self.log.sync()?;
         self.index = self.index.split_off(&(upto + 1));
+        self.cache = self.cache.split_off(&(upto + 1));
+        self.cache_bytes = self.cache.values().map(|&(_, n)| n).sum();
         self.trimmed = upto;
         let keep_from = self.index.values().map(|&(pos, _)| pos).min().unwrap_or(at).min(at);
         self.log.trim_prefix(keep_from)?;
