@@ -110,7 +110,7 @@ impl Decoder {
 
     /// Checks a header; returns the payload length it announces.
     pub fn check_header(&self, h: &[u8; HEADER_LEN]) -> Result<u32, FrameError> {
-        let magic: [u8; 4] = h[0..4].try_into().expect("4 bytes");
+        let magic = [h[0], h[1], h[2], h[3]];
         if magic != MAGIC {
             return Err(FrameError::BadMagic(magic));
         }
@@ -131,7 +131,7 @@ impl Decoder {
     /// Takes one frame off the front of `buf` if a whole one is there (`Ok(None)`: need
     /// more bytes). After an error the stream is unusable: close it.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < HEADER_LEN {
+        let Some(&h) = buf.first_chunk::<HEADER_LEN>() else {
             // Refuse a wrong magic or version as soon as the bytes show it.
             let n = buf.len().min(4);
             if buf[..n] != MAGIC[..n] {
@@ -140,8 +140,7 @@ impl Decoder {
                 return Err(FrameError::BadMagic(m));
             }
             return Ok(None);
-        }
-        let h: [u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("16 bytes");
+        };
         let len = self.check_header(&h)? as usize;
         if buf.len() < HEADER_LEN + len {
             buf.reserve(HEADER_LEN + len - buf.len());

@@ -195,14 +195,15 @@ pub const fn commit_word(crc: u32) -> u64 {
 
 pub(crate) const ZEROS: [u8; 8] = [0; 8];
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
+// Little-endian fields at constant offsets of a fixed-size header.
+fn u16_at<const N: usize>(b: &[u8; N], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+fn u32_at<const N: usize>(b: &[u8; N], o: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| b[o + i]))
 }
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+fn u64_at<const N: usize>(b: &[u8; N], o: usize) -> u64 {
+    u64::from_le_bytes(std::array::from_fn(|i| b[o + i]))
 }
 
 impl SegmentHeader {
@@ -241,11 +242,11 @@ impl SegmentHeader {
 
     /// Parses and validates a header. The error says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() < SEGMENT_HEADER_LEN {
+        let Some(b) = b.first_chunk::<SEGMENT_HEADER_LEN>() else {
             return Err(format!("file too short for a segment header ({} < {SEGMENT_HEADER_LEN} bytes)", b.len()));
-        }
+        };
         let h = SegmentHeader {
-            magic: b[0..8].try_into().expect("8 bytes"),
+            magic: std::array::from_fn(|i| b[i]),
             version: u32_at(b, 8),
             header_len: u32_at(b, 12),
             epoch: u64_at(b, 16),
@@ -380,10 +381,9 @@ pub fn check_record(
     epoch: u64,
     expected_pos: Option<u64>,
 ) -> Result<(RecordHeader, usize), RecordFault> {
-    let Some(hb) = seg.get(off..off + RECORD_HEADER_LEN) else {
+    let Some(hb) = seg.get(off..).and_then(|s| s.first_chunk::<RECORD_HEADER_LEN>()) else {
         return Err(RecordFault::Overrun);
     };
-    let hb: &[u8; RECORD_HEADER_LEN] = hb.try_into().expect("header bytes");
     let h = RecordHeader::decode(hb);
     if RecordKind::from_u16(h.kind).is_none() || h.flags != 0 || h.reserved != 0 {
         return Err(RecordFault::BadHeader);
@@ -406,7 +406,9 @@ pub fn check_record(
     if crc != h.crc {
         return Err(RecordFault::BadChecksum);
     }
-    if u64_at(seg, padded_end) != commit_word(crc) {
+    // `end` is within `seg` (checked above) and `padded_end` is COMMIT_LEN before it.
+    let commit = seg.get(padded_end..end).and_then(|s| s.first_chunk::<COMMIT_LEN>()).map(|c| u64::from_le_bytes(*c));
+    if commit != Some(commit_word(crc)) {
         return Err(RecordFault::BadCommit);
     }
     Ok((h, size))
