@@ -61,6 +61,11 @@ pub struct Config {
     /// How long a leader waits for progress on a follower's outstanding writes before
     /// it re-sends from the follower's last contiguous acknowledgement.
     pub retransmit_timeout: Nanos,
+    /// How long after the commit index advanced a leader tells the followers that no
+    /// remote write has told meanwhile (a heartbeat, answered by each). Under load the
+    /// next write carries the commit index and nothing extra is sent; an idle
+    /// cluster's followers learn it within this delay, not a heartbeat interval.
+    pub commit_notify_delay: Nanos,
     /// Maximum slots a leader keeps open (proposed, not yet committed): the pipeline.
     pub window: u64,
     /// Maximum client entries batched into one slot.
@@ -124,6 +129,7 @@ impl Config {
             heartbeat_interval: 1_000_000,
             election_timeout: 10_000_000,
             retransmit_timeout: 4_000_000,
+            commit_notify_delay: 200_000,
             window: 256,
             max_batch_entries: 1024,
             max_batch_bytes: 1 << 20,

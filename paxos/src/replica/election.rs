@@ -443,7 +443,7 @@ impl<S: Storage> Replica<S> {
             peers,
             heartbeat_due: now,
             quorum_check_due: now + self.cfg.election_timeout,
-            commit_notify: false,
+            commit_notify_at: None,
             transfer: None,
             transfer_attempted: false,
             hb_seq: 0,

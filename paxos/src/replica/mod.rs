@@ -281,9 +281,9 @@ struct LeaderState {
     peers: BTreeMap<NodeId, Progress>,
     heartbeat_due: Nanos,
     quorum_check_due: Nanos,
-    /// The commit index advanced since followers were last told: tell those that no
-    /// write carried it at the end of this round of inputs.
-    commit_notify: bool,
+    /// The commit index advanced since followers were last told: at this time, tell
+    /// those that no write carried it meanwhile (see `Config::commit_notify_delay`).
+    commit_notify_at: Option<Nanos>,
     /// A leadership transfer in progress: the target, when to give up, and whether
     /// `TimeoutNow` was sent. No new slot is opened meanwhile.
     transfer: Option<Transfer>,
@@ -819,10 +819,8 @@ impl<S: Storage> Replica<S> {
             Role::Learner => None,
             Role::Leader => {
                 let l = self.lead.as_ref().expect("leader state");
-                if l.commit_notify {
-                    return Some(self.now);
-                }
-                Some(l.heartbeat_due.min(l.quorum_check_due))
+                let due = l.heartbeat_due.min(l.quorum_check_due);
+                Some(l.commit_notify_at.map_or(due, |t| t.min(due)))
             }
             Role::Follower if !self.cfg.can_lead => None,
             _ => Some(self.election_deadline),

@@ -161,15 +161,16 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
-    /// Tells followers that no write has carried the latest commit index since it
-    /// advanced (so an idle cluster's followers learn it within a round trip, not a
-    /// heartbeat interval).
+    /// Once `Config::commit_notify_delay` passed since the commit index advanced, tells
+    /// the followers that no write has carried it meanwhile (so an idle cluster's
+    /// followers learn it within that delay, not a heartbeat interval).
     pub(super) fn notify_commit(&mut self) {
+        let now = self.now;
         let Some(l) = self.lead.as_mut() else { return };
-        if !l.commit_notify {
+        if l.commit_notify_at.is_none_or(|t| t > now) {
             return;
         }
-        l.commit_notify = false;
+        l.commit_notify_at = None;
         let (ballot, commit, seq) = (l.ballot, l.commit, l.hb_seq);
         let mut to = Vec::new();
         for (&id, p) in l.peers.iter_mut() {
@@ -292,6 +293,7 @@ impl<S: Storage> Replica<S> {
         let no_quorum = self.bug(PlantedBug::CommitWithoutQuorum);
         let votes_early = self.bug(PlantedBug::LeaderVotesBeforeSync);
         let me = self.cfg.id;
+        let notify_at = self.now + self.cfg.commit_notify_delay;
         let l = self.lead.as_mut().expect("leader state");
         let before = l.commit;
         while l.commit + 1 < l.next_slot {
@@ -309,7 +311,7 @@ impl<S: Storage> Replica<S> {
         }
         let commit = l.commit;
         if commit > before {
-            l.commit_notify = true;
+            l.commit_notify_at.get_or_insert(notify_at);
         }
         ensure!(commit >= before, "commit moved back");
         if commit > self.chosen {
