@@ -7,6 +7,7 @@ pub mod dpdk_net;
 pub mod embed;
 pub mod members;
 pub mod metrics;
+pub mod mirrored_store;
 pub mod node;
 #[cfg(feature = "rdma")]
 pub mod rdma_agent;

@@ -26,6 +26,7 @@ use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, R
 use crate::embed::{Local, LocalReply, LOCAL_CONN};
 use crate::members::{Directory, MemberAddrs};
 use crate::metrics::Metrics;
+use crate::mirrored_store::MirroredStore;
 use crate::snapshot;
 use crate::store::PaxosStore;
 use crate::wire;
@@ -105,7 +106,7 @@ struct TailSub {
 /// One replica's driver.
 pub struct Node<T: Transport> {
     opts: NodeOptions,
-    replica: Replica<PaxosStore>,
+    replica: Replica<MirroredStore>,
     transport: T,
     inbound: Receiver<Inbound>,
     responder: Responder,
@@ -161,10 +162,9 @@ pub struct Node<T: Transport> {
     member: bool,
     buf: Vec<u8>,
     last_metrics: Instant,
-    /// Publishes into the transport's one-sided read mirror, when it has one.
+    /// Publishes into the transport's one-sided read mirror, when it has one (the
+    /// store then keeps what it accepts for it: [`MirroredStore`]).
     mirror: Option<crate::rdma_mirror::Publisher>,
-    /// The first slot changed since the last publication.
-    mirror_dirty: Option<Slot>,
 }
 
 impl<T: Transport> Node<T> {
@@ -218,13 +218,13 @@ impl<T: Transport> Node<T> {
             }
             info!(slot, voters = ?m.voters, learners = ?m.learners, "newest membership change in the log");
         }
-        let replica = Replica::restore(paxos, store, 0, meta)?;
-        let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
         let mirror = transport.mirror_geometry().and_then(|(len, stride)| {
             crate::rdma_mirror::Publisher::new(len, stride)
                 .map_err(|e| warn!(error = %e, "read mirror not used; log-tail reads go over the side channel"))
                 .ok()
         });
+        let replica = Replica::restore(paxos, MirroredStore::new(store, mirror.is_some()), 0, meta)?;
+        let connected = transport.peers().into_iter().map(|p| (p, false)).collect();
         let mut node = Node {
             opts,
             replica,
@@ -261,7 +261,6 @@ impl<T: Transport> Node<T> {
             buf: Vec::with_capacity(64 << 10),
             last_metrics: Instant::now(),
             mirror,
-            mirror_dirty: None,
         };
         node.member = node.replica.membership().contains(node.opts.paxos.id);
         node.sync_members();
@@ -433,7 +432,6 @@ impl<T: Transport> Node<T> {
             },
             Event::WriteArrived { from, token, offset, data } => match wire::decode_write(offset, &data) {
                 Ok(req) => {
-                    self.mirror_touch(req.first);
                     self.arrived_writes.entry(from).or_default().push_back(token);
                     self.replica.handle_remote_write(now, from, req)?;
                 }
@@ -498,8 +496,6 @@ impl<T: Transport> Node<T> {
                 }
             }
             Action::RemoteWrite { to, req } => {
-                // The leader's own log holds the same slots.
-                self.mirror_touch(req.first);
                 self.buf.clear();
                 let offset = wire::encode_write(&req, &mut self.buf);
                 match self.transport.write(to, offset, &self.buf) {
@@ -1241,43 +1237,39 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// Slots from `first` on may have changed in the store: the next publication
-    /// rewrites their mirror records.
-    fn mirror_touch(&mut self, first: Slot) {
-        if self.mirror.is_some() {
-            self.mirror_dirty = Some(self.mirror_dirty.map_or(first, |d| d.min(first)));
-        }
-    }
-
     /// Publishes into the transport's read mirror (see [`crate::rdma_mirror`]) what the
-    /// store now holds durably and the mirror does not: called after each sync.
+    /// store now holds durably and the mirror does not: called after each sync. The
+    /// entries come from the store's hook ([`MirroredStore::take_accepted`]: what it
+    /// accepted since the last publication, already in hand), so this reads nothing from
+    /// the store, except once for the first publication: a reopened store holds entries
+    /// that no hook saw.
     fn publish_mirror(&mut self) {
         let Some(p) = self.mirror.as_mut() else { return };
         let st = self.replica.storage();
         let (trimmed, last) = (st.trimmed(), st.last_slot());
-        // Insurance against a change the hooks missed: with any change, the unchosen tail
-        // (the only slots whose accepted value may still change) is rewritten too.
-        let dirty = self.mirror_dirty.take().map(|d| d.min(self.replica.commit_index() + 1));
-        let Some(plan) = p.plan(trimmed, last, dirty) else { return };
-        let entries = if plan.start <= plan.high {
-            match st.entries(plan.start, plan.high) {
-                Ok(e) => e,
+        let accepted = st.take_accepted();
+        let len = self.transport.mirror_geometry().map_or(0, |(len, _)| len);
+        let mut mem = TransportMirror(&mut self.transport, len);
+        let published = if p.is_fresh() {
+            let (low, high) = p.range(trimmed, last);
+            match st.entries(low, high) {
+                Ok(held) => p.publish(&mut mem, trimmed, last, &held),
                 Err(e) => {
-                    // Published next time; readers meanwhile see the old range.
-                    warn!(error = %e, from = plan.start, to = plan.high, "read mirror not updated");
-                    self.mirror_dirty = Some(plan.start);
+                    // Tried again after the next sync (still fresh: it reads the store
+                    // again, so the entries taken above are not lost); readers meanwhile
+                    // find no mirror header and use the side channel.
+                    warn!(error = %e, from = low, to = high, "read mirror not published yet");
                     return;
                 }
             }
         } else {
-            Vec::new()
+            p.publish(&mut mem, trimmed, last, accepted.values())
         };
-        let len = self.transport.mirror_geometry().map_or(0, |(len, _)| len);
-        let mut mem = TransportMirror(&mut self.transport, len);
-        if let Err(e) = p.publish(&mut mem, plan, trimmed, &entries) {
+        if let Err(e) = published {
             // The header stays odd: readers fall back to the side channel from now on.
             error!(error = %e, "read mirror write failed; log-tail reads go over the side channel");
             self.mirror = None;
+            st.stop_keeping();
         }
     }
 
@@ -1288,7 +1280,7 @@ impl<T: Transport> Node<T> {
         let r = &self.replica;
         self.metrics.set_commit_index(r.commit_index());
         self.metrics.set_applied(r.applied(), self.index_base + self.index.len() as u64);
-        let log = r.storage().log();
+        let log = r.storage().store().log();
         self.metrics.set_log_bytes(log.segment_paths().len() as u64 * log.segment_size());
         let commit = r.commit_index();
         for p in r.peer_progress() {

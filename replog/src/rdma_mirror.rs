@@ -34,8 +34,10 @@
 //! ## Owner ([`Publisher::publish`])
 //! After each storage sync and before anything that waits for it leaves (the
 //! acknowledgement of an accepted write, a promise), the node publishes the slots that
-//! changed since the last publication: header with `gen + 1` (odd), the records, header
-//! with `gen + 2` (even) and the new `low`/`high`. So the mirror holds what the store
+//! changed since the last publication, from the entries the store accepted since then
+//! (kept by [`crate::mirrored_store`]; only the first publication reads the store):
+//! header with `gen + 1` (odd), the records, header with `gen + 2` (even) and the new
+//! `low`/`high`. So the mirror holds what the store
 //! holds durably (under `fsync`), never less than a promise or an acknowledgement
 //! already told a peer.
 //!
@@ -359,17 +361,6 @@ impl MirrorMemory for Vec<u8> {
     }
 }
 
-/// What a publication writes: the new range and the first record rewritten.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Plan {
-    /// New first slot held.
-    pub low: Slot,
-    /// New last slot held.
-    pub high: Slot,
-    /// Records `start..=high` are rewritten (none when `start > high`).
-    pub start: Slot,
-}
-
 /// The owner's side: keeps the header's state and writes publications.
 #[derive(Debug)]
 pub struct Publisher {
@@ -378,7 +369,6 @@ pub struct Publisher {
     gen: u64,
     low: Slot,
     high: Slot,
-    trimmed: Slot,
     buf: Vec<u8>,
     /// Publications written.
     pub publications: u64,
@@ -389,16 +379,7 @@ impl Publisher {
     /// the first publication).
     pub fn new(len: usize, stride: usize) -> Result<Publisher, MirrorError> {
         let capacity = geometry(len, stride)?;
-        Ok(Publisher {
-            stride: stride as u32,
-            capacity,
-            gen: 0,
-            low: 1,
-            high: 0,
-            trimmed: 0,
-            buf: Vec::new(),
-            publications: 0,
-        })
+        Ok(Publisher { stride: stride as u32, capacity, gen: 0, low: 1, high: 0, buf: Vec::new(), publications: 0 })
     }
 
     /// Records in the ring.
@@ -411,63 +392,84 @@ impl Publisher {
         Header { gen: self.gen, low: self.low, high: self.high, stride: self.stride, capacity: self.capacity }
     }
 
-    /// What to publish for a store whose last slot is `last` and first kept slot
-    /// `trimmed + 1`, when the slots from `dirty` on may have changed since the last
-    /// publication (`None`: none did). `None`: nothing to write.
-    pub fn plan(&self, trimmed: Slot, last: Slot, dirty: Option<Slot>) -> Option<Plan> {
-        let high = last;
-        let low = (trimmed + 1).max((high + 1).saturating_sub(u64::from(self.capacity))).max(1);
-        let low = low.min(high + 1);
-        // Records never written, or below the range held so far, are written too.
-        let mut start = dirty.unwrap_or(Slot::MAX).min(self.high + 1);
-        if low < self.low || trimmed != self.trimmed {
-            start = low;
-        }
-        let start = start.max(low);
-        if self.publications > 0 && low == self.low && high == self.high && start > high {
-            return None;
-        }
-        debug_assert!(high + 1 >= low && high + 1 - low <= u64::from(self.capacity));
-        Some(Plan { low, high, start })
+    /// Whether nothing was published yet: the first publication writes every record of
+    /// its range, so it must be given every entry the store holds in
+    /// [`Publisher::range`] (a store reopened with entries the mirror never saw).
+    pub fn is_fresh(&self) -> bool {
+        self.publications == 0
     }
 
-    /// Writes `plan` (from [`Publisher::plan`]) into `mem`: `entries` are the values
-    /// accepted in `plan.start..=plan.high`, in slot order. Seqlock: the header goes odd,
-    /// the records are written, the header goes even with the new range.
-    pub fn publish<M: MirrorMemory + ?Sized>(
+    /// The range (`low`, `high`) a publication for a store whose last slot is `last` and
+    /// first kept slot `trimmed + 1` holds: the newest slots that fit the ring.
+    pub fn range(&self, trimmed: Slot, last: Slot) -> (Slot, Slot) {
+        let high = last;
+        let low = (trimmed + 1).max((high + 1).saturating_sub(u64::from(self.capacity))).max(1);
+        (low.min(high + 1), high)
+    }
+
+    /// Publishes the store's state into `mem`: its last slot `last`, first kept slot
+    /// `trimmed + 1`, and `changed`, in slot order with one entry per slot, every entry
+    /// the store accepted since the last publication (a fresh publisher: every entry it
+    /// holds in [`Publisher::range`]). Entries outside the range are passed over.
+    ///
+    /// What is written: the records of the changed slots, and every record of the slots
+    /// new to the range (above the last publication's `high`; empty when `changed` has
+    /// nothing for one: the store accepted nothing there). This is the whole change
+    /// because a store changes a slot only by accepting an entry there, never drops a
+    /// slot above its trim point (`paxos::Storage::accept`), and a trim only raises
+    /// `low`. Seqlock: the header goes odd, the records are written, the header goes even
+    /// with the new range. Returns whether anything was written (nothing changed: no).
+    pub fn publish<'e, M: MirrorMemory + ?Sized>(
         &mut self,
         mem: &mut M,
-        plan: Plan,
         trimmed: Slot,
-        entries: &[Entry],
-    ) -> Result<(), MirrorError> {
-        debug_assert!(entries.windows(2).all(|w| w[0].slot < w[1].slot), "entries in slot order");
-        debug_assert!(entries.iter().all(|e| e.slot >= plan.start && e.slot <= plan.high));
-        debug_assert!(plan.high + 1 >= plan.low && plan.high + 1 - plan.low <= u64::from(self.capacity));
+        last: Slot,
+        changed: impl IntoIterator<Item = &'e Entry>,
+    ) -> Result<bool, MirrorError> {
+        let (low, high) = self.range(trimmed, last);
+        debug_assert!(self.is_fresh() || high >= self.high, "a store's last slot never goes back");
+        debug_assert!(self.is_fresh() || low >= self.low, "a store's first kept slot never goes back");
+        // Slots from here on are new to the range: every record is written.
+        let new_from = if self.is_fresh() { low } else { (self.high + 1).max(low) };
+        let mut changed = changed.into_iter().filter(|e| e.slot >= low && e.slot <= high).peekable();
+        if !self.is_fresh() && changed.peek().is_none() && new_from > high && (low, high) == (self.low, self.high) {
+            return Ok(false);
+        }
         let before = self.header();
         mem.put(0, &encode_header(&Header { gen: before.gen + 1, ..before }))?;
-        let mut it = entries.iter().peekable();
         let mut rec = std::mem::take(&mut self.buf);
-        let mut slot = plan.start;
-        while slot <= plan.high {
-            let e = it.next_if(|e| e.slot == slot);
-            encode_record(slot, e, self.stride as usize, &mut rec);
-            let off = record_offset(slot, self.stride, self.capacity) as usize;
-            if let Err(e) = mem.put(off, &rec) {
-                self.buf = rec;
-                return Err(e);
+        let mut written = Ok(());
+        let mut prev = None;
+        let mut slot = new_from;
+        loop {
+            // Changed slots below the new ones first, then each new slot (its change or
+            // nothing), in slot order.
+            let (s, e) = match changed.next_if(|e| e.slot < new_from) {
+                Some(e) => (e.slot, Some(e)),
+                None if slot <= high => {
+                    slot += 1;
+                    (slot - 1, changed.next_if(|e| e.slot == slot - 1))
+                }
+                None => break,
+            };
+            debug_assert!(prev.is_none_or(|p| p < s), "changed entries in slot order, one per slot");
+            prev = Some(s);
+            encode_record(s, e, self.stride as usize, &mut rec);
+            written = mem.put(record_offset(s, self.stride, self.capacity) as usize, &rec);
+            if written.is_err() {
+                break;
             }
-            slot += 1;
         }
         self.buf = rec;
+        written?;
+        debug_assert!(changed.next().is_none(), "changed entries in slot order, one per slot");
         self.gen += 2;
-        self.low = plan.low;
-        self.high = plan.high;
-        self.trimmed = trimmed;
+        self.low = low;
+        self.high = high;
         self.publications += 1;
         mem.put(0, &encode_header(&self.header()))?;
         debug_assert_eq!(self.gen % 2, 0, "a published header is even");
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -494,11 +496,12 @@ mod tests {
         Ok(out)
     }
 
-    fn publish(p: &mut Publisher, mem: &mut Vec<u8>, log: &[Entry], trimmed: Slot, dirty: Option<Slot>) {
-        let last = log.last().map_or(0, |e| e.slot);
-        if let Some(plan) = p.plan(trimmed, last, dirty) {
-            let es: Vec<Entry> = log.iter().filter(|e| e.slot >= plan.start && e.slot <= plan.high).cloned().collect();
-            assert_eq!(p.publish(mem, plan, trimmed, &es), Ok(()));
+    /// Publishes `changed` (the entries accepted since the last publication) for a store
+    /// whose last slot is `last`.
+    fn publish(p: &mut Publisher, mem: &mut Vec<u8>, changed: &[Entry], trimmed: Slot, last: Slot) -> bool {
+        match p.publish(mem, trimmed, last, changed) {
+            Ok(wrote) => wrote,
+            Err(e) => panic!("a byte-vector mirror takes every write: {e}"),
         }
     }
 
@@ -509,7 +512,7 @@ mod tests {
         assert_eq!(p.capacity(), 16);
         // Slot 4 accepted nothing.
         let log: Vec<Entry> = (1..=10).filter(|&s| s != 4).map(|s| entry(s, 3, 20)).collect();
-        publish(&mut p, &mut mem, &log, 0, Some(1));
+        publish(&mut p, &mut mem, &log, 0, 10);
         let got = match read(&mem, 2, 1 << 20) {
             Ok(b) => b,
             Err(f) => panic!("a published range must be answered from the mirror, fell back: {f:?}"),
@@ -528,7 +531,7 @@ mod tests {
         let mut mem = vec![0u8; HEADER_LEN + 8 * 128];
         let mut p = Publisher::new(mem.len(), 128).expect("geometry");
         let log: Vec<Entry> = (1..=20).map(|s| entry(s, 1, 10)).collect();
-        publish(&mut p, &mut mem, &log, 0, Some(1));
+        publish(&mut p, &mut mem, &log, 0, 20);
         assert_eq!(p.header().low, 13, "the ring keeps the last 8 slots");
         assert_eq!(read(&mem, 12, 1 << 20), Err(Fallback::TooOld));
         assert_eq!(read(&mem, 21, 1 << 20), Err(Fallback::NotYet));
@@ -554,7 +557,7 @@ mod tests {
         let stale = mem.clone();
         let mut log2 = log.clone();
         log2.push(entry(21, 1, 10));
-        publish(&mut p, &mut mem, &log2, 0, Some(21));
+        publish(&mut p, &mut mem, &log2[20..], 0, 21);
         let h_old = match decode_header(&stale, stale.len() as u64) {
             Ok(h) => h,
             Err(f) => panic!("the earlier published header must decode: {f:?}"),
@@ -570,7 +573,7 @@ mod tests {
         // A value too large for its record is never served; the reader asks for it elsewhere.
         let mut log3 = log2.clone();
         log3.push(entry(22, 1, 500));
-        publish(&mut p, &mut mem, &log3, 0, Some(22));
+        publish(&mut p, &mut mem, &log3[21..], 0, 22);
         assert_eq!(read(&mem, 22, 1 << 20), Err(Fallback::TooLarge));
         let q = ReadRequest { ballot: Ballot::ZERO, from: 21, to: 22 };
         let got = read(&mem, 21, 1 << 20).map(|b| wire::decode_read_result(&q, &b).map(|r| r.to).ok());
@@ -579,26 +582,53 @@ mod tests {
         assert_eq!(read(&mem, 21, 40), Err(Fallback::TooLarge));
     }
 
+    /// Reads every slot `from..` of `mem` and decodes the answer: (to, entries).
+    fn read_all(mem: &[u8], from: Slot) -> Option<(Slot, Vec<Entry>)> {
+        let q = ReadRequest { ballot: Ballot::ZERO, from, to: u64::MAX };
+        let res = read(mem, from, 1 << 20).ok().map(|b| wire::decode_read_result(&q, &b).ok());
+        res.flatten().map(|r| (r.to, r.entries))
+    }
+
     #[test]
-    fn rewrites_truncation_and_trim_are_published() {
+    fn overwrites_new_slots_and_trim_are_published() {
         let mut mem = vec![0u8; HEADER_LEN + 32 * 128];
         let mut p = Publisher::new(mem.len(), 128).expect("geometry");
         let mut log: Vec<Entry> = (1..=10).map(|s| entry(s, 1, 10)).collect();
-        publish(&mut p, &mut mem, &log, 0, Some(1));
-        assert_eq!(p.plan(0, 10, None), None, "nothing changed, nothing written");
-        // A new leader overwrites 6..=8 with its ballot and the tail 9..=10 is truncated.
-        log.truncate(5);
-        log.extend((6..=8).map(|s| entry(s, 2, 11)));
-        publish(&mut p, &mut mem, &log, 0, Some(6));
-        let q = ReadRequest { ballot: Ballot::ZERO, from: 1, to: 20 };
-        let res = read(&mem, 1, 1 << 20).map(|b| wire::decode_read_result(&q, &b).ok());
-        let res = res.ok().flatten().map(|r| (r.to, r.entries));
-        assert_eq!(res, Some((8, log.clone())));
-        // A trim moves `low`: older slots fall back.
-        publish(&mut p, &mut mem, &log, 4, None);
+        assert!(publish(&mut p, &mut mem, &log, 0, 10));
+        assert!(!publish(&mut p, &mut mem, &[], 0, 10), "nothing changed, nothing written");
+        // A new leader overwrites 6..=8 with its ballot, and slot 12 is accepted with
+        // nothing at 11: only the changes are handed in.
+        let changed: Vec<Entry> = [6, 7, 8, 12].into_iter().map(|s| entry(s, 2, 11)).collect();
+        assert!(publish(&mut p, &mut mem, &changed, 0, 12));
+        for e in &changed {
+            match log.iter_mut().find(|l| l.slot == e.slot) {
+                Some(l) => *l = e.clone(),
+                None => log.push(e.clone()),
+            }
+        }
+        assert_eq!(read_all(&mem, 1), Some((12, log.clone())));
+        // A trim moves `low` and rewrites no record: older slots fall back.
+        assert!(publish(&mut p, &mut mem, &[], 4, 12));
         assert_eq!(p.header().low, 5);
         assert_eq!(read(&mem, 4, 1 << 20), Err(Fallback::TooOld));
-        assert!(read(&mem, 5, 1 << 20).is_ok());
+        assert_eq!(read_all(&mem, 5), Some((12, log[4..].to_vec())));
+        // Changes below `low` (trimmed) are passed over.
+        assert!(!publish(&mut p, &mut mem, &[entry(3, 3, 1)], 4, 12));
+    }
+
+    #[test]
+    fn new_slots_without_a_change_replace_a_wrapped_record() {
+        let mut mem = vec![0u8; HEADER_LEN + 8 * 128];
+        let mut p = Publisher::new(mem.len(), 128).expect("geometry");
+        let log: Vec<Entry> = (1..=8).map(|s| entry(s, 1, 10)).collect();
+        publish(&mut p, &mut mem, &log, 0, 8);
+        // Slot 10 accepted, 9 not: 9's record (where slot 1's was) says "nothing".
+        assert!(publish(&mut p, &mut mem, &[entry(10, 1, 10)], 0, 10));
+        assert_eq!(p.header().low, 3);
+        let want: Vec<Entry> = log[2..].iter().cloned().chain([entry(10, 1, 10)]).collect();
+        // Reads stop at the ring's end (slot 7 is its last record).
+        assert_eq!(read_all(&mem, 3).map(|(to, _)| to), Some(7));
+        assert_eq!(read_all(&mem, 8), Some((10, want[5..].to_vec())));
     }
 
     proptest! {
@@ -620,9 +650,8 @@ mod tests {
             let mut p = Publisher::new(mem.len(), 192).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let log: Vec<Entry> = (1..=n).filter(|&s| !holes[s as usize - 1]).map(|s| entry(s, 1, (s % 50) as usize)).collect();
             let last = n;
-            let plan = p.plan(0, last, Some(1)).ok_or_else(|| TestCaseError::fail("no plan"))?;
-            let es: Vec<Entry> = log.iter().filter(|e| e.slot >= plan.start).cloned().collect();
-            prop_assert_eq!(p.publish(&mut mem, plan, 0, &es), Ok(()));
+            prop_assert_eq!(p.publish(&mut mem, 0, last, &log), Ok(true));
+            let low = p.header().low;
             let q = ReadRequest { ballot: Ballot::ZERO, from, to: u64::MAX };
             match read(&mem, from, 1 << 20) {
                 Ok(b) => {
@@ -631,9 +660,49 @@ mod tests {
                     let want: Vec<Entry> = log.iter().filter(|e| e.slot >= from && e.slot <= r.to).cloned().collect();
                     prop_assert_eq!(r.entries, want);
                 }
-                Err(Fallback::TooOld) => prop_assert!(from < plan.low),
+                Err(Fallback::TooOld) => prop_assert!(from < low),
                 Err(Fallback::NotYet) => prop_assert!(from > last),
                 Err(f) => prop_assert!(false, "unexpected fallback {:?}", f),
+            }
+        }
+
+        #[test]
+        fn incremental_publications_match_the_store(ops in proptest::collection::vec((1u64..40, 1u64..4, any::<bool>()), 1..80),
+                                                    cap in 4usize..24) {
+            // A model store (slot -> entry, a trim point) fed accepts; each publication is
+            // handed only the entries accepted since the previous one.
+            let mut mem = vec![0u8; HEADER_LEN + cap * 192];
+            let mut p = Publisher::new(mem.len(), 192).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut store = std::collections::BTreeMap::new();
+            let mut changed = std::collections::BTreeMap::new();
+            let mut trimmed = 0;
+            for (slot, round, publish_now) in ops {
+                if slot > trimmed {
+                    let round = round.max(store.get(&slot).map_or(0, |e: &Entry| e.ballot.round));
+                    let e = entry(slot, round, (slot + round) as usize % 40);
+                    store.insert(slot, e.clone());
+                    changed.insert(slot, e);
+                }
+                if !publish_now {
+                    continue;
+                }
+                let mut last = store.keys().next_back().copied().unwrap_or(0).max(trimmed);
+                if round == 3 {
+                    trimmed = (trimmed + 3).min(last);
+                    store = store.split_off(&(trimmed + 1));
+                    last = last.max(trimmed);
+                }
+                prop_assert!(p.publish(&mut mem, trimmed, last, changed.values()).is_ok());
+                changed.clear();
+                let low = p.header().low;
+                let (mut from, mut got) = (low, Vec::new());
+                while from <= last {
+                    let (to, es) = read_all(&mem, from).ok_or_else(|| TestCaseError::fail(format!("slot {from} not served")))?;
+                    got.extend(es);
+                    from = to + 1;
+                }
+                let want: Vec<Entry> = store.range(low..).map(|(_, e)| e.clone()).collect();
+                prop_assert_eq!(got, want);
             }
         }
     }
