@@ -86,9 +86,12 @@ pub fn peer_messages(data: &[u8]) {
         assert_eq!(wire::decode_write(off, &out), Ok(w));
     }
     let q = ReadRequest { ballot: Ballot::new(offset >> 8, offset & 0xff), from: (offset >> 40).max(1), to: u64::MAX };
-    if let Ok(r) = wire::decode_read_result(&q, rest) {
+    let decoded = wire::decode_read_result(&q, rest);
+    if let Ok(r) = &decoded {
         assert!(r.entries.iter().all(|e| e.slot >= q.from && e.slot <= r.to), "entries outside the answer's range");
     }
+    // The agent's check of a mirror answer accepts exactly what the node decodes.
+    assert_eq!(wire::check_read_result(q.from, rest).is_ok(), decoded.is_ok(), "check and decode disagree");
     let _ = wire::decode_denied(data);
 }
 
@@ -97,6 +100,7 @@ pub fn peer_messages(data: &[u8]) {
 pub fn log_records(data: &[u8]) {
     use replog::store::codec;
     use replog::store::format::{check_record, SegmentHeader};
+    assert_eq!(codec::check_value(data).is_ok(), codec::decode_value(data).is_ok(), "check and decode disagree");
     if let Ok(v) = codec::decode_value(data) {
         let mut out = Vec::new();
         codec::encode_value(&v, &mut out);

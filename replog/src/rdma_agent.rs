@@ -470,10 +470,11 @@ impl RdmaAgent {
             MirrorStep::Recheck(h, answer) => match mirror::recheck(&h, &data, mlen) {
                 Err(f) => self.fall_back(m, f, "recheck", events),
                 Ok(()) => {
-                    // The values are whole (CRC) but were never decoded: an answer the
-                    // node could not decode would leave the read unanswered.
-                    let q = paxos::ReadRequest { ballot: paxos::Ballot::ZERO, from: m.from, to: u64::MAX };
-                    if let Err(e) = crate::wire::decode_read_result(&q, &answer) {
+                    // The values are whole (CRC) but their encoding was never looked
+                    // at: an answer the node could not decode would leave the read
+                    // unanswered, so it is checked here (walked, not built: the node
+                    // decodes it once) and a bad one asked for over the side channel.
+                    if let Err(e) = crate::wire::check_read_result(m.from, &answer) {
                         return self.fall_back(m, Fallback::Record, &e.to_string(), events);
                     }
                     let Some(p) = self.pending_reads.remove(&m.ours) else { return };

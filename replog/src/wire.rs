@@ -26,7 +26,7 @@
 //! number of slots. The answer: `to u64` (the last slot covered; the agent may answer a
 //! shorter range), `count u32`, then per entry `slot, ballot, len u32, value`.
 
-use crate::store::codec::{decode_value, encode_value};
+use crate::store::codec::{check_value, decode_value, encode_value};
 use paxos::{Ballot, Entry, Message, ReadRequest, ReadResult, Slot, WriteRequest};
 
 /// Why bytes are not a valid encoding.
@@ -284,6 +284,19 @@ pub fn encode_read_result(res: &ReadResult, budget: usize, out: &mut Vec<u8>) {
 
 /// Decodes a read's answer for the request `q` this replica issued.
 pub fn decode_read_result(q: &ReadRequest, data: &[u8]) -> Result<ReadResult, WireError> {
+    parse_read_result(q, data, true)
+}
+
+/// Whether `data` is an answer [`decode_read_result`] accepts for a read from `from`
+/// (the same parser), without building it: the entries and their values are walked,
+/// not copied ([`crate::store::codec::check_value`]). Never panics.
+pub fn check_read_result(from: Slot, data: &[u8]) -> Result<(), WireError> {
+    parse_read_result(&read_request(from), data, false).map(drop)
+}
+
+/// Decodes a read's answer (`build`), or only checks it: without `build`, the result
+/// holds no entries.
+fn parse_read_result(q: &ReadRequest, data: &[u8], build: bool) -> Result<ReadResult, WireError> {
     let mut r = R(data);
     let to: Slot = r.u64()?;
     if to < q.from.saturating_sub(1) {
@@ -293,16 +306,22 @@ pub fn decode_read_result(q: &ReadRequest, data: &[u8]) -> Result<ReadResult, Wi
     if count > data.len() / 29 {
         return Err(WireError::Truncated);
     }
-    let mut entries = Vec::with_capacity(count);
+    let mut entries = Vec::with_capacity(if build { count } else { 0 });
     for _ in 0..count {
         let slot = r.u64()?;
         let ballot = r.ballot()?;
         let len = r.u32()? as usize;
-        let value = decode_value(r.take(len)?).map_err(WireError::Invalid)?;
+        let bytes = r.take(len)?;
+        let value = match build {
+            true => Some(decode_value(bytes).map_err(WireError::Invalid)?),
+            false => check_value(bytes).map(|()| None).map_err(WireError::Invalid)?,
+        };
         if slot < q.from || slot > to {
             return Err(WireError::Invalid("read answer holds a slot outside its range"));
         }
-        entries.push(Entry { slot, ballot, value });
+        if let Some(value) = value {
+            entries.push(Entry { slot, ballot, value });
+        }
     }
     r.end()?;
     // The agent may cover more than asked: keep what was asked.
@@ -373,14 +392,14 @@ mod tests {
         };
         let mut data = Vec::new();
         encode_read_result(&res, 1 << 20, &mut data);
-        let got = decode_read_result(&q, &data).unwrap();
-        assert_eq!(got.ballot, q.ballot);
-        assert_eq!((got.from, got.to, got.entries.clone()), (5, 7, res.entries.clone()));
+        let got = decode_read_result(&q, &data).map(|r| (r.ballot, r.from, r.to, r.entries));
+        assert_eq!(got, Ok((q.ballot, 5, 7, res.entries.clone())));
+        assert_eq!(check_read_result(5, &data), Ok(()));
         // An answer covering more than asked is cut to the range asked.
         let wide = ReadResult { to: 20, ..res.clone() };
         let mut data = Vec::new();
         encode_read_result(&wide, 1 << 20, &mut data);
-        assert_eq!(decode_read_result(&q, &data).unwrap().to, 9);
+        assert_eq!(decode_read_result(&q, &data).map(|r| r.to), Ok(9));
         // A small budget keeps whole entries and lowers `to`.
         let two = ReadResult {
             to: 8,
@@ -392,8 +411,12 @@ mod tests {
         };
         let mut data = Vec::new();
         encode_read_result(&two, 120, &mut data);
-        let got = decode_read_result(&q, &data).unwrap();
-        assert_eq!((got.to, got.entries.len()), (7, 1));
+        let got = decode_read_result(&q, &data).map(|r| (r.to, r.entries.len()));
+        assert_eq!(got, Ok((7, 1)));
+        // An answer that does not decode does not pass the check either.
+        data.truncate(data.len() - 1);
+        assert!(decode_read_result(&q, &data).is_err());
+        assert_eq!(check_read_result(5, &data), Err(WireError::Truncated));
         assert_eq!(decode_denied(&encode_denied(Some(b(3, 3)))), Some(b(3, 3)));
         assert_eq!(decode_denied(&encode_denied(None)), None);
     }
@@ -406,6 +429,22 @@ mod tests {
             let q = ReadRequest { ballot: Ballot::ZERO, from: 1, to: u64::MAX };
             let _ = decode_read_result(&q, &data);
             let _ = decode_denied(&data);
+        }
+
+        #[test]
+        fn the_check_accepts_exactly_what_decodes(data in proptest::collection::vec(any::<u8>(), 0..300),
+                                                 from in 0u64..4, n in 0usize..4, cut in any::<prop::sample::Index>()) {
+            let q = read_request(from);
+            prop_assert_eq!(check_read_result(from, &data).is_ok(), decode_read_result(&q, &data).is_ok());
+            // Valid answers, whole and cut anywhere.
+            let cmd = |s: u64| Command { client: 1, seq: s, payload: Bytes::from(vec![7; s as usize]) };
+            let entries = (0..n as u64).map(|i| Entry { slot: from + i + 1, ballot: b(1, 1), value: Value::Batch(vec![cmd(i)]) });
+            let res = ReadResult { ballot: Ballot::ZERO, from, to: from + n as u64, entries: entries.collect() };
+            let mut out = Vec::new();
+            encode_read_result(&res, 1 << 20, &mut out);
+            prop_assert_eq!(check_read_result(from, &out), Ok(()));
+            let part = &out[..cut.index(out.len() + 1)];
+            prop_assert_eq!(check_read_result(from, part).is_ok(), decode_read_result(&q, part).is_ok());
         }
     }
 }

@@ -93,8 +93,9 @@ proptest! {
         let q = ReadRequest { ballot: b, from, to };
         let mut data = Vec::new();
         wire::encode_read_result(&res, 1 << 20, &mut data);
-        let got = wire::decode_read_result(&q, &data).unwrap();
+        let got = wire::decode_read_result(&q, &data).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!((got.ballot, got.from, got.to), (b, from, to));
         prop_assert_eq!(got.entries, res.entries);
+        prop_assert_eq!(wire::check_read_result(from, &data), Ok(()));
     }
 }

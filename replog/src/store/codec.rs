@@ -110,6 +110,19 @@ impl<'a> Reader<'a> {
 
 /// Decodes a value; any malformed input is an error, never a panic.
 pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
+    parse_value(b, true)
+}
+
+/// Whether `b` is a value [`decode_value`] accepts (the same parser), without building
+/// it: a batch's commands are walked, not copied. (A membership change, rare, is
+/// decoded whole: its checks need the lists.) Never panics.
+pub fn check_value(b: &[u8]) -> Result<(), &'static str> {
+    parse_value(b, false).map(drop)
+}
+
+/// Decodes a value (`build`), or only checks it: without `build`, a batch comes back
+/// with no commands.
+fn parse_value(b: &[u8], build: bool) -> Result<Value, &'static str> {
     let mut r = Reader { b };
     let v = match r.u8()? {
         TAG_NOOP => Value::Noop,
@@ -118,13 +131,15 @@ pub fn decode_value(b: &[u8]) -> Result<Value, &'static str> {
             if n > r.b.len() / CMD_FIXED {
                 return Err("command count exceeds the value's length");
             }
-            let mut cmds = Vec::with_capacity(n);
+            let mut cmds = Vec::with_capacity(if build { n } else { 0 });
             for _ in 0..n {
                 let client = r.u64()?;
                 let seq = r.u64()?;
                 let len = r.u32()? as usize;
-                let payload = Bytes::copy_from_slice(r.take(len)?);
-                cmds.push(Command { client, seq, payload });
+                let payload = r.take(len)?;
+                if build {
+                    cmds.push(Command { client, seq, payload: Bytes::copy_from_slice(payload) });
+                }
             }
             Value::Batch(cmds)
         }
@@ -208,12 +223,13 @@ mod tests {
             let mut b = Vec::new();
             encode_value(&v, &mut b);
             prop_assert_eq!(b.len(), encoded_len(&v));
-            prop_assert_eq!(decode_value(&b).unwrap(), v);
+            prop_assert_eq!(check_value(&b), Ok(()));
+            prop_assert_eq!(decode_value(&b), Ok(v));
         }
 
         #[test]
         fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_value(&b);
+            prop_assert_eq!(check_value(&b).is_ok(), decode_value(&b).is_ok());
         }
 
         #[test]
@@ -222,9 +238,9 @@ mod tests {
             encode_value(&v, &mut b);
             let i = i % b.len();
             b[i] ^= x;
-            let _ = decode_value(&b);
+            prop_assert_eq!(check_value(&b).is_ok(), decode_value(&b).is_ok());
             b.truncate(cut % (b.len() + 1));
-            let _ = decode_value(&b);
+            prop_assert_eq!(check_value(&b).is_ok(), decode_value(&b).is_ok());
         }
     }
 }
