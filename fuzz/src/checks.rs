@@ -344,5 +344,16 @@ fn read_mirror(data: &[u8]) {
             assert!(to >= from && to < from + count, "an answer covers the slot asked and no more");
             assert!(m::recheck(&h, data, len).is_ok(), "the same header re-checks");
         }
+        // The same read in one go (header, records, header), placed by the header seen.
+        let seen = m::Seen::from(&h);
+        let Some((off, n)) = m::plan_chain(&seen, from, 1 << 16) else { continue };
+        let Some(recs) = data.get(off as usize..(off as usize).saturating_add(n as usize)) else { continue };
+        let Some(head) = data.get(..m::HEADER_LEN) else { continue };
+        let chained: Vec<u8> = [head, recs, head].concat();
+        if let Ok((again, to)) = m::answer_chain(&seen, from, &chained, n, len, 1 << 16, &mut Vec::new()) {
+            assert_eq!(again, h, "answered under the header read");
+            assert!(to >= from && to <= h.high, "a chained answer covers the slot asked, within the range held");
+        }
+        let _ = m::answer_chain(&seen, from, data, n, len, 1 << 16, &mut Vec::new());
     }
 }

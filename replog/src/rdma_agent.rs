@@ -53,7 +53,11 @@
 //!   of the peer's accepted-entries mirror (layout and checks in [`crate::rdma_mirror`];
 //!   the node publishes into its own mirror after each sync, through
 //!   [`Transport::put_mirror`]): the header, the records of the slots asked, the header
-//!   again (seqlock), each record checked whole (canary, CRC, slot). The answer is the
+//!   again (seqlock), each record checked whole (canary, CRC, slot). The three reads go
+//!   as one post list, each after the first fenced (it starts once the one before
+//!   completed), placed by the geometry and last slot seen at the previous read of that
+//!   peer's mirror ([`mirror::plan_chain`]); the first read on a link reads the header
+//!   alone, then the records and the header again as one list. The answer is the
 //!   bytes the peer's CPU would have sent (`wire::encode_read_result`), so the node
 //!   cannot tell the paths apart. The **fallback** is the side channel (a request and an
 //!   answer that the peer's core serves from its store): used when the peer has no
@@ -116,12 +120,14 @@ pub struct AckStats {
 /// Where a read of a peer's mirror is.
 #[derive(Debug)]
 enum MirrorStep {
-    /// The header read is in flight.
+    /// The header read is in flight (the peer's mirror was not seen yet on this link).
     Header,
-    /// The records' read is in flight, under this header.
-    Records(mirror::Header),
-    /// The header's re-read is in flight; `answer` stands if its generation is the same.
-    Recheck(mirror::Header, Vec<u8>),
+    /// The records' read (this many bytes) and the header's re-read are in flight, as one
+    /// list, under this header.
+    Records(mirror::Header, u32),
+    /// The header, the records (this many bytes, placed by what was `seen` of the
+    /// peer's mirror) and the header again are in flight, as one list.
+    Chain(mirror::Seen, u32),
 }
 
 /// A read going by RDMA READ of the peer's mirror.
@@ -197,6 +203,8 @@ pub struct RdmaAgent {
     pending_reads: HashMap<Token, PendingRead>,
     /// Reads going by RDMA READ of a peer's mirror: the transport's token -> the read.
     mirror_reads: HashMap<Token, MirrorRead>,
+    /// What the last read of each peer's mirror saw of it, while its link stays up.
+    mirrors_seen: HashMap<PeerId, mirror::Seen>,
     /// How reads travelled.
     read_paths: ReadPaths,
     /// Fallbacks by reason.
@@ -263,6 +271,7 @@ impl RdmaAgent {
             pending_writes: HashMap::new(),
             pending_reads: HashMap::new(),
             mirror_reads: HashMap::new(),
+            mirrors_seen: HashMap::new(),
             read_paths: ReadPaths::default(),
             fallbacks: BTreeMap::new(),
             read_logged: (ReadPaths::default(), Instant::now()),
@@ -422,9 +431,10 @@ impl RdmaAgent {
         }
     }
 
-    /// Issues the next RDMA READ of `m` (at `offset`, `len` bytes) or falls back.
-    fn mirror_next(&mut self, m: MirrorRead, offset: u64, len: u32, events: &mut Vec<Event>) {
-        match self.inner.read_mirror(m.peer, offset, len) {
+    /// Issues the next RDMA READs of `m` (`(offset, len)` parts, posted as one list) or
+    /// falls back.
+    fn mirror_next(&mut self, m: MirrorRead, parts: &[(u64, u32)], events: &mut Vec<Event>) {
+        match self.inner.read_mirror_chain(m.peer, parts) {
             Ok(t) => {
                 self.mirror_reads.insert(t, m);
             }
@@ -446,44 +456,64 @@ impl RdmaAgent {
             return self.fall_back(m, Fallback::Header, "the peer's mirror went away", events);
         };
         let max = self.inner.mirror_read_max();
+        let header = (0, mirror::HEADER_LEN as u32);
+        let mut answer = Vec::new();
+        let budget = m.budget as usize;
         match std::mem::replace(&mut m.step, MirrorStep::Header) {
             MirrorStep::Header => match mirror::decode_header(&data, mlen) {
                 Err(f) => self.fall_back(m, f, "header", events),
-                Ok(h) => match mirror::plan_read(&h, m.from, max) {
-                    Err(f) => self.fall_back(m, f, "range", events),
-                    Ok((off, len, _)) => {
-                        m.step = MirrorStep::Records(h);
-                        self.mirror_next(m, off, len, events);
+                Ok(h) => {
+                    self.mirrors_seen.insert(m.peer, mirror::Seen::from(&h));
+                    match mirror::plan_read(&h, m.from, max.saturating_sub(mirror::HEADER_LEN)) {
+                        Err(f) => self.fall_back(m, f, "range", events),
+                        Ok((off, len, _)) => {
+                            m.step = MirrorStep::Records(h, len);
+                            self.mirror_next(m, &[(off, len), header], events);
+                        }
                     }
-                },
+                }
             },
-            MirrorStep::Records(h) => {
-                let mut answer = Vec::new();
-                match mirror::assemble(&h, m.from, &data, m.budget as usize, &mut answer) {
+            MirrorStep::Records(h, len) => {
+                let (recs, again) = data.split_at(data.len().min(len as usize));
+                match mirror::assemble(&h, m.from, recs, budget, &mut answer) {
                     Err(f) => self.fall_back(m, f, "records", events),
-                    Ok(_) => {
-                        m.step = MirrorStep::Recheck(h, answer);
-                        self.mirror_next(m, 0, mirror::HEADER_LEN as u32, events);
+                    Ok(_) => match mirror::recheck(&h, again, mlen) {
+                        Err(f) => self.fall_back(m, f, "recheck", events),
+                        Ok(()) => self.mirror_answer(m, answer, events),
+                    },
+                }
+            }
+            MirrorStep::Chain(seen, len) => {
+                match mirror::answer_chain(&seen, m.from, &data, len, mlen, budget, &mut answer) {
+                    Ok((h, _)) => {
+                        self.mirrors_seen.insert(m.peer, mirror::Seen::from(&h));
+                        self.mirror_answer(m, answer, events);
+                    }
+                    Err(f) => {
+                        if f == Fallback::Header {
+                            // Torn, being rewritten, or another geometry: look again first.
+                            self.mirrors_seen.remove(&m.peer);
+                        }
+                        self.fall_back(m, f, "chain", events);
                     }
                 }
             }
-            MirrorStep::Recheck(h, answer) => match mirror::recheck(&h, &data, mlen) {
-                Err(f) => self.fall_back(m, f, "recheck", events),
-                Ok(()) => {
-                    // The values are whole (CRC) but their encoding was never looked
-                    // at: an answer the node could not decode would leave the read
-                    // unanswered, so it is checked here (walked, not built: the node
-                    // decodes it once) and a bad one asked for over the side channel.
-                    if let Err(e) = crate::wire::check_read_result(m.from, &answer) {
-                        return self.fall_back(m, Fallback::Record, &e.to_string(), events);
-                    }
-                    let Some(p) = self.pending_reads.remove(&m.ours) else { return };
-                    self.read_paths.one_sided += 1;
-                    self.read_paths.one_sided_ns += p.since.elapsed().as_nanos() as u64;
-                    events.push(Event::ReadDone { from: m.peer, token: m.ours, result: Ok(Bytes::from(answer)) });
-                }
-            },
         }
+    }
+
+    /// A mirror read assembled `answer` (the seqlock held): the read's result.
+    fn mirror_answer(&mut self, m: MirrorRead, answer: Vec<u8>, events: &mut Vec<Event>) {
+        // The values are whole (CRC) but their encoding was never looked at: an answer
+        // the node could not decode would leave the read unanswered, so it is checked
+        // here (walked, not built: the node decodes it once) and a bad one asked for
+        // over the side channel.
+        if let Err(e) = crate::wire::check_read_result(m.from, &answer) {
+            return self.fall_back(m, Fallback::Record, &e.to_string(), events);
+        }
+        let Some(p) = self.pending_reads.remove(&m.ours) else { return };
+        self.read_paths.one_sided += 1;
+        self.read_paths.one_sided_ns += p.since.elapsed().as_nanos() as u64;
+        events.push(Event::ReadDone { from: m.peer, token: m.ours, result: Ok(Bytes::from(answer)) });
     }
 
     /// Follower: the side-channel acknowledgement (the fallback).
@@ -557,6 +587,8 @@ impl RdmaAgent {
             }
             Event::PeerDown { peer, reason } => {
                 self.restart(peer, 0, &reason, events);
+                // A renewed link may reach a restarted peer with another mirror.
+                self.mirrors_seen.remove(&peer);
                 let lost: Vec<Token> =
                     self.pending_reads.iter().filter(|(_, p)| p.peer == peer).map(|(&t, _)| t).collect();
                 for token in lost {
@@ -756,9 +788,21 @@ impl Transport for RdmaAgent {
         let since = Instant::now();
         // By RDMA READ of the peer's mirror when it has one; else over the side channel.
         if self.mirror_reads_on && offset >= 1 && self.inner.peer_mirror_len(from).is_some() {
-            match self.inner.read_mirror(from, 0, mirror::HEADER_LEN as u32) {
-                Ok(t) => {
-                    let step = MirrorStep::Header;
+            // Seen before: the header, the records and the header again in one list (the
+            // records placed by the geometry seen); else the header first.
+            let max = self.inner.mirror_read_max();
+            let chain =
+                self.mirrors_seen.get(&from).and_then(|seen| Some((*seen, mirror::plan_chain(seen, offset, max)?)));
+            let header = (0, mirror::HEADER_LEN as u32);
+            let issued = match chain {
+                Some((seen, (off, len))) => self
+                    .inner
+                    .read_mirror_chain(from, &[header, (off, len), header])
+                    .map(|t| (t, MirrorStep::Chain(seen, len))),
+                None => self.inner.read_mirror_chain(from, &[header]).map(|t| (t, MirrorStep::Header)),
+            };
+            match issued {
+                Ok((t, step)) => {
                     self.mirror_reads
                         .insert(t, MirrorRead { peer: from, ours: token, from: offset, budget: len, step });
                     self.pending_reads.insert(token, PendingRead { peer: from, since, side: false });

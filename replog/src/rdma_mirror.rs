@@ -48,6 +48,11 @@
 //! expected), then the header again: the same generation means no rewrite overlapped the
 //! record read (the seqlock), and the answer stands. Anything else is a [`Fallback`]:
 //! the reader asks over the side channel instead. Nothing here panics on any bytes.
+//!
+//! A reader that saw the mirror before knows its geometry ([`Seen`]), so it places the
+//! records of a slot without the header and issues the three reads at once, each
+//! starting after the one before completed (`IBV_SEND_FENCE`): [`plan_chain`], then
+//! [`answer_chain`] checks the same things in the same order.
 
 use crate::wire::{ENTRY_HEAD, READ_RESULT_HEAD};
 use paxos::{Entry, Slot};
@@ -338,6 +343,75 @@ pub fn recheck(first: &Header, again: &[u8], mirror_len: u64) -> Result<(), Fall
         Ok(_) => Err(Fallback::Changed),
         Err(_) => Err(Fallback::Changed),
     }
+}
+
+/// What a reader keeps of a peer's mirror between reads: its geometry (fixed for a
+/// mirror) and the last slot its header held, so that a read can fetch the header, the
+/// records and the header again in one go ([`plan_chain`], [`answer_chain`]) instead of
+/// waiting for the header before it knows where the records are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// Bytes per record.
+    pub stride: u32,
+    /// Records in the ring.
+    pub capacity: u32,
+    /// Last slot held, when last seen (a hint: it moves on).
+    pub high: Slot,
+}
+
+impl From<&Header> for Seen {
+    fn from(h: &Header) -> Seen {
+        Seen { stride: h.stride, capacity: h.capacity, high: h.high }
+    }
+}
+
+/// The records to read with the header for a read from `from` of a mirror `seen`
+/// before: (byte offset, bytes), the slots `from..` up to the ring's end, the last slot
+/// seen (or, past it, as many as fit: more may have been published since) and
+/// `max_bytes` with the two headers. `None`: not even one record fits, or the geometry
+/// is impossible. The header read with them decides what is answered.
+pub fn plan_chain(seen: &Seen, from: Slot, max_bytes: usize) -> Option<(u64, u32)> {
+    let (stride, cap) = (u64::from(seen.stride), u64::from(seen.capacity));
+    if from == 0 || stride == 0 || cap == 0 {
+        return None;
+    }
+    let room = max_bytes.saturating_sub(2 * HEADER_LEN) as u64 / stride;
+    let to_end = cap - from % cap;
+    let want = if seen.high >= from { seen.high - from + 1 } else { to_end };
+    let count = want.min(to_end).min(room);
+    let len = u32::try_from(count.checked_mul(stride)?).ok().filter(|&l| l > 0)?;
+    Some((record_offset(from, seen.stride, seen.capacity), len))
+}
+
+/// Builds the answer (as [`assemble`]) from one chained read of a mirror of
+/// `mirror_len` bytes: `data` is the header, the `records` bytes read at
+/// [`plan_chain`]'s place for `seen` and `from`, and the header again, each read
+/// issued only after the one before completed. The seqlock as in the three-step read:
+/// the first header is whole, even and of `seen`'s geometry (else [`Fallback::Header`]:
+/// the records were read at the wrong place), the slots answered are in its range, and
+/// the second header has its generation, so no rewrite overlapped the records' read.
+/// Returns the first header and the last slot covered.
+pub fn answer_chain(
+    seen: &Seen,
+    from: Slot,
+    data: &[u8],
+    records: u32,
+    mirror_len: u64,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> Result<(Header, Slot), Fallback> {
+    let (first, rest) = data.split_at_checked(HEADER_LEN).ok_or(Fallback::Header)?;
+    let (recs, again) = rest.split_at_checked(records as usize).ok_or(Fallback::Record)?;
+    let h = decode_header(first, mirror_len)?;
+    if (h.stride, h.capacity) != (seen.stride, seen.capacity) {
+        return Err(Fallback::Header);
+    }
+    let (off, len, _) = plan_read(&h, from, recs.len())?;
+    debug_assert_eq!(off, record_offset(from, seen.stride, seen.capacity), "records read where planned");
+    let recs = recs.get(..len as usize).ok_or(Fallback::Record)?;
+    let to = assemble(&h, from, recs, budget, out)?;
+    recheck(&h, again, mirror_len)?;
+    Ok((h, to))
 }
 
 /// Memory the owner publishes into (the RDMA transport's mirror; a byte vector in tests).
@@ -631,6 +705,59 @@ mod tests {
         assert_eq!(read_all(&mem, 8), Some((10, want[5..].to_vec())));
     }
 
+    /// Reads slots `from..` of `mem` as a reader that saw `seen` before: the header, the
+    /// records and the header again, in one go.
+    fn read_chain(mem: &[u8], seen: &Seen, from: Slot, budget: usize) -> Result<Vec<u8>, Fallback> {
+        let (off, len) = plan_chain(seen, from, 1 << 16).ok_or(Fallback::TooLarge)?;
+        let recs = mem.get(off as usize..off as usize + len as usize).ok_or(Fallback::Record)?;
+        let data: Vec<u8> = [&mem[..HEADER_LEN], recs, &mem[..HEADER_LEN]].concat();
+        let mut out = Vec::new();
+        answer_chain(seen, from, &data, len, mem.len() as u64, budget, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn chained_reads_answer_as_the_three_step_read() {
+        let mut mem = vec![0u8; HEADER_LEN + 16 * 128];
+        let mut p = Publisher::new(mem.len(), 128).expect("geometry");
+        let log: Vec<Entry> = (1..=20).filter(|&s| s != 15).map(|s| entry(s, 1, 10)).collect();
+        publish(&mut p, &mut mem, &log, 0, 20);
+        let h = p.header();
+        let seen = Seen::from(&h);
+        for from in [5, 6, 16, 20] {
+            assert_eq!(read_chain(&mem, &seen, from, 1 << 20), read(&mem, from, 1 << 20), "from {from}");
+        }
+        assert_eq!(read_chain(&mem, &seen, 4, 1 << 20), Err(Fallback::TooOld));
+        assert_eq!(read_chain(&mem, &seen, 21, 1 << 20), Err(Fallback::NotYet));
+        // A hint behind the header: a shorter answer, the core reads on.
+        let behind = Seen { high: 7, ..seen };
+        let q = ReadRequest { ballot: Ballot::ZERO, from: 6, to: u64::MAX };
+        let got = read_chain(&mem, &behind, 6, 1 << 20).map(|b| wire::decode_read_result(&q, &b).map(|r| r.to).ok());
+        assert_eq!(got, Ok(Some(7)));
+        // A hint ahead: the records past the header's last slot are not answered.
+        let ahead = Seen { high: 40, ..seen };
+        assert_eq!(read_chain(&mem, &ahead, 17, 1 << 20), read(&mem, 17, 1 << 20));
+        // Another geometry than the records were read for.
+        let other = Seen { stride: 256, capacity: 8, ..seen };
+        assert_eq!(read_chain(&mem, &other, 6, 1 << 20), Err(Fallback::Header));
+        // A rewrite between the two headers: the seqlock.
+        let (off, len) = plan_chain(&seen, 6, 1 << 16).expect("a plan");
+        let before = mem.clone();
+        publish(&mut p, &mut mem, &[entry(21, 2, 10)], 0, 21);
+        let data: Vec<u8> = [
+            &before[..off as usize + len as usize][..HEADER_LEN],
+            &before[off as usize..(off + u64::from(len)) as usize],
+            &mem[..HEADER_LEN],
+        ]
+        .concat();
+        let got = answer_chain(&seen, 6, &data, len, mem.len() as u64, 1 << 20, &mut Vec::new());
+        assert_eq!(got, Err(Fallback::Changed));
+        // Cut anywhere: never an answer.
+        for cut in 0..data.len() {
+            assert!(answer_chain(&seen, 6, &data[..cut], len, mem.len() as u64, 1 << 20, &mut Vec::new()).is_err());
+        }
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..700), from in any::<u64>(),
@@ -641,6 +768,10 @@ mod tests {
             let _ = assemble(&h, from.max(1), &data, budget, &mut Vec::new());
             let _ = recheck(&h, &data, 4096);
             let _ = check_record(&data, from);
+            let seen = Seen { stride: 64, capacity: 10, high: from };
+            let _ = plan_chain(&seen, from, budget);
+            let records = (data.len() / 2) as u32;
+            let _ = answer_chain(&seen, from, &data, records, 4096, budget, &mut Vec::new());
         }
 
         #[test]

@@ -211,7 +211,7 @@ fn log_tail_reads_go_by_rdma_read_and_fall_back_when_older_than_the_ring() {
     println!(
         "rdma: log-tail read latency, 200 reads each, same run: rdma_read (slots 33..=40) p50 {:?} p99 {:?}; \
          side_channel only (slots 33..=40, peer CPU) p50 {:?} p99 {:?}; fallback (slot 20, older than the ring: \
-         header read, then side channel) p50 {:?} p99 {:?}; counts {paths:?}",
+         mirror read, then side channel) p50 {:?} p99 {:?}; counts {paths:?}",
         percentile(&mut rdma, 0.5),
         percentile(&mut rdma, 0.99),
         percentile(&mut plain, 0.5),

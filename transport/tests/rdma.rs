@@ -817,6 +817,15 @@ fn the_read_mirror_is_read_by_rdma_read_and_refuses_writes() {
     assert!(matches!(net.ep(2).read_mirror(1, 4090, 8), Err(SendError::TooLarge { .. })));
     assert!(matches!(net.ep(2).read_mirror(1, 0, 1025), Err(SendError::TooLarge { .. })));
     assert_eq!(net.ep(2).read_mirror(9, 0, 8).map(|_| ()), Err(SendError::UnknownPeer(9)));
+    // A list of reads (the later ones fenced) completes once, with the parts one after the other.
+    net.ep(1).write_mirror(0, &pattern(5, 64)).expect("write own mirror");
+    let parts = [(0, 64), (512, 300), (0, 64)];
+    let t = net.retry(2, "read_mirror_chain", |e| e.read_mirror_chain(1, &parts));
+    let want: Vec<u8> = [pattern(5, 64), pattern(3, 300), pattern(5, 64)].concat();
+    assert_eq!(net.read_done(2, t), Ok(Bytes::from(want)));
+    assert!(matches!(net.ep(2).read_mirror_chain(1, &[(0, 512), (512, 513)]), Err(SendError::TooLarge { .. })));
+    assert!(matches!(net.ep(2).read_mirror_chain(1, &[]), Err(SendError::TooLarge { .. })));
+    assert!(matches!(net.ep(2).read_mirror_chain(1, &[(0, 8); 4]), Err(SendError::TooLarge { .. })));
 
     let before = {
         let mut b = vec![0u8; 4096];

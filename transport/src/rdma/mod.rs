@@ -440,13 +440,19 @@ struct Link {
     /// Where a read of the peer's mirror lands ([`RdmaConfig::mirror_read_max`] bytes,
     /// acknowledgement protection domain); one read at a time.
     mirror_stage: Option<Region>,
-    /// The mirror read in flight.
-    mirror_read: Option<Token>,
+    /// The mirror read in flight and the work requests it posted.
+    mirror_read: Option<(Token, usize)>,
 }
 
 impl Link {
     fn in_flight(&self) -> usize {
         self.pending.len() + self.posted.len()
+    }
+
+    /// Send-queue entries in use on the acknowledgement queue pair: one per operation,
+    /// and a mirror read's extra fenced reads (they complete with its last).
+    fn ack_queue_used(&self) -> usize {
+        self.ack_posted.len() + self.mirror_read.map_or(0, |(_, wrs)| wrs.saturating_sub(1))
     }
 }
 
@@ -553,6 +559,9 @@ impl std::fmt::Debug for RdmaTransport {
 
 /// The most bytes one [`RdmaTransport::write_ack`] carries.
 pub const ACK_MAX_WRITE: usize = 256;
+/// The most reads one [`RdmaTransport::read_mirror_chain`] posts (header, records,
+/// header: a seqlocked read of the mirror in one post list).
+pub const MIRROR_CHAIN_MAX: usize = 3;
 
 const REMOTE_READ: u32 = ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
 const REMOTE_WRITE: u32 = ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
@@ -932,16 +941,31 @@ impl RdmaTransport {
         link.mirror_remote.map(|m| m.len)
     }
 
-    /// Reads `len` bytes at `offset` of `from`'s read mirror with a one-sided RDMA READ
-    /// on the acknowledgement queue pair (signalled, posted at once). It completes exactly
-    /// once with [`Event::ReadDone`] under the returned token: the bytes, or `LinkFailed`
-    /// (a failed link; the link is renewed). Refused at issue: `LinkDown` without a
-    /// connected acknowledgement queue pair or a peer mirror, `TooLarge` past
-    /// [`RdmaConfig::mirror_read_max`] or the mirror's end, `Backpressure` while a mirror
-    /// read to `from` is in flight (one at a time) or `depth` operations are.
+    /// Reads `len` bytes at `offset` of `from`'s read mirror with a one-sided RDMA READ:
+    /// [`RdmaTransport::read_mirror_chain`] of one part.
     pub fn read_mirror(&mut self, from: PeerId, offset: u64, len: u32) -> Result<Token, SendError> {
+        self.read_mirror_chain(from, &[(offset, len)])
+    }
+
+    /// Reads the `parts` (`(offset, len)` each, 1 to [`MIRROR_CHAIN_MAX`] of them) of
+    /// `from`'s read mirror with one-sided RDMA READs on the acknowledgement queue pair,
+    /// posted at once as one list: each read after the first is fenced
+    /// (`IBV_SEND_FENCE`: the NIC starts it only once the reads before it completed, so
+    /// it samples the peer's memory after they did), and only the last is signalled.
+    /// The bytes land one part after the other in the mirror staging. It completes
+    /// exactly once with [`Event::ReadDone`] under the returned token: the parts' bytes
+    /// concatenated, or `LinkFailed` (a failed link; the link is renewed). Refused at
+    /// issue: `LinkDown` without a connected acknowledgement queue pair or a peer
+    /// mirror; `TooLarge` when the parts together pass
+    /// [`RdmaConfig::mirror_read_max`], one passes the mirror's end, or there are none
+    /// or more than [`MIRROR_CHAIN_MAX`]; `Backpressure` while a mirror read to `from` is
+    /// in flight (one at a time) or the send queue has no room for the parts.
+    pub fn read_mirror_chain(&mut self, from: PeerId, parts: &[(u64, u32)]) -> Result<Token, SendError> {
         let depth = self.cfg.depth as usize;
         let max = self.cfg.mirror_read_max;
+        if parts.is_empty() || parts.len() > MIRROR_CHAIN_MAX {
+            return Err(SendError::TooLarge { size: parts.len(), limit: MIRROR_CHAIN_MAX });
+        }
         let token = self.token();
         let link = self.links.get_mut(&from).ok_or(SendError::UnknownPeer(from))?;
         let (Some(qp), Some(m), Some(stage), true) =
@@ -949,29 +973,59 @@ impl RdmaTransport {
         else {
             return Err(SendError::LinkDown(from));
         };
-        if len as usize > max || offset.checked_add(u64::from(len)).is_none_or(|end| end > m.len) {
-            let limit = (m.len.saturating_sub(offset) as usize).min(max);
-            return Err(SendError::TooLarge { size: len as usize, limit });
+        let total: usize = parts.iter().map(|&(_, len)| len as usize).sum();
+        if total > max {
+            return Err(SendError::TooLarge { size: total, limit: max });
         }
-        if link.mirror_read.is_some() || link.ack_posted.len() >= depth {
+        for &(offset, len) in parts {
+            if offset.checked_add(u64::from(len)).is_none_or(|end| end > m.len) {
+                let limit = (m.len.saturating_sub(offset) as usize).min(max);
+                return Err(SendError::TooLarge { size: len as usize, limit });
+            }
+        }
+        if link.mirror_read.is_some() || link.ack_posted.len() + parts.len() > depth {
             return Err(SendError::Backpressure(from));
         }
-        let mut sge = ibv_sge { addr: stage.ptr() as u64, length: len, lkey: stage.lkey() };
+        let mut sges = [ibv_sge { addr: 0, length: 0, lkey: 0 }; MIRROR_CHAIN_MAX];
         // SAFETY: an all-zero work request is valid; fields set below.
-        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = token;
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
-        wr.num_sge = if len == 0 { 0 } else { 1 };
-        wr.sg_list = &raw mut sge;
-        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-        wr.wr.rdma = rdma_sys::rdma_t { remote_addr: m.addr + offset, rkey: m.rkey };
-        // SAFETY: one work request whose SGE points into this link's registered mirror
-        // staging (acknowledgement protection domain, `len` <= its size), which outlives
-        // the queue pair; one mirror read at a time, so nothing else lands there.
-        let r = unsafe { qp.post(&raw mut wr) };
+        let mut wrs: [ibv_send_wr; MIRROR_CHAIN_MAX] = unsafe { std::mem::zeroed() };
+        let mut at = 0u64;
+        for (i, &(offset, len)) in parts.iter().enumerate() {
+            sges[i] = ibv_sge { addr: stage.ptr() as u64 + at, length: len, lkey: stage.lkey() };
+            at += u64::from(len);
+            let wr = &mut wrs[i];
+            // An error on any of them completes with this id: the read fails as a whole.
+            wr.wr_id = token;
+            wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+            wr.num_sge = if len == 0 { 0 } else { 1 };
+            let mut flags = 0;
+            if i > 0 {
+                flags |= ibv_send_flags::IBV_SEND_FENCE.0;
+            }
+            if i + 1 == parts.len() {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            wr.send_flags = flags;
+            wr.wr.rdma = rdma_sys::rdma_t { remote_addr: m.addr + offset, rkey: m.rkey };
+        }
+        // Tie the list together now that neither array moves any more.
+        let (head, sge): (*mut ibv_send_wr, *mut ibv_sge) = (wrs.as_mut_ptr(), sges.as_mut_ptr());
+        for i in 0..parts.len() {
+            // SAFETY: indexes within the arrays (parts.len() <= MIRROR_CHAIN_MAX).
+            unsafe {
+                (*head.add(i)).sg_list = sge.add(i);
+                (*head.add(i)).next = if i + 1 < parts.len() { head.add(i + 1) } else { std::ptr::null_mut() };
+            }
+        }
+        // SAFETY: a list of work requests whose SGEs point one after the other into this
+        // link's registered mirror staging (acknowledgement protection domain, `total`
+        // <= its size), which outlives the queue pair; one mirror read at a time, so
+        // nothing else lands there; the arrays live until post returns.
+        let r = unsafe { qp.post(head) };
         match r {
             Ok(()) => {
-                link.mirror_read = Some(token);
+                link.mirror_read = Some((token, parts.len()));
+                let len = total as u32;
                 link.ack_posted.push_back(AckOp { token, kind: AckKind::MirrorRead { len }, slot: 0 });
                 Ok(token)
             }
@@ -1035,7 +1089,7 @@ impl RdmaTransport {
                 None => return Err(SendError::LinkDown(to)),
             },
         };
-        if link.ack_posted.len() >= depth {
+        if link.ack_queue_used() >= depth {
             return Err(SendError::Backpressure(to));
         }
         // At most `depth` writes are posted and they complete in order, so the slot of
@@ -1778,7 +1832,9 @@ impl RdmaTransport {
         }
     }
 
-    /// A completion on `peer`'s acknowledgement queue pair (every request is signalled).
+    /// A completion on `peer`'s acknowledgement queue pair (every operation is signalled:
+    /// a mirror read's list by its last read, and an error on an earlier one completes
+    /// with the same id).
     fn ack_completion(&mut self, peer: PeerId, token: Token, status: ibv_wc_status::Type, events: &mut Vec<Event>) {
         let Some(link) = self.links.get_mut(&peer) else { return };
         let Some(pos) = link.ack_posted.iter().position(|op| op.token == token) else { return };
