@@ -1,9 +1,12 @@
 //! A cluster of `replog serve` processes, stopped (and its data removed) when dropped,
-//! and the `replog` binary it runs: over TCP on loopback, or over DPDK with each replica
+//! and the `replog` binary it runs: over TCP on loopback, over DPDK with each replica
 //! in its namespace of a [`DpdkNet`] (its client port on the namespace's address,
-//! reached from the host through the bridge, as `replog up --transport dpdk` does).
+//! reached from the host through the bridge, as `replog up --transport dpdk` does), or
+//! over RDMA on one device shared by every replica ([`RdmaNet`]; clients still on
+//! loopback TCP, as `replog up --transport rdma` does).
 
 use crate::proc::{free_ports, spawn_tied, stop, TempDir};
+use crate::rdma::RdmaNet;
 use anyhow::{bail, Context, Result};
 use replog::client::{Client, ClientConfig};
 use replog::config::{DurabilityKind, ServeConfig};
@@ -42,6 +45,17 @@ pub fn find_replog(explicit: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
+/// What carries the replicas' traffic to each other.
+#[derive(Clone, Copy)]
+pub enum Fabric<'a> {
+    /// TCP on loopback.
+    Tcp,
+    /// DPDK, each replica in its namespace of the network.
+    Dpdk(&'a DpdkNet),
+    /// RDMA on the device (side channels on its address).
+    Rdma(&'a RdmaNet),
+}
+
 /// Running replicas.
 pub struct ReplogCluster {
     /// The replicas' configurations (written to `dir/node-<id>.toml`).
@@ -54,8 +68,8 @@ impl ReplogCluster {
     /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
     /// (up to 20 s) for a leader. `spin_us`: the replicas' spin-then-block waits
     /// (`[timing] spin_us`; 0 blocks at once); `client_port_thread`: `[timing]
-    /// client_port_thread`. `net`: run the replicas over DPDK in its namespaces (which
-    /// must be at least `n`), else over TCP on loopback.
+    /// client_port_thread`. `fabric`: between the replicas (a DPDK network must have at
+    /// least `n` namespaces).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         replog: &Path,
@@ -64,13 +78,19 @@ impl ReplogCluster {
         spin_us: u64,
         client_port_thread: bool,
         parent: &Path,
-        net: Option<&DpdkNet>,
+        fabric: Fabric<'_>,
     ) -> Result<ReplogCluster> {
+        let net = match fabric {
+            Fabric::Dpdk(n) => Some(n),
+            _ => None,
+        };
         let dir = TempDir::new(parent, "replog-bench")?;
         let base = free_ports(3 * n as u16 + 3)?;
         let mut cfgs = ServeConfig::local_cluster(n, base, dir.path(), durability);
-        if let Some(net) = net {
-            net.configure(&mut cfgs);
+        match fabric {
+            Fabric::Tcp => {}
+            Fabric::Dpdk(net) => net.configure(&mut cfgs),
+            Fabric::Rdma(net) => net.configure(&mut cfgs),
         }
         for c in &mut cfgs {
             // Logging at info costs CPU on the hot path of a 2-core machine.
@@ -107,8 +127,15 @@ impl ReplogCluster {
             .with_context(|| format!("starting {} serve", replog.display()))?;
             cluster.procs.push(child);
         }
-        // EAL's start and the DPDK links' handshakes take longer than TCP's connects.
-        cluster.wait_leader(Duration::from_secs(if net.is_some() { 40 } else { 20 }))?;
+        // EAL's start and the DPDK links' handshakes take longer than TCP's connects; so
+        // do registering RDMA memory and bootstrapping queue pairs (much longer under
+        // soft-RoCE in an emulated VM).
+        let bound = match fabric {
+            Fabric::Tcp => 20,
+            Fabric::Dpdk(_) => 40,
+            Fabric::Rdma(_) => 60,
+        };
+        cluster.wait_leader(Duration::from_secs(bound))?;
         Ok(cluster)
     }
 

@@ -6,7 +6,8 @@
 //! and a 3-member etcd cluster ([`etcd`]) with one load generator ([`load`]), and writes
 //! JSON, CSV and SVG plots ([`report`], [`plot`]). With `--transport dpdk` the replicas
 //! run over DPDK in network namespaces and the raw DPDK ping-pong is measured too
-//! ([`dpdk`]).
+//! ([`dpdk`]); with `--transport rdma` they run over RDMA on the device found here and
+//! the raw RDMA one-sided-write ping-pong is measured ([`rdma`]).
 
 pub mod baseline;
 pub mod cluster;
@@ -15,5 +16,6 @@ pub mod etcd;
 pub mod load;
 pub mod plot;
 pub mod proc;
+pub mod rdma;
 pub mod report;
 pub mod stats;

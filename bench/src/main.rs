@@ -7,15 +7,18 @@
 //! # Over DPDK (root; replicas in network namespaces on af_packet vdevs):
 //! CARGO_TARGET_DIR=/work/target-bench cargo build --release -p replog -p bench --features bench/dpdk
 //! /work/target-bench/release/bench --short --transport dpdk
+//! # Over RDMA (an RDMA device: here the soft-RoCE VM; see hw-setup/rdma.md):
+//! CARGO_TARGET_DIR=/work/target-bench cargo build --release -p replog -p bench --features bench/rdma
+//! hw-setup/rxe-vm.sh run -- /work/target-bench/release/bench --short --transport rdma --out /tmp/bench-out
 //! ```
 
 use anyhow::{bail, Context, Result};
-use bench::cluster::{find_replog, ReplogCluster};
+use bench::cluster::{find_replog, Fabric, ReplogCluster};
 use bench::etcd::{find_etcd, EtcdCluster};
 use bench::load::{self, Driver, EtcdDriver, Load, Loop, ReplogDriver};
 use bench::report::{self, Baselines, Machine, Report, RunResult};
 use bench::stats::{cdf, fmt_rate, Latency};
-use bench::{baseline, dpdk, plot, proc};
+use bench::{baseline, dpdk, plot, proc, rdma};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use replog::config::DurabilityKind;
@@ -65,7 +68,7 @@ struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// CI mode: a few seconds per configuration (3 replicas memory + fsync, 1 and 4
-    /// clients, 64 B; etcd 1 and 4 clients; with --transport dpdk: no etcd, fewer
+    /// clients, 64 B; etcd 1 and 4 clients; with --transport dpdk or rdma: no etcd, fewer
     /// configurations); checks the harness works; exits 0 or 1.
     #[arg(long)]
     short: bool,
@@ -76,7 +79,10 @@ struct Args {
     /// configuration over each, and plots them together). dpdk: needs root, iproute2 and
     /// a build with `--features bench/dpdk` (replicas in network namespaces on af_packet
     /// vdevs; the raw DPDK ping-pong is measured as the baseline of the replicas' hop).
-    /// rdma: not yet.
+    /// rdma: needs an RDMA device (the soft-RoCE VM: hw-setup/rxe-vm.sh run -- bench ...)
+    /// and a build with `--features bench/rdma` (replicas on the first active device, or
+    /// $RXE_DEV; the raw one-sided RDMA WRITE ping-pong is measured as the baseline of the
+    /// replicas' hop; with rdma alone etcd is not run).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
     transport: Vec<Transport>,
     /// The replog binary (default: next to this one, in the same target directory).
@@ -161,6 +167,35 @@ enum Cmd {
         #[arg(long)]
         busy: bool,
     },
+    /// Internal: one side of the raw RDMA ping-pong baseline (one-sided writes over the
+    /// replicas' RDMA transport), run by `bench --transport rdma`.
+    #[command(hide = true)]
+    RdmaPingpong {
+        /// ping (writes, times round trips, prints `rtt_ns N` lines) or echo.
+        #[arg(long, value_enum)]
+        role: rdma::Role,
+        /// A replica configuration with transport = "rdma" (its transport is opened).
+        #[arg(long)]
+        config: PathBuf,
+        /// The other side's member id.
+        #[arg(long)]
+        peer: u64,
+        /// Bytes per write (16..=256).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Timed round trips.
+        #[arg(long, default_value_t = 10_000)]
+        iters: usize,
+        /// Untimed round trips first.
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+        /// Stop after this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        max_ms: u64,
+        /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
+        #[arg(long)]
+        busy: bool,
+    },
 }
 
 /// One configuration to measure.
@@ -217,9 +252,10 @@ const FSYNC: DurabilityKind = DurabilityKind::Fsync;
 
 fn short_plan(transport: Transport) -> Vec<Spec> {
     let mut p = Vec::new();
-    if transport == Transport::Dpdk {
-        // Starting EAL in every replica makes each configuration slower to set up:
-        // the four basic ones only (under a minute with the baselines).
+    if transport != Transport::Tcp {
+        // Starting EAL (DPDK) or registering memory and bootstrapping queue pairs
+        // (RDMA, in an emulated VM) makes each configuration slower to set up: the four
+        // basic ones only (under a minute with the baselines).
         for d in [MEM, FSYNC] {
             for c in [1, 4] {
                 p.push(Spec::replog(d, c, 64, 1, Loop::Closed));
@@ -380,6 +416,14 @@ fn main() {
         }
         std::process::exit(0);
     }
+    if let Some(Cmd::RdmaPingpong { role, config, peer, size, iters, warmup, max_ms, busy }) = &args.cmd {
+        let r = rdma::pingpong(*busy, *role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
+        if let Err(e) = r {
+            eprintln!("bench rdma-pingpong ({role:?}): error: {e:#}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -391,9 +435,6 @@ fn main() {
 
 /// Runs the benchmark; returns the exit code.
 fn run(args: Args) -> Result<i32> {
-    if args.transport.contains(&Transport::Rdma) {
-        bail!("bench --transport rdma is not built yet (tcp and dpdk are): the replicas need the soft-RoCE VM");
-    }
     let mut transports: Vec<Transport> = Vec::new();
     for &t in &args.transport {
         if !transports.contains(&t) {
@@ -401,9 +442,10 @@ fn run(args: Args) -> Result<i32> {
         }
     }
     if transports.is_empty() {
-        bail!("--transport needs at least one of tcp, dpdk");
+        bail!("--transport needs at least one of tcp, dpdk, rdma");
     }
     let dpdk_wanted = transports.contains(&Transport::Dpdk);
+    let rdma_wanted = transports.contains(&Transport::Rdma);
     let transport_list = transports.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
     if args.replicas == 0 || args.replicas > 9 {
         bail!("--replicas must be 1..=9");
@@ -428,7 +470,10 @@ fn run(args: Args) -> Result<i32> {
         p.extend(base.into_iter().filter(|s| s.durability.is_none()));
         p
     };
-    if args.no_etcd {
+    // Over RDMA alone (inside the soft-RoCE VM) there is no etcd: its cluster would run
+    // on TCP in the same emulated machine and compare with nothing measured here.
+    let rdma_only = transports == [Transport::Rdma];
+    if args.no_etcd || rdma_only {
         plan.retain(|s| s.durability.is_some());
     }
     if args.no_replog {
@@ -452,6 +497,9 @@ fn run(args: Args) -> Result<i32> {
     } else {
         None
     };
+    // RDMA: the device every replica (and the ping-pong) uses.
+    let rdma_net =
+        if rdma_wanted && plan.iter().any(|s| s.durability.is_some()) { Some(rdma::RdmaNet::detect()?) } else { None };
     let machine = Machine::probe();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     println!(
@@ -478,6 +526,9 @@ fn run(args: Args) -> Result<i32> {
                 h = n.layout().host_addr()
             ));
         }
+        if let Some(r) = &rdma_net {
+            hows.push(format!("over RDMA on {} (clients over TCP on loopback)", r.describe()));
+        }
         let how = hows.join(", and ");
         println!(
             "replog: {}; {} replicas as processes {how}; data in {}",
@@ -502,6 +553,17 @@ fn run(args: Args) -> Result<i32> {
         }
         None => (None, None),
     };
+    let (rdma_rtt, rdma_busy) = match &rdma_net {
+        Some(net) => {
+            let me = std::env::current_exe().context("locating the bench executable")?;
+            let h = rdma::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), false)
+                .context("RDMA round-trip baseline (one-sided write ping-pong between two processes)")?;
+            let b = rdma::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), true)
+                .context("RDMA round-trip baseline, busy-polling")?;
+            (Some(h), Some(b))
+        }
+        None => (None, None),
+    };
     let baselines = Baselines {
         tcp_rtt: Latency::of(&rtt),
         tcp_rtt_cdf: cdf(&rtt),
@@ -512,6 +574,11 @@ fn run(args: Args) -> Result<i32> {
         dpdk_rtt_cdf: dpdk_rtt.as_ref().map(cdf).unwrap_or_default(),
         dpdk_rtt_busy: dpdk_busy.as_ref().map(Latency::of),
         dpdk_rtt_busy_cdf: dpdk_busy.as_ref().map(cdf).unwrap_or_default(),
+        rdma_rtt: rdma_rtt.as_ref().map(Latency::of),
+        rdma_rtt_cdf: rdma_rtt.as_ref().map(cdf).unwrap_or_default(),
+        rdma_rtt_busy: rdma_busy.as_ref().map(Latency::of),
+        rdma_rtt_busy_cdf: rdma_busy.as_ref().map(cdf).unwrap_or_default(),
+        rdma_device: rdma_net.as_ref().map(|r| r.describe()),
     };
     println!("baseline TCP loopback RTT 64 B (TcpStream, TCP_NODELAY): {}", baselines.tcp_rtt.line());
     println!("baseline 4 KiB pwrite+fdatasync on {}: {}", data_dir.display(), baselines.fdatasync.line());
@@ -523,6 +590,17 @@ fn run(args: Args) -> Result<i32> {
     }
     if let Some(l) = &baselines.dpdk_rtt_busy {
         println!("baseline DPDK RTT 64 B, both sides busy-polling (the same path without idle naps): {}", l.line());
+    }
+    if let Some(l) = &baselines.rdma_rtt {
+        println!(
+            "baseline RDMA RTT 64 B (replog's RDMA transport on {}: one-sided WRITE into the peer's log region, \
+             reply WRITE into the writer's acknowledgement area, each seen by polling memory; waiting as the replicas do): {}",
+            baselines.rdma_device.as_deref().unwrap_or("?"),
+            l.line()
+        );
+    }
+    if let Some(l) = &baselines.rdma_rtt_busy {
+        println!("baseline RDMA RTT 64 B, both sides busy-polling (the same path without sleeps): {}", l.line());
     }
 
     // etcd, started at its first configuration and stopped at the end (drop guard).
@@ -578,6 +656,7 @@ fn run(args: Args) -> Result<i32> {
             &data_dir,
             etcd.as_mut(),
             net.as_ref(),
+            rdma_net.as_ref(),
             &baselines,
             duration,
             warmup,
@@ -697,6 +776,14 @@ fn short_checks(
                 && rep.baselines.dpdk_rtt_busy.as_ref().is_some_and(|l| l.count > 0),
         ));
     }
+    if transports.contains(&Transport::Rdma) {
+        c.push((
+            "RDMA RTT baseline measured".to_string(),
+            rep.baselines.rdma_rtt.as_ref().is_some_and(|l| l.count > 0)
+                && !rep.baselines.rdma_rtt_cdf.is_empty()
+                && rep.baselines.rdma_rtt_busy.as_ref().is_some_and(|l| l.count > 0),
+        ));
+    }
     for (t, d) in transports.iter().flat_map(|t| ["memory", "fsync"].map(|d| (t.as_str(), d))) {
         let transport = t;
         let rs: Vec<_> =
@@ -705,9 +792,9 @@ fn short_checks(
             format!("replog {transport} {d}: every configuration ran with non-zero throughput ({} runs)", rs.len()),
             !rs.is_empty() && rs.iter().all(|r| r.throughput > 0.0 && r.latency.count > 0),
         ));
-        if transport == "dpdk" {
+        if transport != "tcp" {
             c.push((
-                format!("replog dpdk {d}: p50 / DPDK RTT p50 computed"),
+                format!("replog {transport} {d}: p50 / {} p50 computed", Baselines::rtt_name(transport)),
                 !rs.is_empty() && rs.iter().all(|r| r.p50_over_rtt > 0.0 && r.p50_over_rtt.is_finite()),
             ));
         }
@@ -744,6 +831,7 @@ fn measure(
     data_dir: &Path,
     etcd: Option<&mut EtcdCluster>,
     net: Option<&dpdk::DpdkNet>,
+    rdma_net: Option<&rdma::RdmaNet>,
     baselines: &Baselines,
     duration: Duration,
     warmup: Duration,
@@ -772,10 +860,14 @@ fn measure(
         match spec.durability {
             Some(d) => {
                 let bin = replog_bin.context("no replog binary")?;
-                let net = if spec.transport == Transport::Dpdk {
-                    Some(net.context("no DPDK network (bench --transport dpdk creates it)")?)
-                } else {
-                    None
+                let fabric = match spec.transport {
+                    Transport::Tcp => Fabric::Tcp,
+                    Transport::Dpdk => {
+                        Fabric::Dpdk(net.context("no DPDK network (bench --transport dpdk creates it)")?)
+                    }
+                    Transport::Rdma => {
+                        Fabric::Rdma(rdma_net.context("no RDMA device (bench --transport rdma finds it)")?)
+                    }
                 };
                 let mut cluster = ReplogCluster::start(
                     bin,
@@ -784,7 +876,7 @@ fn measure(
                     spin.as_micros() as u64,
                     args.client_port_thread,
                     data_dir,
-                    net,
+                    fabric,
                 )?;
                 let mut cfg = cluster.client_config()?;
                 cfg.spin = spin;
@@ -844,10 +936,7 @@ fn measure(
         request_rate: out.requests as f64 / secs,
         mb_per_s: out.entries as f64 * spec.size as f64 / secs / 1e6,
         p50_over_rtt: div(lat.p50_us, baselines.rtt_us(transport)),
-        p50_over_busy_rtt: match (&baselines.dpdk_rtt_busy, transport) {
-            (Some(l), "dpdk") => Some(div(lat.p50_us, l.p50_us)),
-            _ => None,
-        },
+        p50_over_busy_rtt: baselines.busy_rtt(transport).map(|l| div(lat.p50_us, l.p50_us)),
         p50_over_floor: div(lat.p50_us, floor),
         latency: lat,
         errors: out.errors,

@@ -107,6 +107,12 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     if !report.baselines.dpdk_rtt_busy_cdf.is_empty() {
         cdf.push(("baseline: DPDK RTT 64 B, busy-polling".into(), report.baselines.dpdk_rtt_busy_cdf.clone()));
     }
+    if !report.baselines.rdma_rtt_cdf.is_empty() {
+        cdf.push(("baseline: RDMA one-sided WRITE RTT 64 B".into(), report.baselines.rdma_rtt_cdf.clone()));
+    }
+    if !report.baselines.rdma_rtt_busy_cdf.is_empty() {
+        cdf.push(("baseline: RDMA RTT 64 B, busy-polling".into(), report.baselines.rdma_rtt_busy_cdf.clone()));
+    }
     cdf.push(("baseline: 4 KiB pwrite+fdatasync".into(), report.baselines.fdatasync_cdf.clone()));
     let p = dir.join("latency_cdf.svg");
     draw(&p, "Latency CDF: 1 client, 64 B entries, closed loop", "latency (us, log)", "quantile", &cdf, false)?;

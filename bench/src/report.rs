@@ -30,15 +30,39 @@ pub struct Baselines {
     pub dpdk_rtt_busy: Option<Latency>,
     /// Its CDF (empty without it).
     pub dpdk_rtt_busy_cdf: Vec<(f64, f64)>,
+    /// `--transport rdma` only: 64 B one-sided RDMA WRITE ping-pong over the replicas'
+    /// RDMA transport (write into the peer's log region, reply written into the
+    /// writer's acknowledgement area, each seen by the target's CPU polling its memory;
+    /// see `bench::rdma`), waiting between looks as the replicas do.
+    pub rdma_rtt: Option<Latency>,
+    /// Its CDF (empty without it).
+    pub rdma_rtt_cdf: Vec<(f64, f64)>,
+    /// The same ping-pong with both sides busy-polling: the path's floor.
+    pub rdma_rtt_busy: Option<Latency>,
+    /// Its CDF (empty without it).
+    pub rdma_rtt_busy_cdf: Vec<(f64, f64)>,
+    /// The RDMA device the replicas and the ping-pong used (`rxe0 (GID index 1), ...`).
+    pub rdma_device: Option<String>,
 }
 
 impl Baselines {
     /// The raw round trip (p50) between replicas over `transport`: the DPDK ping-pong
-    /// for `dpdk` (0 if not measured), else the TCP loopback one.
+    /// for `dpdk`, the RDMA ping-pong for `rdma` (0 if not measured), else the TCP
+    /// loopback one.
     pub fn rtt_us(&self, transport: &str) -> f64 {
         match transport {
             "dpdk" => self.dpdk_rtt.as_ref().map_or(0.0, |l| l.p50_us),
+            "rdma" => self.rdma_rtt.as_ref().map_or(0.0, |l| l.p50_us),
             _ => self.tcp_rtt.p50_us,
+        }
+    }
+
+    /// The busy-polling ping-pong of `transport` (dpdk and rdma), if measured.
+    pub fn busy_rtt(&self, transport: &str) -> Option<&Latency> {
+        match transport {
+            "dpdk" => self.dpdk_rtt_busy.as_ref(),
+            "rdma" => self.rdma_rtt_busy.as_ref(),
+            _ => None,
         }
     }
 
@@ -46,12 +70,14 @@ impl Baselines {
     pub fn rtt_name(transport: &str) -> &'static str {
         match transport {
             "dpdk" => "DPDK RTT",
+            "rdma" => "RDMA RTT",
             _ => "TCP RTT",
         }
     }
 
     /// The floor of a commit in memory mode: client to leader (TCP) and leader to a
-    /// follower (over `transport`): 2 TCP round trips, or 1 TCP + 1 DPDK round trip.
+    /// follower (over `transport`): 2 TCP round trips, or 1 TCP + 1 DPDK (or RDMA) round
+    /// trip.
     pub fn memory_floor_us(&self, transport: &str) -> f64 {
         self.tcp_rtt.p50_us + self.rtt_us(transport)
     }
@@ -76,7 +102,7 @@ impl Baselines {
 pub struct RunResult {
     /// `replog` or `etcd`.
     pub system: String,
-    /// Between the replicas: `tcp` or `dpdk` (etcd: `tcp`). Clients always use TCP.
+    /// Between the replicas: `tcp`, `dpdk` or `rdma` (etcd: `tcp`). Clients always use TCP.
     pub transport: String,
     /// `memory` or `fsync` (etcd: `fsync`, its WAL is synced).
     pub durability: String,
@@ -114,9 +140,11 @@ pub struct RunResult {
     /// Open loop: requests due but never sent.
     pub missed: u64,
     /// p50 / the raw RTT p50 of its transport (tcp: the TCP loopback ping-pong; dpdk:
-    /// the DPDK ping-pong, [`Baselines::dpdk_rtt`]).
+    /// the DPDK ping-pong, [`Baselines::dpdk_rtt`]; rdma: the RDMA ping-pong,
+    /// [`Baselines::rdma_rtt`]).
     pub p50_over_rtt: f64,
-    /// dpdk only: p50 / the busy-polling DPDK RTT p50 ([`Baselines::dpdk_rtt_busy`]).
+    /// dpdk and rdma only: p50 / the busy-polling ping-pong's p50 of its transport
+    /// ([`Baselines::busy_rtt`]).
     pub p50_over_busy_rtt: Option<f64>,
     /// p50 / the floor of its durability and transport ([`Baselines::floor_us`]).
     pub p50_over_floor: f64,
@@ -157,8 +185,9 @@ impl RunResult {
             fmt_us(floor),
             self.p50_over_floor
         );
-        if let (Some(x), Some(l)) = (self.p50_over_busy_rtt, &b.dpdk_rtt_busy) {
-            let _ = write!(s, "; p50 / busy-polling DPDK RTT p50 [{}] = {x:.1}x", fmt_us(l.p50_us));
+        if let (Some(x), Some(l)) = (self.p50_over_busy_rtt, b.busy_rtt(&self.transport)) {
+            let name = Baselines::rtt_name(&self.transport);
+            let _ = write!(s, "; p50 / busy-polling {name} p50 [{}] = {x:.1}x", fmt_us(l.p50_us));
         }
         if self.errors > 0 {
             let _ = write!(s, "  [{} errors: {}]", self.errors, self.first_error.as_deref().unwrap_or(""));
@@ -175,6 +204,8 @@ pub fn floor_name(transport: &str, durability: &str) -> &'static str {
     match (transport, durability == "memory") {
         ("dpdk", true) => "(TCP RTT + DPDK RTT)",
         ("dpdk", false) => "(TCP RTT + DPDK RTT + fdatasync)",
+        ("rdma", true) => "(TCP RTT + RDMA RTT)",
+        ("rdma", false) => "(TCP RTT + RDMA RTT + fdatasync)",
         (_, true) => "2 RTT",
         (_, false) => "(2 RTT + fdatasync)",
     }
@@ -364,7 +395,7 @@ pub struct Report {
     pub machine: Machine,
     /// The command line.
     pub command: String,
-    /// The replicas' transports in this run (`tcp`, `dpdk`, or `tcp,dpdk`).
+    /// The replicas' transports in this run (`tcp`, `dpdk`, `rdma`, or a list: `tcp,rdma`).
     pub transport: String,
     /// The etcd version used, if any.
     pub etcd_version: Option<String>,
@@ -484,13 +515,13 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
         "system,transport,durability,mode,clients,size,batch,spin_us,offered_rate,duration_s,requests,entries,\
          throughput,request_rate,mb_per_s,p50_us,p90_us,p99_us,p999_us,max_us,mean_us,errors,missed,\
          p50_over_rtt,p50_over_floor,tcp_rtt_p50_us,fdatasync_p50_us,dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us,\
-         p50_over_busy_rtt\n",
+         p50_over_busy_rtt,rdma_rtt_p50_us,rdma_rtt_busy_p50_us\n",
     );
     for r in &report.runs {
         let l = &r.latency;
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.1},{:.1},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{},{},{:.3},{:.3},{:.2},{:.2},{},{},{},{},{}",
             r.system,
             r.transport,
             r.durability,
@@ -520,7 +551,9 @@ pub fn write_files(report: &Report, dir: &Path) -> anyhow::Result<()> {
             report.baselines.fdatasync.p50_us,
             report.baselines.dpdk_rtt.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
             report.baselines.dpdk_rtt_busy.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
-            r.p50_over_busy_rtt.map(|x| format!("{x:.3}")).unwrap_or_default()
+            r.p50_over_busy_rtt.map(|x| format!("{x:.3}")).unwrap_or_default(),
+            report.baselines.rdma_rtt.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default(),
+            report.baselines.rdma_rtt_busy.as_ref().map(|l| format!("{:.2}", l.p50_us)).unwrap_or_default()
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
@@ -557,7 +590,7 @@ mod tests {
             first_error: None,
             missed: 0,
             p50_over_rtt: p50_us / b.rtt_us(transport),
-            p50_over_busy_rtt: (transport == "dpdk").then(|| p50_us / 25.0),
+            p50_over_busy_rtt: b.busy_rtt(transport).map(|l| p50_us / l.p50_us),
             p50_over_floor: p50_us / b.floor_us(transport, durability),
             cdf: vec![(p50_us, 0.5)],
         }
@@ -570,6 +603,9 @@ mod tests {
             dpdk_rtt: Some(lat(100.0)),
             dpdk_rtt_cdf: vec![(100.0, 0.5)],
             dpdk_rtt_busy: Some(lat(25.0)),
+            rdma_rtt: Some(lat(80.0)),
+            rdma_rtt_cdf: vec![(80.0, 0.5)],
+            rdma_rtt_busy: Some(lat(40.0)),
             ..Baselines::default()
         }
     }
@@ -626,12 +662,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut lines = csv.lines();
         let header = lines.next().expect("header");
-        assert!(header.ends_with("dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us,p50_over_busy_rtt"), "{header}");
+        assert!(
+            header.ends_with(
+                "dpdk_rtt_p50_us,dpdk_rtt_busy_p50_us,p50_over_busy_rtt,rdma_rtt_p50_us,rdma_rtt_busy_p50_us"
+            ),
+            "{header}"
+        );
         for l in lines {
-            assert!(l.starts_with("replog,dpdk,") && l.contains(",100.00,25.00,"), "{l}");
+            assert!(
+                l.starts_with("replog,dpdk,") && l.contains(",100.00,25.00,") && l.ends_with(",80.00,40.00"),
+                "{l}"
+            );
         }
         assert!(json.contains("\"transport\": \"dpdk\"") && json.contains("\"dpdk_rtt\""), "{json}");
         assert!(!plots.is_empty());
         assert!(cdf.contains("replog dpdk memory") && cdf.contains("DPDK af_packet RTT"), "CDF labels");
+    }
+
+    #[test]
+    fn rdma_runs_are_judged_against_the_rdma_round_trip() {
+        let b = baselines();
+        assert_eq!(b.rtt_us("rdma"), 80.0);
+        // The client's TCP hop + the replicas' RDMA hop (+ one fdatasync).
+        assert_eq!(b.floor_us("rdma", "memory"), 100.0);
+        assert_eq!(b.floor_us("rdma", "fsync"), 600.0);
+        assert_eq!(Baselines { rdma_rtt: None, ..b.clone() }.rtt_us("rdma"), 0.0);
+        let r = run("rdma", "fsync", 1200.0, &b);
+        assert_eq!(r.label(), "replog rdma fsync closed c=1 64B b=1");
+        let line = r.line(&b);
+        assert!(line.contains("p50 / RDMA RTT p50 [80.0us] = 15.0x"), "{line}");
+        assert!(line.contains("(TCP RTT + RDMA RTT + fdatasync) p50 [600.0us] = 2.00x"), "{line}");
+        assert!(line.contains("p50 / busy-polling RDMA RTT p50 [40.0us] = 30.0x"), "{line}");
+        let m = run("rdma", "memory", 200.0, &b);
+        let targets = targets(std::slice::from_ref(&m), &b, &[]);
+        assert!(targets.iter().any(|t| t.name.contains("3x RDMA RTT") && t.met == Some(true)), "{targets:?}");
     }
 }

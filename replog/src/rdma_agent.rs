@@ -97,8 +97,9 @@ const OVERHEAD: usize = 1 + 8 + 8 + 4;
 /// How long `poll` sleeps between looks at the region while a writer holds permission,
 /// and between looks at the acknowledgement areas while writes wait for their
 /// acknowledgements (a node that spins, `[timing] spin_us`, looks continuously). Also the
-/// longest the transport goes without a pass while `poll` is called.
-const SCAN_SLICE: Duration = Duration::from_micros(200);
+/// longest the transport goes without a pass while `poll` is called. (`bench`'s RDMA
+/// ping-pong waits the same way between its looks at memory.)
+pub const SCAN_SLICE: Duration = Duration::from_micros(200);
 /// Cells taken per look.
 const MAX_CELLS_PER_SCAN: usize = 256;
 /// How often the acknowledgement counts are logged (when they changed).
@@ -932,6 +933,35 @@ impl Transport for RdmaAgent {
 /// named in `[rdma]`, registers the log region, and wraps it in an [`RdmaAgent`].
 pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server::ServeError> {
     use crate::server::ServeError;
+    let rc = transport_config(cfg)?;
+    let me_addr = rc.listen;
+    let cell =
+        usize::try_from(cfg.rdma.cell_bytes).map_err(|_| ServeError::Rdma("rdma.cell_bytes too large".into()))?;
+    let stride = usize::try_from(cfg.rdma.mirror_record_bytes).unwrap_or(usize::MAX);
+    let inner = RdmaTransport::open(rc).map_err(|e| ServeError::Rdma(format!("{e} (peer address {me_addr})")))?;
+    tracing::info!(
+        node = cfg.id,
+        device = inner.device_name(),
+        region_bytes = inner.region_len(),
+        cell_bytes = cell,
+        "rdma transport open"
+    );
+    let agent = RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)?;
+    if cfg.rdma.mirror_bytes > 0 {
+        agent.with_mirror(stride).map_err(ServeError::Rdma)
+    } else {
+        Ok(agent)
+    }
+}
+
+/// The [`transport::rdma::RdmaConfig`] a replica with `cfg` opens its transport with
+/// (device, region, staging, acknowledgement areas, mirror, heartbeat timeout, secret):
+/// what [`open`] uses, and what `bench` opens for its raw RDMA ping-pong baseline so that
+/// the baseline takes the replicas' own queue pairs and memory.
+pub fn transport_config(
+    cfg: &crate::config::ServeConfig,
+) -> Result<transport::rdma::RdmaConfig, crate::server::ServeError> {
+    use crate::server::ServeError;
     use transport::rdma::RdmaConfig;
     let me = cfg.me().clone();
     let peers = cfg.members.iter().filter(|m| m.id != cfg.id).map(|m| (m.id, m.peer_addr)).collect();
@@ -969,19 +999,5 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
         Duration::from_nanos(cfg.timing.election_timeout_ns() * 4)
             .clamp(Duration::from_millis(500), Duration::from_secs(5)),
     );
-    let inner =
-        RdmaTransport::open(rc).map_err(|e| ServeError::Rdma(format!("{e} (peer address {})", me.peer_addr)))?;
-    tracing::info!(
-        node = cfg.id,
-        device = inner.device_name(),
-        region_bytes = inner.region_len(),
-        cell_bytes = cell,
-        "rdma transport open"
-    );
-    let agent = RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)?;
-    if r.mirror_bytes > 0 {
-        agent.with_mirror(stride).map_err(ServeError::Rdma)
-    } else {
-        Ok(agent)
-    }
+    Ok(rc)
 }
