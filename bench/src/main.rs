@@ -888,6 +888,20 @@ fn measure(
                 if !cluster.all_running() {
                     bail!("a replica exited during the run; replica 1's log:\n{}", cluster.log_tail(0));
                 }
+                // A window in which no append completed measured nothing: a failure, not
+                // a result of 0 appends/s.
+                if out.requests == 0 {
+                    let logs: Vec<String> = (0..args.replicas)
+                        .map(|i| format!("replica {}'s log:\n{}", i + 1, cluster.log_tail(i)))
+                        .collect();
+                    bail!(
+                        "no append completed in the {:.1} s window ({} failed{}); {}",
+                        out.elapsed.as_secs_f64(),
+                        out.errors,
+                        out.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default(),
+                        logs.join("\n")
+                    );
+                }
                 cluster.stop();
                 Ok((out, d.as_str()))
             }
