@@ -13,19 +13,16 @@
 //! naps from 10 us up, as af_packet has no rx interrupt), and busy-polling (`poll` with
 //! a zero timeout in a loop, both sides: the path's floor without the naps).
 
-use crate::proc::{spawn_tied, stop, TempDir};
-use crate::stats::new_hist;
+pub use crate::pingpong::Role;
+use crate::pingpong::{collect, Guard};
+use crate::proc::{spawn_tied, TempDir};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use replog::config::{DurabilityKind, ServeConfig};
 pub use replog::dpdk_net::{DpdkNet, BENCH};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// The ping side's output line prefix of one round trip, in nanoseconds.
-const SAMPLE: &str = "rtt_ns ";
+use std::time::Duration;
 
 /// What keeps `bench --transport dpdk` from running here, if anything.
 pub fn missing_prerequisite() -> Option<String> {
@@ -46,15 +43,6 @@ pub fn create_net(n: usize) -> Result<DpdkNet> {
         bail!("bench --transport dpdk: {why}");
     }
     Ok(DpdkNet::create(BENCH, n)?)
-}
-
-/// The role of a `dpdk-pingpong` process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Times round trips and prints them.
-    Ping,
-    /// Sends every message back.
-    Echo,
 }
 
 /// The raw DPDK round trip of `size`-byte messages between replica 1's and replica 2's
@@ -107,56 +95,10 @@ pub fn rtt(
         )
         .with_context(|| format!("starting {} dpdk-pingpong in {}", bench.display(), net.layout().ns(id)))
     };
-    let log_of = |id: u64| {
-        let text = std::fs::read_to_string(tmp.path().join(format!("pingpong-{id}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    };
     // Killed (SIGTERM, then SIGKILL) when this function returns, whatever happened.
-    let mut echo = Guard(spawn(2, "echo", Stdio::null())?);
-    let mut ping = Guard(spawn(1, "ping", Stdio::piped())?);
-    let out = ping.0.stdout.take().context("the ping process's stdout")?;
-    let mut h = new_hist();
-    let mut bad = 0usize;
-    for line in BufReader::new(out).lines() {
-        let line = line.context("reading the ping process's output")?;
-        if let Some(v) = line.strip_prefix(SAMPLE) {
-            match v.trim().parse::<u64>() {
-                Ok(ns) => crate::stats::record(&mut h, Duration::from_nanos(ns)),
-                Err(_) => bad += 1,
-            }
-        }
-    }
-    // The ping side exits after its last sample (or on an error, with a message).
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = ping.0.try_wait()? {
-            break Some(s);
-        }
-        if t0.elapsed() > Duration::from_secs(10) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    match status {
-        Some(s) if s.success() => {}
-        Some(s) => bail!("the ping side exited ({s}); its log:\n{}\necho's log:\n{}", log_of(1), log_of(2)),
-        None => bail!("the ping side did not exit 10 s after its output ended; its log:\n{}", log_of(1)),
-    }
-    stop(&mut echo.0, Duration::from_secs(3));
-    if bad > 0 || h.is_empty() {
-        bail!("the ping side printed {} samples ({bad} unreadable); its log:\n{}", h.len(), log_of(1));
-    }
-    Ok(h)
-}
-
-/// Stops the child when dropped.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        stop(&mut self.0, Duration::from_secs(3));
-    }
+    let echo = Guard(spawn(2, "echo", Stdio::null())?);
+    let ping = Guard(spawn(1, "ping", Stdio::piped())?);
+    collect(ping, echo, tmp.path())
 }
 
 /// The `dpdk-pingpong` process (run inside a namespace by [`rtt`]).
@@ -172,8 +114,10 @@ pub fn pingpong(
     warmup: usize,
     max_time: Duration,
 ) -> Result<()> {
+    use crate::pingpong::SAMPLE;
     use bytes::Bytes;
     use std::io::Write;
+    use std::time::Instant;
     use transport::{Event, Transport};
     let cfg = ServeConfig::load(config)?;
     let mut t = replog::server::dpdk_transport(&cfg).context("opening the DPDK transport")?;

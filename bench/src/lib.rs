@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod dpdk;
 pub mod etcd;
 pub mod load;
+pub mod pingpong;
 pub mod plot;
 pub mod proc;
 pub mod rdma;

@@ -141,61 +141,41 @@ enum Cmd {
     /// Internal: one side of the raw DPDK ping-pong baseline, run by `bench --transport
     /// dpdk` inside a replica's namespace.
     #[command(hide = true)]
-    DpdkPingpong {
-        /// ping (times round trips, prints `rtt_ns N` lines) or echo.
-        #[arg(long, value_enum)]
-        role: dpdk::Role,
-        /// A replica configuration with a `[dpdk]` section (its transport is opened).
-        #[arg(long)]
-        config: PathBuf,
-        /// The other side's member id.
-        #[arg(long)]
-        peer: u64,
-        /// Message bytes.
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Timed round trips.
-        #[arg(long, default_value_t = 10_000)]
-        iters: usize,
-        /// Untimed round trips first.
-        #[arg(long, default_value_t = 1_000)]
-        warmup: usize,
-        /// Stop after this many milliseconds.
-        #[arg(long, default_value_t = 10_000)]
-        max_ms: u64,
-        /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
-        #[arg(long)]
-        busy: bool,
-    },
+    DpdkPingpong(PingpongArgs),
     /// Internal: one side of the raw RDMA ping-pong baseline (one-sided writes over the
     /// replicas' RDMA transport), run by `bench --transport rdma`.
     #[command(hide = true)]
-    RdmaPingpong {
-        /// ping (writes, times round trips, prints `rtt_ns N` lines) or echo.
-        #[arg(long, value_enum)]
-        role: rdma::Role,
-        /// A replica configuration with transport = "rdma" (its transport is opened).
-        #[arg(long)]
-        config: PathBuf,
-        /// The other side's member id.
-        #[arg(long)]
-        peer: u64,
-        /// Bytes per write (16..=256).
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Timed round trips.
-        #[arg(long, default_value_t = 10_000)]
-        iters: usize,
-        /// Untimed round trips first.
-        #[arg(long, default_value_t = 1_000)]
-        warmup: usize,
-        /// Stop after this many milliseconds.
-        #[arg(long, default_value_t = 10_000)]
-        max_ms: u64,
-        /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
-        #[arg(long)]
-        busy: bool,
-    },
+    RdmaPingpong(PingpongArgs),
+}
+
+/// One side of a raw ping-pong baseline.
+#[derive(clap::Args, Debug)]
+struct PingpongArgs {
+    /// ping (times round trips, prints `rtt_ns N` lines) or echo.
+    #[arg(long, value_enum)]
+    role: bench::pingpong::Role,
+    /// A replica configuration whose transport is opened (DPDK: with a `[dpdk]`
+    /// section; RDMA: with transport = "rdma").
+    #[arg(long)]
+    config: PathBuf,
+    /// The other side's member id.
+    #[arg(long)]
+    peer: u64,
+    /// Message bytes (RDMA: 16..=256).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Timed round trips.
+    #[arg(long, default_value_t = 10_000)]
+    iters: usize,
+    /// Untimed round trips first.
+    #[arg(long, default_value_t = 1_000)]
+    warmup: usize,
+    /// Stop after this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    max_ms: u64,
+    /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
+    #[arg(long)]
+    busy: bool,
 }
 
 /// One configuration to measure.
@@ -408,18 +388,22 @@ fn validate(spec: &Spec) -> Result<()> {
 fn main() {
     proc::install_signal_handlers();
     let args = Args::parse();
-    if let Some(Cmd::DpdkPingpong { role, config, peer, size, iters, warmup, max_ms, busy }) = &args.cmd {
-        let r = dpdk::pingpong(*busy, *role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
+    if let Some(cmd) = &args.cmd {
+        let (name, a) = match cmd {
+            Cmd::DpdkPingpong(a) => ("dpdk-pingpong", a),
+            Cmd::RdmaPingpong(a) => ("rdma-pingpong", a),
+        };
+        let max_time = Duration::from_millis(a.max_ms);
+        let r = match cmd {
+            Cmd::DpdkPingpong(_) => {
+                dpdk::pingpong(a.busy, a.role, &a.config, a.peer, a.size, a.iters, a.warmup, max_time)
+            }
+            Cmd::RdmaPingpong(_) => {
+                rdma::pingpong(a.busy, a.role, &a.config, a.peer, a.size, a.iters, a.warmup, max_time)
+            }
+        };
         if let Err(e) = r {
-            eprintln!("bench dpdk-pingpong ({role:?}): error: {e:#}");
-            std::process::exit(1);
-        }
-        std::process::exit(0);
-    }
-    if let Some(Cmd::RdmaPingpong { role, config, peer, size, iters, warmup, max_ms, busy }) = &args.cmd {
-        let r = rdma::pingpong(*busy, *role, config, *peer, *size, *iters, *warmup, Duration::from_millis(*max_ms));
-        if let Err(e) = r {
-            eprintln!("bench rdma-pingpong ({role:?}): error: {e:#}");
+            eprintln!("bench {name} ({:?}): error: {e:#}", a.role);
             std::process::exit(1);
         }
         std::process::exit(0);

@@ -31,19 +31,16 @@
 //! at most 256 B (`transport::rdma::ACK_MAX_WRITE`) because the reply travels on the
 //! acknowledgement path.
 
-use crate::proc::{free_ports, spawn_tied, stop, TempDir};
-use crate::stats::new_hist;
+pub use crate::pingpong::Role;
+use crate::pingpong::{collect, Guard};
+use crate::proc::{free_ports, spawn_tied, TempDir};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use replog::config::{DurabilityKind, ServeConfig, TransportKind};
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// The ping side's output line prefix of one round trip, in nanoseconds.
-const SAMPLE: &str = "rtt_ns ";
+use std::time::Duration;
 
 /// The log region the replicas (and the ping-pong) register: 32 MiB, as `replog up
 /// --transport rdma` (three replicas on one host share one device; keep pinned memory small).
@@ -138,15 +135,6 @@ fn probe() -> Result<String> {
     bail!("{}", missing_prerequisite().unwrap_or_default())
 }
 
-/// The role of an `rdma-pingpong` process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Writes, times round trips and prints them.
-    Ping,
-    /// Writes every message back.
-    Echo,
-}
-
 /// The raw RDMA round trip of `size`-byte one-sided writes between two processes on
 /// `net`'s device (see the module documentation for what is timed): `iters` timed after
 /// `warmup` untimed, stopping early after `max_time`. `bench` is this program; `dir`
@@ -195,57 +183,10 @@ pub fn rtt(
         )
         .with_context(|| format!("starting {} rdma-pingpong --role {role}", bench.display()))
     };
-    let log_of = |id: u64| {
-        let text = std::fs::read_to_string(tmp.path().join(format!("pingpong-{id}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    };
     // Killed (SIGTERM, then SIGKILL) when this function returns, whatever happened.
-    let mut echo = Guard(spawn(2, "echo", Stdio::null())?);
-    let mut ping = Guard(spawn(1, "ping", Stdio::piped())?);
-    let out = ping.0.stdout.take().context("the ping process's stdout")?;
-    let mut h = new_hist();
-    let mut bad = 0usize;
-    // The ping side bounds its own run (link wait, max_time, 2 s per round trip) and
-    // closes its stdout when it exits.
-    for line in BufReader::new(out).lines() {
-        let line = line.context("reading the ping process's output")?;
-        if let Some(v) = line.strip_prefix(SAMPLE) {
-            match v.trim().parse::<u64>() {
-                Ok(ns) => crate::stats::record(&mut h, Duration::from_nanos(ns)),
-                Err(_) => bad += 1,
-            }
-        }
-    }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = ping.0.try_wait()? {
-            break Some(s);
-        }
-        if t0.elapsed() > Duration::from_secs(10) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    match status {
-        Some(s) if s.success() => {}
-        Some(s) => bail!("the ping side exited ({s}); its log:\n{}\necho's log:\n{}", log_of(1), log_of(2)),
-        None => bail!("the ping side did not exit 10 s after its output ended; its log:\n{}", log_of(1)),
-    }
-    stop(&mut echo.0, Duration::from_secs(3));
-    if bad > 0 || h.is_empty() {
-        bail!("the ping side printed {} samples ({bad} unreadable); its log:\n{}", h.len(), log_of(1));
-    }
-    Ok(h)
-}
-
-/// Stops the child when dropped.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        stop(&mut self.0, Duration::from_secs(3));
-    }
+    let echo = Guard(spawn(2, "echo", Stdio::null())?);
+    let ping = Guard(spawn(1, "ping", Stdio::piped())?);
+    collect(ping, echo, tmp.path())
 }
 
 /// The sequence number that tells the echo to stop.
@@ -294,7 +235,9 @@ pub fn pingpong(
     warmup: usize,
     max_time: Duration,
 ) -> Result<()> {
+    use crate::pingpong::SAMPLE;
     use std::io::Write;
+    use std::time::Instant;
     use transport::rdma::RdmaTransport;
     use transport::{Event, Transport};
     check_size(size)?;
@@ -430,8 +373,8 @@ mod tests {
             assert_eq!(m.len(), size);
             let tail = tail_offset(size);
             assert!(tail.is_multiple_of(8) && tail + 8 <= size && tail >= 8, "size {size}: tail {tail}");
-            assert_eq!(u64::from_le_bytes(m[..8].try_into().unwrap()), 42);
-            assert_eq!(u64::from_le_bytes(m[tail..tail + 8].try_into().unwrap()), 42);
+            assert_eq!(m[..8], 42u64.to_le_bytes());
+            assert_eq!(m[tail..tail + 8], 42u64.to_le_bytes());
         }
         assert!(check_size(64).is_ok());
         assert!(check_size(8).is_err() && check_size(MAX_SIZE + 1).is_err());

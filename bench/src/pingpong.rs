@@ -1,0 +1,83 @@
+//! What the raw ping-pong baselines of the replicas' transports share ([`crate::dpdk`],
+//! [`crate::rdma`]): two processes (this `bench` binary again, a hidden subcommand), an
+//! echo and a ping that times round trips and prints one [`SAMPLE`] line per round trip;
+//! the parent reads the samples into a histogram and stops both processes.
+
+use crate::proc::stop;
+use crate::stats::new_hist;
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// The ping side's output line prefix of one round trip, in nanoseconds.
+pub const SAMPLE: &str = "rtt_ns ";
+
+/// The role of a ping-pong process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Times round trips and prints them.
+    Ping,
+    /// Sends every message back.
+    Echo,
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        stop(&mut self.0, Duration::from_secs(3));
+    }
+}
+
+/// The last lines of `dir/pingpong-<id>.log` (the side with member id `id`).
+pub fn log_tail(dir: &Path, id: u64) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("pingpong-{id}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Reads the samples `ping` (member 1, stdout piped) prints until it exits, then stops
+/// `echo` (member 2); fails with their logs (in `dir`) if the ping side failed, did not
+/// exit within 10 s of closing its output, or printed no (or unreadable) samples. The
+/// ping side bounds its own run and closes its stdout when it exits.
+pub fn collect(mut ping: Guard, mut echo: Guard, dir: &Path) -> Result<Histogram<u64>> {
+    let out = ping.0.stdout.take().context("the ping process's stdout")?;
+    let mut h = new_hist();
+    let mut bad = 0usize;
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading the ping process's output")?;
+        if let Some(v) = line.strip_prefix(SAMPLE) {
+            match v.trim().parse::<u64>() {
+                Ok(ns) => crate::stats::record(&mut h, Duration::from_nanos(ns)),
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    // The ping side exits after its last sample (or on an error, with a message).
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = ping.0.try_wait()? {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    match status {
+        Some(s) if s.success() => {}
+        Some(s) => {
+            bail!("the ping side exited ({s}); its log:\n{}\necho's log:\n{}", log_tail(dir, 1), log_tail(dir, 2))
+        }
+        None => bail!("the ping side did not exit 10 s after its output ended; its log:\n{}", log_tail(dir, 1)),
+    }
+    stop(&mut echo.0, Duration::from_secs(3));
+    if bad > 0 || h.is_empty() {
+        bail!("the ping side printed {} samples ({bad} unreadable); its log:\n{}", h.len(), log_tail(dir, 1));
+    }
+    Ok(h)
+}
