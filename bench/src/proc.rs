@@ -1,7 +1,6 @@
 //! Child processes that cannot outlive the bench, free ports, and a stop flag set by
 //! SIGINT/SIGTERM so that every loop ends and every Drop guard runs.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,20 +71,10 @@ pub fn stop(child: &mut Child, grace: Duration) {
     kill(child);
 }
 
-/// A run of `n` consecutive free loopback ports (probed).
+/// A run of `n` consecutive free loopback ports (probed, below the ephemeral range:
+/// [`replog::config::free_loopback_ports`]).
 pub fn free_ports(n: u16) -> anyhow::Result<u16> {
-    for _ in 0..500 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let base = l.local_addr()?.port();
-        drop(l);
-        if base < 20000 || base as u32 + n as u32 >= 65000 {
-            continue;
-        }
-        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    anyhow::bail!("no run of {n} free loopback ports found")
+    Ok(replog::config::free_loopback_ports(n)?)
 }
 
 /// A directory removed (with its contents) when dropped.

@@ -1089,6 +1089,50 @@ impl ServeConfig {
     }
 }
 
+/// The first port of a run of `n` consecutive loopback ports that were all free when
+/// probed, for [`ServeConfig::local_cluster`] in test harnesses and benchmarks.
+///
+/// The run lies below the kernel's ephemeral port range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), so no outgoing connection is given one
+/// of its ports between the probe and the replica's bind (a port probed by binding to
+/// port 0 can be; that race once made a replica fail with "Address already in use").
+/// Successive calls in one process return disjoint runs, and processes start at
+/// different places (by process id), so concurrent harnesses rarely probe the same run.
+pub fn free_loopback_ports(n: u16) -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let n32 = u32::from(n.max(1));
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
+        let mut it = s.split_whitespace().map(|w| w.parse::<u32>().ok());
+        Some((it.next()??, it.next()??))
+    });
+    let (lo, hi) = match ephemeral {
+        // Below the ephemeral range when there is room there, else above it.
+        Some((first, _)) if first >= LOW + 4 * n32 => (LOW, first),
+        Some((_, last)) if last + 4 * n32 < 65_536 => (last + 1, 65_536),
+        Some(_) => (1024, 65_536),
+        None => (LOW, 32_768),
+    };
+    let span = hi - lo - n32;
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..(span / n32).min(4096) {
+        let off = NEXT.fetch_add(n32, Ordering::Relaxed);
+        let base = lo + (seed + off % span) % span;
+        let free = (0..n32)
+            .all(|i| u16::try_from(base + i).is_ok_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()));
+        if free {
+            if let Ok(b) = u16::try_from(base) {
+                return Ok(b);
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        format!("no run of {n} free loopback ports in {lo}..{hi}"),
+    ))
+}
+
 fn read_secret_at(key: &str, path: Option<&Path>) -> Result<Option<Vec<u8>>, ConfigError> {
     let Some(path) = path else {
         return Ok(None);

@@ -138,3 +138,25 @@ fn init_tracing_can_be_called_more_than_once() {
     replog::config::init_tracing("not a level", false);
     tracing::info!(key = 1, "logging works");
 }
+
+#[test]
+fn free_loopback_port_runs_are_disjoint_bindable_and_outside_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let eph: Vec<u32> = range.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let mut runs = Vec::new();
+    for _ in 0..20 {
+        let base = replog::config::free_loopback_ports(9).expect("a free run");
+        let (lo, hi) = (u32::from(base), u32::from(base) + 9);
+        if let [first, last] = eph[..] {
+            assert!(hi <= first || lo > last, "run {lo}..{hi} overlaps the ephemeral range {first}..={last}");
+        }
+        for &(a, b) in &runs {
+            assert!(hi <= a || lo >= b, "run {lo}..{hi} overlaps an earlier run {a}..{b}");
+        }
+        // Each port of the run can still be bound (nothing holds it).
+        for p in lo..hi {
+            std::net::TcpListener::bind(("127.0.0.1", p as u16)).expect("the port is free");
+        }
+        runs.push((lo, hi));
+    }
+}

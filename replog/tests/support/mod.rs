@@ -3,25 +3,18 @@
 
 use replog::client::{Client, ClientConfig, Status};
 use replog::config::{DurabilityKind, ServeConfig};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free run of `n` consecutive loopback ports (probed; good enough for tests).
+/// A free run of `n` consecutive loopback ports (probed, below the ephemeral range:
+/// [`replog::config::free_loopback_ports`]).
 pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let base = l.local_addr().unwrap().port();
-        drop(l);
-        if base as u32 + n as u32 >= 65000 || base < 20000 {
-            continue;
-        }
-        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
+    match replog::config::free_loopback_ports(n) {
+        Ok(base) => base,
+        Err(e) => panic!("{e}"),
     }
-    panic!("no free port range");
 }
 
 /// A cluster of `replog serve` processes.
