@@ -73,6 +73,11 @@ pub struct ServeConfig {
     /// Bytes per segment file: a multiple of 8 from 4 KiB to 4 GiB (default 64 MiB).
     #[serde(default = "default_segment_size")]
     pub segment_size: u64,
+    /// `fsync` mode: trimmed segment files kept (as `seg-<index>.log.spare`) to be
+    /// reused as new segments, whose blocks are then already written (see
+    /// [`StoreConfig::recycle_segments`]); 0 removes trimmed segments. Default 2.
+    #[serde(default = "default_recycle_segments")]
+    pub recycle_segments: usize,
     /// Protocol timings.
     #[serde(default)]
     pub timing: Timing,
@@ -963,9 +968,12 @@ impl ServeConfig {
         }
     }
 
-    /// The store's configuration: [`store_mode`](Self::store_mode) and `segment_size`.
+    /// The store's configuration: [`store_mode`](Self::store_mode), `segment_size` and
+    /// `recycle_segments`.
     pub fn store_config(&self) -> StoreConfig {
-        StoreConfig::new(self.store_mode()).with_segment_size(self.segment_size)
+        StoreConfig::new(self.store_mode())
+            .with_segment_size(self.segment_size)
+            .with_recycled_segments(self.recycle_segments)
     }
 
     /// The configurations of an `n`-replica cluster on 127.0.0.1 (for `replog up`):
@@ -999,6 +1007,7 @@ impl ServeConfig {
                 durability,
                 data_dir: data_dir.join(format!("node-{}", m.id)),
                 segment_size: StoreConfig::DEFAULT_SEGMENT_SIZE,
+                recycle_segments: StoreConfig::DEFAULT_RECYCLE_SEGMENTS,
                 timing: Timing::default(),
                 limits: Limits::default(),
                 log: LogConfig::default(),
@@ -1194,6 +1203,10 @@ fn check_filter(filter: &str) -> Result<(), String> {
 
 fn ms_to_ns(ms: f64) -> u64 {
     (ms * 1e6).round() as u64
+}
+
+fn default_recycle_segments() -> usize {
+    StoreConfig::DEFAULT_RECYCLE_SEGMENTS
 }
 
 fn default_segment_size() -> u64 {

@@ -17,6 +17,8 @@ fn the_example_file_loads() {
     assert_eq!(cfg.transport, TransportKind::Tcp);
     assert_eq!(cfg.durability, DurabilityKind::Fsync);
     assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/replog/node-1"));
+    assert_eq!(cfg.recycle_segments, 2);
+    assert_eq!(cfg.store_config().recycle_segments, 2);
     assert_eq!(cfg.members.len(), 3);
     assert_eq!(cfg.me().client_addr, "127.0.0.1:7101".parse().unwrap());
     assert_eq!(cfg.members[2].metrics_addr, Some("127.0.0.1:7122".parse().unwrap()));

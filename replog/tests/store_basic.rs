@@ -258,7 +258,7 @@ fn group_commit_many_threads() {
 #[test]
 fn group_commit_with_rolls_and_concurrent_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(dir.path(), StoreConfig { mode: Mode::Fsync, segment_size: 64 * 1024 }).unwrap());
+    let log = Arc::new(Log::open(dir.path(), StoreConfig::new(Mode::Fsync).with_segment_size(64 * 1024)).unwrap());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -306,8 +306,95 @@ fn group_commit_with_rolls_and_concurrent_reads() {
         assert_eq!(log.read(p).unwrap().payload, payload(k));
     }
     drop(log);
-    let log = Log::open(dir.path(), StoreConfig { mode: Mode::Fsync, segment_size: 64 * 1024 }).unwrap();
+    let log = Log::open(dir.path(), StoreConfig::new(Mode::Fsync).with_segment_size(64 * 1024)).unwrap();
     for (&p, &k) in &all {
         assert_eq!(log.read(p).unwrap().payload, payload(k), "after reopening");
+    }
+}
+
+/// The spare files (trimmed segments kept for reuse) in `dir`.
+fn spares(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".log.spare"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether segment file `p` carries the recycled flag.
+fn recycled(p: &std::path::Path) -> bool {
+    let b = std::fs::read(p).unwrap();
+    match replog::store::format::SegmentHeader::decode(&b) {
+        Ok(h) => h.flags & replog::store::format::SEG_RECYCLED != 0,
+        Err(e) => panic!("{}: {e}", p.display()),
+    }
+}
+
+#[test]
+fn fsync_mode_reuses_trimmed_segments_and_other_modes_remove_them() {
+    // fsync mode, two spares: trimming four sealed segments keeps two files and removes
+    // two; the next two rolls reuse them, the one after creates a segment.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    let mut i = 0u64;
+    let mut fill_to = |log: &Log, segments: usize| {
+        while log.segment_paths().len() < segments {
+            i += 1;
+            log.append_buffered(&payload(i)).unwrap();
+        }
+        log.sync().unwrap();
+    };
+    fill_to(&log, 5);
+    let first_kept = log.trim_prefix(log.next_pos() - 1).unwrap();
+    assert_eq!(log.segment_paths().len(), 1);
+    assert_eq!(spares(dir.path()).len(), 2, "two trimmed segments kept");
+    assert!(!recycled(&log.segment_paths()[0]));
+    fill_to(&log, 3);
+    let segs = log.segment_paths();
+    assert!(recycled(&segs[1]) && recycled(&segs[2]), "the two new segments are the spares, reused");
+    assert!(spares(dir.path()).is_empty());
+    fill_to(&log, 4);
+    assert!(!recycled(&log.segment_paths()[3]), "no spare left: a fresh segment");
+    let next = log.next_pos();
+    drop(log);
+
+    // Reopened: every record since the trim is there, the spares kept by a trim survive
+    // a restart, and a recycled segment's stale bytes end no record early.
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    assert_eq!((log.first_pos(), log.next_pos()), (first_kept, next));
+    assert_eq!(log.recovery_report().torn_tail, None);
+    for p in first_kept..next {
+        let r = match log.read(p) {
+            Ok(r) => r,
+            Err(e) => panic!("position {p}: {e}"),
+        };
+        assert_eq!(r.payload, payload(p), "position {p}");
+    }
+    log.trim_prefix(next - 1).unwrap();
+    assert_eq!(spares(dir.path()).len(), 2);
+    drop(log);
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    assert_eq!(spares(dir.path()).len(), 2, "spares found at open are kept");
+    drop(log);
+
+    // Another segment size: the spares do not fit and are removed at open.
+    let log = Log::open(dir.path(), StoreConfig::new(Mode::Fsync).with_segment_size(2 * SEG)).unwrap();
+    assert!(spares(dir.path()).is_empty(), "spares of another size removed");
+    drop(log);
+
+    // Recycling off, and the mapped mode: trimmed segments are removed.
+    for c in [cfg(Mode::Fsync).with_recycled_segments(0), cfg(Mode::MappedNotDurable)] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), c).unwrap();
+        let mut i = 0u64;
+        while log.segment_paths().len() < 4 {
+            i += 1;
+            log.append_buffered(&payload(i)).unwrap();
+        }
+        log.sync().unwrap();
+        log.trim_prefix(log.next_pos() - 1).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "{:?}: only the active segment", c.mode);
     }
 }

@@ -1,8 +1,12 @@
 //! Crash test: a child process (this test binary, re-executed) appends under `fsync`
-//! from several threads and prints each position once `append` returned; the parent
-//! SIGKILLs it at random moments, reopens the store, and checks that every position
-//! ever reported is there, intact. Bounded in rounds and in time.
+//! from several threads and prints each position once `append` returned, while another
+//! thread trims the log behind them (so that trimmed segments are kept as spares and
+//! reused as new segments: kills land in recycling too); the parent SIGKILLs it at
+//! random moments, reopens the store, and checks that every position ever reported and
+//! not trimmed is there, intact, and that nothing was trimmed beyond what was asked.
+//! Bounded in rounds and in time.
 
+use replog::store::format::{SegmentHeader, SEG_RECYCLED};
 use replog::store::{Log, Mode, StoreConfig};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -68,9 +72,27 @@ fn crash_child() {
             })
         })
         .collect();
+    // Trims to 200 positions behind the tail, saying where before it asks.
+    let trimmer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+                let p = log.next_pos().saturating_sub(200);
+                if p > log.first_pos() {
+                    println!("TRIM {p}");
+                    if let Err(e) = log.trim_prefix(p) {
+                        println!("ERR trim: {e}");
+                        std::process::exit(4);
+                    }
+                }
+            }
+        })
+    };
     for t in threads {
         t.join().unwrap();
     }
+    trimmer.join().unwrap();
     std::process::exit(0);
 }
 
@@ -97,6 +119,10 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
     let start = Instant::now();
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     let mut kills = 0;
+    // The highest position a trim was asked for, and the rounds that found a recycled
+    // segment in the log.
+    let mut trim_asked = 0u64;
+    let mut recycled_rounds = 0;
     for round in 0..ROUNDS {
         if start.elapsed() > TIME_LIMIT {
             break;
@@ -114,6 +140,7 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
         let reader = std::thread::spawn(move || {
             let mut acks = Vec::new();
             let mut errs = Vec::new();
+            let mut trim = 0u64;
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.strip_prefix("ACK ") {
@@ -124,11 +151,13 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
                         let _ = first_tx.send(());
                     }
                     acks.push((pos, tg));
+                } else if let Some(p) = line.strip_prefix("TRIM ") {
+                    trim = trim.max(p.parse().unwrap_or(u64::MAX));
                 } else if line.starts_with("ERR") {
                     errs.push(line);
                 }
             }
-            (acks, errs)
+            (acks, errs, trim)
         });
         // Half the kills come a random time after the first acknowledgement, the
         // others a random time after the start (possibly during open and recovery).
@@ -141,7 +170,8 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        let (acks, errs) = reader.join().unwrap();
+        let (acks, errs, trim) = reader.join().unwrap();
+        trim_asked = trim_asked.max(trim);
         assert!(errs.is_empty(), "child errors: {errs:?}");
         for (pos, tg) in &acks {
             if let Some(old) = acked.insert(*pos, *tg) {
@@ -149,18 +179,35 @@ fn sigkill_while_appending_loses_nothing_acknowledged() {
             }
         }
         let log = Log::open(dir.path(), cfg()).unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
+        // A trim of `p` keeps the segment holding `p`: nothing at or above `p` goes.
+        let first = log.first_pos();
+        assert!(
+            first <= trim_asked.max(1),
+            "round {round}: the log starts at {first}, but trims asked up to {trim_asked}"
+        );
+        acked.retain(|&pos, _| pos >= first);
         for (&pos, &tg) in &acked {
             let r = log.read(pos).unwrap_or_else(|e| panic!("round {round}: acknowledged position {pos} lost: {e}"));
             assert_eq!(r.payload, payload(tg), "round {round}: position {pos} altered");
         }
+        let recycled = log
+            .segment_paths()
+            .iter()
+            .filter(|p| {
+                let b = std::fs::read(p).unwrap_or_default();
+                SegmentHeader::decode(&b).is_ok_and(|h| h.flags & SEG_RECYCLED != 0)
+            })
+            .count();
+        recycled_rounds += usize::from(recycled > 0);
         eprintln!(
-            "round {round}: {} acks this round, {} total, log next_pos {}, torn tail {:?}",
+            "round {round}: {} acks this round, {} kept, log {first}..{}, {recycled} recycled segments, torn tail {:?}",
             acks.len(),
             acked.len(),
             log.next_pos(),
             log.recovery_report().torn_tail
         );
     }
+    assert!(recycled_rounds > 0, "no round found a recycled segment: recycling was not exercised");
     assert!(kills >= MIN_KILLS, "only {kills} kills within the time limit");
     assert!(acked.len() > 100, "too few acknowledged appends ({}) to mean anything", acked.len());
 }

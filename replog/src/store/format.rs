@@ -27,7 +27,8 @@
 //!  24   8   index        the segment's sequence number (also in the file name)
 //!  32   8   base_pos     log position of the segment's first record
 //!  40   8   segment_size total bytes of the segment, header included
-//!  48   8   reserved     0
+//!  48   8   flags        bit 0 (SEG_RECYCLED): the file held an earlier segment, whose
+//!                        bytes (another epoch's) follow this one's records
 //!  56   4   crc          CRC32C of bytes 0..56
 //!  60   4   reserved     0
 //! ```
@@ -60,6 +61,13 @@
 //! word repeats the CRC and is written last, a torn record (some bytes new, some old)
 //! never validates. Zeroed memory never validates (the tag is non-zero).
 //!
+//! A **recycled** segment (fsync mode: a trimmed segment's file, given a new header
+//! instead of being removed, so that appends write into blocks the filesystem already
+//! holds as written; see `Log::trim_prefix`) carries [`SEG_RECYCLED`]: after its own
+//! records come the old incarnation's bytes, which never validate (their CRCs bind the
+//! old epoch). Recovery then cannot tell a torn last record from the stale bytes after
+//! it, and does not need to: it zeroes only what validates under the segment's epoch.
+//!
 //! `durable_hint` lets recovery tell a torn tail from a corrupt middle: if a valid
 //! record claims that position `p` was durable when it was written, then an invalid
 //! record at `p` is lost acknowledged data (corruption), not an unfinished write.
@@ -72,6 +80,9 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"RPLOGSEG";
 pub const FORMAT_VERSION: u32 = 1;
 /// Size of [`SegmentHeader`] in bytes; the first record starts here.
 pub const SEGMENT_HEADER_LEN: usize = 64;
+/// [`SegmentHeader::flags`] bit: the segment's file held an earlier segment (see
+/// "recycled" in the module docs).
+pub const SEG_RECYCLED: u64 = 1;
 /// Size of [`RecordHeader`] in bytes.
 pub const RECORD_HEADER_LEN: usize = 56;
 /// Size of the commit word closing a record.
@@ -101,8 +112,8 @@ pub struct SegmentHeader {
     pub base_pos: u64,
     /// Total size of the segment in bytes.
     pub segment_size: u64,
-    /// Zero.
-    pub reserved: u64,
+    /// [`SEG_RECYCLED`] or 0.
+    pub flags: u64,
     /// CRC32C of the encoded bytes `0..56`.
     pub crc: u32,
     /// Zero.
@@ -217,7 +228,7 @@ impl SegmentHeader {
             index,
             base_pos,
             segment_size,
-            reserved: 0,
+            flags: 0,
             crc: 0,
             reserved2: 0,
         }
@@ -233,7 +244,7 @@ impl SegmentHeader {
         b[24..32].copy_from_slice(&self.index.to_le_bytes());
         b[32..40].copy_from_slice(&self.base_pos.to_le_bytes());
         b[40..48].copy_from_slice(&self.segment_size.to_le_bytes());
-        b[48..56].copy_from_slice(&self.reserved.to_le_bytes());
+        b[48..56].copy_from_slice(&self.flags.to_le_bytes());
         let crc = crc32c::crc32c(&b[0..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b[60..64].copy_from_slice(&self.reserved2.to_le_bytes());
@@ -253,7 +264,7 @@ impl SegmentHeader {
             index: u64_at(b, 24),
             base_pos: u64_at(b, 32),
             segment_size: u64_at(b, 40),
-            reserved: u64_at(b, 48),
+            flags: u64_at(b, 48),
             crc: u32_at(b, 56),
             reserved2: u32_at(b, 60),
         };
@@ -267,8 +278,11 @@ impl SegmentHeader {
         if h.version != FORMAT_VERSION {
             return Err(format!("unsupported format version {} (this build reads {FORMAT_VERSION})", h.version));
         }
-        if h.header_len as usize != SEGMENT_HEADER_LEN || h.reserved != 0 || h.reserved2 != 0 {
-            return Err("bad header length or reserved fields".into());
+        if h.header_len as usize != SEGMENT_HEADER_LEN || h.reserved2 != 0 {
+            return Err("bad header length or reserved field".into());
+        }
+        if h.flags & !SEG_RECYCLED != 0 {
+            return Err(format!("unknown segment flags {:#x}", h.flags));
         }
         if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&h.segment_size) || h.segment_size & 7 != 0 {
             return Err(format!("bad segment size {}", h.segment_size));

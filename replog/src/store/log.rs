@@ -2,11 +2,12 @@
 //! tail, trim a prefix, truncate a suffix.
 
 use super::error::{Result, StoreError};
+use super::format::SEG_RECYCLED;
 use super::format::{check_record, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, RECORD_HEADER_LEN};
 use super::format::{max_payload, record_size, RecordHeader, RecordKind, SegmentHeader};
 use super::persist::{FlushInstr, Mapping};
 use super::recovery::{recover, RecoveryReport};
-use super::segment::{preallocate, sync_dir, Segment};
+use super::segment::{preallocate, spare_file_name, sync_dir, Segment};
 use super::watch::{DirWatch, Verdict};
 use super::{Durability, Mode, StoreConfig};
 use parking_lot::{Mutex, MutexGuard};
@@ -98,6 +99,8 @@ struct Inner {
     parked: [u32; 2],
     /// Epoch of the newest segment.
     last_epoch: u64,
+    /// Trimmed segments' files kept for reuse (fsync mode; at most `Log::recycle`).
+    spares: Vec<PathBuf>,
 }
 
 impl Inner {
@@ -146,6 +149,9 @@ pub struct Log {
     segment_size: u64,
     dir: Option<PathBuf>,
     flush: Option<FlushInstr>,
+    /// Trimmed segments kept for reuse at most ([`StoreConfig::recycle_segments`];
+    /// 0 outside fsync mode).
+    recycle: usize,
     report: RecoveryReport,
     /// Removals and renames in the data directory (fsync mode), drained by the syncer.
     /// Made at the first group commit, not at open: closing an inotify descriptor waits
@@ -157,6 +163,45 @@ pub struct Log {
 fn new_epoch(prev: u64) -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     now.max(prev + 1)
+}
+
+/// Of the spare files recovery found, keeps up to `recycle` whole ones (the segment
+/// size, a readable header) and removes the others. Raises `last_epoch` to the kept
+/// ones' epochs, so that a recycled segment's epoch is above any its file had.
+fn keep_spares(
+    dir: &Path,
+    found: Vec<PathBuf>,
+    recycle: usize,
+    segment_size: u64,
+    last_epoch: &mut u64,
+) -> Result<Vec<PathBuf>> {
+    let mut kept = Vec::new();
+    let mut removed = false;
+    for p in found {
+        let header = (kept.len() < recycle)
+            .then(|| {
+                let f = std::fs::File::open(&p).ok()?;
+                let mut b = [0u8; super::format::SEGMENT_HEADER_LEN];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).ok()?;
+                let len = f.metadata().ok()?.len();
+                SegmentHeader::decode(&b).ok().filter(|_| len == segment_size)
+            })
+            .flatten();
+        match header {
+            Some(h) => {
+                *last_epoch = (*last_epoch).max(h.epoch);
+                kept.push(p);
+            }
+            None => {
+                std::fs::remove_file(&p).map_err(|e| StoreError::io("remove spare segment", &p, e))?;
+                removed = true;
+            }
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(kept)
 }
 
 /// Checks that `dir` can hold `MAP_SYNC` mappings (a DAX filesystem) by mapping a
@@ -209,6 +254,8 @@ impl Log {
         let mut report = RecoveryReport::default();
         let mut segs = VecDeque::new();
         let mut last_epoch = 0;
+        let recycle = if cfg.mode == Mode::Fsync { cfg.recycle_segments } else { 0 };
+        let mut spares = Vec::new();
         if cfg.mode == Mode::Memory {
             last_epoch = new_epoch(0);
             segs.push_back(Segment::new_mem(SegmentHeader::new(last_epoch, 0, 1, size)));
@@ -218,12 +265,13 @@ impl Log {
                 probe_pmem(dir)?;
             }
             let map = flush.map(|f| (cfg.mode == Mode::Pmem, f));
-            let (found, rep) = recover(dir)?;
+            let (found, found_spares, rep) = recover(dir)?;
             report = rep;
             for f in found {
                 last_epoch = f.header.epoch;
                 segs.push_back(Segment::from_file(f.header, f.path, f.file, map, f.offsets, f.write_off)?);
             }
+            spares = keep_spares(dir, found_spares, recycle, size, &mut last_epoch)?;
             if segs.is_empty() {
                 last_epoch = new_epoch(0);
                 let h = SegmentHeader::new(last_epoch, 0, 1, size);
@@ -243,6 +291,7 @@ impl Log {
             sync_target: 0,
             parked: [0, 0],
             last_epoch,
+            spares,
         };
         // What recovery read may still be only in the page cache (the previous process
         // died before its fsync): make it durable before vouching for it in hints.
@@ -258,6 +307,7 @@ impl Log {
             segment_size: size,
             dir: (cfg.mode != Mode::Memory).then(|| dir.to_path_buf()),
             flush,
+            recycle,
             report,
             watch: Mutex::new(None),
         })
@@ -265,7 +315,7 @@ impl Log {
 
     /// An empty log in memory (memory mode).
     pub fn memory(segment_size: u64) -> Result<Log> {
-        Log::open("", StoreConfig { mode: Mode::Memory, segment_size })
+        Log::open("", StoreConfig::new(Mode::Memory).with_segment_size(segment_size))
     }
 
     /// How the log was opened.
@@ -462,11 +512,30 @@ impl Log {
         drop(self.publish(g)); // wakes under the lock: not the group-commit path
         let epoch = new_epoch(g.last_epoch);
         let index = g.active().header.index + 1;
-        let h = SegmentHeader::new(epoch, index, g.next_pos, self.segment_size);
+        let mut h = SegmentHeader::new(epoch, index, g.next_pos, self.segment_size);
         let seg = match &self.dir {
             None => Segment::new_mem(h),
             Some(dir) => {
-                let (path, file) = Segment::create_file(dir, &h)?;
+                let recycled = g.spares.pop().and_then(|spare| {
+                    let mut rh = h;
+                    rh.flags |= SEG_RECYCLED;
+                    match Segment::recycle_file(dir, &spare, &rh) {
+                        Ok(made) => Some((rh, made)),
+                        Err(_) => {
+                            // Not reusable after all: a fresh segment instead (whose
+                            // creation reports the error if the disk itself failed).
+                            let _ = std::fs::remove_file(&spare);
+                            None
+                        }
+                    }
+                });
+                let (path, file) = match recycled {
+                    Some((rh, made)) => {
+                        h = rh;
+                        made
+                    }
+                    None => Segment::create_file(dir, &h)?,
+                };
                 let map = self.flush.map(|f| (self.mode == Mode::Pmem, f));
                 Segment::from_file(h, path, file, map, Vec::new(), 64)?
             }
@@ -685,11 +754,19 @@ impl Log {
         let mut removed = false;
         while g.segs.len() > 1 && g.segs[1].base_pos() <= pos {
             let seg = g.segs.pop_front().expect("checked");
-            let path = seg.path.clone();
+            let (path, index, seg_size) = (seg.path.clone(), seg.header.index, seg.header.segment_size);
             drop(seg);
-            if let Some(p) = &path {
-                if let Err(e) = std::fs::remove_file(p) {
-                    let e = StoreError::io("remove trimmed segment", p, e);
+            if let (Some(p), Some(dir)) = (&path, &self.dir) {
+                // Kept for reuse (its blocks are written), or removed.
+                let r = if g.spares.len() < self.recycle && seg_size == self.segment_size {
+                    let spare = dir.join(spare_file_name(index));
+                    std::fs::rename(p, &spare)
+                        .map(|()| g.spares.push(spare))
+                        .map_err(|e| StoreError::io("keep trimmed segment as a spare", p, e))
+                } else {
+                    std::fs::remove_file(p).map_err(|e| StoreError::io("remove trimmed segment", p, e))
+                };
+                if let Err(e) = r {
                     self.poison(&mut g, &e);
                     return Err(e);
                 }

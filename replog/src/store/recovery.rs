@@ -23,12 +23,20 @@
 //! - An end marker ends the log: the rest of its segment is zeroed and later segments
 //!   are removed (finishing an interrupted truncation).
 //!
+//! - A recycled segment ([`super::format::SEG_RECYCLED`]) holds an earlier incarnation's
+//!   bytes after its records; they never validate. Repair zeroes only what follows the
+//!   end of the log and validates under the segment's epoch (records cut after a torn
+//!   one or an end marker), not the stale bytes: a torn record there is left in place,
+//!   as harmless as the stale bytes around it, and is not reported as a torn tail.
+//! - `seg-<index>.log.spare` files are trimmed segments kept for recycling; recovery
+//!   lists them and never reads them as part of the log.
+//!
 //! Limit: damage to the last records that no later record vouches for is
 //! indistinguishable from a torn write; it is truncated like one.
 
 use super::error::{Result, StoreError};
-use super::format::{check_record, RecordKind, SegmentHeader, SEGMENT_HEADER_LEN};
-use super::segment::{parse_segment_file_name, preallocate, sync_dir};
+use super::format::{check_record, RecordKind, SegmentHeader, SEGMENT_HEADER_LEN, SEG_RECYCLED};
+use super::segment::{parse_segment_file_name, parse_spare_file_name, preallocate, sync_dir};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -96,29 +104,40 @@ fn scan(img: &[u8], h: &SegmentHeader) -> Scan {
     };
     let mut later = Vec::new();
     if !matches!(stop, Stop::EndMarker) {
-        let mut o = stop_off + 8;
-        while o + 64 <= img.len() {
-            // Skip zeroes fast: a record's first non-zero byte is at most its byte 5
-            // (the kind field), so no record starts more than 5 bytes before the next
-            // non-zero byte.
-            match img[o..].iter().position(|&b| b != 0) {
-                None => break,
-                Some(z) => o = (o + z.saturating_sub(5)) & !7,
-            }
-            if o + 64 > img.len() {
-                break;
-            }
-            match check_record(img, o, h.epoch, None) {
-                Ok((rh, size)) => {
-                    later.push((o, rh.durable_hint));
-                    o += size;
-                }
-                Err(_) => o += 8,
-            }
-        }
+        valid_records_from(img, stop_off + 8, h.epoch, |o, rh, _| later.push((o, rh.durable_hint)));
     }
     let last_nonzero = img.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     Scan { offsets, stop_off, stop, later, last_nonzero }
+}
+
+/// Calls `f(offset, header, size)` for every record at or after `from` (8-byte aligned
+/// offsets) that validates under `epoch`, at any position.
+fn valid_records_from(
+    img: &[u8],
+    from: usize,
+    epoch: u64,
+    mut f: impl FnMut(usize, &super::format::RecordHeader, usize),
+) {
+    let mut o = from;
+    while o + 64 <= img.len() {
+        // Skip zeroes fast: a record's first non-zero byte is at most its byte 5 (the
+        // kind field), so no record starts more than 5 bytes before the next non-zero
+        // byte.
+        match img[o..].iter().position(|&b| b != 0) {
+            None => break,
+            Some(z) => o = (o + z.saturating_sub(5)) & !7,
+        }
+        if o + 64 > img.len() {
+            break;
+        }
+        match check_record(img, o, epoch, None) {
+            Ok((rh, size)) => {
+                f(o, &rh, size);
+                o += size;
+            }
+            Err(_) => o += 8,
+        }
+    }
 }
 
 /// Reads a whole segment file into memory (missing bytes of a short file read as zero).
@@ -137,8 +156,10 @@ fn read_image(file: &File, path: &Path, size: u64) -> Result<Vec<u8>> {
 }
 
 /// Scans, validates and repairs the segments in `dir`. Returns them oldest first.
-pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)> {
+/// Also returns the spare files found (`seg-<index>.log.spare`, kept for recycling).
+pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, Vec<PathBuf>, RecoveryReport)> {
     let mut names = Vec::new();
+    let mut spares = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| StoreError::io("read directory", dir, e))?;
     let mut removed_tmp = false;
     for ent in rd {
@@ -154,6 +175,8 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
         }
         if let Some(idx) = parse_segment_file_name(name) {
             names.push((idx, ent.path()));
+        } else if parse_spare_file_name(name).is_some() {
+            spares.push(ent.path());
         }
     }
     if removed_tmp {
@@ -165,6 +188,8 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
     let mut found: Vec<FoundSegment> = Vec::new();
     let mut scans: Vec<Scan> = Vec::new();
     let mut ended_at: Option<usize> = None;
+    // The image of the last segment scanned (what repair looks at again).
+    let mut last_img = Vec::new();
     for (idx, path) in &names {
         let file = OpenOptions::new()
             .read(true)
@@ -199,6 +224,7 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
         }
         let img = read_image(&file, path, header.segment_size)?;
         let sc = scan(&img, &header);
+        last_img = img;
         let ended = matches!(sc.stop, Stop::EndMarker);
         found.push(FoundSegment {
             header,
@@ -284,7 +310,22 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
             _ => sc.stop_off,
         };
         let mut dirty = false;
-        if sc.last_nonzero > keep_to {
+        if last.header.flags & SEG_RECYCLED != 0 {
+            // Only bytes that validate under this epoch could be taken for records
+            // later; the earlier incarnation's never do (module docs).
+            let mut end = keep_to;
+            valid_records_from(&last_img, keep_to, last.header.epoch, |o, _, size| end = end.max(o + size));
+            if end > keep_to {
+                if !matches!(sc.stop, Stop::EndMarker) {
+                    report.torn_tail = Some((last.path.clone(), sc.stop_off as u64));
+                }
+                let zeros = vec![0u8; end - keep_to];
+                last.file
+                    .write_all_at(&zeros, keep_to as u64)
+                    .map_err(|e| StoreError::io("zero the end of a recycled segment", &last.path, e))?;
+                dirty = true;
+            }
+        } else if sc.last_nonzero > keep_to {
             if !matches!(sc.stop, Stop::EndMarker) {
                 report.torn_tail = Some((last.path.clone(), sc.stop_off as u64));
             }
@@ -306,5 +347,6 @@ pub(crate) fn recover(dir: &Path) -> Result<(Vec<FoundSegment>, RecoveryReport)>
     }
     report.segments = found.len();
     report.records = found.iter().map(|s| s.offsets.len() as u64).sum();
-    Ok((found, report))
+    spares.sort();
+    Ok((found, spares, report))
 }

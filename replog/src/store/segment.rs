@@ -4,7 +4,7 @@
 use super::error::{Result, StoreError};
 use super::format::{
     commit_word, pad8, record_crc, RecordHeader, SegmentHeader, COMMIT_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
-    ZEROS,
+    SEG_RECYCLED, ZEROS,
 };
 use super::persist::{copy_streaming, fence, FlushInstr, Mapping};
 use std::fs::{File, OpenOptions};
@@ -100,6 +100,16 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
+}
+
+/// The file name a trimmed segment `index` is kept under for recycling.
+pub(crate) fn spare_file_name(index: u64) -> String {
+    format!("{}.spare", segment_file_name(index))
+}
+
+/// Parses a spare's file name back to the index of the segment it was.
+pub(crate) fn parse_spare_file_name(name: &str) -> Option<u64> {
+    parse_segment_file_name(name.strip_suffix(".spare")?)
 }
 
 /// `fsync` on a directory, so that created, renamed and removed entries persist.
@@ -209,6 +219,34 @@ impl Segment {
         }
     }
 
+    /// Makes the spare file `spare` (a trimmed segment's file, all its blocks written)
+    /// segment `header.index` in `dir`, crash-safely: the new header (flagged
+    /// [`SEG_RECYCLED`], with a new epoch, so that none of the old records validate) is
+    /// written and synced under the spare's name, then the file is renamed and the
+    /// directory synced. A crash leaves a spare or a whole segment.
+    pub(crate) fn recycle_file(dir: &Path, spare: &Path, header: &SegmentHeader) -> Result<(PathBuf, File)> {
+        debug_assert!(header.flags & SEG_RECYCLED != 0);
+        let path = dir.join(segment_file_name(header.index));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(spare)
+            .map_err(|e| StoreError::io("open spare", spare, e))?;
+        let len = f.metadata().map_err(|e| StoreError::io("stat spare", spare, e))?.len();
+        if len != header.segment_size {
+            return Err(StoreError::Invalid(format!(
+                "spare {} is {len} bytes, not the segment size {}",
+                spare.display(),
+                header.segment_size
+            )));
+        }
+        f.write_all_at(&header.encode(), 0).map_err(|e| StoreError::io("write segment header", spare, e))?;
+        f.sync_data().map_err(|e| StoreError::io("fsync recycled segment", spare, e))?;
+        std::fs::rename(spare, &path).map_err(|e| StoreError::io("rename recycled segment", &path, e))?;
+        sync_dir(dir)?;
+        Ok((path, f))
+    }
+
     /// A fresh in-memory segment (memory mode).
     pub(crate) fn new_mem(header: SegmentHeader) -> Segment {
         let mut buf = vec![0u8; header.segment_size as usize];
@@ -260,7 +298,8 @@ impl Segment {
             flushed_off: write_off,
             pending: Vec::new(),
             pending_off: write_off,
-            zeroed_to: write_off,
+            // A recycled file's blocks are all written: nothing to zero ahead.
+            zeroed_to: if header.flags & SEG_RECYCLED != 0 { header.segment_size } else { write_off },
         })
     }
 
