@@ -26,7 +26,7 @@ use crate::client::{ConnId, ErrorCode, Inbound, Outbound, PeerStatus, Request, R
 use crate::embed::{Local, LocalReply, LOCAL_CONN};
 use crate::members::{Directory, MemberAddrs};
 use crate::metrics::Metrics;
-use crate::mirrored_store::MirroredStore;
+use crate::mirrored_store::{MirroredStore, PublishError};
 use crate::snapshot;
 use crate::store::PaxosStore;
 use crate::wire;
@@ -163,7 +163,7 @@ pub struct Node<T: Transport> {
     buf: Vec<u8>,
     last_metrics: Instant,
     /// Publishes into the transport's one-sided read mirror, when it has one (the
-    /// store then keeps what it accepts for it: [`MirroredStore`]).
+    /// store then notes which slots it accepts at for it: [`MirroredStore`]).
     mirror: Option<crate::rdma_mirror::Publisher>,
 }
 
@@ -1239,37 +1239,42 @@ impl<T: Transport> Node<T> {
 
     /// Publishes into the transport's read mirror (see [`crate::rdma_mirror`]) what the
     /// store now holds durably and the mirror does not: called after each sync. The
-    /// entries come from the store's hook ([`MirroredStore::take_accepted`]: what it
-    /// accepted since the last publication, already in hand), so this reads nothing from
-    /// the store, except once for the first publication: a reopened store holds entries
-    /// that no hook saw.
+    /// store's hook notes which slots it accepted at since the last publication, and
+    /// [`MirroredStore::publish`] reads their entries back with `Storage::entries`, which
+    /// the store answers from its cache of the newest entries (no log read); only the
+    /// first publication reads every slot of its range (a reopened store holds entries
+    /// that no hook saw), and may then read the log.
     fn publish_mirror(&mut self) {
         let Some(p) = self.mirror.as_mut() else { return };
         let st = self.replica.storage();
-        let (trimmed, last) = (st.trimmed(), st.last_slot());
-        let accepted = st.take_accepted();
+        let fresh = p.is_fresh();
         let len = self.transport.mirror_geometry().map_or(0, |(len, _)| len);
         let mut mem = TransportMirror(&mut self.transport, len);
-        let published = if p.is_fresh() {
-            let (low, high) = p.range(trimmed, last);
-            match st.entries(low, high) {
-                Ok(held) => p.publish(&mut mem, trimmed, last, &held),
-                Err(e) => {
-                    // Tried again after the next sync (still fresh: it reads the store
-                    // again, so the entries taken above are not lost); readers meanwhile
-                    // find no mirror header and use the side channel.
-                    warn!(error = %e, from = low, to = high, "read mirror not published yet");
-                    return;
-                }
+        match st.publish(p, &mut mem) {
+            Ok(_) => {}
+            Err(PublishError::Read { from, to, error }) if fresh => {
+                // Tried again after the next sync (still fresh: it reads the store
+                // again, so the slots noted until now are not lost); readers meanwhile
+                // find no mirror header and use the side channel.
+                warn!(error = %error, from, to, "read mirror not published yet");
             }
-        } else {
-            p.publish(&mut mem, trimmed, last, accepted.values())
-        };
-        if let Err(e) = published {
-            // The header stays odd: readers fall back to the side channel from now on.
-            error!(error = %e, "read mirror write failed; log-tail reads go over the side channel");
-            self.mirror = None;
-            st.stop_keeping();
+            Err(e @ PublishError::Read { .. }) => {
+                // The mirror holds an older state than the store: it must not answer
+                // readers any more (not even once the acknowledgements of this sync left).
+                error!(error = %e, "read mirror withdrawn; log-tail reads go over the side channel");
+                if let Some(p) = self.mirror.take() {
+                    if let Err(e) = p.withdraw(&mut mem) {
+                        error!(error = %e, "read mirror could not be withdrawn");
+                    }
+                }
+                st.stop_keeping();
+            }
+            Err(e @ PublishError::Write(_)) => {
+                // The header stays odd: readers fall back to the side channel from now on.
+                error!(error = %e, "read mirror write failed; log-tail reads go over the side channel");
+                self.mirror = None;
+                st.stop_keeping();
+            }
         }
     }
 

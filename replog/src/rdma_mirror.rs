@@ -34,8 +34,9 @@
 //! ## Owner ([`Publisher::publish`])
 //! After each storage sync and before anything that waits for it leaves (the
 //! acknowledgement of an accepted write, a promise), the node publishes the slots that
-//! changed since the last publication, from the entries the store accepted since then
-//! (kept by [`crate::mirrored_store`]; only the first publication reads the store):
+//! changed since the last publication, with the entries the store holds there
+//! ([`crate::mirrored_store`] notes which slots changed; the store answers their
+//! entries from its cache of the newest ones; the first publication reads every slot):
 //! header with `gen + 1` (odd), the records, header with `gen + 2` (even) and the new
 //! `low`/`high`. So the mirror holds what the store
 //! holds durably (under `fsync`), never less than a promise or an acknowledgement
@@ -482,9 +483,11 @@ impl Publisher {
     }
 
     /// Publishes the store's state into `mem`: its last slot `last`, first kept slot
-    /// `trimmed + 1`, and `changed`, in slot order with one entry per slot, every entry
-    /// the store accepted since the last publication (a fresh publisher: every entry it
-    /// holds in [`Publisher::range`]). Entries outside the range are passed over.
+    /// `trimmed + 1`, and `changed`, in slot order with one entry per slot, the store's
+    /// entry of every slot it accepted an entry at since the last publication (a fresh
+    /// publisher: every entry it holds in [`Publisher::range`]). More of the store's
+    /// entries may be given (their records are rewritten as they were); entries outside
+    /// the range are passed over.
     ///
     /// What is written: the records of the changed slots, and every record of the slots
     /// new to the range (above the last publication's `high`; empty when `changed` has
@@ -544,6 +547,15 @@ impl Publisher {
         mem.put(0, &encode_header(&self.header()))?;
         debug_assert_eq!(self.gen % 2, 0, "a published header is even");
         Ok(true)
+    }
+
+    /// Takes the mirror down for good: the header goes odd (a rewrite in progress, as
+    /// readers see it) and stays so, and readers use the side channel from then on. For
+    /// a publisher that published before and cannot publish the store's latest change:
+    /// readers must not go on finding the older state.
+    pub fn withdraw<M: MirrorMemory + ?Sized>(self, mem: &mut M) -> Result<(), MirrorError> {
+        let h = self.header();
+        mem.put(0, &encode_header(&Header { gen: h.gen | 1, ..h }))
     }
 }
 
@@ -688,6 +700,17 @@ mod tests {
         assert_eq!(read_all(&mem, 5), Some((12, log[4..].to_vec())));
         // Changes below `low` (trimmed) are passed over.
         assert!(!publish(&mut p, &mut mem, &[entry(3, 3, 1)], 4, 12));
+    }
+
+    #[test]
+    fn a_withdrawn_mirror_answers_nothing() {
+        let mut mem = vec![0u8; HEADER_LEN + 8 * 128];
+        let mut p = Publisher::new(mem.len(), 128).expect("geometry");
+        let log: Vec<Entry> = (1..=4).map(|s| entry(s, 1, 10)).collect();
+        assert!(publish(&mut p, &mut mem, &log, 0, 4));
+        assert!(read(&mem, 1, 1 << 20).is_ok());
+        assert_eq!(p.withdraw(&mut mem), Ok(()));
+        assert_eq!(read(&mem, 1, 1 << 20), Err(Fallback::Header));
     }
 
     #[test]
