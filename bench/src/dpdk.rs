@@ -145,11 +145,7 @@ pub fn pingpong(
                 }
             }
             // Let the last acknowledgements go out before the port closes.
-            let linger = Instant::now() + Duration::from_millis(50);
-            while Instant::now() < linger {
-                events.clear();
-                t.poll(&mut events, Some(Duration::from_millis(10)))?;
-            }
+            crate::pingpong::linger(&mut t)?;
         }
         Role::Ping => {
             // The link comes up after the handshake (HELLOs every 50 ms until the peer
@@ -194,11 +190,7 @@ pub fn pingpong(
             }
             out.flush()?;
             t.send(peer, &[BYE]).map_err(|e| anyhow::anyhow!("bye to {peer}: {e}"))?;
-            let linger = Instant::now() + Duration::from_millis(50);
-            while Instant::now() < linger {
-                events.clear();
-                t.poll(&mut events, Some(Duration::from_millis(10)))?;
-            }
+            crate::pingpong::linger(&mut t)?;
         }
     }
     drop(t);

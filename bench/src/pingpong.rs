@@ -24,6 +24,19 @@ pub enum Role {
     Echo,
 }
 
+/// Polls `t` for 50 ms (10 ms at a time), dropping whatever arrives, so that what was
+/// sent last (the echo's last answers, the ping's bye) leaves before the transport is
+/// closed. A poll's failure ends it.
+pub fn linger(t: &mut impl transport::Transport) -> std::io::Result<()> {
+    let mut events = Vec::new();
+    let until = Instant::now() + Duration::from_millis(50);
+    while Instant::now() < until {
+        events.clear();
+        t.poll(&mut events, Some(Duration::from_millis(10)))?;
+    }
+    Ok(())
+}
+
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Guard(pub Child);
 

@@ -335,11 +335,7 @@ pub fn pingpong(
             // Tell the echo to stop, and let the write leave before the queue pair closes.
             t.write(peer, 0, &message(size, BYE)).map_err(|e| anyhow::anyhow!("bye to {peer}: {e}"))?;
             t.send_queued();
-            let linger = Instant::now() + Duration::from_millis(50);
-            while Instant::now() < linger {
-                events.clear();
-                t.poll(&mut events, Some(Duration::from_millis(10)))?;
-            }
+            crate::pingpong::linger(&mut t)?;
         }
     }
     drop(t);
