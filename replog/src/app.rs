@@ -551,11 +551,22 @@ mod tests {
         let mut snap = Vec::new();
         kv.save_snapshot(&mut snap).unwrap();
         let mut other = KvMachine::default();
-        other.load_snapshot(&snap).unwrap();
+        if let Err(e) = other.load_snapshot(&snap) {
+            panic!("a snapshot just saved does not load: {e}");
+        }
         assert_eq!(&other.query(b"get a")[..], b"2");
         assert_eq!(&other.query(b"len")[..], b"2");
         for n in 0..snap.len() {
             assert!(KvMachine::default().load_snapshot(&snap[..n]).is_err(), "truncated at {n} accepted");
+        }
+    }
+
+    /// A transfer frame the test's own side just made, decoded.
+    fn transfer(frame: &[u8]) -> snapshot::Transfer {
+        match snapshot::decode_transfer(frame) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => panic!("a transfer frame does not decode: {e}"),
+            None => panic!("not a transfer frame: {frame:?}"),
         }
     }
 
@@ -592,14 +603,17 @@ mod tests {
                     dropped += 1;
                     continue; // lost
                 }
-                let t = snapshot::decode_transfer(&frame).unwrap().unwrap();
-                if let Some(r) = follower.on_frame(1, t, 7, |s| s > 0, &mut to_l).unwrap() {
-                    got = Some(r);
+                let t = transfer(&frame);
+                match follower.on_frame(1, t, 7, |s| s > 0, &mut to_l) {
+                    Ok(Some(r)) => got = Some(r),
+                    Ok(None) => {}
+                    Err(e) => panic!("the follower refuses a chunk (or the snapshot it completes): {e}"),
                 }
             }
             for (_, frame) in to_l {
-                let t = snapshot::decode_transfer(&frame).unwrap().unwrap();
-                leader.on_frame(2, t, 7, |_| false, &mut to_f).unwrap();
+                if let Err(e) = leader.on_frame(2, transfer(&frame), 7, |_| false, &mut to_f) {
+                    panic!("the leader refuses an acknowledgement: {e}");
+                }
             }
             if got.is_some() {
                 break;
@@ -612,6 +626,7 @@ mod tests {
         assert_eq!(follower.stats().installed, 1);
         // Saved durably on the follower's side.
         let mut reopened = SnapshotStore::open(Some(dir.path().join("b")), 7).unwrap();
-        assert_eq!(reopened.load_latest().unwrap().0.unwrap().meta.slot, 77);
+        let loaded = reopened.load_latest().map(|(s, _)| s.map(|s| s.meta.slot)).map_err(|e| e.to_string());
+        assert_eq!(loaded, Ok(Some(77)), "the follower's snapshot reads back");
     }
 }

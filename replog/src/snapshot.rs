@@ -427,7 +427,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let b = encode(5, &meta(), b"state");
-        let s = decode(&b).unwrap();
+        let s = match decode(&b) {
+            Ok(s) => s,
+            Err(e) => panic!("a snapshot just encoded does not decode: {e}"),
+        };
         assert_eq!((s.cluster_id, s.meta, &s.app[..]), (5, meta(), &b"state"[..]));
     }
 
@@ -438,8 +441,7 @@ mod tests {
         m.membership = m.membership.with_addrs(addrs);
         let b = encode(5, &m, b"state");
         assert_eq!(b.get(8..12), Some(&VERSION_ADDRS.to_le_bytes()[..]), "format version 2");
-        let s = decode(&b).unwrap();
-        assert_eq!(s.meta, m);
+        assert_eq!(decode(&b).map(|s| s.meta).map_err(|e| e.to_string()), Ok(m));
         for n in 0..b.len() {
             assert!(decode(&b[..n]).is_err(), "truncated to {n} accepted");
         }
@@ -475,15 +477,21 @@ mod tests {
         b[n / 2] ^= 0xff;
         fs::write(&newest, b).unwrap();
         let mut st = SnapshotStore::open(Some(dir.path().to_path_buf()), 5).unwrap();
-        let (s, rejected) = st.load_latest().unwrap();
-        let s = s.unwrap();
+        let (s, rejected) = match st.load_latest() {
+            Ok(loaded) => loaded,
+            Err(e) => panic!("loading the snapshots: {e}"),
+        };
+        let Some(s) = s else { panic!("no snapshot verifies, the older one should: {rejected:?}") };
         assert_eq!((s.meta.slot, &s.app[..]), (42, &b"old"[..]));
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert!(newest.with_extension("corrupt").exists());
         // Another cluster's snapshot is refused.
         let mut other = SnapshotStore::open(Some(dir.path().to_path_buf()), 6).unwrap();
-        let (s, rejected) = other.load_latest().unwrap();
-        assert!(s.is_none() && rejected[0].contains("cluster"), "{rejected:?}");
+        let (s, rejected) = match other.load_latest() {
+            Ok(loaded) => loaded,
+            Err(e) => panic!("loading the snapshots: {e}"),
+        };
+        assert!(s.is_none() && rejected.first().is_some_and(|r| r.contains("cluster")), "{rejected:?}");
     }
 
     #[test]
@@ -498,20 +506,25 @@ mod tests {
         assert_eq!(slots, vec![40, 30]);
     }
 
+    /// `decode_transfer`, its error as text (comparable).
+    fn transfer(b: &[u8]) -> Option<Result<Transfer, String>> {
+        decode_transfer(b).map(|r| r.map_err(|e| e.to_string()))
+    }
+
     #[test]
     fn transfer_frames_round_trip_and_reject_garbage() {
         let c = Chunk { slot: 3, total: 10, offset: 4, data: Bytes::from_static(b"abcd") };
         let mut b = Vec::new();
         encode_chunk(&c, &mut b);
-        assert_eq!(decode_transfer(&b).unwrap().unwrap(), Transfer::Chunk(c));
+        assert_eq!(transfer(&b), Some(Ok(Transfer::Chunk(c))));
         let a = ChunkAck { slot: 3, next: 8 };
         let mut b = Vec::new();
         encode_ack(&a, &mut b);
-        assert_eq!(decode_transfer(&b).unwrap().unwrap(), Transfer::Ack(a));
+        assert_eq!(transfer(&b), Some(Ok(Transfer::Ack(a))));
         assert!(decode_transfer(&[1, 2, 3]).is_none(), "a protocol message is not a transfer frame");
         let mut bad = Vec::new();
         encode_chunk(&Chunk { slot: 3, total: 2, offset: 1, data: Bytes::from_static(b"abc") }, &mut bad);
-        assert!(decode_transfer(&bad).unwrap().is_err());
+        assert!(matches!(transfer(&bad), Some(Err(_))), "a chunk beyond its total: {:?}", transfer(&bad));
         for n in 0..20 {
             let _ = decode_transfer(&b[..n.min(b.len())]);
         }
