@@ -47,7 +47,7 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=8).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+    (1u16..=8).prop_filter_map("a defined error code", ErrorCode::from_u16)
 }
 
 fn status() -> impl Strategy<Value = Status> {
@@ -91,8 +91,13 @@ fn response() -> impl Strategy<Value = Response> {
     ]
 }
 
+/// The one whole frame `b` holds.
 fn one_frame(b: &[u8]) -> Frame {
-    Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(b)).unwrap().unwrap()
+    match Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(b)) {
+        Ok(Some(f)) => f,
+        Ok(None) => panic!("no whole frame in {} bytes", b.len()),
+        Err(e) => panic!("the envelope does not decode: {e}"),
+    }
 }
 
 proptest! {
@@ -168,6 +173,9 @@ fn wrong_version_is_refused_by_the_envelope() {
     out[4] = 9;
     let e = Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(&out[..]));
     assert_eq!(e, Err(envelope::FrameError::Version { got: 9 }));
-    let pe: ProtoError = e.unwrap_err().into();
+    let pe: ProtoError = match e {
+        Err(e) => e.into(),
+        Ok(f) => panic!("a frame of version 9 decoded: {f:?}"),
+    };
     assert!(pe.to_string().contains("version 9"));
 }

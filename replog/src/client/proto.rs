@@ -980,8 +980,13 @@ mod tests {
     use super::*;
     use bytes::BytesMut;
 
+    /// The one whole frame `bytes` hold.
     fn frame_of(bytes: &[u8]) -> Frame {
-        envelope::Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(bytes)).unwrap().unwrap()
+        match envelope::Decoder::new(MAX_FRAME).decode(&mut BytesMut::from(bytes)) {
+            Ok(Some(f)) => f,
+            Ok(None) => panic!("no whole frame in {} bytes", bytes.len()),
+            Err(e) => panic!("the envelope does not decode: {e}"),
+        }
     }
 
     #[test]
