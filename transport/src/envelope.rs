@@ -171,8 +171,12 @@ mod tests {
         let mut frames = Vec::new();
         for b in out {
             buf.extend_from_slice(&[b]);
-            while let Some(f) = d.decode(&mut buf).unwrap() {
-                frames.push(f);
+            loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => panic!("a frame fed a byte at a time does not decode: {e}"),
+                }
             }
         }
         assert_eq!(

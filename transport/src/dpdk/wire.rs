@@ -432,8 +432,7 @@ mod tests {
         let h = Header { kind: kind::DATA, src: 7, src_epoch: 9, dst_epoch: 11, seq: 3, ack: 5, frag: 1, frags: 4 };
         let mut f = frame(&B, &A, &h, b"hello");
         f.extend_from_slice(&[0; 20]); // Ethernet padding
-        let (macs, got, p) = parse_frame(&f).unwrap();
-        assert_eq!((macs, got, p), (Macs { dst: B, src: A }, h, &b"hello"[..]));
+        assert_eq!(parse_frame(&f), Ok((Macs { dst: B, src: A }, h, &b"hello"[..])));
     }
 
     #[test]
@@ -489,9 +488,9 @@ mod tests {
             up: false,
             proof: Some([5; 32]),
         };
-        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
         let h2 = Hello { proof: None, verified_you: false, up: true, ..h };
-        assert_eq!(Hello::decode(&h2.encode()).unwrap(), h2);
+        assert_eq!(Hello::decode(&h2.encode()), Ok(h2));
         for r in [
             Record::Msg(Bytes::from_static(b"m")),
             Record::Write { token: 1, offset: 2, data: Bytes::from_static(b"data") },
@@ -508,7 +507,7 @@ mod tests {
                 }
                 Record::Read { .. } => {}
             }
-            assert_eq!(decode_record(Bytes::from(v)).unwrap(), r);
+            assert_eq!(decode_record(Bytes::from(v)), Ok(r));
         }
         assert!(decode_record(Bytes::from_static(&[99])).is_err());
         assert!(decode_record(Bytes::new()).is_err());

@@ -398,8 +398,16 @@ mod tests {
             assert!(crate::rdma::verbs::Endpoint::decode(&b).is_none() || len == crate::rdma::verbs::ENDPOINT_LEN);
         }
         let h = hello(7, 1, 2, 9, &[3; NONCE_LEN]);
-        let p = decode_hello(&h).expect("a HELLO we made");
+        let p = match decode_hello(&h) {
+            Ok(p) => p,
+            Err(e) => panic!("a HELLO we made does not decode: {e}"),
+        };
         assert_eq!((p.cluster, p.dialer, p.acceptor, p.digest, p.nonce_d), (7, 1, 2, 9, [3; NONCE_LEN]));
+    }
+
+    /// `decode_bootstrap` of a QP_OFFER, its error as text (comparable).
+    fn offer(p: &[u8]) -> Result<Bootstrap, String> {
+        decode_bootstrap("QP_OFFER", p).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -410,21 +418,21 @@ mod tests {
         // No extension, and version 2 with and without a mirror, round-trip.
         let v0 = encode_bootstrap(3, &ep, None, Some(&mirror));
         assert_eq!(v0.len(), 8 + ENDPOINT_LEN);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v0).expect("v0"), (3, ep, None, None));
+        assert_eq!(offer(&v0), Ok((3, ep, None, None)), "v0");
         let v2 = encode_bootstrap(4, &ep, Some(&ack), Some(&mirror));
         assert_eq!(v2.len(), 8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN + MIRROR_ENDPOINT_LEN);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v2).expect("v2"), (4, ep, Some(ack), Some(mirror)));
+        assert_eq!(offer(&v2), Ok((4, ep, Some(ack), Some(mirror))), "v2");
         let v2_none = encode_bootstrap(4, &ep, Some(&ack), None);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v2_none).expect("v2 without mirror"), (4, ep, Some(ack), None));
+        assert_eq!(offer(&v2_none), Ok((4, ep, Some(ack), None)), "v2 without mirror");
         // Version 1 (an older peer): the acknowledgement fields only, no mirror.
         let mut v1 = v2[..8 + ENDPOINT_LEN + 1 + ACK_ENDPOINT_LEN].to_vec();
         v1[8 + ENDPOINT_LEN] = 1;
-        assert_eq!(decode_bootstrap("QP_OFFER", &v1).expect("v1"), (4, ep, Some(ack), None));
+        assert_eq!(offer(&v1), Ok((4, ep, Some(ack), None)), "v1");
         // A later version with more fields: the version-2 fields are read, the rest ignored.
         let mut v3 = v2.clone();
         v3[8 + ENDPOINT_LEN] = 3;
         v3.extend_from_slice(&[0xee; 17]);
-        assert_eq!(decode_bootstrap("QP_OFFER", &v3).expect("v3"), (4, ep, Some(ack), Some(mirror)));
+        assert_eq!(offer(&v3), Ok((4, ep, Some(ack), Some(mirror))), "v3");
         // Version 0 in the extension, and every truncation, are refused.
         let mut bad = v2.clone();
         bad[8 + ENDPOINT_LEN] = 0;
