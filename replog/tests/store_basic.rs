@@ -115,13 +115,22 @@ fn region_shows_the_documented_layout() {
     assert_eq!(region.len as u64, SEG);
     let loc = log.locate(p2).unwrap();
     log.with_active_region(|bytes| {
-        let h = SegmentHeader::decode(bytes).unwrap();
+        let h = match SegmentHeader::decode(bytes) {
+            Ok(h) => h,
+            Err(e) => panic!("the active segment's header does not decode: {e}"),
+        };
         assert_eq!(h.epoch, region.epoch);
         assert_eq!(h.base_pos, 1);
-        let (rh, size) = check_record(bytes, 64, h.epoch, Some(p1)).unwrap();
+        let (rh, size) = match check_record(bytes, 64, h.epoch, Some(p1)) {
+            Ok(r) => r,
+            Err(f) => panic!("the first record does not validate: {}", f.as_str()),
+        };
         assert_eq!(rh.payload_len, 5);
         assert_eq!(&bytes[64 + 56..64 + 61], b"hello");
-        let (rh2, size2) = check_record(bytes, 64 + size, h.epoch, Some(p2)).unwrap();
+        let (rh2, size2) = match check_record(bytes, 64 + size, h.epoch, Some(p2)) {
+            Ok(r) => r,
+            Err(f) => panic!("the second record does not validate: {}", f.as_str()),
+        };
         assert_eq!(rh2.pos, p2);
         assert_eq!(loc.offset as usize, 64 + size);
         assert_eq!(loc.size as usize, size2);
