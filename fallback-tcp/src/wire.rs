@@ -466,13 +466,11 @@ mod tests {
         assert_ne!(config_digest([(1, "a")]), config_digest([(1, "a"), (2, "b")]));
         let mut w = write_meta(5, 9).to_vec();
         w.extend_from_slice(b"abc");
-        let (t, off, d) = decode_write(&Bytes::from(w)).unwrap();
-        assert_eq!((t, off, &d[..]), (5, 9, &b"abc"[..]));
+        assert_eq!(decode_write(&Bytes::from(w)), Ok((5, 9, Bytes::from_static(b"abc"))));
         assert_eq!(decode_read(&read_meta(1, 2, 3)), Ok((1, 2, 3)));
         let mut a = answer_meta(4, false).to_vec();
         a.extend_from_slice(b"why");
-        let (t, ok, d) = decode_answer(&Bytes::from(a), "WRITE_ACK").unwrap();
-        assert_eq!((t, ok, &d[..]), (4, false, &b"why"[..]));
+        assert_eq!(decode_answer(&Bytes::from(a), "WRITE_ACK"), Ok((4, false, Bytes::from_static(b"why"))));
         assert_eq!(reject_payload(&"é".repeat(1000)).len(), 1024);
     }
 

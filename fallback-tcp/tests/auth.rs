@@ -130,8 +130,10 @@ fn next_frame(raw: &mut TcpStream, ts: &mut [TcpTransport], buf: &mut bytes::Byt
     let end = Instant::now() + Duration::from_secs(5);
     let mut b = [0u8; 4096];
     loop {
-        if let Some(f) = Decoder::new(4096).decode(buf).unwrap() {
-            return Some(f);
+        match Decoder::new(4096).decode(buf) {
+            Ok(Some(f)) => return Some(f),
+            Ok(None) => {}
+            Err(e) => panic!("the transport's bytes do not decode as a frame: {e}"),
         }
         assert!(Instant::now() < end, "nothing from the transport");
         pump(ts, &mut evs);
