@@ -229,12 +229,18 @@ fn check_answer(a: &Attack, out: &RawOutcome, peer_port: bool) {
             }
         }
         Expect::HelloOkOnly => {
-            let resp: Vec<Response> = frames.iter().map(|f| proto::decode_response(f).unwrap().1).collect();
+            let resp: Vec<Response> = match frames.iter().map(|f| proto::decode_response(f).map(|(_, r)| r)).collect() {
+                Ok(resp) => resp,
+                Err(e) => panic!("{name}: an answer does not decode: {e}"),
+            };
             assert!(matches!(resp.as_slice(), [Response::HelloOk { .. }]), "{name}: got {resp:?}");
             println!("{name}: {resp:?}, then closed");
         }
         Expect::Error(code, text) => {
-            let resp: Vec<(u64, Response)> = frames.iter().map(|f| proto::decode_response(f).unwrap()).collect();
+            let resp: Vec<(u64, Response)> = match frames.iter().map(proto::decode_response).collect() {
+                Ok(resp) => resp,
+                Err(e) => panic!("{name}: an answer does not decode: {e}"),
+            };
             match resp.as_slice() {
                 [(_, Response::Error { code: c, message })] if c == code && message.contains(text.as_str()) => {
                     println!("{name}: Error {{{c}: {message}}}");

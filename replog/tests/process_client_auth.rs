@@ -117,7 +117,10 @@ fn only_clients_with_the_client_secret_can_append_read_or_transfer() {
         let out = raw_send(addr, &bytes, false, Duration::from_secs(5));
         assert!(out.closed, "{req:?} without a credential: the connection stays open");
         let frames = frames_in(&out.received);
-        let answers: Vec<_> = frames.iter().map(|f| proto::decode_response(f).expect("a response")).collect();
+        let answers: Vec<(u64, Response)> = match frames.iter().map(proto::decode_response).collect() {
+            Ok(answers) => answers,
+            Err(e) => panic!("{req:?} without a credential: an answer does not decode: {e}"),
+        };
         assert!(
             matches!(answers.first(), Some((1, Response::Challenge { .. }))),
             "Hello is answered with a challenge: {answers:?}"
