@@ -61,10 +61,52 @@ fn cap(size: usize) -> usize {
     (512 << 20) / (size + 64)
 }
 
-fn bench_store(dir: &Path, mode: Mode, size: usize, threads: usize, dur: Duration) -> Result<Stats, StoreError> {
+/// Brings a fresh log to the steady state of one that trims behind itself (a replica
+/// after snapshots): its active segment and the spares after it are trimmed segments'
+/// files, reused (fsync mode). Filled with 64 KiB records, buffered: the content does
+/// not matter, only that the files' blocks were written.
+fn recycle_warm_up(log: &Log) -> Result<(), StoreError> {
+    let filler = vec![0x5Au8; 64 << 10];
+    let fill_until = |done: &dyn Fn(&Log) -> bool| -> Result<(), StoreError> {
+        while !done(log) {
+            log.append_buffered(&filler)?;
+        }
+        log.sync()
+    };
+    fill_until(&|l| l.segment_paths().len() >= 3)?;
+    log.trim_prefix(log.next_pos() - 1)?;
+    let active = log.segment_paths().last().cloned();
+    fill_until(&|l| l.segment_paths().last() != active.as_ref())?;
+    log.trim_prefix(log.next_pos() - 1)?;
+    Ok(())
+}
+
+fn bench_store(
+    dir: &Path,
+    mode: Mode,
+    size: usize,
+    threads: usize,
+    dur: Duration,
+    recycled: bool,
+) -> Result<Stats, StoreError> {
     let _ = std::fs::remove_dir_all(dir);
     let log = Arc::new(Log::open(dir, StoreConfig::new(mode))?);
+    if recycled {
+        recycle_warm_up(&log)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    // With recycling, the log trims behind the appenders (to its active segment) as a
+    // replica does after snapshots, so that every new segment is a reused file.
+    let trimmer = recycled.then(|| {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(), StoreError> {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+                log.trim_prefix(log.next_pos() - 1)?;
+            }
+            Ok(())
+        })
+    });
     let per_thread = cap(size) / threads;
     let batch = if mode == Mode::Fsync { 1 } else { BATCH };
     let start = Instant::now();
@@ -97,6 +139,9 @@ fn bench_store(dir: &Path, mode: Mode, size: usize, threads: usize, dur: Duratio
         let (lat, done) = h.join().expect("bench thread")?;
         all.extend(lat);
         end = end.max(done);
+    }
+    if let Some(t) = trimmer {
+        t.join().expect("trimmer thread")?;
     }
     let secs = (end - start).as_secs_f64();
     drop(log);
@@ -198,13 +243,15 @@ fn main() {
             Some("fsync") => Mode::Fsync,
             Some("mapped") => Mode::MappedNotDurable,
             Some("memory") => Mode::Memory,
-            _ => panic!("configuration {only:?}: expected MODE/SIZE/THREADS, MODE one of fsync, mapped, memory"),
+            _ => panic!(
+                "configuration {only:?}: expected MODE/SIZE/THREADS[/recycled], MODE one of fsync, mapped, memory"
+            ),
         };
         let num = |i: usize| -> usize {
             parts.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("configuration {only:?}: bad number"))
         };
         let (size, threads) = (num(1), num(2));
-        match bench_store(&base.join("store"), mode, size, threads, dur) {
+        match bench_store(&base.join("store"), mode, size, threads, dur, parts.get(3) == Some(&"recycled")) {
             Ok(s) => print_row(only, size, threads, &s),
             Err(e) => println!("{only}: ERROR {e}"),
         }
@@ -246,20 +293,23 @@ fn main() {
         print_row("raw memcpy+flush+fence", rec, 1, &raw_rec);
         let mut fsync1 = None;
         let mut fsync64 = None;
+        let mut recycled64 = None;
         let mut mapped1 = None;
-        for (mode, name) in [
-            (Mode::Fsync, "store fsync"),
-            (Mode::MappedNotDurable, "store mapped (NOT durable)"),
-            (Mode::Memory, "store memory"),
+        for (mode, name, recycled) in [
+            (Mode::Fsync, "store fsync", false),
+            (Mode::Fsync, "store fsync, recycled", true),
+            (Mode::MappedNotDurable, "store mapped (NOT durable)", false),
+            (Mode::Memory, "store memory", false),
         ] {
             for threads in [1usize, 64] {
-                match bench_store(&base.join("store"), mode, size, threads, dur) {
+                match bench_store(&base.join("store"), mode, size, threads, dur, recycled) {
                     Ok(s) => {
                         print_row(name, size, threads, &s);
-                        match (mode, threads) {
-                            (Mode::Fsync, 1) => fsync1 = Some(s),
-                            (Mode::Fsync, 64) => fsync64 = Some(s),
-                            (Mode::MappedNotDurable, 1) => mapped1 = Some(s),
+                        match (mode, threads, recycled) {
+                            (Mode::Fsync, 1, false) => fsync1 = Some(s),
+                            (Mode::Fsync, 64, false) => fsync64 = Some(s),
+                            (Mode::Fsync, 64, true) => recycled64 = Some(s),
+                            (Mode::MappedNotDurable, 1, _) => mapped1 = Some(s),
                             _ => {}
                         }
                     }
@@ -268,9 +318,13 @@ fn main() {
             }
         }
         let verdict = |ok: bool| if ok { "ok" } else { "BELOW TARGET" };
-        if let Some(s) = &fsync64 {
+        for (s, what) in [(&fsync64, "a fresh log"), (&recycled64, "recycled segments, the log trimming behind")] {
+            let Some(s) = s else { continue };
             let r = s.rate() / raw_sync.rate();
-            println!("ratio fsync 64 appenders / raw fdatasync rate: {r:.1}x (target >= 20x: {})", verdict(r >= 20.0));
+            println!(
+                "ratio fsync 64 appenders ({what}) / raw fdatasync rate: {r:.1}x (target >= 20x: {})",
+                verdict(r >= 20.0)
+            );
             for (c, what) in &ceiling {
                 let bound = 64.0 * c.rate();
                 println!(
