@@ -388,6 +388,21 @@ fn fsync_mode_reuses_trimmed_segments_and_other_modes_remove_them() {
     assert_eq!(spares(dir.path()).len(), 2, "spares found at open are kept");
     drop(log);
 
+    // A spare that changed size while the log ran is not reused: the roll removes it
+    // and creates a fresh segment.
+    let log = Log::open(dir.path(), cfg(Mode::Fsync)).unwrap();
+    for p in spares(dir.path()) {
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(SEG / 2).unwrap();
+    }
+    let before = log.segment_paths().len();
+    while log.segment_paths().len() == before {
+        log.append_buffered(b"roll").unwrap();
+    }
+    log.sync().unwrap();
+    assert!(!recycled(log.segment_paths().last().unwrap()), "a fresh segment");
+    assert_eq!(spares(dir.path()).len(), 1, "the short spare tried is removed, the other kept");
+    drop(log);
+
     // Another segment size: the spares do not fit and are removed at open.
     let log = Log::open(dir.path(), StoreConfig::new(Mode::Fsync).with_segment_size(2 * SEG)).unwrap();
     assert!(spares(dir.path()).is_empty(), "spares of another size removed");

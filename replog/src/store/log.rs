@@ -516,24 +516,18 @@ impl Log {
         let seg = match &self.dir {
             None => Segment::new_mem(h),
             Some(dir) => {
-                let recycled = g.spares.pop().and_then(|spare| {
-                    let mut rh = h;
-                    rh.flags |= SEG_RECYCLED;
+                let mut made = None;
+                if let Some(spare) = g.spares.pop() {
+                    let rh = SegmentHeader { flags: SEG_RECYCLED, ..h };
                     match Segment::recycle_file(dir, &spare, &rh) {
-                        Ok(made) => Some((rh, made)),
-                        Err(_) => {
-                            // Not reusable after all: a fresh segment instead (whose
-                            // creation reports the error if the disk itself failed).
-                            let _ = std::fs::remove_file(&spare);
-                            None
-                        }
+                        Ok(m) => (h, made) = (rh, Some(m)),
+                        // Not reusable after all: a fresh segment instead (whose creation
+                        // reports the error if the disk itself failed).
+                        Err(_) => drop(std::fs::remove_file(&spare)),
                     }
-                });
-                let (path, file) = match recycled {
-                    Some((rh, made)) => {
-                        h = rh;
-                        made
-                    }
+                }
+                let (path, file) = match made {
+                    Some(m) => m,
                     None => Segment::create_file(dir, &h)?,
                 };
                 let map = self.flush.map(|f| (self.mode == Mode::Pmem, f));

@@ -35,7 +35,7 @@
 //! indistinguishable from a torn write; it is truncated like one.
 
 use super::error::{Result, StoreError};
-use super::format::{check_record, RecordKind, SegmentHeader, SEGMENT_HEADER_LEN, SEG_RECYCLED};
+use super::format::{check_record, RecordHeader, RecordKind, SegmentHeader, SEGMENT_HEADER_LEN, SEG_RECYCLED};
 use super::segment::{parse_segment_file_name, parse_spare_file_name, preallocate, sync_dir};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -112,12 +112,7 @@ fn scan(img: &[u8], h: &SegmentHeader) -> Scan {
 
 /// Calls `f(offset, header, size)` for every record at or after `from` (8-byte aligned
 /// offsets) that validates under `epoch`, at any position.
-fn valid_records_from(
-    img: &[u8],
-    from: usize,
-    epoch: u64,
-    mut f: impl FnMut(usize, &super::format::RecordHeader, usize),
-) {
+fn valid_records_from(img: &[u8], from: usize, epoch: u64, mut f: impl FnMut(usize, &RecordHeader, usize)) {
     let mut o = from;
     while o + 64 <= img.len() {
         // Skip zeroes fast: a record's first non-zero byte is at most its byte 5 (the
