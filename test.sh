@@ -34,6 +34,7 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport -p replog -p bench --features transport/rdma,replog/rdma,bench/rdma --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace -q
 
 echo "== unit, integration, property and crash tests (contracts on)"
 set +e

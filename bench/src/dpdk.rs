@@ -4,7 +4,7 @@
 //!
 //! The baseline: two processes (this `bench` binary again, subcommand `dpdk-pingpong`),
 //! one in replica 1's namespace and one in replica 2's, each opening the transport a
-//! replica with the same configuration opens ([`replog::server::dpdk_transport`]: EAL
+//! replica with the same configuration opens (`replog::server::dpdk_transport`: EAL
 //! with `--no-huge`, an af_packet vdev on the namespace's `eth0`, the transport's
 //! framing, acknowledgements and idle naps), exchange `size`-byte messages one at a
 //! time. The ping side times each round trip (`send` to the echo's arrival) and prints

@@ -3,8 +3,8 @@
 //! baseline of the replicas' own path.
 //!
 //! The baseline: two processes (this `bench` binary again, subcommand `rdma-pingpong`),
-//! each opening [`transport::rdma::RdmaTransport`] with the configuration a replica opens
-//! it with ([`replog::rdma_agent::transport_config`]: the same device, log region,
+//! each opening `transport::rdma::RdmaTransport` with the configuration a replica opens
+//! it with (`replog::rdma_agent::transport_config`: the same device, log region,
 //! staging, acknowledgement areas and queue pairs), exchange `size`-byte one-sided RDMA
 //! WRITEs the way a leader and a follower exchange a cell and its acknowledgement:
 //!
@@ -24,7 +24,7 @@
 //! checksum: the floor of one replication hop over this transport.
 //!
 //! Measured twice: waiting as a replica waits (between looks at memory, `poll` with
-//! [`replog::rdma_agent::SCAN_SLICE`] (200 us) as its timeout: the transport busy-polls
+//! `replog::rdma_agent::SCAN_SLICE` (200 us) as its timeout: the transport busy-polls
 //! its completion queue for 50 us while a write is in flight and otherwise sleeps until
 //! the slice ends, as the replicas' agent does with `spin_us = 0`), and busy-polling
 //! (`poll` with a zero timeout between looks, both sides: the path's floor). `size` is

@@ -118,7 +118,7 @@ pub struct ClientServerConfig {
     /// a few times `max_frame`: one large answer to a slow socket must fit).
     pub max_queued_bytes_per_conn: usize,
     /// The client secret: with one, every connection must prove it knows it (see
-    /// [`proto`](super::proto)'s client credentials) before any request. `None`: clients
+    /// [`proto`]'s client credentials) before any request. `None`: clients
     /// are not authenticated.
     pub client_secret: Option<Vec<u8>>,
     /// TLS: with a server configuration the port speaks TLS only (see

@@ -1,7 +1,7 @@
 //! The replog store: a segmented, checksummed append log with three durability modes,
 //! and the paxos acceptor state kept in it.
 //!
-//! - [`format`]: the byte layout of segments and records (the "log region").
+//! - [`format`](mod@format): the byte layout of segments and records (the "log region").
 //! - [`log`]: the [`Log`]: append with group commit, read, iterate, wait for the tail,
 //!   trim a prefix, truncate a suffix.
 //! - [`recovery`]: what happens at open (torn tail cut, corrupt middle refused).
