@@ -134,7 +134,8 @@ enum Cmd {
         /// Number of replicas.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// First port (replica i uses ports from base + 10*i).
+        /// First port: replica i (1..=nodes) listens for peers on base + 3(i-1), for
+        /// clients on the next port and for metrics on the one after.
         #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
         base_port: u16,
         /// Durability mode.
@@ -392,6 +393,14 @@ fn ensure_secret_file(dir: &Path, name: &str) -> Result<PathBuf> {
 fn up(dir: &Path, n: usize, base_port: u16, durability: DurabilityKind, transport: TransportKind) -> Result<()> {
     if n == 0 {
         bail!("--nodes must be at least 1");
+    }
+    let last_port = u64::from(base_port) + 3 * n as u64 - 1;
+    if base_port == 0 || last_port > u64::from(u16::MAX) {
+        bail!(
+            "--base-port {base_port} with --nodes {n} needs ports {base_port}..={last_port} (3 per replica): \
+             choose a base port from 1 to {}",
+            (u64::from(u16::MAX) + 1).saturating_sub(3 * n as u64)
+        );
     }
     // DPDK: a namespace per replica on a bridge (checks root, iproute2 and the build
     // first; deletes a previous run's leftovers). Dropped (deleted) when `up` returns.

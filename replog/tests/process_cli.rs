@@ -466,4 +466,13 @@ fn commands_fail_clearly_when_nothing_runs_or_the_config_is_missing() {
     let r = replog(&["serve", "--config", "/nonexistent.toml"]);
     assert!(!r.status.success(), "serve with a missing config succeeded");
     assert!(r.stderr.contains("/nonexistent.toml"), "the error names the file: {}", r.stderr);
+
+    // Ports past 65535: a clear error before anything starts, not a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let r = replog(&["up", "--dir", &data.to_string_lossy(), "--base-port", "65530", "--nodes", "3"]);
+    assert!(!r.status.success(), "up with ports past 65535 succeeded");
+    assert!(r.stderr.contains("--base-port 65530 with --nodes 3 needs ports 65530..=65538"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "no panic: {}", r.stderr);
+    assert!(!data.exists(), "nothing created");
 }
