@@ -138,6 +138,32 @@ impl Cluster {
         read_log(&mut self.client_of(i))
     }
 
+    /// After healing: every replica serves the same log of at least `min` entries
+    /// (within `timeout`), no entry twice, and every acknowledged append at its
+    /// position. Returns that log.
+    pub fn check_acked_once(&self, acked: &[Acked], min: u64, timeout: Duration) -> Vec<(u64, Vec<u8>)> {
+        let total = self.wait_converged(min, timeout);
+        let logs: Vec<Vec<(u64, Vec<u8>)>> = (0..self.cfgs.len()).map(|i| self.read_all(i)).collect();
+        for (i, l) in logs.iter().enumerate() {
+            assert_eq!(l.len() as u64, total, "replica {} serves {} entries", i + 1, l.len());
+            assert!(l == &logs[0], "replica {} holds a different log from replica 1", i + 1);
+        }
+        let mut seen: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+        for (p, d) in &logs[0] {
+            assert!(seen.insert(d.as_slice(), *p).is_none(), "entry {:?} appears twice", String::from_utf8_lossy(d));
+        }
+        for a in acked {
+            assert_eq!(
+                seen.get(a.payload.as_slice()),
+                Some(&a.pos),
+                "acknowledged entry {:?} at position {} is not there",
+                String::from_utf8_lossy(&a.payload),
+                a.pos
+            );
+        }
+        logs.into_iter().next().unwrap_or_default()
+    }
+
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.join(format!("node-{}.log", self.cfgs[i].id))).unwrap_or_default()
     }
@@ -397,7 +423,13 @@ pub struct Appenders {
 }
 
 impl Appenders {
+    /// Clients appending `client<c>-entry<i>`.
     pub fn start(cluster: &Cluster, clients: usize, max_each: u64) -> Appenders {
+        Appenders::start_named(cluster, "client", clients, max_each)
+    }
+
+    /// Clients appending `<prefix><c>-entry<i>`.
+    pub fn start_named(cluster: &Cluster, prefix: &str, clients: usize, max_each: u64) -> Appenders {
         use std::sync::atomic::Ordering;
         let a = Appenders {
             acked: Default::default(),
@@ -409,10 +441,11 @@ impl Appenders {
         for c in 0..clients {
             let mut client = cluster.client();
             let (acked, stop, results) = (a.acked.clone(), a.stop.clone(), a.results.clone());
+            let prefix = prefix.to_string();
             threads.push(std::thread::spawn(move || {
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) && i < max_each {
-                    let payload = format!("client{c}-entry{i}").into_bytes();
+                    let payload = format!("{prefix}{c}-entry{i}").into_bytes();
                     i += 1;
                     let called = Instant::now();
                     match client.append(payload.clone()) {
@@ -447,9 +480,44 @@ impl Appenders {
         }
     }
 
+    /// Waits until `n` appends in all are acknowledged (at most `limit`).
+    pub fn wait_total(&self, n: u64, limit: Duration) {
+        use std::sync::atomic::Ordering;
+        let t0 = Instant::now();
+        while self.acked.load(Ordering::SeqCst) < n {
+            assert!(t0.elapsed() < limit, "appends stalled at {}", self.acked.load(Ordering::SeqCst));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The failover after a leader was killed at `killed_at`: the time from then to the
+    /// first acknowledgement of an append called after it (so the killed leader cannot
+    /// have served it). Fails the test if none comes within `limit`.
+    pub fn failover_after(&self, killed_at: Instant, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            assert!(t0.elapsed() < limit, "no append succeeded within {limit:?} after killing the leader");
+            let r = self.results.lock().unwrap();
+            if let Some(first) = r.acked.iter().filter(|a| a.called > killed_at).map(|a| a.returned).min() {
+                return first.duration_since(killed_at);
+            }
+            drop(r);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until every client made its `max_each` appends and returns what they saw.
+    pub fn join(self) -> Outcomes {
+        self.collect()
+    }
+
     /// Stops the clients and returns what they saw.
     pub fn finish(self) -> Outcomes {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.collect()
+    }
+
+    fn collect(self) -> Outcomes {
         for t in self.threads {
             t.join().expect("client thread");
         }
