@@ -8,7 +8,7 @@
 use crate::proc::{free_ports, spawn_tied, stop, TempDir};
 use crate::rdma::RdmaNet;
 use anyhow::{bail, Context, Result};
-use replog::client::{Client, ClientConfig};
+use replog::client::{Client, ClientConfig, Status};
 use replog::config::{DurabilityKind, ServeConfig};
 use replog::dpdk_net::DpdkNet;
 use std::net::SocketAddr;
@@ -66,7 +66,8 @@ pub struct ReplogCluster {
 
 impl ReplogCluster {
     /// Starts `n` replicas with `durability` under a fresh directory in `parent` and waits
-    /// (up to 20 s) for a leader. `spin_us`: the replicas' spin-then-block waits
+    /// (up to 20 s; DPDK 40 s, RDMA 60 s) until the cluster has settled
+    /// ([`ReplogCluster::wait_settled`]). `spin_us`: the replicas' spin-then-block waits
     /// (`[timing] spin_us`; 0 blocks at once); `client_port_thread`: `[timing]
     /// client_port_thread`. `fabric`: between the replicas (a DPDK network must have at
     /// least `n` namespaces).
@@ -135,7 +136,7 @@ impl ReplogCluster {
             Fabric::Dpdk(_) => 40,
             Fabric::Rdma(_) => 60,
         };
-        cluster.wait_leader(Duration::from_secs(bound))?;
+        cluster.wait_settled(Duration::from_secs(bound))?;
         Ok(cluster)
     }
 
@@ -149,30 +150,76 @@ impl ReplogCluster {
         self.cfgs.iter().map(|c| c.me().client_addr).collect()
     }
 
-    /// The client address of the replica that says it leads, waiting up to `timeout`.
-    pub fn wait_leader(&mut self, timeout: Duration) -> Result<SocketAddr> {
+    /// Waits (up to `timeout`) until the cluster has settled, and returns the leader's
+    /// client address: every replica answers its status, exactly one says it leads, every
+    /// replica names it as the leader at its ballot (so each follower has promised it and,
+    /// over RDMA, granted it write access to its log region), and an append through it
+    /// commits. One replica saying "leader" is not enough: a leader that has not yet heard
+    /// of a newer ballot, or whose followers have not all promised it, has its first writes
+    /// refused (over RDMA: denied at the NIC, and the queue pairs renewed). Under an
+    /// emulated VM that recovery takes seconds (a request waits out its 5 s timeout), so a
+    /// run started on it measured no append in its window.
+    pub fn wait_settled(&mut self, timeout: Duration) -> Result<SocketAddr> {
         let t0 = Instant::now();
+        let mut last = "no status asked yet".to_string();
         while t0.elapsed() < timeout && !crate::proc::stopped() {
-            for (i, p) in self.procs.iter_mut().enumerate() {
-                if let Ok(Some(st)) = p.try_wait() {
-                    bail!("replica {} exited ({st}); its log:\n{}", i + 1, self.log_tail(i));
-                }
-            }
-            for addr in self.client_addrs() {
-                if let Ok(s) = Client::status_of(addr, self.cluster_id(), Duration::from_millis(300)) {
-                    if s.role == "leader" {
-                        return Ok(addr);
+            self.check_running()?;
+            match self.agreed_leader() {
+                Ok(addr) => {
+                    let mut cfg = ClientConfig::new(self.cluster_id(), vec![addr]);
+                    cfg.timeout =
+                        timeout.saturating_sub(t0.elapsed()).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                    cfg.retries = 0;
+                    let probe = Client::connect(cfg).and_then(|mut c| c.append(&b"bench: settle probe"[..]));
+                    match probe {
+                        Ok(_) if self.agreed_leader().as_ref() == Ok(&addr) => return Ok(addr),
+                        Ok(_) => last = "the leader changed during the probe append".to_string(),
+                        Err(e) => last = format!("probe append through {addr}: {e}"),
                     }
                 }
+                Err(why) => last = why,
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("no leader within {timeout:?}; replica 1's log:\n{}", self.log_tail(0))
+        bail!("the cluster did not settle within {timeout:?} ({last}); replica 1's log:\n{}", self.log_tail(0))
     }
 
-    /// A client configuration that tries the leader first.
+    /// The client address of the one replica that leads with every replica following it
+    /// at its ballot, or what keeps the statuses from agreeing.
+    fn agreed_leader(&self) -> std::result::Result<SocketAddr, String> {
+        let mut statuses = Vec::with_capacity(self.cfgs.len());
+        for (i, addr) in self.client_addrs().into_iter().enumerate() {
+            let s = Client::status_of(addr, self.cluster_id(), Duration::from_millis(300))
+                .map_err(|e| format!("replica {}'s status: {e}", i + 1))?;
+            statuses.push(s);
+        }
+        let leaders: Vec<&Status> = statuses.iter().filter(|s| s.role == "leader").collect();
+        let [l] = leaders[..] else {
+            return Err(format!("{} replicas say they lead", leaders.len()));
+        };
+        if let Some(s) = statuses.iter().find(|s| s.leader != Some(l.node) || s.ballot != l.ballot) {
+            return Err(format!(
+                "replica {} follows {:?} at ballot {}; replica {} leads at {}",
+                s.node, s.leader, s.ballot, l.node, l.ballot
+            ));
+        }
+        let me = self.cfgs.iter().find(|c| c.id == l.node).ok_or(format!("replica {} is not a member", l.node))?;
+        Ok(me.me().client_addr)
+    }
+
+    /// An error if a replica has exited.
+    fn check_running(&mut self) -> Result<()> {
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            if let Ok(Some(st)) = p.try_wait() {
+                bail!("replica {} exited ({st}); its log:\n{}", i + 1, self.log_tail(i));
+            }
+        }
+        Ok(())
+    }
+
+    /// A client configuration that tries the leader first (once the cluster has settled).
     pub fn client_config(&mut self) -> Result<ClientConfig> {
-        let leader = self.wait_leader(Duration::from_secs(10))?;
+        let leader = self.wait_settled(Duration::from_secs(10))?;
         let mut servers = vec![leader];
         servers.extend(self.client_addrs().into_iter().filter(|a| *a != leader));
         let mut cfg = ClientConfig::new(self.cluster_id(), servers);
