@@ -103,17 +103,9 @@ pub fn rtt(
 
 /// The `dpdk-pingpong` process (run inside a namespace by [`rtt`]).
 #[cfg(feature = "dpdk")]
-#[allow(clippy::too_many_arguments)]
-pub fn pingpong(
-    busy: bool,
-    role: Role,
-    config: &Path,
-    peer: u64,
-    size: usize,
-    iters: usize,
-    warmup: usize,
-    max_time: Duration,
-) -> Result<()> {
+pub fn pingpong(a: &crate::pingpong::Args) -> Result<()> {
+    let crate::pingpong::Args { role, ref config, peer, size, iters, warmup, max_ms, busy } = *a;
+    let max_time = Duration::from_millis(max_ms);
     use crate::pingpong::SAMPLE;
     use bytes::Bytes;
     use std::io::Write;
@@ -199,16 +191,6 @@ pub fn pingpong(
 
 /// Without the `dpdk` feature there is no DPDK transport to measure.
 #[cfg(not(feature = "dpdk"))]
-#[allow(clippy::too_many_arguments)]
-pub fn pingpong(
-    _busy: bool,
-    _role: Role,
-    _config: &Path,
-    _peer: u64,
-    _size: usize,
-    _iters: usize,
-    _warmup: usize,
-    _max_time: Duration,
-) -> Result<()> {
+pub fn pingpong(_: &crate::pingpong::Args) -> Result<()> {
     bail!("{}", missing_prerequisite().unwrap_or_default())
 }

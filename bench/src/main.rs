@@ -141,41 +141,11 @@ enum Cmd {
     /// Internal: one side of the raw DPDK ping-pong baseline, run by `bench --transport
     /// dpdk` inside a replica's namespace.
     #[command(hide = true)]
-    DpdkPingpong(PingpongArgs),
+    DpdkPingpong(bench::pingpong::Args),
     /// Internal: one side of the raw RDMA ping-pong baseline (one-sided writes over the
     /// replicas' RDMA transport), run by `bench --transport rdma`.
     #[command(hide = true)]
-    RdmaPingpong(PingpongArgs),
-}
-
-/// One side of a raw ping-pong baseline.
-#[derive(clap::Args, Debug)]
-struct PingpongArgs {
-    /// ping (times round trips, prints `rtt_ns N` lines) or echo.
-    #[arg(long, value_enum)]
-    role: bench::pingpong::Role,
-    /// A replica configuration whose transport is opened (DPDK: with a `[dpdk]`
-    /// section; RDMA: with transport = "rdma").
-    #[arg(long)]
-    config: PathBuf,
-    /// The other side's member id.
-    #[arg(long)]
-    peer: u64,
-    /// Message bytes (RDMA: 16..=256).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
-    /// Timed round trips.
-    #[arg(long, default_value_t = 10_000)]
-    iters: usize,
-    /// Untimed round trips first.
-    #[arg(long, default_value_t = 1_000)]
-    warmup: usize,
-    /// Stop after this many milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    max_ms: u64,
-    /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
-    #[arg(long)]
-    busy: bool,
+    RdmaPingpong(bench::pingpong::Args),
 }
 
 /// One configuration to measure.
@@ -393,14 +363,9 @@ fn main() {
             Cmd::DpdkPingpong(a) => ("dpdk-pingpong", a),
             Cmd::RdmaPingpong(a) => ("rdma-pingpong", a),
         };
-        let max_time = Duration::from_millis(a.max_ms);
         let r = match cmd {
-            Cmd::DpdkPingpong(_) => {
-                dpdk::pingpong(a.busy, a.role, &a.config, a.peer, a.size, a.iters, a.warmup, max_time)
-            }
-            Cmd::RdmaPingpong(_) => {
-                rdma::pingpong(a.busy, a.role, &a.config, a.peer, a.size, a.iters, a.warmup, max_time)
-            }
+            Cmd::DpdkPingpong(_) => dpdk::pingpong(a),
+            Cmd::RdmaPingpong(_) => rdma::pingpong(a),
         };
         if let Err(e) = r {
             eprintln!("bench {name} ({:?}): error: {e:#}", a.role);

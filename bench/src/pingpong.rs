@@ -24,6 +24,37 @@ pub enum Role {
     Echo,
 }
 
+/// One side of a raw ping-pong baseline: the hidden subcommands' arguments, and what
+/// [`crate::dpdk::pingpong`] and [`crate::rdma::pingpong`] take.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// ping (times round trips, prints `rtt_ns N` lines) or echo.
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// A replica configuration whose transport is opened (DPDK: with a `[dpdk]`
+    /// section; RDMA: with transport = "rdma").
+    #[arg(long)]
+    pub config: std::path::PathBuf,
+    /// The other side's member id.
+    #[arg(long)]
+    pub peer: u64,
+    /// Message bytes (RDMA: 16..=256).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Timed round trips.
+    #[arg(long, default_value_t = 10_000)]
+    pub iters: usize,
+    /// Untimed round trips first.
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: usize,
+    /// Stop after this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_ms: u64,
+    /// Busy-poll (poll with a zero timeout) instead of waiting as a replica does.
+    #[arg(long)]
+    pub busy: bool,
+}
+
 /// Polls `t` for 50 ms (10 ms at a time), dropping whatever arrives, so that what was
 /// sent last (the echo's last answers, the ping's bye) leaves before the transport is
 /// closed. A poll's failure ends it.

@@ -224,17 +224,9 @@ const REPLY_OFFSET: u64 = 64;
 
 /// The `rdma-pingpong` process (run twice by [`rtt`]).
 #[cfg(feature = "rdma")]
-#[allow(clippy::too_many_arguments)]
-pub fn pingpong(
-    busy: bool,
-    role: Role,
-    config: &Path,
-    peer: u64,
-    size: usize,
-    iters: usize,
-    warmup: usize,
-    max_time: Duration,
-) -> Result<()> {
+pub fn pingpong(a: &crate::pingpong::Args) -> Result<()> {
+    let crate::pingpong::Args { role, ref config, peer, size, iters, warmup, max_ms, busy } = *a;
+    let max_time = Duration::from_millis(max_ms);
     use crate::pingpong::SAMPLE;
     use std::io::Write;
     use std::time::Instant;
@@ -344,17 +336,7 @@ pub fn pingpong(
 
 /// Without the `rdma` feature there is no RDMA transport to measure.
 #[cfg(not(feature = "rdma"))]
-#[allow(clippy::too_many_arguments)]
-pub fn pingpong(
-    _busy: bool,
-    _role: Role,
-    _config: &Path,
-    _peer: u64,
-    _size: usize,
-    _iters: usize,
-    _warmup: usize,
-    _max_time: Duration,
-) -> Result<()> {
+pub fn pingpong(_: &crate::pingpong::Args) -> Result<()> {
     bail!("{}", missing_prerequisite().unwrap_or_default())
 }
 
