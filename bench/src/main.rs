@@ -491,26 +491,28 @@ fn run(args: Args) -> Result<i32> {
     let (iters, syncs) = if args.short { (5_000, 200) } else { (20_000, 1_000) };
     let rtt = baseline::tcp_rtt(64, iters, 1_000, Duration::from_secs(10)).context("TCP round-trip baseline")?;
     let sync = baseline::fdatasync(&data_dir, syncs, Duration::from_secs(10)).context("fdatasync baseline")?;
+    // A raw ping-pong baseline waiting as the replicas do, then busy-polling (64 B
+    // messages, 1,000 untimed round trips first, at most 10 s each).
+    let me = std::env::current_exe().context("locating the bench executable")?;
+    let ping_pair = |rtt: &dyn Fn(bool) -> Result<hdrhistogram::Histogram<u64>>, what: &str, how: &str| -> Result<_> {
+        let h = rtt(false).with_context(|| format!("{what} round-trip baseline ({how})"))?;
+        let b = rtt(true).with_context(|| format!("{what} round-trip baseline, busy-polling"))?;
+        Ok((Some(h), Some(b)))
+    };
     let (dpdk_rtt, dpdk_busy) = match &net {
-        Some(net) => {
-            let me = std::env::current_exe().context("locating the bench executable")?;
-            let h = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), false)
-                .context("DPDK round-trip baseline (ping-pong between two replicas' namespaces)")?;
-            let b = dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), true)
-                .context("DPDK round-trip baseline, busy-polling")?;
-            (Some(h), Some(b))
-        }
+        Some(net) => ping_pair(
+            &|busy| dpdk::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), busy),
+            "DPDK",
+            "ping-pong between two replicas' namespaces",
+        )?,
         None => (None, None),
     };
     let (rdma_rtt, rdma_busy) = match &rdma_net {
-        Some(net) => {
-            let me = std::env::current_exe().context("locating the bench executable")?;
-            let h = rdma::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), false)
-                .context("RDMA round-trip baseline (one-sided write ping-pong between two processes)")?;
-            let b = rdma::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), true)
-                .context("RDMA round-trip baseline, busy-polling")?;
-            (Some(h), Some(b))
-        }
+        Some(net) => ping_pair(
+            &|busy| rdma::rtt(net, &me, &data_dir, 64, iters, 1_000, Duration::from_secs(10), busy),
+            "RDMA",
+            "one-sided write ping-pong between two processes",
+        )?,
         None => (None, None),
     };
     let baselines = Baselines {
