@@ -34,6 +34,11 @@ pub enum PlantedBug {
     /// earlier slot it trims to, so a replica that installs it replays entries it
     /// already counts.
     TrimAtApplied,
+    /// With acceptance by landing, the acceptor raises its promise without first
+    /// fencing the permission holder (revoking it and draining the writes that landed):
+    /// a write the old leader counted as accepted can then be missing from the tail the
+    /// new candidate reads.
+    PromiseBeforeDrain,
 }
 
 /// Configuration of one replica. Every member of a cluster must agree on `voters`
@@ -95,6 +100,16 @@ pub struct Config {
     /// starting an election (up to one more election timeout at 0), so that replicas
     /// of higher priority usually win when a leader fails.
     pub priority: u8,
+    /// Acceptance by landing (Mu's model, for one-sided transports whose completion says
+    /// the bytes are in the follower's region under the durability mode: RDMA WRITE
+    /// completion for `memory`, read-after-write or FLUSH for `pmem`): the writer counts
+    /// a follower's acceptance when its write lands, before the follower's CPU looked at
+    /// it. The acceptor must then never raise its promise while writes of the permission
+    /// holder may sit in its region unseen: it first asks its driver to fence the holder
+    /// ([`crate::Action::Fence`]: revoke, then hand over every write that landed) and
+    /// raises the promise only after [`crate::Replica::fence_done`]. Default false
+    /// (acceptance is the follower's acknowledgement after its sync).
+    pub accept_on_landing: bool,
     /// A deliberately wrong variant of the core (simulator tests only).
     #[cfg(feature = "sim")]
     pub planted_bug: Option<PlantedBug>,
@@ -140,6 +155,7 @@ impl Config {
             can_lead: true,
             max_clock_drift_percent: 10,
             priority: 255,
+            accept_on_landing: false,
             #[cfg(feature = "sim")]
             planted_bug: None,
         }

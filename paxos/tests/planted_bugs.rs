@@ -82,6 +82,14 @@ fn catches_a_trim_snapshot_labelled_with_an_earlier_slot() {
 }
 
 #[test]
+fn catches_a_promise_raised_before_the_landed_writes_were_taken() {
+    // Acceptance by landing: the acceptor promises a new ballot while writes the old
+    // leader already counted sit unseen in its region; its core then denies them, and
+    // the new leader, not reading them, can choose another value for their slots.
+    hunt(PlantedBug::PromiseBeforeDrain);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
-    assert_eq!(ALL_BUGS.len(), 9);
+    assert_eq!(ALL_BUGS.len(), 10);
 }

@@ -88,6 +88,7 @@ impl Net {
                 }
                 Action::GrantWrite { .. }
                 | Action::RevokeWrite { .. }
+                | Action::Fence { .. }
                 | Action::Aborted(_)
                 | Action::ReadReady { .. }
                 | Action::ReadsAborted(_)
@@ -303,6 +304,77 @@ fn a_learner_receives_the_log_but_never_votes_or_leads() {
     assert!(net.nodes[&l].chosen() == before, "a learner's acknowledgement is not a vote");
     assert_eq!(net.nodes[&4].role(), Role::Learner);
     assert!(net.roles.iter().all(|&(id, r)| id != 4 || r == Role::Learner));
+}
+
+/// Acceptance by landing: a follower whose promise is owned by a writer (replica 1)
+/// defers a higher Prepare until its driver fenced the writer; the writes that landed
+/// meanwhile are accepted under the old promise, and only then is the promise made.
+#[test]
+fn with_acceptance_by_landing_a_promise_waits_for_the_fence() {
+    let mut c = Config::new(2, vec![1, 2, 3]);
+    c.accept_on_landing = true;
+    let mut s = MemStorage::new();
+    s.set_promise(Ballot::new(4, 1)).unwrap();
+    let mut r = Replica::new(c, s, 0).unwrap();
+    r.flush().unwrap();
+    assert_eq!(r.poll_action(), Some(Action::GrantWrite { to: 1, ballot: Ballot::new(4, 1) }));
+    let prepare = |r: &mut Replica<MemStorage>, round| {
+        r.handle_message(MS, 3, Message::Prepare { ballot: Ballot::new(round, 3), transfer: true }).unwrap();
+        r.flush().unwrap();
+    };
+    prepare(&mut r, 5);
+    assert_eq!(r.poll_action(), Some(Action::Fence { holder: 1 }), "the holder is fenced first");
+    assert_eq!(r.poll_action(), None, "no promise before the fence");
+    assert_eq!(r.storage().promise(), Ballot::new(4, 1));
+    // A second Prepare waits too (one fence is asked).
+    prepare(&mut r, 6);
+    assert_eq!(r.poll_action(), None);
+    // The driver hands over what landed before the revocation: accepted under ballot 4.
+    let req = WriteRequest { ballot: Ballot::new(4, 1), first: 1, values: vec![Value::Noop], commit: 0 };
+    r.handle_remote_write(MS, 1, req).unwrap();
+    r.flush().unwrap();
+    let acts: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::WriteCompletion { to: 1, result: WriteResult::Ok { .. } })),
+        "{acts:?}"
+    );
+    assert_eq!(r.storage().entry(1).unwrap().map(|e| e.ballot), Some(Ballot::new(4, 1)));
+    r.fence_done(2 * MS).unwrap();
+    r.flush().unwrap();
+    let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    let promised: Vec<Ballot> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to: 3, msg: Message::Promise { ballot, last, .. } } => {
+                assert_eq!(*last, 1, "the promise reports the landed write");
+                Some(*ballot)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(promised, vec![Ballot::new(5, 3)], "{actions:?}");
+    assert!(actions.contains(&Action::GrantWrite { to: 3, ballot: Ballot::new(5, 3) }), "{actions:?}");
+    // The second Prepare would raise the promise over the new holder (even though it is
+    // the same replica, its writes under ballot 5 may have landed): another fence.
+    assert_eq!(actions.last(), Some(&Action::Fence { holder: 3 }), "{actions:?}");
+    assert_eq!(r.storage().promise(), Ballot::new(5, 3));
+    r.fence_done(2 * MS).unwrap();
+    r.flush().unwrap();
+    let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(actions.contains(&Action::GrantWrite { to: 3, ballot: Ballot::new(6, 3) }), "{actions:?}");
+    assert_eq!(r.storage().promise(), Ballot::new(6, 3));
+    // A write of the fenced holder that lands late is denied now.
+    let req = WriteRequest { ballot: Ballot::new(4, 1), first: 2, values: vec![Value::Noop], commit: 0 };
+    r.handle_remote_write(3 * MS, 1, req).unwrap();
+    r.flush().unwrap();
+    let acts: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::WriteCompletion { result: WriteResult::Denied { .. }, .. })),
+        "{acts:?}"
+    );
+    // The new owner's own higher ballot: its earlier writes are fenced too.
+    prepare(&mut r, 7);
+    assert_eq!(r.poll_action(), Some(Action::Fence { holder: 3 }));
 }
 
 #[test]

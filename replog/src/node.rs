@@ -115,6 +115,9 @@ pub struct Node<T: Transport> {
     /// Agent side: tokens of arrived accesses, per peer, in arrival order (the core
     /// answers each access exactly once, in order).
     arrived_writes: HashMap<PeerId, VecDeque<Token>>,
+    /// The core asked for a fence ([`Action::Fence`]) and it was carried out: tell the
+    /// core once the actions in hand are executed.
+    fence_done: bool,
     /// Arrived reads: token and the reader's byte budget.
     arrived_reads: HashMap<PeerId, VecDeque<(Token, usize)>>,
     /// Issuer side: what each outstanding access was.
@@ -234,6 +237,7 @@ impl<T: Transport> Node<T> {
             metrics,
             start: Instant::now(),
             arrived_writes: HashMap::new(),
+            fence_done: false,
             arrived_reads: HashMap::new(),
             my_writes: HashMap::new(),
             my_reads: HashMap::new(),
@@ -403,6 +407,12 @@ impl<T: Transport> Node<T> {
             while let Some(a) = self.replica.poll_action() {
                 self.execute(a);
             }
+            if std::mem::take(&mut self.fence_done) {
+                self.replica.fence_done(now)?;
+                while let Some(a) = self.replica.poll_action() {
+                    self.execute(a);
+                }
+            }
             self.app_housekeeping(now)?;
             self.serve_tails();
             if let Some(p) = self.client_port.as_mut() {
@@ -556,6 +566,15 @@ impl<T: Transport> Node<T> {
             Action::RevokeWrite { from } => {
                 debug!(peer = from, "write permission revoked");
                 self.transport.revoke(from);
+            }
+            Action::Fence { holder } => {
+                // Asked only under `accept_on_landing`, which this node does not set:
+                // its writers count a follower's acknowledgement, which the follower's
+                // core sends after taking the write, so nothing landed here unseen.
+                // Revoking is the whole fence; the core hears it is done below.
+                debug!(peer = holder, "write permission fenced");
+                self.transport.revoke(holder);
+                self.fence_done = true;
             }
             Action::Apply(applied) => self.on_apply(applied),
             Action::ReadReady { id, .. } => {

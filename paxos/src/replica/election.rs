@@ -9,7 +9,7 @@
 //! quorum never raises anybody's promise) and stickiness (a replica that heard a
 //! leader within the election timeout refuses to help depose it).
 
-use super::{Action, CandidateState, Error, LeaderState, PreVoteState, Progress, Replica, Role};
+use super::{Action, CandidateState, Error, FenceState, LeaderState, PreVoteState, Progress, Replica, Role};
 use crate::config::PlantedBug;
 use crate::contracts::{ensure, invariant, require};
 use crate::message::{Message, ReadRequest, ReadResult};
@@ -137,6 +137,11 @@ impl<S: Storage> Replica<S> {
     fn start_election(&mut self, transfer: bool) -> Result<(), Error> {
         require!(self.role == Role::PreCandidate || (transfer && self.role == Role::Follower));
         require!(self.cfg.can_lead && self.cfg.is_voter());
+        if self.fence_first() {
+            // Acceptance by landing: the holder is fenced first (see `fence_first`).
+            self.fence.as_mut().expect("fence asked").election = Some(transfer);
+            return Ok(());
+        }
         let ballot = Ballot::new(self.max_round + 1, self.cfg.id);
         self.raise_promise(ballot)?;
         self.pre = None;
@@ -190,6 +195,11 @@ impl<S: Storage> Replica<S> {
             };
             if lease {
                 return Ok(()); // a healthy leader is known: do not help depose it
+            }
+            if self.fence_first() {
+                let f = self.fence.as_mut().expect("fence asked");
+                f.stash.push((from, Message::Prepare { ballot, transfer }));
+                return Ok(());
             }
             let before = self.promised;
             if self.role != Role::Follower {
@@ -507,5 +517,69 @@ impl<S: Storage> Replica<S> {
             return false;
         }
         true
+    }
+}
+
+impl<S: Storage> Replica<S> {
+    /// Acceptance by landing ([`crate::Config::accept_on_landing`]): whether the promise
+    /// must wait for a fence of the permission holder before it rises. The holder's
+    /// writer counts a write as accepted once it landed in our region, possibly before
+    /// we handed it to the core; raising the promise first would deny those writes (their
+    /// ballot is no longer the promise) and leave them out of the tail the next
+    /// candidate reads, though the old leader may have chosen values with them. So:
+    /// revoke the holder, take every write that landed, and only then promise. Asks for
+    /// the fence (once) and returns true when the caller must wait for it; the caller
+    /// notes in `self.fence` what to do afterwards.
+    pub(super) fn fence_first(&mut self) -> bool {
+        if self.fence.is_some() {
+            return true;
+        }
+        let p = self.promised;
+        let holder_elsewhere = !p.is_zero() && p.node != self.cfg.id;
+        if !self.cfg.accept_on_landing
+            || !holder_elsewhere
+            || self.fenced == Some(p)
+            || self.bug(PlantedBug::PromiseBeforeDrain)
+        {
+            return false;
+        }
+        self.fence = Some(FenceState { at: p, stash: Vec::new(), election: None });
+        self.emit(Action::Fence { holder: p.node });
+        true
+    }
+
+    pub(super) fn on_fence_done(&mut self) -> Result<(), Error> {
+        let Some(f) = self.fence.take() else {
+            return Ok(()); // nothing was asked (a driver repeating itself): nothing to do
+        };
+        require!(self.cfg.accept_on_landing, "a fence without acceptance by landing");
+        require!(self.promised == f.at, "the promise rose during a fence: {:?} -> {:?}", f.at, self.promised);
+        self.fenced = Some(f.at);
+        let mut stash = f.stash.into_iter();
+        while let Some((from, msg)) = stash.next() {
+            self.dispatch(from, msg)?;
+            if let Some(g) = self.fence.as_mut() {
+                // The promise rose to a new holder, and a later message would raise it
+                // again: that waits for a fence of the new holder.
+                g.stash.extend(stash.by_ref());
+                g.election = g.election.or(f.election);
+                return Ok(());
+            }
+        }
+        if let Some(transfer) = f.election {
+            let may = self.cfg.can_lead
+                && self.cfg.is_voter()
+                && (self.role == Role::PreCandidate || (transfer && self.role == Role::Follower));
+            if may && self.promised == f.at {
+                self.start_election(transfer)?;
+            }
+        }
+        if self.promised == f.at && self.fence.is_none() {
+            // Nothing raised the promise after all: its owner may write again.
+            self.fenced = None;
+            self.emit(Action::GrantWrite { to: f.at.node, ballot: f.at });
+        }
+        ensure!(self.fence.is_some() || self.promised != f.at || self.fenced.is_none());
+        Ok(())
     }
 }

@@ -98,6 +98,19 @@ pub enum Action {
         /// The former holder.
         from: NodeId,
     },
+    /// Only with [`Config::accept_on_landing`]: the promise is about to rise while
+    /// `holder` may have writes in this replica's region that the writer already counts
+    /// as accepted. The driver takes write permission away from `holder` (as for
+    /// [`Action::RevokeWrite`]), hands every write that landed before that to
+    /// [`Replica::handle_remote_write`] in the order they landed, then calls
+    /// [`Replica::fence_done`]. The replica defers whatever would raise its promise
+    /// (a Prepare, a newer leader's heartbeat, its own candidacy) until then; after it,
+    /// permission goes to the new promise's owner, or back to `holder` if the promise
+    /// did not rise.
+    Fence {
+        /// The permission holder to fence.
+        holder: NodeId,
+    },
     /// A chosen slot, delivered exactly once and in slot order.
     Apply(Applied),
     /// Proposals that will not be committed by this replica (it stopped leading before
@@ -203,6 +216,17 @@ pub enum ProposeError {
     /// The replica stopped after a fatal error.
     #[error("replica stopped")]
     Stopped,
+}
+
+/// A fence asked of the driver ([`Action::Fence`]) and what waits for it.
+#[derive(Debug)]
+struct FenceState {
+    /// The promise when the fence was asked.
+    at: Ballot,
+    /// Messages that would raise the promise, in arrival order.
+    stash: Vec<(NodeId, Message)>,
+    /// An election to start afterwards (`Some(transfer)`).
+    election: Option<bool>,
 }
 
 /// Phase-1 state of a pre-candidate.
@@ -359,6 +383,11 @@ pub struct Replica<S: Storage> {
     pre: Option<PreVoteState>,
     cand: Option<CandidateState>,
     lead: Option<LeaderState>,
+    /// A fence in progress (acceptance by landing).
+    fence: Option<FenceState>,
+    /// The promise under which the last fence completed: its owner can no longer
+    /// write, and what it wrote was handed over, so the promise may rise.
+    fenced: Option<Ballot>,
     /// Actions released to the driver.
     out: VecDeque<Action>,
     /// Actions waiting for the next storage sync (everything emitted after a write).
@@ -413,6 +442,8 @@ impl<S: Storage> Replica<S> {
             pre: None,
             cand: None,
             lead: None,
+            fence: None,
+            fenced: None,
             out: VecDeque::new(),
             staged: Vec::new(),
             dirty: false,
@@ -559,7 +590,12 @@ impl<S: Storage> Replica<S> {
         if !self.is_member(from) || from == self.cfg.id {
             return Ok(()); // unknown peers are ignored (the transport should have refused them)
         }
-        let r = match msg {
+        let r = self.dispatch(from, msg);
+        self.leave(r)
+    }
+
+    fn dispatch(&mut self, from: NodeId, msg: Message) -> Result<(), Error> {
+        match msg {
             Message::PreVote { round, chosen } => self.on_pre_vote(from, round, chosen),
             Message::PreVoteReply { round, granted } => self.on_pre_vote_reply(from, round, granted),
             Message::Prepare { ballot, transfer } => self.on_prepare(from, ballot, transfer),
@@ -570,7 +606,15 @@ impl<S: Storage> Replica<S> {
             Message::HeartbeatReply { ballot, chosen, last, seq } => {
                 self.on_heartbeat_reply(from, ballot, chosen, last, seq)
             }
-        };
+        }
+    }
+
+    /// The driver finished the fence asked by [`Action::Fence`]: the holder can no
+    /// longer write here, and every write of it that landed was handed to
+    /// [`Replica::handle_remote_write`]. What waited for the fence runs now.
+    pub fn fence_done(&mut self, now: Nanos) -> Result<(), Error> {
+        self.enter(now)?;
+        let r = self.on_fence_done();
         self.leave(r)
     }
 
@@ -914,6 +958,16 @@ impl<S: Storage> Replica<S> {
     pub(crate) fn raise_promise(&mut self, b: Ballot) -> Result<(), Error> {
         require!(b > self.promised, "promise must rise: {:?} -> {:?}", self.promised, b);
         let old = self.promised;
+        require!(
+            !self.cfg.accept_on_landing
+                || old.is_zero()
+                || old.node == self.cfg.id
+                || self.fenced == Some(old)
+                || self.bug(crate::config::PlantedBug::PromiseBeforeDrain),
+            "promise {:?} -> {:?} over a holder whose landed writes were not taken (no fence)",
+            old,
+            b
+        );
         self.storage.set_promise(b)?;
         self.dirty = true;
         self.promised = b;

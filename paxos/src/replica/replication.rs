@@ -414,6 +414,11 @@ impl<S: Storage> Replica<S> {
         if ballot > self.promised {
             // The sender completed phase 1 with a quorum that did not include us:
             // promise its ballot (this grants it write permission).
+            if self.fence_first() {
+                let f = self.fence.as_mut().expect("fence asked");
+                f.stash.push((from, Message::Heartbeat { ballot, commit, seq }));
+                return Ok(());
+            }
             if self.role != Role::Follower && self.role != Role::Learner {
                 self.become_follower(None);
             }

@@ -8,12 +8,20 @@
 //! (losing everything their storage had not synced) and restart; every replica's
 //! clock runs at its own rate. Then everything heals and the run must settle.
 //!
+//! A third of the seeds run **acceptance by landing** (Mu's model, what replog's RDMA
+//! transport does in `memory` and `pmem` modes): a remote write lands in the target's
+//! persistent region when the writer holds its permission, the writer counts it
+//! accepted on the landing's acknowledgement, and the target's CPU takes it into its
+//! core only up to `drain_max` later; a promise rises only after a fence (revoke, take
+//! what landed). Restarted replicas replay what is still in their region.
+//!
 //! Checks, on every step and at the end:
 //! - **agreement**: no two replicas apply different values at one slot;
 //! - **state-machine agreement**: every client entry gets the same result everywhere,
 //!   and de-duplication hands out positions consistently;
 //! - **permission**: a replica only accepts remote writes from the holder of the write
-//!   permission it granted (as an RDMA NIC would enforce);
+//!   permission it granted (as an RDMA NIC would enforce; under landing, the landing
+//!   itself is checked);
 //! - **no acknowledged append lost**: every append a client saw acknowledged is in the
 //!   final log, at its position, exactly once;
 //! - **linearizability** of the client history (Wing & Gong with Lowe's memoization,
@@ -92,6 +100,16 @@ pub struct SimConfig {
     /// only from the holder of the permission it granted, as an RDMA NIC enforces).
     /// Planted-bug tests turn it off to show that the end-to-end checks catch the bug.
     pub check_permission: bool,
+    /// Acceptance by landing (Mu's model, [`crate::Config::accept_on_landing`]): a
+    /// remote write lands in the target's region if the writer holds its permission,
+    /// and the writer counts it accepted when the landing is acknowledged (the NIC's
+    /// completion), while the target's CPU takes landed writes into its core only
+    /// later (after up to `drain_max`). The region is persistent (pmem): what landed
+    /// survives a crash and is handed to the restarted core. The follower core's own
+    /// acknowledgements are then credits and do not reach the writer's core.
+    pub landing: bool,
+    /// With `landing`: the longest a landed write waits for the target's CPU.
+    pub drain_max: Nanos,
     /// A deliberately wrong variant of the core.
     pub planted_bug: Option<PlantedBug>,
     /// Upper bound on events processed (a run that needs more is a liveness failure).
@@ -159,6 +177,8 @@ impl SimConfig {
             reconfigs: [0, 4, 10][(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 60) as usize % 3],
             reconfig_split: false,
             trim_every: [0, 0, 6, 20][(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 60) as usize % 4],
+            landing: (seed.wrapping_mul(0x9FB2_1C65_1E98_DF25) >> 60).is_multiple_of(3),
+            drain_max: [MS / 10, 2 * MS, 30 * MS][(seed.wrapping_mul(0xFF51_AFD7_ED55_8CCD) >> 60) as usize % 3],
         }
     }
 
@@ -188,9 +208,19 @@ impl SimConfig {
         c
     }
 
-    /// The same configuration with a planted bug.
+    /// The same configuration with acceptance by landing on or off.
+    pub fn with_landing(mut self, landing: bool) -> Self {
+        self.landing = landing;
+        self
+    }
+
+    /// The same configuration with a planted bug. A bug of acceptance by landing
+    /// turns landing on (it exists only there).
     pub fn with_bug(mut self, bug: Option<PlantedBug>) -> Self {
         self.planted_bug = bug;
+        if bug == Some(PlantedBug::PromiseBeforeDrain) {
+            self.landing = true;
+        }
         self
     }
 }
@@ -225,6 +255,13 @@ pub struct SimReport {
     /// Log-service trims applied (a snapshot of the core's state saved, the prefix
     /// dropped), over all replicas.
     pub trims: u64,
+    /// Acceptance by landing: writes that landed (counted accepted at the NIC), fences
+    /// carried out before a promise rose, and landed writes handed to a restarted core.
+    pub writes_landed: u64,
+    /// See `writes_landed`.
+    pub fences: u64,
+    /// See `writes_landed`.
+    pub replayed: u64,
     /// Virtual time from healing to the first commit after it.
     pub recovery_after_heal: Option<Nanos>,
     /// Virtual time simulated.
@@ -260,6 +297,14 @@ pub struct SimTotals {
     pub snapshots_installed: u64,
     /// Log-service trims applied.
     pub trims: u64,
+    /// Runs with acceptance by landing.
+    pub landing_runs: u64,
+    /// Writes that landed, fences, and landed writes replayed after restarts.
+    pub writes_landed: u64,
+    /// See `writes_landed`.
+    pub fences: u64,
+    /// See `writes_landed`.
+    pub replayed: u64,
     /// The longest time from healing to the first commit after it.
     pub worst_recovery: Nanos,
 }
@@ -280,6 +325,10 @@ impl SimTotals {
         self.reconfigs += r.reconfigs;
         self.snapshots_installed += r.snapshots_installed;
         self.trims += r.trims;
+        self.landing_runs += u64::from(r.writes_landed > 0 || r.fences > 0);
+        self.writes_landed += r.writes_landed;
+        self.fences += r.fences;
+        self.replayed += r.replayed;
         self.worst_recovery = self.worst_recovery.max(r.recovery_after_heal.unwrap_or(0));
     }
 }
@@ -290,7 +339,8 @@ impl fmt::Display for SimTotals {
             f,
             "{} events, {} slots chosen, {} entries applied, {} client ops ({} acknowledged appends), \
              {} elections, {} crashes, {} leadership transfers, {} membership changes, {} snapshots taken, \
-             {} installed by transfer, {} log trims; worst recovery after healing {:.1}ms",
+             {} installed by transfer, {} log trims; acceptance by landing in {} runs ({} writes landed, \
+             {} fences, {} replayed at restarts); worst recovery after healing {:.1}ms",
             self.events,
             self.slots_chosen,
             self.entries_applied,
@@ -303,6 +353,10 @@ impl fmt::Display for SimTotals {
             self.snapshots_taken,
             self.snapshots_installed,
             self.trims,
+            self.landing_runs,
+            self.writes_landed,
+            self.fences,
+            self.replayed,
             self.worst_recovery as f64 / 1e6
         )
     }
@@ -372,11 +426,12 @@ pub fn bug_name(b: PlantedBug) -> &'static str {
         PlantedBug::IgnoreTrimmedPromiser => "ignore-trimmed-promiser",
         PlantedBug::EarlyNewQuorum => "early-new-quorum",
         PlantedBug::TrimAtApplied => "trim-at-applied",
+        PlantedBug::PromiseBeforeDrain => "promise-before-drain",
     }
 }
 
 /// Every planted bug.
-pub const ALL_BUGS: [PlantedBug; 9] = [
+pub const ALL_BUGS: [PlantedBug; 10] = [
     PlantedBug::SkipValueAdoption,
     PlantedBug::AcceptLowerBallot,
     PlantedBug::DoubleCountVote,
@@ -386,6 +441,7 @@ pub const ALL_BUGS: [PlantedBug; 9] = [
     PlantedBug::IgnoreTrimmedPromiser,
     PlantedBug::EarlyNewQuorum,
     PlantedBug::TrimAtApplied,
+    PlantedBug::PromiseBeforeDrain,
 ];
 
 /// Parses a planted bug's command-line name.

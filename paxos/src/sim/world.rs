@@ -36,21 +36,79 @@ enum Reply {
 
 #[derive(Debug)]
 enum Event {
-    Net { from: NodeId, to: NodeId, payload: Payload },
-    Timer { node: NodeId },
-    Flush { node: NodeId, incarnation: u64 },
-    ClientStart { client: usize },
-    ClientArrive { client: usize, node: NodeId, cmd: Command },
-    ClientReadArrive { client: usize, node: NodeId, session: u64, seq: u64 },
-    ClientReply { client: usize, session: u64, seq: u64, attempt: u32, reply: Reply },
-    ClientTimeout { client: usize, seq: u64, attempt: u32 },
-    ClientResend { client: usize, seq: u64, attempt: u32 },
-    Crash { node: NodeId },
-    Transfer { to: NodeId },
-    Reconfigure { pick: u64 },
-    Restart { node: NodeId },
-    Cut { id: u64, links: Vec<(NodeId, NodeId)> },
-    Uncut { id: u64 },
+    Net {
+        from: NodeId,
+        to: NodeId,
+        payload: Payload,
+    },
+    Timer {
+        node: NodeId,
+    },
+    Flush {
+        node: NodeId,
+        incarnation: u64,
+    },
+    /// Acceptance by landing: the node's CPU takes what landed in its region.
+    Drain {
+        node: NodeId,
+        incarnation: u64,
+    },
+    /// Acceptance by landing: the node's driver finishes the fence its core asked for
+    /// (takes what landed, then tells the core).
+    Fenced {
+        node: NodeId,
+        incarnation: u64,
+    },
+    ClientStart {
+        client: usize,
+    },
+    ClientArrive {
+        client: usize,
+        node: NodeId,
+        cmd: Command,
+    },
+    ClientReadArrive {
+        client: usize,
+        node: NodeId,
+        session: u64,
+        seq: u64,
+    },
+    ClientReply {
+        client: usize,
+        session: u64,
+        seq: u64,
+        attempt: u32,
+        reply: Reply,
+    },
+    ClientTimeout {
+        client: usize,
+        seq: u64,
+        attempt: u32,
+    },
+    ClientResend {
+        client: usize,
+        seq: u64,
+        attempt: u32,
+    },
+    Crash {
+        node: NodeId,
+    },
+    Transfer {
+        to: NodeId,
+    },
+    Reconfigure {
+        pick: u64,
+    },
+    Restart {
+        node: NodeId,
+    },
+    Cut {
+        id: u64,
+        links: Vec<(NodeId, NodeId)>,
+    },
+    Uncut {
+        id: u64,
+    },
     Heal,
     Settle,
 }
@@ -109,6 +167,11 @@ struct Node {
     waiters: BTreeMap<(u64, u64), usize>,
     /// The write permission this replica's agent granted (as a NIC would hold it).
     permission: Option<(NodeId, Ballot)>,
+    /// Acceptance by landing: the writes that landed in this node's region (persistent:
+    /// it survives crashes), oldest first, as (writer, write), and how many of them
+    /// the core was handed. Those it was handed leave at the next storage sync.
+    ring: Vec<(NodeId, WriteRequest)>,
+    drained: usize,
     /// Direct (lease or quorum-round) reads waiting here: id -> (client, session, seq).
     read_waiters: BTreeMap<u64, (usize, u64, u64)>,
     /// The latest snapshot, saved durably (it survives crashes).
@@ -199,6 +262,8 @@ impl World {
                     sm: StateMachine::empty(),
                     waiters: BTreeMap::new(),
                     permission: None,
+                    ring: Vec::new(),
+                    drained: 0,
                     read_waiters: BTreeMap::new(),
                     snapshot: None,
                     pending_trim: None,
@@ -481,7 +546,23 @@ impl World {
                     self.violate(ViolationKind::Contract, msg);
                     return;
                 }
+                // What the core was handed from the region is in its storage now.
+                n.ring.drain(..n.drained);
+                n.drained = 0;
                 self.after(node);
+            }
+            Event::Drain { node, incarnation } => {
+                if self.nodes[&node].incarnation == incarnation {
+                    self.drain(node);
+                }
+            }
+            Event::Fenced { node, incarnation } => {
+                if self.nodes[&node].incarnation == incarnation {
+                    self.report.fences += 1;
+                    self.drain(node);
+                    let local = self.local_time(node);
+                    self.with_replica(node, |r| r.fence_done(local).map_err(|e| e.to_string()));
+                }
             }
             Event::ClientStart { client } => self.client_start(client),
             Event::ClientArrive { client, node, cmd } => self.client_arrive(client, node, cmd),
@@ -579,6 +660,7 @@ impl World {
         c.max_clock_drift_percent = (((1.0 + spread) * (1.0 + spread) - 1.0) * 100.0).ceil() as u64 + 1;
         c.can_lead = !(self.cfg.one_cannot_lead && Some(&node) == self.voters.last());
         c.priority = if self.cfg.priorities { (node * 97 % 256) as u8 } else { 255 };
+        c.accept_on_landing = self.cfg.landing;
         let disk = SimDisk::open(n.durable.clone());
         let meta = match &n.snapshot {
             Some((meta, sm)) => {
@@ -595,7 +677,45 @@ impl World {
                 return;
             }
         }
+        // The persistent region's writes go to the restarted core, which takes those of
+        // its promise's owner under that promise.
+        n.drained = 0;
+        self.report.replayed += n.ring.len() as u64;
         self.after(node);
+        self.drain(node);
+    }
+
+    /// A remote write reaches `to` under acceptance by landing: it lands if `from`
+    /// holds `to`'s write permission (the NIC's check), and the landing is acknowledged
+    /// to the writer as its acceptance; `to`'s CPU takes it later.
+    fn land(&mut self, from: NodeId, to: NodeId, w: WriteRequest) {
+        let n = self.nodes.get_mut(&to).expect("node");
+        let result = if n.permission.is_some_and(|(h, _)| h == from) {
+            let result = WriteResult::Ok { ballot: w.ballot, first: w.first, count: w.values.len() as u64 };
+            n.ring.push((from, w));
+            self.report.writes_landed += 1;
+            let incarnation = n.incarnation;
+            let at = self.now + self.rng.range(0, self.cfg.drain_max);
+            self.schedule(at, Event::Drain { node: to, incarnation });
+            result
+        } else {
+            WriteResult::Denied { ballot: w.ballot, promised: None }
+        };
+        self.net_send(to, from, Payload::WriteDone(result));
+    }
+
+    /// `node`'s CPU hands the writes that landed in its region to its core, in order.
+    fn drain(&mut self, node: NodeId) {
+        loop {
+            let local = self.local_time(node);
+            let n = self.nodes.get_mut(&node).expect("node");
+            if n.replica.is_none() || n.drained >= n.ring.len() {
+                return;
+            }
+            let (from, w) = n.ring[n.drained].clone();
+            n.drained += 1;
+            self.with_replica(node, |r| r.handle_remote_write(local, from, w).map_err(|e| e.to_string()));
+        }
     }
 
     /// Runs `f` on `node`'s replica (if it is up), then executes its actions.
@@ -813,6 +933,19 @@ impl World {
             Action::Send { to, msg } => self.net_send(node, to, Payload::Msg(msg)),
             Action::RemoteWrite { to, req } => self.net_send(node, to, Payload::Write(req)),
             Action::RemoteRead { to, req } => self.net_send(node, to, Payload::Read(req)),
+            Action::WriteCompletion { .. } if self.cfg.landing => {
+                // A credit for the writer's transport (it may reuse the region's
+                // space): its core counted the write when it landed.
+            }
+            Action::Fence { holder } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.permission.is_some_and(|(h, _)| h == holder) {
+                    n.permission = None;
+                }
+                let incarnation = n.incarnation;
+                let at = self.now + self.rng.range(0, self.cfg.drain_max / 4 + 1);
+                self.schedule(at, Event::Fenced { node, incarnation });
+            }
             Action::WriteCompletion { to, result } => {
                 if let WriteResult::Ok { ballot, .. } = &result {
                     let perm = self.nodes[&node].permission;
@@ -923,6 +1056,10 @@ impl World {
             n.sm = sm;
             self.report.snapshots_installed += 1;
             self.with_replica(to, |r| r.install_snapshot(local, meta).map(|_| ()).map_err(|e| e.to_string()));
+            return;
+        }
+        if let (true, Payload::Write(w)) = (self.cfg.landing, &payload) {
+            self.land(from, to, w.clone());
             return;
         }
         self.with_replica(to, |r| {
