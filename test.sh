@@ -88,13 +88,13 @@ sim() { # one simulator run; it exits non-zero on any violation (or an uncaught 
     fi
 }
 
-echo "== simulator: many seeds, default and harsh fault mixes"
+echo "== simulator: many seeds, default and harsh fault mixes (a third with acceptance by landing)"
 sim --seeds 3000
 sim --seeds 1000 --start 1000000 --hunting
 
 echo "== simulator: every planted bug must be caught"
 for bug in skip-value-adoption accept-lower-ballot double-count-vote ack-before-sync commit-without-quorum \
-    leader-votes-before-sync ignore-trimmed-promiser early-new-quorum trim-at-applied; do
+    leader-votes-before-sync ignore-trimmed-promiser early-new-quorum trim-at-applied promise-before-drain; do
     sim --seeds 10000 --hunting --no-permission-check --bug "$bug"
 done
 
