@@ -357,8 +357,14 @@ impl<S: Storage> Replica<S> {
             self.leader_seen(from);
         }
         let count = req.values.len() as u64;
+        let trimmed = self.storage.trimmed();
         for (i, value) in req.values.into_iter().enumerate() {
             let slot = req.first + i as u64;
+            if slot <= trimmed {
+                // Chosen, and held by the snapshot we trimmed to (a write that raced a
+                // snapshot install, or one replayed from a persistent region).
+                continue;
+            }
             self.accept_local(Entry { slot, ballot: req.ballot, value })?;
         }
         self.learn_commit(req.ballot, req.commit)?;
