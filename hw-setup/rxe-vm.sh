@@ -16,6 +16,10 @@
 # current directory (read-only) with env RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=10.77.0.1
 # TMPDIR=/tmp; /tmp, /var/tmp, /run and /dev/shm are empty tmpfs in the VM; everything
 # else (HOME=/root included) is the host's, read-only, unless RXE_OVERLAY lists it.
+# Emulated persistent memory (RXE_PMEM=256M, say): a legacy pmem region reserved
+# with the kernel parameter memmap=SIZE!START becomes /dev/pmem0, which gets a fresh
+# ext4 mounted with -o dax on /run/pmem (MAP_SYNC mappings work there); CMD gets
+# REPLOG_TEST_PMEM_DIR=/run/pmem.
 #
 # Environment:
 #   RXE_CACHE     cache directory (default /var/tmp/replog-rxe), any host directory (the
@@ -23,6 +27,10 @@
 #   RXE_TIMEOUT   seconds for the whole run, boot included (default 600); on expiry
 #                 qemu is killed and the exit code is 124
 #   RXE_MEM       VM memory (default 2G)      RXE_SMP   VM CPUs (default 2)
+#   RXE_PMEM      size of an emulated pmem DAX filesystem on /run/pmem, e.g. 256M (a
+#                 multiple of 2M; default none: it adds about 4 s to the boot), added
+#                 to the VM's memory; if it cannot be set up the run fails (exit 125)
+#                 instead of running CMD without it
 #   RXE_WRITABLE  extra host directories (space-separated) to cover with an empty tmpfs
 #   RXE_OVERLAY   host directories (space-separated) made writable in the VM by an
 #                 overlay: the host's files are visible, writes are thrown away
@@ -31,8 +39,8 @@
 #   RXE_KEEP_LOG  a path: keep the VM's serial console log there
 #   RXE_QUIET     1: no progress lines from this script on stderr
 #
-# Exit codes: run: CMD's exit code; 124 timeout; 125 the VM did not boot, or rxe0 did
-# not come up, or CMD could not be started (the reason is printed). setup: 0 or 1.
+# Exit codes: run: CMD's exit code; 124 timeout; 125 the VM did not boot, or rxe0 (or
+# the pmem filesystem) did not come up, or CMD could not be started (the reason is printed). setup: 0 or 1.
 # selftest: 0 all PASS, 1 a FAIL. 2: usage. Needs root.
 set -euo pipefail
 
@@ -41,6 +49,7 @@ CACHE=${RXE_CACHE:-/var/tmp/replog-rxe}
 TIMEOUT=${RXE_TIMEOUT:-600}
 MEM=${RXE_MEM:-2G}
 SMP=${RXE_SMP:-2}
+PMEM=${RXE_PMEM:-0}
 KPATTERN='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 PACKAGES=(qemu-system-x86 busybox-static kmod rdma-core ibverbs-providers ibverbs-utils
     libibverbs-dev librdmacm-dev perftest xz-utils cpio iproute2 util-linux)
@@ -49,6 +58,9 @@ NINEP_MODULES=(9pnet_virtio 9p)
 # Loaded inside the VM. Without the crc32 modules `rdma link add` fails ("failed to add
 # veth0"). rdma_ucm gives /dev/infiniband/rdma_cm (librdmacm); rdma_rxe does not pull it.
 VM_MODULES=(veth crc32_generic crc32-pclmul rdma_rxe rdma_ucm ib_uverbs)
+# Emulated persistent memory (RXE_PMEM): the legacy e820 pmem driver, the pmem block
+# device (with DAX), and ext4 (its dependencies come with modprobe).
+PMEM_MODULES=(nd_e820 nd_pmem ext4)
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
@@ -169,8 +181,55 @@ decompress_vm_modules() { # tree release
         [ -f "$path" ] || continue
         xz -dc "$path" >"${path%.xz}.tmp" && mv "${path%.xz}.tmp" "${path%.xz}" && rm -f "$path"
         changed=1
-    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${VM_MODULES[@]}" overlay)
+    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" overlay)
     [ -z "$changed" ] || depmod -b "$tree" "$rel"
+}
+
+# Whether a module loaded in the VM is still compressed in the tree (a cache prepared
+# by an older version of this script).
+compressed_vm_modules() { # tree release
+    modprobe -d "$1" -S "$2" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" overlay 2>/dev/null |
+        grep -q '^insmod .*\.ko\.xz'
+}
+
+# RXE_PMEM as MiB (0: no pmem); dies on a malformed size.
+pmem_mib() {
+    local v=${PMEM,,} n
+    case $v in
+    '' | 0 | off | no) echo 0; return 0 ;;
+    esac
+    [[ $v =~ ^([1-9][0-9]*)([mg])i?b?$ ]] || die "RXE_PMEM must be a size like 256M or 1G (or 0 for none), not '$PMEM'"
+    n=${BASH_REMATCH[1]}
+    [ "${BASH_REMATCH[2]}" = g ] && n=$((n * 1024))
+    [ $((n % 2)) = 0 ] || die "RXE_PMEM must be a multiple of 2M (the kernel maps pmem in 2 MiB sections), not '$PMEM'"
+    echo "$n"
+}
+
+# RXE_MEM as MiB (qemu's -m: a bare number is MiB); dies on a malformed size.
+mem_mib() {
+    local v=${MEM,,} n
+    [[ $v =~ ^([1-9][0-9]*)([mg]?)i?b?$ ]] || die "RXE_MEM must be a size like 2G or 2048M, not '$MEM'"
+    n=${BASH_REMATCH[1]}
+    [ "${BASH_REMATCH[2]}" = g ] && n=$((n * 1024))
+    echo "$n"
+}
+
+# The VM's memory (-m) with pmem: RXE_MEM, the region, and PMEM_SLACK MiB above it,
+# because the firmware reserves the last bytes of RAM below 4 GiB (a region reaching
+# them is split, and nd_pmem refuses pieces not aligned to 2 MiB).
+PMEM_SLACK=64
+# Where the pmem region starts in the guest's physical memory (MiB): qemu's default
+# machine (pc) keeps all RAM below 4 GiB when it is under 3.5 GiB, else the first 3 GiB
+# there and the rest from 4 GiB on. The region sits just below the slack at the top.
+pmem_start_mib() { # mem_mib pmem_mib
+    local total=$(($1 + $2 + PMEM_SLACK))
+    if [ "$total" -lt 3584 ]; then
+        echo "$1"
+    elif [ $((total - 3072)) -ge $(($2 + PMEM_SLACK)) ]; then
+        echo $((4096 + total - 3072 - $2 - PMEM_SLACK))
+    else
+        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM puts the pmem region across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G plus RXE_PMEM"
+    fi
 }
 
 # Changes to build_initramfs invalidate the cached initramfs.
@@ -307,6 +366,8 @@ write_inner() { # modtree cwd envfile cmd...
         printf 'MODTREE=%q\n' "$modtree"
         printf 'CWD=%q\n' "$cwd"
         printf 'VM_MODULES=(%s)\n' "${VM_MODULES[*]}"
+        printf 'PMEM_MODULES=(%s)\n' "${PMEM_MODULES[*]}"
+        printf 'PMEM_MIB=%q\n' "$PMEM_MIB"
         local writable overlay
         read -ra writable <<<"${RXE_WRITABLE:-}"
         read -ra overlay <<<"${RXE_OVERLAY:-}"
@@ -381,12 +442,43 @@ done
     bad "rxe0 GID index 1 is '$gid', not ::ffff:10.77.0.1 (gids: $(cat /sys/class/infiniband/rxe0/ports/1/gids/[0-3] 2>&1 | tr '\n' ' '))"
 stage rxe-active
 
+# Emulated persistent memory: the kernel reserved the region (memmap=SIZE!START, an
+# e820 type-12 range); nd_e820 makes it a libnvdimm region whose raw namespace nd_pmem
+# serves as /dev/pmem0, with DAX (e820 regions get struct pages). A fresh ext4 on it
+# mounted with -o dax takes MAP_SYNC mappings; the mount fails where DAX is missing.
+if [ "$PMEM_MIB" != 0 ]; then
+    modprobe -d /run/rxe-modules -a "${PMEM_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
+        bad "pmem: modprobe ${PMEM_MODULES[*]} failed: $(cat "$IO/modprobe.log")"
+    stage pmem-modules
+    for _ in $(seq 1 100); do
+        [ -b /dev/pmem0 ] && break
+        sleep 0.1
+    done
+    [ -b /dev/pmem0 ] || bad "pmem: no /dev/pmem0 after loading ${PMEM_MODULES[*]} (kernel command line: $(cat /proc/cmdline); persistent memory in /proc/iomem: $(grep -i persistent /proc/iomem | tr '\n' ' '); nvdimm devices: $(ls /sys/bus/nd/devices 2>&1 | tr '\n' ' '); /dev: $(ls /dev | grep -E 'pmem|dax' | tr '\n' ' '); kernel: $(dmesg | grep -iE 'nd_|pmem|nvdimm|e820|dax|memmap' | tail -n 12 | tr '\n' ' '))"
+    stage pmem-device
+    size=$(($(cat /sys/block/pmem0/size) / 2048))
+    [ "$size" = "$PMEM_MIB" ] || bad "pmem: /dev/pmem0 has $size MiB, not the $PMEM_MIB MiB reserved"
+    [ "$(cat /sys/block/pmem0/queue/dax 2>/dev/null)" = 1 ] || bad "pmem: /dev/pmem0 does not support DAX (/sys/block/pmem0/queue/dax)"
+    mkfs.ext4 -q -F -b 4096 -O ^has_journal -E nodiscard,lazy_itable_init=1 /dev/pmem0 >"$IO/mkfs.log" 2>&1 ||
+        bad "pmem: mkfs.ext4 /dev/pmem0 failed: $(cat "$IO/mkfs.log")"
+    stage pmem-mkfs
+    mkdir -p /run/pmem
+    mount -t ext4 -o dax /dev/pmem0 /run/pmem >"$IO/mount.log" 2>&1 ||
+        bad "pmem: mount -o dax /dev/pmem0 failed: $(cat "$IO/mount.log") $(dmesg | grep -iE 'dax|ext4|pmem' | tail -n 5 | tr '\n' ' ')"
+    opts=$(findmnt -n -o OPTIONS /run/pmem)
+    [[ ,$opts, == *,dax,* || ,$opts, == *,dax=always,* ]] || bad "pmem: /run/pmem is mounted without dax (options: $opts)"
+    chmod 1777 /run/pmem
+    stage pmem-ready
+fi
+
 export RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=10.77.0.1 RXE_NETDEV=veth0 RXE_VM=1
 export TMPDIR=/tmp HOME=/root
 [ -d /root/.cargo/bin ] && export PATH=/root/.cargo/bin:$PATH
 EOF
         cat "$envfile"
         cat <<'EOF'
+# After the host's variables: a host path in REPLOG_TEST_PMEM_DIR means nothing here.
+if [ "$PMEM_MIB" != 0 ]; then export REPLOG_TEST_PMEM_DIR=/run/pmem; else unset REPLOG_TEST_PMEM_DIR; fi
 cd "$CWD" || bad "cannot cd to $CWD in the VM"
 awk '{ print $1 }' /proc/uptime >"$IO/uptime-at-command"
 stage command
@@ -408,6 +500,24 @@ cmd_run() {
     rel=$(cached_release)
     [ -n "$rel" ] || die "no prepared kernel in $CACHE: run '$0 setup' first (or set RXE_CACHE)"
     tree=$CACHE/$rel
+    PMEM_MIB=$(pmem_mib) || exit 1
+    local qmem=$MEM append="console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" mem start
+    if [ "$PMEM_MIB" != 0 ]; then
+        mem=$(mem_mib) || exit 1
+        start=$(pmem_start_mib "$mem" "$PMEM_MIB") || exit 1
+        qmem=$((mem + PMEM_MIB + PMEM_SLACK))M
+        append+=" memmap=${PMEM_MIB}M!${start}M"
+    fi
+    if compressed_vm_modules "$tree/root" "$rel"; then
+        # A cache from an older version of this script: decompress the modules it lacks.
+        (
+            flock 9
+            if compressed_vm_modules "$tree/root" "$rel"; then
+                say "decompressing the VM's modules (this script changed since setup)"
+                decompress_vm_modules "$tree/root" "$rel"
+            fi
+        ) 9>"$CACHE/lock"
+    fi
     if [ "$(cat "$tree/initramfs.gz.recipe" 2>/dev/null)" != "$(initramfs_recipe)" ]; then
         # Made by another version of this script: rebuild it (cheap; the kernel is cached).
         if ! command -v cpio >/dev/null || [ ! -x /bin/busybox ]; then
@@ -456,12 +566,14 @@ cmd_run() {
     if [[ $(setpriv --help 2>&1) == *--pdeathsig* ]]; then pdeath=(setpriv --pdeathsig KILL); fi
     local t0 t_cmd t_end
     t0=$(now)
-    say "booting the VM (kernel $rel, TCG, ${SMP} CPUs, $MEM, timeout ${TIMEOUT}s)"
+    local pmem_note=
+    [ "$PMEM_MIB" = 0 ] || pmem_note=" + ${PMEM_MIB}M pmem"
+    say "booting the VM (kernel $rel, TCG, ${SMP} CPUs, $MEM$pmem_note, timeout ${TIMEOUT}s)"
     "${pdeath[@]}" qemu-system-x86_64 \
-        -accel tcg,thread=multi -cpu max -m "$MEM" -smp "$SMP" \
+        -accel tcg,thread=multi -cpu max -m "$qmem" -smp "$SMP" \
         -nographic -monitor none -serial "file:$IO/console.log" -no-reboot -nic none \
         -kernel "$tree/root/boot/vmlinuz-$rel" -initrd "$tree/initramfs.gz" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" \
+        -append "$append" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
         -virtfs "local,path=$IO,mount_tag=rxeio,security_model=passthrough,multidevs=remap" \
         </dev/null >"$IO/qemu.out" 2>&1 &
@@ -510,8 +622,15 @@ cmd_run() {
             console_tail 30
             echo "  Run '$0 setup' again to rebuild the cache; RXE_KEEP_LOG=FILE keeps the whole console log." >&2
         elif [ "$stage" = failed ]; then
-            echo "$ME: error: setting up soft-RoCE in the VM failed: $(cat "$IO/failure" 2>/dev/null)" >&2
-            echo "  The kernel in $CACHE may lack rdma_rxe/veth; run '$0 setup' again (RXE_CACHE=$CACHE)." >&2
+            local failure
+            failure=$(cat "$IO/failure" 2>/dev/null)
+            if [[ $failure == pmem:* ]]; then
+                echo "$ME: error: setting up the emulated pmem DAX filesystem (RXE_PMEM=$PMEM) in the VM failed: ${failure#pmem: }" >&2
+                echo "  The command was not run. The kernel in $CACHE needs nd_e820, nd_pmem, ext4 and FS_DAX; RXE_PMEM=0 runs without pmem." >&2
+            else
+                echo "$ME: error: setting up soft-RoCE in the VM failed: $failure" >&2
+                echo "  The kernel in $CACHE may lack rdma_rxe/veth; run '$0 setup' again (RXE_CACHE=$CACHE)." >&2
+            fi
         else
             echo "$ME: error: the VM stopped at stage '$stage' without the command's exit code." >&2
             console_tail 30
