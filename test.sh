@@ -38,7 +38,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace -q
 
 echo "== unit, integration, property and crash tests (contracts on)"
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+# store_pmem needs a DAX filesystem, which the host lacks: it runs in the VM below (the
+# RDMA step's boot, on the VM's emulated pmem) and only says so here.
+REPLOG_TEST_PMEM_IN_VM=1 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 test_rc=${PIPESTATUS[0]}
 set -e
 
@@ -103,6 +105,7 @@ bench_out=$(mktemp -d)
 if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
 
 echo "== RDMA: transport tests and a 3-replica cluster over rxe0, inside the soft-RoCE VM (one boot; the bench in a second)"
+echo "   with the store's pmem mode on the VM's emulated pmem (ext4 -o dax, MAP_SYNC), in the same boot"
 # Zero tests run, a build or VM failure, or any failed test counts as a failure.
 rdma_run=0
 rdma_passed=0
@@ -110,6 +113,7 @@ rdma_log=$(mktemp)
 rdma_bin=""
 rdma_cluster_bin=""
 rdma_read_bin=""
+pmem_bin=""
 test_bin() { # package, test target: the test binary's path
     cargo test -p "$1" --features rdma --test "$2" --no-run --message-format=json 2>/dev/null |
         grep "\"name\":\"$2\"" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
@@ -118,19 +122,22 @@ if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
     rdma_bin=$(test_bin transport rdma)
     rdma_cluster_bin=$(test_bin replog process_rdma)
     rdma_read_bin=$(test_bin replog rdma_read)
+    pmem_bin=$(test_bin replog store_pmem)
 else
     tail -20 "$rdma_log"
     echo "FAILED: hw-setup/rxe-vm.sh setup"
 fi
-if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ]; then
+if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ] && [ -n "$pmem_bin" ]; then
+    # RXE_PMEM: the VM's emulated pmem DAX filesystem for store_pmem (REPLOG_TEST_PMEM_DIR);
+    # the run fails (exit 125, no tests) if it cannot be set up.
     # shellcheck disable=SC2016 # expanded inside the VM
-    hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture' \
-        "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" 2>&1 | tee "$rdma_log" |
-        grep -E '^test |panicked|^rdma: |rxe-vm.sh' || true
+    RXE_PMEM=256M hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --nocapture' \
+        "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" "$pmem_bin" 2>&1 | tee "$rdma_log" |
+        grep -E '^test |panicked|^rdma: |^pmem: |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
     rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
 else
-    echo "FAILED: no RDMA test binaries (cargo test -p transport/-p replog --features rdma --no-run)"
+    echo "FAILED: no RDMA/pmem test binaries (cargo test -p transport/-p replog --features rdma --no-run)"
 fi
 rm -f "$rdma_log"
 rdma_tests_run=$rdma_run
@@ -140,7 +147,7 @@ rdma_tests_run=$rdma_run
 # to the VM's /tmp (a tmpfs, thrown away at power-off). Counted as one RDMA test.
 echo "== RDMA: bench --short --transport rdma (replicas over rxe0 in the VM, RDMA ping-pong baseline)"
 if cargo build -q --release -p replog -p bench --features bench/rdma &&
-    RXE_TIMEOUT=600 hw-setup/rxe-vm.sh run -- "${CARGO_TARGET_DIR:-target}/release/bench" --short --transport rdma \
+    RXE_PMEM=0 RXE_TIMEOUT=600 hw-setup/rxe-vm.sh run -- "${CARGO_TARGET_DIR:-target}/release/bench" --short --transport rdma \
         --out /tmp/bench-rdma-out 2>&1 | tail -25; then
     rdma_passed=$((rdma_passed + 1))
 else
