@@ -131,7 +131,7 @@ if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ] &
     # RXE_PMEM: the VM's emulated pmem DAX filesystem for store_pmem (REPLOG_TEST_PMEM_DIR);
     # the run fails (exit 125, no tests) if it cannot be set up.
     # shellcheck disable=SC2016 # expanded inside the VM
-    RXE_PMEM=256M hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --nocapture' \
+    RXE_PMEM=256M hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --test-threads 1 --nocapture' \
         "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" "$pmem_bin" 2>&1 | tee "$rdma_log" |
         grep -E '^test |panicked|^rdma: |^pmem: |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')

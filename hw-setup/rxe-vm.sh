@@ -40,8 +40,8 @@
 #   RXE_QUIET     1: no progress lines from this script on stderr
 #
 # Exit codes: run: CMD's exit code; 124 timeout; 125 the VM did not boot, or rxe0 (or
-# the pmem filesystem) did not come up, or CMD could not be started (the reason is printed). setup: 0 or 1.
-# selftest: 0 all PASS, 1 a FAIL. 2: usage. Needs root.
+# the pmem filesystem) did not come up, or CMD could not be started (the reason is
+# printed). setup: 0 or 1. selftest: 0 all PASS, 1 a FAIL. 2: usage. Needs root.
 set -euo pipefail
 
 ME=rxe-vm.sh
@@ -228,7 +228,7 @@ pmem_start_mib() { # mem_mib pmem_mib
     elif [ $((total - 3072)) -ge $(($2 + PMEM_SLACK)) ]; then
         echo $((4096 + total - 3072 - $2 - PMEM_SLACK))
     else
-        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM puts the pmem region across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G plus RXE_PMEM"
+        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM puts the pmem region across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G"
     fi
 }
 
