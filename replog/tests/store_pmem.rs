@@ -1,7 +1,7 @@
 //! The store in `pmem` mode on a real DAX filesystem: segments mapped with
 //! `MAP_SYNC|MAP_SHARED_VALIDATE`, records made durable by cache-line flushes. Appends
 //! of several sizes across segment rolls, a trim, a reopen that must give back every
-//! record, and the recovery of a torn tail.
+//! record, the recovery of a torn tail, and the paxos `Storage` conformance suite.
 //!
 //! Needs a directory on a DAX filesystem in `REPLOG_TEST_PMEM_DIR`. The soft-RoCE VM
 //! provides one (`RXE_PMEM=256M hw-setup/rxe-vm.sh run -- <this test binary>`: an
@@ -9,7 +9,8 @@
 //! `REPLOG_REQUIRE_ALL=1`, which makes that a failure; `test.sh` runs this binary in the
 //! VM and sets `REPLOG_TEST_PMEM_IN_VM=1` for its host run, where the test only says so.
 
-use replog::store::{Durability, Log, Mode, StoreConfig};
+use replog::store::conformance::check_storage;
+use replog::store::{Durability, Log, Mode, PaxosStore, StoreConfig};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -224,4 +225,30 @@ fn pmem_torn_tail_is_recovered() -> TestResult {
         return Err(format!("a torn tail after the repair: {:?}", log.recovery_report().torn_tail));
     }
     check_records(&log, 1, &expected, "after the repair and a reopen")
+}
+
+/// The paxos `Storage` conformance suite, with reopens, on pmem (the host's run of it in
+/// store_conformance.rs can only see pmem refused).
+#[test]
+fn pmem_paxos_store_conformance() -> TestResult {
+    let Some(dir) = pmem_dir("conformance")? else { return Ok(()) };
+    let path = dir.path().join("store");
+    let cfg = StoreConfig::new(Mode::Pmem).with_segment_size(16 * 1024);
+    let open_store = move |path: &Path| match PaxosStore::open(path, cfg) {
+        Ok(s) => {
+            assert_eq!(s.log().durability(), Durability::Pmem, "{} opened in pmem mode", path.display());
+            s
+        }
+        Err(e) => panic!("open the paxos store in {} in pmem mode: {e}", path.display()),
+    };
+    let p2 = path.clone();
+    let mut fresh = move || open_store(&path);
+    let mut reopen = move |s: PaxosStore| {
+        drop(s);
+        let s = open_store(&p2);
+        assert!(s.log().recovery_report().torn_tail.is_none(), "a torn tail after a clean close");
+        s
+    };
+    check_storage(&mut fresh, Some(&mut reopen));
+    Ok(())
 }
