@@ -20,6 +20,11 @@
 # with the kernel parameter memmap=SIZE!START becomes /dev/pmem0, which gets a fresh
 # ext4 mounted with -o dax on /run/pmem (MAP_SYNC mappings work there); CMD gets
 # REPLOG_TEST_PMEM_DIR=/run/pmem.
+# Emulated device-DAX (RXE_DEVDAX=128M, say): a second legacy pmem region (its own
+# memmap= range, above RXE_PMEM's) reconfigured by ndctl as a device-dax namespace,
+# the character device /dev/daxN.0 that RDMA can register (fsdax pages cannot be
+# pinned long-term: ibv_reg_mr on an fsdax mapping fails with EOPNOTSUPP); CMD gets
+# REPLOG_TEST_DEVDAX=/dev/daxN.0.
 #
 # Environment:
 #   RXE_CACHE     cache directory (default /var/tmp/replog-rxe), any host directory (the
@@ -31,6 +36,10 @@
 #                 multiple of 2M; default none: it adds about 4 s to the boot), added
 #                 to the VM's memory; if it cannot be set up the run fails (exit 125)
 #                 instead of running CMD without it
+#   RXE_DEVDAX    size of an emulated device-dax region, e.g. 128M (a multiple of 2M;
+#                 default none), added to the VM's memory like RXE_PMEM; exit 125 if it
+#                 cannot be set up. Usable bytes are a little less (ndctl keeps the
+#                 struct pages and an info block in the namespace)
 #   RXE_WRITABLE  extra host directories (space-separated) to cover with an empty tmpfs
 #   RXE_OVERLAY   host directories (space-separated) made writable in the VM by an
 #                 overlay: the host's files are visible, writes are thrown away
@@ -40,7 +49,7 @@
 #   RXE_QUIET     1: no progress lines from this script on stderr
 #
 # Exit codes: run: CMD's exit code; 124 timeout; 125 the VM did not boot, or rxe0 (or
-# the pmem filesystem) did not come up, or CMD could not be started (the reason is
+# the pmem filesystem, or the devdax device) did not come up, or CMD could not be started (the reason is
 # printed). setup: 0 or 1. selftest: 0 all PASS, 1 a FAIL. 2: usage. Needs root.
 set -euo pipefail
 
@@ -50,9 +59,10 @@ TIMEOUT=${RXE_TIMEOUT:-600}
 MEM=${RXE_MEM:-2G}
 SMP=${RXE_SMP:-2}
 PMEM=${RXE_PMEM:-0}
+DEVDAX=${RXE_DEVDAX:-0}
 KPATTERN='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 PACKAGES=(qemu-system-x86 busybox-static kmod rdma-core ibverbs-providers ibverbs-utils
-    libibverbs-dev librdmacm-dev perftest xz-utils cpio iproute2 util-linux)
+    libibverbs-dev librdmacm-dev perftest xz-utils cpio iproute2 util-linux ndctl)
 # The 9p client modules the initramfs loads; their dependencies are resolved with modprobe.
 NINEP_MODULES=(9pnet_virtio 9p)
 # Loaded inside the VM. Without the crc32 modules `rdma link add` fails ("failed to add
@@ -61,6 +71,9 @@ VM_MODULES=(veth crc32_generic crc32-pclmul rdma_rxe rdma_ucm ib_uverbs)
 # Emulated persistent memory (RXE_PMEM): the legacy e820 pmem driver, the pmem block
 # device (with DAX), and ext4 (its dependencies come with modprobe).
 PMEM_MODULES=(nd_e820 nd_pmem ext4)
+# Emulated device-DAX (RXE_DEVDAX): the same region drivers, plus the nd dax driver and
+# the character device it gives (ndctl switches the namespace to devdax mode).
+DEVDAX_MODULES=(nd_e820 nd_pmem dax_pmem device_dax)
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
@@ -181,28 +194,38 @@ decompress_vm_modules() { # tree release
         [ -f "$path" ] || continue
         xz -dc "$path" >"${path%.xz}.tmp" && mv "${path%.xz}.tmp" "${path%.xz}" && rm -f "$path"
         changed=1
-    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" overlay)
+    done < <(modprobe -d "$tree" -S "$rel" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" "${DEVDAX_MODULES[@]}" overlay)
     [ -z "$changed" ] || depmod -b "$tree" "$rel"
 }
 
 # Whether a module loaded in the VM is still compressed in the tree (a cache prepared
 # by an older version of this script).
 compressed_vm_modules() { # tree release
-    modprobe -d "$1" -S "$2" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" overlay 2>/dev/null |
+    modprobe -d "$1" -S "$2" -a --show-depends "${VM_MODULES[@]}" "${PMEM_MODULES[@]}" "${DEVDAX_MODULES[@]}" overlay 2>/dev/null |
         grep -q '^insmod .*\.ko\.xz'
 }
 
-# RXE_PMEM as MiB (0: no pmem); dies on a malformed size.
-pmem_mib() {
-    local v=${PMEM,,} n
+# A pmem size variable's value as MiB (0: none); dies on a malformed size.
+region_mib() { # name value
+    local v=${2,,} n
     case $v in
     '' | 0 | off | no) echo 0; return 0 ;;
     esac
-    [[ $v =~ ^([1-9][0-9]*)([mg])i?b?$ ]] || die "RXE_PMEM must be a size like 256M or 1G (or 0 for none), not '$PMEM'"
+    [[ $v =~ ^([1-9][0-9]*)([mg])i?b?$ ]] || die "$1 must be a size like 256M or 1G (or 0 for none), not '$2'"
     n=${BASH_REMATCH[1]}
     [ "${BASH_REMATCH[2]}" = g ] && n=$((n * 1024))
-    [ $((n % 2)) = 0 ] || die "RXE_PMEM must be a multiple of 2M (the kernel maps pmem in 2 MiB sections), not '$PMEM'"
+    [ $((n % 2)) = 0 ] || die "$1 must be a multiple of 2M (the kernel maps pmem in 2 MiB sections), not '$2'"
     echo "$n"
+}
+pmem_mib() { region_mib RXE_PMEM "$PMEM"; }
+devdax_mib() { region_mib RXE_DEVDAX "$DEVDAX"; }
+
+# Where the device-dax region starts, in MiB after the start of the reserved span: past
+# the pmem region and a gap of at least 2 MiB (adjacent memmap= ranges of one type
+# merge into one region), rounded up to 128 MiB (a memory section of its own).
+devdax_offset_mib() { # pmem_mib
+    [ "$1" = 0 ] && { echo 0; return 0; }
+    echo $(((($1 + 2 + 127) / 128) * 128))
 }
 
 # RXE_MEM as MiB (qemu's -m: a bare number is MiB); dies on a malformed size.
@@ -218,17 +241,18 @@ mem_mib() {
 # because the firmware reserves the last bytes of RAM below 4 GiB (a region reaching
 # them is split, and nd_pmem refuses pieces not aligned to 2 MiB).
 PMEM_SLACK=64
-# Where the pmem region starts in the guest's physical memory (MiB): qemu's default
-# machine (pc) keeps all RAM below 4 GiB when it is under 3.5 GiB, else the first 3 GiB
-# there and the rest from 4 GiB on. The region sits just below the slack at the top.
-pmem_start_mib() { # mem_mib pmem_mib
+# Where the reserved span (the pmem region, then any device-dax region) starts in the
+# guest's physical memory (MiB): qemu's default machine (pc) keeps all RAM below 4 GiB
+# when it is under 3.5 GiB, else the first 3 GiB there and the rest from 4 GiB on. The
+# span sits just below the slack at the top.
+pmem_start_mib() { # mem_mib span_mib
     local total=$(($1 + $2 + PMEM_SLACK))
     if [ "$total" -lt 3584 ]; then
         echo "$1"
     elif [ $((total - 3072)) -ge $(($2 + PMEM_SLACK)) ]; then
         echo $((4096 + total - 3072 - $2 - PMEM_SLACK))
     else
-        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM puts the pmem region across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G"
+        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM and RXE_DEVDAX=$DEVDAX puts the pmem regions across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G"
     fi
 }
 
@@ -368,6 +392,9 @@ write_inner() { # modtree cwd envfile cmd...
         printf 'VM_MODULES=(%s)\n' "${VM_MODULES[*]}"
         printf 'PMEM_MODULES=(%s)\n' "${PMEM_MODULES[*]}"
         printf 'PMEM_MIB=%q\n' "$PMEM_MIB"
+        printf 'DEVDAX_MODULES=(%s)\n' "${DEVDAX_MODULES[*]}"
+        printf 'DEVDAX_MIB=%q\n' "$DEVDAX_MIB"
+        printf 'DEVDAX_START_MIB=%q\n' "$DEVDAX_START_MIB"
         local writable overlay
         read -ra writable <<<"${RXE_WRITABLE:-}"
         read -ra overlay <<<"${RXE_OVERLAY:-}"
@@ -446,8 +473,11 @@ stage rxe-active
 # e820 type-12 range); nd_e820 makes it a libnvdimm region whose raw namespace nd_pmem
 # serves as /dev/pmem0, with DAX (e820 regions get struct pages). A fresh ext4 on it
 # mounted with -o dax takes MAP_SYNC mappings; the mount fails where DAX is missing.
+# -C with an empty file: Debian's ndctl package installs an "install libnvdimm" rule
+# (ndctl load-keys, then a modprobe without our module tree) that fails here.
+: >/run/rxe-modprobe.conf
 if [ "$PMEM_MIB" != 0 ]; then
-    modprobe -d /run/rxe-modules -a "${PMEM_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
+    modprobe -d /run/rxe-modules -C /run/rxe-modprobe.conf -a "${PMEM_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
         bad "pmem: modprobe ${PMEM_MODULES[*]} failed: $(cat "$IO/modprobe.log")"
     stage pmem-modules
     for _ in $(seq 1 100); do
@@ -471,6 +501,46 @@ if [ "$PMEM_MIB" != 0 ]; then
     stage pmem-ready
 fi
 
+# Emulated device-DAX: the second reserved range is a libnvdimm region of its own
+# (found by its start address); ndctl rewrites its raw namespace as a devdax namespace
+# (an info block and the struct pages at its start, the rest 2 MiB-aligned), which the
+# device_dax driver serves as the character device /dev/daxN.0.
+DEVDAX_DEV=
+if [ "$DEVDAX_MIB" != 0 ]; then
+    command -v ndctl >/dev/null || bad "devdax: ndctl is not installed on the host (apt-get install ndctl, or rxe-vm.sh setup)"
+    modprobe -d /run/rxe-modules -C /run/rxe-modprobe.conf -a "${DEVDAX_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
+        bad "devdax: modprobe ${DEVDAX_MODULES[*]} failed: $(cat "$IO/modprobe.log")"
+    stage devdax-modules
+    want=$(printf '0x%x' $((DEVDAX_START_MIB * 1048576)))
+    region=
+    for _ in $(seq 1 100); do
+        for r in /sys/bus/nd/devices/region*; do
+            [ "$(cat "$r/resource" 2>/dev/null)" = "$want" ] && region=${r##*/}
+        done
+        [ -n "$region" ] && [ -e "/sys/bus/nd/devices/namespace${region#region}.0" ] && break
+        sleep 0.1
+    done
+    [ -n "$region" ] || bad "devdax: no nvdimm region starts at $want (kernel command line: $(cat /proc/cmdline); persistent memory in /proc/iomem: $(grep -i persistent /proc/iomem | tr '\n' ' '); regions: $(for r in /sys/bus/nd/devices/region*; do echo "${r##*/}=$(cat "$r/resource" 2>/dev/null)"; done | tr '\n' ' '))"
+    ns=namespace${region#region}.0
+    [ -e "/sys/bus/nd/devices/$ns" ] || bad "devdax: region $region has no $ns (nvdimm devices: $(ls /sys/bus/nd/devices 2>&1 | tr '\n' ' '))"
+    stage devdax-region
+    ndctl create-namespace -f -e "$ns" --mode=devdax >"$IO/ndctl.log" 2>&1 ||
+        bad "devdax: ndctl create-namespace -f -e $ns --mode=devdax failed: $(tr '\n' ' ' <"$IO/ndctl.log") $(dmesg | grep -iE 'nd_|pmem|dax|pfn' | tail -n 5 | tr '\n' ' ')"
+    chardev=$(sed -n 's/.*"chardev":"\(dax[0-9.]*\)".*/\1/p' "$IO/ndctl.log" | head -n 1)
+    [ -n "$chardev" ] || bad "devdax: ndctl create-namespace named no dax character device: $(tr '\n' ' ' <"$IO/ndctl.log")"
+    for _ in $(seq 1 100); do
+        [ -c "/dev/$chardev" ] && break
+        sleep 0.1
+    done
+    [ -c "/dev/$chardev" ] || bad "devdax: no character device /dev/$chardev after ndctl create-namespace ($(ls /dev | grep -E 'dax' | tr '\n' ' '))"
+    dsize=$(cat "/sys/bus/dax/devices/$chardev/size" 2>/dev/null || echo 0)
+    [ "$dsize" -gt 0 ] || bad "devdax: /dev/$chardev has size '$dsize' (/sys/bus/dax/devices/$chardev/size)"
+    chmod 0666 "/dev/$chardev"
+    DEVDAX_DEV=/dev/$chardev
+    echo "devdax: $DEVDAX_DEV, $((dsize / 1048576)) MiB usable of the ${DEVDAX_MIB} MiB region $region at $want, align $(cat "/sys/bus/dax/devices/$chardev/align" 2>/dev/null || echo '?')" >"$IO/devdax.note"
+    stage devdax-ready
+fi
+
 export RXE_DEV=rxe0 RXE_GID_INDEX=1 RXE_IP=10.77.0.1 RXE_NETDEV=veth0 RXE_VM=1
 export TMPDIR=/tmp HOME=/root
 [ -d /root/.cargo/bin ] && export PATH=/root/.cargo/bin:$PATH
@@ -479,6 +549,7 @@ EOF
         cat <<'EOF'
 # After the host's variables: a host path in REPLOG_TEST_PMEM_DIR means nothing here.
 if [ "$PMEM_MIB" != 0 ]; then export REPLOG_TEST_PMEM_DIR=/run/pmem; else unset REPLOG_TEST_PMEM_DIR; fi
+if [ -n "$DEVDAX_DEV" ]; then export REPLOG_TEST_DEVDAX=$DEVDAX_DEV; else unset REPLOG_TEST_DEVDAX; fi
 cd "$CWD" || bad "cannot cd to $CWD in the VM"
 awk '{ print $1 }' /proc/uptime >"$IO/uptime-at-command"
 stage command
@@ -501,12 +572,24 @@ cmd_run() {
     [ -n "$rel" ] || die "no prepared kernel in $CACHE: run '$0 setup' first (or set RXE_CACHE)"
     tree=$CACHE/$rel
     PMEM_MIB=$(pmem_mib) || exit 1
-    local qmem=$MEM append="console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" mem start
-    if [ "$PMEM_MIB" != 0 ]; then
+    DEVDAX_MIB=$(devdax_mib) || exit 1
+    DEVDAX_START_MIB=0
+    local qmem=$MEM append="console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" mem start span off
+    if [ "$PMEM_MIB" != 0 ] || [ "$DEVDAX_MIB" != 0 ]; then
         mem=$(mem_mib) || exit 1
-        start=$(pmem_start_mib "$mem" "$PMEM_MIB") || exit 1
-        qmem=$((mem + PMEM_MIB + PMEM_SLACK))M
-        append+=" memmap=${PMEM_MIB}M!${start}M"
+        span=$PMEM_MIB
+        off=0
+        if [ "$DEVDAX_MIB" != 0 ]; then
+            off=$(devdax_offset_mib "$PMEM_MIB")
+            span=$((off + DEVDAX_MIB))
+        fi
+        start=$(pmem_start_mib "$mem" "$span") || exit 1
+        qmem=$((mem + span + PMEM_SLACK))M
+        [ "$PMEM_MIB" = 0 ] || append+=" memmap=${PMEM_MIB}M!${start}M"
+        if [ "$DEVDAX_MIB" != 0 ]; then
+            DEVDAX_START_MIB=$((start + off))
+            append+=" memmap=${DEVDAX_MIB}M!${DEVDAX_START_MIB}M"
+        fi
     fi
     if compressed_vm_modules "$tree/root" "$rel"; then
         # A cache from an older version of this script: decompress the modules it lacks.
@@ -568,6 +651,7 @@ cmd_run() {
     t0=$(now)
     local pmem_note=
     [ "$PMEM_MIB" = 0 ] || pmem_note=" + ${PMEM_MIB}M pmem"
+    [ "$DEVDAX_MIB" = 0 ] || pmem_note+=" + ${DEVDAX_MIB}M devdax"
     say "booting the VM (kernel $rel, TCG, ${SMP} CPUs, $MEM$pmem_note, timeout ${TIMEOUT}s)"
     "${pdeath[@]}" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu max -m "$qmem" -smp "$SMP" \
@@ -584,6 +668,7 @@ cmd_run() {
     while kill -0 "$QEMU_PID" 2>/dev/null; do
         if [ -z "$streaming" ] && grep -qxE 'command|done' "$IO/stage" 2>/dev/null; then
             t_cmd=$(now)
+            [ ! -f "$IO/devdax.note" ] || say "$(cat "$IO/devdax.note")"
             say "rxe0 ACTIVE; running: ${RXE_LABEL:-$(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-100)}"
             # Stream the command's output as it comes; tail exits after qemu does.
             tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$IO/stdout" &
@@ -624,7 +709,10 @@ cmd_run() {
         elif [ "$stage" = failed ]; then
             local failure
             failure=$(cat "$IO/failure" 2>/dev/null)
-            if [[ $failure == pmem:* ]]; then
+            if [[ $failure == devdax:* ]]; then
+                echo "$ME: error: setting up the emulated device-dax (RXE_DEVDAX=$DEVDAX) in the VM failed: ${failure#devdax: }" >&2
+                echo "  The command was not run. It needs ndctl on the host and the kernel's nd_e820, nd_pmem, dax_pmem, device_dax; RXE_DEVDAX=0 runs without it." >&2
+            elif [[ $failure == pmem:* ]]; then
                 echo "$ME: error: setting up the emulated pmem DAX filesystem (RXE_PMEM=$PMEM) in the VM failed: ${failure#pmem: }" >&2
                 echo "  The command was not run. The kernel in $CACHE needs nd_e820, nd_pmem, ext4 and FS_DAX; RXE_PMEM=0 runs without pmem." >&2
             else
