@@ -12,6 +12,7 @@
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use transport::conformance;
 use transport::rdma::{RdmaConfig, RdmaTransport};
@@ -844,4 +845,110 @@ fn the_read_mirror_is_read_by_rdma_read_and_refuses_writes() {
     // Reads work again after the renewal.
     let t = net.retry(2, "read_mirror again", |e| e.read_mirror(1, 512, 300));
     assert_eq!(net.read_done(2, t), Ok(Bytes::from(pattern(3, 300))));
+}
+
+/// The device-dax device of the persistent-region test: `REPLOG_TEST_DEVDAX`, which
+/// `hw-setup/rxe-vm.sh` sets with `RXE_DEVDAX`. Without it (or without an RDMA device)
+/// the test is skipped with a line saying why, or fails when `REPLOG_REQUIRE_ALL=1`.
+fn devdax_or_skip(test: &str) -> Option<PathBuf> {
+    if !rdma_available(test) {
+        return None;
+    }
+    match std::env::var_os("REPLOG_TEST_DEVDAX") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            let why = format!(
+                "{test}: no device-dax device (REPLOG_TEST_DEVDAX is not set); run it in the soft-RoCE VM with \
+                 one: RXE_DEVDAX=128M hw-setup/rxe-vm.sh run -- <test binary>"
+            );
+            if std::env::var("REPLOG_REQUIRE_ALL").as_deref() == Ok("1") {
+                panic!("{why} (REPLOG_REQUIRE_ALL=1)");
+            }
+            eprintln!("SKIP {why}");
+            None
+        }
+    }
+}
+
+/// A seed no earlier run used, so bytes left on a persistent region by one cannot pass
+/// for this run's.
+fn fresh_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64)
+}
+
+/// Endpoint 2's log region lives at `path`: 1 writes into it one-sidedly, reads it back
+/// by RDMA READ on the same queue pair (after the write: the read-after-write a leader
+/// uses to know a write reached the target's memory), both transports are dropped, a
+/// new pair is opened on the same `path`, and the bytes are still there, locally and
+/// by RDMA READ.
+fn region_survives_a_reopen(path: &Path, region_len: usize) {
+    let seed = fresh_seed();
+    let cases: Vec<(u64, Vec<u8>)> = vec![
+        (0, pattern(seed, 64)),
+        (4096, pattern(seed + 1, 64 << 10)),
+        (region_len as u64 - 4096, pattern(seed + 2, 4096)),
+    ];
+    let on_path = |c: &mut RdmaConfig| {
+        c.region_len = region_len;
+        if c.local == 2 {
+            c.region_path = Some(path.to_path_buf());
+        }
+    };
+    {
+        let (eps, _) = open_cluster(&[1, 2], on_path);
+        let mut net = Net::new(&[1, 2], eps);
+        net.wait_all_up();
+        assert_eq!(net.ep(2).region_len(), region_len);
+        net.ep(2).grant(1);
+        for (off, data) in &cases {
+            assert!(net.region(2, *off, data.len()) != *data, "{} bytes at {off} were already there", data.len());
+            net.write_until_ok(1, 2, *off, data);
+            let t = net.retry(1, "read after write", |e| e.read(2, *off, data.len() as u32));
+            assert!(net.read_done(1, t).expect("read after write") == *data, "RDMA READ after the write at {off}");
+            assert!(net.region(2, *off, data.len()) == *data, "region of 2 at {off} holds what 1 wrote");
+        }
+    }
+    // Both transports (queue pairs, registrations, mappings) are gone; open new ones.
+    let (eps, _) = open_cluster(&[1, 2], on_path);
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    for (off, data) in &cases {
+        assert!(net.region(2, *off, data.len()) == *data, "after the reopen, region of 2 at {off} still holds it");
+        let t = net.retry(1, "read after reopen", |e| e.read(2, *off, data.len() as u32));
+        assert!(net.read_done(1, t).expect("read after reopen") == *data, "RDMA READ at {off} after the reopen");
+    }
+}
+
+#[test]
+fn a_log_region_on_device_dax_keeps_one_sided_writes_across_a_reopen() {
+    let Some(dax) = devdax_or_skip("a_log_region_on_device_dax_keeps_one_sided_writes_across_a_reopen") else {
+        return;
+    };
+    // 1 MiB: the mapping is 2 MiB, the device's alignment.
+    region_survives_a_reopen(&dax, 1 << 20);
+    // A region the device cannot hold is refused at open, saying why.
+    let (ls, addrs) = listeners(&[2]);
+    let mut c = base_config(2, addrs[&2], BTreeMap::new());
+    c.region_len = 64 << 30;
+    c.region_path = Some(dax.clone());
+    match RdmaTransport::with_listener(c, ls.into_iter().next().expect("one listener")) {
+        Ok(_) => panic!("a 64 GiB log region on {} was accepted", dax.display()),
+        Err(e) => assert!(e.to_string().contains("device-dax device has"), "unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn a_log_region_in_a_file_keeps_one_sided_writes_across_a_reopen() {
+    if !rdma_available("a_log_region_in_a_file_keeps_one_sided_writes_across_a_reopen") {
+        return;
+    }
+    // TMPDIR is a tmpfs in the VM: shmem pages may be pinned long-term.
+    let dir = std::env::temp_dir().join(format!("replog-rdma-region-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the region's directory");
+    let file = dir.join("region");
+    // It must exist (a mistyped device path is an error, not a new file); empty is fine.
+    std::fs::File::create(&file).expect("create the region file");
+    region_survives_a_reopen(&file, 256 << 10);
+    assert_eq!(std::fs::metadata(&file).expect("stat the region file").len(), 256 << 10);
+    std::fs::remove_dir_all(&dir).expect("remove the region's directory");
 }

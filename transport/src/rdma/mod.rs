@@ -3,7 +3,9 @@
 //!
 //! ## Shape
 //! - One **log region** per replica: page-aligned memory of [`RdmaConfig::region_len`]
-//!   bytes registered for local write and remote read/write. Its owner reads and writes
+//!   bytes registered for local write and remote read/write (anonymous memory, or with
+//!   [`RdmaConfig::region_path`] a shared mapping of a device-dax device, persistent
+//!   memory whose contents survive a restart). Its owner reads and writes
 //!   it locally ([`RdmaTransport::read_region`], [`RdmaTransport::write_region`],
 //!   [`RdmaTransport::load_u64`]); peers reach it with one-sided operations, the offset of
 //!   [`Transport::write`]/[`Transport::read`] being a byte offset into it. The owner's
@@ -119,6 +121,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use verbs::{AckEndpoint, Device, Endpoint, MirrorEndpoint, Pd, Qp, Region};
@@ -150,6 +153,14 @@ pub enum RdmaError {
         /// The region's length.
         region: usize,
     },
+    /// The log region's file or device ([`RdmaConfig::region_path`]) is not usable.
+    #[error("log region on {}: {what}", path.display())]
+    RegionPath {
+        /// The configured path.
+        path: PathBuf,
+        /// What went wrong.
+        what: String,
+    },
     /// The side-channel listener could not be set up.
     #[error("side channel: {0}")]
     Io(#[from] io::Error),
@@ -176,6 +187,13 @@ pub struct RdmaConfig {
     pub gid_index: u8,
     /// Size of this replica's log region in bytes. Default 64 MiB.
     pub region_len: usize,
+    /// Where the log region lives: `None`, anonymous memory (zeroed at open); a path, a
+    /// shared mapping of it, keeping what it holds across restarts: a device-dax
+    /// character device (`/dev/daxN.M`, persistent memory; `region_len` rounded up to
+    /// the device's alignment must fit in it), or a regular file (for tests). fsdax
+    /// files cannot be registered (the kernel refuses long-term pins of fsdax pages).
+    /// Default `None`.
+    pub region_path: Option<PathBuf>,
     /// The largest payload of `send`, `write` or `read`. Default 1 MiB.
     pub max_payload: usize,
     /// Registered staging memory per peer for outgoing writes and incoming reads; must
@@ -239,6 +257,7 @@ impl std::fmt::Debug for RdmaConfig {
             .field("port", &self.port)
             .field("gid_index", &self.gid_index)
             .field("region_len", &self.region_len)
+            .field("region_path", &self.region_path)
             .field("max_payload", &self.max_payload)
             .field("depth", &self.depth)
             .field("ack_area_len", &self.ack_area_len)
@@ -262,6 +281,7 @@ impl RdmaConfig {
             port: 1,
             gid_index: 1,
             region_len: 64 << 20,
+            region_path: None,
             max_payload: 1 << 20,
             staging_per_peer: 8 << 20,
             depth: 256,
@@ -707,7 +727,11 @@ impl RdmaTransport {
         // Log and acknowledgement queue pairs share the completion queue.
         let cq_depth = (2 * cfg.depth as usize * npeers + 64).min(i32::MAX as usize) as i32;
         let dev = Device::open(cfg.device.as_deref(), cfg.port, cfg.gid_index, cq_depth)?;
-        let region = Region::new(&dev, Pd::Log, cfg.region_len, LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ)?;
+        let region_access = LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ;
+        let region = match &cfg.region_path {
+            Some(path) => Region::from_path(&dev, Pd::Log, path, cfg.region_len, region_access)?,
+            None => Region::new(&dev, Pd::Log, cfg.region_len, region_access)?,
+        };
         let per_peer = cfg.staging_per_peer.div_ceil(8) * 8;
         let staging = Region::new(&dev, Pd::Log, per_peer * npeers, LOCAL_WRITE)?;
         let now = Instant::now();

@@ -17,6 +17,9 @@ use super::RdmaError;
 use rdma_sys::*;
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 use std::ptr;
 use std::sync::Arc;
 
@@ -336,7 +339,8 @@ impl Drop for Device {
     }
 }
 
-/// Page-aligned anonymous memory registered with the device.
+/// Page-aligned memory registered with the device: anonymous, or a shared mapping of a
+/// file or device-dax character device ([`Region::from_path`]).
 pub(crate) struct Region {
     dev: Arc<Device>,
     mr: *mut ibv_mr,
@@ -369,11 +373,91 @@ impl Region {
         if buf == libc::MAP_FAILED {
             return Err(RdmaError::Verbs { call: "mmap", source: io::Error::last_os_error() });
         }
+        Region::register(dev, pd, buf, map_len, len, access)
+    }
+
+    /// Maps `len` bytes of `path` shared (`MAP_SHARED`), keeping what they hold, and
+    /// registers them like [`Region::new`]. `path` is a device-dax character device
+    /// (`/dev/daxN.M`, persistent memory the device writes into directly; the mapping is
+    /// `len` rounded up to the device's alignment, which must fit in the device), or a
+    /// existing regular file (extended to `len` if shorter; for tests: page-cache pages are not
+    /// persistent memory, and most filesystems refuse the registration's long-term pin,
+    /// tmpfs does not). An fsdax file (ext4 or xfs mounted `-o dax`) cannot be
+    /// registered: the kernel refuses long-term pins of fsdax pages (EOPNOTSUPP).
+    pub(crate) fn from_path(
+        dev: &Arc<Device>,
+        pd: Pd,
+        path: &Path,
+        len: usize,
+        access: u32,
+    ) -> Result<Region, RdmaError> {
+        let err = |what: String| RdmaError::RegionPath { path: path.to_path_buf(), what };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| err(format!("cannot open it read-write: {e}")))?;
+        let meta = file.metadata().map_err(|e| err(format!("cannot stat it: {e}")))?;
+        let page = 4096;
+        let map_len = if meta.file_type().is_char_device() {
+            let (size, align) = devdax_geometry(meta.rdev()).map_err(|e| err(e.to_string()))?;
+            let map_len = len.max(1).div_ceil(align) * align;
+            if map_len > size {
+                return Err(err(format!(
+                    "the device-dax device has {size} bytes; the log region needs {len} bytes, {map_len} \
+                     rounded up to the device's alignment of {align} bytes"
+                )));
+            }
+            map_len
+        } else if meta.file_type().is_file() {
+            let map_len = len.max(1).div_ceil(page) * page;
+            if meta.len() < map_len as u64 {
+                file.set_len(map_len as u64).map_err(|e| err(format!("cannot extend it to {map_len} bytes: {e}")))?;
+            }
+            map_len
+        } else {
+            return Err(err("neither a device-dax character device nor a regular file".into()));
+        };
+        // SAFETY: a shared mapping of an open descriptor with no address hint; the
+        // mapping stays valid after the descriptor is closed.
+        let buf = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if buf == libc::MAP_FAILED {
+            return Err(err(format!("mmap of {map_len} bytes failed: {}", io::Error::last_os_error())));
+        }
+        Region::register(dev, pd, buf, map_len, len, access).map_err(|e| match e {
+            RdmaError::Verbs { source, .. } if source.raw_os_error() == Some(libc::EOPNOTSUPP) => err(format!(
+                "ibv_reg_mr failed: {source} (the kernel refuses long-term pins of this memory: an fsdax \
+                 file, or a filesystem that tracks dirty pages; use a device-dax device, ndctl \
+                 create-namespace --mode=devdax)"
+            )),
+            RdmaError::Verbs { source, .. } => err(format!("ibv_reg_mr failed: {source}")),
+            e => e,
+        })
+    }
+
+    /// Registers `map_len` bytes mapped at `buf`; unmaps them on failure.
+    fn register(
+        dev: &Arc<Device>,
+        pd: Pd,
+        buf: *mut libc::c_void,
+        map_len: usize,
+        len: usize,
+        access: u32,
+    ) -> Result<Region, RdmaError> {
         // SAFETY: the PD is valid; `buf` maps `map_len` bytes that outlive the MR.
         let mr = unsafe { ibv_reg_mr(dev.pd(pd), buf, map_len, access as i32) };
         if mr.is_null() {
             let e = io::Error::last_os_error();
-            // SAFETY: unmapping what was just mapped.
+            // SAFETY: unmapping what the caller just mapped.
             unsafe { libc::munmap(buf, map_len) };
             return Err(RdmaError::Verbs { call: "ibv_reg_mr", source: e });
         }
@@ -397,6 +481,32 @@ impl Region {
         // SAFETY: as above.
         unsafe { (*self.mr).rkey }
     }
+}
+
+/// The size and mapping alignment of the device-dax character device `rdev`, from
+/// `/sys/dev/char/MAJOR:MINOR/{size,align}` (no `align`: 2 MiB, the usual one).
+fn devdax_geometry(rdev: u64) -> io::Result<(usize, usize)> {
+    let dir = format!("/sys/dev/char/{}:{}", libc::major(rdev), libc::minor(rdev));
+    let read = |name: &str| -> io::Result<Option<usize>> {
+        match std::fs::read_to_string(format!("{dir}/{name}")) {
+            Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{dir}/{name} holds '{}', not a number", s.trim()))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{dir}/{name}: {e}"))),
+        }
+    };
+    let size = read("size")?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a character device without {dir}/size: not a device-dax device"),
+        )
+    })?;
+    let align = read("align")?.unwrap_or(2 << 20);
+    if align == 0 || !align.is_power_of_two() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{dir}/align is {align}, not a power of two")));
+    }
+    Ok((size, align))
 }
 
 impl Drop for Region {
