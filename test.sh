@@ -15,9 +15,9 @@ export CARGO_TERM_COLOR=never
 # (libclang-dev). RDMA: rdma-sys builds against libibverbs-dev and librdmacm-dev with
 # bindgen; its tests run in the soft-RoCE VM (qemu; `hw-setup/rxe-vm.sh setup` below
 # fetches the kernel and the rest of what the VM needs). Fuzzing: libfuzzer-sys compiles
-# libFuzzer (C++) with g++.
+# libFuzzer (C++) with g++. ndctl: the VM makes its emulated device-dax with the host's.
 PKGS=(util-linux iproute2 etcd-server libdpdk-dev dpdk libclang-dev pkg-config
-    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86 g++ openssl)
+    rdma-core ibverbs-providers libibverbs-dev librdmacm-dev qemu-system-x86 g++ openssl ndctl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -105,7 +105,8 @@ bench_out=$(mktemp -d)
 if cargo build -q --release -p replog -p bench && "${CARGO_TARGET_DIR:-target}/release/bench" --short --out "$bench_out" 2>&1 | tail -30; then sim_passed=$((sim_passed + 1)); else sim_failed=$((sim_failed + 1)); echo "FAILED: bench --short"; fi; rm -rf "$bench_out"
 
 echo "== RDMA: transport tests and a 3-replica cluster over rxe0, inside the soft-RoCE VM (one boot; the bench in a second)"
-echo "   with the store's pmem mode on the VM's emulated pmem (ext4 -o dax, MAP_SYNC), in the same boot"
+echo "   with the store's pmem mode on the VM's emulated pmem (ext4 -o dax, MAP_SYNC), and the RDMA log region"
+echo "   on its emulated device-dax (/dev/daxN.0, ndctl), in the same boot"
 # Zero tests run, a build or VM failure, or any failed test counts as a failure.
 rdma_run=0
 rdma_passed=0
@@ -129,11 +130,12 @@ else
 fi
 if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ] && [ -n "$pmem_bin" ]; then
     # RXE_PMEM: the VM's emulated pmem DAX filesystem for store_pmem (REPLOG_TEST_PMEM_DIR);
-    # the run fails (exit 125, no tests) if it cannot be set up.
+    # RXE_DEVDAX: its device-dax device for the transport's region test (REPLOG_TEST_DEVDAX);
+    # the run fails (exit 125, no tests) if either cannot be set up.
     # shellcheck disable=SC2016 # expanded inside the VM
-    RXE_PMEM=256M hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --test-threads 1 --nocapture' \
+    RXE_PMEM=256M RXE_DEVDAX=128M hw-setup/rxe-vm.sh run -- sh -c '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --test-threads 1 --nocapture' \
         "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" "$pmem_bin" 2>&1 | tee "$rdma_log" |
-        grep -E '^test |panicked|^rdma: |^pmem: |rxe-vm.sh' || true
+        grep -E '^test |panicked|^rdma: |^pmem: |^SKIP |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
     rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
 else
