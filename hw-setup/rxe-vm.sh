@@ -222,7 +222,8 @@ devdax_mib() { region_mib RXE_DEVDAX "$DEVDAX"; }
 
 # Where the device-dax region starts, in MiB after the start of the reserved span: past
 # the pmem region and a gap of at least 2 MiB (adjacent memmap= ranges of one type
-# merge into one region), rounded up to 128 MiB (a memory section of its own).
+# merge into one region), rounded up to 128 MiB (a memory section apart from the pmem
+# region when the span starts on a section boundary, as with RXE_MEM=2G).
 devdax_offset_mib() { # pmem_mib
     [ "$1" = 0 ] && { echo 0; return 0; }
     echo $(((($1 + 2 + 127) / 128) * 128))
