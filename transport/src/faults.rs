@@ -97,6 +97,12 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn permission_holder(&self) -> Option<PeerId> {
         (**self).permission_holder()
     }
+    fn fence(&mut self, holder: PeerId, events: &mut Vec<Event>) -> std::io::Result<()> {
+        (**self).fence(holder, events)
+    }
+    fn completes_on_landing(&self) -> bool {
+        (**self).completes_on_landing()
+    }
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()> {
         (**self).poll(events, timeout)
     }

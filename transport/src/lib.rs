@@ -242,6 +242,29 @@ pub trait Transport {
     /// The current holder of write permission on this replica's region.
     fn permission_holder(&self) -> Option<PeerId>;
 
+    /// Takes write permission from `holder` (as [`Transport::revoke`]) and appends to
+    /// `events`, in the order they were written, an [`Event::WriteArrived`] for every
+    /// write of `holder` that landed before the revocation took effect and was not
+    /// reported yet: after it returns, no write of `holder` is accepted that the caller
+    /// was not handed. For transports that report writes as they land without the
+    /// receiver's CPU deciding (RDMA with [`Transport::completes_on_landing`]); the
+    /// default only revokes (agent transports check permission when a write arrives, so
+    /// nothing landed that was not reported).
+    fn fence(&mut self, holder: PeerId, events: &mut Vec<Event>) -> std::io::Result<()> {
+        let _ = events;
+        self.revoke(holder);
+        Ok(())
+    }
+
+    /// Whether this transport completes our writes ([`Event::WriteDone`] `Ok`) once they
+    /// landed in the target's memory under the configured durability, before the
+    /// target's CPU saw them (one-sided RDMA), rather than when the target answered. The
+    /// caller then must fence ([`Transport::fence`]) a writer before its promise rises.
+    /// The default: false (completions are the target's answers).
+    fn completes_on_landing(&self) -> bool {
+        false
+    }
+
     /// Does I/O: sends what is queued, receives, and appends what happened to `events`.
     /// Blocks up to `timeout` (`None`: until something happens or a wake-up) when there
     /// is nothing to report.
