@@ -182,6 +182,36 @@ impl DurabilityKind {
     }
 }
 
+/// When a leader over RDMA counts a follower as having accepted a write (`[rdma]
+/// landing`; see `replog::rdma_agent`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandingKind {
+    /// By durability: `memory` at the RDMA WRITE's completion (the follower's CPU is not
+    /// on the path); `fsync` and `pmem` by the follower's acknowledgement (`pmem`'s cell
+    /// ring is not persistent memory yet, so a landed cell is not durable).
+    #[default]
+    Auto,
+    /// Always by the follower's acknowledgement, written after its core took the cell
+    /// (and, under `fsync`, after its sync).
+    Ack,
+    /// At the completion of an RDMA READ of the cell's last word posted right after the
+    /// WRITE (read-after-write: the WRITE was placed). Only with `durability = "memory"`
+    /// for now.
+    ReadAfterWrite,
+}
+
+impl LandingKind {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LandingKind::Auto => "auto",
+            LandingKind::Ack => "ack",
+            LandingKind::ReadAfterWrite => "read_after_write",
+        }
+    }
+}
+
 /// Protocol timings in milliseconds (integers or fractions: `heartbeat_ms = 0.5`).
 /// The defaults suit TCP on loopback or a LAN.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -460,6 +490,10 @@ pub struct RdmaSection {
     /// Bytes per mirror record (one slot each; a slot whose value does not fit is read
     /// over the side channel). A multiple of 8, at least 64. Default 1 KiB.
     pub mirror_record_bytes: u64,
+    /// When the leader counts a write as accepted by a follower: `auto` (default: at
+    /// the RDMA WRITE's completion under `durability = "memory"`, else by the
+    /// follower's acknowledgement), `ack`, or `read_after_write` (memory only).
+    pub landing: LandingKind,
 }
 
 impl Default for RdmaSection {
@@ -472,6 +506,7 @@ impl Default for RdmaSection {
             cell_bytes: 2 << 20,
             mirror_bytes: 1 << 20,
             mirror_record_bytes: 1 << 10,
+            landing: LandingKind::Auto,
         }
     }
 }
@@ -687,6 +722,16 @@ impl ServeConfig {
             return Err(ConfigError::at(
                 "members".to_string(),
                 "every member is a learner: the cluster needs at least one voter",
+            ));
+        }
+        if self.rdma.landing == LandingKind::ReadAfterWrite && self.durability != DurabilityKind::Memory {
+            return Err(ConfigError::at(
+                "rdma.landing".to_string(),
+                format!(
+                    "\"read_after_write\" needs durability = \"memory\" (with \"{}\" the cell ring is not \
+                     persistent memory, so a landed cell is not durable): use \"auto\" or \"ack\"",
+                    self.durability.as_str()
+                ),
             ));
         }
         if self.transport == TransportKind::Dpdk && cfg!(feature = "dpdk") {

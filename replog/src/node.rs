@@ -391,7 +391,7 @@ impl<T: Transport> Node<T> {
             // Actions that need no sync (a leader's remote writes) leave before the
             // sync, so the followers' syncs run in parallel with ours.
             while let Some(a) = self.replica.poll_action() {
-                self.execute(a);
+                self.execute(a)?;
             }
             if self.replica.needs_flush() {
                 // Out to the network now, not at the next poll: after the sync.
@@ -405,12 +405,12 @@ impl<T: Transport> Node<T> {
             // for it (acknowledgements, promises) leaves.
             self.publish_mirror();
             while let Some(a) = self.replica.poll_action() {
-                self.execute(a);
+                self.execute(a)?;
             }
             if std::mem::take(&mut self.fence_done) {
                 self.replica.fence_done(now)?;
                 while let Some(a) = self.replica.poll_action() {
-                    self.execute(a);
+                    self.execute(a)?;
                 }
             }
             self.app_housekeeping(now)?;
@@ -496,7 +496,7 @@ impl<T: Transport> Node<T> {
 
     // ---- the core's actions --------------------------------------------------------
 
-    fn execute(&mut self, a: Action) {
+    fn execute(&mut self, a: Action) -> Result<(), NodeError> {
         match a {
             Action::Send { to, msg } => {
                 self.buf.clear();
@@ -529,7 +529,7 @@ impl<T: Transport> Node<T> {
             Action::WriteCompletion { to, result } => {
                 let Some(token) = self.arrived_writes.get_mut(&to).and_then(|q| q.pop_front()) else {
                     error!(peer = to, "write completion without an arrived write");
-                    return;
+                    return Ok(());
                 };
                 let r = match result {
                     WriteResult::Ok { .. } => self.transport.complete_write(to, token, Ok(&[])),
@@ -545,7 +545,7 @@ impl<T: Transport> Node<T> {
             Action::ReadCompletion { to, result } => {
                 let Some((token, budget)) = self.arrived_reads.get_mut(&to).and_then(|q| q.pop_front()) else {
                     error!(peer = to, "read completion without an arrived read");
-                    return;
+                    return Ok(());
                 };
                 let budget = budget.min(self.transport.max_payload());
                 self.buf.clear();
@@ -567,15 +567,7 @@ impl<T: Transport> Node<T> {
                 debug!(peer = from, "write permission revoked");
                 self.transport.revoke(from);
             }
-            Action::Fence { holder } => {
-                // Asked only under `accept_on_landing`, which this node does not set:
-                // its writers count a follower's acknowledgement, which the follower's
-                // core sends after taking the write, so nothing landed here unseen.
-                // Revoking is the whole fence; the core hears it is done below.
-                debug!(peer = holder, "write permission fenced");
-                self.transport.revoke(holder);
-                self.fence_done = true;
-            }
+            Action::Fence { holder } => self.fence(holder)?,
             Action::Apply(applied) => self.on_apply(applied),
             Action::ReadReady { id, .. } => {
                 // Confirmed, and everything committed at arrival is applied (and so in
@@ -646,6 +638,28 @@ impl<T: Transport> Node<T> {
                 self.metrics.set_ballot(ballot.round, ballot.node);
             }
         }
+        Ok(())
+    }
+
+    /// Executes [`Action::Fence`]: takes write permission from `holder` at the
+    /// transport, hands the core every write of `holder` that landed before that took
+    /// effect (in ring order); the core may raise its promise once told (`fence_done`,
+    /// after the actions in hand, in this turn of the loop): no write the holder's NIC
+    /// completed reaches the core after a higher promise.
+    fn fence(&mut self, holder: NodeId) -> Result<(), NodeError> {
+        let mut drained = Vec::new();
+        // A drain that failed may have left landed writes behind: stop rather than
+        // promise over them.
+        self.transport.fence(holder, &mut drained)?;
+        let n = drained.iter().filter(|e| matches!(e, Event::WriteArrived { .. })).count();
+        let now = self.now();
+        for ev in drained {
+            self.on_event(now, ev)?;
+        }
+        debug!(peer = holder, drained = n, "fenced: write permission revoked, landed writes drained");
+        // The core hears it once the actions in hand are executed (this turn).
+        self.fence_done = true;
+        Ok(())
     }
 
     fn on_apply(&mut self, applied: Applied) {

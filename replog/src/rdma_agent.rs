@@ -4,16 +4,41 @@
 //! agent transports do, so that `node.rs` and the core run unchanged:
 //!
 //! - **leader side**: `write(to, first, bytes)` encodes one cell and issues it with
-//!   [`RdmaTransport`]'s one-sided write at the cell's offset. The write completing at
-//!   the NIC means the bytes are in the follower's memory, not that the follower
-//!   accepted them: the core's `WriteDone` comes from the follower's acknowledgement
-//!   (below), or from the NIC's error (a revoked writer is `Denied`, a broken link
-//!   `LinkFailed`).
+//!   [`RdmaTransport`]'s one-sided write at the cell's offset. When the write completes
+//!   for the core (its `WriteDone`) is the agent's [`Landing`], chosen by durability
+//!   ([`landing_for`]):
+//!   - [`Landing::Write`] (`memory`: **acceptance by landing**, Mu's model): when the
+//!     RDMA WRITE completed at our NIC, i.e. the follower's NIC placed the cell in its
+//!     memory. No follower CPU is on the path; the node sets the core's
+//!     `accept_on_landing` ([`Transport::completes_on_landing`]) and the followers fence
+//!     (below).
+//!   - [`Landing::ReadAfterWrite`] (`landing = "read_after_write"`): when an 8-byte RDMA
+//!     READ of the cell's canary, posted right after the WRITE on the same queue pair,
+//!     completed: the responder executes it after the WRITE, so the WRITE was placed
+//!     (the way to a persistent ring without RDMA FLUSH, which needs rdma-core 45 and
+//!     is not used). If the READ cannot be issued (no room), the acknowledgement
+//!     completes the write.
+//!   - [`Landing::Ack`] (`fsync`, and `pmem`, whose ring is ordinary memory for now):
+//!     when the follower's acknowledgement arrives (below), written after its sync.
+//!
+//!   The NIC's error completes it in every mode (a revoked writer is `Denied`, a broken
+//!   link `LinkFailed`). Under landing the follower's acknowledgement, when it comes,
+//!   only frees the cell: a cell (and its acknowledgement slot) is reused only after the
+//!   follower took it, so the window below is unchanged. [`AckStats`] counts writes
+//!   completed at landing and by acknowledgement.
 //! - **follower side**: `poll` reads the region (the follower's CPU polls memory, as in
 //!   Mu), takes each newly landed, checksummed cell of the permission holder in order and
 //!   reports it as [`Event::WriteArrived`]; the node hands it to the core, which checks
 //!   the ballot, persists it per the durability mode and, after the covering sync,
 //!   answers through [`Transport::complete_write`].
+//! - **fence** ([`Transport::fence`], the node's `Action::Fence` under acceptance by
+//!   landing): revokes the holder's write access on its queue pair, then takes every
+//!   cell of the holder's stream that landed and was not taken yet (the whole ring if
+//!   need be), in order, as `WriteArrived` events for the node to hand to the core
+//!   before the core's promise rises. A WRITE the holder saw complete landed before the
+//!   revocation, so it is among them; one still in flight is refused at the NIC
+//!   (`Denied` at the writer). The stream being taken is kept across the revocation: a
+//!   re-grant of the same holder goes on where it was.
 //! - **acknowledgements** go back by a **one-sided RDMA WRITE** of an acknowledgement
 //!   record (layout and checks in [`crate::rdma_region`]) into the writer's
 //!   acknowledgement area for this follower, on the transport's acknowledgement queue
@@ -28,8 +53,9 @@
 //!   queue pair (the peer has no acknowledgement area, or the link is being renewed), or
 //!   when the RDMA WRITE of the record failed (the record may or may not have landed:
 //!   the message repeats it).
-//! - **exactly once**: a write completes once, by whichever comes first of its record,
-//!   its message, its NIC error, or the restart of its stream (a failed or renewed link,
+//! - **exactly once**: a write completes once, by whichever comes first of its landing
+//!   (under [`Landing::Write`] or [`Landing::ReadAfterWrite`]), its record, its message,
+//!   its NIC error, or the restart of its stream (a failed or renewed link,
 //!   a new term: the writer opens a new epoch and fails what was outstanding with
 //!   `LinkFailed`); later arrivals for it find no pending write and are dropped. A record
 //!   or message of an older epoch never completes a write of the new one: records name
@@ -116,6 +142,34 @@ pub struct AckStats {
     pub taken_rdma: u64,
     /// Writer: writes completed by a side-channel acknowledgement message.
     pub taken_side: u64,
+    /// Writer: writes completed when their cell landed ([`Landing`]); their
+    /// acknowledgement, when it comes, only frees the cell.
+    pub landed: u64,
+    /// Writer: writes completed at landing whose acknowledgement later said the
+    /// follower's core denied the cell (logged; the write's completion stands).
+    pub denied_after_landing: u64,
+    /// Follower: fences ([`Transport::fence`]) of the permission holder.
+    pub fences: u64,
+    /// Follower: cells taken by those fences' drains (landed, not taken by polling yet).
+    pub drained: u64,
+}
+
+/// When the writer completes a write (its `WriteDone`), by durability mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Landing {
+    /// When the follower's acknowledgement arrives (written after its core took the
+    /// cell and, under `fsync`, after its sync): `fsync` mode, and the default.
+    #[default]
+    Ack,
+    /// When the RDMA WRITE of the cell completed at our NIC (the follower's NIC placed
+    /// it in its memory): `memory` mode.
+    Write,
+    /// When an 8-byte RDMA READ of the cell's canary, posted on the same queue pair right
+    /// after the WRITE, completed (read-after-write: the responder executes it after
+    /// the WRITE, so its completion means the WRITE was placed, flushed past the
+    /// follower's PCIe/NIC buffers). The way to persistence for a persistent ring
+    /// without RDMA FLUSH (`ibv_wr_flush` needs rdma-core 45 or later).
+    ReadAfterWrite,
 }
 
 /// Where a read of a peer's mirror is.
@@ -198,6 +252,11 @@ pub struct RdmaAgent {
     streams: HashMap<PeerId, Stream>,
     /// The inner transport's write tokens to (target, our token).
     inner_writes: HashMap<Token, (PeerId, Token)>,
+    /// When our writes complete.
+    landing: Landing,
+    /// Read-after-write reads ([`Landing::ReadAfterWrite`]): the inner transport's read
+    /// token -> (target, our write's token).
+    landing_reads: HashMap<Token, (PeerId, Token)>,
     /// Our writes not completed yet, to their target.
     pending_writes: HashMap<Token, PeerId>,
     /// Our reads not completed yet.
@@ -269,6 +328,8 @@ impl RdmaAgent {
             next_token: first.max(1),
             streams: HashMap::new(),
             inner_writes: HashMap::new(),
+            landing: Landing::Ack,
+            landing_reads: HashMap::new(),
             pending_writes: HashMap::new(),
             pending_reads: HashMap::new(),
             mirror_reads: HashMap::new(),
@@ -305,6 +366,19 @@ impl RdmaAgent {
         self.mirror_reads_on = on;
     }
 
+    /// Completes our writes as `landing` says (default [`Landing::Ack`]). With
+    /// anything but `Ack` the node must fence writers ([`Transport::fence`]) before its
+    /// core's promise rises: see [`Transport::completes_on_landing`].
+    pub fn with_landing(mut self, landing: Landing) -> Self {
+        self.landing = landing;
+        self
+    }
+
+    /// When our writes complete.
+    pub fn landing(&self) -> Landing {
+        self.landing
+    }
+
     /// The payload capacity of one cell: the largest remote write.
     pub fn cell_capacity(&self) -> usize {
         cells::capacity(self.cell_size)
@@ -331,15 +405,27 @@ impl RdmaAgent {
         }
     }
 
-    /// Completes our write `token` to `to` once (later calls find nothing).
+    /// The follower took our write `token` to `to` (its acknowledgement arrived), or it
+    /// failed: its cell may be reused, and the write completes if it has not yet (at
+    /// landing). Completes once: later calls find nothing.
     fn finish_write(&mut self, to: PeerId, token: Token, result: Result<(), AccessError>, events: &mut Vec<Event>) {
-        if self.pending_writes.remove(&token).is_none() {
-            return;
-        }
         if let Some(s) = self.streams.get_mut(&to) {
             s.unacked.retain(|_, t| *t != token);
         }
+        if self.pending_writes.remove(&token).is_none() {
+            return;
+        }
         events.push(Event::WriteDone { to, token, result: result.map(|()| Bytes::new()) });
+    }
+
+    /// Our write `token` to `to` landed under the durability of [`Landing`]: it
+    /// completes now (once), and its cell stays held until the follower's
+    /// acknowledgement says the follower took it.
+    fn landed(&mut self, to: PeerId, token: Token, events: &mut Vec<Event>) {
+        if self.pending_writes.remove(&token).is_some() {
+            self.stats.landed += 1;
+            events.push(Event::WriteDone { to, token, result: Ok(Bytes::new()) });
+        }
     }
 
     /// Writer: takes the acknowledgement records that landed in our memory.
@@ -370,9 +456,19 @@ impl RdmaAgent {
             let result = if r.ok { Ok(()) } else { Err(AccessError::Denied { detail: Bytes::from(r.reply) }) };
             if self.pending_writes.contains_key(&token) {
                 self.stats.taken_rdma += 1;
+            } else if !r.ok {
+                self.denied_after_landing(peer, r.seq);
             }
             self.finish_write(peer, token, result, events);
         }
+    }
+
+    /// A write completed at landing was denied by the follower's core: with fencing
+    /// that does not happen (the follower accepts every cell that landed while the
+    /// writer held permission), so it is counted and logged, and the completion stands.
+    fn denied_after_landing(&mut self, peer: PeerId, seq: u64) {
+        self.stats.denied_after_landing += 1;
+        warn!(peer, seq, "a write completed at landing was denied by the follower's core");
     }
 
     fn awaiting_acks(&self) -> bool {
@@ -389,6 +485,10 @@ impl RdmaAgent {
                 sent_side = s.sent_side,
                 taken_rdma = s.taken_rdma,
                 taken_side = s.taken_side,
+                landed = s.landed,
+                denied_after_landing = s.denied_after_landing,
+                fences = s.fences,
+                drained = s.drained,
                 "rdma acknowledgements"
             );
             self.logged = (s, now);
@@ -579,12 +679,17 @@ impl RdmaAgent {
                     return;
                 }
                 let Some((_, ours)) = self.inner_writes.remove(&token) else { return };
-                if let Err(e) = result {
-                    // The cell did not land (or may not have): the stream has a hole.
-                    self.finish_write(to, ours, Err(e.clone()), events);
-                    self.restart(to, 0, &e.to_string(), events);
+                match result {
+                    Err(e) => {
+                        // The cell did not land (or may not have): the stream has a hole.
+                        self.finish_write(to, ours, Err(e.clone()), events);
+                        self.restart(to, 0, &e.to_string(), events);
+                    }
+                    // The cell is in the follower's memory: that completes it in memory mode.
+                    Ok(_) if self.landing == Landing::Write => self.landed(to, ours, events),
+                    // Else its read-after-write, or its acknowledgement, completes it.
+                    Ok(_) => {}
                 }
-                // Ok: the cell is in the follower's memory; its acknowledgement completes it.
             }
             Event::PeerDown { peer, reason } => {
                 self.restart(peer, 0, &reason, events);
@@ -602,6 +707,19 @@ impl RdmaAgent {
             Event::ReadDone { token, result, .. } => {
                 if let Some(m) = self.mirror_reads.remove(&token) {
                     self.on_mirror_read(m, result, events);
+                } else if let Some((to, ours)) = self.landing_reads.remove(&token) {
+                    match result {
+                        // Read after the WRITE on the same queue pair: the WRITE was placed.
+                        Ok(_) => self.landed(to, ours, events),
+                        // The WRITE failed first and said so (the stream restarted).
+                        Err(_) if !self.pending_writes.contains_key(&ours) => {}
+                        Err(e) => {
+                            // The link failed after the WRITE completed: placed or not.
+                            let why = format!("read-after-write failed: {e}");
+                            self.finish_write(to, ours, Err(AccessError::LinkFailed(why.clone())), events);
+                            self.restart(to, 0, &why, events);
+                        }
+                    }
                 }
             }
             Event::WriteArrived { .. } | Event::ReadArrived { .. } => {
@@ -682,10 +800,15 @@ impl RdmaAgent {
 
     /// Follower: takes the holder's newly landed cells, in order.
     fn scan(&mut self, events: &mut Vec<Event>) {
-        let Some(holder) = self.inner.permission_holder() else {
-            self.current = None;
-            return;
-        };
+        // Without a holder the stream being taken is kept: a fence revokes its writer,
+        // takes what landed, and may grant the same writer again, which then goes on
+        // where it was.
+        let Some(holder) = self.inner.permission_holder() else { return };
+        self.take_cells(holder, MAX_CELLS_PER_SCAN, events);
+    }
+
+    /// Follower: takes up to `max` newly landed cells of `writer`, in order.
+    fn take_cells(&mut self, holder: PeerId, max: usize, events: &mut Vec<Event>) {
         if self.current.is_some_and(|(w, _)| w != holder) {
             self.current = None;
         }
@@ -705,7 +828,7 @@ impl RdmaAgent {
             }
         }
         let Some((writer, epoch)) = self.current else { return };
-        for _ in 0..MAX_CELLS_PER_SCAN {
+        for _ in 0..max {
             let idx = ((self.next_seq - 1) % self.cells as u64) as usize;
             let Some((h, raw)) = self.header(idx) else { break };
             if h.writer != writer || h.epoch != epoch || h.seq != self.next_seq {
@@ -778,6 +901,17 @@ impl Transport for RdmaAgent {
         s.unacked.insert(seq, token);
         self.inner_writes.insert(inner_token, (to, token));
         self.pending_writes.insert(token, to);
+        if self.landing == Landing::ReadAfterWrite {
+            // The cell's last word (its canary), read right after the WRITE on the same
+            // queue pair. Not issued (no room): the acknowledgement completes the write.
+            let canary = (idx * self.cell_size + self.buf.len()).saturating_sub(8) as u64;
+            match self.inner.read(to, canary, 8) {
+                Ok(t) => {
+                    self.landing_reads.insert(t, (to, token));
+                }
+                Err(e) => debug!(peer = to, error = %e, "read-after-write not issued; the acknowledgement completes"),
+            }
+        }
         Ok(token)
     }
 
@@ -865,6 +999,29 @@ impl Transport for RdmaAgent {
         self.inner.permission_holder()
     }
 
+    fn fence(&mut self, holder: PeerId, events: &mut Vec<Event>) -> std::io::Result<()> {
+        // Was the holder, it is the stream's writer (as `scan` would have seen it).
+        let was_holder = self.inner.permission_holder() == Some(holder);
+        self.inner.revoke(holder);
+        // The drain: after the revocation no WRITE of `holder` lands, so every cell of
+        // it that a writer may count as accepted is in the ring now. A WRITE still in
+        // flight is refused at the NIC (its writer sees `Denied`), or was placed whole.
+        if was_holder || self.current.is_some_and(|(w, _)| w == holder) {
+            // Every cell: a ring holds at most `cells` not taken yet.
+            let before = events.len();
+            self.take_cells(holder, self.cells, events);
+            let n = (events.len() - before) as u64;
+            self.stats.fences += 1;
+            self.stats.drained += n;
+            info!(peer = holder, drained = n, "rdma fence: write permission revoked, landed cells taken");
+        }
+        Ok(())
+    }
+
+    fn completes_on_landing(&self) -> bool {
+        self.landing != Landing::Ack
+    }
+
     fn send_queued(&mut self) {
         self.inner.send_queued()
     }
@@ -946,11 +1103,24 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
         cell_bytes = cell,
         "rdma transport open"
     );
-    let agent = RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)?;
+    let landing = landing_for(cfg);
+    tracing::info!(node = cfg.id, ?landing, durability = cfg.durability.as_str(), "rdma writes complete");
+    let agent = RdmaAgent::new(inner, cell).map_err(ServeError::Rdma)?.with_landing(landing);
     if cfg.rdma.mirror_bytes > 0 {
         agent.with_mirror(stride).map_err(ServeError::Rdma)
     } else {
         Ok(agent)
+    }
+}
+
+/// When a replica with `cfg` completes its writes (see [`crate::config::LandingKind`]).
+pub fn landing_for(cfg: &crate::config::ServeConfig) -> Landing {
+    use crate::config::{DurabilityKind, LandingKind};
+    match (cfg.rdma.landing, cfg.durability) {
+        (LandingKind::Auto, DurabilityKind::Memory) => Landing::Write,
+        (LandingKind::ReadAfterWrite, DurabilityKind::Memory) => Landing::ReadAfterWrite,
+        // pmem: the cell ring is ordinary memory, so a landed cell is not persistent yet.
+        _ => Landing::Ack,
     }
 }
 

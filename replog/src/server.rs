@@ -275,6 +275,10 @@ fn run<T: Transport>(
     // Every remote write and read answer must fit a transport payload: bound the slots
     // per access by the largest slot a batch can make.
     let mut paxos = cfg.paxos_config();
+    // Over RDMA in memory mode a leader counts a follower's acceptance when its write
+    // landed, not when the follower answered: followers must then fence the writer
+    // before their promise rises (`Action::Fence`, `Transport::fence`).
+    paxos.accept_on_landing = transport.completes_on_landing();
     // (The TCP transport's limit is max_frame_bytes; RDMA's is also bounded by a cell.)
     let max_payload = transport.max_payload().min(cfg.limits.max_frame_bytes as usize);
     let per_slot = paxos.max_batch_bytes + paxos.max_batch_entries * 24 + 64;

@@ -1,6 +1,6 @@
 //! Each way a configuration can be wrong gives a message naming the file and the key.
 
-use replog::config::{ConfigError, ServeConfig};
+use replog::config::{ConfigError, LandingKind, ServeConfig};
 
 /// A valid three-member file; tests break one thing in it.
 const BASE: &str = r#"id = 1
@@ -252,4 +252,23 @@ fn a_joining_replica_starts_in_no_membership_and_needs_a_voter_to_contact() {
     );
     let m = err(&dpdk);
     assert!(m.contains("join") || m.contains("rdma"), "{m}");
+}
+
+#[test]
+fn read_after_write_landing_needs_memory_durability() {
+    let text = format!("{BASE}\n[rdma]\nlanding = \"read_after_write\"\n");
+    expect(&text, &["rdma.landing", "read_after_write", "fsync"]);
+    let ok = text.replace("durability = \"fsync\"", "durability = \"memory\"");
+    ServeConfig::from_toml(&ok, "replog.toml").unwrap();
+}
+
+#[test]
+fn landing_kinds_parse() {
+    for (name, kind) in [("auto", LandingKind::Auto), ("ack", LandingKind::Ack)] {
+        let text = format!("{BASE}\n[rdma]\nlanding = \"{name}\"\n");
+        let c = ServeConfig::from_toml(&text, "replog.toml").unwrap();
+        assert_eq!(c.rdma.landing, kind);
+        assert_eq!(kind.as_str(), name);
+    }
+    expect(&format!("{BASE}\n[rdma]\nlanding = \"flush\"\n"), &["landing"]);
 }
