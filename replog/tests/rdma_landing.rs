@@ -1,0 +1,231 @@
+//! Acceptance by landing between two [`RdmaAgent`]s on one RDMA device, with the
+//! follower's CPU kept off the path (it is not polled while the writer writes):
+//!
+//! - [`Landing::Write`]: each write completes when its RDMA WRITE completed; the
+//!   follower's fence then revokes the writer and hands over, in order, exactly the
+//!   cells that landed; a write after the fence is refused at the NIC (`Denied`); the
+//!   follower's acknowledgements of the drained cells only free them (no second
+//!   completion).
+//! - [`Landing::ReadAfterWrite`]: each write completes at the RDMA READ posted after it;
+//!   a fence that finds nothing new, then a re-grant of the same writer, keeps the
+//!   stream going where it was (the next cell is taken by polling).
+//!
+//! Needs an RDMA device with an active port (`hw-setup/rxe-vm.sh run -- <this test
+//! binary>`); without one it prints why and passes, unless `REPLOG_REQUIRE_ALL=1`.
+#![cfg(feature = "rdma")]
+
+use replog::rdma_agent::{Landing, RdmaAgent};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
+use transport::rdma::{RdmaConfig, RdmaTransport};
+use transport::{AccessError, Event, PeerId, SendError, Token, Transport};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// Follower (index 0) and writer (index 1).
+const FOLLOWER: PeerId = 1;
+const WRITER: PeerId = 2;
+
+fn open(landing: Landing) -> Vec<RdmaAgent> {
+    let ids = [FOLLOWER, WRITER];
+    let ls: Vec<TcpListener> = ids.iter().map(|_| TcpListener::bind((ip(), 0)).expect("bind side channel")).collect();
+    let addrs: BTreeMap<PeerId, SocketAddr> =
+        ids.iter().zip(&ls).map(|(&id, l)| (id, l.local_addr().expect("addr"))).collect();
+    ids.iter()
+        .zip(ls)
+        .map(|(&id, l)| {
+            let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
+            let mut c = RdmaConfig::new(79, id, addrs[&id], peers);
+            c.device = std::env::var("RXE_DEV").ok();
+            c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+            c.region_len = 1 << 20;
+            c.max_payload = 64 << 10;
+            c.staging_per_peer = 1 << 20;
+            let t = RdmaTransport::with_listener(c, l).expect("open RDMA transport");
+            RdmaAgent::new(t, 16 << 10).expect("agent").with_landing(landing)
+        })
+        .collect()
+}
+
+/// Polls the agents at `which` once each, keeping what each reported.
+fn pump(agents: &mut [RdmaAgent], inbox: &mut [Vec<Event>], which: &[usize]) {
+    for &i in which {
+        let mut ev = Vec::new();
+        agents[i].poll(&mut ev, Some(Duration::from_micros(100))).expect("poll");
+        inbox[i].extend(ev);
+    }
+}
+
+/// Both agents see each other's link up.
+fn connect(agents: &mut [RdmaAgent], inbox: &mut [Vec<Event>]) {
+    let deadline = Instant::now() + WAIT;
+    for (at, peer) in [(0, WRITER), (1, FOLLOWER)] {
+        while !inbox[at].iter().any(|e| matches!(e, Event::PeerUp { peer: p } if *p == peer)) {
+            assert!(Instant::now() < deadline, "agent {at} saw no PeerUp from {peer} within {WAIT:?}");
+            pump(agents, inbox, &[0, 1]);
+        }
+        inbox[at].clear();
+    }
+}
+
+/// A write's bytes: the ballot round first (the agent opens its stream's epoch by it).
+fn cell(round: u64, i: u64) -> Vec<u8> {
+    let mut v = round.to_le_bytes().to_vec();
+    v.extend_from_slice(format!("cell {i} of round {round}").as_bytes());
+    v
+}
+
+/// Issues a write of the writer, retrying while the link is being set up or full.
+fn write(agents: &mut [RdmaAgent], inbox: &mut [Vec<Event>], first: u64, data: &[u8]) -> Token {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match agents[1].write(FOLLOWER, first, data) {
+            Ok(t) => return t,
+            Err(SendError::LinkDown(_) | SendError::Backpressure(_)) if Instant::now() < deadline => {
+                pump(agents, inbox, &[1])
+            }
+            Err(e) => panic!("write not issued: {e}"),
+        }
+    }
+}
+
+/// The writer's completions of `tokens`, polling only the writer (the follower's CPU
+/// does nothing meanwhile).
+fn completions(
+    agents: &mut [RdmaAgent],
+    inbox: &mut [Vec<Event>],
+    tokens: &[Token],
+) -> HashMap<Token, Result<(), String>> {
+    let deadline = Instant::now() + WAIT;
+    let mut done = HashMap::new();
+    while done.len() < tokens.len() {
+        assert!(Instant::now() < deadline, "writes not completed within {WAIT:?}: {done:?}");
+        pump(agents, inbox, &[1]);
+        for e in std::mem::take(&mut inbox[1]) {
+            match e {
+                Event::WriteDone { token, result, .. } if tokens.contains(&token) => {
+                    let r = result.map(|_| ()).map_err(|e| match e {
+                        AccessError::Denied { .. } => "denied".to_string(),
+                        AccessError::LinkFailed(why) => why,
+                    });
+                    assert!(done.insert(token, r).is_none(), "write {token} completed twice");
+                }
+                other => inbox[1].push(other),
+            }
+        }
+    }
+    done
+}
+
+#[test]
+fn writes_complete_at_landing_and_a_fence_hands_over_what_landed() {
+    if !rdma_available("rdma_landing") {
+        return;
+    }
+    let mut agents = open(Landing::Write);
+    let mut inbox = vec![Vec::new(), Vec::new()];
+    connect(&mut agents, &mut inbox);
+    agents[0].grant(WRITER);
+    assert!(agents[0].completes_on_landing() && agents[1].completes_on_landing());
+
+    // Three writes, the follower not polled: they complete at landing.
+    let datas: Vec<Vec<u8>> = (0..3).map(|i| cell(7, i)).collect();
+    let tokens: Vec<Token> =
+        datas.iter().enumerate().map(|(i, d)| write(&mut agents, &mut inbox, 10 + i as u64, d)).collect();
+    let done = completions(&mut agents, &mut inbox, &tokens);
+    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+    let s = agents[1].ack_stats();
+    assert_eq!((s.landed, s.taken_rdma, s.taken_side), (3, 0, 0), "{s:?}");
+
+    // The fence: revoked, and the three cells handed over in order.
+    let mut drained = Vec::new();
+    agents[0].fence(WRITER, &mut drained).expect("fence");
+    assert_eq!(agents[0].permission_holder(), None);
+    let mut arrived = Vec::new();
+    for (i, e) in drained.into_iter().enumerate() {
+        match e {
+            Event::WriteArrived { from, token, offset, data } => {
+                assert_eq!((from, offset), (WRITER, 10 + i as u64));
+                assert_eq!(data.as_ref(), datas[i].as_slice(), "cell {i} handed over whole");
+                arrived.push(token);
+            }
+            other => panic!("the drain reported {other:?}"),
+        }
+    }
+    assert_eq!(arrived.len(), 3, "the fence must hand over every cell that landed");
+    assert_eq!(agents[0].ack_stats().drained, 3);
+
+    // A write after the fence is refused at the follower's NIC.
+    let late = write(&mut agents, &mut inbox, 13, &cell(7, 3));
+    let done = completions(&mut agents, &mut inbox, &[late]);
+    assert_eq!(done.get(&late), Some(&Err("denied".to_string())), "a fenced writer's write must be denied");
+
+    // The follower's core answers the drained cells: that only frees them at the writer
+    // (its stream restarted after the denial anyway); nothing completes twice.
+    for t in arrived {
+        agents[0].complete_write(WRITER, t, Ok(&[])).expect("acknowledge");
+    }
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        pump(&mut agents, &mut inbox, &[0, 1]);
+    }
+    let again: Vec<&Event> = inbox[1]
+        .iter()
+        .filter(|e| matches!(e, Event::WriteDone { token, .. } if tokens.contains(token) || *token == late))
+        .collect();
+    assert!(again.is_empty(), "writes completed twice: {again:?}");
+    assert_eq!(agents[1].ack_stats().landed, 3);
+}
+
+#[test]
+fn read_after_write_completes_writes_and_a_regrant_continues_the_stream() {
+    if !rdma_available("rdma_landing") {
+        return;
+    }
+    let mut agents = open(Landing::ReadAfterWrite);
+    let mut inbox = vec![Vec::new(), Vec::new()];
+    connect(&mut agents, &mut inbox);
+    agents[0].grant(WRITER);
+
+    let tokens: Vec<Token> = (0..2).map(|i| write(&mut agents, &mut inbox, 20 + i, &cell(9, i))).collect();
+    let done = completions(&mut agents, &mut inbox, &tokens);
+    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+    assert_eq!(agents[1].ack_stats().landed, 2);
+
+    // The follower takes them by polling and answers.
+    let deadline = Instant::now() + WAIT;
+    let mut taken = Vec::new();
+    while taken.len() < 2 {
+        assert!(Instant::now() < deadline, "the follower took {} of 2 cells", taken.len());
+        pump(&mut agents, &mut inbox, &[0]);
+        for e in std::mem::take(&mut inbox[0]) {
+            if let Event::WriteArrived { token, offset, .. } = e {
+                taken.push((token, offset));
+            }
+        }
+    }
+    assert_eq!(taken.iter().map(|&(_, o)| o).collect::<Vec<_>>(), vec![20, 21]);
+    for &(t, _) in &taken {
+        agents[0].complete_write(WRITER, t, Ok(&[])).expect("acknowledge");
+    }
+
+    // A fence with nothing new to hand over, then the same writer granted again: its
+    // stream goes on where it was.
+    let mut drained = Vec::new();
+    agents[0].fence(WRITER, &mut drained).expect("fence");
+    assert!(drained.is_empty(), "nothing new landed: {drained:?}");
+    agents[0].grant(WRITER);
+    let next = write(&mut agents, &mut inbox, 22, &cell(9, 2));
+    let done = completions(&mut agents, &mut inbox, &[next]);
+    assert_eq!(done.get(&next), Some(&Ok(())));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "the re-granted writer's next cell was not taken");
+        pump(&mut agents, &mut inbox, &[0, 1]);
+        if inbox[0].iter().any(|e| matches!(e, Event::WriteArrived { offset: 22, .. })) {
+            break;
+        }
+    }
+    assert_eq!(agents[1].ack_stats().landed, 3);
+}
