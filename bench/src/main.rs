@@ -128,12 +128,24 @@ struct Args {
     /// client_port_thread`) instead of the replica's polling thread, to compare.
     #[arg(long)]
     client_port_thread: bool,
+    /// Over RDMA: when a leader counts a follower's acceptance (`[rdma] landing`: auto,
+    /// at the RDMA WRITE's completion in memory mode; ack, by the follower's
+    /// acknowledgement in every mode), to compare the two.
+    #[arg(long, value_enum, default_value = "auto")]
+    rdma_landing: RdmaLanding,
     /// Skip the etcd peer.
     #[arg(long)]
     no_etcd: bool,
     /// Skip replog (measure etcd and the baselines only).
     #[arg(long)]
     no_replog: bool,
+}
+
+/// `--rdma-landing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RdmaLanding {
+    Auto,
+    Ack,
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,8 +459,16 @@ fn run(args: Args) -> Result<i32> {
         None
     };
     // RDMA: the device every replica (and the ping-pong) uses.
-    let rdma_net =
-        if rdma_wanted && plan.iter().any(|s| s.durability.is_some()) { Some(rdma::RdmaNet::detect()?) } else { None };
+    let rdma_net = if rdma_wanted && plan.iter().any(|s| s.durability.is_some()) {
+        let mut n = rdma::RdmaNet::detect()?;
+        n.landing = match args.rdma_landing {
+            RdmaLanding::Auto => replog::config::LandingKind::Auto,
+            RdmaLanding::Ack => replog::config::LandingKind::Ack,
+        };
+        Some(n)
+    } else {
+        None
+    };
     let machine = Machine::probe();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     println!(

@@ -60,6 +60,8 @@ pub struct RdmaNet {
     pub gid_index: u8,
     /// The side channels' address (`RXE_IP` in the soft-RoCE VM, else 127.0.0.1).
     pub side_ip: IpAddr,
+    /// The replicas' `[rdma] landing` (default auto).
+    pub landing: replog::config::LandingKind,
 }
 
 impl RdmaNet {
@@ -82,7 +84,7 @@ impl RdmaNet {
             Ok(ip) => ip.trim().parse().with_context(|| format!("RXE_IP={ip:?} is not an IP address"))?,
             Err(_) => IpAddr::from([127, 0, 0, 1]),
         };
-        Ok(RdmaNet { device, gid_index, side_ip })
+        Ok(RdmaNet { device, gid_index, side_ip, landing: replog::config::LandingKind::Auto })
     }
 
     /// Makes `cfgs` (from [`ServeConfig::local_cluster`]) replicas over RDMA on this
@@ -94,6 +96,7 @@ impl RdmaNet {
             c.rdma.device = self.device.clone();
             c.rdma.gid_index = self.gid_index;
             c.rdma.region_bytes = REGION_BYTES;
+            c.rdma.landing = self.landing;
             for m in &mut c.members {
                 m.peer_addr = SocketAddr::new(self.side_ip, m.peer_addr.port());
             }
@@ -360,7 +363,12 @@ mod tests {
 
     #[test]
     fn configured_replicas_use_rdma_on_the_device_and_side_address() {
-        let net = RdmaNet { device: "rxe0".into(), gid_index: 1, side_ip: [10, 77, 0, 1].into() };
+        let net = RdmaNet {
+            device: "rxe0".into(),
+            gid_index: 1,
+            side_ip: [10, 77, 0, 1].into(),
+            landing: Default::default(),
+        };
         let mut cfgs = ServeConfig::local_cluster(3, 7100, Path::new("/tmp/x"), DurabilityKind::Memory);
         net.configure(&mut cfgs);
         for c in &cfgs {
