@@ -24,8 +24,17 @@
 //!   The NIC's error completes it in every mode (a revoked writer is `Denied`, a broken
 //!   link `LinkFailed`). Under landing the follower's acknowledgement, when it comes,
 //!   only frees the cell: a cell (and its acknowledgement slot) is reused only after the
-//!   follower took it, so the window below is unchanged. [`AckStats`] counts writes
-//!   completed at landing and by acknowledgement.
+//!   follower took it, so the window below is unchanged. One more duty under landing:
+//!   a stream that restarts (a failed write, a failed link) opens a new epoch that
+//!   rewrites the ring from cell 0, and the follower switches to it; a cell that
+//!   completed at landing but was not acknowledged yet might then never reach the
+//!   follower's core. The writer keeps each such write's bytes until its
+//!   acknowledgement and writes them again, in order, first in the new epoch (a
+//!   **replay**: nothing completes for the node; a follower that took it already
+//!   accepts the same value at the same ballot again). Not in a new term: the follower
+//!   fenced the writer before promising the term's ballot, and the new term's leader
+//!   rewrites what is unfinished from its own log. [`AckStats`] counts writes completed
+//!   at landing, by acknowledgement, and replays.
 //! - **follower side**: `poll` reads the region (the follower's CPU polls memory, as in
 //!   Mu), takes each newly landed, checksummed cell of the permission holder in order and
 //!   reports it as [`Event::WriteArrived`]; the node hands it to the core, which checks
@@ -148,6 +157,9 @@ pub struct AckStats {
     /// Writer: writes completed at landing whose acknowledgement later said the
     /// follower's core denied the cell (logged; the write's completion stands).
     pub denied_after_landing: u64,
+    /// Writer: cells written again because their stream restarted before the follower
+    /// acknowledged taking them (they had completed at landing).
+    pub replayed: u64,
     /// Follower: fences ([`Transport::fence`]) of the permission holder.
     pub fences: u64,
     /// Follower: cells taken by those fences' drains (landed, not taken by polling yet).
@@ -214,6 +226,13 @@ struct Stream {
     next_seq: u64,
     /// Writes issued in this epoch and not yet acknowledged: seq -> our token.
     unacked: BTreeMap<u64, Token>,
+    /// Under landing: writes that completed at landing but whose cells the follower had
+    /// not acknowledged taking when the stream restarted, `(first, bytes)` in order. A
+    /// new epoch rewrites the ring from cell 0 (and the follower switches to it), so
+    /// such a cell may never reach the follower's core: it is written again, first in
+    /// the new epoch, before any new write (accepting it twice is harmless: same
+    /// ballot, same value; a follower whose promise rose since denies it).
+    replay: std::collections::VecDeque<(u64, Bytes)>,
 }
 
 /// A cell taken by the follower and not answered yet.
@@ -257,6 +276,11 @@ pub struct RdmaAgent {
     /// Read-after-write reads ([`Landing::ReadAfterWrite`]): the inner transport's read
     /// token -> (target, our write's token).
     landing_reads: HashMap<Token, (PeerId, Token)>,
+    /// Under landing: the bytes of each write not acknowledged yet (our token ->
+    /// `(first, bytes)`), to replay it if its stream restarts (see `Stream::replay`).
+    sent: HashMap<Token, (u64, Bytes)>,
+    /// Replays in flight (they complete nothing for the node).
+    replays: std::collections::HashSet<Token>,
     /// Our writes not completed yet, to their target.
     pending_writes: HashMap<Token, PeerId>,
     /// Our reads not completed yet.
@@ -330,6 +354,8 @@ impl RdmaAgent {
             inner_writes: HashMap::new(),
             landing: Landing::Ack,
             landing_reads: HashMap::new(),
+            sent: HashMap::new(),
+            replays: std::collections::HashSet::new(),
             pending_writes: HashMap::new(),
             pending_reads: HashMap::new(),
             mirror_reads: HashMap::new(),
@@ -412,6 +438,8 @@ impl RdmaAgent {
         if let Some(s) = self.streams.get_mut(&to) {
             s.unacked.retain(|_, t| *t != token);
         }
+        self.sent.remove(&token);
+        self.replays.remove(&token);
         if self.pending_writes.remove(&token).is_none() {
             return;
         }
@@ -456,7 +484,7 @@ impl RdmaAgent {
             let result = if r.ok { Ok(()) } else { Err(AccessError::Denied { detail: Bytes::from(r.reply) }) };
             if self.pending_writes.contains_key(&token) {
                 self.stats.taken_rdma += 1;
-            } else if !r.ok {
+            } else if !r.ok && !self.replays.contains(&token) {
                 self.denied_after_landing(peer, r.seq);
             }
             self.finish_write(peer, token, result, events);
@@ -487,6 +515,7 @@ impl RdmaAgent {
                 taken_side = s.taken_side,
                 landed = s.landed,
                 denied_after_landing = s.denied_after_landing,
+                replayed = s.replayed,
                 fences = s.fences,
                 drained = s.drained,
                 "rdma acknowledgements"
@@ -634,12 +663,85 @@ impl RdmaAgent {
     fn restart(&mut self, peer: PeerId, round: u64, why: &str, events: &mut Vec<Event>) {
         let s = self.streams.entry(peer).or_default();
         let epoch = if round > s.epoch.0 { (round, 0) } else { (s.epoch.0, s.epoch.1 + 1) };
+        let new_term = epoch.1 == 0;
         s.epoch = epoch;
         s.next_seq = 1;
+        if new_term {
+            // The writer leads a new term: it rewrites what is unfinished from its log.
+            s.replay.clear();
+        }
         for (_, token) in std::mem::take(&mut s.unacked) {
+            let sent = self.sent.remove(&token);
+            self.replays.remove(&token);
             if self.pending_writes.remove(&token).is_some() {
                 let result = Err(AccessError::LinkFailed(format!("cell stream restarted: {why}")));
                 events.push(Event::WriteDone { to: peer, token, result });
+            } else if let (Some(w), false) = (sent, new_term) {
+                // Completed at landing (or a replay), not known taken: write it again. Not
+                // in a new term: the follower fenced this writer, taking what landed,
+                // before promising the term's ballot.
+                s.replay.push_back(w);
+            }
+        }
+    }
+
+    /// Writes one cell of `data` (first slot `offset`) to `to` in the current epoch of
+    /// its stream, within the window; our token for it. Nothing completes it for the
+    /// node unless the caller records it as pending.
+    fn issue(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
+        let window = self.window();
+        let Some(s) = self.streams.get(&to) else { return Err(SendError::UnknownPeer(to)) };
+        // The cell (and acknowledgement slot) of this seq must not hold one still unanswered.
+        let span = s.unacked.first_key_value().map_or(0, |(&first, _)| s.next_seq - first);
+        if s.unacked.len() + 1 >= self.cells || span + 1 >= window {
+            return Err(SendError::Backpressure(to));
+        }
+        let (epoch, seq) = (s.epoch, s.next_seq);
+        let token = self.token();
+        let h = CellHeader { len: 0, writer: self.inner.local(), epoch, seq, first: offset, token, crc: 0 };
+        let mut cell = std::mem::take(&mut self.buf);
+        cells::encode(&h, data, &mut cell);
+        let idx = ((seq - 1) % self.cells as u64) as usize;
+        let r = self.inner.write(to, (idx * self.cell_size) as u64, &cell);
+        self.buf = cell;
+        let inner_token = r?;
+        let s = self.streams.get_mut(&to).expect("stream exists");
+        s.next_seq += 1;
+        s.unacked.insert(seq, token);
+        self.inner_writes.insert(inner_token, (to, token));
+        if self.landing == Landing::ReadAfterWrite {
+            // The cell's last word (its canary), read right after the WRITE on the same
+            // queue pair. Not issued (no room): the acknowledgement completes the write.
+            let canary = (idx * self.cell_size + self.buf.len()).saturating_sub(8) as u64;
+            match self.inner.read(to, canary, 8) {
+                Ok(t) => {
+                    self.landing_reads.insert(t, (to, token));
+                }
+                Err(e) => debug!(peer = to, error = %e, "read-after-write not issued; the acknowledgement completes"),
+            }
+        }
+        Ok(token)
+    }
+
+    /// Writes what waits for a replay to `peer` (see `Stream::replay`), in order, as far
+    /// as the link takes it. Whether nothing waits any more.
+    fn flush_replays(&mut self, peer: PeerId) -> bool {
+        loop {
+            let Some((first, data)) = self.streams.get_mut(&peer).and_then(|s| s.replay.pop_front()) else {
+                return true;
+            };
+            match self.issue(peer, first, &data) {
+                Ok(token) => {
+                    self.stats.replayed += 1;
+                    self.replays.insert(token);
+                    self.sent.insert(token, (first, data));
+                }
+                Err(_) => {
+                    if let Some(s) = self.streams.get_mut(&peer) {
+                        s.replay.push_front((first, data));
+                    }
+                    return false;
+                }
             }
         }
     }
@@ -880,37 +982,14 @@ impl Transport for RdmaAgent {
             self.restart(to, round, "new term", &mut events);
             self.scratch.extend(events);
         }
-        let window = self.window();
-        let s = self.streams.get(&to).expect("stream exists");
-        // The cell (and acknowledgement slot) of this seq must not hold one still unanswered.
-        let span = s.unacked.first_key_value().map_or(0, |(&first, _)| s.next_seq - first);
-        if s.unacked.len() + 1 >= self.cells || span + 1 >= window {
+        // Replays go first: nothing new before them.
+        if !self.flush_replays(to) {
             return Err(SendError::Backpressure(to));
         }
-        let (epoch, seq) = (s.epoch, s.next_seq);
-        let token = self.token();
-        let h = CellHeader { len: 0, writer: self.inner.local(), epoch, seq, first: offset, token, crc: 0 };
-        let mut cell = std::mem::take(&mut self.buf);
-        cells::encode(&h, data, &mut cell);
-        let idx = ((seq - 1) % self.cells as u64) as usize;
-        let r = self.inner.write(to, (idx * self.cell_size) as u64, &cell);
-        self.buf = cell;
-        let inner_token = r?;
-        let s = self.streams.get_mut(&to).expect("stream exists");
-        s.next_seq += 1;
-        s.unacked.insert(seq, token);
-        self.inner_writes.insert(inner_token, (to, token));
+        let token = self.issue(to, offset, data)?;
         self.pending_writes.insert(token, to);
-        if self.landing == Landing::ReadAfterWrite {
-            // The cell's last word (its canary), read right after the WRITE on the same
-            // queue pair. Not issued (no room): the acknowledgement completes the write.
-            let canary = (idx * self.cell_size + self.buf.len()).saturating_sub(8) as u64;
-            match self.inner.read(to, canary, 8) {
-                Ok(t) => {
-                    self.landing_reads.insert(t, (to, token));
-                }
-                Err(e) => debug!(peer = to, error = %e, "read-after-write not issued; the acknowledgement completes"),
-            }
+        if self.landing != Landing::Ack {
+            self.sent.insert(token, (offset, Bytes::copy_from_slice(data)));
         }
         Ok(token)
     }
@@ -1042,6 +1121,11 @@ impl Transport for RdmaAgent {
         }
         loop {
             events.append(&mut self.scratch);
+            let waiting: Vec<PeerId> =
+                self.streams.iter().filter(|(_, s)| !s.replay.is_empty()).map(|(&p, _)| p).collect();
+            for peer in waiting {
+                self.flush_replays(peer);
+            }
             self.scan(events);
             self.scan_acks(events);
             self.log_stats();

@@ -173,7 +173,7 @@ fn run(durability: DurabilityKind) {
         println!(
             "rdma: replica {}: acknowledgements sent {} by RDMA WRITE, {} by side channel; writes completed {} by a \
              record in its acknowledgement area, {} by messages, {} at landing ({} denied after landing); {} fences \
-             drained {} cells",
+             drained {} cells; {} cells written again after a stream restart",
             i + 1,
             c.sent_rdma,
             c.sent_side,
@@ -182,7 +182,8 @@ fn run(durability: DurabilityKind) {
             c.landed,
             c.denied_after_landing,
             c.fences,
-            c.drained
+            c.drained,
+            c.replayed
         );
         sum.add(&c);
     }
@@ -251,6 +252,7 @@ struct AckCounts {
     denied_after_landing: u64,
     fences: u64,
     drained: u64,
+    replayed: u64,
 }
 
 impl AckCounts {
@@ -263,6 +265,7 @@ impl AckCounts {
         self.denied_after_landing += o.denied_after_landing;
         self.fences += o.fences;
         self.drained += o.drained;
+        self.replayed += o.replayed;
     }
 
     fn le(&self, o: &AckCounts) -> bool {
@@ -296,6 +299,7 @@ fn ack_counts(log: &str) -> AckCounts {
             denied_after_landing: field(line, "denied_after_landing"),
             fences: field(line, "fences"),
             drained: field(line, "drained"),
+            replayed: field(line, "replayed"),
         };
         if !last.le(&c) {
             total.add(&last);

@@ -10,6 +10,10 @@
 //!   a fence that finds nothing new, then a re-grant of the same writer, keeps the
 //!   stream going where it was (the next cell is taken by polling).
 //!
+//! - A stream restart (a denied write) before the follower took cells that completed at
+//!   landing: they are written again, first in the new epoch, so the follower's core
+//!   still gets them.
+//!
 //! Needs an RDMA device with an active port (`hw-setup/rxe-vm.sh run -- <this test
 //! binary>`); without one it prints why and passes, unless `REPLOG_REQUIRE_ALL=1`.
 #![cfg(feature = "rdma")]
@@ -78,12 +82,23 @@ fn cell(round: u64, i: u64) -> Vec<u8> {
 
 /// Issues a write of the writer, retrying while the link is being set up or full.
 fn write(agents: &mut [RdmaAgent], inbox: &mut [Vec<Event>], first: u64, data: &[u8]) -> Token {
+    write_pumping(agents, inbox, first, data, &[1])
+}
+
+/// [`write`], polling the agents at `which` between tries.
+fn write_pumping(
+    agents: &mut [RdmaAgent],
+    inbox: &mut [Vec<Event>],
+    first: u64,
+    data: &[u8],
+    which: &[usize],
+) -> Token {
     let deadline = Instant::now() + WAIT;
     loop {
         match agents[1].write(FOLLOWER, first, data) {
             Ok(t) => return t,
             Err(SendError::LinkDown(_) | SendError::Backpressure(_)) if Instant::now() < deadline => {
-                pump(agents, inbox, &[1])
+                pump(agents, inbox, which)
             }
             Err(e) => panic!("write not issued: {e}"),
         }
@@ -228,4 +243,49 @@ fn read_after_write_completes_writes_and_a_regrant_continues_the_stream() {
         }
     }
     assert_eq!(agents[1].ack_stats().landed, 3);
+}
+
+#[test]
+fn cells_completed_at_landing_are_written_again_when_the_stream_restarts() {
+    if !rdma_available("rdma_landing") {
+        return;
+    }
+    let mut agents = open(Landing::Write);
+    let mut inbox = vec![Vec::new(), Vec::new()];
+    connect(&mut agents, &mut inbox);
+    agents[0].grant(WRITER);
+
+    // Three writes complete at landing; the follower does not take them.
+    let tokens: Vec<Token> = (0..3).map(|i| write(&mut agents, &mut inbox, 10 + i, &cell(5, i))).collect();
+    let done = completions(&mut agents, &mut inbox, &tokens);
+    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+
+    // A plain revocation (no drain), then a write: denied at the NIC, the stream restarts.
+    agents[0].revoke(WRITER);
+    let denied = write(&mut agents, &mut inbox, 13, &cell(5, 3));
+    let done = completions(&mut agents, &mut inbox, &[denied]);
+    assert_eq!(done.get(&denied), Some(&Err("denied".to_string())));
+
+    // Granted again: the next write goes after the three, written again in the new epoch.
+    agents[0].grant(WRITER);
+    let next = write_pumping(&mut agents, &mut inbox, 14, &cell(5, 4), &[0, 1]);
+    let deadline = Instant::now() + WAIT;
+    let mut offsets = Vec::new();
+    while offsets.last() != Some(&14) {
+        assert!(Instant::now() < deadline, "the follower took only {offsets:?}");
+        pump(&mut agents, &mut inbox, &[0, 1]);
+        for e in std::mem::take(&mut inbox[0]) {
+            if let Event::WriteArrived { token, offset, .. } = e {
+                offsets.push(offset);
+                agents[0].complete_write(WRITER, token, Ok(&[])).expect("acknowledge");
+            }
+        }
+    }
+    // The old epoch's cells may have been taken too before the new epoch's first landed.
+    assert!(offsets.ends_with(&[10, 11, 12, 14]), "the follower took {offsets:?}");
+    let s = agents[1].ack_stats();
+    assert_eq!(s.replayed, 3, "{s:?}");
+    let done = completions(&mut agents, &mut inbox, &[next]);
+    assert_eq!(done.get(&next), Some(&Ok(())));
+    assert_eq!(agents[1].ack_stats().landed, 4);
 }
