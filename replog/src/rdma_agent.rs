@@ -914,6 +914,11 @@ impl RdmaAgent {
         if self.current.is_some_and(|(w, _)| w != holder) {
             self.current = None;
         }
+        // What is left of the stream being taken first: the writer may have started a
+        // new epoch (its stream restarted) over cells of this one that landed and that it
+        // may have counted as accepted (acceptance by landing); those not rewritten yet
+        // are taken here, the others come again in the new epoch (replays).
+        let taken = self.take_stream(max, events);
         // A new epoch starts at cell 0 with seq 1.
         if let Some((h, raw)) = self.header(0) {
             let newer_than_seen = self.seen.get(&holder).is_none_or(|&e| h.epoch > e);
@@ -927,10 +932,17 @@ impl RdmaAgent {
                 debug!(writer = holder, epoch = ?h.epoch, "new cell stream");
                 self.current = Some((holder, h.epoch));
                 self.next_seq = 1;
+                self.take_stream(max.saturating_sub(taken), events);
             }
         }
-        let Some((writer, epoch)) = self.current else { return };
-        for _ in 0..max {
+    }
+
+    /// Follower: takes up to `max` newly landed cells of the stream being taken, in
+    /// order; how many.
+    fn take_stream(&mut self, max: usize, events: &mut Vec<Event>) -> usize {
+        let Some((writer, epoch)) = self.current else { return 0 };
+        let mut n = 0;
+        while n < max {
             let idx = ((self.next_seq - 1) % self.cells as u64) as usize;
             let Some((h, raw)) = self.header(idx) else { break };
             if h.writer != writer || h.epoch != epoch || h.seq != self.next_seq {
@@ -941,8 +953,10 @@ impl RdmaAgent {
             self.arrived_writes.insert(ours, Arrived { writer, epoch, seq: h.seq, theirs: h.token });
             self.seen.insert(writer, epoch);
             self.next_seq += 1;
+            n += 1;
             events.push(Event::WriteArrived { from: writer, token: ours, offset: h.first, data });
         }
+        n
     }
 }
 
