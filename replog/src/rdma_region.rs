@@ -27,7 +27,10 @@
 //! epoch and seq are the expected ones, its canary is in place and its CRC matches
 //! (a torn or still-landing cell fails one of these and is looked at again later); it
 //! switches to a new epoch when cell 0 holds seq 1 of an epoch greater than the last one
-//! it took from that writer. Only the permission holder's cells are taken: other
+//! it took from that writer, after taking what is left of the current epoch (cells the
+//! new one has not rewritten yet: under acceptance by landing the writer may have
+//! counted them as accepted; it also writes such cells again at the start of the new
+//! epoch, see `replog::rdma_agent`). Only the permission holder's cells are taken: other
 //! writers cannot write the region at all (queue-pair access flags), and stale cells of
 //! a previous holder are ignored.
 //!
