@@ -664,6 +664,13 @@ impl RdmaAgent {
         let s = self.streams.entry(peer).or_default();
         let epoch = if round > s.epoch.0 { (round, 0) } else { (s.epoch.0, s.epoch.1 + 1) };
         let new_term = epoch.1 == 0;
+        // Known gap (acceptance by landing): the new epoch starts again at cell 0. If the
+        // old epoch's untaken cells wrapped round the ring, a replay can overwrite one of
+        // them before that cell's own copy is written; should this writer die in between
+        // while the follower's CPU had not taken it, the follower loses a cell the writer
+        // counted. Closing it: epochs that go on at the old epoch's next cell (the window
+        // already keeps writes off untaken cells), with the follower finding the new epoch
+        // there instead of at cell 0.
         s.epoch = epoch;
         s.next_seq = 1;
         if new_term {
