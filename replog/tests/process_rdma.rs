@@ -24,6 +24,66 @@ const CLIENTS: usize = 4;
 const PER_CLIENT: u64 = 2500;
 /// Sequential appends of one client whose latencies are printed.
 const LATENCY_SAMPLES: usize = 300;
+/// How long both followers stay stopped: below the election timeout ([`ELECTION_MS`]),
+/// so that the leader keeps leading (it hears from no follower meanwhile), and long
+/// enough for a few commits at the emulated RDMA's latency under load (p50 up to 60 ms).
+const STOPPED: Duration = Duration::from_millis(300);
+/// The replicas' election timeout (the default, 150 ms, would depose a leader whose
+/// followers are stopped for [`STOPPED`]).
+const ELECTION_MS: f64 = 400.0;
+
+/// Stops both followers (SIGSTOP, then waits until the kernel shows them stopped), lets
+/// one client append to the leader for [`STOPPED`], resumes them, and returns the appends
+/// that started after both were stopped and were acknowledged before they resumed.
+fn appends_with_followers_stopped(cluster: &Cluster) -> Vec<support::Acked> {
+    let leader = cluster.wait_leader(Duration::from_secs(60));
+    let pids: Vec<libc::pid_t> =
+        (0..3).filter(|&i| i != leader).map(|i| cluster.pids()[i].expect("a follower runs") as libc::pid_t).collect();
+    let mut client = cluster.client_of(leader);
+    client.append(b"rdma-before-stop".to_vec()).expect("append before the stop");
+    let signal = |sig: libc::c_int| {
+        for &pid in &pids {
+            // SAFETY: signalling a child process of this test by its pid.
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to follower {pid}");
+        }
+    };
+    let state = |pid: libc::pid_t| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+    };
+    signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    while !pids.iter().all(|&p| state(p).as_deref() == Some("T")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the followers did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut done = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let payload = format!("rdma-stopped-{i}").into_bytes();
+                let called = Instant::now();
+                match client.append(payload.clone()) {
+                    Ok(pos) => done.push(support::Acked { payload, pos, called, returned: Instant::now() }),
+                    Err(_) => break,
+                }
+            }
+            done
+        })
+    };
+    let stopped_at = Instant::now();
+    std::thread::sleep(STOPPED);
+    let resumed_at = Instant::now();
+    signal(libc::SIGCONT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let done = appender.join().expect("appender thread");
+    done.into_iter().filter(|a| a.called >= stopped_at && a.returned < resumed_at).collect()
+}
 
 #[test]
 fn ten_thousand_appends_over_rdma_survive_a_leader_kill() {
@@ -54,6 +114,7 @@ fn run(durability: DurabilityKind) {
         c.rdma.cell_bytes = 256 << 10;
         c.limits.max_batch_bytes = 64 << 10;
         c.limits.max_batch_entries = 256;
+        c.timing.election_timeout_ms = ELECTION_MS;
         // The side channels on the RDMA interface's address (10.77.0.1 in the VM).
         if let Some(ip) = side_ip {
             for m in &mut c.members {
@@ -84,6 +145,23 @@ fn run(durability: DurabilityKind) {
     );
     drop(client);
 
+    // The followers' CPUs off the commit path: stop both followers (SIGSTOP) for
+    // STOPPED; a client's appends to the leader started meanwhile still commit under
+    // acceptance by landing (their cells land in the stopped followers' memory, carried
+    // by the NIC: here the kernel's rxe), and none can under fsync (each waits for a
+    // follower's acknowledgement, sent after its sync).
+    let stopped = appends_with_followers_stopped(&cluster);
+    println!(
+        "rdma ({mode}): {} appends started and committed while both followers were stopped for {} ms",
+        stopped.len(),
+        STOPPED.as_millis()
+    );
+    if landing {
+        assert!(!stopped.is_empty(), "no append committed while the followers' CPUs were stopped");
+    } else {
+        assert!(stopped.is_empty(), "{} appends committed without a follower's acknowledgement", stopped.len());
+    }
+
     let started = Instant::now();
     let load = support::Appenders::start_named(&cluster, "rdma-client", CLIENTS, PER_CLIENT);
 
@@ -107,7 +185,9 @@ fn run(durability: DurabilityKind) {
     assert!(out.acked.len() >= 10_000 - out.unknown.len());
     assert!(out.acked.len() >= 9_000, "most appends must be acknowledged ({} of 10000)", out.acked.len());
 
-    let total = cluster.check_acked_once(&out.acked, out.acked.len() as u64, Duration::from_secs(120)).len() as u64;
+    let mut acked = stopped;
+    acked.extend(out.acked.iter().cloned());
+    let total = cluster.check_acked_once(&acked, acked.len() as u64, Duration::from_secs(120)).len() as u64;
     println!("rdma: {total} entries on every replica, no acknowledged entry lost");
 
     // Elections that must read log tails: under load, freeze the leader (SIGSTOP). The
