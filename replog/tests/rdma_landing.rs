@@ -19,11 +19,9 @@
 #![cfg(feature = "rdma")]
 
 use replog::rdma_agent::{Landing, RdmaAgent};
-use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
-use transport::rdma::{RdmaConfig, RdmaTransport};
+use transport::rdma::testing::{self, device_or_skip as rdma_available};
 use transport::{AccessError, Event, PeerId, SendError, Token, Transport};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -32,24 +30,8 @@ const FOLLOWER: PeerId = 1;
 const WRITER: PeerId = 2;
 
 fn open(landing: Landing) -> Vec<RdmaAgent> {
-    let ids = [FOLLOWER, WRITER];
-    let ls: Vec<TcpListener> = ids.iter().map(|_| TcpListener::bind((ip(), 0)).expect("bind side channel")).collect();
-    let addrs: BTreeMap<PeerId, SocketAddr> =
-        ids.iter().zip(&ls).map(|(&id, l)| (id, l.local_addr().expect("addr"))).collect();
-    ids.iter()
-        .zip(ls)
-        .map(|(&id, l)| {
-            let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
-            let mut c = RdmaConfig::new(79, id, addrs[&id], peers);
-            c.device = std::env::var("RXE_DEV").ok();
-            c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-            c.region_len = 1 << 20;
-            c.max_payload = 64 << 10;
-            c.staging_per_peer = 1 << 20;
-            let t = RdmaTransport::with_listener(c, l).expect("open RDMA transport");
-            RdmaAgent::new(t, 16 << 10).expect("agent").with_landing(landing)
-        })
-        .collect()
+    let (eps, _) = testing::open_cluster(79, &[FOLLOWER, WRITER], |c| c.max_payload = 64 << 10);
+    eps.into_iter().map(|t| RdmaAgent::new(t, 16 << 10).expect("agent").with_landing(landing)).collect()
 }
 
 /// Polls the agents at `which` once each, keeping what each reported.

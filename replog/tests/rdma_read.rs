@@ -12,10 +12,7 @@ use paxos::{Ballot, Command, Entry, ReadRequest, ReadResult, Slot, Value};
 use replog::rdma_agent::RdmaAgent;
 use replog::rdma_mirror::{MirrorError, MirrorMemory, Publisher, HEADER_LEN};
 use replog::wire;
-use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
-use transport::rdma::{RdmaConfig, RdmaTransport};
 use transport::{Event, PeerId, SendError, Token, Transport};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,27 +20,11 @@ const STRIDE: usize = 256;
 const RECORDS: usize = 16;
 const BUDGET: u32 = 64 << 10;
 
-use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
+use transport::rdma::testing::{self, device_or_skip as rdma_available};
 
 fn open(ids: &[PeerId]) -> Vec<RdmaAgent> {
-    let ls: Vec<TcpListener> = ids.iter().map(|_| TcpListener::bind((ip(), 0)).expect("bind side channel")).collect();
-    let addrs: BTreeMap<PeerId, SocketAddr> =
-        ids.iter().zip(&ls).map(|(&id, l)| (id, l.local_addr().expect("addr"))).collect();
-    ids.iter()
-        .zip(ls)
-        .map(|(&id, l)| {
-            let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
-            let mut c = RdmaConfig::new(78, id, addrs[&id], peers);
-            c.device = std::env::var("RXE_DEV").ok();
-            c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-            c.region_len = 1 << 20;
-            c.max_payload = 256 << 10;
-            c.staging_per_peer = 1 << 20;
-            c.mirror_len = HEADER_LEN + RECORDS * STRIDE;
-            let t = RdmaTransport::with_listener(c, l).expect("open RDMA transport");
-            RdmaAgent::new(t, 64 << 10).and_then(|a| a.with_mirror(STRIDE)).expect("agent")
-        })
-        .collect()
+    let (eps, _) = testing::open_cluster(78, ids, |c| c.mirror_len = HEADER_LEN + RECORDS * STRIDE);
+    eps.into_iter().map(|t| RdmaAgent::new(t, 64 << 10).and_then(|a| a.with_mirror(STRIDE)).expect("agent")).collect()
 }
 
 struct Mirror<'a>(&'a mut RdmaAgent);

@@ -24,13 +24,7 @@ const WAIT: Duration = Duration::from_secs(60);
 use transport::rdma::testing::{device_or_skip as rdma_available, side_channel_ip as ip};
 
 fn base_config(id: PeerId, listen: SocketAddr, peers: BTreeMap<PeerId, SocketAddr>) -> RdmaConfig {
-    let mut c = RdmaConfig::new(77, id, listen, peers);
-    c.device = std::env::var("RXE_DEV").ok();
-    c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    c.region_len = 1 << 20;
-    c.max_payload = 256 << 10;
-    c.staging_per_peer = 1 << 20;
-    c
+    transport::rdma::testing::config(77, id, listen, peers)
 }
 
 /// Listeners for `ids` on ephemeral ports, and their addresses.
@@ -41,18 +35,7 @@ fn listeners(ids: &[PeerId]) -> (Vec<TcpListener>, BTreeMap<PeerId, SocketAddr>)
 }
 
 fn open_cluster(ids: &[PeerId], tweak: impl Fn(&mut RdmaConfig)) -> (Vec<RdmaTransport>, BTreeMap<PeerId, SocketAddr>) {
-    let (ls, addrs) = listeners(ids);
-    let eps = ids
-        .iter()
-        .zip(ls)
-        .map(|(&id, l)| {
-            let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
-            let mut c = base_config(id, addrs[&id], peers);
-            tweak(&mut c);
-            RdmaTransport::with_listener(c, l).expect("open RDMA transport")
-        })
-        .collect();
-    (eps, addrs)
+    transport::rdma::testing::open_cluster(77, ids, tweak)
 }
 
 /// Endpoints driven from the test thread, with what they reported.

@@ -313,7 +313,8 @@ pub fn probe_device() -> Result<String, RdmaError> {
 /// What the RDMA tests of every crate share: whether they can run here, and the
 /// addresses the soft-RoCE VM gives them (`hw-setup/rxe-vm.sh run` sets `RXE_*`).
 pub mod testing {
-    use std::net::IpAddr;
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, SocketAddr, TcpListener};
 
     /// Whether an RDMA device is up. Without one a test is skipped with a line saying
     /// why, or fails when `REPLOG_REQUIRE_ALL=1` (the full test command).
@@ -336,6 +337,48 @@ pub mod testing {
     /// The address of the RDMA interface (`RXE_IP` in the VM), else loopback.
     pub fn side_channel_ip() -> IpAddr {
         std::env::var("RXE_IP").ok().and_then(|s| s.parse().ok()).unwrap_or([127, 0, 0, 1].into())
+    }
+
+    /// A test endpoint's configuration: the VM's device and GID index (`RXE_DEV`,
+    /// `RXE_GID_INDEX`, default 1), a 1 MiB log region and staging, 256 KiB payloads.
+    pub fn config(
+        cluster_id: u64,
+        id: super::PeerId,
+        listen: SocketAddr,
+        peers: BTreeMap<super::PeerId, SocketAddr>,
+    ) -> super::RdmaConfig {
+        let mut c = super::RdmaConfig::new(cluster_id, id, listen, peers);
+        c.device = std::env::var("RXE_DEV").ok();
+        c.gid_index = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+        c.region_len = 1 << 20;
+        c.max_payload = 256 << 10;
+        c.staging_per_peer = 1 << 20;
+        c
+    }
+
+    /// Opens a transport for each of `ids` (side channels on [`side_channel_ip`], each
+    /// knowing the others), configured by [`config`] then `tweak`; and their addresses.
+    /// Panics if one cannot be opened (test support).
+    pub fn open_cluster(
+        cluster_id: u64,
+        ids: &[super::PeerId],
+        tweak: impl Fn(&mut super::RdmaConfig),
+    ) -> (Vec<super::RdmaTransport>, BTreeMap<super::PeerId, SocketAddr>) {
+        let ls: Vec<TcpListener> =
+            ids.iter().map(|_| TcpListener::bind((side_channel_ip(), 0)).expect("bind side channel")).collect();
+        let addrs: BTreeMap<super::PeerId, SocketAddr> =
+            ids.iter().zip(&ls).map(|(&id, l)| (id, l.local_addr().expect("addr"))).collect();
+        let eps = ids
+            .iter()
+            .zip(ls)
+            .map(|(&id, l)| {
+                let peers = addrs.iter().filter(|(&p, _)| p != id).map(|(&p, &a)| (p, a)).collect();
+                let mut c = config(cluster_id, id, addrs[&id], peers);
+                tweak(&mut c);
+                super::RdmaTransport::with_listener(c, l).expect("open RDMA transport")
+            })
+            .collect();
+        (eps, addrs)
     }
 }
 
