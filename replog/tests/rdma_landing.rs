@@ -115,23 +115,29 @@ fn completions(
     done
 }
 
+/// Opens the follower and the writer under `landing`, connects them, grants the writer,
+/// and writes `n` cells (`cell(round, i)` at first slot `first + i`) with the follower not
+/// polled: each must complete at landing. The agents, their inboxes and the tokens.
+fn landed_writes(landing: Landing, first: u64, n: u64, round: u64) -> (Vec<RdmaAgent>, Vec<Vec<Event>>, Vec<Token>) {
+    let mut agents = open(landing);
+    let mut inbox = vec![Vec::new(), Vec::new()];
+    connect(&mut agents, &mut inbox);
+    agents[0].grant(WRITER);
+    let tokens: Vec<Token> = (0..n).map(|i| write(&mut agents, &mut inbox, first + i, &cell(round, i))).collect();
+    let done = completions(&mut agents, &mut inbox, &tokens);
+    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+    (agents, inbox, tokens)
+}
+
 #[test]
 fn writes_complete_at_landing_and_a_fence_hands_over_what_landed() {
     if !rdma_available("rdma_landing") {
         return;
     }
-    let mut agents = open(Landing::Write);
-    let mut inbox = vec![Vec::new(), Vec::new()];
-    connect(&mut agents, &mut inbox);
-    agents[0].grant(WRITER);
-    assert!(agents[0].completes_on_landing() && agents[1].completes_on_landing());
-
     // Three writes, the follower not polled: they complete at landing.
+    let (mut agents, mut inbox, tokens) = landed_writes(Landing::Write, 10, 3, 7);
+    assert!(agents[0].completes_on_landing() && agents[1].completes_on_landing());
     let datas: Vec<Vec<u8>> = (0..3).map(|i| cell(7, i)).collect();
-    let tokens: Vec<Token> =
-        datas.iter().enumerate().map(|(i, d)| write(&mut agents, &mut inbox, 10 + i as u64, d)).collect();
-    let done = completions(&mut agents, &mut inbox, &tokens);
-    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
     let s = agents[1].ack_stats();
     assert_eq!((s.landed, s.taken_rdma, s.taken_side), (3, 0, 0), "{s:?}");
 
@@ -180,14 +186,7 @@ fn read_after_write_completes_writes_and_a_regrant_continues_the_stream() {
     if !rdma_available("rdma_landing") {
         return;
     }
-    let mut agents = open(Landing::ReadAfterWrite);
-    let mut inbox = vec![Vec::new(), Vec::new()];
-    connect(&mut agents, &mut inbox);
-    agents[0].grant(WRITER);
-
-    let tokens: Vec<Token> = (0..2).map(|i| write(&mut agents, &mut inbox, 20 + i, &cell(9, i))).collect();
-    let done = completions(&mut agents, &mut inbox, &tokens);
-    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+    let (mut agents, mut inbox, _) = landed_writes(Landing::ReadAfterWrite, 20, 2, 9);
     assert_eq!(agents[1].ack_stats().landed, 2);
 
     // The follower takes them by polling and answers.
@@ -232,15 +231,8 @@ fn cells_completed_at_landing_are_written_again_when_the_stream_restarts() {
     if !rdma_available("rdma_landing") {
         return;
     }
-    let mut agents = open(Landing::Write);
-    let mut inbox = vec![Vec::new(), Vec::new()];
-    connect(&mut agents, &mut inbox);
-    agents[0].grant(WRITER);
-
     // Three writes complete at landing; the follower does not take them.
-    let tokens: Vec<Token> = (0..3).map(|i| write(&mut agents, &mut inbox, 10 + i, &cell(5, i))).collect();
-    let done = completions(&mut agents, &mut inbox, &tokens);
-    assert!(done.values().all(|r| r.is_ok()), "{done:?}");
+    let (mut agents, mut inbox, _) = landed_writes(Landing::Write, 10, 3, 5);
 
     // A plain revocation (no drain), then a write: denied at the NIC, the stream restarts.
     agents[0].revoke(WRITER);
