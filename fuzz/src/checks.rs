@@ -302,7 +302,7 @@ pub fn snapshots(data: &[u8]) {
 }
 
 /// What RDMA peers write into this replica's memory (`replog::rdma_region`): cell
-/// headers and acknowledgement records, decoded at every 8-byte offset as a poll loop
+/// headers, stream pointers and acknowledgement records, decoded at every 8-byte offset as a poll loop
 /// would meet them. An accepted acknowledgement record re-encodes to the same bytes; an
 /// accepted cell header whose payload checks re-encodes to a cell with the same header.
 pub fn rdma_records(data: &[u8]) {
@@ -317,6 +317,10 @@ pub fn rdma_records(data: &[u8]) {
                 assert_eq!(r::decode_header(&out, 4096), Some(h));
                 assert!(r::check(&out, &h, p), "a re-encoded cell checks");
             }
+        }
+        if let Some(p) = r::decode_pointer(b) {
+            assert!(p.resume <= p.start, "a pointer resumes at or before its start");
+            assert_eq!(&r::encode_pointer(&p)[..], &b[..r::POINTER_LEN], "an accepted pointer is exactly its encoding");
         }
         if let Some(a) = b.get(..r::ACK_SLOT).and_then(r::decode_ack) {
             let mut out = Vec::new();

@@ -348,6 +348,16 @@ impl<T: Transport> Node<T> {
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
         info!(node = self.opts.paxos.id, durability = %self.opts.durability, "replica started");
         let mut events = Vec::with_capacity(256);
+        // Writes that landed in a persistent region before a restart and that this
+        // replica's CPU may not have taken (a leader may have counted them as accepted at
+        // landing): to the core, before anything else. A replica that never promised
+        // anything discards what its region holds from an earlier life.
+        let fresh = self.replica.promised() == paxos::Ballot::ZERO;
+        self.transport.recover_landed(fresh, &mut events)?;
+        let now = self.now();
+        for ev in events.drain(..) {
+            self.on_event(now, ev)?;
+        }
         // Spin-then-block: after activity, poll without sleeping for `spin`.
         let spin = self.opts.spin;
         let mut active_at = Instant::now();

@@ -25,16 +25,20 @@
 //!   link `LinkFailed`). Under landing the follower's acknowledgement, when it comes,
 //!   only frees the cell: a cell (and its acknowledgement slot) is reused only after the
 //!   follower took it, so the window below is unchanged. One more duty under landing:
-//!   a stream that restarts (a failed write, a failed link) opens a new epoch that
-//!   rewrites the ring from cell 0, and the follower switches to it; a cell that
-//!   completed at landing but was not acknowledged yet might then never reach the
-//!   follower's core. The writer keeps each such write's bytes until its
-//!   acknowledgement and writes them again, in order, first in the new epoch (a
-//!   **replay**: nothing completes for the node; a follower that took it already
-//!   accepts the same value at the same ballot again). Not in a new term: the follower
-//!   fenced the writer before promising the term's ballot, and the new term's leader
-//!   rewrites what is unfinished from its own log. [`AckStats`] counts writes completed
-//!   at landing, by acknowledgement, and replays.
+//!   a stream that restarts (a failed write, a failed link) opens a new epoch at the
+//!   next position of the ring, named by the stream pointer (layout in
+//!   [`crate::rdma_region`]). A cell of the old epoch that completed at landing but
+//!   that the follower had not acknowledged yet must still reach the follower's core,
+//!   so: (1) the new epoch keeps off every cell not known taken (its window counts from
+//!   the oldest, `resume` in the pointer) until the follower acknowledges a cell of the
+//!   new epoch, and the follower takes those old cells before it switches; (2) the
+//!   writer keeps each such write's bytes until its acknowledgement and writes them
+//!   again, in order, first in the new epoch (a **replay**: nothing completes for the
+//!   node; a follower that took it already accepts the same value at the same ballot
+//!   again), for a follower that fenced or restarted in between. Replays are not made
+//!   in a new term: the follower fenced the writer before promising the term's ballot,
+//!   and the new term's leader rewrites what is unfinished from its own log.
+//!   [`AckStats`] counts writes completed at landing, by acknowledgement, and replays.
 //! - **follower side**: `poll` reads the region (the follower's CPU polls memory, as in
 //!   Mu), takes each newly landed, checksummed cell of the permission holder in order and
 //!   reports it as [`Event::WriteArrived`]; the node hands it to the core, which checks
@@ -56,7 +60,7 @@
 //!   `fsync` the record means "durable here". The writer's `poll` finds acknowledgements
 //!   by reading its own memory, as the follower finds cells: for each write outstanding in
 //!   the stream's current epoch it looks at that write's slot and completes the write when
-//!   the record there is whole (canary, CRC) and names that epoch, seq and token. The
+//!   the record there is whole (canary, CRC) and names that epoch, position and token. The
 //!   **fallback** is the side-channel message (tag 1 below), used when the reply does not
 //!   fit a record ([`cells::ACK_REPLY_MAX`]), when there is no connected acknowledgement
 //!   queue pair (the peer has no acknowledgement area, or the link is being renewed), or
@@ -68,8 +72,8 @@
 //!   a new term: the writer opens a new epoch and fails what was outstanding with
 //!   `LinkFailed`); later arrivals for it find no pending write and are dropped. A record
 //!   or message of an older epoch never completes a write of the new one: records name
-//!   the epoch, and tokens are never reused. The writer keeps its outstanding seqs
-//!   within one window of both rings (`min(cells, acknowledgement slots)`), so a slot is
+//!   the epoch, and tokens are never reused. The writer keeps the positions it has
+//!   outstanding (and those an earlier epoch left untaken) within one window of both rings (`min(cells, acknowledgement slots)`), so a slot is
 //!   never rewritten before its record was taken.
 //! - **liveness**: [`open`] sets the transport's heartbeat timeout to four election
 //!   timeouts (0.5 s to 5 s): each replica reads its peers' heartbeat counters (bumped by
@@ -111,7 +115,7 @@
 //! frames are dropped.
 
 use crate::rdma_mirror::{self as mirror, Fallback};
-use crate::rdma_region::{self as cells, AckRecord, CellHeader};
+use crate::rdma_region::{self as cells, AckRecord, CellHeader, StreamPointer};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,6 +168,11 @@ pub struct AckStats {
     pub fences: u64,
     /// Follower: cells taken by those fences' drains (landed, not taken by polling yet).
     pub drained: u64,
+    /// Follower: cells found whole in the region at start and handed to the core
+    /// ([`Transport::recover_landed`]; a persistent region keeps them across a restart).
+    pub recovered: u64,
+    /// Follower: cells of an earlier life discarded at start (a fresh data directory).
+    pub discarded: u64,
 }
 
 /// When the writer completes a write (its `WriteDone`), by durability mode.
@@ -223,14 +232,27 @@ struct PendingRead {
 #[derive(Debug, Default)]
 struct Stream {
     epoch: (u64, u64),
-    next_seq: u64,
-    /// Writes issued in this epoch and not yet acknowledged: seq -> our token.
+    /// The next cell's position (see [`crate::rdma_region`]); never reset.
+    next_pos: u64,
+    /// Position of the epoch's first cell.
+    start: u64,
+    /// The stream pointer naming this epoch was issued (before its first cell).
+    pointed: bool,
+    /// Cells of earlier epochs in this term that completed at landing and that the
+    /// follower has not acknowledged taking: position -> (epoch, our token). The new
+    /// epoch must not overwrite them (fewer than a ring of positions from the oldest):
+    /// should this writer die before their replays land, the follower still finds them
+    /// (the pointer's `resume`). The follower takes cells in position order, so an
+    /// acknowledgement of position `p` (of any epoch) frees every one up to `p`; one of
+    /// the current epoch frees them all; a new term drops them (the follower fenced this
+    /// writer, taking what landed, before promising the term's ballot).
+    behind: BTreeMap<u64, ((u64, u64), Token)>,
+    /// Writes issued in this epoch and not yet acknowledged: position -> our token.
     unacked: BTreeMap<u64, Token>,
     /// Under landing: writes that completed at landing but whose cells the follower had
-    /// not acknowledged taking when the stream restarted, `(first, bytes)` in order. A
-    /// new epoch rewrites the ring from cell 0 (and the follower switches to it), so
-    /// such a cell may never reach the follower's core: it is written again, first in
-    /// the new epoch, before any new write (accepting it twice is harmless: same
+    /// not acknowledged taking when the stream restarted, `(first, bytes)` in order:
+    /// written again, first in the new epoch, before any new write, for a follower
+    /// that may have lost track of the old epoch (accepting it twice is harmless: same
     /// ballot, same value; a follower whose promise rose since denies it).
     replay: std::collections::VecDeque<(u64, Bytes)>,
 }
@@ -240,7 +262,8 @@ struct Stream {
 struct Arrived {
     writer: PeerId,
     epoch: (u64, u64),
-    seq: u64,
+    /// Its position (and so its acknowledgement's slot).
+    pos: u64,
     /// The writer's token.
     theirs: Token,
 }
@@ -271,6 +294,9 @@ pub struct RdmaAgent {
     streams: HashMap<PeerId, Stream>,
     /// The inner transport's write tokens to (target, our token).
     inner_writes: HashMap<Token, (PeerId, Token)>,
+    /// Stream pointers being written: the inner transport's token -> (target, the
+    /// epoch it names).
+    pointer_writes: HashMap<Token, (PeerId, (u64, u64))>,
     /// When our writes complete.
     landing: Landing,
     /// Read-after-write reads ([`Landing::ReadAfterWrite`]): the inner transport's read
@@ -295,9 +321,9 @@ pub struct RdmaAgent {
     fallbacks: BTreeMap<&'static str, u64>,
     read_logged: (ReadPaths, Instant),
     // Follower side.
-    /// The holder's stream being taken: (writer, epoch), and the next seq expected.
+    /// The holder's stream being taken: (writer, epoch), and the next position expected.
     current: Option<(PeerId, (u64, u64))>,
-    next_seq: u64,
+    next_pos: u64,
     /// The last epoch taken from each writer.
     seen: HashMap<PeerId, (u64, u64)>,
     /// Arrived writes: our token -> the cell it came in.
@@ -335,16 +361,18 @@ impl RdmaAgent {
     /// multiple of 8, at least 128, at most the region).
     pub fn new(inner: RdmaTransport, cell_size: usize) -> Result<Self, String> {
         let region = inner.region_len();
-        if cell_size < 128 || !cell_size.is_multiple_of(8) || cell_size > region {
+        if cell_size < 128 || !cell_size.is_multiple_of(8) || cells::ring_cells(region, cell_size) == 0 {
             return Err(format!(
-                "cell size {cell_size} must be a multiple of 8 from 128 bytes to the region's {region} bytes"
+                "cell size {cell_size} must be a multiple of 8 from 128 bytes to the region's {region} bytes \
+                 less its {}-byte stream pointer",
+                cells::RING_BASE
             ));
         }
         let first =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let waker = Arc::new(AgentWaker { woken: AtomicBool::new(false), inner: inner.waker() });
         Ok(RdmaAgent {
-            cells: region / cell_size,
+            cells: cells::ring_cells(region, cell_size),
             cell_size,
             mirror_stride: 0,
             mirror_reads_on: true,
@@ -352,6 +380,7 @@ impl RdmaAgent {
             next_token: first.max(1),
             streams: HashMap::new(),
             inner_writes: HashMap::new(),
+            pointer_writes: HashMap::new(),
             landing: Landing::Ack,
             landing_reads: HashMap::new(),
             sent: HashMap::new(),
@@ -364,7 +393,7 @@ impl RdmaAgent {
             fallbacks: BTreeMap::new(),
             read_logged: (ReadPaths::default(), Instant::now()),
             current: None,
-            next_seq: 1,
+            next_pos: 0,
             seen: HashMap::new(),
             arrived_writes: HashMap::new(),
             arrived_reads: HashMap::new(),
@@ -463,11 +492,12 @@ impl RdmaAgent {
             return;
         }
         let mut done = Vec::new();
+        let mut freed = Vec::new();
         let mut rec = [0u8; cells::ACK_SLOT];
         for (&peer, s) in &self.streams {
-            for (&seq, &token) in &s.unacked {
-                let off = cells::ack_offset(seq, slots);
-                let want = cells::ack_canary(seq, token);
+            for (&pos, &token) in &s.unacked {
+                let off = cells::ack_offset(pos, slots);
+                let want = cells::ack_canary(pos, token);
                 if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok() != Some(want) {
                     continue;
                 }
@@ -475,28 +505,55 @@ impl RdmaAgent {
                     continue;
                 }
                 match cells::decode_ack(&rec) {
-                    Some(r) if r.epoch == s.epoch && r.seq == seq && r.token == token => done.push((peer, token, r)),
+                    Some(r) if r.epoch == s.epoch && r.pos == pos && r.token == token => done.push((peer, token, r)),
                     _ => {} // still landing, torn or stale: looked at again next time
                 }
             }
+            for (&pos, &(epoch, token)) in &s.behind {
+                let off = cells::ack_offset(pos, slots);
+                if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok()
+                    != Some(cells::ack_canary(pos, token))
+                    || self.inner.read_ack_area(peer, off, &mut rec).is_err()
+                {
+                    continue;
+                }
+                if cells::decode_ack(&rec).is_some_and(|r| r.epoch == epoch && r.pos == pos && r.token == token) {
+                    freed.push((peer, pos));
+                }
+            }
+        }
+        for (peer, pos) in freed {
+            self.taken_up_to(peer, pos);
         }
         for (peer, token, r) in done {
+            if let Some(s) = self.streams.get_mut(&peer) {
+                // The follower took a cell of this epoch: it finished the earlier ones.
+                s.behind.clear();
+            }
             let result = if r.ok { Ok(()) } else { Err(AccessError::Denied { detail: Bytes::from(r.reply) }) };
             if self.pending_writes.contains_key(&token) {
                 self.stats.taken_rdma += 1;
             } else if !r.ok && !self.replays.contains(&token) {
-                self.denied_after_landing(peer, r.seq);
+                self.denied_after_landing(peer, r.pos);
             }
             self.finish_write(peer, token, result, events);
+        }
+    }
+
+    /// The follower acknowledged taking the cell of position `pos` of an earlier epoch:
+    /// it took every one before it too (it takes cells in position order).
+    fn taken_up_to(&mut self, peer: PeerId, pos: u64) {
+        if let Some(s) = self.streams.get_mut(&peer) {
+            s.behind.retain(|&p, _| p > pos);
         }
     }
 
     /// A write completed at landing was denied by the follower's core: with fencing
     /// that does not happen (the follower accepts every cell that landed while the
     /// writer held permission), so it is counted and logged, and the completion stands.
-    fn denied_after_landing(&mut self, peer: PeerId, seq: u64) {
+    fn denied_after_landing(&mut self, peer: PeerId, pos: u64) {
         self.stats.denied_after_landing += 1;
-        warn!(peer, seq, "a write completed at landing was denied by the follower's core");
+        warn!(peer, pos, "a write completed at landing was denied by the follower's core");
     }
 
     fn awaiting_acks(&self) -> bool {
@@ -664,20 +721,18 @@ impl RdmaAgent {
         let s = self.streams.entry(peer).or_default();
         let epoch = if round > s.epoch.0 { (round, 0) } else { (s.epoch.0, s.epoch.1 + 1) };
         let new_term = epoch.1 == 0;
-        // Known gap (acceptance by landing): the new epoch starts again at cell 0. If the
-        // old epoch's untaken cells wrapped round the ring, a replay can overwrite one of
-        // them before that cell's own copy is written; should this writer die in between
-        // while the follower's CPU had not taken it, the follower loses a cell the writer
-        // counted. Closing it: epochs that go on at the old epoch's next cell (the window
-        // already keeps writes off untaken cells), with the follower finding the new epoch
-        // there instead of at cell 0.
+        // The new epoch goes on at the position after the old one's last; the old one's
+        // cells counted at landing and not known taken stay out of its way (`behind`).
+        let old = s.epoch;
+        s.start = s.next_pos;
         s.epoch = epoch;
-        s.next_seq = 1;
+        s.pointed = false;
         if new_term {
             // The writer leads a new term: it rewrites what is unfinished from its log.
             s.replay.clear();
+            s.behind.clear();
         }
-        for (_, token) in std::mem::take(&mut s.unacked) {
+        for (pos, token) in std::mem::take(&mut s.unacked) {
             let sent = self.sent.remove(&token);
             self.replays.remove(&token);
             if self.pending_writes.remove(&token).is_some() {
@@ -688,6 +743,7 @@ impl RdmaAgent {
                 // in a new term: the follower fenced this writer, taking what landed,
                 // before promising the term's ballot.
                 s.replay.push_back(w);
+                s.behind.insert(pos, (old, token));
             }
         }
     }
@@ -698,28 +754,43 @@ impl RdmaAgent {
     fn issue(&mut self, to: PeerId, offset: u64, data: &[u8]) -> Result<Token, SendError> {
         let window = self.window();
         let Some(s) = self.streams.get(&to) else { return Err(SendError::UnknownPeer(to)) };
-        // The cell (and acknowledgement slot) of this seq must not hold one still unanswered.
-        let span = s.unacked.first_key_value().map_or(0, |(&first, _)| s.next_seq - first);
-        if s.unacked.len() + 1 >= self.cells || span + 1 >= window {
+        let (epoch, pos, start) = (s.epoch, s.next_pos, s.start);
+        // The cell (and acknowledgement slot) of this position must not hold one of this
+        // epoch not answered yet; the cell must not hold one of an earlier epoch counted
+        // at landing and not known taken. (The first cell of an epoch always passes the
+        // second check after one restart: the old epoch kept within one window.)
+        let span = s.unacked.first_key_value().map_or(0, |(&first, _)| pos - first);
+        let behind = s.behind.first_key_value().map(|(&p, _)| p);
+        if span + 1 >= window || behind.is_some_and(|b| pos - b >= self.cells as u64) {
             return Err(SendError::Backpressure(to));
         }
-        let (epoch, seq) = (s.epoch, s.next_seq);
+        if !s.pointed {
+            // The epoch's first write: the pointer that tells the follower where it starts.
+            let local = self.inner.local();
+            let resume = behind.unwrap_or(start);
+            let p = cells::encode_pointer(&StreamPointer { writer: local, epoch, start, resume });
+            let t = self.inner.write(to, 0, &p)?;
+            self.pointer_writes.insert(t, (to, epoch));
+            if let Some(s) = self.streams.get_mut(&to) {
+                s.pointed = true;
+            }
+        }
         let token = self.token();
-        let h = CellHeader { len: 0, writer: self.inner.local(), epoch, seq, first: offset, token, crc: 0 };
+        let h = CellHeader { len: 0, writer: self.inner.local(), epoch, pos, first: offset, token, crc: 0 };
         let mut cell = std::mem::take(&mut self.buf);
         cells::encode(&h, data, &mut cell);
-        let idx = ((seq - 1) % self.cells as u64) as usize;
-        let r = self.inner.write(to, (idx * self.cell_size) as u64, &cell);
+        let at = cells::cell_offset((pos % self.cells as u64) as usize, self.cell_size);
+        let r = self.inner.write(to, at as u64, &cell);
         self.buf = cell;
         let inner_token = r?;
         let s = self.streams.get_mut(&to).expect("stream exists");
-        s.next_seq += 1;
-        s.unacked.insert(seq, token);
+        s.next_pos += 1;
+        s.unacked.insert(pos, token);
         self.inner_writes.insert(inner_token, (to, token));
         if self.landing == Landing::ReadAfterWrite {
             // The cell's last word (its canary), read right after the WRITE on the same
             // queue pair. Not issued (no room): the acknowledgement completes the write.
-            let canary = (idx * self.cell_size + self.buf.len()).saturating_sub(8) as u64;
+            let canary = (at + self.buf.len()).saturating_sub(8) as u64;
             match self.inner.read(to, canary, 8) {
                 Ok(t) => {
                     self.landing_reads.insert(t, (to, token));
@@ -783,6 +854,16 @@ impl RdmaAgent {
                             if let Err(e) = self.ack_by_message(writer, theirs, ok, &body) {
                                 debug!(peer = writer, error = %e, "acknowledgement not delivered");
                             }
+                        }
+                    }
+                    return;
+                }
+                if let Some((peer, epoch)) = self.pointer_writes.remove(&token) {
+                    // A stream pointer that did not land: the follower cannot find the
+                    // epoch it names, so that epoch is over.
+                    if let Err(e) = result {
+                        if self.streams.get(&peer).is_some_and(|s| s.epoch == epoch) {
+                            self.restart(peer, 0, &format!("stream pointer: {e}"), events);
                         }
                     }
                     return;
@@ -860,6 +941,14 @@ impl RdmaAgent {
                     if self.pending_writes.contains_key(&token) {
                         self.stats.taken_side += 1;
                     }
+                    if let Some(s) = self.streams.get_mut(&from) {
+                        if s.unacked.values().any(|&t| t == token) {
+                            // The follower took a cell of this epoch: it finished the earlier ones.
+                            s.behind.clear();
+                        } else if let Some(pos) = s.behind.iter().find(|(_, &(_, t))| t == token).map(|(&p, _)| p) {
+                            self.taken_up_to(from, pos);
+                        }
+                    }
                     self.finish_write(from, token, result.map(|_| ()), events);
                 } else if let Some(p) = self.pending_reads.get(&token).copied() {
                     if p.side && p.peer == from {
@@ -886,15 +975,15 @@ impl RdmaAgent {
     /// Reads the header of cell `idx`; `None` if it holds none.
     fn header(&self, idx: usize) -> Option<(CellHeader, [u8; cells::HEADER_LEN])> {
         let mut h = [0u8; cells::HEADER_LEN];
-        self.inner.read_region((idx * self.cell_size) as u64, &mut h).ok()?;
+        self.inner.read_region(cells::cell_offset(idx, self.cell_size) as u64, &mut h).ok()?;
         Some((cells::decode_header(&h, self.cell_size)?, h))
     }
 
     /// The payload of cell `idx` under `h` if it landed whole (canary, CRC).
     fn payload(&self, idx: usize, h: &CellHeader, raw: &[u8; cells::HEADER_LEN]) -> Option<Bytes> {
-        let base = (idx * self.cell_size) as u64;
+        let base = cells::cell_offset(idx, self.cell_size) as u64;
         let canary = self.inner.load_u64(base + cells::canary_offset(h.len) as u64).ok()?;
-        if canary != cells::canary(h.seq) {
+        if canary != cells::canary(h.pos) {
             return None;
         }
         let mut p = vec![0u8; h.len as usize];
@@ -916,32 +1005,77 @@ impl RdmaAgent {
         self.take_cells(holder, MAX_CELLS_PER_SCAN, events);
     }
 
+    /// The stream pointer in our region, if one is whole there.
+    fn pointer(&self) -> Option<StreamPointer> {
+        let mut b = [0u8; cells::POINTER_LEN];
+        self.inner.read_region(0, &mut b).ok()?;
+        cells::decode_pointer(&b)
+    }
+
     /// Follower: takes up to `max` newly landed cells of `writer`, in order.
     fn take_cells(&mut self, holder: PeerId, max: usize, events: &mut Vec<Event>) {
         if self.current.is_some_and(|(w, _)| w != holder) {
             self.current = None;
         }
-        // What is left of the stream being taken first: the writer may have started a
-        // new epoch (its stream restarted) over cells of this one that landed and that it
-        // may have counted as accepted (acceptance by landing); those not rewritten yet
-        // are taken here, the others come again in the new epoch (replays).
         let taken = self.take_stream(max, events);
-        // A new epoch starts at cell 0 with seq 1.
-        if let Some((h, raw)) = self.header(0) {
-            let newer_than_seen = self.seen.get(&holder).is_none_or(|&e| h.epoch > e);
-            let newer_than_current = self.current.is_none_or(|(_, e)| h.epoch > e);
-            if h.writer == holder
-                && h.seq == 1
-                && newer_than_seen
-                && newer_than_current
-                && self.payload(0, &h, &raw).is_some()
-            {
-                debug!(writer = holder, epoch = ?h.epoch, "new cell stream");
-                self.current = Some((holder, h.epoch));
-                self.next_seq = 1;
-                self.take_stream(max.saturating_sub(taken), events);
+        if taken == max {
+            return; // more may follow in this epoch
+        }
+        // This epoch has nothing more for now. The pointer names the writer's newest
+        // epoch: once it is visible no cell of an older one lands any more.
+        let Some(p) = self.pointer() else { return };
+        let newer_than_seen = self.seen.get(&holder).is_none_or(|&e| p.epoch > e);
+        let newer_than_current = self.current.is_none_or(|(_, e)| p.epoch > e);
+        if p.writer != holder || !newer_than_seen || !newer_than_current {
+            return;
+        }
+        let Some(first) = self.cell(holder, p.epoch, p.start) else { return };
+        // The writer may have counted cells of its earlier epochs as accepted that we did
+        // not take (acceptance by landing): from `resume` it kept them out of the new
+        // epoch's way. Taken in position order, the ones taken already left out.
+        let behind = p.start.saturating_sub(p.resume).min(self.cells as u64);
+        for pos in p.start - behind..p.start {
+            let Some((h, data)) = self.cell_at(pos) else { continue };
+            let already = match self.current {
+                Some((_, e)) => h.epoch < e || (h.epoch == e && pos < self.next_pos),
+                None => self.seen.get(&holder).is_some_and(|&e| h.epoch <= e),
+            };
+            if h.writer == holder && h.epoch < p.epoch && !already {
+                self.arrive(holder, &h, data, events);
             }
         }
+        debug!(writer = holder, epoch = ?p.epoch, start = p.start, resume = p.resume, "new cell stream");
+        self.current = Some((holder, p.epoch));
+        self.next_pos = p.start;
+        let (h, data) = first;
+        self.arrive(holder, &h, data, events);
+        self.next_pos = p.start + 1;
+        self.take_stream(max - taken - 1, events);
+    }
+
+    /// The whole cell of position `pos`, if that is what its ring cell holds.
+    fn cell_at(&self, pos: u64) -> Option<(CellHeader, Bytes)> {
+        let idx = (pos % self.cells as u64) as usize;
+        let (h, raw) = self.header(idx)?;
+        if h.pos != pos {
+            return None;
+        }
+        let data = self.payload(idx, &h, &raw)?;
+        Some((h, data))
+    }
+
+    /// The whole cell of `writer` in `epoch` at position `pos`.
+    fn cell(&self, writer: PeerId, epoch: (u64, u64), pos: u64) -> Option<(CellHeader, Bytes)> {
+        self.cell_at(pos).filter(|(h, _)| h.writer == writer && h.epoch == epoch)
+    }
+
+    /// Reports a cell taken as an arrived write.
+    fn arrive(&mut self, writer: PeerId, h: &CellHeader, data: Bytes, events: &mut Vec<Event>) {
+        let ours = self.token();
+        self.arrived_writes.insert(ours, Arrived { writer, epoch: h.epoch, pos: h.pos, theirs: h.token });
+        let seen = self.seen.entry(writer).or_insert(h.epoch);
+        *seen = (*seen).max(h.epoch);
+        events.push(Event::WriteArrived { from: writer, token: ours, offset: h.first, data });
     }
 
     /// Follower: takes up to `max` newly landed cells of the stream being taken, in
@@ -950,18 +1084,10 @@ impl RdmaAgent {
         let Some((writer, epoch)) = self.current else { return 0 };
         let mut n = 0;
         while n < max {
-            let idx = ((self.next_seq - 1) % self.cells as u64) as usize;
-            let Some((h, raw)) = self.header(idx) else { break };
-            if h.writer != writer || h.epoch != epoch || h.seq != self.next_seq {
-                break;
-            }
-            let Some(data) = self.payload(idx, &h, &raw) else { break };
-            let ours = self.token();
-            self.arrived_writes.insert(ours, Arrived { writer, epoch, seq: h.seq, theirs: h.token });
-            self.seen.insert(writer, epoch);
-            self.next_seq += 1;
+            let Some((h, data)) = self.cell(writer, epoch, self.next_pos) else { break };
+            self.arrive(writer, &h, data, events);
+            self.next_pos += 1;
             n += 1;
-            events.push(Event::WriteArrived { from: writer, token: ours, offset: h.first, data });
         }
         n
     }
@@ -1063,10 +1189,10 @@ impl Transport for RdmaAgent {
             Err(d) => (false, d),
         };
         let slots = self.inner.peer_ack_area_len(a.writer).map_or(0, cells::ack_slots);
-        let rec = AckRecord { epoch: a.epoch, seq: a.seq, token: a.theirs, ok, reply: body.to_vec() };
+        let rec = AckRecord { epoch: a.epoch, pos: a.pos, token: a.theirs, ok, reply: body.to_vec() };
         let mut buf = std::mem::take(&mut self.buf);
         let fits = slots > 0 && cells::encode_ack(&rec, &mut buf);
-        let r = if fits { Some(self.inner.write_ack(a.writer, cells::ack_offset(a.seq, slots), &buf)) } else { None };
+        let r = if fits { Some(self.inner.write_ack(a.writer, cells::ack_offset(a.pos, slots), &buf)) } else { None };
         self.buf = buf;
         match r {
             Some(Ok(t)) => {
@@ -1120,6 +1246,53 @@ impl Transport for RdmaAgent {
 
     fn completes_on_landing(&self) -> bool {
         self.landing != Landing::Ack
+    }
+
+    fn recover_landed(&mut self, fresh: bool, events: &mut Vec<Event>) -> std::io::Result<()> {
+        let io = |e: transport::rdma::RdmaError| std::io::Error::other(e.to_string());
+        if fresh {
+            // An earlier life's cells (the region is persistent, the data directory new):
+            // its ballots may come again in this one, so they must never be taken.
+            let mut n = 0;
+            for idx in 0..self.cells {
+                let at = cells::cell_offset(idx, self.cell_size) as u64;
+                let mut magic = [0u8; 4];
+                self.inner.read_region(at, &mut magic).map_err(io)?;
+                if magic == cells::MAGIC {
+                    self.inner.write_region(at, &[0u8; cells::HEADER_LEN]).map_err(io)?;
+                    n += 1;
+                }
+            }
+            self.inner.write_region(0, &[0u8; cells::POINTER_LEN]).map_err(io)?;
+            self.stats.discarded += n;
+            if n > 0 {
+                info!(cells = n, "rdma region: cells of an earlier life discarded (the data directory is new)");
+            }
+            return Ok(());
+        }
+        // Every whole cell, in each writer's order; the core takes those of its promise's
+        // owner under that promise (taking one again is harmless: same ballot, same value).
+        let mut found = Vec::new();
+        for idx in 0..self.cells {
+            let Some((h, raw)) = self.header(idx) else { continue };
+            if let Some(data) = self.payload(idx, &h, &raw) {
+                found.push((h.writer, h.epoch, h.pos, h.first, data));
+            }
+        }
+        found.sort_by_key(|&(writer, epoch, pos, _, _)| (writer, epoch, pos));
+        for (writer, epoch, _, first, data) in found {
+            // Those epochs are taken: the live scan starts from the writer's next one.
+            let seen = self.seen.entry(writer).or_insert(epoch);
+            *seen = (*seen).max(epoch);
+            self.stats.recovered += 1;
+            // Not an arrived write: answering it sends nothing.
+            let token = self.token();
+            events.push(Event::WriteArrived { from: writer, token, offset: first, data });
+        }
+        if self.stats.recovered > 0 {
+            info!(cells = self.stats.recovered, "rdma region: landed cells handed to the core at start");
+        }
+        Ok(())
     }
 
     fn send_queued(&mut self) {

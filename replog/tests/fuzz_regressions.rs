@@ -214,13 +214,15 @@ fn write_seeds() {
     put("snapshots", "ack", &ack);
     // RDMA cells and acknowledgement records.
     use replog::rdma_region as r;
-    let h = r::CellHeader { len: 0, writer: 2, epoch: (4, 1), seq: 3, first: 17, token: 99, crc: 0 };
+    let h = r::CellHeader { len: 0, writer: 2, epoch: (4, 1), pos: 3, first: 17, token: 99, crc: 0 };
     let mut cell = Vec::new();
     r::encode(&h, b"a remote write", &mut cell);
     put("rdma_records", "cell", &cell);
     let mut rec = Vec::new();
-    assert!(r::encode_ack(&r::AckRecord { epoch: (4, 1), seq: 3, token: 99, ok: false, reply: vec![1; 16] }, &mut rec));
+    assert!(r::encode_ack(&r::AckRecord { epoch: (4, 1), pos: 3, token: 99, ok: false, reply: vec![1; 16] }, &mut rec));
     put("rdma_records", "ack", &rec);
+    let ptr = r::encode_pointer(&r::StreamPointer { writer: 2, epoch: (4, 1), start: 40, resume: 33 });
+    put("rdma_records", "pointer", &ptr);
     // An accepted-entries mirror of 4 records (slots 1..=6 published: 3..=6 held).
     let mut mirror = vec![0u8; replog::rdma_mirror::HEADER_LEN + 4 * 128];
     let mut p = replog::rdma_mirror::Publisher::new(mirror.len(), 128).unwrap();

@@ -103,6 +103,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn completes_on_landing(&self) -> bool {
         (**self).completes_on_landing()
     }
+    fn recover_landed(&mut self, fresh: bool, events: &mut Vec<Event>) -> std::io::Result<()> {
+        (**self).recover_landed(fresh, events)
+    }
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> std::io::Result<()> {
         (**self).poll(events, timeout)
     }

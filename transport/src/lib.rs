@@ -265,6 +265,21 @@ pub trait Transport {
         false
     }
 
+    /// At start, once the caller's state is restored: appends to `events` an
+    /// [`Event::WriteArrived`] for every write still held in this replica's region from
+    /// before a restart (a persistent region, such as RDMA's on device-dax), in the order
+    /// each writer wrote them; answering them ([`Transport::complete_write`]) sends
+    /// nothing, their writers are gone or have moved on. The caller hands them to its
+    /// core, which takes those of its promise's owner under that promise: a write that
+    /// completed at landing ([`Transport::completes_on_landing`]) reaches the core even if
+    /// this replica stopped before its CPU took it. `fresh`: the caller's state is new
+    /// (it never promised anything), so whatever the region holds is from an earlier
+    /// life: it is discarded instead. The default: nothing (no persistent region).
+    fn recover_landed(&mut self, fresh: bool, events: &mut Vec<Event>) -> std::io::Result<()> {
+        let _ = (fresh, events);
+        Ok(())
+    }
+
     /// Does I/O: sends what is queued, receives, and appends what happened to `events`.
     /// Blocks up to `timeout` (`None`: until something happens or a wake-up) when there
     /// is nothing to report.
