@@ -188,16 +188,18 @@ impl DurabilityKind {
 #[serde(rename_all = "snake_case")]
 pub enum LandingKind {
     /// By durability: `memory` at the RDMA WRITE's completion (the follower's CPU is not
-    /// on the path); `fsync` and `pmem` by the follower's acknowledgement (`pmem`'s cell
-    /// ring is not persistent memory yet, so a landed cell is not durable).
+    /// on the path); `pmem` with `rdma.region_path` (the cell ring on a device-dax
+    /// device) as [`LandingKind::ReadAfterWrite`]; `fsync`, and `pmem` without a
+    /// `region_path` (the ring in ordinary memory, so a landed cell is not durable), by
+    /// the follower's acknowledgement.
     #[default]
     Auto,
     /// Always by the follower's acknowledgement, written after its core took the cell
     /// (and, under `fsync`, after its sync).
     Ack,
     /// At the completion of an RDMA READ of the cell's last word posted right after the
-    /// WRITE (read-after-write: the WRITE was placed). Only with `durability = "memory"`
-    /// for now.
+    /// WRITE (read-after-write: the WRITE was placed). With `durability = "memory"`, or
+    /// `"pmem"` with `rdma.region_path` (the ring on persistent memory).
     ReadAfterWrite,
 }
 
@@ -491,9 +493,22 @@ pub struct RdmaSection {
     /// over the side channel). A multiple of 8, at least 64. Default 1 KiB.
     pub mirror_record_bytes: u64,
     /// When the leader counts a write as accepted by a follower: `auto` (default: at
-    /// the RDMA WRITE's completion under `durability = "memory"`, else by the
-    /// follower's acknowledgement), `ack`, or `read_after_write` (memory only).
+    /// the RDMA WRITE's completion under `durability = "memory"`; under `pmem` with a
+    /// `region_path`, at a read-after-write; else by the follower's acknowledgement),
+    /// `ack`, or `read_after_write` (`memory`, or `pmem` with a `region_path`).
     pub landing: LandingKind,
+    /// Where the registered log region (the cell ring) lives: empty (default),
+    /// anonymous memory, zeroed at every start; an absolute path, a shared mapping of a
+    /// device-dax device (`/dev/daxN.M`, persistent memory; `ndctl create-namespace
+    /// --mode=devdax`) whose contents survive a restart, `region_bytes` rounded up to
+    /// the device's alignment must fit in it. Under `durability = "pmem"` it must be a
+    /// device-dax device and puts the ring on persistent memory, so a landed cell is
+    /// durable: `landing = "auto"` then completes writes at a read-after-write (no
+    /// follower CPU on the path). Every replica of a cluster must be configured alike:
+    /// the leader decides how its writes complete from its own configuration. Each
+    /// replica on a machine needs its own device.
+    #[serde(skip_serializing_if = "path_is_empty")]
+    pub region_path: PathBuf,
 }
 
 impl Default for RdmaSection {
@@ -507,6 +522,7 @@ impl Default for RdmaSection {
             mirror_bytes: 1 << 20,
             mirror_record_bytes: 1 << 10,
             landing: LandingKind::Auto,
+            region_path: PathBuf::new(),
         }
     }
 }
@@ -724,13 +740,39 @@ impl ServeConfig {
                 "every member is a learner: the cluster needs at least one voter",
             ));
         }
-        if self.rdma.landing == LandingKind::ReadAfterWrite && self.durability != DurabilityKind::Memory {
+        if !path_is_empty(&self.rdma.region_path) {
+            let p = &self.rdma.region_path;
+            if !p.is_absolute() {
+                return Err(ConfigError::at(
+                    "rdma.region_path".to_string(),
+                    format!(
+                        "{}: must be an absolute path (a device-dax device such as /dev/dax0.0), or empty for \
+                         anonymous memory",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        let ring_persistent = self.durability == DurabilityKind::Pmem && !path_is_empty(&self.rdma.region_path);
+        if self.rdma.landing == LandingKind::ReadAfterWrite
+            && self.durability != DurabilityKind::Memory
+            && !ring_persistent
+        {
+            let why = if self.durability == DurabilityKind::Pmem {
+                "with \"pmem\" it needs rdma.region_path, a device-dax device holding the cell ring: without \
+                 one the ring is ordinary memory, so a landed cell is not durable"
+                    .to_string()
+            } else {
+                format!(
+                    "with \"{}\" the cell ring is not persistent memory, so a landed cell is not durable",
+                    self.durability.as_str()
+                )
+            };
             return Err(ConfigError::at(
                 "rdma.landing".to_string(),
                 format!(
-                    "\"read_after_write\" needs durability = \"memory\" (with \"{}\" the cell ring is not \
-                     persistent memory, so a landed cell is not durable): use \"auto\" or \"ack\"",
-                    self.durability.as_str()
+                    "\"read_after_write\" needs durability = \"memory\", or \"pmem\" with rdma.region_path \
+                     ({why}): use \"auto\" or \"ack\""
                 ),
             ));
         }

@@ -12,14 +12,16 @@
 //!     memory. No follower CPU is on the path; the node sets the core's
 //!     `accept_on_landing` ([`Transport::completes_on_landing`]) and the followers fence
 //!     (below).
-//!   - [`Landing::ReadAfterWrite`] (`landing = "read_after_write"`): when an 8-byte RDMA
+//!   - [`Landing::ReadAfterWrite`] (`pmem` with the ring on a device-dax device,
+//!     `rdma.region_path`; or `landing = "read_after_write"`): when an 8-byte RDMA
 //!     READ of the cell's canary, posted right after the WRITE on the same queue pair,
 //!     completed: the responder executes it after the WRITE, so the WRITE was placed
 //!     (the way to a persistent ring without RDMA FLUSH, which needs rdma-core 45 and
 //!     is not used). If the READ cannot be issued (no room), the acknowledgement
 //!     completes the write.
-//!   - [`Landing::Ack`] (`fsync`, and `pmem`, whose ring is ordinary memory for now):
-//!     when the follower's acknowledgement arrives (below), written after its sync.
+//!   - [`Landing::Ack`] (`fsync`, and `pmem` without a `region_path`, whose ring is
+//!     then ordinary memory): when the follower's acknowledgement arrives (below),
+//!     written after its sync.
 //!
 //!   The NIC's error completes it in every mode (a revoked writer is `Denied`, a broken
 //!   link `LinkFailed`). Under landing the follower's acknowledgement, when it comes,
@@ -1367,8 +1369,23 @@ impl Transport for RdmaAgent {
 /// The transport of `replog serve` with `transport = "rdma"`: opens the RDMA device
 /// named in `[rdma]`, registers the log region, and wraps it in an [`RdmaAgent`].
 pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server::ServeError> {
+    use crate::config::DurabilityKind;
     use crate::server::ServeError;
     let rc = transport_config(cfg)?;
+    if let (DurabilityKind::Pmem, Some(path)) = (cfg.durability, &rc.region_path) {
+        // Writes complete at a read-after-write here: claim it only on persistent memory.
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ServeError::Rdma(format!("rdma.region_path {}: cannot stat it: {e}", path.display())))?;
+        if !meta.file_type().is_char_device() {
+            return Err(ServeError::Rdma(format!(
+                "rdma.region_path {}: durability = \"pmem\" needs a device-dax device (/dev/daxN.M) for the \
+                 cell ring; this is not a character device, and a file's pages are not persistent memory \
+                 (leave rdma.region_path empty to keep the ring in memory, acknowledged after the sync)",
+                path.display()
+            )));
+        }
+    }
     let me_addr = rc.listen;
     let cell =
         usize::try_from(cfg.rdma.cell_bytes).map_err(|_| ServeError::Rdma("rdma.cell_bytes too large".into()))?;
@@ -1378,6 +1395,7 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
         node = cfg.id,
         device = inner.device_name(),
         region_bytes = inner.region_len(),
+        region_path = %cfg.rdma.region_path.display(),
         cell_bytes = cell,
         "rdma transport open"
     );
@@ -1394,10 +1412,19 @@ pub fn open(cfg: &crate::config::ServeConfig) -> Result<RdmaAgent, crate::server
 /// When a replica with `cfg` completes its writes (see [`crate::config::LandingKind`]).
 pub fn landing_for(cfg: &crate::config::ServeConfig) -> Landing {
     use crate::config::{DurabilityKind, LandingKind};
+    // The ring is on persistent memory under pmem with a region path (`open` refuses
+    // one that is not a device-dax device); followers are configured alike.
+    let ring_persistent = !cfg.rdma.region_path.as_os_str().is_empty();
     match (cfg.rdma.landing, cfg.durability) {
         (LandingKind::Auto, DurabilityKind::Memory) => Landing::Write,
         (LandingKind::ReadAfterWrite, DurabilityKind::Memory) => Landing::ReadAfterWrite,
-        // pmem: the cell ring is ordinary memory, so a landed cell is not persistent yet.
+        // pmem with the ring on device-dax: a cell placed there is durable, which a read
+        // after the write shows (no RDMA FLUSH: rdma-core 44 has no `ibv_wr_flush`).
+        (LandingKind::Auto | LandingKind::ReadAfterWrite, DurabilityKind::Pmem) if ring_persistent => {
+            Landing::ReadAfterWrite
+        }
+        // fsync, ack, and pmem with the ring in ordinary memory (a landed cell is not
+        // persistent there): by the follower's acknowledgement, after its sync.
         _ => Landing::Ack,
     }
 }
@@ -1420,6 +1447,7 @@ pub fn transport_config(
     rc.gid_index = r.gid_index;
     rc.region_len =
         usize::try_from(r.region_bytes).map_err(|_| ServeError::Rdma("rdma.region_bytes too large".into()))?;
+    rc.region_path = (!r.region_path.as_os_str().is_empty()).then(|| r.region_path.clone());
     let cell = usize::try_from(r.cell_bytes).map_err(|_| ServeError::Rdma("rdma.cell_bytes too large".into()))?;
     // A message (a read answer) may be as large as a frame; a write is one cell.
     rc.max_payload = (cfg.limits.max_frame_bytes as usize).max(cell) + OVERHEAD;

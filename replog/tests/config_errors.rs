@@ -272,3 +272,45 @@ fn landing_kinds_parse() {
     }
     expect(&format!("{BASE}\n[rdma]\nlanding = \"flush\"\n"), &["landing"]);
 }
+
+#[test]
+fn read_after_write_landing_under_pmem_needs_a_region_path() {
+    let pmem = with("durability = \"fsync\"", "durability = \"pmem\"");
+    let text = format!("{pmem}\n[rdma]\nlanding = \"read_after_write\"\n");
+    expect(&text, &["rdma.landing", "read_after_write", "rdma.region_path", "not durable"]);
+    let ok = format!("{pmem}\n[rdma]\nlanding = \"read_after_write\"\nregion_path = \"/dev/dax0.0\"\n");
+    let c = ServeConfig::from_toml(&ok, "replog.toml").unwrap();
+    assert_eq!(c.rdma.region_path, std::path::PathBuf::from("/dev/dax0.0"));
+    // fsync's ring is not persistent memory even on a device.
+    let fsync = format!("{BASE}\n[rdma]\nlanding = \"read_after_write\"\nregion_path = \"/dev/dax0.0\"\n");
+    expect(&fsync, &["rdma.landing", "read_after_write", "fsync"]);
+}
+
+#[test]
+fn a_relative_region_path_is_refused() {
+    expect(&format!("{BASE}\n[rdma]\nregion_path = \"dax0.0\"\n"), &["rdma.region_path", "dax0.0", "absolute"]);
+    expect(&format!("{BASE}\n[rdma]\nregion_path = \"./ring\"\n"), &["rdma.region_path", "absolute"]);
+    // Empty: anonymous memory.
+    let c = ServeConfig::from_toml(&format!("{BASE}\n[rdma]\nregion_path = \"\"\n"), "replog.toml").unwrap();
+    assert!(c.rdma.region_path.as_os_str().is_empty());
+}
+
+/// Where the leader's writes complete, by durability, landing and region path.
+#[cfg(feature = "rdma")]
+#[test]
+fn landing_follows_durability_and_region_path() {
+    use replog::rdma_agent::{landing_for, Landing};
+    let case = |durability: &str, landing: &str, path: &str| {
+        let mut text = with("durability = \"fsync\"", &format!("durability = \"{durability}\""));
+        text.push_str(&format!("\n[rdma]\nlanding = \"{landing}\"\nregion_path = \"{path}\"\n"));
+        landing_for(&ServeConfig::from_toml(&text, "replog.toml").unwrap())
+    };
+    assert_eq!(case("memory", "auto", ""), Landing::Write);
+    assert_eq!(case("memory", "read_after_write", ""), Landing::ReadAfterWrite);
+    assert_eq!(case("fsync", "auto", ""), Landing::Ack);
+    assert_eq!(case("fsync", "auto", "/dev/dax0.0"), Landing::Ack);
+    assert_eq!(case("pmem", "auto", ""), Landing::Ack);
+    assert_eq!(case("pmem", "auto", "/dev/dax0.0"), Landing::ReadAfterWrite);
+    assert_eq!(case("pmem", "read_after_write", "/dev/dax0.0"), Landing::ReadAfterWrite);
+    assert_eq!(case("pmem", "ack", "/dev/dax0.0"), Landing::Ack);
+}

@@ -162,3 +162,16 @@ fn free_loopback_port_runs_are_disjoint_bindable_and_outside_the_ephemeral_range
         runs.push((lo, hi));
     }
 }
+
+#[test]
+fn rdma_region_path_defaults_to_memory_and_round_trips() {
+    let cfg = ServeConfig::from_toml(MINIMAL, "a.toml").unwrap();
+    assert!(cfg.rdma.region_path.as_os_str().is_empty(), "default: anonymous memory");
+    assert!(!cfg.to_toml().contains("region_path"), "an empty path is not written");
+    let text = format!("{MINIMAL}\n[rdma]\nregion_path = \"/dev/dax1.0\"\n");
+    let cfg = ServeConfig::from_toml(&text, "a.toml").unwrap();
+    assert_eq!(cfg.rdma.region_path, PathBuf::from("/dev/dax1.0"));
+    let written = cfg.to_toml();
+    let back = ServeConfig::from_toml(&written, "b.toml").unwrap_or_else(|e| panic!("{e}\n{written}"));
+    assert_eq!(back, cfg, "{written}");
+}
