@@ -20,11 +20,13 @@
 # with the kernel parameter memmap=SIZE!START becomes /dev/pmem0, which gets a fresh
 # ext4 mounted with -o dax on /run/pmem (MAP_SYNC mappings work there); CMD gets
 # REPLOG_TEST_PMEM_DIR=/run/pmem.
-# Emulated device-DAX (RXE_DEVDAX=128M, say): a second legacy pmem region (its own
+# Emulated device-DAX (RXE_DEVDAX=128M, say): another legacy pmem region (its own
 # memmap= range, above RXE_PMEM's) reconfigured by ndctl as a device-dax namespace,
 # the character device /dev/daxN.0 that RDMA can register (fsdax pages cannot be
 # pinned long-term: ibv_reg_mr on an fsdax mapping fails with EOPNOTSUPP); CMD gets
-# REPLOG_TEST_DEVDAX=/dev/daxN.0.
+# REPLOG_TEST_DEVDAX=/dev/daxN.0. RXE_DEVDAX_COUNT=N makes N such devices (one region
+# and memmap= range each, in address order); CMD gets REPLOG_TEST_DEVDAX (the first)
+# and REPLOG_TEST_DEVDAX_ALL (all of them, space-separated).
 #
 # Environment:
 #   RXE_CACHE     cache directory (default /var/tmp/replog-rxe), any host directory (the
@@ -40,6 +42,8 @@
 #                 default none), added to the VM's memory like RXE_PMEM; exit 125 if it
 #                 cannot be set up. Usable bytes are a little less (ndctl keeps the
 #                 struct pages and an info block in the namespace)
+#   RXE_DEVDAX_COUNT  how many device-dax devices of RXE_DEVDAX each (default 1; 1 to
+#                 8), each in its own region 128 MiB-aligned above the previous one
 #   RXE_WRITABLE  extra host directories (space-separated) to cover with an empty tmpfs
 #   RXE_OVERLAY   host directories (space-separated) made writable in the VM by an
 #                 overlay: the host's files are visible, writes are thrown away
@@ -60,6 +64,7 @@ MEM=${RXE_MEM:-2G}
 SMP=${RXE_SMP:-2}
 PMEM=${RXE_PMEM:-0}
 DEVDAX=${RXE_DEVDAX:-0}
+DEVDAX_COUNT=${RXE_DEVDAX_COUNT:-1}
 KPATTERN='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
 PACKAGES=(qemu-system-x86 busybox-static kmod rdma-core ibverbs-providers ibverbs-utils
     libibverbs-dev librdmacm-dev perftest xz-utils cpio iproute2 util-linux ndctl)
@@ -219,12 +224,17 @@ region_mib() { # name value
 }
 pmem_mib() { region_mib RXE_PMEM "$PMEM"; }
 devdax_mib() { region_mib RXE_DEVDAX "$DEVDAX"; }
+devdax_count() {
+    [[ $DEVDAX_COUNT =~ ^[1-8]$ ]] || die "RXE_DEVDAX_COUNT must be a number from 1 to 8, not '$DEVDAX_COUNT'"
+    echo "$DEVDAX_COUNT"
+}
 
-# Where the device-dax region starts, in MiB after the start of the reserved span: past
-# the pmem region and a gap of at least 2 MiB (adjacent memmap= ranges of one type
-# merge into one region), rounded up to 128 MiB (a memory section apart from the pmem
-# region when the span starts on a section boundary, as with RXE_MEM=2G).
-devdax_offset_mib() { # pmem_mib
+# Where a device-dax region starts, in MiB after the start of the reserved span: past
+# the end of the region before it (the pmem region's, or the previous device-dax
+# region's; 0: none) and a gap of at least 2 MiB (adjacent memmap= ranges of one type
+# merge into one region), rounded up to 128 MiB (a memory section apart from the region
+# before when the span starts on a section boundary, as with RXE_MEM=2G).
+devdax_offset_mib() { # end_mib of the region before
     [ "$1" = 0 ] && { echo 0; return 0; }
     echo $(((($1 + 2 + 127) / 128) * 128))
 }
@@ -253,7 +263,7 @@ pmem_start_mib() { # mem_mib span_mib
     elif [ $((total - 3072)) -ge $(($2 + PMEM_SLACK)) ]; then
         echo $((4096 + total - 3072 - $2 - PMEM_SLACK))
     else
-        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM and RXE_DEVDAX=$DEVDAX puts the pmem regions across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G"
+        die "RXE_MEM=$MEM plus RXE_PMEM=$PMEM and RXE_DEVDAX_COUNT=$DEVDAX_COUNT x RXE_DEVDAX=$DEVDAX (a span of $2M) puts the pmem regions across the PCI hole below 4 GiB: choose RXE_MEM below $((3584 - $2 - PMEM_SLACK))M, or at least 3G"
     fi
 }
 
@@ -395,7 +405,7 @@ write_inner() { # modtree cwd envfile cmd...
         printf 'PMEM_MIB=%q\n' "$PMEM_MIB"
         printf 'DEVDAX_MODULES=(%s)\n' "${DEVDAX_MODULES[*]}"
         printf 'DEVDAX_MIB=%q\n' "$DEVDAX_MIB"
-        printf 'DEVDAX_START_MIB=%q\n' "$DEVDAX_START_MIB"
+        printf 'DEVDAX_STARTS_MIB=(%s)\n' "${DEVDAX_STARTS_MIB[*]}"
         local writable overlay
         read -ra writable <<<"${RXE_WRITABLE:-}"
         read -ra overlay <<<"${RXE_OVERLAY:-}"
@@ -502,43 +512,53 @@ if [ "$PMEM_MIB" != 0 ]; then
     stage pmem-ready
 fi
 
-# Emulated device-DAX: the second reserved range is a libnvdimm region of its own
+# Emulated device-DAX: each further reserved range is a libnvdimm region of its own
 # (found by its start address); ndctl rewrites its raw namespace as a devdax namespace
 # (an info block and the struct pages at its start, the rest 2 MiB-aligned), which the
-# device_dax driver serves as the character device /dev/daxN.0.
-DEVDAX_DEV=
+# device_dax driver serves as the character device /dev/daxN.0. One per start, in
+# address order.
+DEVDAX_DEVS=()
 if [ "$DEVDAX_MIB" != 0 ]; then
     command -v ndctl >/dev/null || bad "devdax: ndctl is not installed on the host (apt-get install ndctl, or rxe-vm.sh setup)"
     modprobe -d /run/rxe-modules -C /run/rxe-modprobe.conf -a "${DEVDAX_MODULES[@]}" >"$IO/modprobe.log" 2>&1 ||
         bad "devdax: modprobe ${DEVDAX_MODULES[*]} failed: $(cat "$IO/modprobe.log")"
     stage devdax-modules
-    want=$(printf '0x%x' $((DEVDAX_START_MIB * 1048576)))
-    region=
-    for _ in $(seq 1 100); do
-        for r in /sys/bus/nd/devices/region*; do
-            [ "$(cat "$r/resource" 2>/dev/null)" = "$want" ] && region=${r##*/}
+    : >"$IO/devdax.note"
+    for dstart in "${DEVDAX_STARTS_MIB[@]}"; do
+        want=$(printf '0x%x' $((dstart * 1048576)))
+        region=
+        for _ in $(seq 1 100); do
+            for r in /sys/bus/nd/devices/region*; do
+                [ "$(cat "$r/resource" 2>/dev/null)" = "$want" ] && region=${r##*/}
+            done
+            [ -n "$region" ] && [ -e "/sys/bus/nd/devices/namespace${region#region}.0" ] && break
+            sleep 0.1
         done
-        [ -n "$region" ] && [ -e "/sys/bus/nd/devices/namespace${region#region}.0" ] && break
-        sleep 0.1
+        [ -n "$region" ] || bad "devdax: no nvdimm region starts at $want (kernel command line: $(cat /proc/cmdline); persistent memory in /proc/iomem: $(grep -i persistent /proc/iomem | tr '\n' ' '); regions: $(for r in /sys/bus/nd/devices/region*; do echo "${r##*/}=$(cat "$r/resource" 2>/dev/null)"; done | tr '\n' ' '))"
+        rsize=$(cat "/sys/bus/nd/devices/$region/size" 2>/dev/null || echo 0)
+        [ "$rsize" = $((DEVDAX_MIB * 1048576)) ] || bad "devdax: region $region at $want has $rsize bytes, not the $DEVDAX_MIB MiB reserved (adjacent memmap= ranges merged?)"
+        ns=namespace${region#region}.0
+        [ -e "/sys/bus/nd/devices/$ns" ] || bad "devdax: region $region has no $ns (nvdimm devices: $(ls /sys/bus/nd/devices 2>&1 | tr '\n' ' '))"
+        stage "devdax-region $region"
+        ndctl create-namespace -f -e "$ns" --mode=devdax >"$IO/ndctl.log" 2>&1 ||
+            bad "devdax: ndctl create-namespace -f -e $ns --mode=devdax failed: $(tr '\n' ' ' <"$IO/ndctl.log") $(dmesg | grep -iE 'nd_|pmem|dax|pfn' | tail -n 5 | tr '\n' ' ')"
+        chardev=$(sed -n 's/.*"chardev":"\(dax[0-9.]*\)".*/\1/p' "$IO/ndctl.log" | head -n 1)
+        [ -n "$chardev" ] || bad "devdax: ndctl create-namespace named no dax character device: $(tr '\n' ' ' <"$IO/ndctl.log")"
+        for _ in $(seq 1 100); do
+            [ -c "/dev/$chardev" ] && break
+            sleep 0.1
+        done
+        [ -c "/dev/$chardev" ] || bad "devdax: no character device /dev/$chardev after ndctl create-namespace ($(ls /dev | grep -E 'dax' | tr '\n' ' '))"
+        dsize=$(cat "/sys/bus/dax/devices/$chardev/size" 2>/dev/null || echo 0)
+        [ "$dsize" -gt 0 ] || bad "devdax: /dev/$chardev has size '$dsize' (/sys/bus/dax/devices/$chardev/size)"
+        for d in "${DEVDAX_DEVS[@]}"; do
+            [ "$d" != "/dev/$chardev" ] || bad "devdax: ndctl gave /dev/$chardev for region $region too"
+        done
+        chmod 0666 "/dev/$chardev"
+        DEVDAX_DEVS+=("/dev/$chardev")
+        echo "devdax: /dev/$chardev, $((dsize / 1048576)) MiB usable of the ${DEVDAX_MIB} MiB region $region at $want, align $(cat "/sys/bus/dax/devices/$chardev/align" 2>/dev/null || echo '?')" >>"$IO/devdax.note"
     done
-    [ -n "$region" ] || bad "devdax: no nvdimm region starts at $want (kernel command line: $(cat /proc/cmdline); persistent memory in /proc/iomem: $(grep -i persistent /proc/iomem | tr '\n' ' '); regions: $(for r in /sys/bus/nd/devices/region*; do echo "${r##*/}=$(cat "$r/resource" 2>/dev/null)"; done | tr '\n' ' '))"
-    ns=namespace${region#region}.0
-    [ -e "/sys/bus/nd/devices/$ns" ] || bad "devdax: region $region has no $ns (nvdimm devices: $(ls /sys/bus/nd/devices 2>&1 | tr '\n' ' '))"
-    stage devdax-region
-    ndctl create-namespace -f -e "$ns" --mode=devdax >"$IO/ndctl.log" 2>&1 ||
-        bad "devdax: ndctl create-namespace -f -e $ns --mode=devdax failed: $(tr '\n' ' ' <"$IO/ndctl.log") $(dmesg | grep -iE 'nd_|pmem|dax|pfn' | tail -n 5 | tr '\n' ' ')"
-    chardev=$(sed -n 's/.*"chardev":"\(dax[0-9.]*\)".*/\1/p' "$IO/ndctl.log" | head -n 1)
-    [ -n "$chardev" ] || bad "devdax: ndctl create-namespace named no dax character device: $(tr '\n' ' ' <"$IO/ndctl.log")"
-    for _ in $(seq 1 100); do
-        [ -c "/dev/$chardev" ] && break
-        sleep 0.1
-    done
-    [ -c "/dev/$chardev" ] || bad "devdax: no character device /dev/$chardev after ndctl create-namespace ($(ls /dev | grep -E 'dax' | tr '\n' ' '))"
-    dsize=$(cat "/sys/bus/dax/devices/$chardev/size" 2>/dev/null || echo 0)
-    [ "$dsize" -gt 0 ] || bad "devdax: /dev/$chardev has size '$dsize' (/sys/bus/dax/devices/$chardev/size)"
-    chmod 0666 "/dev/$chardev"
-    DEVDAX_DEV=/dev/$chardev
-    echo "devdax: $DEVDAX_DEV, $((dsize / 1048576)) MiB usable of the ${DEVDAX_MIB} MiB region $region at $want, align $(cat "/sys/bus/dax/devices/$chardev/align" 2>/dev/null || echo '?')" >"$IO/devdax.note"
+    [ "${#DEVDAX_DEVS[@]}" = "${#DEVDAX_STARTS_MIB[@]}" ] || bad "devdax: ${#DEVDAX_DEVS[@]} devices for ${#DEVDAX_STARTS_MIB[@]} regions"
     stage devdax-ready
 fi
 
@@ -550,7 +570,11 @@ EOF
         cat <<'EOF'
 # After the host's variables: a host path in REPLOG_TEST_PMEM_DIR means nothing here.
 if [ "$PMEM_MIB" != 0 ]; then export REPLOG_TEST_PMEM_DIR=/run/pmem; else unset REPLOG_TEST_PMEM_DIR; fi
-if [ -n "$DEVDAX_DEV" ]; then export REPLOG_TEST_DEVDAX=$DEVDAX_DEV; else unset REPLOG_TEST_DEVDAX; fi
+if [ "${#DEVDAX_DEVS[@]}" != 0 ]; then
+    export REPLOG_TEST_DEVDAX=${DEVDAX_DEVS[0]} REPLOG_TEST_DEVDAX_ALL="${DEVDAX_DEVS[*]}"
+else
+    unset REPLOG_TEST_DEVDAX REPLOG_TEST_DEVDAX_ALL
+fi
 cd "$CWD" || bad "cannot cd to $CWD in the VM"
 awk '{ print $1 }' /proc/uptime >"$IO/uptime-at-command"
 stage command
@@ -574,23 +598,28 @@ cmd_run() {
     tree=$CACHE/$rel
     PMEM_MIB=$(pmem_mib) || exit 1
     DEVDAX_MIB=$(devdax_mib) || exit 1
-    DEVDAX_START_MIB=0
+    local ndevdax
+    ndevdax=$(devdax_count) || exit 1
+    DEVDAX_STARTS_MIB=()
     local qmem=$MEM append="console=ttyS0 panic=-1 quiet loglevel=3 8250.nr_uarts=1" mem start span off
     if [ "$PMEM_MIB" != 0 ] || [ "$DEVDAX_MIB" != 0 ]; then
         mem=$(mem_mib) || exit 1
         span=$PMEM_MIB
-        off=0
+        local offs=() i
         if [ "$DEVDAX_MIB" != 0 ]; then
-            off=$(devdax_offset_mib "$PMEM_MIB")
-            span=$((off + DEVDAX_MIB))
+            for ((i = 0; i < ndevdax; i++)); do
+                off=$(devdax_offset_mib "$span")
+                offs+=("$off")
+                span=$((off + DEVDAX_MIB))
+            done
         fi
         start=$(pmem_start_mib "$mem" "$span") || exit 1
         qmem=$((mem + span + PMEM_SLACK))M
         [ "$PMEM_MIB" = 0 ] || append+=" memmap=${PMEM_MIB}M!${start}M"
-        if [ "$DEVDAX_MIB" != 0 ]; then
-            DEVDAX_START_MIB=$((start + off))
-            append+=" memmap=${DEVDAX_MIB}M!${DEVDAX_START_MIB}M"
-        fi
+        for off in "${offs[@]}"; do
+            DEVDAX_STARTS_MIB+=($((start + off)))
+            append+=" memmap=${DEVDAX_MIB}M!$((start + off))M"
+        done
     fi
     if compressed_vm_modules "$tree/root" "$rel"; then
         # A cache from an older version of this script: decompress the modules it lacks.
@@ -652,7 +681,7 @@ cmd_run() {
     t0=$(now)
     local pmem_note=
     [ "$PMEM_MIB" = 0 ] || pmem_note=" + ${PMEM_MIB}M pmem"
-    [ "$DEVDAX_MIB" = 0 ] || pmem_note+=" + ${DEVDAX_MIB}M devdax"
+    [ "$DEVDAX_MIB" = 0 ] || pmem_note+=" + ${ndevdax} x ${DEVDAX_MIB}M devdax"
     say "booting the VM (kernel $rel, TCG, ${SMP} CPUs, $MEM$pmem_note, timeout ${TIMEOUT}s)"
     "${pdeath[@]}" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu max -m "$qmem" -smp "$SMP" \
