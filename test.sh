@@ -116,6 +116,7 @@ rdma_cluster_bin=""
 rdma_read_bin=""
 pmem_bin=""
 rdma_landing_bin=""
+rdma_pmem_bin=""
 test_bin() { # package, test target: the test binary's path
     cargo test -p "$1" --features rdma --test "$2" --no-run --message-format=json 2>/dev/null |
         grep "\"name\":\"$2\"" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
@@ -126,21 +127,26 @@ if hw-setup/rxe-vm.sh setup >"$rdma_log" 2>&1; then
     rdma_read_bin=$(test_bin replog rdma_read)
     pmem_bin=$(test_bin replog store_pmem)
     rdma_landing_bin=$(test_bin replog rdma_landing)
+    rdma_pmem_bin=$(test_bin replog process_rdma_pmem)
 else
     tail -20 "$rdma_log"
     echo "FAILED: hw-setup/rxe-vm.sh setup"
 fi
 if [ -n "$rdma_bin" ] && [ -n "$rdma_cluster_bin" ] && [ -n "$rdma_read_bin" ] && [ -n "$pmem_bin" ] &&
-    [ -n "$rdma_landing_bin" ]; then
-    # RXE_PMEM: the VM's emulated pmem DAX filesystem for store_pmem (REPLOG_TEST_PMEM_DIR);
-    # RXE_DEVDAX: its device-dax device for the transport's region test (REPLOG_TEST_DEVDAX);
-    # the run fails (exit 125, no tests) if either cannot be set up. Two cluster runs
-    # (fsync, memory) of up to a few minutes each under TCG: more time than the default.
+    [ -n "$rdma_landing_bin" ] && [ -n "$rdma_pmem_bin" ]; then
+    # RXE_PMEM: the VM's emulated pmem DAX filesystem for store_pmem and process_rdma_pmem
+    # (REPLOG_TEST_PMEM_DIR); RXE_DEVDAX x RXE_DEVDAX_COUNT: four device-dax devices, the
+    # first for the transport's region test (REPLOG_TEST_DEVDAX), the last three for
+    # process_rdma_pmem's replicas' cell rings (REPLOG_TEST_DEVDAX_ALL): separate, so no
+    # test sees another's ring contents (the rings keep them, that is the point). The
+    # run fails (exit 125, no tests) if either cannot be set up. Two cluster runs (fsync,
+    # memory) of up to a few minutes each under TCG, and the pmem cluster (under a
+    # minute): more time than the default.
     # shellcheck disable=SC2016 # expanded inside the VM
-    RXE_PMEM=256M RXE_DEVDAX=128M RXE_TIMEOUT=900 hw-setup/rxe-vm.sh run -- sh -c \
-        '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --test-threads 1 --nocapture; "$4" --test-threads 1' \
-        "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" "$pmem_bin" "$rdma_landing_bin" 2>&1 | tee "$rdma_log" |
-        grep -E '^test |panicked|^rdma( \([a-z]+\))?: |^pmem: |^SKIP |rxe-vm.sh' || true
+    RXE_PMEM=256M RXE_DEVDAX=128M RXE_DEVDAX_COUNT=4 RXE_TIMEOUT=1200 hw-setup/rxe-vm.sh run -- sh -c \
+        '"$0" --test-threads 1; "$1" --test-threads 1 --nocapture; "$2" --nocapture; "$3" --test-threads 1 --nocapture; "$4" --test-threads 1; "$5" --nocapture' \
+        "$rdma_bin" "$rdma_cluster_bin" "$rdma_read_bin" "$pmem_bin" "$rdma_landing_bin" "$rdma_pmem_bin" 2>&1 | tee "$rdma_log" |
+        grep -E '^test |panicked|^rdma( \([a-z]+\))?: |^pmem: |^pmem-rdma: |^SKIP |rxe-vm.sh' || true
     rdma_run=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$rdma_log" | awk '{s+=$4+$6} END {print s+0}')
     rdma_passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$rdma_log" | awk '{s+=$4} END {print s+0}')
 else
