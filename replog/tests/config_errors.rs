@@ -314,3 +314,31 @@ fn landing_follows_durability_and_region_path() {
     assert_eq!(case("pmem", "read_after_write", "/dev/dax0.0"), Landing::ReadAfterWrite);
     assert_eq!(case("pmem", "ack", "/dev/dax0.0"), Landing::Ack);
 }
+
+/// Under pmem, writes complete at a read-after-write into the ring: `open` claims that
+/// only for a device-dax device, before it touches any RDMA device.
+#[cfg(feature = "rdma")]
+#[test]
+fn a_pmem_ring_must_be_a_device_dax_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ring");
+    std::fs::write(&file, [0u8; 4096]).unwrap();
+    let text = format!(
+        "{}\n[rdma]\nregion_path = \"{}\"\n",
+        with("durability = \"fsync\"", "durability = \"pmem\"").replacen(
+            "transport = \"tcp\"",
+            "transport = \"rdma\"",
+            1
+        ),
+        file.display()
+    );
+    let cfg = ServeConfig::from_toml(&text, "replog.toml").unwrap();
+    let e = replog::rdma_agent::open(&cfg).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("rdma.region_path") && e.contains("device-dax") && e.contains("not a character device"), "{e}");
+    let missing = text.replace(&file.display().to_string(), "/nonexistent/dax9.9");
+    let e = replog::rdma_agent::open(&ServeConfig::from_toml(&missing, "replog.toml").unwrap())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/dax9.9") && e.contains("cannot stat"), "{e}");
+}
