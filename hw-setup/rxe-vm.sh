@@ -693,12 +693,14 @@ cmd_run() {
         </dev/null >"$IO/qemu.out" 2>&1 &
     QEMU_PID=$!
 
-    local deadline stage='' streaming=
+    local deadline stage='' streaming= note_line
     deadline=$(awk -v t="$t0" -v d="$TIMEOUT" 'BEGIN { printf "%d", t + d }')
     while kill -0 "$QEMU_PID" 2>/dev/null; do
         if [ -z "$streaming" ] && grep -qxE 'command|done' "$IO/stage" 2>/dev/null; then
             t_cmd=$(now)
-            [ ! -f "$IO/devdax.note" ] || say "$(cat "$IO/devdax.note")"
+            if [ -f "$IO/devdax.note" ]; then
+                while IFS= read -r note_line; do say "$note_line"; done <"$IO/devdax.note"
+            fi
             say "rxe0 ACTIVE; running: ${RXE_LABEL:-$(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-100)}"
             # Stream the command's output as it comes; tail exits after qemu does.
             tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$IO/stdout" &
