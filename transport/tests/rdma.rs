@@ -289,6 +289,349 @@ fn revoke_denies_and_grant_restores_by_cycling_the_queue_pair() {
     revoke_then_grant(true);
 }
 
+/// Slots of the revocation stress test: slot `i` of round `r` gets one write of 8..64
+/// bytes, a nonzero u64 unique to (r, i) repeated; the rest of the slot stays zero.
+const REVOKE_SLOT: usize = 64;
+const REVOKE_SLOTS: usize = 8192;
+const REVOKE_MAX_ROUNDS: u64 = 20;
+/// Rounds that raced the revocation after which the test stops (if it got there).
+const REVOKE_RACED_ENOUGH: u64 = 10;
+
+fn revoke_slot_bytes(round: u64, slot: usize) -> Vec<u8> {
+    let words = 1 + (slot.wrapping_mul(7) + round as usize) % (REVOKE_SLOT / 8);
+    let mut x = (round << 32 | slot as u64).wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    let v = x | 1;
+    (0..words).flat_map(|_| v.to_le_bytes()).collect()
+}
+
+/// What the follower's memory shows of slot `slot`: nothing, exactly the write, or
+/// anything else (torn or foreign bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotSeen {
+    Empty,
+    Landed,
+    Other,
+}
+
+fn revoke_slot_seen(snap: &[u8], round: u64, slot: usize) -> SlotSeen {
+    let Some(bytes) = snap.get(slot * REVOKE_SLOT..(slot + 1) * REVOKE_SLOT) else { return SlotSeen::Other };
+    if bytes.iter().all(|&b| b == 0) {
+        return SlotSeen::Empty;
+    }
+    let want = revoke_slot_bytes(round, slot);
+    let (head, tail) = bytes.split_at(want.len());
+    if head == want.as_slice() && tail.iter().all(|&b| b == 0) {
+        SlotSeen::Landed
+    } else {
+        SlotSeen::Other
+    }
+}
+
+/// How one write of the writer completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Denied,
+    LinkFailed,
+}
+
+/// Writes 2 -> 1 at `offset` until one completes Ok, pumping both (after a revocation
+/// the writer's queue pair is renewed, and the follower takes part in that).
+fn revoke_probe(writer: &mut RdmaTransport, follower: &mut RdmaTransport, offset: u64) {
+    let deadline = Instant::now() + WAIT;
+    let mut ev = Vec::new();
+    let mut token = None;
+    loop {
+        assert!(Instant::now() < deadline, "the writer's probe write never completed Ok after the grant");
+        if token.is_none() {
+            match writer.write(1, offset, b"probe---") {
+                Ok(t) => token = Some(t),
+                Err(SendError::LinkDown(_) | SendError::Backpressure(_)) => {}
+                Err(e) => panic!("probe write: {e}"),
+            }
+        }
+        ev.clear();
+        writer.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll writer");
+        for e in &ev {
+            if let Event::WriteDone { token: t, result, .. } = e {
+                if Some(*t) == token {
+                    if result.is_ok() {
+                        return;
+                    }
+                    token = None;
+                }
+            }
+        }
+        follower.poll(&mut ev, Some(Duration::ZERO)).expect("poll follower");
+    }
+}
+
+/// Totals over the rounds of [`revoke_races_in_flight_writes`].
+#[derive(Default, Debug)]
+struct RevokeTally {
+    rounds: u64,
+    raced: u64,
+    landed_before: u64,
+    denied: u64,
+    link_failed: u64,
+    refused_posted_before: u64,
+    landed_after: u64,
+    slowest_revoke: Duration,
+}
+
+/// The writer (2) keeps up to `depth` distinct one-sided writes in flight, one per
+/// slot, while the follower (1), once slot `k` landed, revokes its permission and at
+/// once snapshots its whole region; every write then completes, and the follower
+/// snapshots again. Nothing may land after the revocation returned: the snapshots are
+/// equal, every write the writer saw Ok is in the first one, no refused write is in
+/// either. Rounds repeat (fresh grant, cleared region, new patterns) until enough of
+/// them raced (a write submitted before the revocation was refused or cut), and one
+/// at least must have.
+///
+/// The writer runs on its own thread, so that it posts while the follower revokes.
+fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (eps, _) = open_cluster(&[1, 2], |c| c.permission_by_reset = by_reset);
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    let mut follower = net.eps[0].take().expect("follower");
+    let mut writer = net.eps[1].take().expect("writer");
+    let probe_off = (follower.region_len() - REVOKE_SLOT) as u64;
+    let area = REVOKE_SLOTS * REVOKE_SLOT;
+    assert!(area <= probe_off as usize, "the slots and the probe fit in the region");
+    let seed = fresh_seed();
+    let started = Instant::now();
+    let mut tally = RevokeTally::default();
+    for round in 0..REVOKE_MAX_ROUNDS {
+        if tally.raced >= REVOKE_RACED_ENOUGH || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tally.rounds += 1;
+        // No holder now (never granted, or revoked last round): clear, then grant.
+        assert_eq!(follower.permission_holder(), None);
+        follower.write_region(0, &vec![0u8; area]).expect("clear the slots");
+        follower.grant(2);
+        revoke_probe(&mut writer, &mut follower, probe_off);
+        // Revoke once slot k landed: somewhere in the first half, different each round.
+        let k = 64 + (seed.wrapping_add(round.wrapping_mul(0x9E37_79B9)) % (REVOKE_SLOTS as u64 / 2 - 64)) as usize;
+        let issued = AtomicUsize::new(0);
+        let (outcomes, snap1, snap_at, revoke_took, first_change) = std::thread::scope(|s| {
+            let writer_thread = s.spawn(|| {
+                let mut outcomes: Vec<Option<Outcome>> = vec![None; REVOKE_SLOTS];
+                let mut tokens: HashMap<Token, usize> = HashMap::new();
+                let mut next = 0usize;
+                let mut posting = true;
+                let mut ev = Vec::new();
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    assert!(
+                        Instant::now() < deadline,
+                        "writer: {} writes still in flight after {WAIT:?}",
+                        tokens.len()
+                    );
+                    while posting && next < REVOKE_SLOTS {
+                        let off = (next * REVOKE_SLOT) as u64;
+                        match writer.write(1, off, &revoke_slot_bytes(round, next)) {
+                            Ok(t) => {
+                                tokens.insert(t, next);
+                                next += 1;
+                                issued.store(next, Ordering::SeqCst);
+                            }
+                            Err(SendError::Backpressure(_) | SendError::LinkDown(_)) => break,
+                            Err(e) => panic!("writer: write of slot {next}: {e}"),
+                        }
+                    }
+                    writer.send_queued();
+                    ev.clear();
+                    writer.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll writer");
+                    for e in &ev {
+                        if let Event::WriteDone { token, result, .. } = e {
+                            let Some(slot) = tokens.remove(token) else { continue };
+                            let o = match result {
+                                Ok(_) => Outcome::Ok,
+                                Err(AccessError::Denied { .. }) => Outcome::Denied,
+                                Err(AccessError::LinkFailed(_)) => Outcome::LinkFailed,
+                            };
+                            assert!(outcomes[slot].replace(o).is_none(), "slot {slot} completed twice");
+                            if o != Outcome::Ok {
+                                posting = false;
+                            }
+                        }
+                    }
+                    // All slots used: stop posting.
+                    if next == REVOKE_SLOTS {
+                        posting = false;
+                    }
+                    if !posting && tokens.is_empty() {
+                        break;
+                    }
+                }
+                outcomes
+            });
+            let deadline = Instant::now() + WAIT;
+            let mut ev = Vec::new();
+            let off_k = (k * REVOKE_SLOT) as u64;
+            while follower.load_u64(off_k).expect("load slot k") == 0 {
+                assert!(Instant::now() < deadline, "slot {k} never landed");
+                assert!(!writer_thread.is_finished(), "the writer stopped before slot {k} landed");
+                ev.clear();
+                follower.poll(&mut ev, Some(Duration::ZERO)).expect("poll follower");
+                std::thread::yield_now();
+            }
+            let snap_at = issued.load(Ordering::SeqCst);
+            let t0 = Instant::now();
+            follower.revoke(2);
+            let revoke_took = t0.elapsed();
+            let mut snap1 = vec![0u8; area];
+            follower.read_region(0, &mut snap1).expect("snapshot right after revoke");
+            let t1 = Instant::now();
+            // Watch the region until the writer is done: when did it first change?
+            let mut first_change: Option<(Duration, Vec<usize>)> = None;
+            let mut again = vec![0u8; area];
+            while !writer_thread.is_finished() {
+                assert!(Instant::now() < deadline + WAIT, "the writer never finished");
+                ev.clear();
+                follower.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll follower");
+                if first_change.is_none() {
+                    follower.read_region(0, &mut again).expect("watch the region");
+                    if again != snap1 {
+                        let slots = (0..REVOKE_SLOTS)
+                            .filter(|&i| {
+                                again[i * REVOKE_SLOT..(i + 1) * REVOKE_SLOT]
+                                    != snap1[i * REVOKE_SLOT..(i + 1) * REVOKE_SLOT]
+                            })
+                            .collect();
+                        first_change = Some((t1.elapsed(), slots));
+                    }
+                }
+            }
+            let outcomes = writer_thread.join().expect("writer thread");
+            (outcomes, snap1, snap_at, revoke_took, first_change)
+        });
+        let mut snap2 = vec![0u8; area];
+        follower.read_region(0, &mut snap2).expect("snapshot after every write completed");
+
+        let mut landed = 0u64;
+        let mut denied = 0u64;
+        let mut failed = 0u64;
+        let mut refused_before = 0u64;
+        let mut ok_missing = Vec::new();
+        let mut refused_present = Vec::new();
+        let mut other = Vec::new();
+        let mut changed = Vec::new();
+        for (slot, o) in outcomes.iter().enumerate() {
+            let s1 = revoke_slot_seen(&snap1, round, slot);
+            let s2 = revoke_slot_seen(&snap2, round, slot);
+            if s1 == SlotSeen::Landed {
+                landed += 1;
+            }
+            if s1 == SlotSeen::Other || s2 == SlotSeen::Other {
+                other.push((slot, *o));
+            }
+            if s1 != s2 {
+                changed.push((slot, *o, s1, s2));
+            }
+            match o {
+                Some(Outcome::Ok) if s1 != SlotSeen::Landed => ok_missing.push(slot),
+                Some(Outcome::Denied | Outcome::LinkFailed) => {
+                    if *o == Some(Outcome::Denied) {
+                        denied += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    if slot < snap_at {
+                        refused_before += 1;
+                    }
+                    if *o == Some(Outcome::Denied) && s2 != SlotSeen::Empty {
+                        refused_present.push(slot);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let issued_total = outcomes.iter().filter(|o| o.is_some()).count();
+        eprintln!(
+            "rdma revoke ({}) round {round}: slot {k}; {snap_at} writes submitted when revoke was called, \
+             {issued_total} in all; revoke took {revoke_took:?}; {landed} landed before, {denied} denied, \
+             {failed} cut (LinkFailed), {refused_before} of those submitted before the revocation; \
+             {} slots changed after it{}",
+            if by_reset { "reset" } else { "modify" },
+            changed.len(),
+            match &first_change {
+                Some((after, slots)) =>
+                    format!(" (first seen {after:?} after the snapshot, slots {:?})", &slots[..slots.len().min(16)]),
+                None => String::new(),
+            }
+        );
+        tally.landed_before += landed;
+        tally.denied += denied;
+        tally.link_failed += failed;
+        tally.refused_posted_before += refused_before;
+        tally.landed_after += changed.len() as u64;
+        tally.slowest_revoke = tally.slowest_revoke.max(revoke_took);
+        // (1)-(2): nothing landed after revoke returned. If these fail on a device, the
+        // Mu-style fence assumption does not hold there: do not weaken them.
+        assert!(
+            changed.is_empty(),
+            "round {round}: {} slots changed after revoke returned (slot, outcome, first, second): {:?}",
+            changed.len(),
+            &changed[..changed.len().min(32)]
+        );
+        assert!(
+            ok_missing.is_empty(),
+            "round {round}: {} writes completed Ok but were not in the region right after revoke returned: {:?}",
+            ok_missing.len(),
+            &ok_missing[..ok_missing.len().min(32)]
+        );
+        assert!(refused_present.is_empty(), "round {round}: denied writes landed: {refused_present:?}");
+        assert!(other.is_empty(), "round {round}: torn or foreign slots: {:?}", &other[..other.len().min(32)]);
+        if refused_before > 0 {
+            tally.raced += 1;
+        }
+        assert_eq!(follower.permission_holder(), None);
+    }
+    eprintln!(
+        "rdma (revoke): by {}: {} rounds ({} raced), {} writes landed before the revocation, {} refused \
+         ({} denied, {} cut, {} of them submitted before it), {} landed after; slowest revoke {:?}",
+        if by_reset { "queue-pair reset" } else { "access-flag modify" },
+        tally.rounds,
+        tally.raced,
+        tally.landed_before,
+        tally.denied + tally.link_failed,
+        tally.denied,
+        tally.link_failed,
+        tally.refused_posted_before,
+        tally.landed_after,
+        tally.slowest_revoke
+    );
+    assert!(tally.raced > 0, "no round raced the revocation against writes in flight: {tally:?}");
+    tally
+}
+
+/// `revoke` by `ibv_modify_qp` (dropping IBV_ACCESS_REMOTE_WRITE) fences the writer:
+/// every write in flight either landed before it returned or is refused (Denied). (The
+/// NIC refuses the first one; the access error moves both queue pairs to the error
+/// state, and the transport reports the writes queued behind it Denied as well.)
+#[test]
+fn revoke_by_modifying_access_flags_fences_writes_in_flight() {
+    if !rdma_available("revoke_by_modifying_access_flags_fences_writes_in_flight") {
+        return;
+    }
+    let t = revoke_races_in_flight_writes(false);
+    assert!(t.denied > 0, "the modify path refuses at the NIC: some write must be Denied: {t:?}");
+}
+
+/// `revoke` by cycling the queue pair through reset fences the writer: every write in
+/// flight either landed before it returned or is cut (LinkFailed) or refused.
+#[test]
+fn revoke_by_cycling_the_queue_pair_fences_writes_in_flight() {
+    if !rdma_available("revoke_by_cycling_the_queue_pair_fences_writes_in_flight") {
+        return;
+    }
+    revoke_races_in_flight_writes(true);
+}
+
 /// Accesses in flight when the queue pair breaks each complete exactly once (Ok or
 /// LinkFailed); PeerDown then PeerUp are reported; the link works again.
 #[test]
