@@ -289,42 +289,58 @@ fn revoke_denies_and_grant_restores_by_cycling_the_queue_pair() {
     revoke_then_grant(true);
 }
 
-/// Slots of the revocation stress test: slot `i` of round `r` gets one write of 8..64
-/// bytes, a nonzero u64 unique to (r, i) repeated; the rest of the slot stays zero.
-const REVOKE_SLOT: usize = 64;
-const REVOKE_SLOTS: usize = 8192;
+/// Slots of the revocation stress test: slot `i` of round `r` gets one write of
+/// `min..=slot` bytes (a multiple of 8), a nonzero u64 unique to (r, i) repeated; the
+/// rest of the slot stays zero.
+#[derive(Clone, Copy, Debug)]
+struct RevokeShape {
+    slot: usize,
+    slots: usize,
+    min: usize,
+}
+
+/// 8..64-byte writes (one packet each, posted inline), 8192 of them per round.
+const REVOKE_SMALL: RevokeShape = RevokeShape { slot: 64, slots: 8192, min: 8 };
+/// 2..4 KiB writes (several packets each at soft-RoCE's 1024-byte path MTU), 192 per
+/// round: a revocation can fall between the packets of one write.
+const REVOKE_MULTI_PACKET: RevokeShape = RevokeShape { slot: 4096, slots: 192, min: 2048 };
 const REVOKE_MAX_ROUNDS: u64 = 20;
 /// Rounds that raced the revocation after which the test stops (if it got there).
 const REVOKE_RACED_ENOUGH: u64 = 10;
 
-fn revoke_slot_bytes(round: u64, slot: usize) -> Vec<u8> {
-    let words = 1 + (slot.wrapping_mul(7) + round as usize) % (REVOKE_SLOT / 8);
+fn revoke_slot_bytes(shape: RevokeShape, round: u64, slot: usize) -> Vec<u8> {
+    let choices = (shape.slot - shape.min) / 8 + 1;
+    let words = shape.min / 8 + (slot.wrapping_mul(7) + round as usize) % choices;
     let mut x = (round << 32 | slot as u64).wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^= x >> 31;
     let v = x | 1;
     (0..words).flat_map(|_| v.to_le_bytes()).collect()
 }
 
-/// What the follower's memory shows of slot `slot`: nothing, exactly the write, or
-/// anything else (torn or foreign bytes).
+/// What the follower's memory shows of slot `slot`: nothing, exactly the write, its
+/// first `n` bytes only (a write refused after some of its packets landed), or anything
+/// else (foreign bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SlotSeen {
     Empty,
     Landed,
+    Prefix(usize),
     Other,
 }
 
-fn revoke_slot_seen(snap: &[u8], round: u64, slot: usize) -> SlotSeen {
-    let Some(bytes) = snap.get(slot * REVOKE_SLOT..(slot + 1) * REVOKE_SLOT) else { return SlotSeen::Other };
+fn revoke_slot_seen(shape: RevokeShape, snap: &[u8], round: u64, slot: usize) -> SlotSeen {
+    let Some(bytes) = snap.get(slot * shape.slot..(slot + 1) * shape.slot) else { return SlotSeen::Other };
     if bytes.iter().all(|&b| b == 0) {
         return SlotSeen::Empty;
     }
-    let want = revoke_slot_bytes(round, slot);
-    let (head, tail) = bytes.split_at(want.len());
-    if head == want.as_slice() && tail.iter().all(|&b| b == 0) {
+    let want = revoke_slot_bytes(shape, round, slot);
+    let n = bytes.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    if bytes[n..].iter().any(|&b| b != 0) {
+        SlotSeen::Other
+    } else if n == want.len() {
         SlotSeen::Landed
     } else {
-        SlotSeen::Other
+        SlotSeen::Prefix(n)
     }
 }
 
@@ -375,6 +391,7 @@ struct RevokeTally {
     landed_before: u64,
     denied: u64,
     link_failed: u64,
+    torn: u64,
     refused_posted_before: u64,
     landed_after: u64,
     slowest_revoke: Duration,
@@ -384,21 +401,22 @@ struct RevokeTally {
 /// slot, while the follower (1), once slot `k` landed, revokes its permission and at
 /// once snapshots its whole region; every write then completes, and the follower
 /// snapshots again. Nothing may land after the revocation returned: the snapshots are
-/// equal, every write the writer saw Ok is in the first one, no refused write is in
-/// either. Rounds repeat (fresh grant, cleared region, new patterns) until enough of
+/// equal, every write the writer saw Ok is in the first one, no Denied write is whole
+/// in either (a write of several packets may be refused after its first ones landed:
+/// counted, and by the equal snapshots that part landed before). Rounds repeat (fresh grant, cleared region, new patterns) until enough of
 /// them raced (a write submitted before the revocation was refused or cut), and one
 /// at least must have.
 ///
 /// The writer runs on its own thread, so that it posts while the follower revokes.
-fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
+fn revoke_races_in_flight_writes(by_reset: bool, shape: RevokeShape) -> RevokeTally {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let (eps, _) = open_cluster(&[1, 2], |c| c.permission_by_reset = by_reset);
     let mut net = Net::new(&[1, 2], eps);
     net.wait_all_up();
     let mut follower = net.eps[0].take().expect("follower");
     let mut writer = net.eps[1].take().expect("writer");
-    let probe_off = (follower.region_len() - REVOKE_SLOT) as u64;
-    let area = REVOKE_SLOTS * REVOKE_SLOT;
+    let probe_off = (follower.region_len() - 64) as u64;
+    let area = shape.slots * shape.slot;
     assert!(area <= probe_off as usize, "the slots and the probe fit in the region");
     let seed = fresh_seed();
     let started = Instant::now();
@@ -414,11 +432,13 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
         follower.grant(2);
         revoke_probe(&mut writer, &mut follower, probe_off);
         // Revoke once slot k landed: somewhere in the first half, different each round.
-        let k = 64 + (seed.wrapping_add(round.wrapping_mul(0x9E37_79B9)) % (REVOKE_SLOTS as u64 / 2 - 64)) as usize;
+        let first = shape.slots / 16;
+        let k =
+            first + (seed.wrapping_add(round.wrapping_mul(0x9E37_79B9)) % (shape.slots / 2 - first) as u64) as usize;
         let issued = AtomicUsize::new(0);
         let (outcomes, snap1, snap_at, revoke_took, first_change) = std::thread::scope(|s| {
             let writer_thread = s.spawn(|| {
-                let mut outcomes: Vec<Option<Outcome>> = vec![None; REVOKE_SLOTS];
+                let mut outcomes: Vec<Option<Outcome>> = vec![None; shape.slots];
                 let mut tokens: HashMap<Token, usize> = HashMap::new();
                 let mut next = 0usize;
                 let mut posting = true;
@@ -430,9 +450,9 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
                         "writer: {} writes still in flight after {WAIT:?}",
                         tokens.len()
                     );
-                    while posting && next < REVOKE_SLOTS {
-                        let off = (next * REVOKE_SLOT) as u64;
-                        match writer.write(1, off, &revoke_slot_bytes(round, next)) {
+                    while posting && next < shape.slots {
+                        let off = (next * shape.slot) as u64;
+                        match writer.write(1, off, &revoke_slot_bytes(shape, round, next)) {
                             Ok(t) => {
                                 tokens.insert(t, next);
                                 next += 1;
@@ -460,7 +480,7 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
                         }
                     }
                     // All slots used: stop posting.
-                    if next == REVOKE_SLOTS {
+                    if next == shape.slots {
                         posting = false;
                     }
                     if !posting && tokens.is_empty() {
@@ -471,7 +491,8 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
             });
             let deadline = Instant::now() + WAIT;
             let mut ev = Vec::new();
-            let off_k = (k * REVOKE_SLOT) as u64;
+            // The last word of slot k's write: it landed whole (in-order placement).
+            let off_k = (k * shape.slot + revoke_slot_bytes(shape, round, k).len() - 8) as u64;
             while follower.load_u64(off_k).expect("load slot k") == 0 {
                 assert!(Instant::now() < deadline, "slot {k} never landed");
                 assert!(!writer_thread.is_finished(), "the writer stopped before slot {k} landed");
@@ -496,10 +517,10 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
                 if first_change.is_none() {
                     follower.read_region(0, &mut again).expect("watch the region");
                     if again != snap1 {
-                        let slots = (0..REVOKE_SLOTS)
+                        let slots = (0..shape.slots)
                             .filter(|&i| {
-                                again[i * REVOKE_SLOT..(i + 1) * REVOKE_SLOT]
-                                    != snap1[i * REVOKE_SLOT..(i + 1) * REVOKE_SLOT]
+                                again[i * shape.slot..(i + 1) * shape.slot]
+                                    != snap1[i * shape.slot..(i + 1) * shape.slot]
                             })
                             .collect();
                         first_change = Some((t1.elapsed(), slots));
@@ -516,13 +537,14 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
         let mut denied = 0u64;
         let mut failed = 0u64;
         let mut refused_before = 0u64;
+        let mut torn = 0u64;
         let mut ok_missing = Vec::new();
         let mut refused_present = Vec::new();
         let mut other = Vec::new();
         let mut changed = Vec::new();
         for (slot, o) in outcomes.iter().enumerate() {
-            let s1 = revoke_slot_seen(&snap1, round, slot);
-            let s2 = revoke_slot_seen(&snap2, round, slot);
+            let s1 = revoke_slot_seen(shape, &snap1, round, slot);
+            let s2 = revoke_slot_seen(shape, &snap2, round, slot);
             if s1 == SlotSeen::Landed {
                 landed += 1;
             }
@@ -543,7 +565,12 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
                     if slot < snap_at {
                         refused_before += 1;
                     }
-                    if *o == Some(Outcome::Denied) && s2 != SlotSeen::Empty {
+                    // A refused write may have landed in part (the packets before the
+                    // refused one), before the revocation (s1 == s2 is checked apart).
+                    if let SlotSeen::Prefix(_) = s2 {
+                        torn += 1;
+                    }
+                    if *o == Some(Outcome::Denied) && s2 == SlotSeen::Landed {
                         refused_present.push(slot);
                     }
                 }
@@ -552,11 +579,12 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
         }
         let issued_total = outcomes.iter().filter(|o| o.is_some()).count();
         eprintln!(
-            "rdma revoke ({}) round {round}: slot {k}; {snap_at} writes submitted when revoke was called, \
-             {issued_total} in all; revoke took {revoke_took:?}; {landed} landed before, {denied} denied, \
-             {failed} cut (LinkFailed), {refused_before} of those submitted before the revocation; \
-             {} slots changed after it{}",
+            "rdma revoke ({}, {}-byte slots) round {round}: slot {k}; {snap_at} writes submitted when revoke \
+             was called, {issued_total} in all; revoke took {revoke_took:?}; {landed} landed before, {denied} \
+             denied, {failed} cut (LinkFailed), {refused_before} of those submitted before the revocation, \
+             {torn} of those landed in part; {} slots changed after it{}",
             if by_reset { "reset" } else { "modify" },
+            shape.slot,
             changed.len(),
             match &first_change {
                 Some((after, slots)) =>
@@ -567,6 +595,7 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
         tally.landed_before += landed;
         tally.denied += denied;
         tally.link_failed += failed;
+        tally.torn += torn;
         tally.refused_posted_before += refused_before;
         tally.landed_after += changed.len() as u64;
         tally.slowest_revoke = tally.slowest_revoke.max(revoke_took);
@@ -585,16 +614,19 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
             &ok_missing[..ok_missing.len().min(32)]
         );
         assert!(refused_present.is_empty(), "round {round}: denied writes landed: {refused_present:?}");
-        assert!(other.is_empty(), "round {round}: torn or foreign slots: {:?}", &other[..other.len().min(32)]);
+        assert!(other.is_empty(), "round {round}: foreign bytes in slots: {:?}", &other[..other.len().min(32)]);
         if refused_before > 0 {
             tally.raced += 1;
         }
         assert_eq!(follower.permission_holder(), None);
     }
     eprintln!(
-        "rdma (revoke): by {}: {} rounds ({} raced), {} writes landed before the revocation, {} refused \
-         ({} denied, {} cut, {} of them submitted before it), {} landed after; slowest revoke {:?}",
+        "rdma (revoke): by {}, {}..{}-byte writes: {} rounds ({} raced), {} writes landed before the \
+         revocation, {} refused ({} denied, {} cut, {} of them submitted before it, {} landed in part before \
+         it), {} landed after; slowest revoke {:?}",
         if by_reset { "queue-pair reset" } else { "access-flag modify" },
+        shape.min,
+        shape.slot,
         tally.rounds,
         tally.raced,
         tally.landed_before,
@@ -602,6 +634,7 @@ fn revoke_races_in_flight_writes(by_reset: bool) -> RevokeTally {
         tally.denied,
         tally.link_failed,
         tally.refused_posted_before,
+        tally.torn,
         tally.landed_after,
         tally.slowest_revoke
     );
@@ -618,7 +651,7 @@ fn revoke_by_modifying_access_flags_fences_writes_in_flight() {
     if !rdma_available("revoke_by_modifying_access_flags_fences_writes_in_flight") {
         return;
     }
-    let t = revoke_races_in_flight_writes(false);
+    let t = revoke_races_in_flight_writes(false, REVOKE_SMALL);
     assert!(t.denied > 0, "the modify path refuses at the NIC: some write must be Denied: {t:?}");
 }
 
@@ -629,7 +662,30 @@ fn revoke_by_cycling_the_queue_pair_fences_writes_in_flight() {
     if !rdma_available("revoke_by_cycling_the_queue_pair_fences_writes_in_flight") {
         return;
     }
-    revoke_races_in_flight_writes(true);
+    revoke_races_in_flight_writes(true, REVOKE_SMALL);
+}
+
+/// As [`revoke_by_modifying_access_flags_fences_writes_in_flight`] with writes of
+/// several packets each: the NIC checks the access flags on every packet, so a write
+/// can be refused after its first packets landed (before the revocation: that part is
+/// in the first snapshot), and nothing lands after.
+#[test]
+fn revoke_by_modifying_access_flags_fences_multi_packet_writes_in_flight() {
+    if !rdma_available("revoke_by_modifying_access_flags_fences_multi_packet_writes_in_flight") {
+        return;
+    }
+    let t = revoke_races_in_flight_writes(false, REVOKE_MULTI_PACKET);
+    assert!(t.denied > 0, "the modify path refuses at the NIC: some write must be Denied: {t:?}");
+}
+
+/// As [`revoke_by_cycling_the_queue_pair_fences_writes_in_flight`] with writes of
+/// several packets each.
+#[test]
+fn revoke_by_cycling_the_queue_pair_fences_multi_packet_writes_in_flight() {
+    if !rdma_available("revoke_by_cycling_the_queue_pair_fences_multi_packet_writes_in_flight") {
+        return;
+    }
+    revoke_races_in_flight_writes(true, REVOKE_MULTI_PACKET);
 }
 
 /// Accesses in flight when the queue pair breaks each complete exactly once (Ok or
