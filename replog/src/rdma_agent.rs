@@ -53,7 +53,9 @@
 //!   (`Denied` at the writer), or cut with the queue pair when the revocation cycles it
 //!   through reset (`LinkFailed`): none lands after `revoke` returned (checked on
 //!   soft-RoCE with thousands of writes in flight, both ways:
-//!   `transport/tests/rdma.rs`, `revoke_by_*_fences_writes_in_flight`). The stream
+//!   `transport/tests/rdma.rs`, `revoke_by_*_fences_*writes_in_flight`). A WRITE of
+//!   several packets can be refused after its first packets landed (before `revoke`
+//!   returned): a torn cell, which its canary and CRC reject. The stream
 //!   being taken is kept across the revocation: a re-grant of the same holder goes on
 //!   where it was.
 //! - **acknowledgements** go back by a **one-sided RDMA WRITE** of an acknowledgement
