@@ -52,8 +52,14 @@
 //!   need be), in order, as `WriteArrived` events for the node to hand to the core
 //!   before the core's promise rises. A WRITE the holder saw complete landed before the
 //!   revocation, so it is among them; one still in flight is refused at the NIC
-//!   (`Denied` at the writer). The stream being taken is kept across the revocation: a
-//!   re-grant of the same holder goes on where it was.
+//!   (`Denied` at the writer), or cut with the queue pair when the revocation cycles it
+//!   through reset (`LinkFailed`): none lands after `revoke` returned (checked on
+//!   soft-RoCE with thousands of writes in flight, both ways:
+//!   `transport/tests/rdma.rs`, `revoke_by_*_fences_*writes_in_flight`). A WRITE of
+//!   several packets can be refused after its first packets landed (before `revoke`
+//!   returned): a torn cell, which its canary and CRC reject. The stream
+//!   being taken is kept across the revocation: a re-grant of the same holder goes on
+//!   where it was.
 //! - **acknowledgements** go back by a **one-sided RDMA WRITE** of an acknowledgement
 //!   record (layout and checks in [`crate::rdma_region`]) into the writer's
 //!   acknowledgement area for this follower, on the transport's acknowledgement queue

@@ -289,6 +289,405 @@ fn revoke_denies_and_grant_restores_by_cycling_the_queue_pair() {
     revoke_then_grant(true);
 }
 
+/// Slots of the revocation stress test: slot `i` of round `r` gets one write of
+/// `min..=slot` bytes (a multiple of 8), a nonzero u64 unique to (r, i) repeated; the
+/// rest of the slot stays zero.
+#[derive(Clone, Copy, Debug)]
+struct RevokeShape {
+    slot: usize,
+    slots: usize,
+    min: usize,
+}
+
+/// 8..64-byte writes (one packet each, posted inline), 8192 of them per round.
+const REVOKE_SMALL: RevokeShape = RevokeShape { slot: 64, slots: 8192, min: 8 };
+/// 2..4 KiB writes (several packets each at soft-RoCE's 1024-byte path MTU), 192 per
+/// round: a revocation can fall between the packets of one write.
+const REVOKE_MULTI_PACKET: RevokeShape = RevokeShape { slot: 4096, slots: 192, min: 2048 };
+const REVOKE_MAX_ROUNDS: u64 = 20;
+/// Rounds that raced the revocation after which the test stops (if it got there).
+const REVOKE_RACED_ENOUGH: u64 = 10;
+
+fn revoke_slot_bytes(shape: RevokeShape, round: u64, slot: usize) -> Vec<u8> {
+    let choices = (shape.slot - shape.min) / 8 + 1;
+    let words = shape.min / 8 + (slot.wrapping_mul(7) + round as usize) % choices;
+    let mut x = (round << 32 | slot as u64).wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    let v = x | 1;
+    (0..words).flat_map(|_| v.to_le_bytes()).collect()
+}
+
+/// What the follower's memory shows of slot `slot`: nothing, exactly the write, its
+/// first `n` bytes only (a write refused after some of its packets landed), or anything
+/// else (foreign bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotSeen {
+    Empty,
+    Landed,
+    Prefix(usize),
+    Other,
+}
+
+fn revoke_slot_seen(shape: RevokeShape, snap: &[u8], round: u64, slot: usize) -> SlotSeen {
+    let Some(bytes) = snap.get(slot * shape.slot..(slot + 1) * shape.slot) else { return SlotSeen::Other };
+    if bytes.iter().all(|&b| b == 0) {
+        return SlotSeen::Empty;
+    }
+    let want = revoke_slot_bytes(shape, round, slot);
+    let n = bytes.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    if bytes[n..].iter().any(|&b| b != 0) {
+        SlotSeen::Other
+    } else if n == want.len() {
+        SlotSeen::Landed
+    } else {
+        SlotSeen::Prefix(n)
+    }
+}
+
+/// How one write of the writer completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Denied,
+    LinkFailed,
+}
+
+/// Writes 2 -> 1 at `offset` until one completes Ok, pumping both (after a revocation
+/// the writer's queue pair is renewed, and the follower takes part in that).
+fn revoke_probe(writer: &mut RdmaTransport, follower: &mut RdmaTransport, offset: u64) {
+    let deadline = Instant::now() + WAIT;
+    let mut ev = Vec::new();
+    let mut token = None;
+    loop {
+        assert!(Instant::now() < deadline, "the writer's probe write never completed Ok after the grant");
+        if token.is_none() {
+            match writer.write(1, offset, b"probe---") {
+                Ok(t) => token = Some(t),
+                Err(SendError::LinkDown(_) | SendError::Backpressure(_)) => {}
+                Err(e) => panic!("probe write: {e}"),
+            }
+        }
+        ev.clear();
+        writer.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll writer");
+        for e in &ev {
+            if let Event::WriteDone { token: t, result, .. } = e {
+                if Some(*t) == token {
+                    if result.is_ok() {
+                        return;
+                    }
+                    token = None;
+                }
+            }
+        }
+        follower.poll(&mut ev, Some(Duration::ZERO)).expect("poll follower");
+    }
+}
+
+/// Totals over the rounds of [`revoke_races_in_flight_writes`].
+#[derive(Default, Debug)]
+struct RevokeTally {
+    rounds: u64,
+    raced: u64,
+    landed_before: u64,
+    denied: u64,
+    link_failed: u64,
+    torn: u64,
+    refused_posted_before: u64,
+    landed_after: u64,
+    slowest_revoke: Duration,
+}
+
+/// The writer (2) keeps up to `depth` distinct one-sided writes in flight, one per
+/// slot, while the follower (1), once slot `k` landed, revokes its permission and at
+/// once snapshots its whole region; every write then completes, and the follower
+/// snapshots again. Nothing may land after the revocation returned: the snapshots are
+/// equal, every write the writer saw Ok is in the first one, no Denied write is whole
+/// in either (a write of several packets may be refused after its first ones landed:
+/// counted, and by the equal snapshots that part landed before). Rounds repeat (fresh grant, cleared region, new patterns) until enough of
+/// them raced (a write submitted before the revocation was refused or cut), and one
+/// at least must have.
+///
+/// The writer runs on its own thread, so that it posts while the follower revokes.
+fn revoke_races_in_flight_writes(by_reset: bool, shape: RevokeShape) -> RevokeTally {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (eps, _) = open_cluster(&[1, 2], |c| c.permission_by_reset = by_reset);
+    let mut net = Net::new(&[1, 2], eps);
+    net.wait_all_up();
+    let mut follower = net.eps[0].take().expect("follower");
+    let mut writer = net.eps[1].take().expect("writer");
+    let probe_off = (follower.region_len() - 64) as u64;
+    let area = shape.slots * shape.slot;
+    assert!(area <= probe_off as usize, "the slots and the probe fit in the region");
+    let seed = fresh_seed();
+    let started = Instant::now();
+    let mut tally = RevokeTally::default();
+    for round in 0..REVOKE_MAX_ROUNDS {
+        if tally.raced >= REVOKE_RACED_ENOUGH || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tally.rounds += 1;
+        // No holder now (never granted, or revoked last round): clear, then grant.
+        assert_eq!(follower.permission_holder(), None);
+        follower.write_region(0, &vec![0u8; area]).expect("clear the slots");
+        follower.grant(2);
+        revoke_probe(&mut writer, &mut follower, probe_off);
+        // Revoke once slot k landed: somewhere in the first half, different each round.
+        let first = shape.slots / 16;
+        let k =
+            first + (seed.wrapping_add(round.wrapping_mul(0x9E37_79B9)) % (shape.slots / 2 - first) as u64) as usize;
+        let issued = AtomicUsize::new(0);
+        let (outcomes, snap1, snap_at, revoke_took, first_change) = std::thread::scope(|s| {
+            let writer_thread = s.spawn(|| {
+                let mut outcomes: Vec<Option<Outcome>> = vec![None; shape.slots];
+                let mut tokens: HashMap<Token, usize> = HashMap::new();
+                let mut next = 0usize;
+                let mut posting = true;
+                let mut ev = Vec::new();
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    assert!(
+                        Instant::now() < deadline,
+                        "writer: {} writes still in flight after {WAIT:?}",
+                        tokens.len()
+                    );
+                    while posting && next < shape.slots {
+                        let off = (next * shape.slot) as u64;
+                        match writer.write(1, off, &revoke_slot_bytes(shape, round, next)) {
+                            Ok(t) => {
+                                tokens.insert(t, next);
+                                next += 1;
+                                issued.store(next, Ordering::SeqCst);
+                            }
+                            Err(SendError::Backpressure(_) | SendError::LinkDown(_)) => break,
+                            Err(e) => panic!("writer: write of slot {next}: {e}"),
+                        }
+                    }
+                    writer.send_queued();
+                    ev.clear();
+                    writer.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll writer");
+                    for e in &ev {
+                        if let Event::WriteDone { token, result, .. } = e {
+                            let Some(slot) = tokens.remove(token) else { continue };
+                            let o = match result {
+                                Ok(_) => Outcome::Ok,
+                                Err(AccessError::Denied { .. }) => Outcome::Denied,
+                                Err(AccessError::LinkFailed(_)) => Outcome::LinkFailed,
+                            };
+                            assert!(outcomes[slot].replace(o).is_none(), "slot {slot} completed twice");
+                            if o != Outcome::Ok {
+                                posting = false;
+                            }
+                        }
+                    }
+                    // All slots used: stop posting.
+                    if next == shape.slots {
+                        posting = false;
+                    }
+                    if !posting && tokens.is_empty() {
+                        break;
+                    }
+                }
+                outcomes
+            });
+            let deadline = Instant::now() + WAIT;
+            let mut ev = Vec::new();
+            // The last word of slot k's write: it landed whole (in-order placement).
+            let off_k = (k * shape.slot + revoke_slot_bytes(shape, round, k).len() - 8) as u64;
+            while follower.load_u64(off_k).expect("load slot k") == 0 {
+                assert!(Instant::now() < deadline, "slot {k} never landed");
+                assert!(!writer_thread.is_finished(), "the writer stopped before slot {k} landed");
+                ev.clear();
+                follower.poll(&mut ev, Some(Duration::ZERO)).expect("poll follower");
+                std::thread::yield_now();
+            }
+            let snap_at = issued.load(Ordering::SeqCst);
+            let t0 = Instant::now();
+            follower.revoke(2);
+            let revoke_took = t0.elapsed();
+            let mut snap1 = vec![0u8; area];
+            follower.read_region(0, &mut snap1).expect("snapshot right after revoke");
+            let t1 = Instant::now();
+            // Watch the region until the writer is done: when did it first change?
+            let mut first_change: Option<(Duration, Vec<usize>)> = None;
+            let mut again = vec![0u8; area];
+            while !writer_thread.is_finished() {
+                assert!(Instant::now() < deadline + WAIT, "the writer never finished");
+                ev.clear();
+                follower.poll(&mut ev, Some(Duration::from_millis(1))).expect("poll follower");
+                if first_change.is_none() {
+                    follower.read_region(0, &mut again).expect("watch the region");
+                    if again != snap1 {
+                        let slots = (0..shape.slots)
+                            .filter(|&i| {
+                                again[i * shape.slot..(i + 1) * shape.slot]
+                                    != snap1[i * shape.slot..(i + 1) * shape.slot]
+                            })
+                            .collect();
+                        first_change = Some((t1.elapsed(), slots));
+                    }
+                }
+            }
+            let outcomes = writer_thread.join().expect("writer thread");
+            (outcomes, snap1, snap_at, revoke_took, first_change)
+        });
+        let mut snap2 = vec![0u8; area];
+        follower.read_region(0, &mut snap2).expect("snapshot after every write completed");
+
+        let mut landed = 0u64;
+        let mut denied = 0u64;
+        let mut failed = 0u64;
+        let mut refused_before = 0u64;
+        let mut torn = 0u64;
+        let mut ok_missing = Vec::new();
+        let mut refused_present = Vec::new();
+        let mut other = Vec::new();
+        let mut changed = Vec::new();
+        for (slot, o) in outcomes.iter().enumerate() {
+            let s1 = revoke_slot_seen(shape, &snap1, round, slot);
+            let s2 = revoke_slot_seen(shape, &snap2, round, slot);
+            if s1 == SlotSeen::Landed {
+                landed += 1;
+            }
+            if s1 == SlotSeen::Other || s2 == SlotSeen::Other {
+                other.push((slot, *o));
+            }
+            if s1 != s2 {
+                changed.push((slot, *o, s1, s2));
+            }
+            match o {
+                Some(Outcome::Ok) if s1 != SlotSeen::Landed => ok_missing.push(slot),
+                Some(Outcome::Denied | Outcome::LinkFailed) => {
+                    if *o == Some(Outcome::Denied) {
+                        denied += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    if slot < snap_at {
+                        refused_before += 1;
+                    }
+                    // A refused write may have landed in part (the packets before the
+                    // refused one), before the revocation (s1 == s2 is checked apart).
+                    if let SlotSeen::Prefix(_) = s2 {
+                        torn += 1;
+                    }
+                    if *o == Some(Outcome::Denied) && s2 == SlotSeen::Landed {
+                        refused_present.push(slot);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let issued_total = outcomes.iter().filter(|o| o.is_some()).count();
+        eprintln!(
+            "rdma revoke ({}, {}-byte slots) round {round}: slot {k}; {snap_at} writes submitted when revoke \
+             was called, {issued_total} in all; revoke took {revoke_took:?}; {landed} landed before, {denied} \
+             denied, {failed} cut (LinkFailed), {refused_before} of those submitted before the revocation, \
+             {torn} of those landed in part; {} slots changed after it{}",
+            if by_reset { "reset" } else { "modify" },
+            shape.slot,
+            changed.len(),
+            match &first_change {
+                Some((after, slots)) =>
+                    format!(" (first seen {after:?} after the snapshot, slots {:?})", &slots[..slots.len().min(16)]),
+                None => String::new(),
+            }
+        );
+        tally.landed_before += landed;
+        tally.denied += denied;
+        tally.link_failed += failed;
+        tally.torn += torn;
+        tally.refused_posted_before += refused_before;
+        tally.landed_after += changed.len() as u64;
+        tally.slowest_revoke = tally.slowest_revoke.max(revoke_took);
+        // (1)-(2): nothing landed after revoke returned. If these fail on a device, the
+        // Mu-style fence assumption does not hold there: do not weaken them.
+        assert!(
+            changed.is_empty(),
+            "round {round}: {} slots changed after revoke returned (slot, outcome, first, second): {:?}",
+            changed.len(),
+            &changed[..changed.len().min(32)]
+        );
+        assert!(
+            ok_missing.is_empty(),
+            "round {round}: {} writes completed Ok but were not in the region right after revoke returned: {:?}",
+            ok_missing.len(),
+            &ok_missing[..ok_missing.len().min(32)]
+        );
+        assert!(refused_present.is_empty(), "round {round}: denied writes landed: {refused_present:?}");
+        assert!(other.is_empty(), "round {round}: foreign bytes in slots: {:?}", &other[..other.len().min(32)]);
+        if refused_before > 0 {
+            tally.raced += 1;
+        }
+        assert_eq!(follower.permission_holder(), None);
+    }
+    eprintln!(
+        "rdma (revoke): by {}, {}..{}-byte writes: {} rounds ({} raced), {} writes landed before the \
+         revocation, {} refused ({} denied, {} cut, {} of them submitted before it, {} landed in part before \
+         it), {} landed after; slowest revoke {:?}",
+        if by_reset { "queue-pair reset" } else { "access-flag modify" },
+        shape.min,
+        shape.slot,
+        tally.rounds,
+        tally.raced,
+        tally.landed_before,
+        tally.denied + tally.link_failed,
+        tally.denied,
+        tally.link_failed,
+        tally.refused_posted_before,
+        tally.torn,
+        tally.landed_after,
+        tally.slowest_revoke
+    );
+    assert!(tally.raced > 0, "no round raced the revocation against writes in flight: {tally:?}");
+    tally
+}
+
+/// `revoke` by `ibv_modify_qp` (dropping IBV_ACCESS_REMOTE_WRITE) fences the writer:
+/// every write in flight either landed before it returned or is refused (Denied). (The
+/// NIC refuses the first one; the access error moves both queue pairs to the error
+/// state, and the transport reports the writes queued behind it Denied as well.)
+#[test]
+fn revoke_by_modifying_access_flags_fences_writes_in_flight() {
+    if !rdma_available("revoke_by_modifying_access_flags_fences_writes_in_flight") {
+        return;
+    }
+    let t = revoke_races_in_flight_writes(false, REVOKE_SMALL);
+    assert!(t.denied > 0, "the modify path refuses at the NIC: some write must be Denied: {t:?}");
+}
+
+/// `revoke` by cycling the queue pair through reset fences the writer: every write in
+/// flight either landed before it returned or is cut (LinkFailed) or refused.
+#[test]
+fn revoke_by_cycling_the_queue_pair_fences_writes_in_flight() {
+    if !rdma_available("revoke_by_cycling_the_queue_pair_fences_writes_in_flight") {
+        return;
+    }
+    revoke_races_in_flight_writes(true, REVOKE_SMALL);
+}
+
+/// As [`revoke_by_modifying_access_flags_fences_writes_in_flight`] with writes of
+/// several packets each: the NIC checks the access flags on every packet, so a write
+/// can be refused after its first packets landed (before the revocation: that part is
+/// in the first snapshot), and nothing lands after.
+#[test]
+fn revoke_by_modifying_access_flags_fences_multi_packet_writes_in_flight() {
+    if !rdma_available("revoke_by_modifying_access_flags_fences_multi_packet_writes_in_flight") {
+        return;
+    }
+    let t = revoke_races_in_flight_writes(false, REVOKE_MULTI_PACKET);
+    assert!(t.denied > 0, "the modify path refuses at the NIC: some write must be Denied: {t:?}");
+}
+
+/// As [`revoke_by_cycling_the_queue_pair_fences_writes_in_flight`] with writes of
+/// several packets each.
+#[test]
+fn revoke_by_cycling_the_queue_pair_fences_multi_packet_writes_in_flight() {
+    if !rdma_available("revoke_by_cycling_the_queue_pair_fences_multi_packet_writes_in_flight") {
+        return;
+    }
+    revoke_races_in_flight_writes(true, REVOKE_MULTI_PACKET);
+}
+
 /// Accesses in flight when the queue pair breaks each complete exactly once (Ok or
 /// LinkFailed); PeerDown then PeerUp are reported; the link works again.
 #[test]
