@@ -583,6 +583,8 @@ impl RdmaAgent {
                 replayed = s.replayed,
                 fences = s.fences,
                 drained = s.drained,
+                recovered = s.recovered,
+                discarded = s.discarded,
                 "rdma acknowledgements"
             );
             self.logged = (s, now);
@@ -1460,7 +1462,12 @@ pub fn transport_config(
     // Staging holds one access of the largest size plus a few cells in flight.
     rc.staging_per_peer = rc.max_payload + 4 * cell;
     rc.secret = cfg.read_secret().map_err(|e| ServeError::Security(e.to_string()))?;
-    rc.config_digest = cfg.config_digest();
+    // Replicas must also agree on when a write counts as accepted: a leader that completes
+    // at a read-after-write into a follower whose ring is ordinary memory (no
+    // region_path there) would count a landing that a crash loses. A replica configured
+    // otherwise is refused at the handshake ("stale configuration").
+    let settings = format!("durability {} landing {:?}", cfg.durability.as_str(), landing_for(cfg));
+    rc.config_digest = cfg.config_digest() ^ u64::from(crc32c::crc32c(settings.as_bytes())).rotate_left(32);
     // One acknowledgement slot per cell of the ring (a peer's region is as large as ours).
     let ring = (rc.region_len / cell.max(1)).max(1);
     rc.ack_area_len = cells::ACK_AREA_HEADER + ring * cells::ACK_SLOT;

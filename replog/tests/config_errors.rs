@@ -315,6 +315,26 @@ fn landing_follows_durability_and_region_path() {
     assert_eq!(case("pmem", "ack", "/dev/dax0.0"), Landing::Ack);
 }
 
+/// Replicas that disagree on when a write counts as accepted (durability, or a pmem ring
+/// on device-dax on one and in memory on another) present different configuration
+/// digests at the RDMA handshake, which refuses them; replicas that agree present one.
+#[cfg(feature = "rdma")]
+#[test]
+fn replicas_must_agree_on_durability_and_landing_over_rdma() {
+    let digest = |durability: &str, path: &str| {
+        let mut text = with("durability = \"fsync\"", &format!("durability = \"{durability}\""));
+        text.push_str(&format!("\n[rdma]\nregion_path = \"{path}\"\n"));
+        let cfg = ServeConfig::from_toml(&text, "replog.toml").unwrap();
+        replog::rdma_agent::transport_config(&cfg).unwrap().config_digest
+    };
+    // Each replica has its own device: the path itself does not matter, its presence does.
+    assert_eq!(digest("pmem", "/dev/dax0.0"), digest("pmem", "/dev/dax1.0"));
+    assert_ne!(digest("pmem", "/dev/dax0.0"), digest("pmem", ""), "read-after-write against acknowledgements");
+    assert_ne!(digest("memory", ""), digest("fsync", ""));
+    assert_ne!(digest("fsync", ""), digest("pmem", ""));
+    assert_eq!(digest("fsync", ""), digest("fsync", "/dev/dax0.0"), "fsync completes by acknowledgement either way");
+}
+
 /// Under pmem, writes complete at a read-after-write into the ring: `open` claims that
 /// only for a device-dax device, before it touches any RDMA device.
 #[cfg(feature = "rdma")]

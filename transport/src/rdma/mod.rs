@@ -242,7 +242,9 @@ pub struct RdmaConfig {
     pub mirror_read_max: usize,
     /// The cluster secret (the side channel's HMAC challenge-response). Default `None`.
     pub secret: Option<Vec<u8>>,
-    /// Digest of the member list (a peer with another one is refused as stale). Default 0.
+    /// Digest of the member list and of whatever else every replica must agree on (a
+    /// peer with another one is refused as stale; `replog` folds in durability and
+    /// when writes count as landed). Default 0.
     pub config_digest: u64,
 }
 

@@ -118,8 +118,12 @@ pub enum SideError {
     /// The acceptor's proof does not verify.
     #[error("authentication failed: the acceptor did not prove it knows the cluster secret")]
     PeerNotAuthenticated,
-    /// Another member list.
-    #[error("stale configuration: node {node} has member-list digest {got:016x}, this node {expected:016x}")]
+    /// Another member list (or other settings the caller folds into the digest:
+    /// `replog` adds durability and landing, see [`super::RdmaConfig::config_digest`]).
+    #[error(
+        "stale configuration: node {node} has configuration digest {got:016x}, this node {expected:016x} \
+         (member list, durability or rdma landing differ)"
+    )]
     StaleConfig {
         /// The peer.
         node: u64,
