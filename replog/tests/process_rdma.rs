@@ -47,10 +47,7 @@ fn appends_with_followers_stopped(cluster: &Cluster) -> Vec<support::Acked> {
             assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to follower {pid}");
         }
     };
-    let state = |pid: libc::pid_t| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
-    };
+    let state = support::proc_state;
     signal(libc::SIGSTOP);
     let t0 = Instant::now();
     while !pids.iter().all(|&p| state(p).as_deref() == Some("T")) {
@@ -362,12 +359,7 @@ impl AckCounts {
 /// process life, so a line whose counts went down starts a new life (a restart appends
 /// to the same log).
 fn ack_counts(log: &str) -> AckCounts {
-    let field = |line: &str, name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = support::log_field;
     let (mut total, mut last) = (AckCounts::default(), AckCounts::default());
     for line in log.lines().filter(|l| l.contains("rdma acknowledgements")) {
         let c = AckCounts {
@@ -412,12 +404,7 @@ impl ReadCounts {
 
 /// The counts of the agent's "rdma reads" log lines (cumulative within one process life).
 fn read_counts(log: &str) -> ReadCounts {
-    let field = |line: &str, name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = support::log_field;
     let (mut total, mut last) = (ReadCounts::default(), ReadCounts::default());
     for line in log.lines().filter(|l| l.contains("rdma reads")) {
         let c = ReadCounts {

@@ -95,12 +95,7 @@ fn cluster_followers(leader: usize) -> Vec<usize> {
 /// The acknowledgements a follower sent (the cells it took) by its last "rdma
 /// acknowledgements" log line.
 fn acks_sent(log: &str) -> u64 {
-    let field = |line: &str, name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = support::log_field;
     log.lines()
         .rfind(|l| l.contains("rdma acknowledgements"))
         .map_or(0, |l| field(l, "sent_rdma") + field(l, "sent_side"))
@@ -111,14 +106,8 @@ fn acks_sent(log: &str) -> u64 {
 fn recovered_cells(log: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains("landed cells handed to the core at start"))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("cells=")).and_then(|v| v.parse::<u64>().ok()))
+        .map(|l| support::log_field(l, "cells"))
         .sum()
-}
-
-/// The state letter of process `pid` (`T`: stopped) from /proc.
-fn proc_state(pid: libc::pid_t) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
 }
 
 #[test]
@@ -186,7 +175,7 @@ fn pmem_ring_commits_with_followers_stopped_and_survives_killing_everyone() {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP follower {pid}");
     }
     let t0 = Instant::now();
-    while !pids.iter().all(|&p| proc_state(p).as_deref() == Some("T")) {
+    while !pids.iter().all(|&p| support::proc_state(p).as_deref() == Some("T")) {
         assert!(t0.elapsed() < Duration::from_secs(10), "the followers did not stop");
         std::thread::sleep(Duration::from_millis(1));
     }

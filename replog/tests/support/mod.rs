@@ -8,6 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The number `name=N` in a log line (a tracing field), 0 if absent or not a number.
+pub fn log_field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The state letter of process `pid` (`T`: stopped) from /proc.
+pub fn proc_state(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+}
+
 /// A free run of `n` consecutive loopback ports (probed, below the ephemeral range:
 /// [`replog::config::free_loopback_ports`]).
 pub fn free_ports(n: u16) -> u16 {
