@@ -40,9 +40,21 @@ impl TmpfsMount {
         Ok(TmpfsMount { path: path.to_path_buf() })
     }
 
+    /// Remounts with `opt`. A remount read-only is refused ("busy") while any process
+    /// holds a file of the mount open for writing, which another test's child process
+    /// briefly does when it was forked (to run `mount`) while our files were open: it
+    /// drops them at its exec. So "busy" is tried again, for up to 2 s.
     fn remount(&self, opt: &str) {
-        let out = Command::new("mount").args(["-o", &format!("remount,{opt}")]).arg(&self.path).output().unwrap();
-        assert!(out.status.success(), "remount {opt}: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let out = Command::new("mount").args(["-o", &format!("remount,{opt}")]).arg(&self.path).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                return;
+            }
+            assert!(err.contains("busy") && std::time::Instant::now() < deadline, "remount {opt}: {err}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
