@@ -210,21 +210,7 @@ fn read_after_write_completes_writes_and_a_regrant_continues_the_stream() {
     assert_eq!(agents[1].ack_stats().landed, 2);
 
     // The follower takes them by polling and answers.
-    let deadline = Instant::now() + WAIT;
-    let mut taken = Vec::new();
-    while taken.len() < 2 {
-        assert!(Instant::now() < deadline, "the follower took {} of 2 cells", taken.len());
-        pump(&mut agents, &mut inbox, &[0]);
-        for e in std::mem::take(&mut inbox[0]) {
-            if let Event::WriteArrived { token, offset, .. } = e {
-                taken.push((token, offset));
-            }
-        }
-    }
-    assert_eq!(taken.iter().map(|&(_, o)| o).collect::<Vec<_>>(), vec![20, 21]);
-    for &(t, _) in &taken {
-        agents[0].complete_write(WRITER, t, Ok(&[])).expect("acknowledge");
-    }
+    assert_eq!(take_and_answer(&mut agents, &mut inbox, 2), vec![20, 21]);
 
     // A fence with nothing new to hand over, then the same writer granted again: its
     // stream goes on where it was.
