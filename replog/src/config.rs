@@ -531,6 +531,11 @@ impl RdmaSection {
     fn is_default(&self) -> bool {
         *self == RdmaSection::default()
     }
+
+    /// Where the cell ring lives (`region_path`), if not in anonymous memory.
+    pub fn ring_path(&self) -> Option<&Path> {
+        (!path_is_empty(&self.region_path)).then_some(self.region_path.as_path())
+    }
 }
 
 /// Logging.
@@ -740,8 +745,7 @@ impl ServeConfig {
                 "every member is a learner: the cluster needs at least one voter",
             ));
         }
-        if !path_is_empty(&self.rdma.region_path) {
-            let p = &self.rdma.region_path;
+        if let Some(p) = self.rdma.ring_path() {
             if !p.is_absolute() {
                 return Err(ConfigError::at(
                     "rdma.region_path".to_string(),
@@ -753,7 +757,7 @@ impl ServeConfig {
                 ));
             }
         }
-        let ring_persistent = self.durability == DurabilityKind::Pmem && !path_is_empty(&self.rdma.region_path);
+        let ring_persistent = self.durability == DurabilityKind::Pmem && self.rdma.ring_path().is_some();
         if self.rdma.landing == LandingKind::ReadAfterWrite
             && self.durability != DurabilityKind::Memory
             && !ring_persistent

@@ -504,28 +504,12 @@ impl RdmaAgent {
         let mut rec = [0u8; cells::ACK_SLOT];
         for (&peer, s) in &self.streams {
             for (&pos, &token) in &s.unacked {
-                let off = cells::ack_offset(pos, slots);
-                let want = cells::ack_canary(pos, token);
-                if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok() != Some(want) {
-                    continue;
-                }
-                if self.inner.read_ack_area(peer, off, &mut rec).is_err() {
-                    continue;
-                }
-                match cells::decode_ack(&rec) {
-                    Some(r) if r.epoch == s.epoch && r.pos == pos && r.token == token => done.push((peer, token, r)),
-                    _ => {} // still landing, torn or stale: looked at again next time
+                if let Some(r) = self.ack_record(peer, slots, s.epoch, pos, token, &mut rec) {
+                    done.push((peer, token, r));
                 }
             }
             for (&pos, &(epoch, token)) in &s.behind {
-                let off = cells::ack_offset(pos, slots);
-                if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok()
-                    != Some(cells::ack_canary(pos, token))
-                    || self.inner.read_ack_area(peer, off, &mut rec).is_err()
-                {
-                    continue;
-                }
-                if cells::decode_ack(&rec).is_some_and(|r| r.epoch == epoch && r.pos == pos && r.token == token) {
+                if self.ack_record(peer, slots, epoch, pos, token, &mut rec).is_some() {
                     freed.push((peer, pos));
                 }
             }
@@ -546,6 +530,26 @@ impl RdmaAgent {
             }
             self.finish_write(peer, token, result, events);
         }
+    }
+
+    /// The acknowledgement record of our cell (`epoch`, `pos`, `token`) in `peer`'s slot
+    /// of our acknowledgement area, if it is there whole; `None` while it is still
+    /// landing, torn, or another cell's (looked at again next time).
+    fn ack_record(
+        &self,
+        peer: PeerId,
+        slots: u64,
+        epoch: (u64, u64),
+        pos: u64,
+        token: Token,
+        rec: &mut [u8; cells::ACK_SLOT],
+    ) -> Option<AckRecord> {
+        let off = cells::ack_offset(pos, slots);
+        if self.inner.load_ack_u64(peer, off + cells::ack_canary_offset()).ok()? != cells::ack_canary(pos, token) {
+            return None;
+        }
+        self.inner.read_ack_area(peer, off, rec).ok()?;
+        cells::decode_ack(rec).filter(|r| r.epoch == epoch && r.pos == pos && r.token == token)
     }
 
     /// The follower acknowledged taking the cell of position `pos` of an earlier epoch:
@@ -1083,9 +1087,14 @@ impl RdmaAgent {
     fn arrive(&mut self, writer: PeerId, h: &CellHeader, data: Bytes, events: &mut Vec<Event>) {
         let ours = self.token();
         self.arrived_writes.insert(ours, Arrived { writer, epoch: h.epoch, pos: h.pos, theirs: h.token });
-        let seen = self.seen.entry(writer).or_insert(h.epoch);
-        *seen = (*seen).max(h.epoch);
+        self.saw(writer, h.epoch);
         events.push(Event::WriteArrived { from: writer, token: ours, offset: h.first, data });
+    }
+
+    /// Cells of `writer`'s `epoch` were taken: the live scan takes only a later epoch of it.
+    fn saw(&mut self, writer: PeerId, epoch: (u64, u64)) {
+        let seen = self.seen.entry(writer).or_insert(epoch);
+        *seen = (*seen).max(epoch);
     }
 
     /// Follower: takes up to `max` newly landed cells of the stream being taken, in
@@ -1292,8 +1301,7 @@ impl Transport for RdmaAgent {
         found.sort_by_key(|&(writer, epoch, pos, _, _)| (writer, epoch, pos));
         for (writer, epoch, _, first, data) in found {
             // Those epochs are taken: the live scan starts from the writer's next one.
-            let seen = self.seen.entry(writer).or_insert(epoch);
-            *seen = (*seen).max(epoch);
+            self.saw(writer, epoch);
             self.stats.recovered += 1;
             // Not an arrived write: answering it sends nothing.
             let token = self.token();
@@ -1422,7 +1430,7 @@ pub fn landing_for(cfg: &crate::config::ServeConfig) -> Landing {
     use crate::config::{DurabilityKind, LandingKind};
     // The ring is on persistent memory under pmem with a region path (`open` refuses
     // one that is not a device-dax device); followers are configured alike.
-    let ring_persistent = !cfg.rdma.region_path.as_os_str().is_empty();
+    let ring_persistent = cfg.rdma.ring_path().is_some();
     match (cfg.rdma.landing, cfg.durability) {
         (LandingKind::Auto, DurabilityKind::Memory) => Landing::Write,
         (LandingKind::ReadAfterWrite, DurabilityKind::Memory) => Landing::ReadAfterWrite,
@@ -1455,7 +1463,7 @@ pub fn transport_config(
     rc.gid_index = r.gid_index;
     rc.region_len =
         usize::try_from(r.region_bytes).map_err(|_| ServeError::Rdma("rdma.region_bytes too large".into()))?;
-    rc.region_path = (!r.region_path.as_os_str().is_empty()).then(|| r.region_path.clone());
+    rc.region_path = r.ring_path().map(std::path::Path::to_path_buf);
     let cell = usize::try_from(r.cell_bytes).map_err(|_| ServeError::Rdma("rdma.cell_bytes too large".into()))?;
     // A message (a read answer) may be as large as a frame; a write is one cell.
     rc.max_payload = (cfg.limits.max_frame_bytes as usize).max(cell) + OVERHEAD;
